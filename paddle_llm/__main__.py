@@ -1,0 +1,3 @@
+from paddle_llm.cli import main
+
+raise SystemExit(main())

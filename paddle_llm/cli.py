@@ -1,0 +1,56 @@
+"""``paddle-llm``: one command, a subcommand per step from raw text to a served model.
+
+Each subcommand lives with the package that owns its job and is imported only when used, so
+``paddle-llm --help`` stays instant and a serving host needs no training imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module:function taking argv and returning an exit code, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("paddle_llm.demo:main", "tiny end-to-end demo on CPU: preprocess, pretrain, generate"),
+    "tokenizer": ("paddle_llm.data.tokenizer_cli:main", "train a SentencePiece tokenizer: tokenizer train --input ..."),
+    "preprocess": ("paddle_llm.data.preprocess:main", "tokenize jsonl into PaddleNLP's mmap .bin/.idx format"),
+    "pretrain": ("paddle_llm.trainer.pretrain:main", "pretrain or continue-pretrain (same flags as run_pretrain.py)"),
+    "estimate": ("paddle_llm.estimator.command:main", "memory estimate and layout planner"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    rows = "\n".join(f"  {name.ljust(width)}  {text}" for name, (_, text) in SUBCOMMANDS.items())
+    return (
+        "usage: paddle-llm <subcommand> [flags]\n\n"
+        f"subcommands:\n{rows}\n\n"
+        "`paddle-llm <subcommand> --help` explains each one's flags."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from paddle_llm import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        print(f"paddle-llm: unknown subcommand {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name = SUBCOMMANDS[name][0].split(":")
+    entry = getattr(importlib.import_module(module_name), function_name)
+    return int(entry(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Built-in model presets: tiny configs that train on a laptop CPU, usable as ``--model_name_or_path NAME``.
+
+Every preset's vocabulary matches the shipped demo tokenizer (``paddle_llm/assets/tokenizer``): SentencePiece
+with 1000 pieces, where ``<unk>=0, <s>=1, </s>=2, <pad>=3, [MASK]=4, [gMASK]=5, [sMASK]=6, <sop>=7, <eop>=8``
+(fixed by ``paddle_llm.data.tokenizer.SPECIAL_PIECES``). ChatGLM2's tokenizer appends its own five command tokens
+after the SentencePiece pieces, so every preset reserves 1024 embedding rows.
+
+Presets are plain dicts of the PaddleNLP config fields, so they are data, not code: the model registry turns them
+into ``LlamaConfig`` / ``ChatGLMConfig`` / ``ChatGLMv2Config``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+TINY_VOCAB_SIZE = 1024
+
+PRESETS: dict[str, dict] = {
+    # Llama shape scaled down: 4 heads of 32, SwiGLU width ~ 8/3 * hidden rounded to a multiple of 32.
+    "tiny-llama": {
+        "model_type": "llama",
+        "vocab_size": TINY_VOCAB_SIZE,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-6,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        "tie_word_embeddings": False,
+    },
+    # ChatGLM-6B (v1) shape scaled down: 2D rotary positions, GELU MLP of 4 * hidden.
+    "tiny-chatglm": {
+        "model_type": "chatglm",
+        "vocab_size": TINY_VOCAB_SIZE,
+        "hidden_size": 128,
+        "inner_hidden_size": 512,
+        "num_layers": 2,
+        "num_attention_heads": 4,
+        "max_sequence_length": 1024,
+        "layernorm_epsilon": 1e-5,
+        "position_encoding_2d": True,
+        "bos_token_id": 7,
+        "eos_token_id": 8,
+        "pad_token_id": 3,
+        "mask_token_id": 4,
+        "gmask_token_id": 5,
+    },
+    # ChatGLM2-6B shape scaled down: multi-query attention with 2 KV groups, SwiGLU, RMSNorm.
+    "tiny-chatglm2": {
+        "model_type": "chatglm_v2",
+        "padded_vocab_size": TINY_VOCAB_SIZE,
+        "hidden_size": 128,
+        "ffn_hidden_size": 352,
+        "num_layers": 2,
+        "num_attention_heads": 4,
+        "kv_channels": 32,
+        "multi_query_attention": True,
+        "multi_query_group_num": 2,
+        "seq_length": 1024,
+        "layernorm_epsilon": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    },
+}
+
+
+def preset(name: str) -> dict:
+    """Return a copy of the named preset's config fields.
+
+    Raises:
+        KeyError: the name is not a preset.
+    """
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,118 @@
+"""Train a SentencePiece tokenizer and write a directory that PaddleNLP's Llama and ChatGLM tokenizers load.
+
+One SentencePiece model serves all three families. Its special pieces have fixed ids, so a model preset can name
+them without reading the tokenizer (see ``SPECIAL_PIECES``). The directory holds the model under each name a
+PaddleNLP tokenizer class looks for, and a ``tokenizer_config.json`` naming the family's class for AutoTokenizer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+
+from paddle_llm.data.jsonl import iter_jsonl_texts
+
+# id order is fixed: <unk>=0 <s>=1 </s>=2 <pad>=3, then the user-defined symbols from id 4.
+SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
+GLM_SYMBOLS = ("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>")
+
+# The file name each PaddleNLP tokenizer class reads its SentencePiece model from.
+MODEL_FILE_BY_CLASS = {
+    "LlamaTokenizer": "sentencepiece.bpe.model",
+    "ChatGLMTokenizer": "ice_text.model",
+    "ChatGLMv2Tokenizer": "tokenizer.model",
+}
+CLASS_BY_FAMILY = {"llama": "LlamaTokenizer", "chatglm": "ChatGLMTokenizer", "chatglm2": "ChatGLMv2Tokenizer"}
+
+SHIPPED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tokenizer")
+
+
+def train_tokenizer(
+    input_path: str,
+    output_dir: str,
+    vocab_size: int,
+    json_key: str = "text",
+    family: str = "llama",
+    model_type: str = "bpe",
+    max_sentences: int = 2_000_000,
+) -> dict:
+    """Train SentencePiece on a jsonl file and write a tokenizer directory.
+
+    Args:
+        input_path: jsonl file; each line's ``json_key`` is one document.
+        output_dir: written atomically: a crash leaves either the old directory or the new one.
+        vocab_size: the number of pieces asked for. A corpus too small for it gets fewer (reported back).
+        family: which tokenizer class ``AutoTokenizer`` should use (llama, chatglm, chatglm2); every class loads it.
+        model_type: SentencePiece algorithm (bpe, like Llama's, or unigram).
+
+    Returns:
+        A summary: actual vocabulary size, documents read, and the directory.
+
+    Raises:
+        DataError: bad input lines (file and line named).
+        ValueError: an unknown family or a vocabulary too small for the special pieces.
+    """
+    import sentencepiece as spm
+
+    if family not in CLASS_BY_FAMILY:
+        raise ValueError(f"--family must be one of {', '.join(CLASS_BY_FAMILY)}, got {family!r}")
+    reserved = len(SPECIAL_PIECES) + len(GLM_SYMBOLS) + 256
+    if vocab_size <= reserved:
+        raise ValueError(f"--vocab_size {vocab_size} is too small: byte fallback and special pieces take {reserved}")
+    documents = [text for _, text in iter_jsonl_texts(input_path, json_key)]
+    model_bytes = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(documents),
+        model_writer=model_bytes,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=0.9995,
+        byte_fallback=True,  # every input is encodable, as with Llama's tokenizer: no <unk> for unseen characters
+        split_digits=True,
+        hard_vocab_limit=False,  # a tiny corpus gets a smaller vocabulary instead of an error
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece=SPECIAL_PIECES[0],
+        bos_piece=SPECIAL_PIECES[1],
+        eos_piece=SPECIAL_PIECES[2],
+        pad_piece=SPECIAL_PIECES[3],
+        user_defined_symbols=list(GLM_SYMBOLS),
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    processor = spm.SentencePieceProcessor(model_proto=model_bytes.getvalue())
+    tokenizer_config = {
+        "tokenizer_class": CLASS_BY_FAMILY[family],
+        # ChatGLM-6B reserves 20000 image-token ids before the text pieces; a trained-from-scratch model does not.
+        "num_image_tokens": 0,
+        "model_max_length": 4096,
+        "pad_token": SPECIAL_PIECES[3],
+    }
+    _write_directory_atomically(output_dir, model_bytes.getvalue(), tokenizer_config)
+    return {"vocab_size": processor.get_piece_size(), "documents": len(documents), "output_dir": output_dir}
+
+
+def _write_directory_atomically(output_dir: str, model_bytes: bytes, tokenizer_config: dict) -> None:
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
+    try:
+        for file_name in MODEL_FILE_BY_CLASS.values():
+            with open(os.path.join(staging, file_name), "wb") as f:
+                f.write(model_bytes)
+        with open(os.path.join(staging, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(tokenizer_config, f, indent=2)
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; a tokenizer directory is shared data
+        if os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

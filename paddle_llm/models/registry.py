@@ -1,0 +1,205 @@
+"""The model registry: one ``ModelFamily`` per supported architecture, and the rules for finding a model.
+
+A model is named by ``--model_name_or_path``, which is either a built-in preset (``tiny-llama``...), or a local
+directory holding ``config.json`` (and, for ``--continue_training``, weights). Anything else is refused with a
+message, because this toolkit never downloads: a hub name would otherwise fail deep inside a download with a
+stack trace, or worse, hang on a machine without internet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from paddle_llm.config.presets import PRESETS, preset
+
+WEIGHT_FILES = ("model_state.pdparams", "model.safetensors", "model_state.pdparams.index.json", "model.safetensors.index.json")
+
+
+def _no_extra_inputs(input_ids: np.ndarray) -> dict:
+    return {}
+
+
+def _chatglm_v1_inputs(input_ids: np.ndarray) -> dict:
+    """ChatGLM-6B (v1) needs an explicit 4-D mask and 2-D rotary positions; it has no defaults for plain text.
+
+    For causal language modelling every token attends to itself and earlier tokens (True = attend), positions
+    count 0..s-1 and the "block" positions (used only after a [gMASK] prompt) stay 0.
+    """
+    batch, seq = input_ids.shape
+    causal = np.tril(np.ones((seq, seq), dtype="int64"))
+    attention_mask = np.broadcast_to(causal, (batch, 1, seq, seq)).copy()
+    positions = np.broadcast_to(np.arange(seq, dtype="int64"), (batch, seq))
+    position_ids = np.stack([positions, np.zeros_like(positions)], axis=1)
+    return {"attention_mask": attention_mask, "position_ids": position_ids}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything the toolkit needs to know about one architecture, as data.
+
+    Attributes:
+        name: our family name (``llama``, ``chatglm``, ``chatglm2``).
+        model_types: ``model_type`` values in a config.json that belong to this family.
+        config_class, model_class, tokenizer_class: PaddleNLP class names in ``paddlenlp.transformers``.
+        causal_lm_inputs: extra model inputs a plain-text causal-LM batch needs, from ``input_ids`` [batch, seq].
+        num_layers_field: the config field holding the layer count (families disagree on its name).
+        vocab_field: the config field holding the embedding rows.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    config_class: str
+    model_class: str
+    tokenizer_class: str
+    num_layers_field: str
+    vocab_field: str
+    causal_lm_inputs: Callable[[np.ndarray], dict] = field(default=_no_extra_inputs)
+
+    def classes(self):
+        """Import and return ``(config_class, model_class, tokenizer_class)`` from PaddleNLP."""
+        import paddlenlp.transformers as transformers
+
+        return (
+            getattr(transformers, self.config_class),
+            getattr(transformers, self.model_class),
+            getattr(transformers, self.tokenizer_class),
+        )
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "llama": ModelFamily(
+        name="llama",
+        model_types=("llama",),
+        config_class="LlamaConfig",
+        model_class="LlamaForCausalLM",
+        tokenizer_class="LlamaTokenizer",
+        num_layers_field="num_hidden_layers",
+        vocab_field="vocab_size",
+    ),
+    "chatglm": ModelFamily(
+        name="chatglm",
+        model_types=("chatglm",),
+        config_class="ChatGLMConfig",
+        model_class="ChatGLMForCausalLM",
+        tokenizer_class="ChatGLMTokenizer",
+        num_layers_field="num_layers",
+        vocab_field="vocab_size",
+        causal_lm_inputs=_chatglm_v1_inputs,
+    ),
+    "chatglm2": ModelFamily(
+        name="chatglm2",
+        model_types=("chatglm_v2", "chatglm2"),
+        config_class="ChatGLMv2Config",
+        model_class="ChatGLMv2ForCausalLM",
+        tokenizer_class="ChatGLMv2Tokenizer",
+        num_layers_field="num_layers",
+        vocab_field="padded_vocab_size",
+    ),
+}
+
+
+def family_of(config_fields: dict) -> ModelFamily:
+    """Find the family of a config (a preset dict or a parsed config.json).
+
+    Raises:
+        ValueError: the config's ``model_type`` is not one we support.
+    """
+    model_type = str(config_fields.get("model_type", "")).lower()
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    for architecture in config_fields.get("architectures") or []:
+        for family in FAMILIES.values():
+            if architecture == family.model_class or architecture.lower().startswith(family.model_types[0]):
+                return family
+    supported = ", ".join(t for f in FAMILIES.values() for t in f.model_types)
+    raise ValueError(f"model_type {model_type!r} is not supported; supported model types: {supported}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a preset (random init) or a local directory (config, maybe weights)."""
+
+    name_or_path: str
+    family: ModelFamily
+    config_fields: dict
+    directory: str | None  # None for presets
+    has_weights: bool
+
+
+def resolve_model(name_or_path: str) -> ModelSource:
+    """Resolve ``--model_name_or_path`` without touching the network.
+
+    Raises:
+        FileNotFoundError: neither a preset nor a local directory with config.json; the message says what to pass.
+        ValueError: the config names an unsupported model type.
+    """
+    if name_or_path in PRESETS:
+        fields = preset(name_or_path)
+        return ModelSource(name_or_path, family_of(fields), fields, None, False)
+    config_path = os.path.join(name_or_path, "config.json")
+    if os.path.isdir(name_or_path) and os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            try:
+                fields = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{config_path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+        has_weights = any(os.path.exists(os.path.join(name_or_path, w)) for w in WEIGHT_FILES)
+        return ModelSource(name_or_path, family_of(fields), fields, name_or_path, has_weights)
+    presets = ", ".join(PRESETS)
+    if os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"{name_or_path} is a directory but has no config.json; a model directory needs one")
+    raise FileNotFoundError(
+        f"model {name_or_path!r} is neither a local directory nor a built-in preset. paddle_llm never downloads "
+        f"weights: download the model yourself (e.g. with PaddleNLP on a machine with internet), then pass its "
+        f"local directory, or use a preset: {presets}"
+    )
+
+
+def build_config(source: ModelSource, **overrides):
+    """Build the PaddleNLP config object for a source, with field overrides (e.g. from training flags)."""
+    config_class, _, _ = source.family.classes()
+    fields = {k: v for k, v in source.config_fields.items() if k not in ("architectures",)}
+    fields.update(overrides)
+    return config_class(**fields)
+
+
+def build_model(source: ModelSource, config, load_weights: bool):
+    """Instantiate the causal LM: from the directory's weights if asked, else randomly initialised.
+
+    Raises:
+        FileNotFoundError: weights were asked for but the source has none.
+    """
+    _, model_class, _ = source.family.classes()
+    if load_weights:
+        if not source.has_weights:
+            where = source.directory or f"preset {source.name_or_path!r}"
+            raise FileNotFoundError(
+                f"--continue_training needs weights, but {where} has none of {', '.join(WEIGHT_FILES)}; "
+                "pass a directory saved by a previous run, or drop --continue_training to train from scratch"
+            )
+        return model_class.from_pretrained(source.directory, config=config)
+    return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+
+
+def load_tokenizer(name_or_path: str, family: ModelFamily):
+    """Load a local tokenizer directory with the family's tokenizer class; presets use the shipped tokenizer.
+
+    Raises:
+        FileNotFoundError: not a local directory; the message says what to pass.
+    """
+    from paddle_llm.data.tokenizer import SHIPPED_TOKENIZER_DIR
+
+    directory = SHIPPED_TOKENIZER_DIR if name_or_path in PRESETS else name_or_path
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"tokenizer {name_or_path!r} is not a local directory. paddle_llm never downloads: pass a directory "
+            "written by `paddle-llm tokenizer train` or saved with a model"
+        )
+    _, _, tokenizer_class = family.classes()
+    return tokenizer_class.from_pretrained(directory)
