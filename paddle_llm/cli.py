@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("paddle_llm.data.preprocess:main", "tokenize jsonl into PaddleNLP's mmap .bin/.idx format"),
     "pretrain": ("paddle_llm.trainer.pretrain:main", "pretrain or continue-pretrain (same flags as run_pretrain.py)"),
     "estimate": ("paddle_llm.estimator.command:main", "memory estimate and layout planner"),
+    "export": ("paddle_llm.export.command:main", "export a checkpoint to a static inference graph (or FastDeploy layout)"),
+    "serve": ("paddle_llm.serving.command:main", "serve a model: OpenAI-compatible REST and gRPC"),
 }
 
 
