@@ -49,6 +49,7 @@ class ModelFamily:
         causal_lm_inputs: extra model inputs a plain-text causal-LM batch needs, from ``input_ids`` [batch, seq].
         num_layers_field: the config field holding the layer count (families disagree on its name).
         vocab_field: the config field holding the embedding rows.
+        max_positions_field: the config field bounding the sequence length.
     """
 
     name: str
@@ -58,6 +59,7 @@ class ModelFamily:
     tokenizer_class: str
     num_layers_field: str
     vocab_field: str
+    max_positions_field: str
     causal_lm_inputs: Callable[[np.ndarray], dict] = field(default=_no_extra_inputs)
 
     def classes(self):
@@ -80,6 +82,7 @@ FAMILIES: dict[str, ModelFamily] = {
         tokenizer_class="LlamaTokenizer",
         num_layers_field="num_hidden_layers",
         vocab_field="vocab_size",
+        max_positions_field="max_position_embeddings",
     ),
     "chatglm": ModelFamily(
         name="chatglm",
@@ -89,6 +92,7 @@ FAMILIES: dict[str, ModelFamily] = {
         tokenizer_class="ChatGLMTokenizer",
         num_layers_field="num_layers",
         vocab_field="vocab_size",
+        max_positions_field="max_sequence_length",
         causal_lm_inputs=_chatglm_v1_inputs,
     ),
     "chatglm2": ModelFamily(
@@ -99,6 +103,7 @@ FAMILIES: dict[str, ModelFamily] = {
         tokenizer_class="ChatGLMv2Tokenizer",
         num_layers_field="num_layers",
         vocab_field="padded_vocab_size",
+        max_positions_field="seq_length",
     ),
 }
 
@@ -187,19 +192,30 @@ def build_model(source: ModelSource, config, load_weights: bool):
     return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
 
 
-def load_tokenizer(name_or_path: str, family: ModelFamily):
-    """Load a local tokenizer directory with the family's tokenizer class; presets use the shipped tokenizer.
+def load_tokenizer(name_or_path: str, family: ModelFamily | None = None):
+    """Load a tokenizer from a local directory, or the shipped one for a preset.
+
+    Args:
+        name_or_path: a tokenizer directory, a model directory that holds one, or a preset name.
+        family: use this family's tokenizer class; None lets ``tokenizer_config.json`` (or the preset) decide.
 
     Raises:
-        FileNotFoundError: not a local directory; the message says what to pass.
+        FileNotFoundError: not a local directory or preset; the message says what to pass.
     """
+    import paddlenlp.transformers as transformers
+
     from paddle_llm.data.tokenizer import SHIPPED_TOKENIZER_DIR
 
-    directory = SHIPPED_TOKENIZER_DIR if name_or_path in PRESETS else name_or_path
+    if name_or_path in PRESETS:
+        directory = SHIPPED_TOKENIZER_DIR
+        family = family or family_of(PRESETS[name_or_path])
+    else:
+        directory = name_or_path
     if not os.path.isdir(directory):
         raise FileNotFoundError(
-            f"tokenizer {name_or_path!r} is not a local directory. paddle_llm never downloads: pass a directory "
-            "written by `paddle-llm tokenizer train` or saved with a model"
+            f"tokenizer {name_or_path!r} is not a local directory or preset. paddle_llm never downloads: pass a "
+            "directory written by `paddle-llm tokenizer train` or saved with a model"
         )
-    _, _, tokenizer_class = family.classes()
-    return tokenizer_class.from_pretrained(directory)
+    if family is None:
+        return transformers.AutoTokenizer.from_pretrained(directory)
+    return getattr(transformers, family.tokenizer_class).from_pretrained(directory)

@@ -1,0 +1,1 @@
+"""Configuration: argument dataclasses, the PaddleNLP-compatible flag parser, presets and early validation."""

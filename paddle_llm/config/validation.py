@@ -1,0 +1,146 @@
+"""Checks that run before anything distributed starts, and the CPU fallbacks for GPU-only switches.
+
+Every rule is a pure function of the parsed flag values, the model's config fields and the world size, so it is
+tested table-driven without a process group. Errors say what to change. All errors are reported together.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+# GPU-only switches that fall back on CPU: flag -> why it cannot run there
+GPU_ONLY_FLAGS = {
+    "use_flash_attention": "flash attention has no CPU kernel; using the standard attention",
+    "use_fused_rms_norm": "the fused RMSNorm is a CUDA op; using the composed RMSNorm",
+    "use_fused_rope": "the fused rotary embedding is a CUDA op; using the composed one",
+    "use_fused_linear": "the fused linear is a CUDA op; using paddle.nn.Linear",
+    "use_fused_dropout_add": "the fused dropout-add is a CUDA op; using the composed ops",
+    "use_fused_linear_cross_entropy": "the fused linear cross-entropy is a CUDA op; using the composed loss",
+    "fp16": "fp16 AMP has no effect on CPU (no fp16 kernels); training in float32",
+    "bf16": "bf16 AMP keeps float32 weights on CPU and bf16 matmul has no CPU kernel; training in float32",
+}
+SHARDING_STAGES = ("stage1", "stage2", "stage3")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _degree(values: Mapping, name: str) -> int:
+    value = values.get(name)
+    return 1 if value in (None, -1, 0) else int(value)
+
+
+def sharding_stages(sharding) -> list[str]:
+    """Normalise ``--sharding`` (``"stage2 offload"``, a list, or a bool meaning stage1) to its stage words."""
+    if sharding is True:
+        return ["stage1"]
+    if not sharding:
+        return []
+    words = sharding if isinstance(sharding, list) else str(sharding).replace(",", " ").split()
+    return [w for w in words if w not in ("False", "false", "0")]
+
+
+def model_shape(model_fields: Mapping) -> dict:
+    """Heads, KV heads, layers and vocabulary from any supported family's config fields."""
+    heads = model_fields.get("num_attention_heads")
+    kv_heads = model_fields.get("num_key_value_heads") or (
+        model_fields.get("multi_query_group_num") if model_fields.get("multi_query_attention") else None
+    ) or heads
+    layers = model_fields.get("num_hidden_layers") or model_fields.get("num_layers")
+    vocab = model_fields.get("padded_vocab_size") or model_fields.get("vocab_size")
+    return {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_layers": layers, "vocab_size": vocab}
+
+
+def check_parallel(values: Mapping, model_fields: Mapping | None, world_size: int) -> list[str]:
+    """Check the parallel layout: degrees against the world size and against the model's shape."""
+    errors = []
+    tp, pp = _degree(values, "tensor_parallel_degree"), _degree(values, "pipeline_parallel_degree")
+    stages = sharding_stages(values.get("sharding"))
+    unknown = [w for w in stages if w not in SHARDING_STAGES + ("offload",)]
+    if unknown:
+        errors.append(f"--sharding {values.get('sharding')!r}: unknown word {unknown[0]!r}; use stage1, stage2 or stage3, optionally with offload")
+    if pp > 1 and {"stage2", "stage3"} & set(stages):
+        errors.append(
+            f"--pipeline_parallel_degree {pp} cannot be combined with --sharding {' '.join(stages)}: "
+            "PaddleNLP supports only stage1 sharding with pipeline parallel; use --sharding stage1"
+        )
+    if world_size > 1 and world_size % (tp * pp) != 0:
+        errors.append(
+            f"world size {world_size} is not divisible by tensor_parallel_degree × pipeline_parallel_degree = {tp * pp}: "
+            f"launch a multiple of {tp * pp} processes, or choose degrees whose product divides {world_size} ({_divisors(world_size)})"
+        )
+    sharding_degree = _degree(values, "sharding_parallel_degree")
+    if world_size > 1 and sharding_degree > 1 and (world_size // max(1, tp * pp)) % sharding_degree != 0:
+        errors.append(
+            f"sharding_parallel_degree={sharding_degree} does not divide the {world_size // max(1, tp * pp)} "
+            "data-parallel ranks left after tensor and pipeline parallel"
+        )
+    if model_fields:
+        shape = model_shape(model_fields)
+        for name in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
+            count = shape[name]
+            if tp > 1 and count and count % tp != 0:
+                errors.append(f"tensor_parallel_degree={tp} does not divide {name}={count}: use {_divisors(count)}")
+        vpp = _degree(values, "virtual_pp_degree")
+        if pp > 1 and shape["num_layers"] and shape["num_layers"] % (pp * vpp) != 0:
+            errors.append(
+                f"num_layers={shape['num_layers']} is not divisible by pipeline_parallel_degree × virtual_pp_degree "
+                f"= {pp * vpp}: use stages × virtual stages from {_divisors(shape['num_layers'])}"
+            )
+    if pp > 1:
+        accumulation = int(values.get("gradient_accumulation_steps") or 1)
+        if accumulation < pp:
+            errors.append(
+                f"pipeline parallel with gradient_accumulation_steps={accumulation} < pipeline_parallel_degree={pp} "
+                "leaves stages idle: each step needs at least one micro-batch per stage; raise --gradient_accumulation_steps"
+            )
+    return errors
+
+
+def check_precision(values: Mapping, explicit: set[str]) -> list[str]:
+    """``--fp16_opt_level O2`` needs ``--fp16`` or ``--bf16``; an explicit ``--fp16 0`` is a deliberate choice."""
+    level = values.get("fp16_opt_level")
+    if level == "O2" and "fp16_opt_level" in explicit and not (values.get("fp16") or values.get("bf16")):
+        if "fp16" not in explicit and "bf16" not in explicit:
+            return ["--fp16_opt_level O2 needs --fp16 or --bf16 (O2 is pure half precision); add one, or drop --fp16_opt_level"]
+    if values.get("fp16") and values.get("bf16"):
+        return ["--fp16 and --bf16 are exclusive: choose one"]
+    return []
+
+
+def check_device(values: Mapping, cuda_available: bool) -> list[str]:
+    device = str(values.get("device") or "gpu")
+    if device.startswith("gpu") and not cuda_available:
+        return [
+            f"--device {device} but this Paddle build has no CUDA support (a CPU build, or no GPU visible): pass "
+            "--device cpu, or install paddlepaddle-gpu 3.x (see README, 'GPU install')"
+        ]
+    if device.split(":")[0] not in ("gpu", "cpu", "xpu", "npu"):
+        return [f"--device {device!r} is not one of gpu, cpu, xpu, npu"]
+    return []
+
+
+def check_split(split: str) -> list[str]:
+    parts = [p for p in str(split).replace("/", ",").split(",") if p.strip()]
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        return [f"--split {split!r}: expected comma-separated numbers like 949,50,1"]
+    if len(numbers) > 3 or any(n < 0 for n in numbers) or sum(numbers) <= 0:
+        return [f"--split {split!r}: give up to three non-negative proportions (train,valid,test) with a positive sum"]
+    return []
+
+
+def apply_cpu_fallbacks(values: dict) -> list[str]:
+    """Turn off GPU-only switches when training on CPU; return one warning per switch that was on."""
+    if not str(values.get("device") or "gpu").startswith("cpu"):
+        return []
+    warnings = []
+    for flag, reason in GPU_ONLY_FLAGS.items():
+        if values.get(flag):
+            values[flag] = False
+            warnings.append(f"--{flag} is GPU-only: {reason}")
+    if values.get("fp16_opt_level") == "O2" and not (values.get("fp16") or values.get("bf16")):
+        values["fp16_opt_level"] = "O1"  # nothing left for O2 to act on once AMP is off
+    return warnings

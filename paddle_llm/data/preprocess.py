@@ -1,0 +1,181 @@
+"""``paddle-llm preprocess``: tokenize a jsonl corpus into PaddleNLP's mmap ``.bin``/``.idx`` pretraining format.
+
+Same flags as PaddleNLP's ``create_pretraining_data.py``. Tokenization runs in ``--workers`` processes while the
+parent reads, checks order and writes, so the output is identical for any worker count. Bad input stops the run
+with the file, line and field named, and nothing is left at ``--output_prefix``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+from paddle_llm.data.indexed import IndexedDatasetWriter, token_dtype
+from paddle_llm.data.jsonl import DataError
+
+LINES_PER_TASK = 256
+
+_worker_tokenizer = None
+_worker_options: dict = {}
+
+
+def _init_worker(tokenizer_name_or_path: str, json_key: str, append_eos: bool) -> None:
+    # Each worker loads its own tokenizer once; tokenizers are not cheap to pickle per task.
+    global _worker_tokenizer, _worker_options
+    from paddle_llm.models.registry import load_tokenizer
+
+    _worker_tokenizer = load_tokenizer(tokenizer_name_or_path)
+    _worker_options = {"json_key": json_key, "append_eos": append_eos}
+
+
+def _encode_lines(task: tuple[str, list[tuple[int, str]]]) -> tuple[int, list]:
+    """Encode one task's lines.
+
+    Returns:
+        ``(bytes_read, [(line_number, token_ids), ...])``; the list ends at the first bad line, whose entry holds
+        the error text instead of token ids.
+    """
+    path, lines = task
+    json_key = _worker_options["json_key"]
+    bytes_read = sum(len(line.encode("utf-8")) for _, line in lines)
+    encoded = []
+    for line_number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            return bytes_read, encoded + [(line_number, f"{path}:{line_number}: not valid JSON ({err.msg} at column {err.colno})")]
+        if not isinstance(record, dict) or json_key not in record:
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            return bytes_read, encoded + [(line_number, f"{path}:{line_number}: missing key {json_key!r} (found: {keys}); set --json_key")]
+        text = record[json_key]
+        if not isinstance(text, str):
+            return bytes_read, encoded + [(line_number, f"{path}:{line_number}: field {json_key!r} must be a string, got {type(text).__name__}")]
+        ids = _worker_tokenizer(text, add_special_tokens=False)["input_ids"]
+        if _worker_options["append_eos"]:
+            ids = list(ids) + [_worker_tokenizer.eos_token_id]
+        encoded.append((line_number, ids))
+    return bytes_read, encoded
+
+
+def _read_tasks(path: str):
+    batch = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if line.strip():
+                batch.append((line_number, line))
+            if len(batch) == LINES_PER_TASK:
+                yield path, batch
+                batch = []
+    if batch:
+        yield path, batch
+
+
+def preprocess(
+    input_path: str,
+    output_prefix: str,
+    tokenizer_name_or_path: str,
+    json_key: str = "text",
+    append_eos: bool = False,
+    workers: int = 1,
+    show_progress: bool = True,
+) -> dict:
+    """Tokenize ``input_path`` into ``output_prefix.bin/.idx``.
+
+    Returns:
+        A summary with documents, tokens, seconds, docs/s and tokens/s.
+
+    Raises:
+        DataError: missing or empty input, malformed JSON, a missing or non-string field (file and line named).
+    """
+    from tqdm import tqdm
+
+    from paddle_llm.models.registry import load_tokenizer
+
+    if not os.path.isfile(input_path):
+        raise DataError(f"{input_path}: no such file")
+    if os.path.getsize(input_path) == 0:
+        raise DataError(f"{input_path}: the file is empty; nothing to preprocess")
+    vocab_size = len(load_tokenizer(tokenizer_name_or_path))
+    writer = IndexedDatasetWriter(output_prefix, token_dtype(vocab_size))
+    start = time.perf_counter()
+    initargs = (tokenizer_name_or_path, json_key, append_eos)
+    progress = tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="preprocess", disable=not show_progress)
+    try:
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")  # fork would copy the parent's Paddle state
+            with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+                _drain(pool.imap(_encode_lines, _read_tasks(input_path)), writer, progress)
+        else:
+            _init_worker(*initargs)
+            _drain(map(_encode_lines, _read_tasks(input_path)), writer, progress)
+        if not writer.sizes:
+            raise DataError(f"{input_path}: no non-blank lines; nothing to preprocess")
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - start
+    tokens = sum(writer.sizes)
+    return {
+        "documents": len(writer.sizes),
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "docs_per_second": round(len(writer.sizes) / seconds, 1),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "output_prefix": output_prefix,
+    }
+
+
+def _drain(results, writer: IndexedDatasetWriter, progress) -> None:
+    for bytes_read, batch in results:
+        for line_number, ids_or_error in batch:
+            if isinstance(ids_or_error, str):
+                raise DataError(ids_or_error)
+            writer.add_document(ids_or_error)
+        progress.update(bytes_read)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paddle-llm preprocess",
+        description="Tokenize a jsonl corpus (one document per line) into PaddleNLP's mmap .bin/.idx format, "
+        "readable by run_pretrain.py --input_dir and by PaddleNLP itself.",
+        epilog="example: paddle-llm preprocess --input_path corpus.jsonl --output_prefix data/corpus "
+        "--tokenizer_name_or_path tiny-llama --append_eos --workers 2",
+    )
+    parser.add_argument("--input_path", required=True, help="jsonl file, one JSON object per line")
+    parser.add_argument("--output_prefix", required=True, help="writes OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
+    parser.add_argument("--tokenizer_name_or_path", "--tokenizer_name", required=True, help="tokenizer directory or model preset")
+    parser.add_argument("--json_key", default="text", help="the field holding each document's text (default: text)")
+    parser.add_argument("--append_eos", action="store_true", help="end every document with the EOS token")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+    parser.add_argument("--model_name", help="accepted for PaddleNLP compatibility; the tokenizer decides")
+    parser.add_argument("--data_format", default="JSON", choices=["JSON"], help="only JSON lines are supported")
+    parser.add_argument("--data_impl", default="mmap", choices=["mmap"], help="only the mmap format is written")
+    parser.add_argument("--disable_tqdm", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = preprocess(
+            args.input_path,
+            args.output_prefix,
+            args.tokenizer_name_or_path,
+            json_key=args.json_key,
+            append_eos=args.append_eos,
+            workers=max(1, args.workers),
+            show_progress=not args.disable_tqdm,
+        )
+    except (DataError, FileNotFoundError) as err:
+        print(f"paddle-llm preprocess: error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0

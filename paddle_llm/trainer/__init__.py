@@ -1,0 +1,1 @@
+"""Training: PaddleNLP Trainer subclasses, callbacks (metrics.jsonl, grad norm), atomic checkpoints, recipes."""

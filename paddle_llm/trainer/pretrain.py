@@ -1,0 +1,238 @@
+"""The pretraining recipe behind ``run_pretrain.py`` and ``paddle-llm pretrain``.
+
+setup: parse flags, validate everything, apply CPU fallbacks (before any process group exists).
+main:  build tokenizer, model, datasets and the trainer.
+fit:   train (resuming from the last complete checkpoint), save, evaluate, write results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
+from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision, check_split
+from paddle_llm.data.jsonl import DataError
+from paddle_llm.models.registry import ModelSource, resolve_model
+
+EXIT_BAD_CONFIG = 2
+
+
+def log(message: str) -> None:
+    if int(os.environ.get("PADDLE_TRAINER_ID", "0")) == 0:
+        print(f"[paddle_llm] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class PretrainSetup:
+    parsed: ParsedArgs
+    source: ModelSource
+    warnings: list[str]
+
+
+def _dataclass_types():
+    from paddle_llm.config.arguments import DataArguments, ModelArguments, PretrainingArguments
+
+    return ModelArguments, DataArguments, PretrainingArguments
+
+
+def _world_size() -> int:
+    return int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+
+
+def setup(argv: list[str]) -> PretrainSetup:
+    """Parse and validate; nothing distributed or heavy happens here.
+
+    Raises:
+        ArgumentError: bad flags or configuration (every problem found, one per line).
+    """
+    import paddle
+
+    parsed = parse_flags(argv, _dataclass_types())
+    values = {k: v for group in parsed.groups for k, v in group.items()}
+    errors = []
+    try:
+        source = resolve_model(values["model_name_or_path"])
+    except (FileNotFoundError, ValueError) as err:
+        raise ArgumentError(f"--model_name_or_path: {err}") from None
+    if values.get("model_type") and values["model_type"] not in (source.family.name,) + source.family.model_types:
+        errors.append(f"--model_type {values['model_type']} does not match the model's config ({source.family.name})")
+    model_fields = dict(source.config_fields)
+    if values.get("num_hidden_layers"):
+        model_fields[source.family.num_layers_field] = values["num_hidden_layers"]
+    errors += check_device(values, paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
+    errors += check_precision(values, parsed.explicit)
+    errors += check_parallel(values, model_fields, _world_size())
+    errors += check_split(values["split"])
+    if values.get("continue_training") and not source.has_weights:
+        errors.append(f"--continue_training needs weights, but {values['model_name_or_path']} has none: pass a directory saved by a previous run")
+    if (values.get("do_train") or values.get("do_eval")) and not values.get("input_dir"):
+        errors.append("--input_dir is required with --do_train/--do_eval: a directory or prefix written by `paddle-llm preprocess`")
+    if values.get("do_train") and int(values.get("max_steps") or -1) <= 0:
+        errors.append("--max_steps must be positive for pretraining: the sample index is sized from it")
+    if errors:
+        raise ArgumentError("\n".join(errors))
+    warnings = apply_cpu_fallbacks(values)
+    for name, value in values.items():
+        parsed.set(name, value)
+    return PretrainSetup(parsed, source, warnings)
+
+
+def build_model_and_tokenizer(source: ModelSource, model_args, data_args, training_args):
+    """Tokenizer and model, with training flags folded into the model config."""
+    import paddle
+    from paddlenlp.transformers.configuration_utils import LlmMetaConfig
+
+    from paddle_llm.models.registry import build_config, build_model, load_tokenizer
+
+    family = source.family
+    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, family)
+    overrides = {}
+    if model_args.num_hidden_layers:
+        overrides[family.num_layers_field] = model_args.num_hidden_layers
+    if not model_args.continue_training:
+        # A fresh model may be given longer positions; a trained one keeps what it learned.
+        current = source.config_fields.get(family.max_positions_field) or 0
+        overrides[family.max_positions_field] = max(current, data_args.max_seq_length)
+    config = build_config(source, **overrides)
+    LlmMetaConfig.set_llm_config(config, training_args)
+    config.seq_length = data_args.max_seq_length
+    for name in ("fuse_attention_qkv", "fuse_attention_ffn"):
+        if getattr(model_args, name) is not None:
+            setattr(config, name, getattr(model_args, name))
+    if training_args.fp16_opt_level == "O2" and (training_args.fp16 or training_args.bf16):
+        config.dtype = "float16" if training_args.fp16 else "bfloat16"
+    vocab_size = getattr(config, family.vocab_field)
+    if len(tokenizer) > vocab_size:
+        raise DataError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embedding rows")
+    model = build_model(source, config, load_weights=bool(model_args.continue_training))
+    if config.dtype != "float32":
+        model = model.astype(config.dtype) if hasattr(model, "astype") else model
+    log(f"model: {family.name}, {sum(p.numel().item() for p in model.parameters()) / 1e6:.2f}M parameters, device {paddle.get_device()}")
+    return model, tokenizer, config
+
+
+def _num_samples(training_args) -> tuple[int, int, int]:
+    per_step = training_args.dataset_world_size * training_args.gradient_accumulation_steps
+    train = training_args.per_device_train_batch_size * per_step * training_args.max_steps
+    evaluations = training_args.max_steps // max(1, training_args.eval_steps or training_args.max_steps) + 1
+    valid = training_args.per_device_eval_batch_size * training_args.dataset_world_size * training_args.eval_iters * evaluations
+    test = training_args.per_device_eval_batch_size * training_args.dataset_world_size * training_args.test_iters
+    return train, valid, test
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in (["-h"], ["--help"]):
+        print(__doc__ + "\nFlags are PaddleNLP's run_pretrain.py flags; see README 'From PaddleNLP'. Example:\n"
+              "  paddle-llm pretrain --model_name_or_path tiny-llama --input_dir data/corpus --output_dir out "
+              "--max_steps 100 --do_train --device cpu")
+        return 0
+    try:
+        plan = setup(argv)
+    except ArgumentError as err:
+        for line in str(err).splitlines():
+            print(f"paddle-llm pretrain: error: {line}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    for warning in plan.warnings:
+        log(f"warning: {warning}")
+    try:
+        return fit(plan)
+    except DataError as err:
+        print(f"paddle-llm pretrain: error: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+
+
+def fit(plan: PretrainSetup) -> int:
+    import paddle
+    from paddlenlp.trainer import set_seed
+    from paddlenlp.transformers import CosineAnnealingWithWarmupDecay, LinearAnnealingWithWarmupDecay
+
+    from paddle_llm.data.pretraining import (
+        CausalLMCollator,
+        build_pretraining_datasets,
+        check_data_prefixes,
+        resolve_data_prefixes,
+    )
+    from paddle_llm.trainer.callbacks import MetricsFileCallback
+    from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
+    from paddle_llm.trainer.trainer import LLMTrainer
+
+    model_args, data_args, training_args = plan.parsed.build(_dataclass_types())
+    paddle.set_device(training_args.device)
+    set_seed(training_args.seed)
+    training_args.print_config(model_args, "Model")
+    training_args.print_config(data_args, "Data")
+
+    resume_from = training_args.resume_from_checkpoint
+    if training_args.do_train and not training_args.overwrite_output_dir and resume_from is None:
+        if training_args.process_index == 0:
+            for path in remove_incomplete_checkpoints(training_args.output_dir):
+                log(f"removed {path}: its save never finished (crash mid-save)")
+        if paddle.distributed.get_world_size() > 1:
+            paddle.distributed.barrier()
+        resume_from = latest_complete_checkpoint(training_args.output_dir)
+        if resume_from:
+            log(f"resuming from {resume_from} (pass --overwrite_output_dir to start over)")
+
+    model, tokenizer, config = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
+    data_prefix = resolve_data_prefixes(data_args.input_dir)
+    for prefix, (documents, tokens) in check_data_prefixes(data_prefix, getattr(config, plan.source.family.vocab_field)).items():
+        log(f"data: {prefix}: {documents} documents, {tokens} tokens")
+    data = build_pretraining_datasets(
+        data_prefix,
+        data_args.split,
+        data_args.max_seq_length,
+        training_args.seed,
+        _num_samples(training_args),
+        data_args.data_cache,
+        skip_warmup=data_args.skip_warmup,
+        share_folder=data_args.share_folder,
+    )
+
+    scheduler_name = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    scheduler_class = {"cosine": CosineAnnealingWithWarmupDecay, "linear": LinearAnnealingWithWarmupDecay}.get(scheduler_name)
+    lr_scheduler = None
+    if scheduler_class is not None:
+        warmup = training_args.warmup_steps if training_args.warmup_steps > 0 else int(training_args.warmup_ratio * training_args.max_steps)
+        lr_scheduler = scheduler_class(
+            max_lr=training_args.learning_rate,
+            min_lr=training_args.min_learning_rate,
+            warmup_step=warmup,
+            decay_step=int(training_args.decay_steps or training_args.max_steps),
+        )
+
+    trainer = LLMTrainer(
+        model=model,
+        args=training_args,
+        data_collator=CausalLMCollator(plan.source.family.causal_lm_inputs),
+        train_dataset=data.train if training_args.do_train else None,
+        eval_dataset=data.valid if training_args.do_eval else None,
+        tokenizer=tokenizer,
+        optimizers=(None, lr_scheduler),
+    )
+    trainer.is_pretraining = True
+    tokens_per_sample = data_args.max_seq_length
+    trainer.add_callback(MetricsFileCallback(training_args.output_dir, tokens_per_sample))
+
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        metrics = dict(result.metrics)
+        metrics["train_tokens_per_second"] = round(metrics.get("train_samples_per_second", 0.0) * tokens_per_sample, 2)
+        trainer.save_model()
+        if training_args.process_index == 0:
+            tokenizer.save_pretrained(training_args.output_dir)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
