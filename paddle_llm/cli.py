@@ -12,7 +12,7 @@ import sys
 # name -> (module:function taking argv and returning an exit code, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("paddle_llm.demo:main", "tiny end-to-end demo on CPU: preprocess, pretrain, generate"),
-    "tokenizer": ("paddle_llm.data.tokenizer_cli:main", "train a SentencePiece tokenizer: tokenizer train --input ..."),
+    "tokenizer": ("paddle_llm.data.tokenizer:main", "train a SentencePiece tokenizer: tokenizer train --input ..."),
     "preprocess": ("paddle_llm.data.preprocess:main", "tokenize jsonl into PaddleNLP's mmap .bin/.idx format"),
     "pretrain": ("paddle_llm.trainer.pretrain:main", "pretrain or continue-pretrain (same flags as run_pretrain.py)"),
     "estimate": ("paddle_llm.estimator.command:main", "memory estimate and layout planner"),

@@ -218,3 +218,22 @@ def parse_flags(argv: list[str], dataclass_types) -> ParsedArgs:
 def _suggestion(name: str, schema: dict) -> str:
     close = difflib.get_close_matches(name, sorted(set(schema) | set(ALIASES)), n=1, cutoff=0.6)
     return f"; did you mean --{close[0]}?" if close else ""
+
+
+def format_help(dataclass_types, usage: str, epilog: str = "") -> str:
+    """A ``--help`` text listing every flag with its default and help, grouped by dataclass."""
+    sections = [usage]
+    for cls in dataclass_types:
+        hints = typing.get_type_hints(cls)
+        rows = []
+        for field in dataclasses.fields(cls):
+            if not field.init:
+                continue
+            kind, is_list = _field_kind(field, hints)
+            default = field.default if field.default is not dataclasses.MISSING else ("[]" if is_list else "required")
+            text = " ".join(str(field.metadata.get("help", "")).split())
+            rows.append(f"  --{field.name} ({getattr(kind, '__name__', kind)}, default {default})" + (f"\n      {text}" if text else ""))
+        sections.append(f"{cls.__name__}:\n" + "\n".join(rows))
+    if epilog:
+        sections.append(epilog)
+    return "\n\n".join(sections)

@@ -93,7 +93,6 @@ def train_tokenizer(
         # ChatGLM-6B reserves 20000 image-token ids before the text pieces; a trained-from-scratch model does not.
         "num_image_tokens": 0,
         "model_max_length": 4096,
-        "pad_token": SPECIAL_PIECES[3],
     }
     _write_directory_atomically(output_dir, model_bytes.getvalue(), tokenizer_config)
     return {"vocab_size": processor.get_piece_size(), "documents": len(documents), "output_dir": output_dir}
@@ -116,3 +115,35 @@ def _write_directory_atomically(output_dir: str, model_bytes: bytes, tokenizer_c
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def main(argv: list[str]) -> int:
+    """``paddle-llm tokenizer train --input FILE.jsonl --vocab_size N --output DIR``."""
+    import argparse
+    import sys
+
+    from paddle_llm.data.jsonl import DataError
+
+    parser = argparse.ArgumentParser(prog="paddle-llm tokenizer", description="Tokenizer tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train",
+        help="train a SentencePiece tokenizer from jsonl",
+        description="Train a SentencePiece tokenizer (byte fallback, fixed special-token ids) and write a directory "
+        "that PaddleNLP's LlamaTokenizer, ChatGLMTokenizer and ChatGLMv2Tokenizer all load.",
+        epilog="example: paddle-llm tokenizer train --input corpus.jsonl --vocab_size 8000 --output my_tokenizer",
+    )
+    train.add_argument("--input", required=True, help="jsonl file, one document per line")
+    train.add_argument("--vocab_size", type=int, required=True, help="pieces to learn (a small corpus may give fewer)")
+    train.add_argument("--output", required=True, help="tokenizer directory to write (replaced atomically)")
+    train.add_argument("--json_key", default="text", help="the field holding each document (default: text)")
+    train.add_argument("--family", default="llama", choices=sorted(CLASS_BY_FAMILY), help="AutoTokenizer class to record (default: llama)")
+    train.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece algorithm (default: bpe)")
+    args = parser.parse_args(argv)
+    try:
+        summary = train_tokenizer(args.input, args.output, args.vocab_size, args.json_key, args.family, args.model_type)
+    except (DataError, ValueError) as err:
+        print(f"paddle-llm tokenizer: error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0

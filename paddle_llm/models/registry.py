@@ -204,7 +204,7 @@ def load_tokenizer(name_or_path: str, family: ModelFamily | None = None):
     """
     import paddlenlp.transformers as transformers
 
-    from paddle_llm.data.tokenizer import SHIPPED_TOKENIZER_DIR
+    from paddle_llm.data.tokenizer import MODEL_FILE_BY_CLASS, SHIPPED_TOKENIZER_DIR
 
     if name_or_path in PRESETS:
         directory = SHIPPED_TOKENIZER_DIR
@@ -215,6 +215,11 @@ def load_tokenizer(name_or_path: str, family: ModelFamily | None = None):
         raise FileNotFoundError(
             f"tokenizer {name_or_path!r} is not a local directory or preset. paddle_llm never downloads: pass a "
             "directory written by `paddle-llm tokenizer train` or saved with a model"
+        )
+    if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer_config.json", *MODEL_FILE_BY_CLASS.values())):
+        raise FileNotFoundError(
+            f"{directory} has no tokenizer files (tokenizer_config.json or a SentencePiece model); pass "
+            "--tokenizer_name_or_path with a tokenizer directory"
         )
     if family is None:
         return transformers.AutoTokenizer.from_pretrained(directory)

@@ -43,7 +43,8 @@ class MetricsFileCallback(TrainerCallback):
         # Gradients are final here (after accumulation and the data-parallel all-reduce), and only needed on
         # logging steps, so the extra reduction costs nothing on the other steps.
         step = state.global_step + 1
-        if optimizer is None or args.logging_steps <= 0 or step % args.logging_steps != 0:
+        logs_this_step = (args.logging_steps > 0 and step % args.logging_steps == 0) or (step == 1 and args.logging_first_step)
+        if optimizer is None or not logs_this_step:
             return
         scale = float(scaler._scale.item()) if scaler is not None else 1.0
         parameters = getattr(optimizer, "_parameter_list", None) or []

@@ -18,6 +18,16 @@ from paddle_llm.data.jsonl import DataError
 from paddle_llm.models.registry import ModelSource, resolve_model
 
 EXIT_BAD_CONFIG = 2
+HELP_USAGE = """usage: run_pretrain.py [ARGS.json] --flag value ...   (or: paddle-llm pretrain ...)
+
+Pretrain or continue-pretraining a Llama / ChatGLM / ChatGLM2 model on .bin/.idx data from `paddle-llm preprocess`.
+Flags are PaddleNLP's run_pretrain.py flags; a JSON args file may come first and the command line overrides it.
+Booleans take 1/0/true/false, and a bare boolean flag means true."""
+HELP_EPILOG = """examples:
+  run_pretrain.py --model_name_or_path tiny-llama --input_dir data/demo --output_dir out --max_steps 100 \\
+      --max_seq_length 128 --do_train --do_eval --device cpu
+  python -m paddle.distributed.launch --nproc_per_node 2 run_pretrain.py args.json --device cpu
+Rerunning the same command after a crash resumes from the last complete checkpoint."""
 
 
 def log(message: str) -> None:
@@ -68,6 +78,13 @@ def setup(argv: list[str]) -> PretrainSetup:
     errors += check_split(values["split"])
     if values.get("continue_training") and not source.has_weights:
         errors.append(f"--continue_training needs weights, but {values['model_name_or_path']} has none: pass a directory saved by a previous run")
+    trained_positions = source.config_fields.get(source.family.max_positions_field)
+    if values.get("continue_training") and trained_positions and values["max_seq_length"] > trained_positions:
+        # Positions past what the model was trained on give silently wrong outputs (rotary tables end there).
+        errors.append(
+            f"--max_seq_length {values['max_seq_length']} exceeds the model's {source.family.max_positions_field}="
+            f"{trained_positions}; with --continue_training use --max_seq_length {trained_positions} or less"
+        )
     if (values.get("do_train") or values.get("do_eval")) and not values.get("input_dir"):
         errors.append("--input_dir is required with --do_train/--do_eval: a directory or prefix written by `paddle-llm preprocess`")
     if values.get("do_train") and int(values.get("max_steps") or -1) <= 0:
@@ -99,6 +116,9 @@ def build_model_and_tokenizer(source: ModelSource, model_args, data_args, traini
     config = build_config(source, **overrides)
     LlmMetaConfig.set_llm_config(config, training_args)
     config.seq_length = data_args.max_seq_length
+    config.hidden_dropout_prob = model_args.hidden_dropout_prob
+    config.attention_probs_dropout_prob = model_args.attention_probs_dropout_prob
+    config.use_fast_layer_norm = model_args.use_fast_layer_norm
     for name in ("fuse_attention_qkv", "fuse_attention_ffn"):
         if getattr(model_args, name) is not None:
             setattr(config, name, getattr(model_args, name))
@@ -125,10 +145,10 @@ def _num_samples(training_args) -> tuple[int, int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv in (["-h"], ["--help"]):
-        print(__doc__ + "\nFlags are PaddleNLP's run_pretrain.py flags; see README 'From PaddleNLP'. Example:\n"
-              "  paddle-llm pretrain --model_name_or_path tiny-llama --input_dir data/corpus --output_dir out "
-              "--max_steps 100 --do_train --device cpu")
+    if any(flag in argv for flag in ("-h", "--help")):
+        from paddle_llm.config.parser import format_help
+
+        print(format_help(_dataclass_types(), HELP_USAGE, HELP_EPILOG))
         return 0
     try:
         plan = setup(argv)
@@ -140,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warning: {warning}")
     try:
         return fit(plan)
-    except DataError as err:
+    except (DataError, FileNotFoundError) as err:
         print(f"paddle-llm pretrain: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
 

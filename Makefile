@@ -1,0 +1,36 @@
+# `make demo` and `make test` each create (or refresh) .venv, install the pinned dependencies, then run.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# 2 math threads per process is the measured sweet spot on the 2-core CI machines; override as you like.
+export OMP_NUM_THREADS ?= 2
+export PYTHONWARNINGS ?= ignore::DeprecationWarning
+
+.PHONY: demo test test-all install clean benchmarks
+
+$(STAMP): pyproject.toml requirements.txt requirements-dev.txt constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip wheel setuptools
+	$(BIN)/python -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet -c constraints.txt --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/paddle-llm demo
+
+# The suite without the slow multi-process cases; `make test-all` runs everything.
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu" -q
+
+benchmarks: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/preprocess_throughput.py
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

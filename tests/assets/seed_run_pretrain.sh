@@ -1,0 +1,38 @@
+task_name="llama_hybid"
+python -u -m paddle.distributed.launch \
+--gpus "0,1,2,3,4,5,6,7" \
+--log_dir "output/$task_name""_log" \
+run_pretrain.py \
+--model_type "llama" \
+--model_name_or_path "facebook/llama-7b" \
+--tokenizer_name_or_path "facebook/llama-7b" \
+--input_dir "./data" \
+--output_dir "output/$task_name" \
+--split 949,50,1 \
+--max_seq_length 2048 \
+--per_device_train_batch_size 1 \
+--per_device_eval_batch_size 1 \
+--use_flash_attention 1 \
+--use_fused_rms_norm 0 \
+--fp16 \
+--fp16_opt_level "O2" \
+--scale_loss 1024 \
+--learning_rate 0.00001 \
+--min_learning_rate 0.000005 \
+--lr_scheduler_type "cosine" \
+--max_steps 10000 \
+--save_steps 5000 \
+--weight_decay 0.01 \
+--warmup_ratio 0.01 \
+--max_grad_norm 1.0 \
+--logging_steps 20\
+--dataloader_num_workers 1 \
+--sharding "stage2" \
+--eval_steps 1000 \
+--report_to "visualdl" \
+--disable_tqdm true \
+--continue_training 1\
+--recompute 1 \
+--do_train \
+--do_eval \
+--device "gpu"

@@ -1,0 +1,73 @@
+"""Shared fixtures: the shipped corpus preprocessed once, tiny saved models, and a runner for the real scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_PRETRAIN = os.path.join(ROOT, "run_pretrain.py")
+DEMO_CORPUS = os.path.join(ROOT, "paddle_llm", "assets", "demo_corpus.jsonl")
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # tests run side by side on 2 cores
+    env["PYTHONWARNINGS"] = "ignore"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_script(args: list[str], timeout: int = 600, check: bool = True, **env) -> subprocess.CompletedProcess:
+    """Run a Python command line in a fresh interpreter (Paddle keeps global state per process)."""
+    result = subprocess.run(
+        [sys.executable] + args, capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env), cwd=ROOT
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}: {' '.join(args)}\n--- stderr tail ---\n{result.stderr[-4000:]}")
+    return result
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(output_dir: str) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(output_dir) if "loss" in row}
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> str:
+    """The shipped corpus preprocessed with the shipped tokenizer: a data prefix."""
+    from paddle_llm.data.preprocess import preprocess
+
+    prefix = str(tmp_path_factory.mktemp("data") / "demo")
+    preprocess(DEMO_CORPUS, prefix, "tiny-llama", append_eos=True, show_progress=False)
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_models(tmp_path_factory) -> dict[str, str]:
+    """Each tiny preset saved with random weights and the tokenizer: family -> model directory."""
+    directory = tmp_path_factory.mktemp("models")
+    script = (
+        "import sys, paddle\n"
+        "from paddle_llm.models.registry import resolve_model, build_config, build_model, load_tokenizer\n"
+        "paddle.seed(0)\n"
+        "for name, out in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+        "    source = resolve_model(name)\n"
+        "    model = build_model(source, build_config(source), load_weights=False)\n"
+        "    model.save_pretrained(out)\n"
+        "    load_tokenizer(name).save_pretrained(out)\n"
+    )
+    targets = {family: str(directory / family) for family in ("llama", "chatglm", "chatglm2")}
+    args = []
+    for family, path in targets.items():
+        args += [f"tiny-{family}", path]
+    run_script(["-c", script] + args)
+    return targets

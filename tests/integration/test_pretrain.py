@@ -1,0 +1,146 @@
+"""run_pretrain.py end to end: real Paddle training in fresh processes, on CPU."""
+
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, RUN_PRETRAIN, read_metrics, run_script, subprocess_env, train_losses
+from tests.unit.test_parser import seed_pretrain_args
+
+
+def pretrain_flags(data: str, output_dir: str, model: str = "tiny-llama", **overrides) -> list[str]:
+    flags = {
+        "model_name_or_path": model,
+        "input_dir": data,
+        "output_dir": output_dir,
+        "device": "cpu",
+        "max_steps": 20,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "max_seq_length": 64,
+        "learning_rate": 0.003,
+        "warmup_steps": 2,
+        "logging_steps": 5,
+        "eval_steps": 10,
+        "eval_iters": 2,
+        "save_steps": 10,
+        "report_to": "none",
+        "disable_tqdm": 1,
+        "seed": 7,
+        "do_train": 1,
+    }
+    flags.update(overrides)
+    return [str(token) for name, value in flags.items() for token in (f"--{name}", value)]
+
+
+@pytest.mark.parametrize("family", ["llama", "chatglm", "chatglm2"])
+def test_twenty_steps_per_family_learn_and_write_every_artifact(demo_data, tmp_path, family):
+    output = str(tmp_path / family)
+    run_script([RUN_PRETRAIN] + pretrain_flags(demo_data, output, model=f"tiny-{family}", do_eval=1, report_to="visualdl"))
+    rows = read_metrics(output)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
+    for row in train_rows:
+        assert set(row) == {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second"}
+        assert row["grad_norm"] > 0 and row["tokens_per_second"] > 0
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 1.0, train_rows  # it learns, from ~ln(1024)=6.9
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in eval_rows] == [10, 20]
+    assert eval_rows[-1]["eval_ppl"] == pytest.approx(math.exp(eval_rows[-1]["eval_loss"]), rel=1e-6)
+    with open(os.path.join(output, "train_results.json")) as f:
+        assert json.load(f)["train_tokens_per_second"] > 0
+    for step in (10, 20):
+        assert os.path.isfile(os.path.join(output, f"checkpoint-{step}", "paddle_llm_complete.json"))
+    assert os.path.isfile(os.path.join(output, "model_state.pdparams"))
+    assert any(name.startswith("vdlrecords") for _, _, files in os.walk(os.path.join(output, "runs")) for name in files)
+
+
+def test_seed_pretrain_command_runs_unchanged_on_cpu(demo_data, saved_tiny_models, tmp_path):
+    """The seed's 8-GPU command with only model, tokenizer, data and device swapped (plus a short run)."""
+    swaps = {"facebook/llama-7b": saved_tiny_models["llama"], "./data": demo_data, "gpu": "cpu", "output/$task_name": str(tmp_path / "seed")}
+    args = [swaps.get(token, token) for token in seed_pretrain_args()]
+    shorten = ["--max_steps", "3", "--save_steps", "3", "--eval_steps", "3", "--eval_iters", "1"]
+    result = run_script([RUN_PRETRAIN] + args + shorten)
+    # each GPU-only flag falls back with exactly one warning
+    for flag in ("--use_flash_attention is GPU-only", "--fp16 is GPU-only"):
+        assert result.stderr.count(flag) == 1, flag
+    assert "--use_fused_rms_norm is GPU-only" not in result.stderr  # it was 0 in the seed
+    assert "split '20--dataloader_num_workers'" in result.stderr
+    rows = read_metrics(str(tmp_path / "seed"))
+    assert any("eval_loss" in r for r in rows)
+    # --continue_training 1 really started from the saved weights: the first loss is that model's loss
+    assert math.isfinite(rows[-1]["eval_loss"])
+
+
+def test_hub_name_is_a_clear_error_not_a_download(tmp_path):
+    result = run_script([RUN_PRETRAIN, "--model_name_or_path", "facebook/llama-7b", "--output_dir", str(tmp_path), "--device", "cpu"], check=False)
+    assert result.returncode == 2
+    assert "never downloads" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_errors_are_all_reported_before_training(demo_data, tmp_path):
+    args = pretrain_flags(demo_data, str(tmp_path), tensor_parallel_degree=3, fp16_opt_level="O2", split="a,b") + ["--device", "gpu"]
+    result = run_script([RUN_PRETRAIN] + args, check=False)
+    assert result.returncode == 2
+    for message in ("does not divide num_attention_heads=4", "--fp16_opt_level O2 needs --fp16 or --bf16", "--split 'a,b'", "--device gpu but this Paddle build has no CUDA"):
+        assert message in result.stderr, message
+    assert "Traceback" not in result.stderr
+
+
+def test_continue_training_beyond_trained_positions_is_refused(demo_data, saved_tiny_models, tmp_path):
+    args = pretrain_flags(demo_data, str(tmp_path), model=saved_tiny_models["llama"], continue_training=1, max_seq_length=4096)
+    result = run_script([RUN_PRETRAIN] + args, check=False)
+    assert result.returncode == 2 and "exceeds the model's max_position_embeddings=2048" in result.stderr
+
+
+def test_wrong_data_path_names_the_file(tmp_path):
+    result = run_script([RUN_PRETRAIN] + pretrain_flags(str(tmp_path / "nope"), str(tmp_path / "o")), check=False)
+    assert result.returncode == 2 and f"{tmp_path / 'nope'}.idx: missing" in result.stderr
+
+
+def test_kill_and_resume_gives_the_uninterrupted_loss_curve(demo_data, tmp_path):
+    common = dict(max_steps=16, save_steps=4, logging_steps=1, eval_steps=100)
+    reference = str(tmp_path / "reference")
+    run_script([RUN_PRETRAIN] + pretrain_flags(demo_data, reference, **common))
+
+    crashed = str(tmp_path / "crashed")
+    command = [sys.executable, RUN_PRETRAIN] + pretrain_flags(demo_data, crashed, **common)
+    process = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = os.path.join(crashed, "checkpoint-8", "paddle_llm_complete.json")
+    deadline = time.time() + 300
+    while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert os.path.exists(marker), "the run ended before its second checkpoint"
+    # a save the crash interrupted: files present, completion marker absent
+    half_written = os.path.join(crashed, "checkpoint-12")
+    os.makedirs(half_written, exist_ok=True)
+    with open(os.path.join(half_written, "model_state.pdparams"), "wb") as f:
+        f.write(b"truncated")
+
+    result = run_script(command[1:])  # the very same command line
+    assert "resuming from" in result.stderr
+    reference_losses, resumed_losses = train_losses(reference), train_losses(crashed)
+    assert sorted(resumed_losses) == list(range(1, 17))  # no step missing, none twice
+    for step, loss in reference_losses.items():
+        assert resumed_losses[step] == pytest.approx(loss, abs=1e-6), step
+
+
+def test_data_parallel_two_processes_match_one_process(demo_data, tmp_path):
+    single = str(tmp_path / "single")
+    run_script([RUN_PRETRAIN] + pretrain_flags(demo_data, single, max_steps=5, logging_steps=1, per_device_train_batch_size=4))
+    double = str(tmp_path / "dp2")
+    launch = ["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "log"), RUN_PRETRAIN]
+    run_script(launch + pretrain_flags(demo_data, double, max_steps=5, logging_steps=1, per_device_train_batch_size=2))
+    single_losses, double_losses = train_losses(single), train_losses(double)
+    assert sorted(double_losses) == [1, 2, 3, 4, 5]
+    for step, loss in single_losses.items():
+        assert double_losses[step] == pytest.approx(loss, rel=1e-5), step

@@ -1,0 +1,56 @@
+"""Model registry: presets, local directories, and hub names refused without a download."""
+
+import json
+
+import pytest
+
+from paddle_llm.config.presets import PRESETS
+from paddle_llm.models.registry import FAMILIES, build_config, build_model, family_of, load_tokenizer, resolve_model
+
+
+@pytest.mark.parametrize("name, family", [("tiny-llama", "llama"), ("tiny-chatglm", "chatglm"), ("tiny-chatglm2", "chatglm2")])
+def test_presets_resolve_to_their_family_and_stay_tiny(name, family):
+    source = resolve_model(name)
+    assert source.family.name == family and not source.has_weights
+    fields = source.config_fields
+    assert 64 <= fields["hidden_size"] <= 256
+    assert 2 <= fields[source.family.num_layers_field] <= 4
+
+
+@pytest.mark.parametrize("name", ["facebook/llama-7b", "THUDM/chatglm-6b", "__internal_testing__/tiny-random-llama"])
+def test_hub_names_fail_with_a_message_not_a_download(name):
+    with pytest.raises(FileNotFoundError, match="never downloads.*local directory"):
+        resolve_model(name)
+
+
+def test_directory_without_config_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_unsupported_model_type_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bloom"}))
+    with pytest.raises(ValueError, match="'bloom' is not supported; supported model types: llama, chatglm"):
+        resolve_model(str(tmp_path))
+
+
+def test_local_directory_round_trip(saved_tiny_models):
+    source = resolve_model(saved_tiny_models["chatglm2"])
+    assert source.family is FAMILIES["chatglm2"] and source.has_weights
+
+
+def test_every_preset_fits_the_shipped_tokenizer():
+    for name in PRESETS:
+        source = resolve_model(name)
+        tokenizer = load_tokenizer(name, source.family)
+        assert len(tokenizer) <= source.config_fields[source.family.vocab_field]
+
+
+def test_continue_training_without_weights_is_refused():
+    source = resolve_model("tiny-llama")
+    with pytest.raises(FileNotFoundError, match="--continue_training needs weights"):
+        build_model(source, build_config(source), load_weights=True)
+
+
+def test_family_from_architectures_only():
+    assert family_of({"architectures": ["LlamaForCausalLM"]}).name == "llama"
