@@ -5,8 +5,9 @@ with 1000 pieces, where ``<unk>=0, <s>=1, </s>=2, <pad>=3, [MASK]=4, [gMASK]=5, 
 (fixed by ``paddle_llm.data.tokenizer.SPECIAL_PIECES``). ChatGLM2's tokenizer appends its own five command tokens
 after the SentencePiece pieces, so every preset reserves 1024 embedding rows.
 
-Presets are plain dicts of the PaddleNLP config fields, so they are data, not code: the model registry turns them
-into ``LlamaConfig`` / ``ChatGLMConfig`` / ``ChatGLMv2Config``.
+Presets are plain dicts of the PaddleNLP config constructors' own field names (``num_hidden_layers``, not ChatGLM's
+read-only alias ``num_layers``, which the constructor ignores), so they are data, not code: the model registry
+turns them into ``LlamaConfig`` / ``ChatGLMConfig`` / ``ChatGLMv2Config``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ PRESETS: dict[str, dict] = {
         "vocab_size": TINY_VOCAB_SIZE,
         "hidden_size": 128,
         "inner_hidden_size": 512,
-        "num_layers": 2,
+        "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "max_sequence_length": 2048,
         "layernorm_epsilon": 1e-5,
@@ -52,15 +53,15 @@ PRESETS: dict[str, dict] = {
     # ChatGLM2-6B shape scaled down: multi-query attention with 2 KV groups, SwiGLU, RMSNorm.
     "tiny-chatglm2": {
         "model_type": "chatglm_v2",
-        "padded_vocab_size": TINY_VOCAB_SIZE,
+        "vocab_size": TINY_VOCAB_SIZE,
         "hidden_size": 128,
         "ffn_hidden_size": 352,
-        "num_layers": 2,
+        "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "kv_channels": 32,
         "multi_query_attention": True,
         "multi_query_group_num": 2,
-        "seq_length": 2048,
+        "max_sequence_length": 2048,
         "layernorm_epsilon": 1e-5,
         "bos_token_id": 1,
         "eos_token_id": 2,

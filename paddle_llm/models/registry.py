@@ -46,10 +46,13 @@ class ModelFamily:
         name: our family name (``llama``, ``chatglm``, ``chatglm2``).
         model_types: ``model_type`` values in a config.json that belong to this family.
         config_class, model_class, tokenizer_class: PaddleNLP class names in ``paddlenlp.transformers``.
-        causal_lm_inputs: extra model inputs a plain-text causal-LM batch needs, from ``input_ids`` [batch, seq].
-        num_layers_field: the config field holding the layer count (families disagree on its name).
-        vocab_field: the config field holding the embedding rows.
         max_positions_field: the config field bounding the sequence length.
+        field_aliases: the config class's ``attribute_map`` (alias -> constructor name). ChatGLM's configs read
+            ``num_layers`` but their constructors only take ``num_hidden_layers``, silently building a 28-layer
+            model from ``num_layers=2``; every config dict is renamed through this map before use.
+        causal_lm_inputs: extra model inputs a plain-text causal-LM batch needs, from ``input_ids`` [batch, seq].
+        pipe_model_class: the PaddleNLP pipeline-parallel variant of ``model_class`` (stages of a ``PipelineLayer``),
+            built instead when ``pipeline_parallel_degree > 1``; None when PaddleNLP has none for the family.
     """
 
     name: str
@@ -57,10 +60,18 @@ class ModelFamily:
     config_class: str
     model_class: str
     tokenizer_class: str
-    num_layers_field: str
-    vocab_field: str
     max_positions_field: str
+    field_aliases: dict = field(default_factory=dict)
     causal_lm_inputs: Callable[[np.ndarray], dict] = field(default=_no_extra_inputs)
+    pipe_model_class: str | None = None
+
+    def canonical_fields(self, config_fields: dict) -> dict:
+        """Rename alias keys to the names the config constructor takes (an explicit canonical key wins)."""
+        renamed = {name: value for name, value in config_fields.items() if name not in self.field_aliases}
+        for alias, canonical in self.field_aliases.items():
+            if alias in config_fields:
+                renamed.setdefault(canonical, config_fields[alias])
+        return renamed
 
     def classes(self):
         """Import and return ``(config_class, model_class, tokenizer_class)`` from PaddleNLP."""
@@ -80,9 +91,16 @@ FAMILIES: dict[str, ModelFamily] = {
         config_class="LlamaConfig",
         model_class="LlamaForCausalLM",
         tokenizer_class="LlamaTokenizer",
-        num_layers_field="num_hidden_layers",
-        vocab_field="vocab_size",
         max_positions_field="max_position_embeddings",
+        field_aliases={
+            "n_positions": "max_position_embeddings",
+            "n_embd": "hidden_size",
+            "n_layer": "num_hidden_layers",
+            "n_head": "num_attention_heads",
+            "n_inner": "intermediate_size",
+            "activation_function": "hidden_act",
+        },
+        pipe_model_class="LlamaForCausalLMPipe",
     ),
     "chatglm": ModelFamily(
         name="chatglm",
@@ -90,9 +108,8 @@ FAMILIES: dict[str, ModelFamily] = {
         config_class="ChatGLMConfig",
         model_class="ChatGLMForCausalLM",
         tokenizer_class="ChatGLMTokenizer",
-        num_layers_field="num_layers",
-        vocab_field="vocab_size",
         max_positions_field="max_sequence_length",
+        field_aliases={"num_layers": "num_hidden_layers"},
         causal_lm_inputs=_chatglm_v1_inputs,
     ),
     "chatglm2": ModelFamily(
@@ -101,9 +118,9 @@ FAMILIES: dict[str, ModelFamily] = {
         config_class="ChatGLMv2Config",
         model_class="ChatGLMv2ForCausalLM",
         tokenizer_class="ChatGLMv2Tokenizer",
-        num_layers_field="num_layers",
-        vocab_field="padded_vocab_size",
-        max_positions_field="seq_length",
+        max_positions_field="max_sequence_length",
+        field_aliases={"num_layers": "num_hidden_layers", "padded_vocab_size": "vocab_size", "seq_length": "max_sequence_length"},
+        pipe_model_class="ChatGLMv2ForCausalLMPipe",
     ),
 }
 
@@ -146,7 +163,8 @@ def resolve_model(name_or_path: str) -> ModelSource:
     """
     if name_or_path in PRESETS:
         fields = preset(name_or_path)
-        return ModelSource(name_or_path, family_of(fields), fields, None, False)
+        family = family_of(fields)
+        return ModelSource(name_or_path, family, family.canonical_fields(fields), None, False)
     config_path = os.path.join(name_or_path, "config.json")
     if os.path.isdir(name_or_path) and os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as f:
@@ -155,7 +173,8 @@ def resolve_model(name_or_path: str) -> ModelSource:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{config_path}: line {err.lineno}: not valid JSON ({err.msg})") from None
         has_weights = any(os.path.exists(os.path.join(name_or_path, w)) for w in WEIGHT_FILES)
-        return ModelSource(name_or_path, family_of(fields), fields, name_or_path, has_weights)
+        family = family_of(fields)
+        return ModelSource(name_or_path, family, family.canonical_fields(fields), name_or_path, has_weights)
     presets = ", ".join(PRESETS)
     if os.path.isdir(name_or_path):
         raise FileNotFoundError(f"{name_or_path} is a directory but has no config.json; a model directory needs one")
@@ -170,7 +189,7 @@ def build_config(source: ModelSource, **overrides):
     """Build the PaddleNLP config object for a source, with field overrides (e.g. from training flags)."""
     config_class, _, _ = source.family.classes()
     fields = {k: v for k, v in source.config_fields.items() if k not in ("architectures",)}
-    fields.update(overrides)
+    fields.update(source.family.canonical_fields(overrides))
     return config_class(**fields)
 
 
@@ -181,6 +200,12 @@ def build_model(source: ModelSource, config, load_weights: bool):
         FileNotFoundError: weights were asked for but the source has none.
     """
     _, model_class, _ = source.family.classes()
+    if getattr(config, "pipeline_parallel_degree", 1) > 1:
+        if source.family.pipe_model_class is None:
+            raise ValueError(f"pipeline parallel is not available for {source.family.name}: use --pipeline_parallel_degree 1")
+        import paddlenlp.transformers as transformers
+
+        model_class = getattr(transformers, source.family.pipe_model_class)
     if load_weights:
         if not source.has_weights:
             where = source.directory or f"preset {source.name_or_path!r}"

@@ -14,7 +14,7 @@ def test_presets_resolve_to_their_family_and_stay_tiny(name, family):
     assert source.family.name == family and not source.has_weights
     fields = source.config_fields
     assert 64 <= fields["hidden_size"] <= 256
-    assert 2 <= fields[source.family.num_layers_field] <= 4
+    assert 2 <= fields["num_hidden_layers"] <= 4
 
 
 @pytest.mark.parametrize("name", ["facebook/llama-7b", "THUDM/chatglm-6b", "__internal_testing__/tiny-random-llama"])
@@ -43,7 +43,7 @@ def test_every_preset_fits_the_shipped_tokenizer():
     for name in PRESETS:
         source = resolve_model(name)
         tokenizer = load_tokenizer(name, source.family)
-        assert len(tokenizer) <= source.config_fields[source.family.vocab_field]
+        assert len(tokenizer) <= source.config_fields["vocab_size"]
 
 
 def test_continue_training_without_weights_is_refused():
@@ -54,3 +54,17 @@ def test_continue_training_without_weights_is_refused():
 
 def test_family_from_architectures_only():
     assert family_of({"architectures": ["LlamaForCausalLM"]}).name == "llama"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_alias_tables_match_paddlenlp_config_classes(family):
+    config_class, _, _ = FAMILIES[family].classes()
+    assert FAMILIES[family].field_aliases == dict(getattr(config_class, "attribute_map", {}))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build_the_tiny_shape_they_name(name):
+    """ChatGLM configs ignore ``num_layers=`` in their constructor; the registry must not build a 28-layer model."""
+    source = resolve_model(name)
+    config = build_config(source)
+    assert config.num_hidden_layers == 2 and config.vocab_size == 1024 and config.hidden_size == 128
