@@ -15,9 +15,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("paddle_llm.data.tokenizer:main", "train a SentencePiece tokenizer: tokenizer train --input ..."),
     "preprocess": ("paddle_llm.data.preprocess:main", "tokenize jsonl into PaddleNLP's mmap .bin/.idx format"),
     "pretrain": ("paddle_llm.trainer.pretrain:main", "pretrain or continue-pretrain (same flags as run_pretrain.py)"),
+    "check": ("paddle_llm.parallel.check:main", "run every pre-launch check: check [--nproc_per_node N] SCRIPT FLAGS..."),
+    "convert-checkpoint": ("paddle_llm.parallel.convert:main", "merge a multi-rank unified checkpoint so one device can resume it"),
     "estimate": ("paddle_llm.estimator.command:main", "memory estimate and layout planner"),
     "export": ("paddle_llm.export.command:main", "export a checkpoint to a static inference graph (or FastDeploy layout)"),
     "serve": ("paddle_llm.serving.command:main", "serve a model: OpenAI-compatible REST and gRPC"),
+    "doctor": ("paddle_llm.doctor:main", "check versions, CPU, GPU, disk and RAM for a run; a fix for each failure"),
+    "report": ("paddle_llm.trainer.report:main", "write OUTPUT_DIR/report.html: loss, learning rate, eval, tokens/s, config, memory"),
 }
 
 

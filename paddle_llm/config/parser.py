@@ -45,6 +45,10 @@ class ParsedArgs:
     groups: list[dict]
     explicit: set[str]
 
+    def as_dict(self) -> dict:
+        """Every flag's effective value in one flat dict (field names are unique across the dataclasses)."""
+        return {name: value for group in self.groups for name, value in group.items()}
+
     def value(self, name: str):
         for group in self.groups:
             if name in group:

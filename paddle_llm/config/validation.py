@@ -22,8 +22,12 @@ GPU_ONLY_FLAGS = {
 SHARDING_STAGES = ("stage1", "stage2", "stage3")
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+def _divisors(n: int, up_to: int | None = None) -> str:
+    return ", ".join(str(d) for d in range(1, min(n, up_to or n) + 1) if n % d == 0)
+
+
+# The largest degree worth suggesting for splitting a model dimension (a 32000-row vocabulary has 48 divisors).
+LARGEST_SUGGESTED_DEGREE = 64
 
 
 def _degree(values: Mapping, name: str) -> int:
@@ -42,18 +46,46 @@ def sharding_stages(sharding) -> list[str]:
 
 
 def model_shape(model_fields: Mapping) -> dict:
-    """Heads, KV heads, layers and vocabulary from any supported family's config fields."""
+    """Heads, KV heads, MLP width, layers and vocabulary from any supported family's config fields."""
     heads = model_fields.get("num_attention_heads")
     kv_heads = model_fields.get("num_key_value_heads") or (
         model_fields.get("multi_query_group_num") if model_fields.get("multi_query_attention") else None
     ) or heads
     layers = model_fields.get("num_hidden_layers") or model_fields.get("num_layers")
     vocab = model_fields.get("padded_vocab_size") or model_fields.get("vocab_size")
-    return {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_layers": layers, "vocab_size": vocab}
+    ffn = model_fields.get("intermediate_size") or model_fields.get("ffn_hidden_size") or model_fields.get("inner_hidden_size")
+    return {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "ffn_hidden_size": ffn, "num_layers": layers, "vocab_size": vocab}
 
 
-def check_parallel(values: Mapping, model_fields: Mapping | None, world_size: int) -> list[str]:
-    """Check the parallel layout: degrees against the world size and against the model's shape."""
+def _check_degrees_against_world(values: Mapping, world_size: int) -> list[str]:
+    """The degrees must tile the processes: tp × pp × sep divides the world, sharding divides what is left."""
+    errors = []
+    tp, pp, sep = (_degree(values, name) for name in ("tensor_parallel_degree", "pipeline_parallel_degree", "sep_parallel_degree"))
+    model_parallel = tp * pp * sep
+    names = " × ".join(n for n, d in (("tensor_parallel_degree", tp), ("pipeline_parallel_degree", pp), ("sep_parallel_degree", sep)) if d > 1 or n != "sep_parallel_degree")
+    if world_size == 1 and model_parallel > 1:
+        # PaddleNLP silently drops every degree on one process: the run would not be the layout asked for.
+        errors.append(
+            f"{names} = {model_parallel} needs {model_parallel} processes but this run has 1: launch with "
+            f"`python -m paddle.distributed.launch --nproc_per_node {model_parallel} ...` (or --gpus), or set the degrees to 1"
+        )
+    elif world_size > 1 and world_size % model_parallel != 0:
+        errors.append(
+            f"world size {world_size} is not divisible by {names} = {model_parallel}: launch a multiple of "
+            f"{model_parallel} processes, or choose degrees whose product divides {world_size} ({_divisors(world_size)})"
+        )
+    sharding_degree = _degree(values, "sharding_parallel_degree")
+    remaining = world_size // max(1, model_parallel)
+    if world_size > 1 and sharding_degree > 1 and remaining % sharding_degree != 0:
+        errors.append(
+            f"sharding_parallel_degree={sharding_degree} does not divide the {remaining} data-parallel ranks left "
+            f"after tensor, pipeline and sep parallel: use one of {_divisors(remaining)}"
+        )
+    return errors
+
+
+def _check_combinations(values: Mapping, pipeline_supported: bool) -> list[str]:
+    """Combinations PaddleNLP refuses (or silently ignores) at runtime."""
     errors = []
     tp, pp = _degree(values, "tensor_parallel_degree"), _degree(values, "pipeline_parallel_degree")
     stages = sharding_stages(values.get("sharding"))
@@ -65,36 +97,78 @@ def check_parallel(values: Mapping, model_fields: Mapping | None, world_size: in
             f"--pipeline_parallel_degree {pp} cannot be combined with --sharding {' '.join(stages)}: "
             "PaddleNLP supports only stage1 sharding with pipeline parallel; use --sharding stage1"
         )
-    if world_size > 1 and world_size % (tp * pp) != 0:
+    if tp > 1 and "stage3" in stages:
         errors.append(
-            f"world size {world_size} is not divisible by tensor_parallel_degree × pipeline_parallel_degree = {tp * pp}: "
-            f"launch a multiple of {tp * pp} processes, or choose degrees whose product divides {world_size} ({_divisors(world_size)})"
+            f"--tensor_parallel_degree {tp} cannot be combined with --sharding stage3: PaddleNLP pairs tensor parallel "
+            "with sharding stage1 or stage2 only; use --sharding stage2"
         )
-    sharding_degree = _degree(values, "sharding_parallel_degree")
-    if world_size > 1 and sharding_degree > 1 and (world_size // max(1, tp * pp)) % sharding_degree != 0:
+    if values.get("sequence_parallel") and tp == 1:
+        errors.append("--sequence_parallel splits activations across the tensor-parallel group: it needs --tensor_parallel_degree 2 or more")
+    if pp > 1 and not pipeline_supported:
+        errors.append(f"--pipeline_parallel_degree {pp}: this model family has no pipeline-parallel model in PaddleNLP; use tensor parallel or sharding")
+    return errors
+
+
+def _check_model_split(values: Mapping, model_fields: Mapping) -> list[str]:
+    """Tensor parallel splits heads, KV heads, the MLP and the vocabulary; pipeline parallel splits the layers."""
+    errors = []
+    tp, pp = _degree(values, "tensor_parallel_degree"), _degree(values, "pipeline_parallel_degree")
+    shape = model_shape(model_fields)
+    for name in ("num_attention_heads", "num_key_value_heads", "ffn_hidden_size", "vocab_size"):
+        count = shape[name]
+        if tp > 1 and count and count % tp != 0:
+            errors.append(f"tensor_parallel_degree={tp} does not divide {name}={count}: use {_divisors(count, LARGEST_SUGGESTED_DEGREE)}")
+    vpp = _degree(values, "virtual_pp_degree")
+    if pp > 1 and shape["num_layers"] and shape["num_layers"] % (pp * vpp) != 0:
         errors.append(
-            f"sharding_parallel_degree={sharding_degree} does not divide the {world_size // max(1, tp * pp)} "
-            "data-parallel ranks left after tensor and pipeline parallel"
+            f"num_layers={shape['num_layers']} is not divisible by pipeline_parallel_degree × virtual_pp_degree "
+            f"= {pp * vpp}: use stages × virtual stages from {_divisors(shape['num_layers'])}"
         )
+    return errors
+
+
+def _check_micro_batches(values: Mapping) -> list[str]:
+    """Under pipeline parallel a step's micro-batches are its accumulation steps; the schedule needs enough of them.
+
+    The global batch is ``per_device_train_batch_size × gradient_accumulation_steps × data-parallel ranks``; the
+    first factor is the micro-batch and the second their number.
+    """
+    errors = []
+    pp, vpp = _degree(values, "pipeline_parallel_degree"), _degree(values, "virtual_pp_degree")
+    accumulation = int(values.get("gradient_accumulation_steps") or 1)
+    if vpp > 1 and pp == 1:
+        errors.append(f"--virtual_pp_degree {vpp} interleaves pipeline stages: it needs --pipeline_parallel_degree 2 or more")
+    if pp > 1 and accumulation < pp:
+        errors.append(
+            f"pipeline parallel with gradient_accumulation_steps={accumulation} < pipeline_parallel_degree={pp} "
+            "leaves stages idle: each step needs at least one micro-batch per stage; raise --gradient_accumulation_steps"
+        )
+    elif pp > 1 and vpp > 1 and accumulation % pp != 0:
+        multiples = ", ".join(str(pp * k) for k in range(1, 4))
+        errors.append(
+            f"the interleaved schedule (virtual_pp_degree={vpp}) runs micro-batches in rounds of pipeline_parallel_degree={pp}: "
+            f"gradient_accumulation_steps={accumulation} must be a multiple of {pp} (e.g. {multiples})"
+        )
+    return errors
+
+
+def check_parallel(values: Mapping, model_fields: Mapping | None, world_size: int, pipeline_supported: bool = True) -> list[str]:
+    """Check the parallel layout: degrees against the world size and each other, the model's shape, micro-batches.
+
+    Args:
+        values: flag values (``tensor_parallel_degree``, ``sharding``, ...); -1, 0 or None mean off.
+        model_fields: the model's config fields (None skips the shape rules).
+        world_size: the number of processes the run will have.
+        pipeline_supported: whether the model family has a pipeline-parallel model class.
+
+    Returns:
+        One message per problem, each naming what to change; empty when the layout is valid.
+    """
+    errors = _check_combinations(values, pipeline_supported)
+    errors += _check_degrees_against_world(values, world_size)
     if model_fields:
-        shape = model_shape(model_fields)
-        for name in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
-            count = shape[name]
-            if tp > 1 and count and count % tp != 0:
-                errors.append(f"tensor_parallel_degree={tp} does not divide {name}={count}: use {_divisors(count)}")
-        vpp = _degree(values, "virtual_pp_degree")
-        if pp > 1 and shape["num_layers"] and shape["num_layers"] % (pp * vpp) != 0:
-            errors.append(
-                f"num_layers={shape['num_layers']} is not divisible by pipeline_parallel_degree × virtual_pp_degree "
-                f"= {pp * vpp}: use stages × virtual stages from {_divisors(shape['num_layers'])}"
-            )
-    if pp > 1:
-        accumulation = int(values.get("gradient_accumulation_steps") or 1)
-        if accumulation < pp:
-            errors.append(
-                f"pipeline parallel with gradient_accumulation_steps={accumulation} < pipeline_parallel_degree={pp} "
-                "leaves stages idle: each step needs at least one micro-batch per stage; raise --gradient_accumulation_steps"
-            )
+        errors += _check_model_split(values, model_fields)
+    errors += _check_micro_batches(values)
     return errors
 
 
@@ -143,4 +217,9 @@ def apply_cpu_fallbacks(values: dict) -> list[str]:
             warnings.append(f"--{flag} is GPU-only: {reason}")
     if values.get("fp16_opt_level") == "O2" and not (values.get("fp16") or values.get("bf16")):
         values["fp16_opt_level"] = "O1"  # nothing left for O2 to act on once AMP is off
+    pipeline_config = str(values.get("pipeline_parallel_config") or "").split()
+    if _degree(values, "pipeline_parallel_degree") > 1 and "disable_batch_p2p_comm" not in pipeline_config:
+        # Fleet's batched p2p sends on the compute stream, which gloo lacks; its isend/irecv path works on CPU.
+        values["pipeline_parallel_config"] = " ".join(pipeline_config + ["disable_batch_p2p_comm"])
+        warnings.append("pipeline parallel on CPU exchanges activations with isend/irecv: added disable_batch_p2p_comm to --pipeline_parallel_config")
     return warnings

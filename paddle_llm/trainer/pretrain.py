@@ -61,7 +61,7 @@ def setup(argv: list[str]) -> PretrainSetup:
     import paddle
 
     parsed = parse_flags(argv, _dataclass_types())
-    values = {k: v for group in parsed.groups for k, v in group.items()}
+    values = parsed.as_dict()
     errors = []
     try:
         source = resolve_model(values["model_name_or_path"])
@@ -71,10 +71,10 @@ def setup(argv: list[str]) -> PretrainSetup:
         errors.append(f"--model_type {values['model_type']} does not match the model's config ({source.family.name})")
     model_fields = dict(source.config_fields)
     if values.get("num_hidden_layers"):
-        model_fields[source.family.num_layers_field] = values["num_hidden_layers"]
+        model_fields["num_hidden_layers"] = values["num_hidden_layers"]
     errors += check_device(values, paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
     errors += check_precision(values, parsed.explicit)
-    errors += check_parallel(values, model_fields, _world_size())
+    errors += check_parallel(values, model_fields, _world_size(), pipeline_supported=source.family.pipe_model_class is not None)
     errors += check_split(values["split"])
     if values.get("continue_training") and not source.has_weights:
         errors.append(f"--continue_training needs weights, but {values['model_name_or_path']} has none: pass a directory saved by a previous run")
@@ -97,6 +97,26 @@ def setup(argv: list[str]) -> PretrainSetup:
     return PretrainSetup(parsed, source, warnings)
 
 
+def log_memory_estimate(config_fields: dict, values: dict, script: str) -> None:
+    """Print the estimator's per-device figure before any weight is allocated; on a GPU that is too small, warn
+    and name the planner's fastest layout that fits."""
+    import paddle
+
+    from paddle_llm.estimator.flags import setup_from_flags
+    from paddle_llm.estimator.memory import shape_of
+    from paddle_llm.estimator.planner import startup_report
+
+    gpu_memory_gb = None
+    if str(values.get("device", "gpu")).startswith("gpu") and paddle.device.cuda.device_count() > 0:
+        gpu_memory_gb = paddle.device.cuda.get_device_properties().total_memory / 2**30
+    local_devices = int(os.environ.get("PADDLE_LOCAL_SIZE", _world_size()))
+    try:
+        setup = setup_from_flags({**values, "num_gpus": local_devices, "num_nodes": max(1, _world_size() // local_devices), "gpu_memory_gb": gpu_memory_gb})
+        log("memory estimate (paddle-llm estimate):\n" + startup_report(shape_of(config_fields), setup, values["model_name_or_path"], script))
+    except ValueError as err:  # an estimate is advice; a layout the estimator does not model must not stop training
+        log(f"memory estimate unavailable: {err}")
+
+
 def build_model_and_tokenizer(source: ModelSource, model_args, data_args, training_args):
     """Tokenizer and model, with training flags folded into the model config."""
     import paddle
@@ -108,7 +128,7 @@ def build_model_and_tokenizer(source: ModelSource, model_args, data_args, traini
     tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, family)
     overrides = {}
     if model_args.num_hidden_layers:
-        overrides[family.num_layers_field] = model_args.num_hidden_layers
+        overrides["num_hidden_layers"] = model_args.num_hidden_layers
     if not model_args.continue_training:
         # A fresh model may be given longer positions; a trained one keeps what it learned.
         current = source.config_fields.get(family.max_positions_field) or 0
@@ -124,7 +144,7 @@ def build_model_and_tokenizer(source: ModelSource, model_args, data_args, traini
             setattr(config, name, getattr(model_args, name))
     if training_args.fp16_opt_level == "O2" and (training_args.fp16 or training_args.bf16):
         config.dtype = "float16" if training_args.fp16 else "bfloat16"
-    vocab_size = getattr(config, family.vocab_field)
+    vocab_size = config.vocab_size
     if len(tokenizer) > vocab_size:
         raise DataError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embedding rows")
     model = build_model(source, config, load_weights=bool(model_args.continue_training))
@@ -158,11 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
     for warning in plan.warnings:
         log(f"warning: {warning}")
+    log_memory_estimate(plan.source.config_fields, plan.parsed.as_dict(), "run_pretrain.py")
+    from paddle_llm.trainer.health import NumericalHealthError, print_health_error
+
     try:
         return fit(plan)
     except (DataError, FileNotFoundError) as err:
         print(f"paddle-llm pretrain: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except NumericalHealthError as err:
+        return print_health_error(err, "paddle-llm pretrain")
 
 
 def fit(plan: PretrainSetup) -> int:
@@ -177,9 +202,16 @@ def fit(plan: PretrainSetup) -> int:
         resolve_data_prefixes,
     )
     from paddle_llm.trainer.callbacks import MetricsFileCallback
+    from paddle_llm.trainer.health import NumericalHealthCallback
+    from paddle_llm.trainer.report import ReportCallback
     from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
     from paddle_llm.trainer.trainer import LLMTrainer
 
+    if _world_size() > 1:
+        from paddle_llm.parallel.cpu_collectives import install_cpu_collectives
+
+        # Before TrainingArguments (fleet.init) and the model: gloo lacks ops fleet's hybrid parallel calls.
+        install_cpu_collectives(plan.parsed.value("device"))
     model_args, data_args, training_args = plan.parsed.build(_dataclass_types())
     paddle.set_device(training_args.device)
     set_seed(training_args.seed)
@@ -199,7 +231,7 @@ def fit(plan: PretrainSetup) -> int:
 
     model, tokenizer, config = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
     data_prefix = resolve_data_prefixes(data_args.input_dir)
-    for prefix, (documents, tokens) in check_data_prefixes(data_prefix, getattr(config, plan.source.family.vocab_field)).items():
+    for prefix, (documents, tokens) in check_data_prefixes(data_prefix, config.vocab_size).items():
         log(f"data: {prefix}: {documents} documents, {tokens} tokens")
     data = build_pretraining_datasets(
         data_prefix,
@@ -236,6 +268,8 @@ def fit(plan: PretrainSetup) -> int:
     trainer.is_pretraining = True
     tokens_per_sample = data_args.max_seq_length
     trainer.add_callback(MetricsFileCallback(training_args.output_dir, tokens_per_sample))
+    trainer.add_callback(NumericalHealthCallback())
+    trainer.add_callback(ReportCallback(plan.parsed.as_dict(), plan.parsed.explicit))
 
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)

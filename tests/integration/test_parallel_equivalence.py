@@ -1,0 +1,216 @@
+"""Hybrid parallel on CPU processes computes the same model as one process.
+
+Every layout trains the tiny model for 5 steps from the same saved weights, on the same data, with the same global
+batch, and must reproduce the single-process run's per-step loss and gradient norm within 1e-5 relative (fp32).
+Checkpoints move between layouts: saved under tensor parallel or sharding stage 2 and resumed on one process, and
+the reverse, training continues exactly as an uninterrupted run would. Data parallel alone is covered by
+``test_pretrain.py::test_data_parallel_two_processes_match_one_process``.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.conftest import RUN_PRETRAIN, ROOT, read_metrics, run_script
+from tests.integration.test_pretrain import pretrain_flags
+
+FINETUNE = os.path.join(ROOT, "finetune_generation.py")
+INSTRUCTIONS = os.path.join(ROOT, "paddle_llm", "assets", "instructions")
+STEPS = 5
+RESUME_STEP = 3  # reshard tests save here and resume to STEPS
+TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: the script, its process count and flags."""
+
+    script: str
+    processes: int
+    flags: dict = field(default_factory=dict)
+
+
+def launch(run: Run, output_dir: str, base_flags: list[str]) -> str:
+    """Run ``run`` (under ``paddle.distributed.launch`` when it has several processes); return its output dir."""
+    flags = base_flags + [str(token) for name, value in run.flags.items() for token in (f"--{name}", value)]
+    prefix = []
+    if run.processes > 1:
+        prefix = ["-m", "paddle.distributed.launch", "--nproc_per_node", str(run.processes), "--log_dir", os.path.join(output_dir, "launch_log")]
+    run_script(prefix + [run.script] + flags, timeout=900)
+    return output_dir
+
+
+def steps(output_dir: str) -> dict[int, dict]:
+    return {row["step"]: row for row in read_metrics(output_dir) if "loss" in row}
+
+
+def assert_same_training(actual_dir: str, expected_dir: str, expected_steps=range(1, STEPS + 1)):
+    actual, expected = steps(actual_dir), steps(expected_dir)
+    assert sorted(actual) == list(expected_steps), sorted(actual)
+    for step in expected_steps:
+        assert actual[step]["loss"] == pytest.approx(expected[step]["loss"], rel=TOLERANCE), ("loss", step)
+        assert actual[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=TOLERANCE), ("grad_norm", step)
+
+
+class Runs:
+    """Runs shared by several tests (each made once per module, on first use)."""
+
+    def __init__(self, demo_data: str, models: dict, directory):
+        self.demo_data, self.models, self.directory = demo_data, models, directory
+        self._done: dict[str, str] = {}
+
+    def pretrain(self, name: str, run: Run, family: str = "llama") -> str:
+        if name not in self._done:
+            output = str(self.directory / name)
+            base = pretrain_flags(self.demo_data, output, model=self.models[family], max_steps=STEPS, logging_steps=1, continue_training=1)
+            self._done[name] = launch(run, output, base)
+        return self._done[name]
+
+    def finetune(self, name: str, run: Run) -> str:
+        if name not in self._done:
+            output = str(self.directory / name)
+            base = finetune_flags(self.models["llama"], output, self.lora_start())
+            self._done[name] = launch(run, output, base)
+        return self._done[name]
+
+    def lora_start(self) -> str:
+        """A LoRA adapter initialised once, so every layout starts from the same adapter weights."""
+        if "lora_start" not in self._done:
+            output = str(self.directory / "lora_start")
+            script = textwrap.dedent(
+                f"""
+                import paddle
+                from paddle_llm.models.registry import resolve_model, build_config, build_model
+                from paddle_llm.peft.lora import apply_lora
+                paddle.seed(0)
+                source = resolve_model({self.models['llama']!r})
+                apply_lora(build_model(source, build_config(source), load_weights=True), "llama", 8).save_pretrained({output!r})
+                """
+            )
+            run_script(["-c", script])
+            self._done["lora_start"] = output
+        return self._done["lora_start"]
+
+
+def finetune_flags(model: str, output_dir: str, lora_path: str) -> list[str]:
+    flags = {
+        "model_name_or_path": model,
+        "dataset_name_or_path": INSTRUCTIONS,
+        "output_dir": output_dir,
+        "device": "cpu",
+        "max_steps": STEPS,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 0.003,
+        "warmup_steps": 2,
+        "logging_steps": 1,
+        "save_steps": 100,
+        "eval_steps": 100,
+        "src_length": 48,
+        "max_length": 64,
+        "report_to": "none",
+        "disable_tqdm": 1,
+        "seed": 7,
+        "do_train": 1,
+        "lora": True,
+        "lora_path": lora_path,
+        "unified_checkpoint": 1,  # the adapter is saved whole, so one device loads what tensor parallel trained
+    }
+    return [str(token) for name, value in flags.items() for token in (f"--{name}", value)]
+
+
+@pytest.fixture(scope="module")
+def runs(demo_data, saved_tiny_models, tmp_path_factory) -> Runs:
+    return Runs(demo_data, saved_tiny_models, tmp_path_factory.mktemp("parallel"))
+
+
+SAVES_FOR_RESHARD = {"save_steps": RESUME_STEP, "unified_checkpoint": 1}
+ONE_PROCESS = Run(RUN_PRETRAIN, 1, {"per_device_train_batch_size": 4, **SAVES_FOR_RESHARD})
+
+# name -> the layout, with the same global batch of 4 sequences as ONE_PROCESS
+TWO_PROCESS_LAYOUTS = {
+    "sharding_stage1": Run(RUN_PRETRAIN, 2, {"sharding": "stage1", "per_device_train_batch_size": 2}),
+    "sharding_stage2": Run(RUN_PRETRAIN, 2, {"sharding": "stage2", "per_device_train_batch_size": 2, **SAVES_FOR_RESHARD}),
+    "sharding_stage3": Run(RUN_PRETRAIN, 2, {"sharding": "stage3", "per_device_train_batch_size": 2}),
+    "tensor_parallel_2": Run(RUN_PRETRAIN, 2, {"tensor_parallel_degree": 2, "per_device_train_batch_size": 4, **SAVES_FOR_RESHARD}),
+    # 2 micro-batches of 2 per step: gradient accumulation is the pipeline's micro-batching
+    "pipeline_parallel_2": Run(RUN_PRETRAIN, 2, {"pipeline_parallel_degree": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}),
+}
+FOUR_PROCESS_LAYOUTS = {
+    "tensor_2_x_pipeline_2": Run(
+        RUN_PRETRAIN, 4, {"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+    ),
+    "tensor_2_x_data_2": Run(RUN_PRETRAIN, 4, {"tensor_parallel_degree": 2, "per_device_train_batch_size": 2}),
+}
+
+
+@pytest.mark.parametrize("layout", TWO_PROCESS_LAYOUTS)
+def test_two_process_layout_matches_one_process(runs, layout):
+    assert_same_training(runs.pretrain(layout, TWO_PROCESS_LAYOUTS[layout]), runs.pretrain("one_process", ONE_PROCESS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", FOUR_PROCESS_LAYOUTS)
+def test_four_process_layout_matches_one_process(runs, layout):
+    assert_same_training(runs.pretrain(layout, FOUR_PROCESS_LAYOUTS[layout]), runs.pretrain("one_process", ONE_PROCESS))
+
+
+def test_chatglm2_tensor_parallel_matches_one_process(runs):
+    # multi-query attention: 4 heads share 2 KV groups, one per rank
+    single = runs.pretrain("chatglm2_one_process", Run(RUN_PRETRAIN, 1, {"per_device_train_batch_size": 4}), family="chatglm2")
+    parallel = runs.pretrain("chatglm2_tensor_parallel_2", Run(RUN_PRETRAIN, 2, {"tensor_parallel_degree": 2, "per_device_train_batch_size": 4}), family="chatglm2")
+    assert_same_training(parallel, single)
+
+
+def test_tensor_parallel_lora_matches_one_process_and_its_adapter_loads_on_one_device(runs):
+    single = runs.finetune("lora_one_process", Run(FINETUNE, 1))
+    parallel = runs.finetune("lora_tensor_parallel_2", Run(FINETUNE, 2, {"tensor_parallel_degree": 2}))
+    assert_same_training(parallel, single)
+    compare = textwrap.dedent(
+        f"""
+        import numpy as np
+        from paddle_llm.models.registry import resolve_model, build_config, build_model
+        from paddle_llm.peft.lora import load_lora
+        source = resolve_model({runs.models['llama']!r})
+        adapters = []
+        for path in ({single!r}, {parallel!r}):
+            lora = load_lora(build_model(source, build_config(source), load_weights=True), path)
+            adapters.append({{k: v.numpy() for k, v in lora.state_dict().items() if "lora_" in k}})
+        one, two = adapters
+        assert sorted(one) == sorted(two) and len(one) > 0, (len(one), len(two))
+        assert max(np.abs(v).max() for k, v in one.items() if "lora_B" in k) > 0  # trained, not the zero init
+        print("MAXDIFF", max(float(np.abs(one[k] - two[k]).max()) for k in one))
+        """
+    )
+    output = run_script(["-c", compare]).stdout
+    assert float(output.split("MAXDIFF")[1].split()[0]) < TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints across layouts
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def resume(runs: Runs, name: str, run: Run, checkpoint: str) -> str:
+    return runs.pretrain(name, Run(run.script, run.processes, {**run.flags, "resume_from_checkpoint": checkpoint, "save_steps": 100}))
+
+
+@pytest.mark.parametrize("saved_under", ["tensor_parallel_2", "sharding_stage2"])
+def test_checkpoint_saved_in_parallel_resumes_on_one_process(runs, saved_under):
+    checkpoint = os.path.join(runs.pretrain(saved_under, TWO_PROCESS_LAYOUTS[saved_under]), f"checkpoint-{RESUME_STEP}")
+    merged = checkpoint + "-single"
+    result = run_script(["-m", "paddle_llm.cli", "convert-checkpoint", checkpoint, "--output_dir", merged])
+    assert f"resume with --resume_from_checkpoint {merged}" in result.stdout
+    resumed = resume(runs, f"one_process_from_{saved_under}", ONE_PROCESS, merged)
+    assert_same_training(resumed, runs.pretrain("one_process", ONE_PROCESS), range(RESUME_STEP + 1, STEPS + 1))
+
+
+@pytest.mark.parametrize("resume_under", ["tensor_parallel_2", "sharding_stage2"])
+def test_checkpoint_saved_on_one_process_resumes_in_parallel(runs, resume_under):
+    # one process writes one file per kind: every layout reads it directly, no conversion
+    checkpoint = os.path.join(runs.pretrain("one_process", ONE_PROCESS), f"checkpoint-{RESUME_STEP}")
+    resumed = resume(runs, f"{resume_under}_from_one_process", TWO_PROCESS_LAYOUTS[resume_under], checkpoint)
+    assert_same_training(resumed, runs.pretrain("one_process", ONE_PROCESS), range(RESUME_STEP + 1, STEPS + 1))
