@@ -74,3 +74,104 @@ class PretrainingArguments(TrainingArguments):
     num_threads: Optional[int] = field(
         default=None, metadata={"help": "math-library threads on CPU (default: the cores this process may use)"}
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fine-tuning (``finetune_generation.py`` / ``paddle-llm finetune``): PaddleNLP's llm/finetune_generation.py field names.
+
+SFT_DATA_FORMATS = ("auto", "src_tgt", "alpaca", "chat", "sharegpt")
+# PaddleNLP's own optimizer names plus the two this toolkit adds for full fine-tuning.
+OWN_OPTIMIZERS = ("sgd", "lomo")
+
+
+@dataclass
+class FinetuneDataArguments:
+    """Where the fine-tuning data is, how it is rendered and how long a sample may be."""
+
+    dataset_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "a directory holding train.json and/or dev.json (jsonl, one record per line)"}
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={
+            "help": "record format: src_tgt {src,tgt}, alpaca {instruction,input,output}, chat {messages}, sharegpt "
+            "{conversations}; auto detects it from each file's first record"
+        },
+    )
+    src_length: int = field(default=128, metadata={"help": "most prompt tokens per round (the start is cut first)"})
+    tgt_length: int = field(
+        default=160, metadata={"help": "reply tokens: the default --max_length is src_length + tgt_length, and generation stops after this many"}
+    )
+    max_length: Optional[int] = field(
+        default=None, metadata={"help": "most tokens per sample, prompt and reply together (default src_length + tgt_length)"}
+    )
+    instruction_generation: bool = field(
+        default=False,
+        metadata={"help": "instruction tuning: render single-turn src/tgt records with the model's chat template too"},
+    )
+    zero_padding: bool = field(
+        default=False, metadata={"help": "pack several samples into each max_length sequence (attention stays within a sample)"}
+    )
+    skip_bad_lines: bool = field(
+        default=False, metadata={"help": "skip malformed records (each is reported) instead of stopping at the first"}
+    )
+    eval_with_do_generation: bool = field(
+        default=False, metadata={"help": "evaluation also decodes each dev prompt greedily and reports exact match"}
+    )
+    do_generation: bool = field(default=False, metadata={"help": "same as --eval_with_do_generation"})
+
+    @property
+    def max_seq_length(self) -> int:
+        """The effective ``--max_length`` (the name the shared model builder reads)."""
+        return self.max_length or self.src_length + self.tgt_length
+
+    @property
+    def generation_eval(self) -> bool:
+        return bool(self.eval_with_do_generation or self.do_generation)
+
+
+@dataclass
+class PeftArguments:
+    """Parameter-efficient fine-tuning: LoRA or prefix tuning (PaddleNLP's flag names)."""
+
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of the full model"})
+    lora_path: Optional[str] = field(default=None, metadata={"help": "start from this saved LoRA adapter directory"})
+    r: int = field(default=8, metadata={"help": "LoRA rank (alias --lora_rank)"})
+    lora_alpha: Optional[int] = field(
+        default=None, metadata={"help": "LoRA scaling numerator (scaling = alpha / r); default 2 x r, PaddleNLP's fixed value"}
+    )
+    lora_target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "layer names (q_proj v_proj) or regular expressions to adapt; default: the family's attention and MLP projections"},
+    )
+    merge_weights: bool = field(
+        default=False, metadata={"help": "after training, also write OUTPUT_DIR/merged: the base model with the adapter folded in"}
+    )
+    prefix_tuning: bool = field(default=False, metadata={"help": "train a prefix (virtual past keys/values) only"})
+    prefix_path: Optional[str] = field(default=None, metadata={"help": "start from this saved prefix directory"})
+    num_prefix_tokens: int = field(default=128, metadata={"help": "prefix length in tokens"})
+    prefix_projection: bool = field(default=False, metadata={"help": "produce the prefix through a 2-layer MLP"})
+
+
+@dataclass
+@llmmetaclass
+class FinetuneArguments(TrainingArguments):
+    """PaddleNLP's TrainingArguments plus ``--optim sgd|lomo`` and bounded evaluation.
+
+    PaddleNLP validates ``optim`` against its own names in ``__post_init__``; ``sgd`` and ``lomo`` are built by our
+    trainer, so they pass that check as ``adamw`` and are put back afterwards.
+    """
+
+    optim: str = field(
+        default="adamw",
+        metadata={"help": "adamw (or another PaddleNLP optimizer), sgd, or lomo: SGD fused into backward, no stored gradients"},
+    )
+    eval_iters: int = field(default=-1, metadata={"help": "batches per evaluation (-1: the whole dev set)"})
+
+    def __post_init__(self):
+        requested = self.optim
+        if requested in OWN_OPTIMIZERS:
+            self.optim = "adamw"
+        super().__post_init__()
+        if requested in OWN_OPTIMIZERS:
+            self.optim = requested

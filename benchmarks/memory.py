@@ -1,0 +1,128 @@
+"""Memory of full fine-tuning with AdamW, SGD and LOMO on the same ~57M-parameter Llama, same run.
+
+Each optimizer trains in a fresh process through the real recipe (``finetune.setup`` + ``prepare`` + ``train``), with
+the same model, data, batch and steps. Reported per optimizer:
+
+- parameters + gradients + optimizer state: the tensors Paddle still holds once training is done (activations are
+  freed after every step; what stays is exactly the model's state: AdamW's two moments and its zeroed gradients,
+  SGD's gradients, LOMO's parameters alone), from ``paddle.base.core.host_memory_stat_current_value("Allocated", 0)``;
+- Paddle's peak of allocated host memory (``host_memory_stat_peak_value``): the above plus activations and whatever
+  a step holds briefly (LOMO: one gradient at a time);
+- the process's peak RSS growth over its RSS just before the model was built (peak RSS also counts Python, Paddle's
+  libraries and allocator slack; the growth isolates what training added);
+- the first and last training loss, to show every run still learns.
+
+Target: LOMO <= 0.4x AdamW for parameters + gradients + optimizer state. On a GPU,
+``paddle.device.cuda.max_memory_allocated`` would replace the host statistics.
+
+Usage: python benchmarks/memory.py [--steps 6] [--batch 2] [--max_length 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._common import print_table, run, write_json  # noqa: E402
+
+# ~57M parameters: a small Llama in the shape of the real ones (vocabulary of the shipped tokenizer).
+MODEL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12, "num_key_value_heads": 12}
+# Each optimizer at a learning rate that suits it (memory does not depend on it); LOMO is SGD, so they share one.
+OPTIMIZERS = {
+    "AdamW": ["--optim", "adamw", "--learning_rate", "3e-4"],
+    "SGD": ["--optim", "sgd", "--learning_rate", "0.01"],
+    "LOMO": ["--optim", "lomo", "--learning_rate", "0.01"],
+}
+
+# Runs in a fresh process: train through the recipe, print the memory statistics as one JSON line.
+DRIVER = r"""
+import json, resource, sys
+import paddle
+from paddle_llm.trainer import finetune
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+plan = finetune.setup(sys.argv[1:])
+before_model = rss_mb()
+run = finetune.prepare(plan)
+model = run.trainer.model
+parameters_mb = sum(p.numel().item() for p in model.parameters()) * 4 / 2**20
+run.trainer.train()
+with open(plan.parsed.value("output_dir") + "/metrics.jsonl") as f:
+    losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
+print("MEMORY " + json.dumps({
+    "model_states_mb": paddle.base.core.host_memory_stat_current_value("Allocated", 0) / 2**20,
+    "allocated_peak_mb": paddle.base.core.host_memory_stat_peak_value("Allocated", 0) / 2**20,
+    "rss_growth_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before_model,
+    "parameters_mb": parameters_mb,
+    "parameters_m": parameters_mb * 2**20 / 4 / 1e6,
+    "losses": losses,
+}))
+"""
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--max_length", type=int, default=128)
+    args = parser.parse_args()
+
+    from paddle_llm.config.presets import preset
+
+    work = tempfile.mkdtemp(prefix="bench-memory-")
+    model_dir = os.path.join(work, "llama-57M")
+    os.makedirs(model_dir)
+    with open(os.path.join(model_dir, "config.json"), "w") as f:
+        json.dump(dict(preset("tiny-llama"), **MODEL, architectures=["LlamaForCausalLM"]), f)
+    data = os.path.join(work, "data")
+    os.makedirs(data)
+    with open(os.path.join(data, "train.json"), "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"src": f"In the morning, Ada went to the river with {i % 9 + 1} birds.", "tgt": "There she found a small boat and felt happy."}) + "\n")
+
+    def flags(name, extra):
+        return [
+            "--model_name_or_path", model_dir, "--tokenizer_name_or_path", "tiny-llama", "--dataset_name_or_path", data,
+            "--output_dir", os.path.join(work, name), "--do_train", "--device", "cpu", "--max_steps", str(args.steps),
+            "--per_device_train_batch_size", str(args.batch), "--max_length", str(args.max_length), "--src_length", str(args.max_length // 2),
+            "--logging_steps", "1", "--save_steps", "1000000", "--report_to", "none",
+            "--disable_tqdm", "1", "--seed", "1", "--weight_decay", "0.0",
+        ] + extra
+
+    results = {}
+    for name, extra in OPTIMIZERS.items():
+        output = run(["-c", DRIVER] + flags(name, extra), threads=1).stdout
+        results[name] = json.loads(next(line for line in output.splitlines() if line.startswith("MEMORY "))[len("MEMORY ") :])
+
+    adamw = results["AdamW"]
+    rows = []
+    for name, row in results.items():
+        losses = row["losses"]
+        rows.append([
+            name,
+            f"{row['model_states_mb']:.0f}",
+            f"{row['model_states_mb'] / adamw['model_states_mb']:.2f}x",
+            f"{row['allocated_peak_mb']:.0f}",
+            f"{row['allocated_peak_mb'] / adamw['allocated_peak_mb']:.2f}x",
+            f"{row['rss_growth_mb']:.0f}",
+            f"{row['rss_growth_mb'] / adamw['rss_growth_mb']:.2f}x",
+            f"{losses[0]:.3f} -> {losses[-1]:.3f}",
+        ])
+    print(f"\nfull fine-tuning of a {adamw['parameters_m']:.1f}M-parameter Llama ({adamw['parameters_mb']:.0f} MB of float32 weights), "
+          f"batch {args.batch} x {args.max_length} tokens, {args.steps} steps, CPU\n")
+    print_table(["optimizer", "params+grads+opt state MB", "vs AdamW", "allocated peak MB", "vs AdamW", "peak RSS growth MB", "vs AdamW", "loss"], rows)
+    ratio = results["LOMO"]["model_states_mb"] / adamw["model_states_mb"]
+    print(f"\nLOMO / AdamW (parameters + gradients + optimizer state): {ratio:.2f}x (target <= 0.4x)")
+    path = write_json("memory.json", {"config": vars(args), "model": MODEL, "results": results, "lomo_over_adamw": ratio})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

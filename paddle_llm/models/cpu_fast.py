@@ -1,0 +1,888 @@
+"""CPU implementations of the hot composites in PaddleNLP's Llama, ChatGLM and ChatGLM2 models.
+
+Why this exists: PaddleNLP writes these models for GPU, where every composite below is a fused kernel. On CPU,
+Paddle 3.3.1's dygraph kernels for a few innocuous ops cost 10-100x the arithmetic they do. Measured on
+[8, 128, 256] fp32 (swiglu: [8, 128, 688], gelu: [8, 128, 1024]), one thread, with ``configure_cpu_runtime``'s heap
+setting (``benchmarks/cpu_train_speed.py`` times whole models):
+
+========================================================  ==========  =============================================
+op                                                        Paddle      what we use instead
+========================================================  ==========  =============================================
+``x.pow(2)`` forward                                      3.5 ms      ``paddle.square(x)``: 0.03 ms
+``x * w`` (w [hidden]) forward + backward                 2.9 ms      hand-written backward; w's grad is a ones-row
+                                                                      matrix-vector product: 0.03 ms
+``q * cos`` (cos [1, s, 1, d]) forward + backward         3.2 ms      expand cos, then a same-shape multiply: 0.3 ms
+``scores + mask`` (mask [b, 1, s, s]) forward             3.6 ms      expand the mask, then a same-shape add: 0.2 ms
+rotate-half (slice, negate, concat) forward + backward    6.3 ms      roll with a sign-folded sin: 0.5 ms
+``swiglu`` / ``gelu`` / ``layer_norm`` forward + backward 5.2 / 3.2   backwards written with same-shape elementwise
+                                                          / 2.6 ms    ops (~0.05 ms each)
+key/value ``tile`` for grouped heads, forward + backward  0.7 ms      none: grouped query heads share one matmul
+========================================================  ==========  =============================================
+
+So each composite is re-expressed with ops Paddle runs fast on CPU (square, same-shape elementwise, expand, roll,
+matmul), and where autograd would pick a slow grad kernel, a ``PyLayer`` carries a hand-written backward.
+
+``apply_cpu_fast_paths(model)`` swaps bound ``forward`` methods and sub-layers on one model instance: PaddleNLP's
+classes and module globals are never touched, so a GPU model, or a second model in the same process, keeps
+PaddleNLP's code. It does nothing unless the model's parameters live on CPU, and each replacement is made only for
+the configurations it reproduces exactly (no tensor or sequence parallelism, no flash attention, fp32); anything
+else keeps PaddleNLP's implementation and is logged. Forward values and gradients equal PaddleNLP's within 1e-5
+(``tests/unit/test_cpu_fast.py``).
+
+Under ``paddle.jit.to_static`` (``to_static_for_cpu_training``) the PyLayers are not used: Paddle 3.3.1's static
+PyLayer segfaults on some of them and rejects a None gradient on others, so the static graph gets the same forward
+maths as plain ops and Paddle's static autograd writes the backward. Compiling pays only for tiny models (see
+``to_static_for_cpu_training``).
+
+Process-wide CPU settings (threads, MKL's code path, the heap, Paddle's strided views) are not here: they live in
+``paddle_llm.config.threads.configure_cpu_runtime`` because they must run before the first matrix multiply.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import types
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+from paddle.autograd import PyLayer
+
+logger = logging.getLogger(__name__)
+
+# The replacements restate PaddleNLP's forwards, so they were checked against these versions (the unit tests compare
+# them with the installed PaddleNLP's forwards, and one test fails when these stop matching the installed ones).
+VERIFIED_VERSIONS = {"paddlepaddle": "3.3.1", "paddlenlp": "3.0.0b4"}
+
+# Marks a layer whose forward (or a model whose sub-layer) was replaced, so applying twice changes nothing.
+_REPLACED_MARK = "_paddle_llm_cpu_fast_path"
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC_COEFFICIENT = 0.044715
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks: fast on CPU, numerically equal to PaddleNLP's composites.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _column_sum(values: paddle.Tensor) -> paddle.Tensor:
+    """Sum ``[..., features]`` over every leading axis, giving ``[features]``.
+
+    A ones-row matrix-vector product, because MKL's GEMV is ~10x faster than Paddle's CPU reduce over leading axes.
+    """
+    rows = values.reshape([-1, values.shape[-1]])
+    ones = paddle.ones([1, rows.shape[0]], dtype=rows.dtype)
+    return paddle.matmul(ones, rows).reshape([values.shape[-1]])
+
+
+class _RMSNormFunction(PyLayer):
+    """``x * rsqrt(mean(x^2) + eps) * weight`` with a hand-written backward.
+
+    Autograd would use pow's grad and the broadcast-multiply grad of ``* weight``, the two slowest kernels in a
+    PaddleNLP Llama step on CPU. The forward repeats PaddleNLP's operation order, so its values are identical.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, epsilon):
+        inverse_rms = paddle.rsqrt(paddle.square(x).mean(-1, keepdim=True) + epsilon)
+        normalized = inverse_rms * x
+        ctx.save_for_backward(normalized, inverse_rms, weight)
+        ctx.needs_grad = (not x.stop_gradient, not weight.stop_gradient)
+        return normalized * weight
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        normalized, inverse_rms, weight = ctx.saved_tensor()
+        grad_x = grad_weight = None
+        if ctx.needs_grad[0]:
+            grad_normalized = grad_output * weight
+            projection = (grad_normalized * normalized).mean(-1, keepdim=True)
+            grad_x = inverse_rms * (grad_normalized - normalized * projection)
+        if ctx.needs_grad[1]:
+            grad_weight = _column_sum(grad_output * normalized)
+        return grad_x, grad_weight
+
+
+def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, epsilon: float) -> paddle.Tensor:
+    """RMSNorm over the last axis, as PaddleNLP's ``LlamaRMSNorm`` and ChatGLM2's ``RMSNorm`` compute it in fp32."""
+    if not paddle.in_dynamic_mode():  # to_static: plain ops, see the module docstring
+        return paddle.rsqrt(paddle.square(x).mean(-1, keepdim=True) + epsilon) * x * weight
+    return _RMSNormFunction.apply(x, weight, epsilon)
+
+
+class _LayerNormFunction(PyLayer):
+    """Paddle's own ``layer_norm`` forward, with a backward built from fast ops.
+
+    Paddle's CPU ``layer_norm`` grad kernel takes 2.3 ms on [8, 128, 256]; this one ~0.6 ms. The statistics are
+    recomputed in the backward because the Python API does not return the forward's mean and variance.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, epsilon):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.epsilon = epsilon
+        return F.layer_norm(x, x.shape[-1:], weight, bias, epsilon)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, bias = ctx.saved_tensor()
+        centered = x - x.mean(-1, keepdim=True)
+        inverse_std = paddle.rsqrt(paddle.square(centered).mean(-1, keepdim=True) + ctx.epsilon)
+        normalized = centered * inverse_std
+        grad_x = grad_weight = grad_bias = None
+        if not x.stop_gradient:
+            grad_normalized = grad_output * weight
+            grad_x = inverse_std * (
+                grad_normalized
+                - grad_normalized.mean(-1, keepdim=True)
+                - normalized * (grad_normalized * normalized).mean(-1, keepdim=True)
+            )
+        if not weight.stop_gradient:
+            grad_weight = _column_sum(grad_output * normalized)
+        if not bias.stop_gradient:
+            grad_bias = _column_sum(grad_output)
+        return grad_x, grad_weight, grad_bias
+
+
+def layer_norm(x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor, epsilon: float) -> paddle.Tensor:
+    """LayerNorm over the last axis (ChatGLM-6B's norm), with a fast CPU backward."""
+    if not paddle.in_dynamic_mode():  # to_static: plain ops, see the module docstring
+        return F.layer_norm(x, x.shape[-1:], weight, bias, epsilon)
+    return _LayerNormFunction.apply(x, weight, bias, epsilon)
+
+
+class _SwiGLUFunction(PyLayer):
+    """``silu(gate) * up``; Paddle's CPU ``swiglu`` kernel spends 3.5 ms in its backward on [8, 128, 672]."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        sigmoid = F.sigmoid(gate)
+        silu = gate * sigmoid
+        ctx.save_for_backward(gate, up, sigmoid, silu)
+        return silu * up
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        gate, up, sigmoid, silu = ctx.saved_tensor()
+        grad_gate = grad_up = None
+        if not gate.stop_gradient:  # d silu / d gate = sigmoid * (1 + gate * (1 - sigmoid))
+            grad_gate = grad_output * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
+        if not up.stop_gradient:
+            grad_up = grad_output * silu
+        return grad_gate, grad_up
+
+
+def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
+    """SwiGLU's gated product ``silu(gate) * up`` (Llama's and ChatGLM2's MLP)."""
+    if not paddle.in_dynamic_mode():  # to_static: plain ops, see the module docstring
+        return gate * F.sigmoid(gate) * up
+    return _SwiGLUFunction.apply(gate, up)
+
+
+class _TanhGELUFunction(PyLayer):
+    """Paddle's tanh-approximated GELU forward, with a backward from fast ops (Paddle's: 2.5 ms on 1M values)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return F.gelu(x, approximate=True)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensor()
+        x_squared = paddle.square(x)
+        tanh_inner = paddle.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC_COEFFICIENT * x_squared * x))
+        derivative = 0.5 * (1.0 + tanh_inner) + 0.5 * x * (1.0 - paddle.square(tanh_inner)) * _SQRT_2_OVER_PI * (
+            1.0 + 3.0 * _GELU_CUBIC_COEFFICIENT * x_squared
+        )
+        return grad_output * derivative
+
+
+def tanh_gelu(x: paddle.Tensor) -> paddle.Tensor:
+    """``F.gelu(x, approximate=True)`` (ChatGLM-6B's MLP activation) with a fast CPU backward."""
+    if not paddle.in_dynamic_mode():  # to_static: plain ops, see the module docstring
+        return F.gelu(x, approximate=True)
+    return _TanhGELUFunction.apply(x)
+
+
+# Rotary embedding. Every variant here is "x * cos + rotate(x) * sin", where rotate() moves each rotated value to
+# its partner's slot and negates one of the two. We fold that negation into a precomputed sin ("sign-folded sin"),
+# so rotate() becomes a pure permutation that is its own inverse: the backward is then the same two multiplies and
+# the same permutation, with no slice or concat (whose CPU grads are slow). cos and sin are expanded to x's shape
+# before multiplying because Paddle's CPU broadcasting multiply is ~10x slower than an expand plus a same-shape one.
+
+
+def swap_halves(x: paddle.Tensor, blocks: int = 1) -> paddle.Tensor:
+    """Swap the two halves of each of ``blocks`` equal blocks of the last axis (Llama: 1 block, ChatGLM-6B: 2)."""
+    width = x.shape[-1] // (2 * blocks)
+    blocked = x.reshape(x.shape[:-1] + [blocks, 2, width])
+    return paddle.roll(blocked, shifts=1, axis=-2).reshape(x.shape)
+
+
+def pair_swap_matrix(head_dim: int, rotary_dim: int) -> paddle.Tensor:
+    """The permutation matrix that swaps neighbours (0<->1, 2<->3, ...) within the first ``rotary_dim`` features.
+
+    ChatGLM2 rotates interleaved pairs. Swapping a pair along the last axis with roll/flip/gather costs 0.5-2.5 ms
+    on CPU; a matmul with this 0/1 matrix costs 0.3 ms and is exact (one product by 1, the rest by 0).
+    """
+    features = np.arange(rotary_dim)
+    permutation = np.zeros([head_dim, head_dim], dtype="float32")
+    permutation[features ^ 1, features] = 1.0
+    return paddle.to_tensor(permutation)
+
+
+def swap_pairs(x: paddle.Tensor, permutation: paddle.Tensor) -> paddle.Tensor:
+    """Swap interleaved feature pairs with a permutation matrix from ``pair_swap_matrix``."""
+    return paddle.matmul(x, permutation)
+
+
+class _RotaryFunction(PyLayer):
+    """``x * cos + swap(x) * sin`` for a self-inverse permutation ``swap``, with its two-multiply backward."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, swap):
+        ctx.save_for_backward(cos, sin)
+        ctx.swap = swap
+        return x * cos + swap(x) * sin
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        cos, sin = ctx.saved_tensor()
+        # swap is a permutation and its own inverse, so its transpose is itself.
+        return grad_output * cos + ctx.swap(grad_output * sin), None, None
+
+
+def apply_rotary(x: paddle.Tensor, cos: paddle.Tensor, sign_folded_sin: paddle.Tensor, swap: Callable) -> paddle.Tensor:
+    """Rotate ``x`` by position: ``cos`` and ``sign_folded_sin`` broadcast to ``x`` (they are expanded here)."""
+    cos, sign_folded_sin = cos.expand(x.shape), sign_folded_sin.expand(x.shape)
+    if not paddle.in_dynamic_mode():  # to_static: plain ops, see the module docstring
+        return x * cos + swap(x) * sign_folded_sin
+    return _RotaryFunction.apply(x, cos, sign_folded_sin, swap)
+
+
+def sign_folded_sin_halves(sin: paddle.Tensor) -> paddle.Tensor:
+    """Negate the first half of the last axis: rotate-half's ``[-x2, x1]`` becomes ``swap_halves(x) * sin``."""
+    half = sin.shape[-1] // 2
+    signs = paddle.concat([-paddle.ones([half], dtype=sin.dtype), paddle.ones([half], dtype=sin.dtype)])
+    return sin * signs
+
+
+def _additive_upper_triangle_mask(batch: int, query_length: int, key_length: int, dtype) -> paddle.Tensor:
+    """PaddleNLP's default causal mask when none is passed (``get_triangle_upper_mask``), built directly."""
+    mask = paddle.full([batch, 1, query_length, key_length], paddle.finfo(dtype).min, dtype=dtype)
+    mask = paddle.triu(mask, diagonal=1)
+    mask.stop_gradient = True
+    return mask
+
+
+def masked_attention(
+    query: paddle.Tensor,
+    key: paddle.Tensor,
+    value: paddle.Tensor,
+    additive_mask: paddle.Tensor,
+    *,
+    query_scale: float = 1.0,
+    score_scale: float = 1.0,
+    score_multiplier: float | None = None,
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Softmax attention over ``[batch, heads, seq, head_dim]`` tensors, with grouped key/value heads.
+
+    Scores are ``((query * query_scale) @ key^T) * score_scale [* score_multiplier] + additive_mask``, the three
+    families' orders of operations. Key/value heads shared by several query heads (GQA, ChatGLM2's multi-query) are
+    not repeated: the query heads of a group are stacked along the sequence axis instead, so one matmul serves the
+    group and there is no tile, whose CPU backward is a slow reduce.
+
+    Args:
+        query: ``[b, query_heads, s, d]``.
+        key, value: ``[b, kv_heads, s_kv, d]``; ``query_heads`` is a multiple of ``kv_heads``.
+        additive_mask: 0 where attention is allowed, a large negative number elsewhere; broadcastable to
+            ``[b, query_heads, s, s_kv]``. It is expanded, not broadcast, because Paddle's CPU broadcasting add is
+            ~20x slower than an expand plus a same-shape add.
+        query_scale, score_scale, score_multiplier: see above; 1.0 / None skip the multiply.
+
+    Returns:
+        ``(context [b, query_heads, s, d], probabilities [b, query_heads, s, s_kv])``.
+    """
+    batch, query_heads, query_length, head_dim = query.shape
+    kv_heads, key_length = key.shape[1], key.shape[2]
+    group = query_heads // kv_heads
+    if query_scale != 1.0:
+        query = query * query_scale
+    grouped_query = query.reshape([batch, kv_heads, group * query_length, head_dim])
+    scores = paddle.matmul(grouped_query, key, transpose_y=True).reshape([batch, query_heads, query_length, key_length])
+    if score_scale != 1.0:
+        scores = scores * score_scale
+    if score_multiplier is not None:
+        scores = scores * score_multiplier
+    scores = scores + additive_mask.expand(scores.shape)
+    probabilities = F.softmax(scores, axis=-1)
+    grouped_probabilities = probabilities.reshape([batch, kv_heads, group * query_length, key_length])
+    context = paddle.matmul(grouped_probabilities, value).reshape([batch, query_heads, query_length, head_dim])
+    return context, probabilities
+
+
+def causal_lm_token_losses(logits: paddle.Tensor, labels: paddle.Tensor, ignore_index: int) -> paddle.Tensor:
+    """Per-token cross entropy ``[..., 1]`` in fp32; ignored labels give 0."""
+    return F.cross_entropy(
+        logits.astype("float32"), labels.unsqueeze(-1), reduction="none", ignore_index=ignore_index
+    )
+
+
+class CausalLMLoss(nn.Layer):
+    """The causal-LM loss of PaddleNLP's Llama and ChatGLM2 criteria, without a host sync or broadcast grads.
+
+    Args:
+        ignore_index: label value that contributes no loss.
+        count_positive_losses: Llama's rule: average over tokens whose loss is > 0 (and return 0 when there are
+            none). Otherwise ChatGLM2's rule: average over tokens whose label is not ``ignore_index``.
+    """
+
+    def __init__(self, ignore_index: int = -100, count_positive_losses: bool = True):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.count_positive_losses = count_positive_losses
+
+    def forward(self, prediction_scores, masked_lm_labels):
+        with paddle.amp.auto_cast(False):
+            token_losses = causal_lm_token_losses(prediction_scores, masked_lm_labels, self.ignore_index)
+            if self.count_positive_losses:
+                counted = (token_losses > 0).astype("float32")
+                # PaddleNLP returns sum(loss * counted) (= 0) when nothing is counted: dividing by max(count, 1)
+                # gives the same without the `if count == 0` host sync.
+                return (token_losses * counted).sum() / counted.sum().clip(min=1.0)
+            counted = (masked_lm_labels != self.ignore_index).astype("float32").unsqueeze(-1)
+            return (token_losses * counted).sum() / counted.sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-family replacements. Each ``_apply_<family>`` returns the replacements it made, as readable strings.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RotaryTables:
+    """Rotary tables indexed by position: ``cos`` and ``sign_folded_sin``, both ``[positions, rotated features]``."""
+
+    cos: paddle.Tensor
+    sign_folded_sin: paddle.Tensor
+
+    def lookup(self, position_ids: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """Gather rows for integer ``position_ids`` (any shape); an embedding lookup, ~50x faster than indexing."""
+        return F.embedding(position_ids, self.cos), F.embedding(position_ids, self.sign_folded_sin)
+
+
+class _Replacements:
+    """Collects what one ``apply_cpu_fast_paths`` call replaced, counted per component."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.counts: dict[str, int] = {}
+
+    def add(self, component: str) -> None:
+        self.counts[component] = self.counts.get(component, 0) + 1
+
+    def skip(self, component: str, reason: str) -> None:
+        logger.info("cpu fast path %s.%s not applied: %s", self.family, component, reason)
+
+    def describe(self) -> list[str]:
+        return [f"{self.family}.{component} x{count}" for component, count in self.counts.items()]
+
+
+def _bind_forward(layer: nn.Layer, forward: Callable) -> None:
+    """Replace ``layer.forward`` on this instance only (``Layer.__call__`` looks it up on the instance)."""
+    layer.forward = types.MethodType(forward, layer)
+    setattr(layer, _REPLACED_MARK, True)
+
+
+def _is_replaced(layer: nn.Layer) -> bool:
+    return getattr(layer, _REPLACED_MARK, False)
+
+
+def _is_float32(layer: nn.Layer) -> bool:
+    return all(parameter.dtype == paddle.float32 for parameter in layer.parameters())
+
+
+def _parallel_reason(config) -> str | None:
+    """Why a config is outside what the CPU paths reproduce (parallel layouts keep PaddleNLP's code), or None."""
+    for field_name in ("tensor_parallel_degree", "sep_parallel_degree", "context_parallel_degree"):
+        if getattr(config, field_name, 1) > 1:
+            return f"{field_name} > 1"
+    if getattr(config, "sequence_parallel", False):
+        return "sequence_parallel"
+    if getattr(config, "use_flash_attention", False):
+        return "use_flash_attention"
+    return None
+
+
+# ----- Llama -----
+
+
+def _rms_norm_forward(self, hidden_states):
+    """Forward of ``LlamaRMSNorm`` / ChatGLM2's ``RMSNorm`` (they differ only in the epsilon's name)."""
+    epsilon = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.epsilon
+    return rms_norm(hidden_states, self.weight, epsilon)
+
+
+def _llama_mlp_forward(self, x):
+    """``LlamaMLP.forward``: SwiGLU with the fast gated product."""
+    if self.fuse_attention_ffn:
+        gate, up = paddle.chunk(self.gate_up_fused_proj(x), 2, axis=-1)
+    else:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+    return self.down_proj(swiglu(gate, up))
+
+
+def _llama_attention_forward(
+    self,
+    hidden_states,
+    position_ids=None,
+    past_key_value=None,
+    attention_mask=None,
+    output_attentions=False,
+    use_cache=False,
+    alibi=None,
+    attn_mask_startend_row_indices=None,
+    npu_is_casual=False,
+):
+    """``LlamaAttention.forward`` for one CPU process: the same maths, with fast rotary, mask and GQA."""
+    batch, query_length, _ = hidden_states.shape
+    query = self.q_proj(hidden_states).reshape([0, 0, self.num_heads, self.head_dim])
+    key = self.k_proj(hidden_states).reshape([0, 0, self.num_key_value_heads, self.head_dim])
+    value = self.v_proj(hidden_states).reshape([0, 0, self.num_key_value_heads, self.head_dim])
+
+    tables: _RotaryTables = self._paddle_llm_rotary_tables
+    if position_ids is None:  # PaddleNLP's pipeline path: positions 0..kv_len-1, sliced to the query length
+        cos, sin = tables.cos[None, :query_length], tables.sign_folded_sin[None, :query_length]
+    else:
+        cos, sin = tables.lookup(position_ids)  # [b, s, head_dim]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    query = apply_rotary(query, cos, sin, swap_halves)
+    key = apply_rotary(key, cos, sin, swap_halves)
+
+    if past_key_value is not None:
+        key = paddle.concat([past_key_value[0], key], axis=1)
+        value = paddle.concat([past_key_value[1], value], axis=1)
+    present = (key, value) if use_cache else None
+
+    key_length = key.shape[1]
+    if attention_mask is None:
+        attention_mask = _additive_upper_triangle_mask(batch, query_length, key_length, query.dtype)
+    elif attention_mask.shape[0] != 1:
+        attention_mask = attention_mask.reshape([batch, 1, query_length, key_length])
+    context, probabilities = masked_attention(
+        query.transpose([0, 2, 1, 3]),
+        key.transpose([0, 2, 1, 3]),
+        value.transpose([0, 2, 1, 3]),
+        attention_mask,
+        query_scale=1.0 / math.sqrt(self.head_dim),
+    )
+    attention_output = self.o_proj(context.transpose([0, 2, 1, 3]).reshape([batch, query_length, -1]))
+
+    outputs = (attention_output,)
+    if output_attentions:
+        outputs += (probabilities,)
+    if use_cache:
+        outputs += (present,)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def _llama_attention_unsupported(attention, config) -> str | None:
+    from paddlenlp.transformers.llama import modeling as llama_modeling
+
+    reason = _parallel_reason(config)
+    if reason:
+        return reason
+    if attention.fuse_attention_qkv:
+        return "fuse_attention_qkv"
+    if not config.rope or config.use_long_sequence_strategies or attention.use_fused_rope:
+        return "rotary embedding is not PaddleNLP's cached LlamaRotaryEmbedding"
+    if type(attention.rotary_emb).forward is not llama_modeling.LlamaRotaryEmbedding.forward:
+        return f"{type(attention.rotary_emb).__name__} recomputes its tables per call"
+    if config.alibi:
+        return "alibi"
+    if attention.kv_indices is not None or attention.reshard_layer is not None:
+        return "split key/value heads"
+    if config.recompute and config.recompute_granularity == "core_attn":
+        return "core_attn recompute lives inside PaddleNLP's attention"
+    return None
+
+
+def _llama_rotary_tables(rotary_embedding) -> _RotaryTables:
+    cos = rotary_embedding.cos_cached.squeeze([0, 2])  # [positions, head_dim]
+    return _RotaryTables(cos=cos, sign_folded_sin=sign_folded_sin_halves(rotary_embedding.sin_cached.squeeze([0, 2])))
+
+
+def _apply_llama(model: nn.Layer) -> list[str]:
+    from paddlenlp.transformers.llama import modeling as llama_modeling
+
+    replaced = _Replacements("llama")
+    for layer in model.sublayers(include_self=True):
+        if _is_replaced(layer):
+            continue
+        config = getattr(layer, "config", None)
+        if isinstance(layer, llama_modeling.LlamaRMSNorm):
+            if config.use_fused_rms_norm or not _is_float32(layer):
+                replaced.skip("rms_norm", "fused RMSNorm requested or not fp32")
+                continue
+            _bind_forward(layer, _rms_norm_forward)
+            replaced.add("rms_norm")
+        elif isinstance(layer, llama_modeling.LlamaMLP):
+            # Only the elementwise gate changes, so every projection layout (fused, tensor parallel) is covered.
+            _bind_forward(layer, _llama_mlp_forward)
+            replaced.add("mlp_swiglu")
+        elif isinstance(layer, llama_modeling.LlamaAttention):
+            reason = _llama_attention_unsupported(layer, config) or (None if _is_float32(layer) else "not fp32")
+            if reason:
+                replaced.skip("attention_rotary_mask", reason)
+                continue
+            layer._paddle_llm_rotary_tables = _llama_rotary_tables(layer.rotary_emb)
+            _bind_forward(layer, _llama_attention_forward)
+            replaced.add("attention_rotary_mask")
+        elif isinstance(layer, llama_modeling.LlamaForCausalLM):
+            criterion = layer.criterion
+            if isinstance(criterion, CausalLMLoss):
+                continue
+            if criterion.enable_parallel_cross_entropy or _parallel_reason(layer.config):
+                replaced.skip("loss", "parallel cross entropy")
+                continue
+            layer.criterion = CausalLMLoss(ignore_index=criterion.ignore_index, count_positive_losses=True)
+            replaced.add("loss")
+    return replaced.describe()
+
+
+# ----- ChatGLM-6B (v1) -----
+
+
+def _layer_norm_forward(self, x):
+    """``nn.LayerNorm.forward`` with the fast backward."""
+    return layer_norm(x, self.weight, self.bias, self._epsilon)
+
+
+class _ChatGLMRotaryTables(nn.Layer):
+    """Replaces ChatGLM-6B's ``RotaryEmbeddings``: returns cos and sign-folded sin for the whole head, packed.
+
+    PaddleNLP's returns ``[2 (position/block), 2 (cos/sin), s, b, 1, head_dim/2]`` for its attention to slice and
+    rotate each half; ours returns ``[2 (cos/sign-folded sin), s, b, 1, head_dim]`` (the position half, then the
+    block half) for ``_chatglm_attention_forward``, which rotates the whole head in one pass.
+    """
+
+    def __init__(self, inv_freq: paddle.Tensor, position_encoding_2d: bool, positions: int):
+        super().__init__()
+        self.inv_freq = inv_freq
+        self.position_encoding_2d = position_encoding_2d
+        self._tables = self._build(positions)
+
+    def _build(self, positions: int) -> _RotaryTables:
+        # Same ops as PaddleNLP's RotaryEmbeddings.forward, so the values are identical.
+        steps = paddle.arange(start=0, end=positions, dtype="float32")
+        frequencies = paddle.einsum("i,j->ij", steps, self.inv_freq)
+        angles = paddle.concat([frequencies, frequencies], axis=-1)
+        return _RotaryTables(cos=angles.cos(), sign_folded_sin=sign_folded_sin_halves(angles.sin()))
+
+    def forward(self, position_ids):
+        # Grow for positions past max_sequence_length as PaddleNLP does; a static graph keeps the tables it has.
+        if paddle.in_dynamic_mode():
+            positions_needed = int(position_ids.max()) + 1
+            if positions_needed > self._tables.cos.shape[0]:
+                self._tables = self._build(positions_needed)
+        if self.position_encoding_2d:  # position_ids [b, 2, s]: token positions, then block positions
+            cos_position, sin_position = self._tables.lookup(position_ids[:, 0, :].transpose([1, 0]))
+            cos_block, sin_block = self._tables.lookup(position_ids[:, 1, :].transpose([1, 0]))
+            cos = paddle.concat([cos_position, cos_block], axis=-1)
+            sin = paddle.concat([sin_position, sin_block], axis=-1)
+        else:
+            cos, sin = self._tables.lookup(position_ids.transpose([1, 0]))
+        return paddle.stack([cos, sin]).unsqueeze(3)  # [2, s, b, 1, head_dim]
+
+
+def _chatglm_attention_forward(
+    self, hidden_states, attention_mask, position_ids, use_cache=False, cache=None, layer_id=0, rotary_embeds=None
+):
+    """``ChatGLMAttention.forward`` (non-flash path) with one-pass 2-D rotary and the fast mask/softmax."""
+    query_length, batch = hidden_states.shape[:2]
+    mixed = self.query_key_value(hidden_states).reshape(
+        [query_length, batch, self.num_attention_heads, self.attention_head_size * 3]
+    )
+    query, key, value = paddle.split(mixed, 3, axis=-1)
+    swap = partial(swap_halves, blocks=2 if self.position_encoding_2d else 1)
+    cos, sin = rotary_embeds[0], rotary_embeds[1]
+    query = apply_rotary(query, cos, sin, swap)
+    key = apply_rotary(key, cos, sin, swap)
+
+    if cache is not None:
+        key = paddle.concat([cache[0], key], axis=0)
+        value = paddle.concat([cache[1], value], axis=0)
+    cache_kv = (key, value) if use_cache else None
+
+    scale_coefficient = float(layer_id) + 1.0
+    context, probabilities = masked_attention(
+        query.transpose([1, 2, 0, 3]),
+        key.transpose([1, 2, 0, 3]),
+        value.transpose([1, 2, 0, 3]),
+        attention_mask,
+        query_scale=1.0 / (math.sqrt(self.attention_head_size) * scale_coefficient) if self.attention_scale else 1.0,
+        score_multiplier=scale_coefficient,
+    )
+    context = context.transpose([2, 0, 1, 3]).reshape([query_length, batch, -1])
+    return self.dense(context), cache_kv, probabilities
+
+
+def _apply_chatglm(model: nn.Layer) -> list[str]:
+    from paddlenlp.transformers.chatglm import modeling as chatglm_modeling
+
+    replaced = _Replacements("chatglm")
+    for layer in model.sublayers(include_self=True):
+        if isinstance(layer, chatglm_modeling.ChatGLMStack):
+            stack = layer
+            if isinstance(stack.rotary_embeddings, _ChatGLMRotaryTables):
+                continue
+            reason = _parallel_reason(stack.config) or (None if _is_float32(stack) else "not fp32")
+            if stack.config.use_long_sequence_strategies:
+                reason = "use_long_sequence_strategies"
+            if reason:
+                replaced.skip("attention_rotary_mask", reason)
+                continue
+            stack.rotary_embeddings = _ChatGLMRotaryTables(
+                stack.rotary_embeddings.inv_freq, stack.position_encoding_2d, stack.config.max_sequence_length
+            )
+            norms = [stack.final_layernorm]
+            for block in stack.layers:
+                _bind_forward(block.attention, _chatglm_attention_forward)
+                replaced.add("attention_rotary_mask")
+                norms += [block.input_layernorm, block.post_attention_layernorm]
+                if stack.config.activation != "geglu":
+                    block.mlp.activation = tanh_gelu
+                    replaced.add("mlp_gelu")
+            for norm in norms:
+                _bind_forward(norm, _layer_norm_forward)
+                replaced.add("layer_norm")
+    return replaced.describe()
+
+
+# ----- ChatGLM2 -----
+
+
+class _ChatGLM2RotaryTables(nn.Layer):
+    """Replaces ChatGLM2's ``RotaryEmbedding``: a cached ``[positions, 2, head_dim]`` table (cos, sign-folded sin).
+
+    PaddleNLP recomputes ``[positions, rotary_dim/2, 2]`` (cos, sin) on every forward and rotates the first
+    ``rotary_dim`` features in interleaved pairs, passing the rest through. Our table spans the whole head: cos = 1
+    and sin = 0 on the pass-through features, so ``x * cos + swap_pairs(x) * sin`` leaves them exactly unchanged and
+    the attention needs no slice or concat. ``ChatGLMv2Model.forward`` indexes and transposes it by position as
+    before, handing ``_chatglm2_attention_forward`` a ``[s, b, 2, head_dim]`` tensor.
+    """
+
+    def __init__(self, original: nn.Layer, head_dim: int, positions: int):
+        super().__init__()
+        # Keep the original's inv_freq buffer so the state dict keeps the keys checkpoints have.
+        self.register_buffer("inv_freq", original.inv_freq)
+        self.rotary_pairs = original.dim // 2
+        self.head_dim = head_dim
+        self._table = self._build(positions)
+
+    def _build(self, positions: int) -> paddle.Tensor:
+        # Same ops as RotaryEmbedding.forward_impl (n_elem = 2 * rotary_pairs), so the angles are identical.
+        n_elem = 2 * self.rotary_pairs
+        theta = 1.0 / (10000 ** (paddle.arange(0, n_elem, 2, dtype="float32") / n_elem))
+        angles = paddle.outer(paddle.arange(0, positions, dtype="float32"), theta).astype("float32")
+        cos_pairs = paddle.repeat_interleave(paddle.cos(angles), 2, axis=-1)
+        sin = paddle.sin(angles)
+        sign_folded_sin_pairs = paddle.stack([-sin, sin], axis=-1).reshape([positions, n_elem])
+        pass_through = self.head_dim - n_elem
+        cos = paddle.concat([cos_pairs, paddle.ones([positions, pass_through], dtype="float32")], axis=-1)
+        sin = paddle.concat([sign_folded_sin_pairs, paddle.zeros([positions, pass_through], dtype="float32")], axis=-1)
+        return paddle.stack([cos, sin], axis=1)
+
+    def forward(self, max_seq_len, offset=0):
+        if max_seq_len > self._table.shape[0]:
+            self._table = self._build(max_seq_len)
+        return self._table[:max_seq_len]
+
+
+def _chatglm2_attention_forward(
+    self, hidden_states, attention_mask, rotary_pos_emb, kv_cache=None, use_cache=True, output_attentions=False
+):
+    """``SelfAttention.forward`` (non-flash, no sequence parallel) with pair-swap rotary and grouped MQA."""
+    query_length, batch = hidden_states.shape[:2]
+    head_dim = self.hidden_size_per_attention_head
+    query, key, value = self.query_key_value(hidden_states).split(
+        [
+            self.num_attention_heads_per_partition * head_dim,
+            head_dim * self.num_multi_query_groups_per_partition,
+            head_dim * self.num_multi_query_groups_per_partition,
+        ],
+        axis=-1,
+    )
+    query = query.reshape([0, 0, self.num_attention_heads_per_partition, head_dim])
+    key = key.reshape([0, 0, self.num_multi_query_groups_per_partition, head_dim])
+    value = value.reshape([0, 0, self.num_multi_query_groups_per_partition, head_dim])
+
+    if rotary_pos_emb is not None:  # [s, b, 2, head_dim] from _ChatGLM2RotaryTables
+        rotary = rotary_pos_emb[:query_length]
+        cos, sin = rotary[:, :, 0:1, :], rotary[:, :, 1:2, :]
+        swap = partial(swap_pairs, permutation=self._paddle_llm_pair_swap)
+        query = apply_rotary(query, cos, sin, swap)
+        key = apply_rotary(key, cos, sin, swap)
+
+    if use_cache:
+        if kv_cache is not None:
+            key = paddle.concat((kv_cache[0], key), axis=0)
+            value = paddle.concat((kv_cache[1], value), axis=0)
+        kv_cache = (key, value)
+    else:
+        kv_cache = None
+
+    core = self.core_attention
+    context, _ = masked_attention(
+        query.transpose([1, 2, 0, 3]),
+        key.transpose([1, 2, 0, 3]),
+        value.transpose([1, 2, 0, 3]),
+        attention_mask,
+        score_scale=1.0 / core.norm_factor,
+        score_multiplier=core.coeff,
+    )
+    context = context.transpose([2, 0, 1, 3]).reshape([query_length, batch, core.hidden_size_per_partition])
+    return self.dense(context), kv_cache
+
+
+def _chatglm2_mlp_forward(self, hidden_states):
+    """ChatGLM2 ``MLP.forward``: the fused up/gate projection split in two, then the fast SwiGLU."""
+    gate, up = paddle.chunk(self.dense_h_to_4h(hidden_states), 2, axis=-1)
+    return self.dense_4h_to_h(swiglu(gate, up))
+
+
+def _apply_chatglm2(model: nn.Layer) -> list[str]:
+    from paddlenlp.transformers.chatglm_v2 import modeling as chatglm2_modeling
+
+    replaced = _Replacements("chatglm2")
+    for layer in model.sublayers(include_self=True):
+        if _is_replaced(layer):
+            continue
+        config = getattr(layer, "config", None)
+        if isinstance(layer, chatglm2_modeling.RMSNorm):
+            if not _is_float32(layer):
+                replaced.skip("rms_norm", "not fp32")
+                continue
+            _bind_forward(layer, _rms_norm_forward)
+            replaced.add("rms_norm")
+        elif isinstance(layer, chatglm2_modeling.MLP):
+            if layer.dense_h_to_4h.weight.shape[-1] % 2 or not _is_float32(layer):
+                replaced.skip("mlp_swiglu", "unexpected projection shape or not fp32")
+                continue
+            _bind_forward(layer, _chatglm2_mlp_forward)
+            replaced.add("mlp_swiglu")
+        elif isinstance(layer, chatglm2_modeling.ChatGLMv2Model):
+            reason = _parallel_reason(config) or (None if _is_float32(layer) else "not fp32")
+            if config.use_long_sequence_strategies:
+                reason = "use_long_sequence_strategies"
+            if config.attention_dropout:
+                reason = "attention dropout"
+            if reason:
+                replaced.skip("attention_rotary_mask", reason)
+                continue
+            attentions = [block.self_attention for block in layer.encoder.layers]
+            head_dim = attentions[0].hidden_size_per_attention_head
+            rotary = _ChatGLM2RotaryTables(layer.rotary_pos_emb, head_dim, config.max_sequence_length)
+            layer.rotary_pos_emb = rotary
+            permutation = pair_swap_matrix(head_dim, 2 * rotary.rotary_pairs)
+            for attention in attentions:
+                attention._paddle_llm_pair_swap = permutation
+                _bind_forward(attention, _chatglm2_attention_forward)
+                replaced.add("attention_rotary_mask")
+            setattr(layer, _REPLACED_MARK, True)
+        elif isinstance(layer, chatglm2_modeling.ChatGLMv2ForCausalLM):
+            if isinstance(layer.criterion, CausalLMLoss):
+                continue
+            if config.tensor_parallel_degree > 1 and config.tensor_parallel_output:
+                replaced.skip("loss", "parallel cross entropy")
+                continue
+            layer.criterion = CausalLMLoss(ignore_index=-100, count_positive_losses=False)
+            replaced.add("loss")
+    return replaced.describe()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point.
+# ---------------------------------------------------------------------------------------------------------------
+
+_FAMILY_APPLIERS: dict[str, Callable[[nn.Layer], list[str]]] = {
+    "llama": _apply_llama,
+    "chatglm": _apply_chatglm,
+    "chatglm2": _apply_chatglm2,
+}
+
+
+def model_is_on_cpu(model: nn.Layer) -> bool:
+    """True when the model's parameters live on CPU (the device check ``apply_cpu_fast_paths`` relies on)."""
+    parameters = model.parameters()
+    if parameters:
+        return parameters[0].place.is_cpu_place()
+    return paddle.device.get_device() == "cpu"
+
+
+# PaddleNLP module of each family's classes; the first layer found in one names the family (so wrappers such as a
+# LoRA model are recognised through the model they wrap).
+_FAMILY_MODULES = (
+    ("paddlenlp.transformers.llama.", "llama"),
+    ("paddlenlp.transformers.chatglm_v2.", "chatglm2"),
+    ("paddlenlp.transformers.chatglm.", "chatglm"),
+)
+
+
+def _family_of_model(model: nn.Layer) -> str | None:
+    for layer in model.sublayers(include_self=True):
+        module = type(layer).__module__ + "."
+        for prefix, family in _FAMILY_MODULES:
+            if module.startswith(prefix):
+                return family
+    return None
+
+
+def to_static_for_cpu_training(model_or_function):
+    """Compile a model (or a loss function) with ``paddle.jit.to_static`` the way that works for these models.
+
+    Apply it after ``apply_cpu_fast_paths``. It uses full-graph (AST) mode: the default bytecode (SOT) mode, which
+    PaddleNLP's ``--to_static`` flag uses, fails on the tensor-parallel probe in Llama's LM head. Gradients flow
+    through the compiled program, so the optimizer step is unchanged, and the state dict keeps its keys.
+
+    Whether it pays (``benchmarks/cpu_train_speed.py --to_static``): only for tiny models on long runs. On the
+    64/2 Llama it removed ~30% of the step (the Python cost of small ops); from 256/4 up it was no faster or slower
+    than the fast dygraph paths; and the first call spends ~5 s compiling. So the trainer does not use it by default.
+
+    Args:
+        model_or_function: a ``paddle.nn.Layer`` (its ``forward`` is compiled) or a function of tensors.
+
+    Returns:
+        The compiled layer or function.
+    """
+    return paddle.jit.to_static(model_or_function, full_graph=True)
+
+
+def apply_cpu_fast_paths(model: nn.Layer) -> list[str]:
+    """Swap in the CPU implementations of a PaddleNLP Llama / ChatGLM / ChatGLM2 model's hot composites.
+
+    Call it once after building (or loading) the model and before training or ``paddle.jit.to_static``. It changes
+    only this model instance; the state dict, saved checkpoints and outputs are unchanged (values within 1e-5).
+
+    Args:
+        model: a PaddleNLP ``LlamaForCausalLM`` / ``ChatGLMForCausalLM`` / ``ChatGLMv2ForCausalLM`` (or its base
+            model).
+
+    Returns:
+        The replacements made, e.g. ``["llama.rms_norm x9", "llama.attention_rotary_mask x4", ...]``; empty when
+        the model is not on CPU, not one of the three families, or already converted. Components left to PaddleNLP
+        (parallel layouts, flash attention, non-fp32) are logged at INFO level with the reason.
+    """
+    if not model_is_on_cpu(model):
+        return []
+    family = _family_of_model(model)
+    if family is None:
+        logger.info("cpu fast paths: %s is not a llama/chatglm/chatglm2 model; left unchanged", type(model).__name__)
+        return []
+    return _FAMILY_APPLIERS[family](model)

@@ -1,0 +1,102 @@
+"""LoRA through PaddleNLP's ``LoRAModel``, with per-family target layers and a merge back into a plain model."""
+
+from __future__ import annotations
+
+import os
+import re
+
+# The linear layers LoRA adapts by default, per family: every attention and MLP projection, as PaddleNLP's
+# llm/utils.get_lora_target_modules chooses them (module names as the PaddleNLP model classes spell them).
+LORA_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "chatglm": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    "chatglm2": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+}
+_REGEX_CHARACTERS = set(".*+?[](){}|^$\\")
+
+
+def target_patterns(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Turn layer names into the full-match regular expressions ``LoRAConfig.target_modules`` takes.
+
+    A plain name (``q_proj``) matches that layer in every block and nothing else (``dense`` does not also match
+    ``dense_h_to_4h``); anything with regex characters is used as written.
+    """
+    return [name if set(name) & _REGEX_CHARACTERS else rf".*\.{re.escape(name)}" for name in names]
+
+
+def default_lora_alpha(rank: int) -> int:
+    """PaddleNLP's fine-tuning script fixed ``lora_alpha`` at twice the rank (scaling 2.0); ours is the default."""
+    return 2 * rank
+
+
+def _linear_layer_names(model) -> list[str]:
+    import paddle
+
+    return [name for name, layer in model.named_sublayers() if isinstance(layer, paddle.nn.Linear)]
+
+
+def load_lora(model, lora_path: str):
+    """Wrap ``model`` with the LoRA adapter saved in ``lora_path`` (its own rank, alpha and targets); only it trains.
+
+    Raises:
+        FileNotFoundError: ``lora_path`` is not a saved adapter.
+    """
+    from paddlenlp.peft import LoRAModel
+
+    if not os.path.isfile(os.path.join(lora_path, "lora_config.json")):
+        raise FileNotFoundError(f"--lora_path {lora_path!r} has no lora_config.json; pass the directory a LoRA run saved")
+    lora_model = LoRAModel.from_pretrained(model, lora_path)
+    lora_model.mark_only_lora_as_trainable()
+    return lora_model
+
+
+def apply_lora(model, family_name: str, rank: int, alpha: int | None = None, target_modules=None):
+    """Wrap ``model`` with new LoRA adapters; only the adapters train.
+
+    Args:
+        model: a PaddleNLP causal LM.
+        family_name: picks the default targets (``LORA_TARGET_MODULES``).
+        rank: LoRA rank r.
+        alpha: scaling numerator; None means ``default_lora_alpha(rank)``.
+        target_modules: layer names or regexes overriding the family default.
+
+    Returns:
+        A ``paddlenlp.peft.LoRAModel``.
+
+    Raises:
+        ArgumentError: the targets match no linear layer (the message lists the layers there are).
+    """
+    from paddlenlp.peft import LoRAConfig, LoRAModel
+
+    from paddle_llm.config.parser import ArgumentError
+
+    names = list(target_modules or LORA_TARGET_MODULES[family_name])
+    patterns = target_patterns(names)
+    linear = _linear_layer_names(model)
+    if not any(re.fullmatch(p, name) for p in patterns for name in linear):
+        short = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        raise ArgumentError(f"--lora_target_modules {' '.join(names)} matches no linear layer of this {family_name} model; its layers are: {', '.join(short)}")
+    config = LoRAConfig(
+        target_modules=patterns,
+        r=rank,
+        lora_alpha=alpha if alpha is not None else default_lora_alpha(rank),
+        merge_weights=False,
+        tensor_parallel_degree=getattr(model.config, "tensor_parallel_degree", 1),
+        dtype=getattr(model.config, "dtype", None) or "float32",
+        base_model_name_or_path=getattr(model.config, "_name_or_path", None),
+    )
+    lora_model = LoRAModel(model, config)
+    lora_model.mark_only_lora_as_trainable()
+    return lora_model
+
+
+def merge_lora(lora_model):
+    """Fold the adapters into the base weights (``W + A @ B * scaling``) and return the plain model.
+
+    The ``LoRAModel`` is consumed: its layers are swapped back for ``nn.Linear`` holding the merged weights.
+    """
+    lora_model.merge()
+    model = lora_model.restore_original_model()
+    for parameter in model.parameters():
+        parameter.stop_gradient = False
+    return model

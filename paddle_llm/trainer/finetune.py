@@ -1,0 +1,353 @@
+"""The fine-tuning recipe behind ``finetune_generation.py`` and ``paddle-llm finetune``.
+
+setup:   parse PaddleNLP's fine-tune flags, validate everything, apply CPU fallbacks (before any process group exists).
+prepare: build the model (full, LoRA or prefix), the data (padded or packed) and the trainer (AdamW, SGD or LOMO).
+fit:     train, resuming from the last complete checkpoint; save; evaluate (loss, and exact match with generation);
+         merge a LoRA adapter into the model when asked.
+
+Example (the seed's single-device LoRA command, on CPU):
+  python finetune_generation.py --model_name_or_path MODEL_DIR --dataset_name_or_path DATA_DIR --output_dir out \\
+      --do_train --do_eval --lora True --r 8 --learning_rate 3e-4 --device cpu
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Mapping
+
+from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
+from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision
+from paddle_llm.data.jsonl import DataError
+from paddle_llm.models.registry import ModelSource, resolve_model
+from paddle_llm.trainer.pretrain import EXIT_BAD_CONFIG, log
+
+TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
+MERGED_DIR = "merged"
+MAX_SKIPPED_SHOWN = 5
+
+
+@dataclass
+class FinetuneSetup:
+    parsed: ParsedArgs
+    source: ModelSource
+    warnings: list[str]
+
+
+def _dataclass_types():
+    from paddle_llm.config.arguments import FinetuneArguments, FinetuneDataArguments, ModelArguments, PeftArguments
+
+    return ModelArguments, FinetuneDataArguments, PeftArguments, FinetuneArguments
+
+
+def _world_size() -> int:
+    return int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+
+
+def known_optimizers() -> tuple[str, ...]:
+    from paddlenlp.trainer.training_args import OptimizerNames
+
+    from paddle_llm.config.arguments import OWN_OPTIMIZERS
+
+    return tuple(name.value for name in OptimizerNames) + OWN_OPTIMIZERS
+
+
+def check_finetune(values: Mapping, world_size: int) -> list[str]:
+    """The fine-tuning rules: a pure function of the flag values and the world size, every problem reported.
+
+    PaddleNLP's own rules (prefix tuning and generation-based evaluation do not run with pipeline parallel) are
+    here so they fail before launch instead of deep inside the first step.
+    """
+    from paddle_llm.config.arguments import SFT_DATA_FORMATS
+
+    errors = []
+    pp = int(values.get("pipeline_parallel_degree") or 1)
+    tp = int(values.get("tensor_parallel_degree") or 1)
+    generation = values.get("eval_with_do_generation") or values.get("do_generation")
+    if values.get("lora") and values.get("prefix_tuning"):
+        errors.append("--lora and --prefix_tuning are exclusive: choose one adapter type")
+    if values.get("prefix_tuning") and pp > 1:
+        errors.append(f"--prefix_tuning does not run with --pipeline_parallel_degree {pp} (PaddleNLP's prefix model refuses pipeline models); use tensor or data parallel")
+    if generation and pp > 1:
+        errors.append(f"generation-based evaluation (--eval_with_do_generation/--do_generation) does not run with --pipeline_parallel_degree {pp}; turn it off or drop pipeline parallel")
+    if values.get("lora_path") and not values.get("lora"):
+        errors.append("--lora_path loads a LoRA adapter: add --lora True")
+    if values.get("prefix_path") and not values.get("prefix_tuning"):
+        errors.append("--prefix_path loads a prefix: add --prefix_tuning True")
+    if values.get("merge_weights") and not values.get("lora"):
+        errors.append("--merge_weights folds a LoRA adapter into the model: it needs --lora True")
+    if values.get("lora") and int(values.get("r") or 0) < 1:
+        errors.append(f"--r {values.get('r')}: the LoRA rank must be at least 1")
+    if values.get("prefix_tuning") and int(values.get("num_prefix_tokens") or 0) < 1:
+        errors.append(f"--num_prefix_tokens {values.get('num_prefix_tokens')}: must be at least 1")
+    if values.get("data_format") not in SFT_DATA_FORMATS:
+        errors.append(f"--data_format {values.get('data_format')!r} must be one of {', '.join(SFT_DATA_FORMATS)}")
+    src_length = int(values.get("src_length") or 0)
+    max_length = int(values.get("max_length") or src_length + int(values.get("tgt_length") or 0))
+    if src_length < 1:
+        errors.append(f"--src_length {src_length}: must be at least 1")
+    elif max_length <= src_length:
+        errors.append(f"--max_length {max_length} leaves no room for a reply after --src_length {src_length}: raise --max_length (or --tgt_length)")
+    optimizer = str(values.get("optim"))
+    if optimizer not in known_optimizers():
+        errors.append(f"--optim {optimizer!r} must be one of {', '.join(known_optimizers())}")
+    if optimizer == "lomo":
+        accumulation = int(values.get("gradient_accumulation_steps") or 1)
+        if accumulation > 1:
+            errors.append(f"--optim lomo updates inside backward and keeps no gradients, so --gradient_accumulation_steps {accumulation} cannot work: use 1 and a larger batch")
+        if world_size > 1 or tp > 1 or pp > 1:
+            errors.append("--optim lomo runs in one process here (its updates happen inside backward, before any all-reduce could); launch a single device")
+    if (values.get("do_train") or values.get("do_eval")) and not values.get("dataset_name_or_path"):
+        errors.append(f"--dataset_name_or_path is required with --do_train/--do_eval: a directory holding {TRAIN_FILE} and {DEV_FILE}")
+    return errors
+
+
+def check_dataset_files(values: Mapping) -> list[str]:
+    """The data directory holds the files the run will read (checked before any model is built)."""
+    directory = values.get("dataset_name_or_path")
+    if not directory or not (values.get("do_train") or values.get("do_eval")):
+        return []
+    if not os.path.isdir(directory):
+        return [f"--dataset_name_or_path {directory}: not a directory. paddle_llm never downloads datasets: pass a local directory holding {TRAIN_FILE} and {DEV_FILE} (jsonl)"]
+    needed = ([TRAIN_FILE] if values.get("do_train") else []) + ([DEV_FILE] if values.get("do_eval") else [])
+    return [f"{os.path.join(directory, name)}: missing (needed by --{'do_train' if name == TRAIN_FILE else 'do_eval'})" for name in needed if not os.path.isfile(os.path.join(directory, name))]
+
+
+def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSource) -> list[str]:
+    """The checks every recipe makes: model type, device, precision, parallel layout."""
+    import paddle
+
+    errors = []
+    if values.get("model_type") and values["model_type"] not in (source.family.name,) + source.family.model_types:
+        errors.append(f"--model_type {values['model_type']} does not match the model's config ({source.family.name})")
+    model_fields = dict(source.config_fields)
+    if values.get("num_hidden_layers"):
+        model_fields["num_hidden_layers"] = values["num_hidden_layers"]
+    errors += check_device(values, paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
+    errors += check_precision(values, explicit)
+    errors += check_parallel(values, model_fields, _world_size(), pipeline_supported=source.family.pipe_model_class is not None)
+    return errors
+
+
+def setup(argv: list[str]) -> FinetuneSetup:
+    """Parse and validate; nothing distributed or heavy happens here.
+
+    Raises:
+        ArgumentError: bad flags or configuration (every problem found, one per line).
+    """
+    parsed = parse_flags(argv, _dataclass_types())
+    values = parsed.as_dict()
+    try:
+        source = resolve_model(values["model_name_or_path"])
+    except (FileNotFoundError, ValueError) as err:
+        raise ArgumentError(f"--model_name_or_path: {err}") from None
+    errors = check_model_and_runtime(values, parsed.explicit, source)
+    errors += check_finetune(values, _world_size())
+    errors += check_dataset_files(values)
+    if errors:
+        raise ArgumentError("\n".join(errors))
+    warnings = apply_cpu_fallbacks(values)
+    if values.get("optim") == "lomo" and values.get("fp16"):
+        raise ArgumentError("--optim lomo has no fp16 loss scaling here (each update happens before an overflow check could run): use --bf16, or float32")
+    for name, value in values.items():
+        parsed.set(name, value)
+    return FinetuneSetup(parsed, source, warnings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in (["-h"], ["--help"]):
+        print(__doc__ + "\nFlags are PaddleNLP's finetune_generation.py flags; see README 'Fine-tuning'.")
+        return 0
+    try:
+        plan = setup(argv)
+    except ArgumentError as err:
+        for line in str(err).splitlines():
+            print(f"paddle-llm finetune: error: {line}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    for warning in plan.warnings:
+        log(f"warning: {warning}")
+    from paddle_llm.trainer.health import NumericalHealthError, print_health_error
+
+    try:
+        return fit(plan)
+    except (DataError, FileNotFoundError, ArgumentError) as err:
+        print(f"paddle-llm finetune: error: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except NumericalHealthError as err:
+        return print_health_error(err, "paddle-llm finetune")
+
+
+def resume_checkpoint(training_args) -> str | None:
+    """The checkpoint to resume from: ``--resume_from_checkpoint``, else the last complete one in ``output_dir``
+    (unless ``--overwrite_output_dir``); half-written checkpoints a crash left are removed first."""
+    import paddle
+
+    from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
+
+    resume_from = training_args.resume_from_checkpoint
+    if training_args.do_train and not training_args.overwrite_output_dir and resume_from is None:
+        if training_args.process_index == 0:
+            for path in remove_incomplete_checkpoints(training_args.output_dir):
+                log(f"removed {path}: its save never finished (crash mid-save)")
+        if paddle.distributed.get_world_size() > 1:
+            paddle.distributed.barrier()
+        resume_from = latest_complete_checkpoint(training_args.output_dir)
+        if resume_from:
+            log(f"resuming from {resume_from} (pass --overwrite_output_dir to start over)")
+    return resume_from
+
+
+def apply_peft(model, family_name: str, peft_args):
+    """Wrap the model for LoRA or prefix tuning (or return it unchanged), and log what trains."""
+    from paddle_llm.peft.lora import apply_lora, load_lora
+    from paddle_llm.peft.prefix import apply_prefix
+
+    if peft_args.lora and peft_args.lora_path:
+        model = load_lora(model, peft_args.lora_path)
+    elif peft_args.lora:
+        model = apply_lora(model, family_name, peft_args.r, peft_args.lora_alpha, peft_args.lora_target_modules)
+    elif peft_args.prefix_tuning:
+        model = apply_prefix(model, family_name, peft_args.num_prefix_tokens, peft_args.prefix_path, peft_args.prefix_projection)
+    trainable = sum(int(p.numel().item()) for p in model.parameters() if not p.stop_gradient)
+    total = sum(int(p.numel().item()) for p in model.parameters())
+    log(f"trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M ({trainable / max(1, total):.2%})")
+    return model
+
+
+def load_splits(layout, tokenizer, data_args, training_args):
+    """Train and dev splits (whichever the run needs), with a summary line each."""
+    from paddle_llm.data.sft import Limits, build_split
+
+    limits = Limits(data_args.src_length, data_args.max_seq_length)
+    splits = {}
+    for name, file_name, wanted, seed in (("train", TRAIN_FILE, training_args.do_train, training_args.seed), ("dev", DEV_FILE, training_args.do_eval, None)):
+        if not wanted:
+            continue
+        split = build_split(
+            os.path.join(data_args.dataset_name_or_path, file_name),
+            layout,
+            tokenizer,
+            limits,
+            data_format=data_args.data_format,
+            instruction_generation=data_args.instruction_generation,
+            skip_bad_lines=data_args.skip_bad_lines,
+            zero_padding=data_args.zero_padding,
+            shuffle_seed=seed,
+        )
+        log(f"data: {split.summary()}")
+        for message in split.read.skipped[:MAX_SKIPPED_SHOWN]:
+            log(f"warning: skipped {message}")
+        splits[name] = split
+    return splits
+
+
+def generation_eval(dev_split, layout, tokenizer, data_args, collator):
+    from paddle_llm.data.sft import Limits, generation_prompt
+    from paddle_llm.trainer.finetune_trainer import GenerationEval
+
+    limits = Limits(data_args.src_length, data_args.max_seq_length)
+    prompts = [generation_prompt(r, layout, tokenizer, limits, data_args.tgt_length) for r in dev_split.read.records]
+    return GenerationEval([p for p in prompts if p is not None], collator, tokenizer, data_args.tgt_length)
+
+
+def save_merged_model(lora_model, tokenizer, output_dir: str) -> str:
+    """Fold the LoRA adapter into the base weights and save a plain model under ``output_dir/merged``."""
+    from paddle_llm.peft.merge import save_model_atomically
+    from paddle_llm.peft.lora import merge_lora
+
+    target = os.path.join(output_dir, MERGED_DIR)
+    save_model_atomically(merge_lora(lora_model), tokenizer, target)
+    return target
+
+
+@dataclass
+class FinetuneRun:
+    """Everything ``prepare`` built: the trainer (holding the model), the tokenizer, the data and the arguments."""
+
+    trainer: object
+    tokenizer: object
+    splits: dict
+    tokens_per_row: float
+    peft_args: object
+    resume_from: str | None
+
+
+def prepare(plan: FinetuneSetup) -> FinetuneRun:
+    """Build the model (with its adapter), the data and the trainer, ready to train."""
+    import paddle
+    from paddlenlp.trainer import set_seed
+
+    from paddle_llm.data.sft import SftCollator, family_layout
+    from paddle_llm.trainer.finetune_trainer import FinetuneMetricsCallback, FinetuneTrainer, criterion_for
+    from paddle_llm.trainer.health import NumericalHealthCallback
+    from paddle_llm.trainer.pretrain import build_model_and_tokenizer
+
+    if _world_size() > 1:
+        from paddle_llm.parallel.cpu_collectives import install_cpu_collectives
+
+        # as in pretraining: before TrainingArguments (fleet.init) and the model, since gloo lacks ops fleet calls
+        install_cpu_collectives(plan.parsed.value("device"))
+    model_args, data_args, peft_args, training_args = plan.parsed.build(_dataclass_types())
+    paddle.set_device(training_args.device)
+    set_seed(training_args.seed)
+    for arguments, title in ((model_args, "Model"), (data_args, "Data"), (peft_args, "PEFT")):
+        training_args.print_config(arguments, title)
+    resume_from = resume_checkpoint(training_args)
+
+    family = plan.source.family
+    # Fine-tuning starts from the model's weights; a preset (or a config without weights) starts from random ones.
+    model_args.continue_training = plan.source.has_weights
+    if not plan.source.has_weights:
+        log(f"warning: {plan.source.name_or_path} has no weights: fine-tuning a randomly initialised {family.name} model")
+    model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
+    model = apply_peft(model, family.name, peft_args)
+
+    layout = family_layout(family.name, tokenizer)
+    splits = load_splits(layout, tokenizer, data_args, training_args)
+    collator = SftCollator(layout)
+    generation = None
+    if data_args.generation_eval and "dev" in splits:
+        generation = generation_eval(splits["dev"], layout, tokenizer, data_args, collator)
+    criterion = criterion_for(family.name, training_args.tensor_parallel_degree)
+    trainer = FinetuneTrainer(
+        model=model,
+        args=training_args,
+        criterion=criterion,
+        data_collator=collator,
+        train_dataset=splits["train"].dataset if "train" in splits else None,
+        eval_dataset=splits["dev"].dataset if "dev" in splits else None,
+        tokenizer=tokenizer,
+        generation=generation,
+    )
+    tokens_per_row = next(iter(splits.values())).tokens_per_row if splits else 0.0
+    trainer.add_callback(FinetuneMetricsCallback(training_args.output_dir, tokens_per_row))
+    trainer.add_callback(NumericalHealthCallback(loss_layers=(criterion,) if criterion is not None else ()))
+    return FinetuneRun(trainer, tokenizer, splits, tokens_per_row, peft_args, resume_from)
+
+
+def fit(plan: FinetuneSetup) -> int:
+    run = prepare(plan)
+    trainer, training_args = run.trainer, run.trainer.args
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=run.resume_from)
+        metrics = dict(result.metrics)
+        metrics["train_tokens_per_second"] = round(metrics.get("train_samples_per_second", 0.0) * run.tokens_per_row, 2)
+        trainer.save_model()
+        if training_args.process_index == 0:
+            run.tokenizer.save_pretrained(training_args.output_dir)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if run.peft_args.merge_weights and training_args.process_index == 0:
+        log(f"merged model written to {save_merged_model(trainer.model, run.tokenizer, training_args.output_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+python finetune_generation.py \
+--model_name_or_path facebook/llama-7b \
+--do_train \
+--do_eval \
+--num_train_epochs 2 \
+--per_device_train_batch_size 4 \
+--per_device_eval_batch_size 4 \
+--overwrite_output_dir \
+--output_dir ./checkpoints/ \
+--logging_steps 10 \
+--fp16 \
+--fp16_opt_level O2 \
+--gradient_accumulation_steps 4 \
+--recompute \
+--learning_rate 3e-2 \
+--lr_scheduler_type linear \
+--max_grad_norm 1.0 \
+--warmup_steps 20 \
+--prefix_tuning True \
+--num_prefix_tokens 64
