@@ -1,12 +1,15 @@
-"""``paddle-llm demo`` (= ``make demo``): raw text to a trained tiny Llama on a laptop CPU in a few minutes.
+"""``paddle-llm demo`` (= ``make demo``): raw text to a served, fine-tuned tiny Llama on a laptop CPU.
 
 1. preprocess the shipped corpus (paddle_llm/assets/demo_corpus.jsonl) with the shipped tokenizer;
-2. pretrain ``tiny-llama`` from scratch with the same flags run_pretrain.py takes;
-3. print the loss before and after, and a greedy sample from the trained model.
+2. pretrain ``tiny-llama`` from scratch with the same flags run_pretrain.py takes, printing the loss before and
+   after and a greedy sample;
+3. LoRA-fine-tune it on the shipped instruction task, printing held-out exact match before and after;
+4. export the merged model to a static graph (with the parity check), serve it, ask one question through the
+   official ``openai`` client and one through gRPC, print both answers, and stop the server.
 
-The demo passes when the final eval loss is below ``LOSS_TARGET`` nats, far under ln(vocab) ≈ 6.93 for a
-random model: the corpus is regular enough that a 0.8M-parameter model learns its grammar in ~200 steps
-(measured: 6.95 at step 1, 0.48 after 200 steps, ~65 s of training on 2 cores).
+Targets: the final pretraining eval loss below ``LOSS_TARGET`` nats, far under ln(vocab) ≈ 6.93 for a random
+model (measured: 6.95 at step 1, 0.48 after 200 steps, ~65 s of training on 2 cores); held-out exact match of
+the fine-tuned model at least 90% (see ``paddle_llm.demo_finetune``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 DEMO_CORPUS = os.path.join(ASSETS, "demo_corpus.jsonl")
 LOSS_TARGET = 1.0
 PROMPT = "In the morning, Ada went to"
+QUESTION = "In the evening, Mei went to the harbor with a goat. There Mei found a drum and felt proud. Where did Mei go?"
 
 
 def _banner(text: str) -> None:
@@ -59,17 +63,16 @@ def greedy_sample(model_dir: str, prompt: str, max_new_tokens: int = 40) -> str:
     return prompt + " " + tokenizer.decode(generated, skip_special_tokens=True).strip()
 
 
-def run_demo(output_dir: str, max_steps: int, show_progress: bool) -> dict:
+def pretrain_stage(output_dir: str, max_steps: int, show_progress: bool) -> dict:
     from paddle_llm.data.preprocess import preprocess
     from paddle_llm.trainer import pretrain
 
-    started = time.perf_counter()
-    _banner("1/3 preprocess the shipped corpus")
+    _banner("1/4 preprocess the shipped corpus")
     data_prefix = os.path.join(output_dir, "data", "demo_corpus")
     summary = preprocess(DEMO_CORPUS, data_prefix, "tiny-llama", append_eos=True, show_progress=show_progress)
     print(json.dumps(summary))
 
-    _banner(f"2/3 pretrain tiny-llama for {max_steps} steps on CPU")
+    _banner(f"2/4 pretrain tiny-llama for {max_steps} steps on CPU")
     model_dir = os.path.join(output_dir, "pretrain")
     flags = [
         "--model_name_or_path", "tiny-llama", "--input_dir", data_prefix, "--output_dir", model_dir,
@@ -85,37 +88,75 @@ def run_demo(output_dir: str, max_steps: int, show_progress: bool) -> dict:
         raise SystemExit(code)
     with open(os.path.join(model_dir, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
-    first_loss = next(r["loss"] for r in rows if "loss" in r)
     with open(os.path.join(model_dir, "eval_results.json"), encoding="utf-8") as f:
         eval_loss = json.load(f)["eval_loss"]
-
-    _banner("3/3 sample from the trained model")
-    sample = greedy_sample(model_dir, PROMPT)
-    result = {
-        "loss_at_step_1": round(first_loss, 3),
+    return {
+        "loss_at_step_1": round(next(r["loss"] for r in rows if "loss" in r), 3),
         "eval_loss_after": round(eval_loss, 3),
-        "ln_vocab": round(math.log(1024), 3),
-        "loss_target": LOSS_TARGET,
-        "sample": sample,
-        "seconds": round(time.perf_counter() - started, 1),
+        "sample": greedy_sample(model_dir, PROMPT),
         "model_dir": model_dir,
     }
-    return result
+
+
+def serve_stage(model_dir: str, adapter_dir: str, output_dir: str) -> dict:
+    """Export base + adapter, serve the export, and ask one question over REST (openai client) and one over gRPC."""
+    import grpc
+    from openai import OpenAI
+
+    from paddle_llm.export.command import main as export_main
+    from paddle_llm.serving import generation_pb2, generation_pb2_grpc
+    from paddle_llm.serving.process import ServerProcess
+
+    _banner("4/4 export, serve, and ask the served model")
+    export_dir = os.path.join(output_dir, "export")
+    code = export_main(["--model_name_or_path", model_dir, "--lora_path", adapter_dir, "--output_path", export_dir])
+    if code:
+        raise SystemExit(code)
+    with ServerProcess(["--model", export_dir], os.path.join(output_dir, "server.log")) as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="demo")
+        model_name = client.models.list().data[0].id
+        reply = client.chat.completions.create(
+            model=model_name, messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0
+        )
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            request = generation_pb2.GenerateRequest(
+                messages=[generation_pb2.ChatMessage(role="user", content=QUESTION)], max_tokens=8, temperature=0
+            )
+            grpc_answer = generation_pb2_grpc.TextGenerationStub(channel).Generate(request, timeout=120).text
+    return {"question": QUESTION, "rest_answer": reply.choices[0].message.content, "grpc_answer": grpc_answer, "export_dir": export_dir}
 
 
 def main(argv: list[str]) -> int:
+    from paddle_llm.demo_finetune import print_report, run_finetune_demo
+
     parser = argparse.ArgumentParser(prog="paddle-llm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_output", help="where data, checkpoints and the model go (default: demo_output)")
     parser.add_argument("--max_steps", type=int, default=200, help="pretraining steps (default: 200)")
+    parser.add_argument("--finetune_steps", type=int, default=600, help="LoRA fine-tuning steps (default: 600)")
     parser.add_argument("--disable_tqdm", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    result = run_demo(args.output_dir, args.max_steps, show_progress=not args.disable_tqdm)
-    print(f"\nloss at step 1:       {result['loss_at_step_1']:.3f}   (ln(vocab) = {result['ln_vocab']})")
-    print(f"eval loss after:      {result['eval_loss_after']:.3f}   (target < {LOSS_TARGET})")
-    print(f"sample:               {result['sample']!r}")
-    print(f"total time:           {result['seconds']} s; model saved in {result['model_dir']}")
-    if result["eval_loss_after"] >= LOSS_TARGET:
-        print(f"demo FAILED: eval loss {result['eval_loss_after']:.3f} is not below {LOSS_TARGET}", file=sys.stderr)
+    started = time.perf_counter()
+    pretrained = pretrain_stage(args.output_dir, args.max_steps, show_progress=not args.disable_tqdm)
+    print(f"\nloss at step 1:       {pretrained['loss_at_step_1']:.3f}   (ln(vocab) = {math.log(1024):.3f})")
+    print(f"eval loss after:      {pretrained['eval_loss_after']:.3f}   (target < {LOSS_TARGET})")
+    print(f"sample:               {pretrained['sample']!r}")
+
+    _banner("3/4 LoRA fine-tune on the shipped instruction task")
+    finetuned = run_finetune_demo(pretrained["model_dir"], os.path.join(args.output_dir, "finetune"), args.finetune_steps, show_progress=not args.disable_tqdm)
+    accuracy_ok = print_report(finetuned)
+
+    served = serve_stage(pretrained["model_dir"], finetuned["adapter_dir"], args.output_dir)
+    print(f"\nquestion:             {served['question']}")
+    print(f"answer over REST:     {served['rest_answer']!r}   (official openai client, /v1/chat/completions)")
+    print(f"answer over gRPC:     {served['grpc_answer']!r}")
+    print(f"total time:           {time.perf_counter() - started:.0f} s; everything is in {args.output_dir}/")
+    failures = []
+    if pretrained["eval_loss_after"] >= LOSS_TARGET:
+        failures.append(f"eval loss {pretrained['eval_loss_after']:.3f} is not below {LOSS_TARGET}")
+    if not accuracy_ok:
+        failures.append(f"held-out exact match {finetuned['accuracy_after']:.0%} is below {finetuned['target']:.0%}")
+    if failures:
+        print("demo FAILED: " + "; ".join(failures), file=sys.stderr)
         return 1
     print("demo OK")
     return 0

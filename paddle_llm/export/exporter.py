@@ -1,0 +1,206 @@
+"""Write an export directory from a checkpoint: the step graph (or FastDeploy's layout) and everything around it.
+
+``--format paddle`` directory::
+
+    model.json, model.pdiparams     one decoding step with a KV cache (see step_graph), for Paddle Inference
+    prefix_cache.pdparams           only for prefix-tuned checkpoints: the prefix as a ready-made past
+    config.json                     PaddleNLP model config
+    tokenizer files                 as the tokenizer's save_pretrained writes them
+    generation_config.json          EOS / pad / BOS ids and default sampling settings
+    paddle_llm_export.json          family, chat template, cache layout, limits, parity result
+
+``--format fastdeploy`` directory: ``model.safetensors`` + ``config.json`` + tokenizer + ``generation_config.json``
+(the checkpoint layout FastDeploy 2.x loads), plus ``paddle_llm_export.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from paddle_llm.export.manifest import (
+    DTYPES,
+    FORMAT_FASTDEPLOY,
+    FORMAT_STATIC,
+    GRAPH_PREFIX,
+    PREFIX_CACHE_FILE,
+    ExportManifest,
+)
+from paddle_llm.models.registry import resolve_model
+
+DEFAULT_GENERATION = {"max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to export. Validated by ``validate`` before any model is loaded."""
+
+    model_name_or_path: str
+    output_path: str
+    dtype: str = "float32"
+    format: str = FORMAT_STATIC
+    lora_path: str | None = None
+    prefix_path: str | None = None
+
+    def validate(self) -> None:
+        """Raises: ValueError naming the flag to change."""
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.format not in (FORMAT_STATIC, FORMAT_FASTDEPLOY):
+            raise ValueError(f"--format must be {FORMAT_STATIC!r} or {FORMAT_FASTDEPLOY!r}, got {self.format!r}")
+        if self.lora_path and self.prefix_path:
+            raise ValueError("--lora_path and --prefix_path are exclusive: a checkpoint is tuned one way")
+        if self.format == FORMAT_FASTDEPLOY and self.prefix_path:
+            raise ValueError("--format fastdeploy cannot carry a prefix (FastDeploy loads plain weights); use --format paddle")
+        if os.path.abspath(self.output_path) == os.path.abspath(self.model_name_or_path):
+            raise ValueError("--output_path must differ from --model_name_or_path: export writes a new directory")
+
+
+def _eos_ids(config, generation: dict) -> list[int]:
+    eos = generation.get("eos_token_id", getattr(config, "eos_token_id", None))
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _generation_config(source, config) -> dict:
+    """The checkpoint's generation_config.json (if any) completed with the config's special ids and our defaults."""
+    generation = dict(DEFAULT_GENERATION)
+    path = os.path.join(source.directory or "", "generation_config.json")
+    if source.directory and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            generation.update(json.load(f))
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        if generation.get(name) is None and getattr(config, name, None) is not None:
+            generation[name] = getattr(config, name)
+    return generation
+
+
+def _write_side_files(directory: str, config, tokenizer, generation: dict) -> None:
+    config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(generation, f, indent=2)
+
+
+def _check_dtype_supported(request: ExportRequest) -> None:
+    """Half-precision step graphs need a CUDA build of Paddle.
+
+    Tracing checks each op's dtype against the kernels the build registers, and the CPU build has no float16 /
+    bfloat16 kernels for ops every family uses (where, multiply, arange, gather), so tracing fails midway. Weights
+    alone (``--format fastdeploy``) can be cast anywhere.
+
+    Raises:
+        ValueError: half precision asked for a step graph on a CPU-only build.
+    """
+    import paddle
+
+    if request.format == FORMAT_STATIC and request.dtype != "float32" and not paddle.device.is_compiled_with_cuda():
+        raise ValueError(
+            f"--dtype {request.dtype} step graphs need a CUDA build of Paddle: this CPU build has no {request.dtype} "
+            "kernels for the ops the graph uses. Export float32 here, export on a GPU machine, or use "
+            f"--format fastdeploy (weights only) with --dtype {request.dtype}"
+        )
+
+
+def _write_step_graph(staging: str, model, family: str, layout, dtype: str, prefix, manifest: ExportManifest) -> None:
+    """Trace the one-step graph into ``staging`` (and the prefix past, if any), and record both in the manifest."""
+    import paddle
+
+    from paddle_llm.export.step_graph import KVCacheStep, prepare_for_tracing, save_step_graph, step_family_of
+
+    prepare_for_tracing(model, family, model.config)
+    save_step_graph(KVCacheStep(model, family, layout.num_layers), family, dtype, os.path.join(staging, GRAPH_PREFIX))
+    manifest.cache = layout.to_dict()
+    manifest.glm_positions = step_family_of(family).glm_positions
+    if prefix is not None:
+        paddle.save({"key": prefix[0].astype(dtype), "value": prefix[1].astype(dtype)},
+                    os.path.join(staging, PREFIX_CACHE_FILE))
+        manifest.prefix_cache = PREFIX_CACHE_FILE
+
+
+def _publish(staging: str, output_path: str) -> None:
+    """Make the staged directory readable by others and swap it in for ``output_path``."""
+    # mkdtemp (and some writers) make files private; an export is shared data.
+    os.chmod(staging, 0o755)
+    for name in os.listdir(staging):
+        os.chmod(os.path.join(staging, name), 0o644)
+    if os.path.isdir(output_path):
+        shutil.rmtree(output_path)
+    os.replace(staging, output_path)
+
+
+def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
+    """Export a checkpoint. The output directory is replaced only once everything is written.
+
+    Args:
+        request: what to export.
+        log: progress lines go here.
+
+    Returns:
+        The manifest written (parity not yet filled in; see ``paddle_llm.export.parity``).
+
+    Raises:
+        ValueError, FileNotFoundError: bad flags or inputs, named in the message.
+    """
+    from paddle_llm.export.peft_loading import (
+        load_checkpoint_tokenizer,
+        load_model,
+        load_prefix_model,
+        prefix_cache,
+        reload_in_dtype,
+    )
+    from paddle_llm.export.step_graph import cache_layout, max_context_length, step_family_of
+
+    request.validate()
+    _check_dtype_supported(request)
+    source = resolve_model(request.model_name_or_path)
+    family = source.family.name
+    step_family_of(family)  # fail on an unsupported family before loading anything
+    tokenizer = load_checkpoint_tokenizer(source)
+    log(f"loading {family} checkpoint {request.model_name_or_path}" + (f" + LoRA {request.lora_path}" if request.lora_path else ""))
+    model = load_model(source, request.lora_path, merge_lora=True)
+    layout = cache_layout(family, model.config)
+    prefix = None
+    if request.prefix_path:
+        prefix = prefix_cache(load_prefix_model(model, family, request.prefix_path), layout)
+    model = reload_in_dtype(model, source, request.dtype)
+    config = model.config
+    generation = _generation_config(source, config)
+    manifest = ExportManifest(
+        format=request.format,
+        family=family,
+        chat_template=family,
+        dtype=request.dtype,
+        vocab_size=int(config.vocab_size),
+        max_context_length=max_context_length(family, config),
+        eos_token_ids=_eos_ids(config, generation),
+        pad_token_id=int(generation.get("pad_token_id") or 0),
+        source={
+            "model_name_or_path": os.path.abspath(request.model_name_or_path),
+            "lora_path": os.path.abspath(request.lora_path) if request.lora_path else None,
+            "prefix_path": os.path.abspath(request.prefix_path) if request.prefix_path else None,
+        },
+    )
+
+    parent = os.path.dirname(os.path.abspath(request.output_path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        if request.format == FORMAT_FASTDEPLOY:
+            log("writing model.safetensors (FastDeploy checkpoint layout)")
+            model.save_pretrained(staging, safe_serialization=True)
+        else:
+            log(f"tracing one decoding step ({request.dtype}, dynamic batch and lengths)")
+            _write_step_graph(staging, model, family, layout, request.dtype, prefix, manifest)
+        _write_side_files(staging, config, tokenizer, generation)
+        manifest.save(staging)
+        _publish(staging, request.output_path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"wrote {request.output_path}")
+    return manifest

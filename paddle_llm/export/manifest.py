@@ -1,0 +1,109 @@
+"""``paddle_llm_export.json``: what a served model directory holds and how to drive its graph.
+
+Everything the serving side needs that is not in PaddleNLP's own ``config.json`` lives here, so serving never
+rebuilds the model to learn, say, where its cache keeps the batch axis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+
+MANIFEST_FILE = "paddle_llm_export.json"
+GRAPH_PREFIX = "model"  # model.json + model.pdiparams
+PREFIX_CACHE_FILE = "prefix_cache.pdparams"
+FORMAT_STATIC = "paddle"
+FORMAT_FASTDEPLOY = "fastdeploy"
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Shape facts about a stacked KV cache: ``[layers, ...]`` with batch and sequence at the given axes."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    batch_axis: int
+    seq_axis: int
+
+    def shape(self, batch: int, length: int) -> list[int]:
+        """The stacked cache shape for ``batch`` rows of ``length`` positions."""
+        shape = [self.num_layers, 0, 0, self.num_kv_heads, self.head_dim]
+        shape[self.batch_axis] = batch
+        shape[self.seq_axis] = length
+        return shape
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ExportManifest:
+    """The contents of ``paddle_llm_export.json``.
+
+    Attributes:
+        format: ``paddle`` (a step graph for Paddle Inference) or ``fastdeploy`` (safetensors for FastDeploy 2.x).
+        family: model family; also names the chat template.
+        dtype: parameter and cache dtype.
+        vocab_size, max_context_length: model limits.
+        eos_token_ids, pad_token_id: token ids the decoder needs.
+        cache: ``CacheLayout`` fields (absent for the fastdeploy format).
+        glm_positions: the graph takes ChatGLM v1 ``[b, 2, q]`` positions.
+        prefix_cache: file holding a prefix-tuning past, or None.
+        source: where the weights came from (checkpoint, LoRA, prefix paths).
+        parity: the last parity check's summary, or None if not run.
+    """
+
+    format: str
+    family: str
+    chat_template: str
+    dtype: str
+    vocab_size: int
+    max_context_length: int
+    eos_token_ids: list[int]
+    pad_token_id: int
+    cache: dict | None = None
+    glm_positions: bool = False
+    prefix_cache: str | None = None
+    source: dict = field(default_factory=dict)
+    parity: dict | None = None
+
+    def cache_layout(self) -> CacheLayout:
+        """Raises: ValueError when this export has no step graph (the fastdeploy format)."""
+        if self.cache is None:
+            raise ValueError(f"this is a {self.format!r} export without a step graph; export with --format paddle")
+        return CacheLayout(**self.cache)
+
+    def save(self, directory: str) -> str:
+        path = os.path.join(directory, MANIFEST_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(asdict(self), f, indent=2, ensure_ascii=False)
+        return path
+
+
+def load_manifest(directory: str) -> ExportManifest:
+    """Read an export directory's manifest.
+
+    Raises:
+        FileNotFoundError: not an export directory (the message says how to make one).
+        ValueError: the manifest is not valid JSON or misses fields.
+    """
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{directory} has no {MANIFEST_FILE}: it is not an export directory. Write one with "
+            f"`paddle-llm export --model_name_or_path CKPT --output_path {directory}`, or serve a checkpoint "
+            "directly with `--engine dygraph`"
+        )
+    with open(path, encoding="utf-8") as f:
+        try:
+            fields = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    try:
+        return ExportManifest(**fields)
+    except TypeError as err:
+        raise ValueError(f"{path}: {err}") from None

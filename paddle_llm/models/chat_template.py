@@ -1,0 +1,193 @@
+"""Chat templates, one per model family, as data plus two small functions.
+
+``render_chat`` turns OpenAI-style messages into the prompt text a family was tuned on; ``chat_segments`` gives the
+same text cut into consecutive pieces flagged ``train_on`` (True only for assistant replies), so fine-tuning can mask
+prompt tokens. ``"".join(text for text, _ in chat_segments(f, m)) == render_chat(f, m, add_generation_prompt=False)``
+always holds: the two functions share one renderer.
+
+Formats (what each family's reference chat code builds):
+
+- Llama-2 chat: ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s><s>[INST] ...``.
+  ``<s>``/``</s>`` are written as text; Llama tokenizers map them to the BOS/EOS ids, so the reply segment carries
+  the EOS the model must learn to emit.
+- ChatGLM-6B (v1): ``[Round 0]\\n问：{user}\\n答：{assistant}\\n[Round 1]\\n问：...`` (rounds count from 0).
+- ChatGLM2-6B: ``[Round 1]\\n\\n问：{user}\\n\\n答：{assistant}\\n\\n[Round 2]\\n\\n问：...`` (rounds count from 1).
+
+ChatGLM has no system role; a system message becomes a leading paragraph. Its templates have no textual
+terminator, so a trainer appends the EOS token after each reply (``ChatTemplate.append_eos_token``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How one family lays out a conversation. All fields are format strings or plain data.
+
+    Attributes:
+        name: the family name (``llama``, ``chatglm``, ``chatglm2``).
+        system_format: how a system message is written (``{content}``).
+        system_inside_first_user: Llama-2 folds the system block into the first user turn; ChatGLM puts it first.
+        user_format: one user turn up to where the reply starts (``{round}``, ``{system}``, ``{content}``).
+        assistant_format: one reply (``{content}``); this whole piece is what fine-tuning trains on.
+        round_separator: text between a reply and the next round (not trained on).
+        first_round: the number of the first ``[Round N]``.
+        append_eos_token: True when the text has no terminator and a trainer must add the EOS token after a reply.
+        stop_strings: text that means the model started a new round; a server stops there by default.
+    """
+
+    name: str
+    system_format: str
+    system_inside_first_user: bool
+    user_format: str
+    assistant_format: str
+    round_separator: str
+    first_round: int
+    append_eos_token: bool
+    stop_strings: tuple[str, ...]
+
+
+CHAT_TEMPLATES: dict[str, ChatTemplate] = {
+    "llama": ChatTemplate(
+        name="llama",
+        system_format="<<SYS>>\n{content}\n<</SYS>>\n\n",
+        system_inside_first_user=True,
+        user_format="<s>[INST] {system}{content} [/INST]",
+        assistant_format=" {content} </s>",
+        round_separator="",
+        first_round=0,
+        append_eos_token=False,
+        stop_strings=(),
+    ),
+    "chatglm": ChatTemplate(
+        name="chatglm",
+        system_format="{content}\n",
+        system_inside_first_user=False,
+        user_format="[Round {round}]\n问：{content}\n答：",
+        assistant_format="{content}",
+        round_separator="\n",
+        first_round=0,
+        append_eos_token=True,
+        stop_strings=("[Round ",),
+    ),
+    "chatglm2": ChatTemplate(
+        name="chatglm2",
+        system_format="{content}\n\n",
+        system_inside_first_user=False,
+        user_format="[Round {round}]\n\n问：{content}\n\n答：",
+        assistant_format="{content}",
+        round_separator="\n\n",
+        first_round=1,
+        append_eos_token=True,
+        stop_strings=("[Round ",),
+    ),
+}
+
+
+def get_chat_template(family_name: str) -> ChatTemplate:
+    """Return the chat template of a family.
+
+    Raises:
+        ValueError: no template for that family; the message lists the known ones.
+    """
+    try:
+        return CHAT_TEMPLATES[family_name]
+    except KeyError:
+        raise ValueError(
+            f"no chat template for model family {family_name!r}; known families: {', '.join(CHAT_TEMPLATES)}"
+        ) from None
+
+
+def validate_messages(messages: object, add_generation_prompt: bool) -> list[dict]:
+    """Check a conversation's shape and return it as a list of ``{"role", "content"}`` dicts.
+
+    Rules: a non-empty list; each item has a known ``role`` and a string ``content``; an optional system message
+    comes first; after it, turns alternate user, assistant, user, ...; a prompt for generation ends with a user turn.
+
+    Raises:
+        ValueError: the message names the offending index and field, e.g. ``messages[2].role``.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{index}] must be an object with 'role' and 'content', got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ValueError(f"messages[{index}].role {role!r} is not one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{index}].content must be a string, got {type(content).__name__}")
+        checked.append({"role": role, "content": content})
+    turns_start = 1 if checked[0]["role"] == "system" else 0
+    for index in range(turns_start, len(checked)):
+        expected = "user" if (index - turns_start) % 2 == 0 else "assistant"
+        if checked[index]["role"] != expected:
+            where = "only messages[0] may be 'system'" if checked[index]["role"] == "system" else "turns alternate user/assistant"
+            raise ValueError(f"messages[{index}].role is {checked[index]['role']!r} but {expected!r} was expected ({where})")
+    if turns_start == len(checked):
+        raise ValueError("messages holds only a system message; add a user message")
+    if add_generation_prompt and checked[-1]["role"] != "user":
+        raise ValueError(f"messages[{len(checked) - 1}].role must be 'user' to ask for a reply, got {checked[-1]['role']!r}")
+    return checked
+
+
+def _render_segments(template: ChatTemplate, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The one renderer behind both public functions: text pieces in order, flagged True for replies."""
+    segments: list[tuple[str, bool]] = []
+    system = ""
+    turns = messages
+    if messages[0]["role"] == "system":
+        system = template.system_format.format(content=messages[0]["content"])
+        turns = messages[1:]
+        if not template.system_inside_first_user:
+            segments.append((system, False))
+            system = ""
+    for index, message in enumerate(turns):
+        if message["role"] == "user":
+            round_number = template.first_round + index // 2
+            separator = template.round_separator if index > 0 else ""
+            text = separator + template.user_format.format(round=round_number, system=system, content=message["content"])
+            system = ""
+            segments.append((text, False))
+        else:
+            segments.append((template.assistant_format.format(content=message["content"]), True))
+    return segments
+
+
+def render_chat(family_name: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """Render a conversation as the prompt text of a family's chat format.
+
+    Args:
+        family_name: ``llama``, ``chatglm`` or ``chatglm2``.
+        messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+        add_generation_prompt: the text ends where the assistant's reply begins (the last message must be the
+            user's). False renders a complete conversation, e.g. for training.
+
+    Returns:
+        The prompt text.
+
+    Raises:
+        ValueError: unknown family, or a malformed conversation (the message names the index and field).
+    """
+    template = get_chat_template(family_name)
+    checked = validate_messages(messages, add_generation_prompt)
+    return "".join(text for text, _ in _render_segments(template, checked))
+
+
+def chat_segments(family_name: str, messages: list[dict]) -> list[tuple[str, bool]]:
+    """Cut a complete conversation into consecutive text pieces, each flagged ``train_on``.
+
+    Only assistant replies are flagged True; joining the pieces gives ``render_chat(..., add_generation_prompt=False)``.
+
+    Raises:
+        ValueError: unknown family, or a malformed conversation.
+    """
+    template = get_chat_template(family_name)
+    checked = validate_messages(messages, add_generation_prompt=False)
+    return _render_segments(template, checked)

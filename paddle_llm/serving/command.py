@@ -1,0 +1,175 @@
+"""``paddle-llm serve``: an OpenAI-compatible REST server (and optionally gRPC) over an exported model.
+
+Examples::
+
+    paddle-llm serve --model out/export --port 8000                         # Paddle Inference on the export
+    paddle-llm serve --model out/export --port 8000 --grpc_port 50051 --api_key secret
+    paddle-llm serve --model out/ckpt --engine dygraph --port 8000          # a checkpoint, no export
+    paddle-llm serve --model out/fd --engine fastdeploy --port 8000         # GPU: FastDeploy 2.x behind our front end
+
+SIGTERM or Ctrl-C shuts down gracefully: no new connections, in-flight requests finish (up to
+``--graceful_shutdown_seconds``), then the engine stops. Exit codes: 0 after a clean shutdown, 2 bad flags or model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from paddle_llm.serving.model import ENGINE_DYGRAPH, ENGINE_FASTDEPLOY, ENGINE_PADDLE, ENGINES
+from paddle_llm.serving.process import free_port
+
+API_KEY_ENV = "PADDLE_LLM_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paddle-llm serve", description="Serve a model over OpenAI-compatible REST and gRPC.")
+    parser.add_argument("--model", required=True,
+                        help="export directory (--engine paddle/fastdeploy) or checkpoint directory (--engine dygraph)")
+    parser.add_argument("--engine", default=ENGINE_PADDLE, choices=ENGINES,
+                        help="paddle: Paddle Inference on an export; dygraph: a checkpoint as is; fastdeploy: FastDeploy 2.x (GPU)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8000, help="REST port")
+    parser.add_argument("--grpc_port", type=int, help="also serve gRPC on this port")
+    parser.add_argument("--api_key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require 'Authorization: Bearer KEY' on /v1/* and gRPC (default: ${API_KEY_ENV})")
+    parser.add_argument("--served_model_name", help="model id clients pass (default: the directory name)")
+    parser.add_argument("--max_tokens_limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    parser.add_argument("--max_prompt_tokens", type=int, help="longest prompt accepted (default: the context length)")
+    parser.add_argument("--max_batch_size", type=int, default=16, help="requests decoded together")
+    parser.add_argument("--num_threads", type=int, default=min(4, os.cpu_count() or 1), help="CPU math threads")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                        help="where --engine paddle/dygraph runs (gpu needs a CUDA build of Paddle)")
+    parser.add_argument("--mkldnn", action="store_true",
+                        help="use oneDNN kernels in Paddle Inference (measured slower here: decode shapes change every step)")
+    parser.add_argument("--graceful_shutdown_seconds", type=float, default=30.0,
+                        help="how long in-flight requests may run after SIGTERM")
+    parser.add_argument("--fastdeploy_port", type=int, help="port for the FastDeploy subprocess (default: a free one)")
+    parser.add_argument("--fastdeploy_args", default="", help="extra FastDeploy server flags, as one string")
+    return parser
+
+
+def validate_args(args) -> None:
+    """Raises: ValueError naming the flag."""
+    for flag in ("port", "grpc_port", "fastdeploy_port"):
+        value = getattr(args, flag)
+        if value is not None and not 0 < value < 65536:
+            raise ValueError(f"--{flag} must be in 1..65535, got {value}")
+    if args.grpc_port is not None and args.grpc_port == args.port:
+        raise ValueError("--grpc_port must differ from --port")
+    for flag in ("max_tokens_limit", "max_batch_size", "num_threads"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise ValueError(f"--max_prompt_tokens must be at least 1, got {args.max_prompt_tokens}")
+    if not os.path.isdir(args.model):
+        raise ValueError(f"--model {args.model!r} is not a directory")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api_key is empty")
+
+
+def _local_backend(args):
+    from paddle_llm.config.threads import configure_cpu_runtime
+    from paddle_llm.serving.model import open_checkpoint, open_export
+    from paddle_llm.serving.openai_api import LocalBackend, ServingLimits
+
+    # Before the first matrix multiply: MKL's thread count and (on non-Intel CPUs) its AVX2 kernels are fixed then.
+    configure_cpu_runtime(requested_threads=args.num_threads, device=args.device)
+
+    if args.engine == ENGINE_DYGRAPH:
+        served = open_checkpoint(args.model, args.max_batch_size, device=args.device)
+    else:
+        served = open_export(args.model, args.num_threads, args.max_batch_size, enable_mkldnn=args.mkldnn,
+                             use_gpu=args.device == "gpu")
+    if args.served_model_name:
+        served.name = args.served_model_name
+    max_prompt = min(args.max_prompt_tokens or served.max_context_length, served.max_context_length)
+    default_max_tokens = int(served.generation_defaults.get("max_new_tokens") or 256)
+    limits = ServingLimits(args.max_tokens_limit, max_prompt, default_max_tokens)
+    return served, LocalBackend(served, limits)
+
+
+def _fastdeploy(args):
+    import shlex
+
+    from paddle_llm.export.manifest import FORMAT_FASTDEPLOY, load_manifest
+    from paddle_llm.serving.fastdeploy import FastDeployBackend, FastDeployServer, find_fastdeploy
+
+    manifest = load_manifest(args.model)
+    if manifest.format != FORMAT_FASTDEPLOY:
+        raise ValueError(f"{args.model} is a {manifest.format!r} export; --engine fastdeploy needs "
+                         "`paddle-llm export --format fastdeploy`")
+    find_fastdeploy()
+    server = FastDeployServer(args.model, args.fastdeploy_port or free_port(), shlex.split(args.fastdeploy_args))
+    print(f"starting FastDeploy: {' '.join(server.command)} (log: {server.log_path})", flush=True)
+    server.start()
+    return server, FastDeployBackend(server.url)
+
+
+def _keep_process_alive_after_uvicorn() -> None:
+    """Make SIGTERM/SIGINT harmless outside uvicorn's own handling.
+
+    uvicorn drains HTTP requests on the first signal, then re-raises that signal into the handler that was installed
+    before it started. With the default handlers that kills the process (SIGTERM) or raises KeyboardInterrupt
+    (SIGINT) before gRPC calls and the engine are drained; a no-op handler lets ``serve`` finish its shutdown.
+    """
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
+
+
+def serve(args) -> int:
+    """Start everything, block until SIGTERM/SIGINT, then shut down in order (front ends first, engine last)."""
+    import uvicorn
+
+    from paddle_llm.serving.grpc_server import start_grpc_server, stop_grpc_server
+    from paddle_llm.serving.metrics import ServingMetrics
+    from paddle_llm.serving.rest import create_app, create_proxy_app
+
+    metrics = ServingMetrics()
+    served = fastdeploy_server = grpc_server = None
+    try:
+        if args.engine == ENGINE_FASTDEPLOY:
+            fastdeploy_server, backend = _fastdeploy(args)
+            app = create_proxy_app(fastdeploy_server.url, metrics, args.api_key)
+            name = backend.model_name
+        else:
+            served, backend = _local_backend(args)
+            app = create_app(backend, metrics, args.api_key)
+            engine = served.engine
+            metrics.add_gauge("running_requests", "Requests decoding now.", lambda: engine.stats().running)
+            metrics.add_gauge("waiting_requests", "Requests waiting for a batch slot.", lambda: engine.stats().waiting)
+            name = served.name
+        if args.grpc_port is not None:
+            grpc_server = start_grpc_server(backend, metrics, args.host, args.grpc_port, args.api_key)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=args.graceful_shutdown_seconds)
+        grpc_note = f", gRPC on {args.host}:{args.grpc_port}" if grpc_server else ""
+        print(f"serving {name!r} ({args.engine}) on http://{args.host}:{args.port}{grpc_note}", flush=True)
+        _keep_process_alive_after_uvicorn()
+        uvicorn.Server(config).run()
+        return 0
+    finally:
+        if grpc_server is not None:
+            stop_grpc_server(*grpc_server, grace_seconds=args.graceful_shutdown_seconds)
+        if served is not None:
+            served.engine.shutdown(timeout=args.graceful_shutdown_seconds)
+        if fastdeploy_server is not None:
+            fastdeploy_server.stop(args.graceful_shutdown_seconds)
+        print("server stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        validate_args(args)
+        return serve(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # RuntimeError: FastDeploy missing, a port in use
+        print(f"paddle-llm serve: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""The decoding engine: continuous batching around a ``StepDecoder``, with per-request sampling and streaming.
+
+No web imports: REST and gRPC sit on top of ``Engine.submit``. One background thread owns the model. Each iteration
+it (1) admits waiting requests up to ``max_batch_size`` and prefills them together, (2) runs one decoding step for
+every running request at once, and (3) drops finished or cancelled rows from the batch. So a new request joins at
+the next step and a finished one leaves at once, without waiting for the rest of the batch.
+
+Every request gets its events through a listener called on the engine thread (default: a ``queue.Queue`` the
+caller iterates). An event carries the new text since the previous one; the last one has a ``finish_reason``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from paddle_llm.serving.sampling import SamplingParams, sample_token
+from paddle_llm.serving.text_stream import IncrementalDetokenizer, StopStringFilter
+
+FINISH_STOP = "stop"  # EOS token or a stop string
+FINISH_LENGTH = "length"  # max_tokens or the context ran out
+FINISH_CANCELLED = "cancelled"  # the client went away
+FINISH_ERROR = "error"  # the model step raised; ``StreamEvent.error`` says why
+NO_TOKENS = np.zeros(0, dtype="int64")
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One update of a request.
+
+    Attributes:
+        text: text generated since the previous event (may be empty while a character or stop string is pending).
+        token_ids: ids sampled since the previous event.
+        finish_reason: None until the last event; then ``stop``, ``length``, ``cancelled`` or ``error``.
+        prompt_tokens, completion_tokens: usage so far.
+        error: what went wrong when ``finish_reason == "error"``.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request, gathered from its events."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    first_token_seconds: float | None
+    total_seconds: float
+    error: str | None = None
+
+
+class RequestHandle:
+    """The caller's side of a request: iterate events, gather a ``Completion``, or cancel."""
+
+    def __init__(self, request_id: int, listener: Callable[[StreamEvent], None] | None):
+        self.request_id = request_id
+        self.created = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.finished_time: float | None = None
+        self._events: queue.Queue | None = None if listener else queue.Queue()
+        self._listener = listener or self._events.put
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (safe from any thread, idempotent)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _deliver(self, event: StreamEvent) -> None:
+        if event.token_ids and self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        if event.finish_reason is not None:
+            self.finished_time = time.perf_counter()
+        try:
+            self._listener(event)
+        except Exception:  # noqa: BLE001 - the receiver is gone (e.g. its event loop closed): stop generating
+            self._cancelled.set()
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        """Yield events until the last one (only for handles submitted without a listener)."""
+        if self._events is None:
+            raise RuntimeError("this request delivers events to its listener; it cannot be iterated")
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def result(self) -> Completion:
+        """Block until the request finishes and return everything it produced."""
+        pieces, token_ids, last = [], [], None
+        for last in self:
+            pieces.append(last.text)
+            token_ids.extend(last.token_ids)
+        return Completion(
+            text="".join(pieces),
+            token_ids=tuple(token_ids),
+            finish_reason=last.finish_reason,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            first_token_seconds=None if self.first_token_time is None else self.first_token_time - self.created,
+            total_seconds=(self.finished_time or time.perf_counter()) - self.created,
+            error=last.error,
+        )
+
+
+@dataclass
+class _Sequence:
+    """Engine-side state of one request."""
+
+    handle: RequestHandle
+    prompt_ids: list[int]
+    params: SamplingParams
+    rng: np.random.Generator
+    detokenizer: IncrementalDetokenizer
+    stop_filter: StopStringFilter
+    max_new_tokens: int
+    seen_ids: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    last_token: int = -1
+    finished: bool = False
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (read with ``Engine.stats``)."""
+
+    running: int = 0
+    waiting: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    prefill_batches: int = 0
+    finished_requests: int = 0
+
+
+class Engine:
+    """Continuous-batching generation over a ``StepDecoder`` (graph or dygraph, see ``paddle_llm.export.runtime``)."""
+
+    def __init__(
+        self,
+        decoder,
+        tokenizer,
+        eos_token_ids: Sequence[int],
+        max_context_length: int,
+        max_batch_size: int = 16,
+    ):
+        """
+        Args:
+            decoder: a ``StepDecoder``.
+            tokenizer: decodes generated ids (streaming text and stop strings need text).
+            eos_token_ids: ids that end a request with ``finish_reason="stop"``.
+            max_context_length: prompt + output never exceed this many positions.
+            max_batch_size: most requests decoding together; more wait their turn.
+
+        Raises:
+            ValueError: ``max_batch_size`` below 1.
+        """
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(int(e) for e in eos_token_ids)
+        self.max_context_length = max_context_length
+        self.max_batch_size = max_batch_size
+        # Embedding tables are often padded past the tokenizer (e.g. 1024 rows for 1000 pieces); those ids cannot be
+        # decoded to text, so they are never sampled.
+        self.sampled_vocab_size = len(tokenizer)
+        self._ids = itertools.count(1)
+        self._condition = threading.Condition()
+        self._waiting: list[_Sequence] = []
+        self._running: list[_Sequence] = []  # same order as the rows of self._batch
+        self._batch = None
+        self._closing = False
+        self._stats = EngineStats()
+        self._thread: threading.Thread | None = None
+
+    # ---- caller side ---------------------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        """Start the decoding thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="paddle-llm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        listener: Callable[[StreamEvent], None] | None = None,
+    ) -> RequestHandle:
+        """Queue a request; it joins the running batch at the next step.
+
+        Args:
+            prompt_ids: the encoded prompt (non-empty, shorter than the context).
+            params: validated sampling settings.
+            listener: called with each ``StreamEvent`` on the engine thread; None gives an iterable handle.
+
+        Raises:
+            ValueError: empty prompt, prompt filling the context, or invalid params.
+            EngineClosedError: the engine is shutting down.
+        """
+        params.validate()
+        if len(prompt_ids) == 0:
+            raise ValueError("the prompt encodes to no tokens")
+        room = self.max_context_length - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_context_length}")
+        handle = RequestHandle(next(self._ids), listener)
+        sequence = _Sequence(
+            handle=handle,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            rng=np.random.default_rng(params.seed),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            stop_filter=StopStringFilter(params.stop),
+            max_new_tokens=min(params.max_tokens, room),
+            seen_ids=list(prompt_ids),
+        )
+        with self._condition:
+            if self._closing:
+                raise EngineClosedError("the server is shutting down and takes no new requests")
+            self._waiting.append(sequence)
+            self._stats.prompt_tokens += len(prompt_ids)
+            self._condition.notify()
+        return handle
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
+        """Submit and wait (convenience for scripts and tests)."""
+        return self.submit(prompt_ids, params).result()
+
+    def stats(self) -> EngineStats:
+        with self._condition:
+            snapshot = EngineStats(**self._stats.__dict__)
+            snapshot.running, snapshot.waiting = len(self._running), len(self._waiting)
+        return snapshot
+
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop taking requests, finish the ones already submitted, then stop the thread.
+
+        Returns:
+            True when the thread ended within ``timeout``.
+        """
+        with self._condition:
+            self._closing = True
+            self._condition.notify()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # ---- engine thread -------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._condition:
+                while not self._waiting and not self._running and not self._closing:
+                    self._condition.wait()
+                if self._closing and not self._waiting and not self._running:
+                    return
+                free = self.max_batch_size - len(self._running)
+                admitted, self._waiting = self._waiting[:free], self._waiting[free:]
+            admitted = [s for s in admitted if not self._finish_if_cancelled(s)]
+            if admitted:
+                self._guarded(admitted, lambda: self._prefill(admitted))
+            for sequence in self._running:
+                self._finish_if_cancelled(sequence)
+            self._drop_finished()
+            if self._running:
+                self._guarded(list(self._running), self._decode_step)
+
+    def _guarded(self, sequences: list[_Sequence], step: Callable[[], None]) -> None:
+        """Run a model step; if it raises, fail the requests it touched and the batch (not the server)."""
+        try:
+            step()
+        except Exception as err:  # noqa: BLE001 - a bad step must not kill the engine thread
+            message = f"{type(err).__name__}: {err}"
+            # After a failed step the cache may be half-updated, so every row in it goes too.
+            for sequence in sequences + self._running:
+                if not sequence.finished:
+                    self._finish(sequence, FINISH_ERROR, error=message)
+            self._running, self._batch = [], None
+
+    def _prefill(self, admitted: list[_Sequence]) -> None:
+        logits, new_batch = self.decoder.prefill([s.prompt_ids for s in admitted])
+        with self._condition:
+            self._stats.prefill_batches += 1
+        survivors = [row for row, sequence in enumerate(admitted) if not self._accept(sequence, logits[row])]
+        if survivors:
+            self._batch = self.decoder.merge(self._batch, self.decoder.select(new_batch, survivors))
+            self._running.extend(admitted[row] for row in survivors)
+
+    def _decode_step(self) -> None:
+        logits, batch = self.decoder.decode(self._batch, [s.last_token for s in self._running])
+        with self._condition:
+            self._stats.decode_steps += 1
+        keep = [row for row, sequence in enumerate(self._running) if not self._accept(sequence, logits[row])]
+        self._batch = self.decoder.select(batch, keep)
+        self._running = [self._running[row] for row in keep]
+
+    def _drop_finished(self) -> None:
+        keep = [row for row, sequence in enumerate(self._running) if not sequence.finished]
+        if len(keep) != len(self._running):
+            self._batch = self.decoder.select(self._batch, keep)
+            self._running = [self._running[row] for row in keep]
+
+    def _finish_if_cancelled(self, sequence: _Sequence) -> bool:
+        if sequence.handle.cancelled and not sequence.finished:
+            self._finish(sequence, FINISH_CANCELLED)
+        return sequence.finished
+
+    def _accept(self, sequence: _Sequence, logits: np.ndarray) -> bool:
+        """Sample the next token of ``sequence``, emit its text; return True if the request is done."""
+        if sequence.handle.cancelled:
+            self._finish(sequence, FINISH_CANCELLED)
+            return True
+        # The history array is only needed (and only worth building) when a repetition penalty applies.
+        seen = np.asarray(sequence.seen_ids, dtype="int64") if sequence.params.repetition_penalty != 1.0 else NO_TOKENS
+        token = sample_token(logits[: self.sampled_vocab_size], sequence.params, sequence.rng, seen)
+        if token in self.eos_token_ids:
+            self._finish(sequence, FINISH_STOP, token_ids=(token,))
+            return True
+        sequence.generated.append(token)
+        sequence.seen_ids.append(token)
+        sequence.last_token = token
+        with self._condition:
+            self._stats.generated_tokens += 1
+        text, stopped = sequence.stop_filter.push(sequence.detokenizer.push(token))
+        if stopped:  # the stop string and anything after it are dropped
+            self._finish(sequence, FINISH_STOP, text=text, token_ids=(token,), flush=False)
+            return True
+        if len(sequence.generated) >= sequence.max_new_tokens:
+            self._finish(sequence, FINISH_LENGTH, text=text, token_ids=(token,))
+            return True
+        sequence.handle._deliver(self._event(sequence, text, (token,), None))
+        return False
+
+    def _finish(self, sequence: _Sequence, reason: str, text: str = "", token_ids=(), error: str | None = None,
+                flush: bool = True):
+        if flush and reason in (FINISH_LENGTH, FINISH_STOP):
+            # Text still held for an incomplete character or a possible stop string is real output.
+            tail, _ = sequence.stop_filter.push(sequence.detokenizer.flush())
+            text += tail + sequence.stop_filter.flush()
+        sequence.finished = True
+        with self._condition:
+            self._stats.finished_requests += 1
+        sequence.handle._deliver(self._event(sequence, text, tuple(token_ids), reason, error))
+
+    @staticmethod
+    def _event(sequence: _Sequence, text: str, token_ids: tuple, reason: str | None, error: str | None = None):
+        return StreamEvent(text, token_ids, reason, len(sequence.prompt_ids), len(sequence.generated), error)

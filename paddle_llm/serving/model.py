@@ -1,0 +1,125 @@
+"""Opening a model for serving: an export directory in Paddle Inference, or a checkpoint in dygraph.
+
+Both give a ``ServedModel``: the running ``Engine`` plus what the API layer needs (name, tokenizer, chat template,
+limits). The engine code is the same for both; only the ``StepRunner`` under the decoder differs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from paddle_llm.serving.engine import Engine
+
+ENGINE_PADDLE = "paddle"
+ENGINE_DYGRAPH = "dygraph"
+ENGINE_FASTDEPLOY = "fastdeploy"
+ENGINES = (ENGINE_PADDLE, ENGINE_DYGRAPH, ENGINE_FASTDEPLOY)
+
+
+@dataclass
+class ServedModel:
+    """A model ready to answer requests.
+
+    Attributes:
+        name: the id clients pass as ``model`` (the directory's base name).
+        family: model family; ``chat_template`` names the chat format.
+        tokenizer: encodes prompts, decodes output.
+        engine: the started engine.
+        max_context_length: prompt + output positions.
+        generation_defaults: ``generation_config.json`` (default max tokens, sampling).
+    """
+
+    name: str
+    family: str
+    chat_template: str
+    tokenizer: object
+    engine: Engine
+    max_context_length: int
+    generation_defaults: dict = field(default_factory=dict)
+
+
+def _read_generation_config(directory: str) -> dict:
+    path = os.path.join(directory, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _eos_ids(*candidates) -> list[int]:
+    for candidate in candidates:
+        if candidate is not None:
+            return [int(e) for e in (candidate if isinstance(candidate, (list, tuple)) else [candidate])]
+    return []
+
+
+def open_export(model_dir: str, num_threads: int, max_batch_size: int, enable_mkldnn: bool = False,
+                use_gpu: bool = False) -> ServedModel:
+    """Serve an export directory (``paddle-llm export --format paddle``) through Paddle Inference.
+
+    Raises:
+        FileNotFoundError, ValueError: not a step-graph export; the message says what to run.
+    """
+    from paddle_llm.export.manifest import load_manifest
+    from paddle_llm.export.runtime import open_export_decoder
+    from paddle_llm.models.registry import FAMILIES, load_tokenizer
+
+    manifest = load_manifest(model_dir)
+    decoder = open_export_decoder(model_dir, manifest, num_threads=num_threads, enable_mkldnn=enable_mkldnn,
+                                  use_gpu=use_gpu)
+    tokenizer = load_tokenizer(model_dir, FAMILIES[manifest.family])
+    engine = Engine(decoder, tokenizer, manifest.eos_token_ids, manifest.max_context_length, max_batch_size).start()
+    return ServedModel(
+        name=os.path.basename(os.path.normpath(model_dir)),
+        family=manifest.family,
+        chat_template=manifest.chat_template,
+        tokenizer=tokenizer,
+        engine=engine,
+        max_context_length=manifest.max_context_length,
+        generation_defaults=_read_generation_config(model_dir),
+    )
+
+
+def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") -> ServedModel:
+    """Serve a checkpoint directly in dygraph (``--engine dygraph``): no export step.
+
+    Math threads are process-wide in dygraph; set them first (``paddle_llm.config.threads.configure_cpu_runtime``).
+
+    Raises:
+        FileNotFoundError, ValueError: not a checkpoint with weights.
+    """
+    import paddle
+
+    from paddle_llm.export.peft_loading import load_checkpoint_tokenizer, load_model
+    from paddle_llm.export.runtime import DygraphStepRunner, StepDecoder
+    from paddle_llm.export.step_graph import KVCacheStep, cache_layout, max_context_length, step_family_of
+    from paddle_llm.models.registry import resolve_model
+
+    paddle.set_device(device)
+    source = resolve_model(model_dir)
+    family = source.family.name
+    model = load_model(source)
+    layout = cache_layout(family, model.config)
+    generation = _read_generation_config(model_dir)
+    decoder = StepDecoder(
+        DygraphStepRunner(KVCacheStep(model, family, layout.num_layers)),
+        layout,
+        "float32",
+        step_family_of(family).glm_positions,
+        int(generation.get("pad_token_id") or getattr(model.config, "pad_token_id", 0) or 0),
+    )
+    tokenizer = load_checkpoint_tokenizer(source)
+    context = max_context_length(family, model.config)
+    eos = _eos_ids(generation.get("eos_token_id"), getattr(model.config, "eos_token_id", None))
+    engine = Engine(decoder, tokenizer, eos, context, max_batch_size).start()
+    return ServedModel(
+        name=os.path.basename(os.path.normpath(model_dir)),
+        family=family,
+        chat_template=family,
+        tokenizer=tokenizer,
+        engine=engine,
+        max_context_length=context,
+        generation_defaults=generation,
+    )

@@ -1,0 +1,86 @@
+"""Turning a stream of token ids into a stream of text: incremental decoding and stop strings.
+
+Streamed pieces concatenate to exactly the text a non-streamed request returns, because both go through these two
+classes; the REST and gRPC layers only forward the pieces.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+# Leading prompt tokens kept as decoding context: SentencePiece drops a word's leading space at the start of a
+# decode, so the first generated word needs something before it to decode exactly as it will in the full text.
+CONTEXT_TOKENS = 6
+INCOMPLETE_CHARACTER = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Decodes one token at a time, returning only the new text (vLLM's prefix/read offset scheme).
+
+    Decoding a window that starts a few tokens back and diffing it against the same window without the newest
+    tokens gives the new text with correct spacing. A byte-fallback character split over several tokens decodes as
+    U+FFFD until its last byte arrives, so text ending in U+FFFD is held back.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text it completes ("" while a character is still incomplete)."""
+        self.ids.append(int(token_id))
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset:])
+        if len(after) > len(before) and not after.endswith(INCOMPLETE_CHARACTER):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Text still held back when generation ends (an incomplete character is returned as U+FFFD)."""
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return after[len(before):] if len(after) > len(before) else ""
+
+
+class StopStringFilter:
+    """Cuts output at the first stop string, holding back text that might be the start of one."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = tuple(stop)
+        self.pending = ""
+
+    def _held_back_length(self) -> int:
+        # The longest tail of ``pending`` that is a proper prefix of some stop string.
+        longest = 0
+        for stop in self.stop:
+            for length in range(min(len(stop) - 1, len(self.pending)), longest, -1):
+                if self.pending.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Add new text; return ``(text safe to emit, whether a stop string was hit)``."""
+        if not self.stop:
+            return text, False
+        self.pending += text
+        hits = [index for index in (self.pending.find(stop) for stop in self.stop) if index >= 0]
+        if hits:
+            emit, self.pending = self.pending[:min(hits)], ""
+            return emit, True
+        held = self._held_back_length()
+        emit = self.pending[:len(self.pending) - held]
+        self.pending = self.pending[len(self.pending) - held:]
+        return emit, False
+
+    def flush(self) -> str:
+        """The held-back text, when generation ends for another reason."""
+        emit, self.pending = self.pending, ""
+        return emit

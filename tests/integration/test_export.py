@@ -1,0 +1,138 @@
+"""``paddle-llm export`` for every family, LoRA and prefix: the graph decodes like dygraph (parity check), the directory
+holds what serving needs, and the check fails when the graph and checkpoint disagree."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from paddle_llm.export.command import main as export_main
+from paddle_llm.export.manifest import load_manifest
+from tests.integration.tiny_checkpoint import make_checkpoint, make_lora_adapter, make_prefix_adapter
+
+FAMILIES = {"llama": "tiny-llama", "chatglm": "tiny-chatglm", "chatglm2": "tiny-chatglm2"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(workdir):
+    return {family: make_checkpoint(preset, str(workdir / f"ckpt-{family}")) for family, preset in FAMILIES.items()}
+
+
+@pytest.fixture(scope="module")
+def exports(workdir, checkpoints):
+    """Each family exported once through the real CLI entry point (which runs the parity check)."""
+    results = {}
+    for family, checkpoint in checkpoints.items():
+        output = str(workdir / f"export-{family}")
+        results[family] = (export_main(["--model_name_or_path", checkpoint, "--output_path", output]), output)
+    return results
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_passes_parity_and_writes_serving_files(exports, family):
+    exit_code, output = exports[family]
+    assert exit_code == 0
+    manifest = load_manifest(output)
+    assert manifest.parity["passed"] and manifest.parity["max_abs_diff"] <= 1e-4
+    assert manifest.parity["prompts"] == 4 and not manifest.parity["mismatches"]
+    assert manifest.family == family and manifest.chat_template == family
+    for name in ("model.json", "model.pdiparams", "config.json", "tokenizer_config.json", "generation_config.json"):
+        assert os.path.isfile(os.path.join(output, name)), name
+    generation = json.load(open(os.path.join(output, "generation_config.json")))
+    assert generation["eos_token_id"] in (manifest.eos_token_ids[0], manifest.eos_token_ids)
+
+
+def test_check_only_runs_alone(exports):
+    _, output = exports["llama"]
+    assert export_main(["--check_only", output, "--check_tokens", "4"]) == 0
+    assert load_manifest(output).parity["new_tokens"] == 4
+
+
+def test_check_fails_against_a_different_checkpoint(exports, checkpoints, workdir):
+    import paddle
+
+    _, output = exports["llama"]
+    altered = str(workdir / "ckpt-llama-altered")
+    shutil.copytree(checkpoints["llama"], altered)
+    state = paddle.load(os.path.join(altered, "model_state.pdparams"))
+    name = next(k for k in state if k.endswith("lm_head.weight"))
+    state[name] = state[name] + 0.05 * paddle.randn(state[name].shape)
+    paddle.save(state, os.path.join(altered, "model_state.pdparams"))
+    assert export_main(["--check_only", output, "--model_name_or_path", altered]) == 1
+    assert not load_manifest(output).parity["passed"]
+    assert export_main(["--check_only", output, "--model_name_or_path", checkpoints["llama"]]) == 0
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("chatglm2", marks=pytest.mark.slow)])
+def test_lora_is_merged_and_matches_unmerged_adapter(checkpoints, exports, workdir, family):
+    from paddle_llm.export.runtime import open_export_decoder
+
+    lora = make_lora_adapter(checkpoints[family], str(workdir / f"lora-{family}"))
+    output = str(workdir / f"export-lora-{family}")
+    # Parity's reference is PaddleNLP's LoRAModel computing x W + x A B s at run time: merged == unmerged.
+    assert export_main(["--model_name_or_path", checkpoints[family], "--lora_path", lora, "--output_path", output]) == 0
+    manifest = load_manifest(output)
+    assert manifest.parity["passed"] and manifest.source["lora_path"] == os.path.abspath(lora)
+    # The adapter really changed the model: the merged graph disagrees with the base export.
+    prompt = [[10, 20, 30, 40]]
+    merged_logits, _ = open_export_decoder(output).prefill(prompt)
+    base_logits, _ = open_export_decoder(exports[family][1]).prefill(prompt)
+    assert np.abs(merged_logits - base_logits).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "family", ["llama", pytest.param("chatglm", marks=pytest.mark.slow), pytest.param("chatglm2", marks=pytest.mark.slow)])
+def test_prefix_becomes_part_of_the_past(checkpoints, workdir, family):
+    prefix = make_prefix_adapter(checkpoints[family], str(workdir / f"prefix-{family}"))
+    output = str(workdir / f"export-prefix-{family}")
+    assert export_main(["--model_name_or_path", checkpoints[family], "--prefix_path", prefix, "--output_path", output]) == 0
+    manifest = load_manifest(output)
+    assert manifest.parity["passed"] and manifest.prefix_cache and os.path.isfile(os.path.join(output, manifest.prefix_cache))
+
+
+def test_fastdeploy_format_writes_safetensors_checkpoint(checkpoints, workdir):
+    from safetensors.numpy import load_file
+
+    output = str(workdir / "fastdeploy-llama")
+    assert export_main(["--model_name_or_path", checkpoints["llama"], "--output_path", output,
+                        "--format", "fastdeploy", "--dtype", "bfloat16"]) == 0
+    manifest = load_manifest(output)
+    assert manifest.format == "fastdeploy" and manifest.cache is None
+    tensors = load_file(os.path.join(output, "model.safetensors"))
+    assert any(name.endswith("embed_tokens.weight") for name in tensors)
+    assert json.load(open(os.path.join(output, "config.json")))["dtype"] == "bfloat16"
+    assert os.path.isfile(os.path.join(output, "tokenizer_config.json"))
+
+
+def test_half_precision_graph_on_cpu_build_is_refused_clearly(checkpoints, workdir, capsys):
+    import paddle
+
+    if paddle.device.is_compiled_with_cuda():
+        pytest.skip("a CUDA build can trace half-precision graphs")
+    code = export_main(["--model_name_or_path", checkpoints["llama"], "--output_path", str(workdir / "fp16"),
+                        "--dtype", "float16"])
+    assert code == 2
+    assert "need a CUDA build" in capsys.readouterr().err
+    assert not os.path.exists(workdir / "fp16")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--output_path", "x"], "missing --model_name_or_path"),
+        (["--model_name_or_path", "/no/such/dir", "--output_path", "x"], "neither a local directory nor a built-in preset"),
+        (["--model_name_or_path", "tiny-llama", "--output_path", "x"], "has no weights to export"),
+        (["--check_only", "/no/such/export"], "not an export directory"),
+    ],
+)
+def test_bad_inputs_exit_2_with_a_message(argv, message, capsys, tmp_path):
+    argv = [str(tmp_path / a) if a == "x" else a for a in argv]
+    assert export_main(argv) == 2
+    assert message in capsys.readouterr().err

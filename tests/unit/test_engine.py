@@ -1,0 +1,315 @@
+"""Engine pieces without a real model: sampling, streamed text, and continuous batching over a toy step function.
+
+The toy "model" keeps a real KV cache (the token ids themselves) and predicts ``(sum of attended tokens + 7 * position)
+mod vocab``, so any mistake in padding, masks, positions, merging or dropping rows changes the output. Every request
+must decode exactly as it would alone, however it is batched.
+"""
+
+import threading
+import time
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_llm.export.runtime import StepDecoder, step_attention_mask
+from paddle_llm.export.manifest import CacheLayout
+from paddle_llm.serving.engine import Engine, EngineClosedError
+from paddle_llm.serving.sampling import (
+    SamplingParams,
+    apply_repetition_penalty,
+    sample_token,
+    top_k_filter,
+    top_p_filter,
+)
+from paddle_llm.serving.text_stream import IncrementalDetokenizer, StopStringFilter
+
+VOCAB = 50
+EOS = 0
+LAYOUT = CacheLayout(num_layers=1, num_kv_heads=1, head_dim=1, batch_axis=1, seq_axis=2)
+
+
+# ---- sampling ------------------------------------------------------------------------------------------------------
+
+def test_greedy_is_argmax_whatever_the_seed():
+    logits = np.array([0.1, 2.0, 1.9, -1.0], dtype="float32")
+    for seed in range(5):
+        assert sample_token(logits, SamplingParams(temperature=0.0), np.random.default_rng(seed), np.array([])) == 1
+
+
+def test_top_k_keeps_k_largest():
+    filtered = top_k_filter(np.array([1.0, 5.0, 3.0, 4.0]), 2)
+    assert np.isfinite(filtered).tolist() == [False, True, False, True]
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    assert np.isfinite(top_p_filter(logits, 0.7)).tolist() == [True, True, False, False]
+    assert np.isfinite(top_p_filter(logits, 0.01)).tolist() == [True, False, False, False]
+    assert np.isfinite(top_p_filter(logits, 1.0)).all()
+
+
+def test_repetition_penalty_pushes_seen_tokens_down_both_signs():
+    logits = np.array([2.0, -2.0, 1.0])
+    penalised = apply_repetition_penalty(logits, np.array([0, 1, 1]), 2.0)
+    assert penalised.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_temperature_sampling_follows_distribution_and_seed_reproduces():
+    logits = np.log(np.array([0.7, 0.2, 0.1]))
+    params = SamplingParams(temperature=1.0)
+    rng = np.random.default_rng(0)
+    draws = [sample_token(logits, params, rng, np.array([])) for _ in range(3000)]
+    assert np.bincount(draws, minlength=3)[0] / 3000 == pytest.approx(0.7, abs=0.04)
+    first = [sample_token(logits, params, np.random.default_rng(42), np.array([])) for _ in range(1)]
+    again = [sample_token(logits, params, np.random.default_rng(42), np.array([])) for _ in range(1)]
+    assert first == again
+
+
+def test_low_temperature_concentrates():
+    logits = np.array([1.0, 1.5, 0.0])
+    rng = np.random.default_rng(1)
+    draws = [sample_token(logits, SamplingParams(temperature=0.05), rng, np.array([])) for _ in range(200)]
+    assert set(draws) == {1}
+
+
+@pytest.mark.parametrize(
+    "fields, name",
+    [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+     ({"top_k": -2}, "top_k"), ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"stop": ("",)}, "stop"),
+     ({"seed": -1}, "seed")],
+)
+def test_invalid_params_name_the_field(fields, name):
+    with pytest.raises(ValueError, match=f"^{name}"):
+        SamplingParams(**fields).validate()
+
+
+# ---- streamed text -------------------------------------------------------------------------------------------------
+
+def test_stop_filter_holds_back_possible_stop_and_cuts_at_it():
+    stop = StopStringFilter(["END"])
+    assert stop.push("hello E") == ("hello ", False)
+    assert stop.push("N") == ("", False)
+    assert stop.push("D and more") == ("", True)
+
+
+def test_stop_filter_releases_false_alarm_and_flushes():
+    stop = StopStringFilter(["END", "\n\n"])
+    assert stop.push("an E") == ("an ", False)
+    assert stop.push("x") == ("Ex", False)
+    assert stop.push("tail\n") == ("tail", False)
+    assert stop.flush() == "\n"
+
+
+def test_incremental_detokenizer_matches_full_decode_with_shipped_tokenizer():
+    from paddle_llm.models.registry import FAMILIES, load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-llama", FAMILIES["llama"])
+    prompt = tokenizer("Question:", add_special_tokens=False)["input_ids"]
+    generated = tokenizer(" The fox, 你好 wörld! 42", add_special_tokens=False)["input_ids"]
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    pieces = [detokenizer.push(token) for token in generated]
+    assert "".join(pieces) + detokenizer.flush() == tokenizer.decode(prompt + generated)[len(tokenizer.decode(prompt)):]
+    assert "" in pieces  # a multi-byte character arrived over several byte tokens and was held back until complete
+
+
+# ---- the toy model and continuous batching -----------------------------------------------------------------------
+
+class ToyRunner:
+    """Next token = (sum of attended cache entries + 7 * position of the last token) mod VOCAB, through a real cache."""
+
+    def __init__(self, delay: float = 0.0, fail_on_token: int | None = None):
+        self.delay = delay
+        self.fail_on_token = fail_on_token
+        self.batch_sizes = []
+
+    def run(self, inputs):
+        input_ids, positions, mask, key, value = inputs
+        if self.fail_on_token is not None and bool((input_ids == self.fail_on_token).any()):
+            raise RuntimeError("toy failure")
+        time.sleep(self.delay)
+        self.batch_sizes.append(input_ids.shape[0])
+        new = input_ids.astype("float32").reshape([1, input_ids.shape[0], input_ids.shape[1], 1, 1])
+        key = paddle.concat([key, new], axis=2)
+        attended = (key[0, :, :, 0, 0] * mask[:, 0, -1, :].astype("float32")).sum(axis=-1)
+        next_tokens = (attended.astype("int64") + 7 * positions[:, -1]) % VOCAB
+        logits = paddle.nn.functional.one_hot(next_tokens, VOCAB) * 10.0
+        return [logits, key, key]
+
+
+def expected_tokens(prompt: list[int], max_tokens: int) -> list[int]:
+    sequence, out = list(prompt), []
+    while len(out) < max_tokens:
+        token = (sum(sequence) + 7 * (len(sequence) - 1)) % VOCAB
+        if token == EOS:
+            break
+        out.append(token)
+        sequence.append(token)
+    return out
+
+
+class ToyTokenizer:
+    def __len__(self):
+        return VOCAB
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) if i else "" for i in ids)
+
+
+def toy_engine(max_batch_size=8, **runner_options):
+    runner = ToyRunner(**runner_options)
+    decoder = StepDecoder(runner, LAYOUT, "float32", glm_positions=False)
+    return Engine(decoder, ToyTokenizer(), [EOS], max_context_length=200, max_batch_size=max_batch_size).start(), runner
+
+
+PROMPTS = [[3, 4, 5], [9], [1, 2, 3, 4, 5, 6, 7, 8], [11, 12], [5, 5, 5, 5], [21, 1, 7]]
+
+
+def test_attention_mask_left_padding_and_causal():
+    mask = step_attention_mask(np.array([[False, True]]), np.array([[False, True, True]]))
+    assert mask.shape == (1, 1, 3, 5)
+    assert mask[0, 0].astype(int).tolist() == [[0, 1, 1, 0, 0], [0, 1, 0, 1, 0], [0, 1, 0, 1, 1]]
+
+
+def test_each_request_decodes_as_alone_when_batched_and_joining_midway():
+    engine, runner = toy_engine()
+    try:
+        handles = []
+        for index, prompt in enumerate(PROMPTS):
+            handles.append((prompt, 12 - index, engine.submit(prompt, SamplingParams(max_tokens=12 - index, temperature=0))))
+            time.sleep(0.002 * index)  # later requests join a batch already decoding
+        for prompt, max_tokens, handle in handles:
+            assert list(handle.result().token_ids[: len(expected_tokens(prompt, max_tokens))]) == expected_tokens(prompt, max_tokens)
+        assert max(runner.batch_sizes) > 1
+    finally:
+        engine.shutdown()
+
+
+def test_finish_reasons_and_usage():
+    engine, _ = toy_engine()
+    try:
+        prompt = [3, 4, 5]
+        done = engine.generate(prompt, SamplingParams(max_tokens=5, temperature=0))
+        assert done.finish_reason == "length" and done.completion_tokens == 5 and done.prompt_tokens == 3
+        expected = expected_tokens(prompt, 5)
+        assert done.text == ToyTokenizer().decode(expected)
+        # A stop string made of the third token's letter cuts the text there.
+        stop_text = ToyTokenizer().decode(expected[2:3])
+        stopped = engine.generate(prompt, SamplingParams(max_tokens=5, temperature=0, stop=(stop_text,)))
+        assert stopped.finish_reason == "stop" and stop_text not in stopped.text
+    finally:
+        engine.shutdown()
+
+
+def test_eos_finishes_with_stop():
+    # A two-token prompt whose first prediction, (a + b + 7 * 1) mod VOCAB, is the EOS id.
+    prompt = next([a, b] for a in range(1, VOCAB) for b in range(1, VOCAB) if (a + b + 7) % VOCAB == EOS)
+    engine, _ = toy_engine()
+    try:
+        result = engine.generate(prompt, SamplingParams(max_tokens=5, temperature=0))
+        assert result.finish_reason == "stop" and result.completion_tokens == 0 and result.text == ""
+    finally:
+        engine.shutdown()
+
+
+def test_streamed_events_concatenate_to_result():
+    engine, _ = toy_engine()
+    try:
+        handle = engine.submit([9], SamplingParams(max_tokens=8, temperature=0))
+        events = list(handle)
+        assert events[-1].finish_reason == "length" and all(e.finish_reason is None for e in events[:-1])
+        assert "".join(e.text for e in events) == ToyTokenizer().decode(expected_tokens([9], 8))
+    finally:
+        engine.shutdown()
+
+
+def test_batch_size_limit_queues_the_rest():
+    engine, runner = toy_engine(max_batch_size=2, delay=0.005)
+    try:
+        handles = [engine.submit(p, SamplingParams(max_tokens=6, temperature=0)) for p in PROMPTS]
+        results = [h.result() for h in handles]
+        assert max(runner.batch_sizes) <= 2
+        for prompt, result in zip(PROMPTS, results):
+            assert list(result.token_ids[: len(expected_tokens(prompt, 6))]) == expected_tokens(prompt, 6)
+    finally:
+        engine.shutdown()
+
+
+def test_cancel_frees_the_slot_and_others_finish():
+    engine, _ = toy_engine(max_batch_size=2, delay=0.01)
+    try:
+        long = engine.submit([3], SamplingParams(max_tokens=150, temperature=0))
+        other = engine.submit([4], SamplingParams(max_tokens=150, temperature=0))
+        time.sleep(0.05)
+        long.cancel()
+        queued = engine.submit([5], SamplingParams(max_tokens=3, temperature=0))
+        assert queued.result().finish_reason == "length"  # it got the cancelled request's slot
+        assert long.result().finish_reason == "cancelled"
+        other.cancel()
+    finally:
+        engine.shutdown()
+
+
+def test_failed_step_fails_its_requests_and_engine_keeps_serving():
+    engine, _ = toy_engine(fail_on_token=13)
+    try:
+        failed = engine.generate([13, 1], SamplingParams(max_tokens=4, temperature=0))
+        assert failed.finish_reason == "error" and "toy failure" in failed.error
+        fine = engine.generate([2, 1], SamplingParams(max_tokens=4, temperature=0))
+        assert fine.finish_reason in ("length", "stop") and fine.error is None
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_finishes_in_flight_and_refuses_new():
+    engine, _ = toy_engine(delay=0.005)
+    handle = engine.submit([3, 4], SamplingParams(max_tokens=20, temperature=0))
+    stopper = threading.Thread(target=engine.shutdown)
+    stopper.start()
+    assert handle.result().finish_reason in ("length", "stop")
+    stopper.join(5)
+    with pytest.raises(EngineClosedError):
+        engine.submit([1], SamplingParams(max_tokens=2))
+
+
+def test_prompt_filling_context_is_refused():
+    engine, _ = toy_engine()
+    try:
+        with pytest.raises(ValueError, match="context holds 200"):
+            engine.submit([1] * 200, SamplingParams())
+        result = engine.generate([1] * 195, SamplingParams(max_tokens=50, temperature=0))
+        assert result.completion_tokens <= 5  # clipped to the context, not an error
+    finally:
+        engine.shutdown()
+
+
+# ---- a real (random) model: padding and merging must not change logits --------------------------------------------
+
+def test_real_model_rows_batched_match_rows_alone():
+    from paddle_llm.export.runtime import DygraphStepRunner
+    from paddle_llm.export.step_graph import KVCacheStep, cache_layout
+    from paddle_llm.models.registry import build_config, build_model, resolve_model
+
+    paddle.seed(0)
+    source = resolve_model("tiny-llama")
+    model = build_model(source, build_config(source), load_weights=False)
+    layout = cache_layout("llama", model.config)
+    decoder = StepDecoder(DygraphStepRunner(KVCacheStep(model, "llama", layout.num_layers)), layout, "float32", False)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    alone = []
+    for prompt in prompts:
+        logits, batch = decoder.prefill([prompt])
+        logits, _ = decoder.decode(batch, [42])
+        alone.append(logits[0])
+    # Row 0 prefilled first, row 1 joins later, then both decode in one step.
+    logits0, batch0 = decoder.prefill([prompts[0]])
+    logits1, batch1 = decoder.prefill([prompts[1]])
+    merged = decoder.merge(batch0, batch1)
+    logits, merged = decoder.decode(merged, [42, 42])
+    np.testing.assert_allclose(logits, np.stack(alone), atol=1e-4)
+    # Dropping row 0 leaves row 1 decoding as alone.
+    kept = decoder.select(merged, [1])
+    assert kept.valid.shape[1] == len(prompts[1]) + 1  # the padding row 0 needed is trimmed away
+    logits, _ = decoder.decode(kept, [7])
+    _, alone_batch = decoder.prefill([prompts[1] + [42]])
+    np.testing.assert_allclose(logits[0], decoder.decode(alone_batch, [7])[0][0], atol=1e-4)
