@@ -25,7 +25,8 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 DEMO_CORPUS = os.path.join(ASSETS, "demo_corpus.jsonl")
 LOSS_TARGET = 1.0
 PROMPT = "In the morning, Ada went to"
-QUESTION = "In the evening, Mei went to the harbor with a goat. There Mei found a drum and felt proud. Where did Mei go?"
+# A held-out question of the shipped instruction task (dev.json), answered "the forest".
+QUESTION = "At noon, Hana went to the forest with a rabbit. There Hana found a red kite and felt curious. Where did Hana go?"
 
 
 def _banner(text: str) -> None:
@@ -115,15 +116,12 @@ def serve_stage(model_dir: str, adapter_dir: str, output_dir: str) -> dict:
     with ServerProcess(["--model", export_dir], os.path.join(output_dir, "server.log")) as server:
         client = OpenAI(base_url=server.url + "/v1", api_key="demo")
         model_name = client.models.list().data[0].id
-        reply = client.chat.completions.create(
-            model=model_name, messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0
-        )
+        # The demo task is plain src/tgt text (no chat template), so it is asked as a completion.
+        reply = client.completions.create(model=model_name, prompt=QUESTION, max_tokens=8, temperature=0)
         with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            request = generation_pb2.GenerateRequest(
-                messages=[generation_pb2.ChatMessage(role="user", content=QUESTION)], max_tokens=8, temperature=0
-            )
+            request = generation_pb2.GenerateRequest(prompt=QUESTION, max_tokens=8, temperature=0)
             grpc_answer = generation_pb2_grpc.TextGenerationStub(channel).Generate(request, timeout=120).text
-    return {"question": QUESTION, "rest_answer": reply.choices[0].message.content, "grpc_answer": grpc_answer, "export_dir": export_dir}
+    return {"question": QUESTION, "rest_answer": reply.choices[0].text, "grpc_answer": grpc_answer, "export_dir": export_dir}
 
 
 def main(argv: list[str]) -> int:
@@ -147,7 +145,7 @@ def main(argv: list[str]) -> int:
 
     served = serve_stage(pretrained["model_dir"], finetuned["adapter_dir"], args.output_dir)
     print(f"\nquestion:             {served['question']}")
-    print(f"answer over REST:     {served['rest_answer']!r}   (official openai client, /v1/chat/completions)")
+    print(f"answer over REST:     {served['rest_answer']!r}   (official openai client, /v1/completions)")
     print(f"answer over gRPC:     {served['grpc_answer']!r}")
     print(f"total time:           {time.perf_counter() - started:.0f} s; everything is in {args.output_dir}/")
     failures = []

@@ -395,6 +395,29 @@ def _assemble(prefix: list[int], rounds: list[Round], layout: FamilyLayout, incl
     return tokens, targets, context_length
 
 
+def prompt_ids_as_trained(family_name: str, tokenizer, messages: list[dict], templated: bool) -> list[int]:
+    """The ids a model fine-tuned here sees before its reply, for a conversation that ends with a user turn.
+
+    Serving encodes requests with this, so a fine-tuned model is asked exactly as it was trained: the same
+    segments tokenized the same way, with the same BOS and reply framing (a whole rendered prompt tokenized in one
+    piece differs at segment boundaries, and such a model may answer nothing at all).
+
+    Args:
+        family_name: ``llama``, ``chatglm`` or ``chatglm2``.
+        tokenizer: the model's tokenizer.
+        messages: the conversation so far; a completion prompt is one user message.
+        templated: render with the chat template (chat requests) or as plain text (completion requests).
+
+    Raises:
+        ValueError: a malformed conversation (from the chat template).
+    """
+    layout = family_layout(family_name, tokenizer)
+    record = Record(tuple(messages) + ({"role": "assistant", "content": ""},), templated, "request")
+    prefix, rounds = _rounds(record, layout, tokenizer)
+    tokens, _, _ = _assemble(prefix, rounds, layout, include_last_reply=False)
+    return tokens
+
+
 def tokenize_record(record: Record, layout: FamilyLayout, tokenizer, limits: Limits, report: Counter) -> SftSample | None:
     """Tokenize, truncate and shift one record into a training sample (None when it cannot fit; see ``report``)."""
     prefix, rounds = _rounds(record, layout, tokenizer)

@@ -102,9 +102,11 @@ class OpenAIProtocol:
         self.max_context_length = max_context_length
         self.limits = limits
 
-    def encode(self, text: str) -> list[int]:
-        """Prompts are encoded without added special tokens, as ``paddle-llm preprocess`` encodes training text."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def encode(self, messages: list[dict], templated: bool) -> list[int]:
+        """Encode a request exactly as fine-tuning framed its prompts (see ``data.sft.prompt_ids_as_trained``)."""
+        from paddle_llm.data.sft import prompt_ids_as_trained
+
+        return prompt_ids_as_trained(self.template.name, self.tokenizer, messages, templated)
 
     def _check_common(self, body: dict) -> None:
         model = body.get("model")
@@ -180,7 +182,7 @@ class OpenAIProtocol:
             raise RequestError("prompt must be a string (one prompt per request)", param="prompt")
         if not prompt:
             raise RequestError("prompt must not be empty", param="prompt")
-        prompt_ids = self.encode(prompt)
+        prompt_ids = self.encode([{"role": "user", "content": prompt}], templated=False)
         params = self._sampling(body, len(prompt_ids), "prompt")
         return PreparedRequest("completion", prompt_ids, params, *self._stream_flags(body))
 
@@ -191,10 +193,10 @@ class OpenAIProtocol:
         if messages is None:
             raise RequestError("messages is required", param="messages")
         try:
-            prompt = render_chat(self.template.name, messages, add_generation_prompt=True)
+            render_chat(self.template.name, messages, add_generation_prompt=True)  # validates, naming the bad field
+            prompt_ids = self.encode(list(messages), templated=True)
         except ValueError as err:
             raise RequestError(str(err), param="messages") from None
-        prompt_ids = self.encode(prompt)
         # The template's own round markers end a reply (ChatGLM starts a new "[Round N]" otherwise).
         params = self._sampling(body, len(prompt_ids), "messages", extra_stop=self.template.stop_strings)
         return PreparedRequest("chat", prompt_ids, params, *self._stream_flags(body))

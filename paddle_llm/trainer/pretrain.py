@@ -135,7 +135,8 @@ def build_model_and_tokenizer(source: ModelSource, model_args, data_args, traini
         overrides[family.max_positions_field] = max(current, data_args.max_seq_length)
     config = build_config(source, **overrides)
     LlmMetaConfig.set_llm_config(config, training_args)
-    config.seq_length = data_args.max_seq_length
+    if "seq_length" not in family.field_aliases:  # ChatGLM2's seq_length is its max positions, not the batch length
+        config.seq_length = data_args.max_seq_length
     config.hidden_dropout_prob = model_args.hidden_dropout_prob
     config.attention_probs_dropout_prob = model_args.attention_probs_dropout_prob
     config.use_fast_layer_norm = model_args.use_fast_layer_norm

@@ -18,4 +18,4 @@ def test_demo_pretrains_finetunes_exports_and_serves(tmp_path):
     # the served model answers the demo's held-out question over both protocols
     rest = re.search(r"answer over REST:\s+'(.*)'", result.stdout).group(1)
     grpc = re.search(r"answer over gRPC:\s+'(.*)'", result.stdout).group(1)
-    assert rest.strip() == grpc.strip() == "the harbor"
+    assert rest.strip() == grpc.strip() == "the forest"
