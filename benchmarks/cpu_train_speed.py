@@ -17,10 +17,11 @@ Variants, each training ``LlamaForCausalLM`` fp32 with AdamW on one fixed batch 
   (default ``/work/torchvenv/bin/python``, or ``$TORCH_PYTHON``); skipped with a message when that is absent.
 
 CPU-MFU is model FLOPs per second (6 x matmul parameters + 12 x layers x hidden x seq per token, nanoGPT's
-estimate) divided by the fp32 GEMM FLOP/s measured in the same run (a 2048^3 matmul with 2 threads; the best of
-torch and configured Paddle).
+estimate) divided by the fp32 GEMM FLOP/s measured in the same run (a 2048^3 matmul with 2 threads, in torch and
+in configured Paddle; the fastest measurement, since other processes only slow measurements down).
 
 Usage: python benchmarks/cpu_train_speed.py [--repeats 3] [--shapes 64x2,256x4,512x8,768x2] [--ablation] [--to_static]
+       python benchmarks/cpu_train_speed.py --from_json saved.json   (re-print a previous run)
 Writes benchmarks/results/cpu_train_speed.json.
 """
 

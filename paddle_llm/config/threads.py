@@ -51,7 +51,8 @@ def configure_threads(requested: int | None = None, processes_sharing_cores: int
     """Set the math-library (MKL and OpenMP) thread count and return it.
 
     Args:
-        requested: the thread count to use (a ``--cpu_threads`` flag); None uses the available cores.
+        requested: the thread count to use (``--num_threads``); None uses ``OMP_NUM_THREADS`` if the user set it,
+            else the available cores.
         processes_sharing_cores: training processes on this host (CPU data parallel); the default count is the
             available cores divided among them, so they do not oversubscribe the cores.
 
@@ -65,7 +66,10 @@ def configure_threads(requested: int | None = None, processes_sharing_cores: int
         raise ValueError(f"the CPU thread count must be at least 1 (got {requested}); omit it to use every core")
     if processes_sharing_cores < 1:
         raise ValueError(f"processes_sharing_cores must be at least 1 (got {processes_sharing_cores})")
-    count = requested or max(1, available_cores() // processes_sharing_cores)
+    from paddle_llm import USER_OMP_NUM_THREADS
+
+    from_environment = int(USER_OMP_NUM_THREADS) if (USER_OMP_NUM_THREADS or "").isdigit() and int(USER_OMP_NUM_THREADS) > 0 else None
+    count = requested or from_environment or max(1, available_cores() // processes_sharing_cores)
     # Paddle's bootstrap pins OMP_NUM_THREADS on import; importing first keeps its "OMP_NUM_THREADS is not 1"
     # warning away, and the variables set afterwards still reach MKL (read at its first call) and child processes.
     import paddle

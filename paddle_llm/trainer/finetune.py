@@ -21,7 +21,7 @@ from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision
 from paddle_llm.data.jsonl import DataError
 from paddle_llm.models.registry import ModelSource, resolve_model
-from paddle_llm.trainer.pretrain import EXIT_BAD_CONFIG, log
+from paddle_llm.trainer.pretrain import EXIT_BAD_CONFIG, _world_size, log
 
 TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
 MERGED_DIR = "merged"
@@ -39,10 +39,6 @@ def _dataclass_types():
     from paddle_llm.config.arguments import FinetuneArguments, FinetuneDataArguments, ModelArguments, PeftArguments
 
     return ModelArguments, FinetuneDataArguments, PeftArguments, FinetuneArguments
-
-
-def _world_size() -> int:
-    return int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
 
 
 def known_optimizers() -> tuple[str, ...]:
@@ -179,26 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         return print_health_error(err, "paddle-llm finetune")
 
 
-def resume_checkpoint(training_args) -> str | None:
-    """The checkpoint to resume from: ``--resume_from_checkpoint``, else the last complete one in ``output_dir``
-    (unless ``--overwrite_output_dir``); half-written checkpoints a crash left are removed first."""
-    import paddle
-
-    from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
-
-    resume_from = training_args.resume_from_checkpoint
-    if training_args.do_train and not training_args.overwrite_output_dir and resume_from is None:
-        if training_args.process_index == 0:
-            for path in remove_incomplete_checkpoints(training_args.output_dir):
-                log(f"removed {path}: its save never finished (crash mid-save)")
-        if paddle.distributed.get_world_size() > 1:
-            paddle.distributed.barrier()
-        resume_from = latest_complete_checkpoint(training_args.output_dir)
-        if resume_from:
-            log(f"resuming from {resume_from} (pass --overwrite_output_dir to start over)")
-    return resume_from
-
-
 def apply_peft(model, family_name: str, peft_args):
     """Wrap the model for LoRA or prefix tuning (or return it unchanged), and log what trains."""
     from paddle_llm.peft.lora import apply_lora, load_lora
@@ -282,16 +258,19 @@ def prepare(plan: FinetuneSetup) -> FinetuneRun:
     from paddle_llm.data.sft import SftCollator, family_layout
     from paddle_llm.trainer.finetune_trainer import FinetuneMetricsCallback, FinetuneTrainer, criterion_for
     from paddle_llm.trainer.health import NumericalHealthCallback
-    from paddle_llm.trainer.pretrain import build_model_and_tokenizer
+    from paddle_llm.trainer.pretrain import (
+        build_model_and_tokenizer,
+        configure_runtime,
+        install_collectives_when_distributed,
+        log_cpu_fast_paths,
+        resume_checkpoint,
+    )
 
-    if _world_size() > 1:
-        from paddle_llm.parallel.cpu_collectives import install_cpu_collectives
-
-        # as in pretraining: before TrainingArguments (fleet.init) and the model, since gloo lacks ops fleet calls
-        install_cpu_collectives(plan.parsed.value("device"))
+    install_collectives_when_distributed(plan.parsed.value("device"))
     model_args, data_args, peft_args, training_args = plan.parsed.build(_dataclass_types())
     paddle.set_device(training_args.device)
     set_seed(training_args.seed)
+    log(configure_runtime(training_args))
     for arguments, title in ((model_args, "Model"), (data_args, "Data"), (peft_args, "PEFT")):
         training_args.print_config(arguments, title)
     resume_from = resume_checkpoint(training_args)
@@ -302,6 +281,7 @@ def prepare(plan: FinetuneSetup) -> FinetuneRun:
     if not plan.source.has_weights:
         log(f"warning: {plan.source.name_or_path} has no weights: fine-tuning a randomly initialised {family.name} model")
     model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
+    log_cpu_fast_paths(model)
     model = apply_peft(model, family.name, peft_args)
 
     layout = family_layout(family.name, tokenizer)

@@ -155,6 +155,53 @@ def build_model_and_tokenizer(source: ModelSource, model_args, data_args, traini
     return model, tokenizer, config
 
 
+def install_collectives_when_distributed(device: str) -> None:
+    """Before TrainingArguments (fleet.init) and the model: gloo lacks ops fleet's hybrid parallel calls."""
+    if _world_size() > 1:
+        from paddle_llm.parallel.cpu_collectives import install_cpu_collectives
+
+        install_cpu_collectives(device)
+
+
+def resume_checkpoint(training_args) -> str | None:
+    """The checkpoint to resume from: ``--resume_from_checkpoint``, else the last complete one in ``output_dir``
+    (unless ``--overwrite_output_dir``); half-written checkpoints a crash left are removed first."""
+    import paddle
+
+    from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
+
+    resume_from = training_args.resume_from_checkpoint
+    if training_args.do_train and not training_args.overwrite_output_dir and resume_from is None:
+        if training_args.process_index == 0:
+            for path in remove_incomplete_checkpoints(training_args.output_dir):
+                log(f"removed {path}: its save never finished (crash mid-save)")
+        if paddle.distributed.get_world_size() > 1:
+            paddle.distributed.barrier()
+        resume_from = latest_complete_checkpoint(training_args.output_dir)
+        if resume_from:
+            log(f"resuming from {resume_from} (pass --overwrite_output_dir to start over)")
+    return resume_from
+
+
+def configure_runtime(training_args) -> str:
+    """Set math threads (and, on CPU, the allocator and MKL kernels) before the first matrix multiply; return the
+    line to log. Processes launched on one host share its cores."""
+    from paddle_llm.config.threads import configure_cpu_runtime
+
+    local_processes = int(os.environ.get("PADDLE_LOCAL_SIZE", _world_size()))
+    runtime = configure_cpu_runtime(getattr(training_args, "num_threads", None), training_args.device, processes_sharing_cores=local_processes)
+    return runtime.summary()
+
+
+def log_cpu_fast_paths(model) -> None:
+    """On CPU, swap PaddleNLP's slow composites for numerically equal fast ones (a no-op on GPU)."""
+    from paddle_llm.models.cpu_fast import apply_cpu_fast_paths
+
+    replaced = apply_cpu_fast_paths(model)
+    if replaced:
+        log("cpu fast paths: " + ", ".join(replaced))
+
+
 def _num_samples(training_args) -> tuple[int, int, int]:
     per_step = training_args.dataset_world_size * training_args.gradient_accumulation_steps
     train = training_args.per_device_train_batch_size * per_step * training_args.max_steps
@@ -205,32 +252,20 @@ def fit(plan: PretrainSetup) -> int:
     from paddle_llm.trainer.callbacks import MetricsFileCallback
     from paddle_llm.trainer.health import NumericalHealthCallback
     from paddle_llm.trainer.report import ReportCallback
-    from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
     from paddle_llm.trainer.trainer import LLMTrainer
 
-    if _world_size() > 1:
-        from paddle_llm.parallel.cpu_collectives import install_cpu_collectives
-
-        # Before TrainingArguments (fleet.init) and the model: gloo lacks ops fleet's hybrid parallel calls.
-        install_cpu_collectives(plan.parsed.value("device"))
+    install_collectives_when_distributed(plan.parsed.value("device"))
     model_args, data_args, training_args = plan.parsed.build(_dataclass_types())
     paddle.set_device(training_args.device)
     set_seed(training_args.seed)
+    log(configure_runtime(training_args))
     training_args.print_config(model_args, "Model")
     training_args.print_config(data_args, "Data")
 
-    resume_from = training_args.resume_from_checkpoint
-    if training_args.do_train and not training_args.overwrite_output_dir and resume_from is None:
-        if training_args.process_index == 0:
-            for path in remove_incomplete_checkpoints(training_args.output_dir):
-                log(f"removed {path}: its save never finished (crash mid-save)")
-        if paddle.distributed.get_world_size() > 1:
-            paddle.distributed.barrier()
-        resume_from = latest_complete_checkpoint(training_args.output_dir)
-        if resume_from:
-            log(f"resuming from {resume_from} (pass --overwrite_output_dir to start over)")
+    resume_from = resume_checkpoint(training_args)
 
     model, tokenizer, config = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
+    log_cpu_fast_paths(model)
     data_prefix = resolve_data_prefixes(data_args.input_dir)
     for prefix, (documents, tokens) in check_data_prefixes(data_prefix, config.vocab_size).items():
         log(f"data: {prefix}: {documents} documents, {tokens} tokens")

@@ -7,6 +7,8 @@ both see the same weights. Whole-model tests train a PaddleNLP model and a copy 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from functools import partial
 
 import numpy as np
@@ -20,7 +22,7 @@ from paddlenlp.transformers.llama import modeling as llama_modeling
 from paddle_llm.models import cpu_fast
 from paddle_llm.models.cpu_fast import CausalLMLoss, apply_cpu_fast_paths, tanh_gelu, to_static_for_cpu_training
 from paddle_llm.models.registry import build_config, build_model, resolve_model
-from tests.conftest import run_script
+from tests.conftest import ROOT, run_script, subprocess_env
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 BATCH, SEQ = 2, 16
@@ -332,10 +334,17 @@ print(json.dumps({
     "gpu": configure_cpu_runtime(device="gpu:0").summary(),
 }))
 """
-    report = json.loads(run_script(["-c", code]).stdout.strip().splitlines()[-1])
+    report = json.loads(run_script(["-c", code], OMP_NUM_THREADS=1).stdout.strip().splitlines()[-1])
     assert report["threads"] == 2 and report["omp"] == report["mkl_env"] == "2"
     assert report["summary"].startswith("cpu runtime: 2 math threads of")
     assert report["mkl"] == [2, 1, 0]  # matmuls on 2 threads, vector maths on 1, no dynamic shrinking
     assert report["stride"] is False and report["blocktime"] == 0
-    assert report["default"] == report["cores"] and report["refused"]
+    assert report["default"] == 1 and report["refused"]  # the OMP_NUM_THREADS=1 run_script gives it is honoured
     assert "CPU-only settings not applied" in report["gpu"]
+
+
+def test_default_threads_use_every_core_when_the_user_set_none():
+    code = "from paddle_llm.config.threads import available_cores, configure_threads; print(configure_threads() == available_cores())"
+    env = {k: v for k, v in subprocess_env().items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.stdout.strip().splitlines()[-1] == "True", result.stderr[-2000:]
