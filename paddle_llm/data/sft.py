@@ -480,14 +480,21 @@ class SftCollator:
     block-diagonal 4-D bool mask ``[batch, 1, seq, seq]`` and positions that restart at each sample, so attention
     never crosses a sample boundary and each sample is computed exactly as if it were alone. Padding tokens attend
     only to themselves (a fully masked row would be NaN in some kernels).
+
+    Args:
+        layout: the family's framing.
+        pad_to: pad every batch to this width instead of its longest row. Pipeline parallel needs it: fleet's 1F1B
+            steady state sends activations without fresh shape metadata, so every micro-batch must have one shape
+            (a narrower one corrupts the receiver's buffer on gloo).
     """
 
-    def __init__(self, layout: FamilyLayout):
+    def __init__(self, layout: FamilyLayout, pad_to: int | None = None):
         self.layout = layout
+        self.pad_to = pad_to
 
     def __call__(self, rows: list) -> dict:
         rows = [row if isinstance(row, (list, tuple)) else [row] for row in rows]
-        width = max(sum(len(sample) for sample in row) for row in rows)
+        width = max(max(sum(len(sample) for sample in row) for row in rows), self.pad_to or 0)
         batch = len(rows)
         input_ids = np.full((batch, width), self.layout.pad_id, dtype="int64")
         labels = np.full((batch, width), IGNORE_INDEX, dtype="int64")

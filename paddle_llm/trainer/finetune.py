@@ -286,7 +286,7 @@ def prepare(plan: FinetuneSetup) -> FinetuneRun:
 
     layout = family_layout(family.name, tokenizer)
     splits = load_splits(layout, tokenizer, data_args, training_args)
-    collator = SftCollator(layout)
+    collator = SftCollator(layout, pad_to=data_args.max_seq_length if training_args.pipeline_parallel_degree > 1 else None)
     generation = None
     if data_args.generation_eval and "dev" in splits:
         generation = generation_eval(splits["dev"], layout, tokenizer, data_args, collator)

@@ -25,13 +25,6 @@ ROWS = {
     "finetune_prefix.sh": ("cpu/finetune_prefix.sh", 1),
     "finetune_pipeline_tp2_pp2.sh": ("cpu/finetune_pipeline_tp2_pp2.sh", 4),
 }
-PIPELINE_FINETUNE_SHAPES = (
-    "pipeline fine-tuning needs every micro-batch the same shape: fleet's 1F1B steady state "
-    "(send_forward_recv_backward) sends activations without new shape metadata, and the SFT collator pads each "
-    "batch only to its longest row, so gloo receives a longer message than the buffer it posted (heap corruption on "
-    "CPU; NCCL would mis-read the same way). Padding every batch to --max_length when pipeline_parallel_degree > 1, "
-    "as PaddleNLP's fine-tuning does, makes it run (probed by padding the collator's output to 64)"
-)
 
 
 def run_bash(script: str, timeout: int = 900, **env) -> subprocess.CompletedProcess:
@@ -139,7 +132,6 @@ def test_finetune_twin_runs(twin, outputs, tmp_path):
         assert os.path.exists(os.path.join(output, name)), (name, sorted(os.listdir(output)))
 
 
-@pytest.mark.xfail(reason=PIPELINE_FINETUNE_SHAPES, strict=False)
 def test_pipeline_finetune_twin_runs_on_two_processes(tmp_path):
     output = str(tmp_path / "out")
     result = run_bash("cpu/finetune_pipeline_tp2_pp2.sh", timeout=300, OUTPUT_DIR=output, WORK=str(tmp_path))
@@ -148,7 +140,6 @@ def test_pipeline_finetune_twin_runs_on_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason=PIPELINE_FINETUNE_SHAPES, strict=False)
 def test_pipeline_finetune_twin_runs_tensor_2_x_pipeline_2_on_four_processes(tmp_path):
     output = str(tmp_path / "out")
     result = run_bash("cpu/finetune_pipeline_tp2_pp2.sh", timeout=300, OUTPUT_DIR=output, WORK=str(tmp_path), TP=2, DEVICES="--nproc_per_node 4")

@@ -266,6 +266,15 @@ def test_packed_rows_are_block_diagonal_with_restarting_positions(tokenizers):
     assert set(SftCollator(layout)([[s] for s in samples])) == {"input_ids", "labels"}
 
 
+def test_pipeline_batches_are_padded_to_one_width(tokenizers):
+    """Pipeline parallel sends activations without shape metadata: every micro-batch must have one width."""
+    layout = layout_of(tokenizers, "llama")
+    samples = [sample_of(tokenizers, "llama", chat(q, a))[0] for q, a in (("hi", "yo"), ("what now", "nothing much"))]
+    batch = SftCollator(layout, pad_to=64)([[s] for s in samples])
+    assert batch["input_ids"].shape == (2, 64) and batch["labels"].shape == (2, 64)
+    assert (batch["labels"][:, max(map(len, samples)):] == IGNORE_INDEX).all()
+
+
 # ------------------------------------------------------------------------------------------------- properties
 
 TEXT = st.text(alphabet="abcdefghij 0123456789?.", min_size=1, max_size=24)
