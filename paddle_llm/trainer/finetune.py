@@ -19,9 +19,8 @@ from typing import Mapping
 
 from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision
-from paddle_llm.data.jsonl import DataError
 from paddle_llm.models.registry import ModelSource, resolve_model
-from paddle_llm.trainer.pretrain import EXIT_BAD_CONFIG, _world_size, log
+from paddle_llm.trainer.pretrain import _world_size, log
 
 TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
 MERGED_DIR = "merged"
@@ -152,27 +151,15 @@ def setup(argv: list[str]) -> FinetuneSetup:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv in (["-h"], ["--help"]):
-        print(__doc__ + "\nFlags are PaddleNLP's finetune_generation.py flags; see README 'Fine-tuning'.")
-        return 0
-    try:
-        plan = setup(argv)
-    except ArgumentError as err:
-        for line in str(err).splitlines():
-            print(f"paddle-llm finetune: error: {line}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    for warning in plan.warnings:
-        log(f"warning: {warning}")
-    from paddle_llm.trainer.health import NumericalHealthError, print_health_error
+    from paddle_llm.trainer.pretrain import run_recipe
 
-    try:
-        return fit(plan)
-    except (DataError, FileNotFoundError, ArgumentError) as err:
-        print(f"paddle-llm finetune: error: {err}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    except NumericalHealthError as err:
-        return print_health_error(err, "paddle-llm finetune")
+    return run_recipe(
+        list(sys.argv[1:] if argv is None else argv),
+        "paddle-llm finetune",
+        setup,
+        fit,
+        lambda: __doc__ + "\nFlags are PaddleNLP's finetune_generation.py flags; see README 'Fine-tuning'.",
+    )
 
 
 def apply_peft(model, family_name: str, peft_args):

@@ -7,7 +7,6 @@ fit:   train (resuming from the last complete checkpoint), save, evaluate, write
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -211,31 +210,55 @@ def _num_samples(training_args) -> tuple[int, int, int]:
     return train, valid, test
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(flag in argv for flag in ("-h", "--help")):
-        from paddle_llm.config.parser import format_help
+def run_recipe(argv: list[str], program: str, setup_fn, fit_fn, help_text, announce=None) -> int:
+    """The shared command-line flow of the training recipes: help, parse and validate, announce, fit.
 
-        print(format_help(_dataclass_types(), HELP_USAGE, HELP_EPILOG))
+    Configuration and data problems end with one line per problem and exit code 2, numerical-health failures with
+    a diagnosis and exit code 3; neither prints a traceback.
+
+    Args:
+        argv: the flags (a JSON args file may come first).
+        program: the name errors are printed under (``paddle-llm pretrain``).
+        setup_fn: ``argv -> plan`` (raises ArgumentError); the plan has ``warnings``.
+        fit_fn: ``plan -> exit code``.
+        help_text: ``() -> str`` for ``--help``.
+        announce: ``plan -> None``, run after the warnings and before fitting (e.g. the memory estimate).
+    """
+    from paddle_llm.trainer.health import NumericalHealthError, print_health_error
+
+    if any(flag in argv for flag in ("-h", "--help")):
+        print(help_text())
         return 0
     try:
-        plan = setup(argv)
+        plan = setup_fn(argv)
     except ArgumentError as err:
         for line in str(err).splitlines():
-            print(f"paddle-llm pretrain: error: {line}", file=sys.stderr)
+            print(f"{program}: error: {line}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     for warning in plan.warnings:
         log(f"warning: {warning}")
-    log_memory_estimate(plan.source.config_fields, plan.parsed.as_dict(), "run_pretrain.py")
-    from paddle_llm.trainer.health import NumericalHealthError, print_health_error
-
+    if announce is not None:
+        announce(plan)
     try:
-        return fit(plan)
-    except (DataError, FileNotFoundError) as err:
-        print(f"paddle-llm pretrain: error: {err}", file=sys.stderr)
+        return fit_fn(plan)
+    except (DataError, FileNotFoundError, ArgumentError) as err:
+        print(f"{program}: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except NumericalHealthError as err:
-        return print_health_error(err, "paddle-llm pretrain")
+        return print_health_error(err, program)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from paddle_llm.config.parser import format_help
+
+    return run_recipe(
+        list(sys.argv[1:] if argv is None else argv),
+        "paddle-llm pretrain",
+        setup,
+        fit,
+        lambda: format_help(_dataclass_types(), HELP_USAGE, HELP_EPILOG),
+        announce=lambda plan: log_memory_estimate(plan.source.config_fields, plan.parsed.as_dict(), "run_pretrain.py"),
+    )
 
 
 def fit(plan: PretrainSetup) -> int:

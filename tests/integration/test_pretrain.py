@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import shlex
 import signal
 import subprocess
 import sys
