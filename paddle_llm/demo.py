@@ -133,6 +133,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--finetune_steps", type=int, default=600, help="LoRA fine-tuning steps (default: 600)")
     parser.add_argument("--disable_tqdm", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    from paddlenlp.utils.log import logger as paddlenlp_logger
+
+    paddlenlp_logger.set_level("WARNING")  # the demo shows its own summary; PaddleNLP's config dumps would bury it
     started = time.perf_counter()
     pretrained = pretrain_stage(args.output_dir, args.max_steps, show_progress=not args.disable_tqdm)
     print(f"\nloss at step 1:       {pretrained['loss_at_step_1']:.3f}   (ln(vocab) = {math.log(1024):.3f})")
