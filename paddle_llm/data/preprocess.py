@@ -18,6 +18,8 @@ from paddle_llm.data.indexed import IndexedDatasetWriter, token_dtype
 from paddle_llm.data.jsonl import DataError
 
 LINES_PER_TASK = 256
+# A worker that returns nothing for this long is hung, not slow (a task is 256 lines): fail instead of waiting forever.
+WORKER_TIMEOUT_SECONDS = 600
 
 _worker_tokenizer = None
 _worker_options: dict = {}
@@ -108,7 +110,7 @@ def preprocess(
         if workers > 1:
             context = multiprocessing.get_context("spawn")  # fork would copy the parent's Paddle state
             with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-                _drain(pool.imap(_encode_lines, _read_tasks(input_path)), writer, progress)
+                _drain(_with_timeout(pool.imap(_encode_lines, _read_tasks(input_path))), writer, progress)
         else:
             _init_worker(*initargs)
             _drain(map(_encode_lines, _read_tasks(input_path)), writer, progress)
@@ -130,6 +132,19 @@ def preprocess(
         "tokens_per_second": round(tokens / seconds, 1),
         "output_prefix": output_prefix,
     }
+
+
+def _with_timeout(results):
+    """Yield from a pool's imap, but raise when no result arrives in time: Pool waits forever for a dead worker."""
+    while True:
+        try:
+            yield results.next(timeout=WORKER_TIMEOUT_SECONDS)
+        except StopIteration:
+            return
+        except multiprocessing.TimeoutError:
+            raise RuntimeError(
+                f"a tokenizer worker returned nothing for {WORKER_TIMEOUT_SECONDS} s (crashed or hung); rerun with --workers 1"
+            ) from None
 
 
 def _drain(results, writer: IndexedDatasetWriter, progress) -> None:
@@ -174,7 +189,7 @@ def main(argv: list[str]) -> int:
             workers=max(1, args.workers),
             show_progress=not args.disable_tqdm,
         )
-    except (DataError, FileNotFoundError) as err:
+    except (DataError, FileNotFoundError, RuntimeError) as err:
         print(f"paddle-llm preprocess: error: {err}", file=sys.stderr)
         return 1
     print(json.dumps(summary))

@@ -140,3 +140,16 @@ def test_preprocess_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     code = main(["--input_path", source, "--output_prefix", str(tmp_path / "o"), "--tokenizer_name_or_path", "tiny-llama", "--disable_tqdm"])
     assert code == 1
     assert "bad.jsonl:1: missing key 'text'" in capsys.readouterr().err
+
+
+def test_a_hung_worker_fails_instead_of_waiting_forever():
+    import multiprocessing
+
+    from paddle_llm.data.preprocess import _with_timeout
+
+    class HungPoolResults:
+        def next(self, timeout=None):
+            raise multiprocessing.TimeoutError
+
+    with pytest.raises(RuntimeError, match="rerun with --workers 1"):
+        list(_with_timeout(HungPoolResults()))
