@@ -10,10 +10,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 
 from paddle_llm.data.jsonl import iter_jsonl_texts
+from paddle_llm.files import replace_directory_atomically
 
 # id order is fixed: <unk>=0 <s>=1 </s>=2 <pad>=3, then the user-defined symbols from id 4.
 SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
@@ -99,22 +98,14 @@ def train_tokenizer(
 
 
 def _write_directory_atomically(output_dir: str, model_bytes: bytes, tokenizer_config: dict) -> None:
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
-    try:
+    def write(staging: str) -> None:
         for file_name in MODEL_FILE_BY_CLASS.values():
             with open(os.path.join(staging, file_name), "wb") as f:
                 f.write(model_bytes)
         with open(os.path.join(staging, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(tokenizer_config, f, indent=2)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; a tokenizer directory is shared data
-        if os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    replace_directory_atomically(output_dir, write, prefix=".tokenizer-")
 
 
 def main(argv: list[str]) -> int:

@@ -8,32 +8,24 @@ directory is written under a temporary name and renamed into place, so a crash n
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
+
+from paddle_llm.files import replace_directory_atomically
 
 PROBE_LENGTH = 16
 
 
 def save_model_atomically(model, tokenizer, output_path: str) -> None:
     """Save ``model`` (and ``tokenizer``, if given) to ``output_path``, replacing it only once fully written."""
-    parent = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".merge-", dir=parent)
-    try:
+
+    def write(staging: str) -> None:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; a model directory is shared data
-        if os.path.isdir(output_path):
-            shutil.rmtree(output_path)
-        os.replace(staging, output_path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    replace_directory_atomically(output_path, write, prefix=".merge-")
 
 
 def probe_logits(model, family, vocab_size: int) -> np.ndarray:
