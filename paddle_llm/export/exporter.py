@@ -106,14 +106,18 @@ def _check_dtype_supported(request: ExportRequest) -> None:
         )
 
 
-def _write_step_graph(staging: str, model, family: str, layout, dtype: str, prefix, manifest: ExportManifest) -> None:
+def _write_step_graph(staging: str, model, family: str, layout, dtype: str, prefix, manifest: ExportManifest,
+                      log) -> None:
     """Trace the one-step graph into ``staging`` (and the prefix past, if any), and record both in the manifest."""
     import paddle
 
-    from paddle_llm.export.step_graph import KVCacheStep, prepare_for_tracing, save_step_graph, step_family_of
+    from paddle_llm.export.step_graph import build_step_layer, prepare_for_tracing, save_step_graph, step_family_of
 
     prepare_for_tracing(model, family, model.config)
-    save_step_graph(KVCacheStep(model, family, layout.num_layers), family, dtype, os.path.join(staging, GRAPH_PREFIX))
+    step, implementation, kept_because = build_step_layer(model, family, layout.num_layers, dtype)
+    log(f"step implementation: {implementation}" + (f" (PaddleNLP's forward kept: {kept_because})" if kept_because else ""))
+    save_step_graph(step, family, dtype, os.path.join(staging, GRAPH_PREFIX))
+    manifest.step_implementation = implementation
     manifest.cache = layout.to_dict()
     manifest.glm_positions = step_family_of(family).glm_positions
     if prefix is not None:
@@ -195,7 +199,7 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
             model.save_pretrained(staging, safe_serialization=True)
         else:
             log(f"tracing one decoding step ({request.dtype}, dynamic batch and lengths)")
-            _write_step_graph(staging, model, family, layout, request.dtype, prefix, manifest)
+            _write_step_graph(staging, model, family, layout, request.dtype, prefix, manifest, log)
         _write_side_files(staging, config, tokenizer, generation)
         manifest.save(staging)
         _publish(staging, request.output_path)

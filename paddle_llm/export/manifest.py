@@ -52,6 +52,7 @@ class ExportManifest:
         eos_token_ids, pad_token_id: token ids the decoder needs.
         cache: ``CacheLayout`` fields (absent for the fastdeploy format).
         glm_positions: the graph takes ChatGLM v1 ``[b, 2, q]`` positions.
+        step_implementation: which code the graph was traced from (``step_graph.build_step_layer``).
         prefix_cache: file holding a prefix-tuning past, or None.
         source: where the weights came from (checkpoint, LoRA, prefix paths).
         parity: the last parity check's summary, or None if not run.
@@ -67,6 +68,7 @@ class ExportManifest:
     pad_token_id: int
     cache: dict | None = None
     glm_positions: bool = False
+    step_implementation: str = "paddlenlp"
     prefix_cache: str | None = None
     source: dict = field(default_factory=dict)
     parity: dict | None = None

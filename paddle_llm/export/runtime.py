@@ -61,7 +61,7 @@ class InferenceStepRunner:
 
 
 class DygraphStepRunner:
-    """The same step as a dygraph Layer (``KVCacheStep``), for serving a checkpoint without export."""
+    """The same step as a dygraph Layer (``step_graph.build_step_layer``), for serving a checkpoint without export."""
 
     def __init__(self, step_layer: paddle.nn.Layer):
         self.step_layer = step_layer

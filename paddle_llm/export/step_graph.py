@@ -132,6 +132,29 @@ class KVCacheStep(nn.Layer):
         return logits[:, -1, :].astype("float32"), keys, values
 
 
+STEP_PADDLENLP = "paddlenlp"  # PaddleNLP's own forward, wrapped in KVCacheStep
+STEP_LLAMA_INFERENCE = "llama_inference"  # export.llama_step.LlamaInferenceStep
+
+
+def build_step_layer(model: nn.Layer, family_name: str, num_layers: int, dtype: str) -> tuple[nn.Layer, str, str]:
+    """The step layer to serve or trace for ``model``.
+
+    Llama models that ``LlamaInferenceStep`` reproduces get it (the same function in a third of the ops); every
+    other model runs PaddleNLP's forward inside ``KVCacheStep``.
+
+    Returns:
+        ``(layer, implementation name, why PaddleNLP's forward was kept or "")``.
+    """
+    if family_name == "llama":
+        from paddle_llm.export.llama_step import LlamaInferenceStep, llama_step_unsupported
+
+        reason = llama_step_unsupported(model, dtype)
+        if reason is None:
+            return LlamaInferenceStep(model), STEP_LLAMA_INFERENCE, ""
+        return KVCacheStep(model, family_name, num_layers), STEP_PADDLENLP, reason
+    return KVCacheStep(model, family_name, num_layers), STEP_PADDLENLP, f"no inference step for {family_name}"
+
+
 class StaticGLMRotary(nn.Layer):
     """ChatGLM v1's rotary embedding with its cos/sin table built once, for tracing.
 
@@ -189,7 +212,7 @@ def input_specs(family_name: str, dtype: str) -> list:
     ]
 
 
-def save_step_graph(step: KVCacheStep, family_name: str, dtype: str, path_prefix: str) -> None:
+def save_step_graph(step: nn.Layer, family_name: str, dtype: str, path_prefix: str) -> None:
     """Trace ``step`` with dynamic shapes and write ``{path_prefix}.json`` + ``{path_prefix}.pdiparams``."""
     static_step = paddle.jit.to_static(step, input_spec=input_specs(family_name, dtype), full_graph=True)
     paddle.jit.save(static_step, path_prefix)

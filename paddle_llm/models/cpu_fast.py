@@ -492,7 +492,8 @@ def _llama_attention_forward(
     return outputs[0] if len(outputs) == 1 else outputs
 
 
-def _llama_attention_unsupported(attention, config) -> str | None:
+def llama_attention_unsupported(attention, config) -> str | None:
+    """Why PaddleNLP's Llama attention layer is outside what the CPU composites (and the export step) reproduce."""
     from paddlenlp.transformers.llama import modeling as llama_modeling
 
     reason = _parallel_reason(config)
@@ -513,7 +514,8 @@ def _llama_attention_unsupported(attention, config) -> str | None:
     return None
 
 
-def _llama_rotary_tables(rotary_embedding) -> _RotaryTables:
+def llama_rotary_tables(rotary_embedding) -> _RotaryTables:
+    """The cos and sign-folded sin rows of PaddleNLP's cached Llama rotary tables."""
     cos = rotary_embedding.cos_cached.squeeze([0, 2])  # [positions, head_dim]
     return _RotaryTables(cos=cos, sign_folded_sin=sign_folded_sin_halves(rotary_embedding.sin_cached.squeeze([0, 2])))
 
@@ -537,11 +539,11 @@ def _apply_llama(model: nn.Layer) -> list[str]:
             _bind_forward(layer, _llama_mlp_forward)
             replaced.add("mlp_swiglu")
         elif isinstance(layer, llama_modeling.LlamaAttention):
-            reason = _llama_attention_unsupported(layer, config) or (None if _is_float32(layer) else "not fp32")
+            reason = llama_attention_unsupported(layer, config) or (None if _is_float32(layer) else "not fp32")
             if reason:
                 replaced.skip("attention_rotary_mask", reason)
                 continue
-            layer._paddle_llm_rotary_tables = _llama_rotary_tables(layer.rotary_emb)
+            layer._paddle_llm_rotary_tables = llama_rotary_tables(layer.rotary_emb)
             _bind_forward(layer, _llama_attention_forward)
             replaced.add("attention_rotary_mask")
         elif isinstance(layer, llama_modeling.LlamaForCausalLM):

@@ -94,7 +94,7 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
 
     from paddle_llm.export.peft_loading import load_checkpoint_tokenizer, load_model
     from paddle_llm.export.runtime import DygraphStepRunner, StepDecoder
-    from paddle_llm.export.step_graph import KVCacheStep, cache_layout, max_context_length, step_family_of
+    from paddle_llm.export.step_graph import build_step_layer, cache_layout, max_context_length, step_family_of
     from paddle_llm.models.registry import resolve_model
 
     paddle.set_device(device)
@@ -104,7 +104,7 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
     layout = cache_layout(family, model.config)
     generation = _read_generation_config(model_dir)
     decoder = StepDecoder(
-        DygraphStepRunner(KVCacheStep(model, family, layout.num_layers)),
+        DygraphStepRunner(build_step_layer(model, family, layout.num_layers, "float32")[0]),
         layout,
         "float32",
         step_family_of(family).glm_positions,

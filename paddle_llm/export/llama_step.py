@@ -1,0 +1,137 @@
+"""A Llama decoding step written for Paddle Inference: the same maths as PaddleNLP's model in a third of the ops.
+
+Why: one decoding step of a small or medium model costs the executor's per-op time, not arithmetic. Traced from
+PaddleNLP's ``LlamaForCausalLM``, the step graph has ~350 executed ops for 4 layers (separate q/k/v and gate/up
+projections, rotate-half as slice/negate/concat, per-layer mask conversion, RMSNorm with a weight multiply). This
+layer computes the same function with fewer, larger ops, all decided once at export:
+
+- q, k and v are one matmul, gate and up another; each RMSNorm's weight is folded into the projection after it (the
+  final norm's into the LM head) and the 1/sqrt(head_dim) attention scale into the q columns;
+- rotary embedding rotates q and k together, with rotate-half as a ``roll`` against a sign-folded sin table
+  (``models.cpu_fast``'s formulation), and the cos/sin rows are gathered once per step, not per layer;
+- the boolean mask becomes one additive bias per step, shared by every layer.
+
+The signature and outputs are ``step_graph.KVCacheStep``'s, so the engine, the parity check and the cache layout
+are unchanged. ``llama_step_unsupported`` names any configuration this layer does not reproduce; those models are
+traced from PaddleNLP's code as before. Equality with PaddleNLP is what export's parity check verifies (logits
+within 1e-4, identical greedy tokens), and ``tests/integration/test_export.py`` runs it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+from paddle.incubate.nn.functional import fused_rms_norm
+
+from paddle_llm.models.cpu_fast import llama_attention_unsupported, llama_rotary_tables
+
+# Added to masked scores: exp() of it underflows to exactly 0 in float32, as PaddleNLP's finfo.min does.
+_MASKED_SCORE = -1e30
+
+
+def llama_step_unsupported(model: nn.Layer, dtype: str) -> str | None:
+    """Why ``model`` must be traced from PaddleNLP's code instead of this layer, or None when it can use it."""
+    if dtype != "float32":
+        return f"{dtype} export (this step is written for float32)"
+    config = model.config
+    for layer in model.llama.layers:
+        reason = llama_attention_unsupported(layer.self_attn, config)
+        if reason:
+            return reason
+        if layer.mlp.fuse_attention_ffn:
+            return "fuse_attention_ffn"
+        if getattr(config, "hidden_act", "silu") != "silu":
+            return f"hidden_act {config.hidden_act}"
+        projections = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+        if any(getattr(p, "bias", None) is not None for p in projections):
+            return "projection biases"
+    return None
+
+
+class LlamaInferenceStep(nn.Layer):
+    """``(input_ids, position_ids, mask, past_key, past_value) -> (last_logits, key, value)`` for a Llama model.
+
+    The caches are ``[layers, batch, positions, kv_heads, head_dim]`` (``step_graph``'s Llama layout).
+    """
+
+    def __init__(self, model: nn.Layer):
+        super().__init__()
+        config = model.config
+        llama = model.llama
+        first_attention = llama.layers[0].self_attn
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.epsilon = float(config.rms_norm_eps)
+        self.num_layers = len(llama.layers)
+        tables = llama_rotary_tables(first_attention.rotary_emb)
+        self.register_buffer("cos_table", tables.cos)
+        self.register_buffer("sin_table", tables.sign_folded_sin)
+        self.register_buffer("embedding", llama.embed_tokens.weight.detach())
+
+        query_scale = 1.0 / math.sqrt(self.head_dim)
+        for index, layer in enumerate(llama.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            self.register_buffer(f"attention_norm_{index}", layer.input_layernorm.weight.detach())
+            qkv = paddle.concat([attention.q_proj.weight * query_scale, attention.k_proj.weight,
+                                 attention.v_proj.weight], axis=1)
+            self.register_buffer(f"qkv_{index}", qkv.detach())
+            self.register_buffer(f"out_{index}", attention.o_proj.weight.detach())
+            self.register_buffer(f"mlp_norm_{index}", layer.post_attention_layernorm.weight.detach())
+            gate_up = paddle.concat([mlp.gate_proj.weight, mlp.up_proj.weight], axis=1)
+            self.register_buffer(f"gate_up_{index}", gate_up.detach())
+            self.register_buffer(f"down_{index}", mlp.down_proj.weight.detach())
+        self.register_buffer("final_norm", llama.norm.weight.detach())
+        lm_head = model.lm_head.weight.detach()
+        if model.lm_head.transpose_y:  # tied to the [vocab, hidden] embedding
+            lm_head = lm_head.transpose([1, 0])
+        self.register_buffer("lm_head", lm_head)
+
+    def _normalized(self, x, weight):
+        # Paddle's fused RMSNorm has a CPU kernel: one op where the composite takes five.
+        return fused_rms_norm(x, weight, None, self.epsilon, begin_norm_axis=x.ndim - 1)[0]
+
+    def _attention(self, hidden, cos, sin, score_bias, past_key, past_value, index):
+        # Reshapes use 0 (keep this axis) and -1 rather than sizes read from shape(): no shape ops in the graph.
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = paddle.matmul(self._normalized(hidden, getattr(self, f"attention_norm_{index}")), getattr(self, f"qkv_{index}"))
+        qkv = qkv.reshape([0, 0, heads + 2 * kv_heads, head_dim])
+        rotated, v = paddle.split(qkv, [heads + kv_heads, kv_heads], axis=2)
+        rotated = rotated * cos + paddle.roll(rotated, shifts=head_dim // 2, axis=-1) * sin
+        q, k = paddle.split(rotated, [heads, kv_heads], axis=2)
+        key = paddle.concat([past_key, k], axis=1)
+        value = paddle.concat([past_value, v], axis=1)
+        # Grouped heads: the query heads of one kv head become extra query rows, so one matmul serves the group.
+        q = q.transpose([0, 2, 1, 3]).reshape([0, kv_heads, -1, head_dim])
+        scores = paddle.matmul(q, key.transpose([0, 2, 1, 3]), transpose_y=True) + score_bias
+        context = paddle.matmul(F.softmax(scores, axis=-1), value.transpose([0, 2, 1, 3]))
+        context = context.reshape([0, heads, -1, head_dim]).transpose([0, 2, 1, 3])
+        output = paddle.matmul(context.reshape([0, 0, heads * head_dim]), getattr(self, f"out_{index}"))
+        return hidden + output, key, value
+
+    def _mlp(self, hidden, index):
+        gate_up = paddle.matmul(self._normalized(hidden, getattr(self, f"mlp_norm_{index}")), getattr(self, f"gate_up_{index}"))
+        return hidden + paddle.matmul(F.swiglu(gate_up), getattr(self, f"down_{index}"))
+
+    def forward(self, input_ids, position_ids, attention_mask, past_key, past_value):
+        hidden = F.embedding(input_ids, self.embedding)
+        cos = F.embedding(position_ids, self.cos_table).unsqueeze(2)
+        sin = F.embedding(position_ids, self.sin_table).unsqueeze(2)
+        # [b, 1, q, kv] -> [b, 1, groups * q, kv]: the row order _attention's grouped query uses.
+        groups = self.num_heads // self.num_kv_heads
+        score_bias = (1.0 - attention_mask.astype("float32")) * _MASKED_SCORE
+        if groups > 1:
+            score_bias = paddle.tile(score_bias, [1, 1, groups, 1])
+        keys, values = [], []
+        for index in range(self.num_layers):
+            # Indexing, not unbind: unbind of a tensor whose leading size is dynamic fails to trace.
+            hidden, key, value = self._attention(hidden, cos, sin, score_bias, past_key[index], past_value[index], index)
+            hidden = self._mlp(hidden, index)
+            keys.append(key)
+            values.append(value)
+        logits = paddle.matmul(self._normalized(hidden[:, -1, :], self.final_norm), self.lm_head)
+        return logits, paddle.stack(keys), paddle.stack(values)

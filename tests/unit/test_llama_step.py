@@ -1,0 +1,77 @@
+"""``LlamaInferenceStep`` computes what PaddleNLP's Llama computes (through ``KVCacheStep``), for the configurations it
+accepts, and ``build_step_layer`` keeps PaddleNLP's forward for the ones it does not."""
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_llm.export.llama_step import LlamaInferenceStep
+from paddle_llm.export.step_graph import STEP_LLAMA_INFERENCE, STEP_PADDLENLP, KVCacheStep, build_step_layer
+from paddle_llm.models.registry import build_config, build_model, resolve_model
+
+TOLERANCE = 1e-5
+
+
+def tiny_llama(**overrides):
+    paddle.seed(0)
+    source = resolve_model("tiny-llama")
+    config = build_config(source)
+    for name, value in overrides.items():  # set directly: build_config keeps only the fields training flags set
+        setattr(config, name, value)
+    model = build_model(source, config, load_weights=False)
+    model.eval()
+    return model
+
+
+def step_inputs(config, batch: int, query: int, past: int, seed: int = 0):
+    """Random ids, per-row positions, a causal mask with left padding in row 1, and a random past."""
+    rng = np.random.default_rng(seed)
+    kv_heads = config.num_key_value_heads or config.num_attention_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+    ids = rng.integers(4, config.vocab_size, (batch, query))
+    positions = np.tile(np.arange(past, past + query), (batch, 1))
+    mask = np.ones((batch, 1, query, past + query), dtype=bool)
+    mask[:, :, :, past:] = np.tril(np.ones((query, query), dtype=bool))
+    if batch > 1:
+        mask[1, :, :, : min(3, past)] = False  # row 1's first columns are left padding
+    shape = [config.num_hidden_layers, batch, past, kv_heads, head_dim]
+    return [paddle.to_tensor(ids, dtype="int64"), paddle.to_tensor(positions, dtype="int64"), paddle.to_tensor(mask),
+            paddle.to_tensor(rng.standard_normal(shape).astype("float32")),
+            paddle.to_tensor(rng.standard_normal(shape).astype("float32"))]
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"num_key_value_heads": 2},  # grouped-query attention
+    {"num_key_value_heads": 1},  # multi-query attention
+    {"tie_word_embeddings": True},
+    {"rope_theta": 500000.0},
+], ids=["mha", "gqa", "mqa", "tied", "rope_theta"])
+@pytest.mark.parametrize("batch, query, past", [(2, 5, 7), (3, 1, 11)], ids=["prefill", "decode"])
+def test_inference_step_equals_paddlenlp(overrides, batch, query, past):
+    model = tiny_llama(**overrides)
+    reference = KVCacheStep(model, "llama", model.config.num_hidden_layers)
+    ours = LlamaInferenceStep(model)
+    inputs = step_inputs(model.config, batch, query, past)
+    with paddle.no_grad():
+        expected, actual = reference(*inputs), ours(*inputs)
+    for name, want, got in zip(("logits", "key", "value"), expected, actual):
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=TOLERANCE, rtol=0, err_msg=name)
+
+
+def test_build_step_layer_picks_the_inference_step_for_plain_llama():
+    layer, implementation, reason = build_step_layer(tiny_llama(), "llama", 2, "float32")
+    assert isinstance(layer, LlamaInferenceStep) and implementation == STEP_LLAMA_INFERENCE and reason == ""
+
+
+@pytest.mark.parametrize("overrides, dtype, expected_reason", [
+    ({"fuse_attention_qkv": True}, "float32", "fuse_attention_qkv"),
+    ({"fuse_attention_ffn": True}, "float32", "fuse_attention_ffn"),
+    ({"rope_scaling_type": "dynamic_ntk", "rope_scaling_factor": 2.0}, "float32", "recomputes its tables"),
+    ({}, "float16", "float16"),
+])
+def test_build_step_layer_keeps_paddlenlp_where_the_step_differs(overrides, dtype, expected_reason):
+    layer, implementation, reason = build_step_layer(tiny_llama(**overrides), "llama", 2, dtype)
+    assert isinstance(layer, KVCacheStep) and implementation == STEP_PADDLENLP
+    assert expected_reason in reason
