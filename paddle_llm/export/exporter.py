@@ -106,22 +106,19 @@ def _check_dtype_supported(request: ExportRequest) -> None:
         )
 
 
-def _write_step_graph(staging: str, model, family: str, layout, dtype: str, prefix, manifest: ExportManifest,
-                      log) -> None:
+def _write_step_graph(staging: str, step, family: str, layout, dtype: str, prefix, manifest: ExportManifest) -> None:
     """Trace the one-step graph into ``staging`` (and the prefix past, if any), and record both in the manifest."""
     import paddle
 
-    from paddle_llm.export.step_graph import build_step_layer, prepare_for_tracing, save_step_graph, step_family_of
+    from paddle_llm.export.step_graph import save_step_graph, step_family_of
 
-    prepare_for_tracing(model, family, model.config)
-    step, implementation, kept_because = build_step_layer(model, family, layout.num_layers, dtype)
-    log(f"step implementation: {implementation}" + (f" (PaddleNLP's forward kept: {kept_because})" if kept_because else ""))
-    save_step_graph(step, family, dtype, os.path.join(staging, GRAPH_PREFIX))
-    manifest.step_implementation = implementation
+    save_step_graph(step, family, dtype, layout.num_layers, os.path.join(staging, GRAPH_PREFIX))
     manifest.cache = layout.to_dict()
     manifest.glm_positions = step_family_of(family).glm_positions
     if prefix is not None:
-        paddle.save({"key": prefix[0].astype(dtype), "value": prefix[1].astype(dtype)},
+        # Stored stacked over layers: one file, and the runtime splits it per layer.
+        keys, values = prefix
+        paddle.save({"key": paddle.stack(keys).astype(dtype), "value": paddle.stack(values).astype(dtype)},
                     os.path.join(staging, PREFIX_CACHE_FILE))
         manifest.prefix_cache = PREFIX_CACHE_FILE
 
@@ -157,7 +154,14 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
         prefix_cache,
         reload_in_dtype,
     )
-    from paddle_llm.export.step_graph import cache_layout, max_context_length, step_family_of
+    from paddle_llm.export.step_graph import (
+        STEP_PADDLENLP,
+        build_step_layer,
+        cache_layout,
+        max_context_length,
+        prepare_for_tracing,
+        step_family_of,
+    )
 
     request.validate()
     _check_dtype_supported(request)
@@ -167,12 +171,16 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
     tokenizer = load_checkpoint_tokenizer(source)
     log(f"loading {family} checkpoint {request.model_name_or_path}" + (f" + LoRA {request.lora_path}" if request.lora_path else ""))
     model = load_model(source, request.lora_path, merge_lora=True)
-    layout = cache_layout(family, model.config)
-    prefix = None
-    if request.prefix_path:
-        prefix = prefix_cache(load_prefix_model(model, family, request.prefix_path), layout)
+    prefix_model = load_prefix_model(model, family, request.prefix_path) if request.prefix_path else None
     model = reload_in_dtype(model, source, request.dtype)
     config = model.config
+    step, implementation = None, STEP_PADDLENLP
+    if request.format != FORMAT_FASTDEPLOY:
+        prepare_for_tracing(model, family, config)
+        step, implementation, kept_because = build_step_layer(model, family, config.num_hidden_layers, request.dtype)
+        log(f"step implementation: {implementation}" + (f" (PaddleNLP's forward kept: {kept_because})" if kept_because else ""))
+    layout = cache_layout(family, config, implementation)
+    prefix = prefix_cache(prefix_model, family, layout) if prefix_model is not None else None
     generation = _generation_config(source, config)
     manifest = ExportManifest(
         format=request.format,
@@ -199,7 +207,8 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
             model.save_pretrained(staging, safe_serialization=True)
         else:
             log(f"tracing one decoding step ({request.dtype}, dynamic batch and lengths)")
-            _write_step_graph(staging, model, family, layout, request.dtype, prefix, manifest, log)
+            manifest.step_implementation = implementation
+            _write_step_graph(staging, step, family, layout, request.dtype, prefix, manifest)
         _write_side_files(staging, config, tokenizer, generation)
         manifest.save(staging)
         _publish(staging, request.output_path)

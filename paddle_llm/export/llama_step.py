@@ -9,10 +9,12 @@ layer computes the same function with fewer, larger ops, all decided once at exp
   final norm's into the LM head) and the 1/sqrt(head_dim) attention scale into the q columns;
 - rotary embedding rotates q and k together, with rotate-half as a ``roll`` against a sign-folded sin table
   (``models.cpu_fast``'s formulation), and the cos/sin rows are gathered once per step, not per layer;
-- the boolean mask becomes one additive bias per step, shared by every layer.
+- the boolean mask becomes one additive bias per step, shared by every layer;
+- the cache is head-major (``[b, kv_heads, positions, head_dim]`` per layer), the layout attention multiplies in,
+  so a step copies each layer's cache once (the concat with the new position) instead of also transposing it.
 
-The signature and outputs are ``step_graph.KVCacheStep``'s, so the engine, the parity check and the cache layout
-are unchanged. ``llama_step_unsupported`` names any configuration this layer does not reproduce; those models are
+The signature is ``step_graph.KVCacheStep``'s, so the engine and the parity check drive both alike;
+``step_graph.cache_layout`` describes the head-major cache to them. ``llama_step_unsupported`` names any configuration this layer does not reproduce; those models are
 traced from PaddleNLP's code as before. Equality with PaddleNLP is what export's parity check verifies (logits
 within 1e-4, identical greedy tokens), and ``tests/integration/test_export.py`` runs it.
 """
@@ -53,10 +55,8 @@ def llama_step_unsupported(model: nn.Layer, dtype: str) -> str | None:
 
 
 class LlamaInferenceStep(nn.Layer):
-    """``(input_ids, position_ids, mask, past_key, past_value) -> (last_logits, key, value)`` for a Llama model.
-
-    The caches are ``[layers, batch, positions, kv_heads, head_dim]`` (``step_graph``'s Llama layout).
-    """
+    """``(input_ids, position_ids, mask, [*past_keys, *past_values]) -> (last_logits, *keys, *values)`` for a Llama
+    model, each cache ``[batch, kv_heads, positions, head_dim]``."""
 
     def __init__(self, model: nn.Layer):
         super().__init__()
@@ -99,16 +99,17 @@ class LlamaInferenceStep(nn.Layer):
         # Reshapes use 0 (keep this axis) and -1 rather than sizes read from shape(): no shape ops in the graph.
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = paddle.matmul(self._normalized(hidden, getattr(self, f"attention_norm_{index}")), getattr(self, f"qkv_{index}"))
-        qkv = qkv.reshape([0, 0, heads + 2 * kv_heads, head_dim])
-        rotated, v = paddle.split(qkv, [heads + kv_heads, kv_heads], axis=2)
+        # [b, q, heads, dim] -> [b, heads, q, dim] once, for q, k and v together.
+        qkv = qkv.reshape([0, 0, heads + 2 * kv_heads, head_dim]).transpose([0, 2, 1, 3])
+        rotated, v = paddle.split(qkv, [heads + kv_heads, kv_heads], axis=1)
         rotated = rotated * cos + paddle.roll(rotated, shifts=head_dim // 2, axis=-1) * sin
-        q, k = paddle.split(rotated, [heads, kv_heads], axis=2)
-        key = paddle.concat([past_key, k], axis=1)
-        value = paddle.concat([past_value, v], axis=1)
+        q, k = paddle.split(rotated, [heads, kv_heads], axis=1)
+        key = paddle.concat([past_key, k], axis=2)
+        value = paddle.concat([past_value, v], axis=2)
         # Grouped heads: the query heads of one kv head become extra query rows, so one matmul serves the group.
-        q = q.transpose([0, 2, 1, 3]).reshape([0, kv_heads, -1, head_dim])
-        scores = paddle.matmul(q, key.transpose([0, 2, 1, 3]), transpose_y=True) + score_bias
-        context = paddle.matmul(F.softmax(scores, axis=-1), value.transpose([0, 2, 1, 3]))
+        q = q.reshape([0, kv_heads, -1, head_dim])
+        scores = paddle.matmul(q, key, transpose_y=True) + score_bias
+        context = paddle.matmul(F.softmax(scores, axis=-1), value)
         context = context.reshape([0, heads, -1, head_dim]).transpose([0, 2, 1, 3])
         output = paddle.matmul(context.reshape([0, 0, heads * head_dim]), getattr(self, f"out_{index}"))
         return hidden + output, key, value
@@ -117,21 +118,22 @@ class LlamaInferenceStep(nn.Layer):
         gate_up = paddle.matmul(self._normalized(hidden, getattr(self, f"mlp_norm_{index}")), getattr(self, f"gate_up_{index}"))
         return hidden + paddle.matmul(F.swiglu(gate_up), getattr(self, f"down_{index}"))
 
-    def forward(self, input_ids, position_ids, attention_mask, past_key, past_value):
+    def forward(self, input_ids, position_ids, attention_mask, caches):
+        layers = self.num_layers
         hidden = F.embedding(input_ids, self.embedding)
-        cos = F.embedding(position_ids, self.cos_table).unsqueeze(2)
-        sin = F.embedding(position_ids, self.sin_table).unsqueeze(2)
+        # [b, q, dim] -> [b, 1, q, dim]: broadcast over the head axis of [b, heads, q, dim].
+        cos = F.embedding(position_ids, self.cos_table).unsqueeze(1)
+        sin = F.embedding(position_ids, self.sin_table).unsqueeze(1)
         # [b, 1, q, kv] -> [b, 1, groups * q, kv]: the row order _attention's grouped query uses.
         groups = self.num_heads // self.num_kv_heads
         score_bias = (1.0 - attention_mask.astype("float32")) * _MASKED_SCORE
         if groups > 1:
             score_bias = paddle.tile(score_bias, [1, 1, groups, 1])
         keys, values = [], []
-        for index in range(self.num_layers):
-            # Indexing, not unbind: unbind of a tensor whose leading size is dynamic fails to trace.
-            hidden, key, value = self._attention(hidden, cos, sin, score_bias, past_key[index], past_value[index], index)
+        for index in range(layers):
+            hidden, key, value = self._attention(hidden, cos, sin, score_bias, caches[index], caches[layers + index], index)
             hidden = self._mlp(hidden, index)
             keys.append(key)
             values.append(value)
         logits = paddle.matmul(self._normalized(hidden[:, -1, :], self.final_norm), self.lm_head)
-        return logits, paddle.stack(keys), paddle.stack(values)
+        return (logits, *keys, *values)

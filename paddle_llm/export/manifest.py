@@ -21,19 +21,25 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Shape facts about a stacked KV cache: ``[layers, ...]`` with batch and sequence at the given axes."""
+    """Shape facts about one layer's KV cache: a 4-D tensor with batch, sequence and head at the given axes.
+
+    The step graph takes and returns one key and one value tensor per layer (``num_layers`` of each), so a step
+    never slices a stacked cache apart or stacks it back together: both are full copies.
+    """
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     batch_axis: int
     seq_axis: int
+    head_axis: int
 
     def shape(self, batch: int, length: int) -> list[int]:
-        """The stacked cache shape for ``batch`` rows of ``length`` positions."""
-        shape = [self.num_layers, 0, 0, self.num_kv_heads, self.head_dim]
+        """One layer's cache shape for ``batch`` rows of ``length`` positions."""
+        shape = [0, 0, 0, self.head_dim]
         shape[self.batch_axis] = batch
         shape[self.seq_axis] = length
+        shape[self.head_axis] = self.num_kv_heads
         return shape
 
     def to_dict(self) -> dict:
@@ -77,7 +83,13 @@ class ExportManifest:
         """Raises: ValueError when this export has no step graph (the fastdeploy format)."""
         if self.cache is None:
             raise ValueError(f"this is a {self.format!r} export without a step graph; export with --format paddle")
-        return CacheLayout(**self.cache)
+        try:
+            return CacheLayout(**self.cache)
+        except TypeError:
+            raise ValueError(
+                "this export's cache layout comes from an older paddle_llm (one stacked cache tensor); re-run "
+                f"`paddle-llm export` on its checkpoint ({self.source.get('model_name_or_path', 'see source')})"
+            ) from None
 
     def save(self, directory: str) -> str:
         path = os.path.join(directory, MANIFEST_FILE)

@@ -60,16 +60,23 @@ def load_prefix_model(model, family_name: str, prefix_path: str):
     return prefix_model
 
 
-def prefix_cache(prefix_model, layout: CacheLayout) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """The prefix encoder's past for one row, stacked as the step graph's ``(past_key, past_value)``."""
+def prefix_cache(prefix_model, family_name: str, layout: CacheLayout) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
+    """The prefix encoder's past for one row, per layer, in the step graph's cache layout."""
+    from paddle_llm.export.step_graph import step_family_of
+
     with paddle.no_grad():
         per_layer = prefix_model._get_past_key_values(1)
-    key = paddle.stack([layer_past[0] for layer_past in per_layer])
-    value = paddle.stack([layer_past[1] for layer_past in per_layer])
-    expected = layout.shape(1, key.shape[layout.seq_axis])
-    if list(key.shape) != expected:
-        raise ValueError(f"prefix past has shape {list(key.shape)}, but the model's cache needs {expected}")
-    return key, value
+    # PaddleNLP's past is in its model's own cache layout (heads at axis 2); move each axis where ``layout`` has it.
+    paddlenlp_axes = step_family_of(family_name)
+    source_axes = {layout.batch_axis: paddlenlp_axes.batch_axis, layout.seq_axis: paddlenlp_axes.seq_axis,
+                   layout.head_axis: 2, 3: 3}
+    permutation = [source_axes[axis] for axis in range(4)]
+    keys = [layer_past[0].transpose(permutation) for layer_past in per_layer]
+    values = [layer_past[1].transpose(permutation) for layer_past in per_layer]
+    expected = layout.shape(1, keys[0].shape[layout.seq_axis])
+    if list(keys[0].shape) != expected:
+        raise ValueError(f"prefix past has shape {list(keys[0].shape)}, but the model's cache needs {expected}")
+    return keys, values
 
 
 def reload_in_dtype(model, source: ModelSource, dtype: str):

@@ -2,11 +2,12 @@
 
 Every family is driven through the same signature::
 
-    step(input_ids [b, q], position_ids, attention_mask [b, 1, q, past + q] bool, past_key, past_value)
-        -> (last_logits [b, vocab] float32, key, value)
+    step(input_ids [b, q], position_ids, attention_mask [b, 1, q, past + q] bool, [*past_keys, *past_values])
+        -> (last_logits [b, vocab] float32, *keys, *values)
 
-``past_key``/``past_value`` stack all layers' caches in the family's own layout (``[layers, b, past, heads, dim]`` for
-Llama, ``[layers, past, b, heads, dim]`` for ChatGLM), and the outputs are the same tensors grown by ``q`` positions.
+with one key and one value tensor per layer, in the layout ``cache_layout`` describes (PaddleNLP's own for a wrapped
+model: ``[b, past, heads, dim]`` for Llama, ``[past, b, heads, dim]`` for ChatGLM); the outputs are the same tensors
+grown by ``q`` positions.
 The explicit 4-D mask lets one batch hold rows of different lengths (left padding) and lets requests join a batch
 mid-flight. The same graph does prefill: the caller passes a past of one masked-out column, because with oneDNN (the
 CPU default) a zero-length past makes the cache concat fail, and one graph means one copy of the weights.
@@ -54,26 +55,29 @@ class StepFamily:
 
     Attributes:
         call: ``(model, input_ids, position_ids, mask, past) -> (logits [b, q, vocab], [(key, value)] per layer)``.
-        layer_batch_axis, layer_seq_axis: axes inside one layer's key tensor.
+        batch_axis, seq_axis: axes inside one layer's key tensor (heads are at axis 2).
         glm_positions: ChatGLM v1 takes ``position_ids`` as ``[b, 2, q]`` (position, block position).
     """
 
     call: Callable
-    layer_batch_axis: int
-    layer_seq_axis: int
+    batch_axis: int
+    seq_axis: int
     glm_positions: bool
 
 
 STEP_FAMILIES: dict[str, StepFamily] = {
-    "llama": StepFamily(call=_llama_call, layer_batch_axis=0, layer_seq_axis=1, glm_positions=False),
-    "chatglm": StepFamily(call=_chatglm_call, layer_batch_axis=1, layer_seq_axis=0, glm_positions=True),
+    "llama": StepFamily(call=_llama_call, batch_axis=0, seq_axis=1, glm_positions=False),
+    "chatglm": StepFamily(call=_chatglm_call, batch_axis=1, seq_axis=0, glm_positions=True),
     # ChatGLM2's forward has Llama's signature, but keeps ChatGLM's sequence-first cache.
-    "chatglm2": StepFamily(call=_llama_call, layer_batch_axis=1, layer_seq_axis=0, glm_positions=False),
+    "chatglm2": StepFamily(call=_llama_call, batch_axis=1, seq_axis=0, glm_positions=False),
 }
 
+STEP_PADDLENLP = "paddlenlp"  # PaddleNLP's own forward, wrapped in KVCacheStep
+STEP_LLAMA_INFERENCE = "llama_inference"  # export.llama_step.LlamaInferenceStep
 
-def cache_layout(family_name: str, config) -> CacheLayout:
-    """Read the cache geometry from a PaddleNLP config.
+
+def cache_layout(family_name: str, config, implementation: str = STEP_PADDLENLP) -> CacheLayout:
+    """Read the cache geometry from a PaddleNLP config, for the step implementation that will run.
 
     Raises:
         ValueError: the family has no step definition.
@@ -89,13 +93,11 @@ def cache_layout(family_name: str, config) -> CacheLayout:
     else:
         num_kv_heads = num_heads
         head_dim = config.hidden_size // num_heads
-    return CacheLayout(
-        num_layers=config.num_hidden_layers,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        batch_axis=1 + step_family.layer_batch_axis,
-        seq_axis=1 + step_family.layer_seq_axis,
-    )
+    geometry = dict(num_layers=config.num_hidden_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    if implementation == STEP_LLAMA_INFERENCE:
+        # Head-major, the layout attention multiplies in: no transposes of the cache in a step.
+        return CacheLayout(**geometry, batch_axis=0, head_axis=1, seq_axis=2)
+    return CacheLayout(**geometry, batch_axis=step_family.batch_axis, seq_axis=step_family.seq_axis, head_axis=2)
 
 
 def max_context_length(family_name: str, config) -> int:
@@ -122,18 +124,12 @@ class KVCacheStep(nn.Layer):
         self.step_family = step_family_of(family_name)
         self.num_layers = num_layers
 
-    def forward(self, input_ids, position_ids, attention_mask, past_key, past_value):
-        past = [(past_key[i], past_value[i]) for i in range(self.num_layers)]
+    def forward(self, input_ids, position_ids, attention_mask, caches):
+        past = list(zip(caches[: self.num_layers], caches[self.num_layers:]))
         logits, present = self.step_family.call(self.model, input_ids, position_ids, attention_mask, past)
-        keys = paddle.stack([layer_cache[0] for layer_cache in present])
-        values = paddle.stack([layer_cache[1] for layer_cache in present])
         # Only the last position's logits leave the graph: that is all sampling needs, and it saves copying
         # [b, q, vocab] out of every prefill.
-        return logits[:, -1, :].astype("float32"), keys, values
-
-
-STEP_PADDLENLP = "paddlenlp"  # PaddleNLP's own forward, wrapped in KVCacheStep
-STEP_LLAMA_INFERENCE = "llama_inference"  # export.llama_step.LlamaInferenceStep
+        return (logits[:, -1, :].astype("float32"), *[key for key, _ in present], *[value for _, value in present])
 
 
 def build_step_layer(model: nn.Layer, family_name: str, num_layers: int, dtype: str) -> tuple[nn.Layer, str, str]:
@@ -197,22 +193,24 @@ def prepare_for_tracing(model: nn.Layer, family_name: str, config) -> None:
         transformer.rotary_embeddings = StaticGLMRotary(transformer.rotary_embeddings, max_context_length(family_name, config))
 
 
-def input_specs(family_name: str, dtype: str) -> list:
+def input_specs(family_name: str, dtype: str, num_layers: int) -> list:
     """InputSpecs of the step graph: every batch, query and past length is dynamic."""
     from paddle.static import InputSpec
 
     glm = step_family_of(family_name).glm_positions
     position_shape = [None, 2, None] if glm else [None, None]
+    # One list argument: to_static rejects *args, and flattens a list into the graph's trailing inputs.
+    caches = [InputSpec([None] * 4, dtype, f"past_{kind}_{layer}") for kind in ("key", "value") for layer in range(num_layers)]
     return [
         InputSpec([None, None], "int64", "input_ids"),
         InputSpec(position_shape, "int64", "position_ids"),
         InputSpec([None, 1, None, None], "bool", "attention_mask"),
-        InputSpec([None] * 5, dtype, "past_key"),
-        InputSpec([None] * 5, dtype, "past_value"),
+        caches,
     ]
 
 
-def save_step_graph(step: nn.Layer, family_name: str, dtype: str, path_prefix: str) -> None:
+def save_step_graph(step: nn.Layer, family_name: str, dtype: str, num_layers: int, path_prefix: str) -> None:
     """Trace ``step`` with dynamic shapes and write ``{path_prefix}.json`` + ``{path_prefix}.pdiparams``."""
-    static_step = paddle.jit.to_static(step, input_spec=input_specs(family_name, dtype), full_graph=True)
+    specs = input_specs(family_name, dtype, num_layers)
+    static_step = paddle.jit.to_static(step, input_spec=specs, full_graph=True)
     paddle.jit.save(static_step, path_prefix)

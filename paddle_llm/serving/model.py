@@ -101,10 +101,11 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
     source = resolve_model(model_dir)
     family = source.family.name
     model = load_model(source)
-    layout = cache_layout(family, model.config)
+    step, implementation, _ = build_step_layer(model, family, model.config.num_hidden_layers, "float32")
+    layout = cache_layout(family, model.config, implementation)
     generation = _read_generation_config(model_dir)
     decoder = StepDecoder(
-        DygraphStepRunner(build_step_layer(model, family, layout.num_layers, "float32")[0]),
+        DygraphStepRunner(step),
         layout,
         "float32",
         step_family_of(family).glm_positions,

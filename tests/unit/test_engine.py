@@ -26,7 +26,7 @@ from paddle_llm.serving.text_stream import IncrementalDetokenizer, StopStringFil
 
 VOCAB = 50
 EOS = 0
-LAYOUT = CacheLayout(num_layers=1, num_kv_heads=1, head_dim=1, batch_axis=1, seq_axis=2)
+LAYOUT = CacheLayout(num_layers=1, num_kv_heads=1, head_dim=1, batch_axis=0, seq_axis=1, head_axis=2)
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------------
@@ -124,14 +124,14 @@ class ToyRunner:
         self.batch_sizes = []
 
     def run(self, inputs):
-        input_ids, positions, mask, key, value = inputs
+        input_ids, positions, mask, key, value = inputs  # one layer
         if self.fail_on_token is not None and bool((input_ids == self.fail_on_token).any()):
             raise RuntimeError("toy failure")
         time.sleep(self.delay)
         self.batch_sizes.append(input_ids.shape[0])
-        new = input_ids.astype("float32").reshape([1, input_ids.shape[0], input_ids.shape[1], 1, 1])
-        key = paddle.concat([key, new], axis=2)
-        attended = (key[0, :, :, 0, 0] * mask[:, 0, -1, :].astype("float32")).sum(axis=-1)
+        new = input_ids.astype("float32").reshape([input_ids.shape[0], input_ids.shape[1], 1, 1])
+        key = paddle.concat([key, new], axis=1)
+        attended = (key[:, :, 0, 0] * mask[:, 0, -1, :].astype("float32")).sum(axis=-1)
         next_tokens = (attended.astype("int64") + 7 * positions[:, -1]) % VOCAB
         logits = paddle.nn.functional.one_hot(next_tokens, VOCAB) * 10.0
         return [logits, key, key]
@@ -285,7 +285,9 @@ def test_prompt_filling_context_is_refused():
 
 # ---- a real (random) model: padding and merging must not change logits --------------------------------------------
 
-def test_real_model_rows_batched_match_rows_alone():
+@pytest.mark.parametrize("implementation", ["paddlenlp", "llama_inference"])
+def test_real_model_rows_batched_match_rows_alone(implementation):
+    from paddle_llm.export.llama_step import LlamaInferenceStep
     from paddle_llm.export.runtime import DygraphStepRunner
     from paddle_llm.export.step_graph import KVCacheStep, cache_layout
     from paddle_llm.models.registry import build_config, build_model, resolve_model
@@ -293,8 +295,9 @@ def test_real_model_rows_batched_match_rows_alone():
     paddle.seed(0)
     source = resolve_model("tiny-llama")
     model = build_model(source, build_config(source), load_weights=False)
-    layout = cache_layout("llama", model.config)
-    decoder = StepDecoder(DygraphStepRunner(KVCacheStep(model, "llama", layout.num_layers)), layout, "float32", False)
+    layout = cache_layout("llama", model.config, implementation)
+    step = LlamaInferenceStep(model) if implementation == "llama_inference" else KVCacheStep(model, "llama", layout.num_layers)
+    decoder = StepDecoder(DygraphStepRunner(step), layout, "float32", False)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
     alone = []
     for prompt in prompts:

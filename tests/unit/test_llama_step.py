@@ -24,7 +24,8 @@ def tiny_llama(**overrides):
 
 
 def step_inputs(config, batch: int, query: int, past: int, seed: int = 0):
-    """Random ids, per-row positions, a causal mask with left padding in row 1, and a random past."""
+    """Random ids, per-row positions, a causal mask with left padding in row 1, and a random past per layer in
+    PaddleNLP's ``[b, past, kv_heads, dim]`` layout."""
     rng = np.random.default_rng(seed)
     kv_heads = config.num_key_value_heads or config.num_attention_heads
     head_dim = config.hidden_size // config.num_attention_heads
@@ -34,10 +35,15 @@ def step_inputs(config, batch: int, query: int, past: int, seed: int = 0):
     mask[:, :, :, past:] = np.tril(np.ones((query, query), dtype=bool))
     if batch > 1:
         mask[1, :, :, : min(3, past)] = False  # row 1's first columns are left padding
-    shape = [config.num_hidden_layers, batch, past, kv_heads, head_dim]
+    caches = [paddle.to_tensor(rng.standard_normal([batch, past, kv_heads, head_dim]).astype("float32"))
+              for _ in range(2 * config.num_hidden_layers)]
     return [paddle.to_tensor(ids, dtype="int64"), paddle.to_tensor(positions, dtype="int64"), paddle.to_tensor(mask),
-            paddle.to_tensor(rng.standard_normal(shape).astype("float32")),
-            paddle.to_tensor(rng.standard_normal(shape).astype("float32"))]
+            *caches]
+
+
+def head_major(cache):
+    """PaddleNLP's ``[b, positions, heads, dim]`` as the inference step's ``[b, heads, positions, dim]``."""
+    return cache.transpose([0, 2, 1, 3])
 
 
 @pytest.mark.parametrize("overrides", [
@@ -54,10 +60,12 @@ def test_inference_step_equals_paddlenlp(overrides, batch, query, past):
     ours = LlamaInferenceStep(model)
     inputs = step_inputs(model.config, batch, query, past)
     with paddle.no_grad():
-        expected, actual = reference(*inputs), ours(*inputs)
-    for name, want, got in zip(("logits", "key", "value"), expected, actual):
-        assert got.shape == want.shape, name
-        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=TOLERANCE, rtol=0, err_msg=name)
+        expected = reference(*inputs[:3], inputs[3:])
+        actual = ours(*inputs[:3], [head_major(cache) for cache in inputs[3:]])
+    assert len(actual) == len(expected) == 1 + 2 * model.config.num_hidden_layers
+    np.testing.assert_allclose(actual[0].numpy(), expected[0].numpy(), atol=TOLERANCE, rtol=0, err_msg="logits")
+    for index, (want, got) in enumerate(zip(expected[1:], actual[1:])):
+        np.testing.assert_allclose(got.numpy(), head_major(want).numpy(), atol=TOLERANCE, rtol=0, err_msg=f"cache {index}")
 
 
 def test_build_step_layer_picks_the_inference_step_for_plain_llama():
