@@ -9,7 +9,8 @@ layer computes the same function with fewer, larger ops, all decided once at exp
   final norm's into the LM head) and the 1/sqrt(head_dim) attention scale into the q columns;
 - rotary embedding rotates q and k together, with rotate-half as a ``roll`` against a sign-folded sin table
   (``models.cpu_fast``'s formulation), and the cos/sin rows are gathered once per step, not per layer;
-- the boolean mask becomes one additive bias per step, shared by every layer;
+- the boolean mask becomes one additive bias per step, shared by every layer, and the rotary rows and the bias are
+  expanded once per step to full shape (broadcasting multiplies and adds are slow on CPU);
 - the cache is head-major (``[b, kv_heads, positions, head_dim]`` per layer), the layout attention multiplies in,
   so a step copies each layer's cache once (the concat with the new position) instead of also transposing it.
 
@@ -121,14 +122,15 @@ class LlamaInferenceStep(nn.Layer):
     def forward(self, input_ids, position_ids, attention_mask, caches):
         layers = self.num_layers
         hidden = F.embedding(input_ids, self.embedding)
-        # [b, q, dim] -> [b, 1, q, dim]: broadcast over the head axis of [b, heads, q, dim].
-        cos = F.embedding(position_ids, self.cos_table).unsqueeze(1)
-        sin = F.embedding(position_ids, self.sin_table).unsqueeze(1)
-        # [b, 1, q, kv] -> [b, 1, groups * q, kv]: the row order _attention's grouped query uses.
+        # Paddle's CPU multiply and add are several times slower when they broadcast, so the rotary tables and the
+        # mask bias are expanded once per step to the shapes every layer uses them at.
+        rotated_heads = self.num_heads + self.num_kv_heads
+        cos = F.embedding(position_ids, self.cos_table).unsqueeze(1).expand([-1, rotated_heads, -1, -1])
+        sin = F.embedding(position_ids, self.sin_table).unsqueeze(1).expand([-1, rotated_heads, -1, -1])
+        # [b, 1, q, kv] -> [b, kv_heads, groups * q, kv]: the row order _attention's grouped query uses.
         groups = self.num_heads // self.num_kv_heads
         score_bias = (1.0 - attention_mask.astype("float32")) * _MASKED_SCORE
-        if groups > 1:
-            score_bias = paddle.tile(score_bias, [1, 1, groups, 1])
+        score_bias = paddle.tile(score_bias, [1, self.num_kv_heads, groups, 1])
         keys, values = [], []
         for index in range(layers):
             hidden, key, value = self._attention(hidden, cos, sin, score_bias, caches[index], caches[layers + index], index)

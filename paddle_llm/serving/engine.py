@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from paddle_llm.serving.sampling import SamplingParams, sample_token
-from paddle_llm.serving.text_stream import IncrementalDetokenizer, StopStringFilter
+from paddle_llm.serving.text_stream import IncrementalDetokenizer, StopStringFilter, text_decoder
 
 FINISH_STOP = "stop"  # EOS token or a stop string
 FINISH_LENGTH = "length"  # max_tokens or the context ran out
@@ -188,6 +188,7 @@ class Engine:
         # Embedding tables are often padded past the tokenizer (e.g. 1024 rows for 1000 pieces); those ids cannot be
         # decoded to text, so they are never sampled.
         self.sampled_vocab_size = len(tokenizer)
+        self._decode_text = text_decoder(tokenizer)
         self._ids = itertools.count(1)
         self._condition = threading.Condition()
         self._waiting: list[_Sequence] = []
@@ -235,7 +236,7 @@ class Engine:
             prompt_ids=list(prompt_ids),
             params=params,
             rng=np.random.default_rng(params.seed),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, self._decode_text),
             stop_filter=StopStringFilter(params.stop),
             max_new_tokens=min(params.max_tokens, room),
             seen_ids=list(prompt_ids),

@@ -113,6 +113,32 @@ def test_incremental_detokenizer_matches_full_decode_with_shipped_tokenizer():
     assert "" in pieces  # a multi-byte character arrived over several byte tokens and was held back until complete
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-chatglm", "tiny-chatglm2"])
+def test_text_decoder_equals_tokenizer_decode(preset):
+    from paddle_llm.models.registry import load_tokenizer, resolve_model
+    from paddle_llm.serving.text_stream import text_decoder
+
+    tokenizer = load_tokenizer(preset, resolve_model(preset).family)
+    decode = text_decoder(tokenizer)
+    rng = np.random.default_rng(0)
+    # Random ids cover special ids, byte-fallback pieces cut mid-character, and whole words.
+    for _ in range(300):
+        ids = rng.integers(0, len(tokenizer), rng.integers(1, 12)).tolist()
+        assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+def test_llama_text_decoder_skips_paddlenlps_slow_decode(monkeypatch):
+    from paddle_llm.models.registry import load_tokenizer, resolve_model
+    from paddle_llm.serving.text_stream import text_decoder
+
+    tokenizer = load_tokenizer("tiny-llama", resolve_model("tiny-llama").family)
+    ids = tokenizer("The fox ran", add_special_tokens=False)["input_ids"]
+    expected = tokenizer.decode(ids, skip_special_tokens=True)
+    decode = text_decoder(tokenizer)
+    monkeypatch.setattr(tokenizer, "decode", lambda *args, **kwargs: pytest.fail("PaddleNLP's decode was called"))
+    assert decode(ids) == expected
+
+
 # ---- the toy model and continuous batching -----------------------------------------------------------------------
 
 class ToyRunner:
