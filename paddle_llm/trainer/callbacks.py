@@ -112,11 +112,16 @@ class MetricsFileCallback(TrainerCallback):
         self.recorder: GradNormRecorder | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and os.path.exists(self.path):
+        if not state.is_world_process_zero:
+            return
+        kept = []
+        if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-            with open(self.path, "w", encoding="utf-8") as f:
-                f.writelines(kept)
+        # Written even when empty: a run shorter than --logging_steps still has a metrics file for its report.
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
 
     def on_optimizer_begin(self, args, state, control, optimizer=None, scaler=None, **kwargs):
         # The norm is measured inside the optimizer step, where gradients are final under every parallel layout
