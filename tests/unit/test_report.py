@@ -229,3 +229,25 @@ def test_report_callback_through_the_real_trainer_records_estimate_and_measured_
         structure = parse(f.read())
     assert {"plot-loss", "plot-learning_rate"} <= set(structure.figures)
     assert "samples/s over the whole run" in structure.cells and "num_hidden_layers" in structure.cells
+
+
+def test_run_shorter_than_logging_steps_still_gets_a_report(tmp_path):
+    # The README's 2-process tour command (20 steps, PaddleNLP's default --logging_steps) used to exit 2 here.
+    from paddle_llm.models.registry import build_config, build_model, resolve_model
+
+    paddle.set_device("cpu")
+    paddle.seed(0)
+    source = resolve_model("tiny-llama")
+    model = build_model(source, build_config(source), load_weights=False)
+    tokens = np.random.default_rng(0).integers(0, 1024, (4, 17)).astype("int64")
+    data = [{"input_ids": row[:-1], "labels": row[1:]} for row in tokens]
+    output_dir = str(tmp_path / "run")
+    args = TrainingArguments(output_dir=output_dir, max_steps=2, per_device_train_batch_size=2, logging_steps=500,
+                             save_steps=10_000, report_to=["none"], disable_tqdm=True, device="cpu", seed=0)
+    callbacks = [MetricsFileCallback(output_dir, tokens_per_sample=16), ReportCallback()]
+    LLMTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
+
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        assert f.read() == ""
+    with open(os.path.join(output_dir, REPORT_FILE), encoding="utf-8") as f:
+        assert "the run had not logged a step" in f.read()
