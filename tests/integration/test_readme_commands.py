@@ -8,7 +8,8 @@ later commands read what earlier ones wrote (``data/demo``, ``out/tiny``, ``out/
 into the repository.
 
 A command that cannot run here is either rewritten (``REWRITES``) or exempted (``EXEMPT``), each with its reason;
-every other command runs exactly as written, so a command the README gains is tested without touching this file.
+every other command runs as written (only the fixed ports 8000/50051 become free ones), so a command the README
+gains is tested without touching this file.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 import httpx
+import pytest
 
 from paddle_llm.serving.process import free_port
 from tests.conftest import ROOT, subprocess_env
@@ -169,6 +171,8 @@ def test_extraction_rules():
         Command("text", "tool c --x", 15, ("out 1", "out 2 ...")), Command("text", "tool d", 20),
         Command("indented", "tool e --y", 26),
     ]
+    with pytest.raises(AssertionError, match="not extracted"):
+        extract_commands("```sh\nls\n```")  # a command the test would not see must not pass silently
 
 
 def _apply_rewrites(commands: list[Command]) -> dict[str, str]:
