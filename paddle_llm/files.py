@@ -19,7 +19,13 @@ def replace_directory_atomically(output_dir: str, write: Callable[[str], None], 
     staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         write(staging)
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; an output directory is shared data
+        # mkdtemp makes the directory private, and some writers (Paddle's graph saver) their files; an output
+        # directory is shared data.
+        os.chmod(staging, 0o755)
+        for name in os.listdir(staging):
+            path = os.path.join(staging, name)
+            if os.path.isfile(path):
+                os.chmod(path, 0o644)
         if os.path.isdir(output_dir):
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 from paddle_llm.export.manifest import (
@@ -29,6 +27,7 @@ from paddle_llm.export.manifest import (
     PREFIX_CACHE_FILE,
     ExportManifest,
 )
+from paddle_llm.files import replace_directory_atomically
 from paddle_llm.models.registry import resolve_model
 
 DEFAULT_GENERATION = {"max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
@@ -123,17 +122,6 @@ def _write_step_graph(staging: str, step, family: str, layout, dtype: str, prefi
         manifest.prefix_cache = PREFIX_CACHE_FILE
 
 
-def _publish(staging: str, output_path: str) -> None:
-    """Make the staged directory readable by others and swap it in for ``output_path``."""
-    # mkdtemp (and some writers) make files private; an export is shared data.
-    os.chmod(staging, 0o755)
-    for name in os.listdir(staging):
-        os.chmod(os.path.join(staging, name), 0o644)
-    if os.path.isdir(output_path):
-        shutil.rmtree(output_path)
-    os.replace(staging, output_path)
-
-
 def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
     """Export a checkpoint. The output directory is replaced only once everything is written.
 
@@ -198,10 +186,7 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
         },
     )
 
-    parent = os.path.dirname(os.path.abspath(request.output_path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    def write(staging: str) -> None:
         if request.format == FORMAT_FASTDEPLOY:
             log("writing model.safetensors (FastDeploy checkpoint layout)")
             model.save_pretrained(staging, safe_serialization=True)
@@ -211,9 +196,7 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
             _write_step_graph(staging, step, family, layout, request.dtype, prefix, manifest)
         _write_side_files(staging, config, tokenizer, generation)
         manifest.save(staging)
-        _publish(staging, request.output_path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    replace_directory_atomically(request.output_path, write, prefix=".export-")
     log(f"wrote {request.output_path}")
     return manifest
