@@ -8,18 +8,23 @@ with the file, line and field named, and nothing is left at ``--output_prefix``.
 from __future__ import annotations
 
 import argparse
+import collections
+import itertools
 import json
 import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 
 from paddle_llm.data.indexed import IndexedDatasetWriter, token_dtype
 from paddle_llm.data.jsonl import DataError
 
 LINES_PER_TASK = 256
-# A worker that returns nothing for this long is hung, not slow (a task is 256 lines): fail instead of waiting forever.
-WORKER_TIMEOUT_SECONDS = 600
+# A task (256 lines) takes well under a second, so a pool that returns nothing for this long has a hung worker, not
+# a slow one. The first result also waits for the workers to import Paddle, so it gets longer.
+STALL_SECONDS = 60
+FIRST_RESULT_SECONDS = 300
 
 _worker_tokenizer = None
 _worker_options: dict = {}
@@ -107,13 +112,10 @@ def preprocess(
     initargs = (tokenizer_name_or_path, json_key, append_eos)
     progress = tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="preprocess", disable=not show_progress)
     try:
-        if workers > 1:
-            context = multiprocessing.get_context("spawn")  # fork would copy the parent's Paddle state
-            with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-                _drain(_with_timeout(pool.imap(_encode_lines, _read_tasks(input_path))), writer, progress)
-        else:
+        done = _encode_in_pool(input_path, workers, initargs, writer, progress) if workers > 1 else 0
+        if done is not None:  # no pool, or the pool stalled after ``done`` tasks: the rest is encoded here
             _init_worker(*initargs)
-            _drain(map(_encode_lines, _read_tasks(input_path)), writer, progress)
+            _drain(map(_encode_lines, itertools.islice(_read_tasks(input_path), done, None)), writer, progress)
         if not writer.sizes:
             raise DataError(f"{input_path}: no non-blank lines; nothing to preprocess")
         writer.commit()
@@ -134,17 +136,65 @@ def preprocess(
     }
 
 
-def _with_timeout(results):
-    """Yield from a pool's imap, but raise when no result arrives in time: Pool waits forever for a dead worker."""
+def _encode_in_pool(input_path: str, workers: int, initargs: tuple, writer: IndexedDatasetWriter, progress) -> int | None:
+    """Encode with spawned worker processes; returns None when done, or the tasks done before the workers stalled.
+
+    A spawned worker imports Paddle, and rarely (about one run in twenty on the 2-core CI machines) a signal during
+    that import lands inside malloc, where Paddle's signal handler deadlocks on the allocator's lock: the worker
+    neither dies nor answers, ignores SIGTERM, and holds its task, so the ordered results stop for good. Output is
+    deterministic whatever encodes it, so after a stall the workers are killed and the caller finishes the rest.
+    ``ProcessPoolExecutor``, unlike ``multiprocessing.Pool``, survives workers killed mid-queue: it marks itself
+    broken instead of deadlocking on a queue lock a killed worker held.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # fork would copy Paddle's state
+                                   initializer=_init_worker, initargs=initargs)
+    done = None
+    try:
+        done = _drain_until_stall(_OrderedResults(executor, _read_tasks(input_path), in_flight=2 * workers), writer, progress)
+        if done is not None:
+            print(f"preprocess: a tokenizer worker stopped answering; encoding the remaining lines in this process "
+                  f"(after {done} tasks of {LINES_PER_TASK} lines)", file=sys.stderr)
+        return done
+    finally:
+        stalled = done is not None
+        if stalled:  # there is no public way to stop a worker that ignores SIGTERM
+            for process in list(executor._processes.values()):
+                process.kill()
+        executor.shutdown(wait=not stalled, cancel_futures=True)
+
+
+class _OrderedResults:
+    """The results of ``_encode_lines`` over ``tasks``, in task order, with at most ``in_flight`` submitted ahead."""
+
+    def __init__(self, executor, tasks, in_flight: int):
+        self.executor, self.tasks = executor, tasks
+        self.pending = collections.deque(executor.submit(_encode_lines, task) for task in itertools.islice(tasks, in_flight))
+
+    def next(self, timeout: float):
+        """Raises: StopIteration when every task's result was returned; concurrent.futures.TimeoutError."""
+        if not self.pending:
+            raise StopIteration
+        result = self.pending[0].result(timeout=timeout)
+        self.pending.popleft()
+        for task in itertools.islice(self.tasks, 1):
+            self.pending.append(self.executor.submit(_encode_lines, task))
+        return result
+
+
+def _drain_until_stall(results, writer: IndexedDatasetWriter, progress) -> int | None:
+    """Write a pool's ordered results; None when all arrived, else how many did before one stopped coming."""
+    done = 0
     while True:
         try:
-            yield results.next(timeout=WORKER_TIMEOUT_SECONDS)
+            result = results.next(timeout=FIRST_RESULT_SECONDS if done == 0 else STALL_SECONDS)
         except StopIteration:
-            return
-        except multiprocessing.TimeoutError:
-            raise RuntimeError(
-                f"a tokenizer worker returned nothing for {WORKER_TIMEOUT_SECONDS} s (crashed or hung); rerun with --workers 1"
-            ) from None
+            return None
+        except (TimeoutError, FuturesTimeoutError):
+            return done
+        _drain([result], writer, progress)
+        done += 1
 
 
 def _drain(results, writer: IndexedDatasetWriter, progress) -> None:

@@ -1,5 +1,6 @@
 """Tokenizer training, the mmap format (both ways with PaddleNLP), and preprocess's handling of bad input."""
 
+import itertools
 import json
 import os
 
@@ -142,14 +143,92 @@ def test_preprocess_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert "bad.jsonl:1: missing key 'text'" in capsys.readouterr().err
 
 
-def test_a_hung_worker_fails_instead_of_waiting_forever():
-    import multiprocessing
+def test_a_stalled_pool_is_finished_in_process_with_identical_output(tmp_path):
+    """A pool whose results stop after two tasks (a hung worker): the rest is encoded here, bytes unchanged."""
+    from paddle_llm.data import preprocess as preprocess_module
+    from paddle_llm.data.indexed import IndexedDatasetWriter, token_dtype
 
-    from paddle_llm.data.preprocess import _with_timeout
+    lines = [json.dumps({"text": f"Ada counted {i} birds at the river."}) for i in range(3 * 256 + 10)]
+    source = _write(tmp_path / "c.jsonl", lines)
+    preprocess(source, str(tmp_path / "expected"), "tiny-llama", workers=1, show_progress=False)
 
-    class HungPoolResults:
+    preprocess_module._init_worker("tiny-llama", "text", False)
+    encoded = map(preprocess_module._encode_lines, preprocess_module._read_tasks(source))
+
+    class StallingPoolResults:
+        delivered = 0
+
         def next(self, timeout=None):
-            raise multiprocessing.TimeoutError
+            if self.delivered == 2:
+                raise TimeoutError
+            self.delivered += 1
+            return next(encoded)
 
-    with pytest.raises(RuntimeError, match="rerun with --workers 1"):
-        list(_with_timeout(HungPoolResults()))
+    class NoProgress:
+        def update(self, _):
+            pass
+
+    writer = IndexedDatasetWriter(str(tmp_path / "recovered"), token_dtype(1000))
+    done = preprocess_module._drain_until_stall(StallingPoolResults(), writer, NoProgress())
+    assert done == 2
+    preprocess_module._drain(map(preprocess_module._encode_lines, itertools.islice(
+        preprocess_module._read_tasks(source), done, None)), writer, NoProgress())
+    writer.commit()
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"recovered{suffix}").read_bytes() == (tmp_path / f"expected{suffix}").read_bytes()
+
+
+def _spawned_workers() -> list[int]:
+    """Pids of this process's multiprocessing spawn children (not its resource tracker)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read()
+        except OSError:
+            continue
+        if parent == os.getpid() and b"spawn_main" in command:
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc")
+def test_really_hung_workers_are_killed_and_the_output_is_unchanged(tmp_path, monkeypatch, capsys):
+    """Workers frozen with SIGSTOP (they neither die nor answer, like the deadlocked import) do not hang the run."""
+    import signal
+    import threading
+    import time
+
+    from paddle_llm.data import preprocess as preprocess_module
+
+    lines = [json.dumps({"text": f"Ada counted {i} birds at the river."}) for i in range(600)]
+    source = _write(tmp_path / "c.jsonl", lines)
+    preprocess(source, str(tmp_path / "expected"), "tiny-llama", workers=1, show_progress=False)
+    monkeypatch.setattr(preprocess_module, "FIRST_RESULT_SECONDS", 5)
+
+    frozen = []
+
+    def freeze_workers():
+        deadline = time.monotonic() + 30
+        while len(frozen) < 2 and time.monotonic() < deadline:
+            for pid in _spawned_workers():
+                if pid not in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+                    frozen.append(pid)
+            time.sleep(0.005)
+
+    freezer = threading.Thread(target=freeze_workers)
+    freezer.start()
+    summary = preprocess(source, str(tmp_path / "recovered"), "tiny-llama", workers=2, show_progress=False)
+    freezer.join()
+    assert frozen, "no worker process was seen"
+    assert summary["documents"] == 600
+    assert "a tokenizer worker stopped answering" in capsys.readouterr().err
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"recovered{suffix}").read_bytes() == (tmp_path / f"expected{suffix}").read_bytes()
+    time.sleep(0.5)
+    assert not [pid for pid in frozen if pid in _spawned_workers()], "a frozen worker was left running"
