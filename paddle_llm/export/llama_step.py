@@ -5,8 +5,9 @@ PaddleNLP's ``LlamaForCausalLM``, the step graph has ~350 executed ops for 4 lay
 projections, rotate-half as slice/negate/concat, per-layer mask conversion, RMSNorm with a weight multiply). This
 layer computes the same function with fewer, larger ops, all decided once at export:
 
-- q, k and v are one matmul, gate and up another; each RMSNorm's weight is folded into the projection after it (the
-  final norm's into the LM head) and the 1/sqrt(head_dim) attention scale into the q columns;
+- q, k and v are one matmul, gate and up another, and the 1/sqrt(head_dim) attention scale is folded into the q
+  columns;
+- RMSNorm is Paddle's fused kernel (it has a CPU forward), one op instead of five;
 - rotary embedding rotates q and k together, with rotate-half as a ``roll`` against a sign-folded sin table
   (``models.cpu_fast``'s formulation), and the cos/sin rows are gathered once per step, not per layer;
 - the boolean mask becomes one additive bias per step, shared by every layer, and the rotary rows and the bias are
@@ -15,9 +16,10 @@ layer computes the same function with fewer, larger ops, all decided once at exp
   so a step copies each layer's cache once (the concat with the new position) instead of also transposing it.
 
 The signature is ``step_graph.KVCacheStep``'s, so the engine and the parity check drive both alike;
-``step_graph.cache_layout`` describes the head-major cache to them. ``llama_step_unsupported`` names any configuration this layer does not reproduce; those models are
-traced from PaddleNLP's code as before. Equality with PaddleNLP is what export's parity check verifies (logits
-within 1e-4, identical greedy tokens), and ``tests/integration/test_export.py`` runs it.
+``step_graph.cache_layout`` describes the head-major cache to them. ``llama_step_unsupported`` names any
+configuration this layer does not reproduce; those models are traced from PaddleNLP's code as before. Equality with PaddleNLP is what export's parity check verifies (logits
+within 1e-4, identical greedy tokens), ``tests/integration/test_export.py`` runs it, and
+``tests/unit/test_llama_step.py`` compares logits and caches to 1e-5.
 """
 
 from __future__ import annotations
