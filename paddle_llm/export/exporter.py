@@ -105,14 +105,16 @@ def _check_dtype_supported(request: ExportRequest) -> None:
         )
 
 
-def _write_step_graph(staging: str, step, family: str, layout, dtype: str, prefix, manifest: ExportManifest) -> None:
-    """Trace the one-step graph into ``staging`` (and the prefix past, if any), and record both in the manifest."""
+def _write_step_graph(staging: str, step, family: str, dtype: str, prefix, manifest: ExportManifest) -> None:
+    """Trace the one-step graph (a ``step_graph.StepBuild``) into ``staging`` (and the prefix past, if any), and
+    record both in the manifest."""
     import paddle
 
     from paddle_llm.export.step_graph import save_step_graph, step_family_of
 
-    save_step_graph(step, family, dtype, layout.num_layers, os.path.join(staging, GRAPH_PREFIX))
-    manifest.cache = layout.to_dict()
+    save_step_graph(step.layer, family, dtype, step.layout.num_layers, os.path.join(staging, GRAPH_PREFIX))
+    manifest.step_implementation = step.implementation
+    manifest.cache = step.layout.to_dict()
     manifest.glm_positions = step_family_of(family).glm_positions
     if prefix is not None:
         # Stored stacked over layers: one file, and the runtime splits it per layer.
@@ -142,14 +144,7 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
         prefix_cache,
         reload_in_dtype,
     )
-    from paddle_llm.export.step_graph import (
-        STEP_PADDLENLP,
-        build_step_layer,
-        cache_layout,
-        max_context_length,
-        prepare_for_tracing,
-        step_family_of,
-    )
+    from paddle_llm.export.step_graph import build_step_layer, max_context_length, prepare_for_tracing, step_family_of
 
     request.validate()
     _check_dtype_supported(request)
@@ -162,13 +157,14 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
     prefix_model = load_prefix_model(model, family, request.prefix_path) if request.prefix_path else None
     model = reload_in_dtype(model, source, request.dtype)
     config = model.config
-    step, implementation = None, STEP_PADDLENLP
+    step = prefix = None  # the FastDeploy layout holds weights only
     if request.format != FORMAT_FASTDEPLOY:
         prepare_for_tracing(model, family, config)
-        step, implementation, kept_because = build_step_layer(model, family, config.num_hidden_layers, request.dtype)
-        log(f"step implementation: {implementation}" + (f" (PaddleNLP's forward kept: {kept_because})" if kept_because else ""))
-    layout = cache_layout(family, config, implementation)
-    prefix = prefix_cache(prefix_model, family, layout) if prefix_model is not None else None
+        step = build_step_layer(model, family, request.dtype)
+        log(f"step implementation: {step.implementation}"
+            + (f" (PaddleNLP's forward kept: {step.kept_because})" if step.kept_because else ""))
+        if prefix_model is not None:
+            prefix = prefix_cache(prefix_model, family, step.layout)
     generation = _generation_config(source, config)
     manifest = ExportManifest(
         format=request.format,
@@ -192,8 +188,7 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
             model.save_pretrained(staging, safe_serialization=True)
         else:
             log(f"tracing one decoding step ({request.dtype}, dynamic batch and lengths)")
-            manifest.step_implementation = implementation
-            _write_step_graph(staging, step, family, layout, request.dtype, prefix, manifest)
+            _write_step_graph(staging, step, family, request.dtype, prefix, manifest)
         _write_side_files(staging, config, tokenizer, generation)
         manifest.save(staging)
 

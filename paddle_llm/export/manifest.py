@@ -19,6 +19,11 @@ FORMAT_FASTDEPLOY = "fastdeploy"
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+# Which code a step graph was traced from (``step_graph.build_step_layer``).
+STEP_PADDLENLP = "paddlenlp"  # PaddleNLP's own forward, wrapped in KVCacheStep
+STEP_LLAMA_INFERENCE = "llama_inference"  # export.llama_step.LlamaInferenceStep
+
+
 @dataclass(frozen=True)
 class CacheLayout:
     """Shape facts about one layer's KV cache: a 4-D tensor with batch, sequence and head at the given axes.
@@ -74,7 +79,7 @@ class ExportManifest:
     pad_token_id: int
     cache: dict | None = None
     glm_positions: bool = False
-    step_implementation: str = "paddlenlp"
+    step_implementation: str = STEP_PADDLENLP
     prefix_cache: str | None = None
     source: dict = field(default_factory=dict)
     parity: dict | None = None

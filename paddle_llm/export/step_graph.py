@@ -21,7 +21,7 @@ from typing import Callable
 import paddle
 from paddle import nn
 
-from paddle_llm.export.manifest import CacheLayout
+from paddle_llm.export.manifest import STEP_LLAMA_INFERENCE, STEP_PADDLENLP, CacheLayout
 
 
 def _llama_call(model, input_ids, position_ids, attention_mask, past):
@@ -71,10 +71,6 @@ STEP_FAMILIES: dict[str, StepFamily] = {
     # ChatGLM2's forward has Llama's signature, but keeps ChatGLM's sequence-first cache.
     "chatglm2": StepFamily(call=_llama_call, batch_axis=1, seq_axis=0, glm_positions=False),
 }
-
-STEP_PADDLENLP = "paddlenlp"  # PaddleNLP's own forward, wrapped in KVCacheStep
-STEP_LLAMA_INFERENCE = "llama_inference"  # export.llama_step.LlamaInferenceStep
-
 
 def cache_layout(family_name: str, config, implementation: str = STEP_PADDLENLP) -> CacheLayout:
     """Read the cache geometry from a PaddleNLP config, for the step implementation that will run.
@@ -132,23 +128,37 @@ class KVCacheStep(nn.Layer):
         return (logits[:, -1, :].astype("float32"), *[key for key, _ in present], *[value for _, value in present])
 
 
-def build_step_layer(model: nn.Layer, family_name: str, num_layers: int, dtype: str) -> tuple[nn.Layer, str, str]:
-    """The step layer to serve or trace for ``model``.
+@dataclass(frozen=True)
+class StepBuild:
+    """A step layer to serve or trace, and the cache layout it takes.
 
-    Llama models that ``LlamaInferenceStep`` reproduces get it (the same function in a third of the ops); every
-    other model runs PaddleNLP's forward inside ``KVCacheStep``.
-
-    Returns:
-        ``(layer, implementation name, why PaddleNLP's forward was kept or "")``.
+    Attributes:
+        layer: ``LlamaInferenceStep`` or ``KVCacheStep``.
+        layout: its per-layer cache geometry.
+        implementation: ``STEP_LLAMA_INFERENCE`` or ``STEP_PADDLENLP`` (recorded in the export manifest).
+        kept_because: why PaddleNLP's forward was kept, or "".
     """
+
+    layer: nn.Layer
+    layout: CacheLayout
+    implementation: str
+    kept_because: str
+
+
+def build_step_layer(model: nn.Layer, family_name: str, dtype: str) -> StepBuild:
+    """The step for ``model``: ``LlamaInferenceStep`` for the Llama models it reproduces (the same function in a third
+    of the ops), PaddleNLP's forward inside ``KVCacheStep`` for every other model."""
+    config = model.config
+    kept_because = f"no inference step for {family_name}"
     if family_name == "llama":
         from paddle_llm.export.llama_step import LlamaInferenceStep, llama_step_unsupported
 
-        reason = llama_step_unsupported(model, dtype)
-        if reason is None:
-            return LlamaInferenceStep(model), STEP_LLAMA_INFERENCE, ""
-        return KVCacheStep(model, family_name, num_layers), STEP_PADDLENLP, reason
-    return KVCacheStep(model, family_name, num_layers), STEP_PADDLENLP, f"no inference step for {family_name}"
+        kept_because = llama_step_unsupported(model, dtype)
+        if kept_because is None:
+            layout = cache_layout(family_name, config, STEP_LLAMA_INFERENCE)
+            return StepBuild(LlamaInferenceStep(model), layout, STEP_LLAMA_INFERENCE, "")
+    layer = KVCacheStep(model, family_name, config.num_hidden_layers)
+    return StepBuild(layer, cache_layout(family_name, config, STEP_PADDLENLP), STEP_PADDLENLP, kept_because)
 
 
 class StaticGLMRotary(nn.Layer):

@@ -94,19 +94,18 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
 
     from paddle_llm.export.peft_loading import load_checkpoint_tokenizer, load_model
     from paddle_llm.export.runtime import DygraphStepRunner, StepDecoder
-    from paddle_llm.export.step_graph import build_step_layer, cache_layout, max_context_length, step_family_of
+    from paddle_llm.export.step_graph import build_step_layer, max_context_length, step_family_of
     from paddle_llm.models.registry import resolve_model
 
     paddle.set_device(device)
     source = resolve_model(model_dir)
     family = source.family.name
     model = load_model(source)
-    step, implementation, _ = build_step_layer(model, family, model.config.num_hidden_layers, "float32")
-    layout = cache_layout(family, model.config, implementation)
+    step = build_step_layer(model, family, "float32")
     generation = _read_generation_config(model_dir)
     decoder = StepDecoder(
-        DygraphStepRunner(step),
-        layout,
+        DygraphStepRunner(step.layer),
+        step.layout,
         "float32",
         step_family_of(family).glm_positions,
         int(generation.get("pad_token_id") or getattr(model.config, "pad_token_id", 0) or 0),

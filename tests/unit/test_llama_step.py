@@ -6,7 +6,8 @@ import paddle
 import pytest
 
 from paddle_llm.export.llama_step import LlamaInferenceStep
-from paddle_llm.export.step_graph import STEP_LLAMA_INFERENCE, STEP_PADDLENLP, KVCacheStep, build_step_layer
+from paddle_llm.export.manifest import STEP_LLAMA_INFERENCE, STEP_PADDLENLP
+from paddle_llm.export.step_graph import KVCacheStep, build_step_layer
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 
 TOLERANCE = 1e-5
@@ -69,8 +70,9 @@ def test_inference_step_equals_paddlenlp(overrides, batch, query, past):
 
 
 def test_build_step_layer_picks_the_inference_step_for_plain_llama():
-    layer, implementation, reason = build_step_layer(tiny_llama(), "llama", 2, "float32")
-    assert isinstance(layer, LlamaInferenceStep) and implementation == STEP_LLAMA_INFERENCE and reason == ""
+    step = build_step_layer(tiny_llama(), "llama", "float32")
+    assert isinstance(step.layer, LlamaInferenceStep) and step.implementation == STEP_LLAMA_INFERENCE
+    assert step.kept_because == "" and (step.layout.head_axis, step.layout.seq_axis) == (1, 2)
 
 
 @pytest.mark.parametrize("overrides, dtype, expected_reason", [
@@ -80,6 +82,6 @@ def test_build_step_layer_picks_the_inference_step_for_plain_llama():
     ({}, "float16", "float16"),
 ])
 def test_build_step_layer_keeps_paddlenlp_where_the_step_differs(overrides, dtype, expected_reason):
-    layer, implementation, reason = build_step_layer(tiny_llama(**overrides), "llama", 2, dtype)
-    assert isinstance(layer, KVCacheStep) and implementation == STEP_PADDLENLP
-    assert expected_reason in reason
+    step = build_step_layer(tiny_llama(**overrides), "llama", dtype)
+    assert isinstance(step.layer, KVCacheStep) and step.implementation == STEP_PADDLENLP
+    assert expected_reason in step.kept_because
