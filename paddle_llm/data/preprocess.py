@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import TimeoutError as FuturesTimeoutError
 
 from paddle_llm.data.indexed import IndexedDatasetWriter, token_dtype
 from paddle_llm.data.jsonl import DataError
@@ -173,7 +172,7 @@ class _OrderedResults:
         self.pending = collections.deque(executor.submit(_encode_lines, task) for task in itertools.islice(tasks, in_flight))
 
     def next(self, timeout: float):
-        """Raises: StopIteration when every task's result was returned; concurrent.futures.TimeoutError."""
+        """Raises: StopIteration when every task's result was returned; TimeoutError."""
         if not self.pending:
             raise StopIteration
         result = self.pending[0].result(timeout=timeout)
@@ -191,7 +190,7 @@ def _drain_until_stall(results, writer: IndexedDatasetWriter, progress) -> int |
             result = results.next(timeout=FIRST_RESULT_SECONDS if done == 0 else STALL_SECONDS)
         except StopIteration:
             return None
-        except (TimeoutError, FuturesTimeoutError):
+        except TimeoutError:  # concurrent.futures.TimeoutError is this builtin since Python 3.11
             return done
         _drain([result], writer, progress)
         done += 1

@@ -59,24 +59,24 @@ class InferenceStepRunner:
         config.disable_glog_info()
         self.predictor = inference.create_predictor(config)
         self._decode_predictor = self.predictor.clone()
-        self._built: set = set()
+        self._decoder_built = False
 
     def run(self, inputs: list[paddle.Tensor]) -> list[paddle.Tensor]:
         one_token_step = inputs[0].shape[1] == 1
         predictor = self._decode_predictor if one_token_step else self.predictor
-        if predictor not in self._built:
-            # Paddle's executor hands each dead intermediate to a garbage-collector thread. For a one-token step (a
-            # few hundred tiny tensors) that thread burns a third of a core and slows the step by ~20% on 2 cores
-            # (measured at hidden 256); keeping them until the next run costs one step's activations. A prefill's
-            # activations grow with the prompt, so it keeps the collector. An executor reads the flag once, when its
-            # first run builds it: hence one predictor (sharing the weights) per kind of step.
+        # Paddle's executor hands each dead intermediate to a garbage-collector thread. For a one-token step (a few
+        # hundred tiny tensors) that thread burns a third of a core and slows the step by ~20% on 2 cores (measured
+        # at hidden 256); keeping them until the next run costs one step's activations. A prefill's activations grow
+        # with the prompt, so it keeps the collector. An executor reads the flag once, when its first run builds it:
+        # hence one predictor (sharing the weights) per kind of step, and the flag set only for that first run.
+        if one_token_step and not self._decoder_built:
             previous = paddle.get_flags(_GARBAGE_COLLECTION_FLAG)[_GARBAGE_COLLECTION_FLAG]
-            paddle.set_flags({_GARBAGE_COLLECTION_FLAG: _NEVER_COLLECT if one_token_step else previous})
+            paddle.set_flags({_GARBAGE_COLLECTION_FLAG: _NEVER_COLLECT})
             try:
                 outputs = predictor.run(inputs)
             finally:
                 paddle.set_flags({_GARBAGE_COLLECTION_FLAG: previous})
-            self._built.add(predictor)
+            self._decoder_built = True
         else:
             outputs = predictor.run(inputs)
         # The predictor hands back tensors over its own output buffers, which the next run overwrites; the cache
