@@ -35,6 +35,12 @@ _M_MMAP_THRESHOLD = -3
 _HEAP_CACHE_BYTES = (1 << 30, 32 << 20)
 # MKL's domain number for its vector maths library (mkl_types.h: MKL_DOMAIN_VML).
 _MKL_DOMAIN_VML = 3
+# How long Intel OpenMP's idle threads spin before sleeping (MKL's matrix multiplies and our compiled kernels share
+# its threads). Its default, 200 ms, made a 64/2 Llama step 2-3x slower on a machine shared with other processes:
+# the spinning thread took the core the next op needed. 0 makes every op pay a thread wake-up (~60 us): a 64/2
+# step took 34.9 ms instead of 24.6 ms with 1 ms on an idle 2-core machine, alternating steps in one process.
+# With 1 ms, two such trainings sharing the 2 cores ran ~10% slower than with 0; an idle machine is the common case.
+OPENMP_BLOCKTIME_MS = 1
 # MKL_DEBUG_CPU_TYPE=5 selects MKL's AVX2 kernels regardless of the CPU vendor.
 _MKL_AVX2_CPU_TYPE = "5"
 
@@ -77,12 +83,10 @@ def configure_threads(requested: int | None = None, processes_sharing_cores: int
     os.environ["OMP_NUM_THREADS"] = str(count)
     os.environ["MKL_NUM_THREADS"] = str(count)
     os.environ["MKL_DYNAMIC"] = "FALSE"
-    os.environ["KMP_BLOCKTIME"] = "0"
+    os.environ["KMP_BLOCKTIME"] = str(OPENMP_BLOCKTIME_MS)
     openmp = _paddle_library(paddle, "libiomp5.so")
     if openmp is not None:
-        # Intel OpenMP's idle threads spin for 200 ms before sleeping. On a machine shared with other processes the
-        # spinning thread takes the core the next op needs: a 64/2 Llama step took 2-3x longer than with 0 here.
-        openmp.kmp_set_blocktime(0)
+        openmp.kmp_set_blocktime(OPENMP_BLOCKTIME_MS)
     paddle.base.core.set_num_threads(count)
     mkl = _paddle_library(paddle, "libmklml_intel.so")  # Paddle loads MKL lazily; setting the threads loads it
     if mkl is not None:
