@@ -22,6 +22,13 @@ key/value ``tile`` for grouped heads, forward + backward  0.7 ms      none: grou
 So each composite is re-expressed with ops Paddle runs fast on CPU (square, same-shape elementwise, expand, roll,
 matmul), and where autograd would pick a slow grad kernel, a ``PyLayer`` carries a hand-written backward.
 
+Even the fast ops are one pass over memory each, on one thread. So RMSNorm, SwiGLU, the halves-swap rotary, the
+masked attention softmax and the token cross entropy also exist as fused C++ kernels (``cpu_kernels.cc``: one
+vectorised, multi-threaded pass per forward and per backward), compiled on first use. They are used whenever they
+could be built; otherwise, or with ``PADDLE_LLM_CPU_KERNELS=0``, the pure-Paddle composites above run instead.
+Alternating steps in one process on 2 cores, the kernels took a 64/2 Llama step from 42.6 to 37.7 ms and a 256/4
+step from 232 to 185 ms. ChatGLM-6B's LayerNorm and GELU and ChatGLM2's pair rotary have no kernel.
+
 ``apply_cpu_fast_paths(model)`` swaps bound ``forward`` methods and sub-layers on one model instance: PaddleNLP's
 classes and module globals are never touched, so a GPU model, or a second model in the same process, keeps
 PaddleNLP's code. It does nothing unless the model's parameters live on CPU, and each replacement is made only for
@@ -52,6 +59,8 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 from paddle.autograd import PyLayer
+
+from paddle_llm.models import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +122,9 @@ def rms_norm(x: paddle.Tensor, weight: paddle.Tensor, epsilon: float) -> paddle.
     """RMSNorm over the last axis, as PaddleNLP's ``LlamaRMSNorm`` and ChatGLM2's ``RMSNorm`` compute it in fp32."""
     if not paddle.in_dynamic_mode():  # to_static: plain ops, see the module docstring
         return paddle.rsqrt(paddle.square(x).mean(-1, keepdim=True) + epsilon) * x * weight
+    kernels = cpu_kernels.load()
+    if kernels is not None:
+        return kernels.paddle_llm_rms_norm(x, weight, epsilon)[0]
     return _RMSNormFunction.apply(x, weight, epsilon)
 
 
@@ -182,6 +194,9 @@ def swiglu(gate: paddle.Tensor, up: paddle.Tensor) -> paddle.Tensor:
     """SwiGLU's gated product ``silu(gate) * up`` (Llama's and ChatGLM2's MLP)."""
     if not paddle.in_dynamic_mode():  # to_static: plain ops, see the module docstring
         return gate * F.sigmoid(gate) * up
+    kernels = cpu_kernels.load()
+    if kernels is not None:
+        return kernels.paddle_llm_swiglu(gate, up)
     return _SwiGLUFunction.apply(gate, up)
 
 
@@ -218,11 +233,19 @@ def tanh_gelu(x: paddle.Tensor) -> paddle.Tensor:
 # before multiplying because Paddle's CPU broadcasting multiply is ~10x slower than an expand plus a same-shape one.
 
 
-def swap_halves(x: paddle.Tensor, blocks: int = 1) -> paddle.Tensor:
+@dataclass(frozen=True)
+class HalvesSwap:
     """Swap the two halves of each of ``blocks`` equal blocks of the last axis (Llama: 1 block, ChatGLM-6B: 2)."""
-    width = x.shape[-1] // (2 * blocks)
-    blocked = x.reshape(x.shape[:-1] + [blocks, 2, width])
-    return paddle.roll(blocked, shifts=1, axis=-2).reshape(x.shape)
+
+    blocks: int = 1
+
+    def __call__(self, x: paddle.Tensor) -> paddle.Tensor:
+        width = x.shape[-1] // (2 * self.blocks)
+        blocked = x.reshape(x.shape[:-1] + [self.blocks, 2, width])
+        return paddle.roll(blocked, shifts=1, axis=-2).reshape(x.shape)
+
+
+swap_halves = HalvesSwap(blocks=1)
 
 
 def pair_swap_matrix(head_dim: int, rotary_dim: int) -> paddle.Tensor:
@@ -259,7 +282,11 @@ class _RotaryFunction(PyLayer):
 
 
 def apply_rotary(x: paddle.Tensor, cos: paddle.Tensor, sign_folded_sin: paddle.Tensor, swap: Callable) -> paddle.Tensor:
-    """Rotate ``x`` by position: ``cos`` and ``sign_folded_sin`` broadcast to ``x`` (they are expanded here)."""
+    """Rotate ``x [d0, d1, heads, head_dim]`` by position; ``cos`` and ``sign_folded_sin`` are ``[d0 or 1, d1, 1,
+    head_dim]``, shared by the heads."""
+    kernels = cpu_kernels.load() if paddle.in_dynamic_mode() and isinstance(swap, HalvesSwap) else None
+    if kernels is not None:
+        return kernels.paddle_llm_rotary(x, cos.squeeze(2), sign_folded_sin.squeeze(2), swap.blocks)
     cos, sign_folded_sin = cos.expand(x.shape), sign_folded_sin.expand(x.shape)
     if not paddle.in_dynamic_mode():  # to_static: plain ops, see the module docstring
         return x * cos + swap(x) * sign_folded_sin
@@ -320,18 +347,36 @@ def masked_attention(
         scores = scores * score_scale
     if score_multiplier is not None:
         scores = scores * score_multiplier
-    scores = scores + additive_mask.expand(scores.shape)
-    probabilities = F.softmax(scores, axis=-1)
+    probabilities = _masked_softmax(scores, additive_mask)
     grouped_probabilities = probabilities.reshape([batch, kv_heads, group * query_length, key_length])
     context = paddle.matmul(grouped_probabilities, value).reshape([batch, query_heads, query_length, head_dim])
     return context, probabilities
 
 
+def _masked_softmax(scores: paddle.Tensor, additive_mask: paddle.Tensor) -> paddle.Tensor:
+    """``softmax(scores + additive_mask)`` over the last axis; the compiled kernel reads a broadcast mask in place."""
+    batch, heads = scores.shape[:2]
+    mask_shape = additive_mask.shape
+    kernels = cpu_kernels.load() if paddle.in_dynamic_mode() else None
+    if (
+        kernels is not None
+        and scores.dtype == additive_mask.dtype == paddle.float32
+        and len(mask_shape) == 4
+        and mask_shape[0] in (1, batch)
+        and mask_shape[1] in (1, heads)
+        and mask_shape[2:] == scores.shape[2:]
+    ):
+        return kernels.paddle_llm_masked_softmax(scores, additive_mask)
+    return F.softmax(scores + additive_mask.expand(scores.shape), axis=-1)
+
+
 def causal_lm_token_losses(logits: paddle.Tensor, labels: paddle.Tensor, ignore_index: int) -> paddle.Tensor:
     """Per-token cross entropy ``[..., 1]`` in fp32; ignored labels give 0."""
-    return F.cross_entropy(
-        logits.astype("float32"), labels.unsqueeze(-1), reduction="none", ignore_index=ignore_index
-    )
+    logits = logits.astype("float32")
+    kernels = cpu_kernels.load() if paddle.in_dynamic_mode() and logits.place.is_cpu_place() else None
+    if kernels is not None:
+        return kernels.paddle_llm_token_cross_entropy(logits, labels.astype("int64"), ignore_index)[0]
+    return F.cross_entropy(logits, labels.unsqueeze(-1), reduction="none", ignore_index=ignore_index)
 
 
 class CausalLMLoss(nn.Layer):
@@ -612,7 +657,7 @@ def _chatglm_attention_forward(
         [query_length, batch, self.num_attention_heads, self.attention_head_size * 3]
     )
     query, key, value = paddle.split(mixed, 3, axis=-1)
-    swap = partial(swap_halves, blocks=2 if self.position_encoding_2d else 1)
+    swap = HalvesSwap(blocks=2 if self.position_encoding_2d else 1)
     cos, sin = rotary_embeds[0], rotary_embeds[1]
     query = apply_rotary(query, cos, sin, swap)
     key = apply_rotary(key, cos, sin, swap)
@@ -887,4 +932,5 @@ def apply_cpu_fast_paths(model: nn.Layer) -> list[str]:
     if family is None:
         logger.info("cpu fast paths: %s is not a llama/chatglm/chatglm2 model; left unchanged", type(model).__name__)
         return []
+    cpu_kernels.load()  # compile now (once per machine) rather than inside the first training step
     return _FAMILY_APPLIERS[family](model)

@@ -194,11 +194,12 @@ def configure_runtime(training_args) -> str:
 
 def log_cpu_fast_paths(model) -> None:
     """On CPU, swap PaddleNLP's slow composites for numerically equal fast ones (a no-op on GPU)."""
+    from paddle_llm.models import cpu_kernels
     from paddle_llm.models.cpu_fast import apply_cpu_fast_paths
 
     replaced = apply_cpu_fast_paths(model)
     if replaced:
-        log("cpu fast paths: " + ", ".join(replaced))
+        log(f"cpu fast paths on {cpu_kernels.describe()}: " + ", ".join(replaced))
 
 
 def _num_samples(training_args) -> tuple[int, int, int]:

@@ -2,6 +2,7 @@
 
 Component tests call a layer's PaddleNLP class ``forward`` and the fast ``forward`` bound on the same instance, so
 both see the same weights. Whole-model tests train a PaddleNLP model and a copy with the fast paths side by side.
+Both run twice: on the compiled kernels (``cpu_kernels.cc``) and on the pure-Paddle composites they fall back to.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from paddlenlp.transformers.chatglm import modeling as chatglm_modeling
 from paddlenlp.transformers.chatglm_v2 import modeling as chatglm2_modeling
 from paddlenlp.transformers.llama import modeling as llama_modeling
 
-from paddle_llm.models import cpu_fast
+from paddle_llm.config.threads import OPENMP_BLOCKTIME_MS
+from paddle_llm.models import cpu_fast, cpu_kernels
 from paddle_llm.models.cpu_fast import CausalLMLoss, apply_cpu_fast_paths, tanh_gelu, to_static_for_cpu_training
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 from tests.conftest import ROOT, run_script, subprocess_env
@@ -32,6 +34,17 @@ PRESET_OF_FAMILY = {"llama": "tiny-llama", "chatglm": "tiny-chatglm", "chatglm2"
 # Passed under the config classes' own names: ChatGLM's and ChatGLM2's config __init__ defaults (28 layers, 65024
 # embedding rows) win over the presets' aliased ``num_layers`` / ``padded_vocab_size`` in PaddleNLP 3.0.0b4.
 TINY_SIZES = {"num_hidden_layers": 2, "vocab_size": 1024}
+
+
+@pytest.fixture(params=["compiled_kernels", "pure_paddle"])
+def composites(request, monkeypatch):
+    """Run the test on the compiled kernels, then again with them unavailable (the fallback every user without a
+    compiler gets). The fast forwards look the kernels up on every call, so patching ``load`` switches them."""
+    if request.param == "pure_paddle":
+        monkeypatch.setattr(cpu_kernels, "load", lambda: None)
+    elif cpu_kernels.load() is None:
+        pytest.skip("compiled kernels unavailable here; test_kernels_compile_and_load_here says why")
+    return request.param
 
 
 def _tiny_model(family: str, seed: int = 0):
@@ -102,7 +115,7 @@ def _original_forward(layer):
     ],
     ids=["llama-rms_norm", "llama-final_rms_norm", "chatglm-layer_norm", "chatglm-final_layer_norm", "chatglm2-rms_norm"],
 )
-def test_norm_matches_paddlenlp(fast_models, family, find_norm):
+def test_norm_matches_paddlenlp(composites, fast_models, family, find_norm):
     norm = find_norm(fast_models[family])
     with paddle.no_grad():  # non-trivial weights and biases, so their gradients are tested too
         for parameter in norm.parameters():
@@ -115,7 +128,7 @@ def test_norm_matches_paddlenlp(fast_models, family, find_norm):
     ("llama", lambda model: model.llama.layers[1].mlp),
     ("chatglm2", lambda model: model.chatglm_v2.encoder.layers[1].mlp),
 ], ids=["llama-swiglu_mlp", "chatglm2-swiglu_mlp"])
-def test_swiglu_mlp_matches_paddlenlp(fast_models, family, find_mlp):
+def test_swiglu_mlp_matches_paddlenlp(composites, fast_models, family, find_mlp):
     mlp = find_mlp(fast_models[family])
     hidden = fast_models[family].config.hidden_size
     assert_same_values_and_grads(_original_forward(mlp), mlp.forward, [_random([BATCH, SEQ, hidden], 2)], mlp.parameters())
@@ -135,7 +148,7 @@ def test_chatglm_gelu_mlp_matches_paddlenlp(fast_models):
 # ----- attention: rotary embedding and causal mask -----
 
 
-def test_llama_attention_matches_paddlenlp(fast_models):
+def test_llama_attention_matches_paddlenlp(composites, fast_models):
     model = fast_models["llama"]
     attention = model.llama.layers[1].self_attn
     padding = np.ones([BATCH, SEQ], dtype=bool)
@@ -150,7 +163,7 @@ def test_llama_attention_matches_paddlenlp(fast_models):
     assert_same_values_and_grads(partial(run, _original_forward(attention)), partial(run, attention.forward), inputs, attention.parameters())
 
 
-def test_llama_attention_without_mask_or_positions_matches_paddlenlp(fast_models):
+def test_llama_attention_without_mask_or_positions_matches_paddlenlp(composites, fast_models):
     """PaddleNLP's pipeline path: no position ids, no mask (its upper-triangle default)."""
     model = fast_models["llama"]
     attention = model.llama.layers[0].self_attn
@@ -164,7 +177,7 @@ def _chatglm_additive_mask(seq: int) -> paddle.Tensor:
     return paddle.where(causal, paddle.zeros([1]), paddle.full([1], paddle.finfo(paddle.float32).min))
 
 
-def test_chatglm_attention_with_2d_rotary_matches_paddlenlp(fast_models):
+def test_chatglm_attention_with_2d_rotary_matches_paddlenlp(composites, fast_models):
     model = fast_models["chatglm"]
     config = model.config
     attention = model.chatglm.transformer.layers[1].attention
@@ -186,7 +199,7 @@ def test_chatglm_attention_with_2d_rotary_matches_paddlenlp(fast_models):
     assert_same_values_and_grads(reference, fast, [_random([SEQ, BATCH, config.hidden_size], 7)], attention.parameters())
 
 
-def test_chatglm2_attention_with_pair_rotary_and_multi_query_matches_paddlenlp(fast_models):
+def test_chatglm2_attention_with_pair_rotary_and_multi_query_matches_paddlenlp(composites, fast_models):
     model = fast_models["chatglm2"]
     config = model.config
     attention = model.chatglm_v2.encoder.layers[1].self_attention  # layer 2: query-key layer scaling coefficient 2
@@ -212,7 +225,7 @@ def test_chatglm2_attention_with_pair_rotary_and_multi_query_matches_paddlenlp(f
 
 # No ("chatglm2", "all"): PaddleNLP's ChatGLM2 loss is 0/0 = NaN there, and ours keeps that rule.
 @pytest.mark.parametrize("family, ignored", [("llama", "some"), ("llama", "all"), ("chatglm2", "some")])
-def test_loss_matches_paddlenlp(fast_models, family, ignored):
+def test_loss_matches_paddlenlp(composites, fast_models, family, ignored):
     model = fast_models[family]
     reference = (llama_modeling.LlamaPretrainingCriterion if family == "llama" else chatglm2_modeling.ChatGLMv2PretrainingCriterion)(model.config)
     assert isinstance(model.criterion, CausalLMLoss)
@@ -254,7 +267,7 @@ def _reference_and_fast_copy(family: str):
 
 
 @pytest.mark.parametrize("family", list(PRESET_OF_FAMILY))
-def test_ten_adamw_steps_give_paddlenlp_losses(family):
+def test_ten_adamw_steps_give_paddlenlp_losses(composites, family):
     source, reference, fast = _reference_and_fast_copy(family)
     replacements = apply_cpu_fast_paths(fast)
     assert {entry.split(" ")[0] for entry in replacements} >= {f"{family}.attention_rotary_mask"}
@@ -338,7 +351,7 @@ print(json.dumps({
     assert report["threads"] == 2 and report["omp"] == report["mkl_env"] == "2"
     assert report["summary"].startswith("cpu runtime: 2 math threads of")
     assert report["mkl"] == [2, 1, 0]  # matmuls on 2 threads, vector maths on 1, no dynamic shrinking
-    assert report["stride"] is False and report["blocktime"] == 0
+    assert report["stride"] is False and report["blocktime"] == OPENMP_BLOCKTIME_MS
     assert report["default"] == 1 and report["refused"]  # the OMP_NUM_THREADS=1 run_script gives it is honoured
     assert "CPU-only settings not applied" in report["gpu"]
 

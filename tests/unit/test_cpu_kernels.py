@@ -1,0 +1,170 @@
+"""The compiled CPU kernels: built once per machine, safe to build from several processes, really called by the
+fast paths, correct on the inputs the families do not exercise, and replaced by the pure-Paddle composites when
+they cannot be built. Their equality with PaddleNLP per family is in test_cpu_fast.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from paddle_llm.models import cpu_kernels
+from paddle_llm.models.cpu_fast import apply_cpu_fast_paths
+from paddle_llm.models.registry import build_config, build_model, resolve_model
+from tests.conftest import ROOT, run_script, subprocess_env
+
+KERNEL_NAMES = {
+    "paddle_llm_rms_norm", "paddle_llm_swiglu", "paddle_llm_rotary", "paddle_llm_masked_softmax",
+    "paddle_llm_token_cross_entropy",
+}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = cpu_kernels.load()
+    assert module is not None, f"the kernels did not build: {cpu_kernels.describe()}"
+    return module
+
+
+def test_kernels_compile_and_load_here(kernels):
+    assert cpu_kernels.describe() == "compiled CPU kernels"
+    assert KERNEL_NAMES <= set(dir(kernels))
+
+
+class _RecordingKernels:
+    def __init__(self, module):
+        self.module, self.called = module, set()
+
+    def __getattr__(self, name):
+        self.called.add(name)
+        return getattr(self.module, name)
+
+
+def test_a_llama_training_step_runs_every_kernel(kernels, monkeypatch):
+    recording = _RecordingKernels(kernels)
+    monkeypatch.setattr(cpu_kernels, "load", lambda: recording)
+    source = resolve_model("tiny-llama")
+    model = build_model(source, build_config(source, num_hidden_layers=2, vocab_size=1024), load_weights=False)
+    apply_cpu_fast_paths(model)
+    tokens = paddle.to_tensor(np.random.default_rng(0).integers(0, 1024, size=(2, 17)).astype("int64"))
+    loss = model(input_ids=tokens[:, :-1], labels=tokens[:, 1:])[0]
+    loss.backward()
+    assert recording.called == KERNEL_NAMES
+    assert all(parameter.grad is not None for parameter in model.parameters() if not parameter.stop_gradient)
+
+
+def _leaf(array: np.ndarray) -> paddle.Tensor:
+    tensor = paddle.to_tensor(array)
+    tensor.stop_gradient = False
+    return tensor
+
+
+def test_rms_norm_kernel_reads_a_strided_view(kernels):
+    """A transposed tensor is a view with Paddle's stride kernels on (their default); the kernel must not read it
+    as if it were dense."""
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal([6, 4, 32]).astype("float32")
+    weight = rng.standard_normal([6]).astype("float32")
+    with paddle.no_grad():
+        previous = paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"]
+        paddle.set_flags({"FLAGS_use_stride_kernel": True})
+        try:
+            view = paddle.to_tensor(values).transpose([2, 1, 0])  # [32, 4, 6]
+            out = kernels.paddle_llm_rms_norm(view, paddle.to_tensor(weight), 1e-6)[0]
+        finally:
+            paddle.set_flags({"FLAGS_use_stride_kernel": previous})
+    dense = values.transpose([2, 1, 0])
+    expected = dense / np.sqrt((dense**2).mean(-1, keepdims=True) + 1e-6) * weight
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_shape", [[1, 1, 5, 7], [3, 1, 5, 7], [3, 2, 5, 7], [1, 2, 5, 7]])
+def test_masked_softmax_kernel_reads_each_broadcast_mask_in_place(kernels, mask_shape):
+    rng = np.random.default_rng(2)
+    scores_array = rng.standard_normal([3, 2, 5, 7]).astype("float32")
+    mask_array = np.where(rng.random(mask_shape) < 0.3, np.finfo("float32").min, 0.0).astype("float32")
+    mask_array[..., 0] = 0.0  # every row keeps one key
+    cotangent = paddle.to_tensor(rng.standard_normal([3, 2, 5, 7]).astype("float32"))
+    results = []
+    for softmax in (lambda s, m: kernels.paddle_llm_masked_softmax(s, m), lambda s, m: F.softmax(s + m, axis=-1)):
+        scores = _leaf(scores_array)
+        probabilities = softmax(scores, paddle.to_tensor(mask_array))
+        (probabilities * cotangent).sum().backward()
+        results.append((probabilities.numpy(), scores.grad.numpy()))
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_kernel_names_a_label_outside_the_vocabulary(kernels):
+    logits = paddle.zeros([2, 3, 10])
+    labels = paddle.to_tensor([[1, 2, 3], [4, 12, -100]], dtype="int64")
+    with pytest.raises(Exception, match="label 12 is outside the vocabulary"):
+        kernels.paddle_llm_token_cross_entropy(logits, labels, -100)
+
+
+def test_cross_entropy_kernel_gives_ignored_labels_no_loss_and_no_gradient(kernels):
+    rng = np.random.default_rng(3)
+    logits = _leaf(rng.standard_normal([2, 3, 10]).astype("float32"))
+    labels = paddle.to_tensor([[1, -100, 3], [-100, 9, 0]], dtype="int64")
+    loss = kernels.paddle_llm_token_cross_entropy(logits, labels, -100)[0]
+    expected = F.cross_entropy(logits, labels.unsqueeze(-1), reduction="none", ignore_index=-100)
+    np.testing.assert_allclose(loss.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    loss.sum().backward()
+    assert not logits.grad.numpy()[0, 1].any() and not logits.grad.numpy()[1, 0].any()
+    np.testing.assert_allclose(logits.grad.numpy().sum(-1), 0.0, atol=1e-6)  # softmax minus one-hot sums to 0
+
+
+_DESCRIBE_AND_TRAIN = """
+import logging, math, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s %(message)s")
+import numpy as np, paddle
+from paddle_llm.models import cpu_kernels
+from paddle_llm.models.cpu_fast import apply_cpu_fast_paths
+from paddle_llm.models.registry import build_config, build_model, resolve_model
+source = resolve_model("tiny-llama")
+paddle.seed(0)
+model = build_model(source, build_config(source, num_hidden_layers=2, vocab_size=1024), load_weights=False)
+apply_cpu_fast_paths(model)
+tokens = paddle.to_tensor(np.random.default_rng(0).integers(0, 1024, size=(2, 17)).astype("int64"))
+loss = model(input_ids=tokens[:, :-1], labels=tokens[:, 1:])[0]
+loss.backward()
+print("DESCRIBE", cpu_kernels.describe())
+print("LOSS", float(loss))
+"""
+
+
+def _lines(output: str, prefix: str) -> list[str]:
+    return [line[len(prefix):].strip() for line in output.splitlines() if line.startswith(prefix)]
+
+
+@pytest.mark.parametrize("environment, reason", [
+    ({"PADDLE_LLM_KERNEL_CACHE": "/dev/null/kernels"}, "NotADirectoryError"),
+    ({"PADDLE_LLM_CPU_KERNELS": "0"}, "PADDLE_LLM_CPU_KERNELS=0"),
+], ids=["unwritable_cache", "switched_off"])
+def test_training_falls_back_to_the_pure_paddle_composites_with_the_reason(environment, reason):
+    output = run_script(["-c", _DESCRIBE_AND_TRAIN], **environment).stdout
+    (description,) = _lines(output, "DESCRIBE")
+    assert description.startswith("pure-Paddle composites (") and reason in description
+    (loss,) = _lines(output, "LOSS")
+    assert np.isfinite(float(loss)) and float(loss) > 0
+
+
+def test_processes_starting_together_compile_once_and_share_the_library(tmp_path):
+    """A fresh cache and two processes at once (a 2-process launch on a new machine): one compiles, one waits."""
+    environment = subprocess_env(PADDLE_LLM_KERNEL_CACHE=str(tmp_path))
+    processes = [
+        subprocess.Popen([sys.executable, "-c", _DESCRIBE_AND_TRAIN], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=environment, cwd=ROOT)
+        for _ in range(2)
+    ]
+    outputs = [process.communicate(timeout=600)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert [_lines(output, "DESCRIBE") for output in outputs] == [["compiled CPU kernels"]] * 2
+    compiles = sum(len(_lines(output, "paddle_llm.models.cpu_kernels compiling")) for output in outputs)
+    assert compiles == 1
+    assert _lines(outputs[0], "LOSS") == _lines(outputs[1], "LOSS")
+    assert len(list(tmp_path.glob("*/paddle_llm_cpu_kernels/paddle_llm_cpu_kernels.so"))) == 1
