@@ -6,7 +6,9 @@ and felt brave. Where did Kai go?" -> "the harbor". The 50 dev stories never app
 read each story to answer. Accuracy is exact match of greedy replies on the same held-out prompts before and after
 fine-tuning, run with the flags ``finetune_generation.py`` takes (``--lora True --eval_with_do_generation``).
 
-Measured on 2 shared CPU cores: 0% before, 100% after 400 LoRA steps (about 2 minutes).
+Measured on 2 CPU cores: 0% before, 100% after 600 LoRA steps (about 20 s). The learning rate is 0.003: at 0.01 the
+result swung between 46% and 100% with the last bits of the floating-point rounding (thread count, CPU model, kernel
+choice), while 0.003 and 0.005 gave 100% on five differently-rounded pretrained models.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def run_finetune_demo(model_dir: str, output_dir: str, max_steps: int = 400, sho
 
     adapter_dir = os.path.join(output_dir, "lora")
     training = [
-        "--do_train", "--lora", "True", "--r", "8", "--learning_rate", "0.01", "--lr_scheduler_type", "linear",
+        "--do_train", "--lora", "True", "--r", "8", "--learning_rate", "0.003", "--lr_scheduler_type", "linear",
         "--warmup_steps", "20", "--max_steps", str(max_steps), "--per_device_train_batch_size", "16",
         "--logging_steps", "50", "--save_steps", str(max_steps), "--eval_steps", str(max_steps), "--weight_decay", "0.0",
     ]
