@@ -8,10 +8,13 @@ the ratio of the fastest steps (the least disturbed by other processes); the JSO
 Variants, each training ``LlamaForCausalLM`` fp32 with AdamW on one fixed batch of random tokens (8 x 128, vocab
 2000), OMP_NUM_THREADS=2 exported for all:
 
-- ``ours``: PaddleNLP's model + ``configure_cpu_runtime()`` + ``apply_cpu_fast_paths(model)``.
+- ``ours``: PaddleNLP's model + ``configure_cpu_runtime()`` + ``apply_cpu_fast_paths(model)``, which runs the
+  compiled CPU kernels (``paddle_llm/models/cpu_kernels.cc``; the JSON records that they were used).
 - ``paddlenlp``: PaddleNLP's model as a user gets it.
 - ``runtime only`` (ablation, ``--ablation``): PaddleNLP's model + ``configure_cpu_runtime()`` alone, to show what
   the process settings give without the composites.
+- ``ours, no kernels`` (ablation, ``--ablation``): ``ours`` with ``PADDLE_LLM_CPU_KERNELS=0``, i.e. the pure-Paddle
+  composites a machine without a C++ compiler gets.
 - ``ours + to_static`` (``--to_static``): ``ours`` with the loss compiled by ``to_static_for_cpu_training``.
 - ``torch``: HF transformers ``LlamaForCausalLM`` (its default attention) under torch, run by ``--torch_python``
   (default ``/work/torchvenv/bin/python``, or ``$TORCH_PYTHON``); skipped with a message when that is absent.
@@ -53,11 +56,12 @@ SHAPES: dict[str, tuple[int, int, int, int]] = {
     "512x8": (512, 8, 1376, 8),
     "768x2": (768, 2, 11008, 8),
 }
-PADDLE_VARIANTS = ("ours", "paddlenlp", "runtime", "ours_static")
+PADDLE_VARIANTS = ("ours", "paddlenlp", "runtime", "ours_composites", "ours_static")
 VARIANT_LABELS = {
     "ours": "ours",
     "paddlenlp": "PaddleNLP",
     "runtime": "runtime only",
+    "ours_composites": "ours, no kernels",
     "ours_static": "ours + to_static",
     "torch": "HF torch",
 }
@@ -107,7 +111,9 @@ def _time_steps(step, min_seconds: float, min_steps: int, max_steps: int, warmup
 
 
 def paddle_worker(variant: str, shape: str, min_seconds: float, min_steps: int, max_steps: int) -> dict:
-    runtime_summary, replacements = None, []
+    runtime_summary, replacements, kernels = None, [], None
+    if variant == "ours_composites":
+        os.environ["PADDLE_LLM_CPU_KERNELS"] = "0"
     if variant != "paddlenlp":
         from paddle_llm.config.threads import configure_cpu_runtime
 
@@ -128,10 +134,11 @@ def paddle_worker(variant: str, shape: str, min_seconds: float, min_steps: int, 
         max_position_embeddings=SEQ_LENGTH,
     )
     model = LlamaForCausalLM(config)
-    if variant in ("ours", "ours_static"):
+    if variant in ("ours", "ours_composites", "ours_static"):
+        from paddle_llm.models import cpu_kernels
         from paddle_llm.models.cpu_fast import apply_cpu_fast_paths
 
-        replacements = apply_cpu_fast_paths(model)
+        replacements, kernels = apply_cpu_fast_paths(model), cpu_kernels.describe()
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-3, parameters=model.parameters())
     tokens = paddle.to_tensor(_fixed_batch())
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -152,7 +159,7 @@ def paddle_worker(variant: str, shape: str, min_seconds: float, min_steps: int, 
         return float(loss)
 
     result = _time_steps(step, min_seconds, min_steps, max_steps)
-    result.update(runtime=runtime_summary, replacements=replacements, parameters=sum(int(p.numel()) for p in model.parameters()))
+    result.update(runtime=runtime_summary, replacements=replacements, kernels=kernels, parameters=sum(int(p.numel()) for p in model.parameters()))
     return result
 
 
@@ -293,7 +300,7 @@ def main() -> None:
     parser.add_argument("--min_seconds", type=float, default=5.0, help="time at least this long per measurement")
     parser.add_argument("--min_steps", type=int, default=2)
     parser.add_argument("--max_steps", type=int, default=40)
-    parser.add_argument("--ablation", action="store_true", help="also run PaddleNLP + configure_cpu_runtime() alone")
+    parser.add_argument("--ablation", action="store_true", help="also run PaddleNLP + configure_cpu_runtime() alone, and ours without the compiled kernels")
     parser.add_argument("--to_static", action="store_true", help="also run ours with the loss compiled by to_static_for_cpu_training")
     parser.add_argument("--torch_python", default=None, help=f"python with torch + transformers (default {DEFAULT_TORCH_PYTHON} or $TORCH_PYTHON)")
     parser.add_argument("--from_json", default=None, help="re-print the table from a previous run's JSON instead of measuring")
@@ -326,7 +333,7 @@ def main() -> None:
             "or pass --torch_python / set TORCH_PYTHON.",
             file=sys.stderr,
         )
-    variants = ["ours", "paddlenlp"] + (["runtime"] if args.ablation else []) + (["ours_static"] if args.to_static else [])
+    variants = ["ours", "paddlenlp"] + (["runtime", "ours_composites"] if args.ablation else []) + (["ours_static"] if args.to_static else [])
     variants += ["torch"] if torch_python else []
     budget = [str(args.min_seconds), str(args.min_steps), str(args.max_steps)]
 
