@@ -45,6 +45,11 @@ OPENMP_BLOCKTIME_MS = 1
 _MKL_AVX2_CPU_TYPE = "5"
 
 
+def launched_processes() -> int:
+    """Training processes in this job, as ``paddle.distributed.launch`` tells each of them (1 when not launched)."""
+    return int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+
+
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, e.g. under taskset or a container's cpuset)."""
     try:
@@ -85,7 +90,7 @@ def configure_threads(requested: int | None = None, processes_sharing_cores: int
     os.environ["MKL_DYNAMIC"] = "FALSE"
     # Multi-process launches keep 0, the setting their tests were proven with: since 1 ms, 2-process CPU launches
     # sometimes aborted (SIGABRT) at interpreter exit, and the cause is not yet known.
-    blocktime = 0 if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) > 1 else OPENMP_BLOCKTIME_MS
+    blocktime = 0 if launched_processes() > 1 else OPENMP_BLOCKTIME_MS
     os.environ["KMP_BLOCKTIME"] = str(blocktime)
     openmp = _paddle_library(paddle, "libiomp5.so")
     if openmp is not None:

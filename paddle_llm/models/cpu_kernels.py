@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from paddle_llm.config.threads import launched_processes
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
@@ -103,7 +105,7 @@ def load() -> ModuleType | None:
         _unavailable_because.append(f"{SWITCH_VARIABLE}=0")
         logger.info("paddle_llm CPU kernels off (%s=0): using the pure-Paddle composites", SWITCH_VARIABLE)
         return None
-    if int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) > 1:
+    if launched_processes() > 1:
         # In 2-process tensor-parallel launches, rank 0 sometimes died with SIGABRT at interpreter exit, after
         # training and saving (3 of 4 runs passed; 4 of 4 with the kernels off). Until that is understood,
         # multi-process launches keep the pure-Paddle composites.

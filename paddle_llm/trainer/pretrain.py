@@ -48,7 +48,9 @@ def _dataclass_types():
 
 
 def _world_size() -> int:
-    return int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+    from paddle_llm.config.threads import launched_processes
+
+    return launched_processes()
 
 
 def setup(argv: list[str]) -> PretrainSetup:
