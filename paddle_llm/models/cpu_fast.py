@@ -353,19 +353,65 @@ def masked_attention(
     return context, probabilities
 
 
-def _masked_softmax(scores: paddle.Tensor, additive_mask: paddle.Tensor) -> paddle.Tensor:
-    """``softmax(scores + additive_mask)`` over the last axis; the compiled kernel reads a broadcast mask in place."""
-    batch, heads = scores.shape[:2]
-    mask_shape = additive_mask.shape
+def attention_in_projection_layout(
+    query: paddle.Tensor,
+    key: paddle.Tensor,
+    value: paddle.Tensor,
+    additive_mask: paddle.Tensor,
+    *,
+    sequence_first: bool = False,
+    query_scale: float = 1.0,
+    score_scale: float = 1.0,
+    score_multiplier: float | None = None,
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """``masked_attention`` on heads as the projections lay them out: ``[b, s, heads, d]`` (Llama), or
+    ``[s, b, heads, d]`` with ``sequence_first`` (ChatGLM, ChatGLM2).
+
+    Returns ``(context in the same layout, probabilities [b, query_heads, s, s_kv])``. The compiled attention kernel
+    reads every head in place and applies the three scales as one; without it the heads are transposed for
+    ``masked_attention`` and back.
+    """
+    batch, query_length = (query.shape[1], query.shape[0]) if sequence_first else query.shape[:2]
+    key_length = key.shape[0] if sequence_first else key.shape[1]
     kernels = cpu_kernels.load() if paddle.in_dynamic_mode() else None
     if (
         kernels is not None
-        and scores.dtype == additive_mask.dtype == paddle.float32
-        and len(mask_shape) == 4
-        and mask_shape[0] in (1, batch)
-        and mask_shape[1] in (1, heads)
-        and mask_shape[2:] == scores.shape[2:]
+        and hasattr(kernels, "paddle_llm_attention")  # built only against Paddle's MKL
+        and query.dtype == key.dtype == value.dtype == paddle.float32
+        and _kernel_reads_mask(additive_mask, batch, query.shape[2], query_length, key_length)
     ):
+        scale = query_scale * score_scale * (1.0 if score_multiplier is None else score_multiplier)
+        context, probabilities = kernels.paddle_llm_attention(query, key, value, additive_mask, scale, sequence_first)
+        return context, probabilities
+    to_heads, from_heads = ([1, 2, 0, 3], [2, 0, 1, 3]) if sequence_first else ([0, 2, 1, 3], [0, 2, 1, 3])
+    context, probabilities = masked_attention(
+        query.transpose(to_heads),
+        key.transpose(to_heads),
+        value.transpose(to_heads),
+        additive_mask,
+        query_scale=query_scale,
+        score_scale=score_scale,
+        score_multiplier=score_multiplier,
+    )
+    return context.transpose(from_heads), probabilities
+
+
+def _kernel_reads_mask(additive_mask: paddle.Tensor, batch: int, heads: int, queries: int, keys: int) -> bool:
+    """Whether the compiled kernels can read this mask in place: float32, ``[b or 1, heads or 1, queries, keys]``."""
+    shape = additive_mask.shape
+    return (
+        additive_mask.dtype == paddle.float32
+        and len(shape) == 4
+        and shape[0] in (1, batch)
+        and shape[1] in (1, heads)
+        and shape[2:] == [queries, keys]
+    )
+
+
+def _masked_softmax(scores: paddle.Tensor, additive_mask: paddle.Tensor) -> paddle.Tensor:
+    """``softmax(scores + additive_mask)`` over the last axis; the compiled kernel reads a broadcast mask in place."""
+    kernels = cpu_kernels.load() if paddle.in_dynamic_mode() else None
+    if kernels is not None and scores.dtype == paddle.float32 and _kernel_reads_mask(additive_mask, *scores.shape):
         return kernels.paddle_llm_masked_softmax(scores, additive_mask)
     return F.softmax(scores + additive_mask.expand(scores.shape), axis=-1)
 
@@ -520,14 +566,10 @@ def _llama_attention_forward(
         attention_mask = _additive_upper_triangle_mask(batch, query_length, key_length, query.dtype)
     elif attention_mask.shape[0] != 1:
         attention_mask = attention_mask.reshape([batch, 1, query_length, key_length])
-    context, probabilities = masked_attention(
-        query.transpose([0, 2, 1, 3]),
-        key.transpose([0, 2, 1, 3]),
-        value.transpose([0, 2, 1, 3]),
-        attention_mask,
-        query_scale=1.0 / math.sqrt(self.head_dim),
+    context, probabilities = attention_in_projection_layout(
+        query, key, value, attention_mask, query_scale=1.0 / math.sqrt(self.head_dim)
     )
-    attention_output = self.o_proj(context.transpose([0, 2, 1, 3]).reshape([batch, query_length, -1]))
+    attention_output = self.o_proj(context.reshape([batch, query_length, -1]))
 
     outputs = (attention_output,)
     if output_attentions:
@@ -668,15 +710,16 @@ def _chatglm_attention_forward(
     cache_kv = (key, value) if use_cache else None
 
     scale_coefficient = float(layer_id) + 1.0
-    context, probabilities = masked_attention(
-        query.transpose([1, 2, 0, 3]),
-        key.transpose([1, 2, 0, 3]),
-        value.transpose([1, 2, 0, 3]),
+    context, probabilities = attention_in_projection_layout(
+        query,
+        key,
+        value,
         attention_mask,
+        sequence_first=True,
         query_scale=1.0 / (math.sqrt(self.attention_head_size) * scale_coefficient) if self.attention_scale else 1.0,
         score_multiplier=scale_coefficient,
     )
-    context = context.transpose([2, 0, 1, 3]).reshape([query_length, batch, -1])
+    context = context.reshape([query_length, batch, -1])
     return self.dense(context), cache_kv, probabilities
 
 
@@ -786,15 +829,16 @@ def _chatglm2_attention_forward(
         kv_cache = None
 
     core = self.core_attention
-    context, _ = masked_attention(
-        query.transpose([1, 2, 0, 3]),
-        key.transpose([1, 2, 0, 3]),
-        value.transpose([1, 2, 0, 3]),
+    context, _ = attention_in_projection_layout(
+        query,
+        key,
+        value,
         attention_mask,
+        sequence_first=True,
         score_scale=1.0 / core.norm_factor,
         score_multiplier=core.coeff,
     )
-    context = context.transpose([2, 0, 1, 3]).reshape([query_length, batch, core.hidden_size_per_partition])
+    context = context.reshape([query_length, batch, core.hidden_size_per_partition])
     return self.dense(context), kv_cache
 
 

@@ -33,21 +33,30 @@ SWITCH_VARIABLE = "PADDLE_LLM_CPU_KERNELS"
 CACHE_VARIABLE = "PADDLE_LLM_KERNEL_CACHE"
 # -march=native is safe because the cache key includes this machine's CPU flags. -ffast-math is what lets GCC call
 # glibc's vectorised expf (8 values per call); the kernels never test for infinities, so finite maths is harmless.
-COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+BASE_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+# The attention kernel calls MKL's sgemm; it is compiled only where Paddle's wheel ships MKL (x86-64 builds do).
+WITH_MKL_FLAG = "-DPADDLE_LLM_WITH_MKL"
+
+
+def _paddle_ships(library: str) -> bool:
+    import paddle
+
+    return (Path(paddle.__file__).parent / "libs" / library).exists()
+
+
+def compile_flags() -> list[str]:
+    return BASE_COMPILE_FLAGS + ([WITH_MKL_FLAG] if _paddle_ships("libmklml_intel.so") else [])
 
 
 def link_flags() -> list[str]:
-    """Link the OpenMP runtime Paddle's MKL uses, so kernels and matrix multiplies share one thread pool.
+    """Link the OpenMP runtime and the MKL Paddle uses, so kernels and matrix multiplies share one thread pool.
 
     With GNU OpenMP (-fopenmp's default) each kernel left its threads spinning while MKL's next matrix multiply
     wanted the same cores: a 256/4 Llama step took 307 ms instead of 192. Intel OpenMP implements the GNU entry
     points, and ``configure_threads`` already makes its idle threads sleep at once.
     """
-    import paddle
-
-    if (Path(paddle.__file__).parent / "libs" / "libiomp5.so").exists():
-        return ["-l:libiomp5.so"]
-    return ["-fopenmp"]
+    flags = ["-l:libiomp5.so"] if _paddle_ships("libiomp5.so") else ["-fopenmp"]
+    return flags + (["-l:libmklml_intel.so"] if _paddle_ships("libmklml_intel.so") else [])
 
 
 def _cpu_signature() -> str:
@@ -66,7 +75,7 @@ def build_directory() -> Path:
 
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), paddle.__version__.encode(), sys.version.encode(), _cpu_signature().encode(),
-                 " ".join(COMPILE_FLAGS + link_flags()).encode()):
+                 " ".join(compile_flags() + link_flags()).encode()):
         key.update(part)
     root = Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "paddle_llm" / "cpu_kernels")
     return root / key.hexdigest()[:16]
@@ -89,7 +98,7 @@ def _build_and_import(directory: Path) -> ModuleType:
             return _import_built(directory)
         logger.info("compiling paddle_llm's CPU kernels into %s (once per machine, about 20 s)", directory)
         started = time.perf_counter()
-        module = jit_load(MODULE_NAME, [str(SOURCE)], extra_cxx_cflags=COMPILE_FLAGS, extra_ldflags=link_flags(),
+        module = jit_load(MODULE_NAME, [str(SOURCE)], extra_cxx_cflags=compile_flags(), extra_ldflags=link_flags(),
                           build_directory=str(directory))
         logger.info("compiled paddle_llm's CPU kernels in %.0f s", time.perf_counter() - started)
         return module

@@ -18,10 +18,12 @@ from paddle_llm.models.cpu_fast import apply_cpu_fast_paths
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 from tests.conftest import ROOT, run_script, subprocess_env
 
-KERNEL_NAMES = {
-    "paddle_llm_rms_norm", "paddle_llm_swiglu", "paddle_llm_rotary", "paddle_llm_masked_softmax",
+# What one Llama training step calls; the masked softmax serves instead of the attention kernel without MKL.
+LLAMA_STEP_KERNELS = {
+    "paddle_llm_rms_norm", "paddle_llm_swiglu", "paddle_llm_rotary", "paddle_llm_attention",
     "paddle_llm_token_cross_entropy",
 }
+KERNEL_NAMES = LLAMA_STEP_KERNELS | {"paddle_llm_masked_softmax"}
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +41,22 @@ def test_kernels_compile_and_load_here(kernels):
 
 
 class _RecordingKernels:
-    def __init__(self, module):
-        self.module, self.called = module, set()
+    def __init__(self, module, hidden: frozenset = frozenset()):
+        self.module, self.hidden, self.called = module, hidden, set()
 
     def __getattr__(self, name):
+        if name in self.hidden:  # as in a module built without MKL
+            raise AttributeError(name)
         self.called.add(name)
         return getattr(self.module, name)
 
 
-def test_a_llama_training_step_runs_every_kernel(kernels, monkeypatch):
-    recording = _RecordingKernels(kernels)
+@pytest.mark.parametrize("hidden, expected", [
+    (frozenset(), LLAMA_STEP_KERNELS),
+    (frozenset({"paddle_llm_attention"}), LLAMA_STEP_KERNELS - {"paddle_llm_attention"} | {"paddle_llm_masked_softmax"}),
+], ids=["with_mkl", "without_mkl"])
+def test_a_llama_training_step_runs_every_kernel(kernels, monkeypatch, hidden, expected):
+    recording = _RecordingKernels(kernels, hidden)
     monkeypatch.setattr(cpu_kernels, "load", lambda: recording)
     source = resolve_model("tiny-llama")
     model = build_model(source, build_config(source, num_hidden_layers=2, vocab_size=1024), load_weights=False)
@@ -56,7 +64,7 @@ def test_a_llama_training_step_runs_every_kernel(kernels, monkeypatch):
     tokens = paddle.to_tensor(np.random.default_rng(0).integers(0, 1024, size=(2, 17)).astype("int64"))
     loss = model(input_ids=tokens[:, :-1], labels=tokens[:, 1:])[0]
     loss.backward()
-    assert recording.called == KERNEL_NAMES
+    assert recording.called == expected
     assert all(parameter.grad is not None for parameter in model.parameters() if not parameter.stop_gradient)
 
 
@@ -100,6 +108,84 @@ def test_masked_softmax_kernel_reads_each_broadcast_mask_in_place(kernels, mask_
         results.append((probabilities.numpy(), scores.grad.numpy()))
     for got, want in zip(*results):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+_ATTENTION_CASES = {
+    # batch, queries, query heads, key/value heads, head size, keys, mask shape, sequence_first
+    "llama": (2, 16, 4, 4, 8, 16, [2, 1, 16, 16], False),
+    "grouped_heads_with_cache": (2, 5, 4, 2, 8, 9, [1, 1, 5, 9], False),
+    "per_head_mask": (2, 5, 2, 2, 4, 5, [2, 2, 5, 5], False),
+    "chatglm_layout_multi_query": (3, 6, 4, 1, 8, 6, [3, 1, 6, 6], True),
+}
+
+
+def _attention_case(name: str, seed: int = 4):
+    batch, queries, heads, kv_heads, head_dim, keys, mask_shape, sequence_first = _ATTENTION_CASES[name]
+    rng = np.random.default_rng(seed)
+
+    def layout(count, length):
+        return [length, batch, count, head_dim] if sequence_first else [batch, length, count, head_dim]
+
+    arrays = [rng.standard_normal(layout(count, length)).astype("float32")
+              for count, length in ((heads, queries), (kv_heads, keys), (kv_heads, keys))]
+    mask = np.where(rng.random(mask_shape) < 0.3, np.finfo("float32").min, 0.0).astype("float32")
+    mask[..., 0] = 0.0
+    cotangent = rng.standard_normal(layout(heads, queries)).astype("float32")
+    return arrays, mask, cotangent, sequence_first
+
+
+def _attention_values_and_grads(attention, arrays, mask, cotangent):
+    inputs = [_leaf(array) for array in arrays]
+    context, probabilities = attention(*inputs, paddle.to_tensor(mask))
+    (context * paddle.to_tensor(cotangent)).sum().backward()
+    return [context.numpy(), probabilities.numpy()] + [tensor.grad.numpy() for tensor in inputs]
+
+
+@pytest.mark.parametrize("case", sorted(_ATTENTION_CASES))
+def test_attention_kernel_equals_the_composite_it_replaces(kernels, case):
+    """Forward, probabilities and the three gradients, for grouped heads, a longer cached key sequence, every mask
+    broadcast and ChatGLM's sequence-first layout."""
+    from paddle_llm.models.cpu_fast import masked_attention
+
+    arrays, mask, cotangent, sequence_first = _attention_case(case)
+    to_heads, from_heads = ([1, 2, 0, 3], [2, 0, 1, 3]) if sequence_first else ([0, 2, 1, 3], [0, 2, 1, 3])
+
+    def composite(query, key, value, additive_mask):
+        context, probabilities = masked_attention(query.transpose(to_heads), key.transpose(to_heads),
+                                                  value.transpose(to_heads), additive_mask, query_scale=0.3)
+        return context.transpose(from_heads), probabilities
+
+    got = _attention_values_and_grads(
+        lambda *inputs: kernels.paddle_llm_attention(*inputs, 0.3, sequence_first), arrays, mask, cotangent)
+    want = _attention_values_and_grads(composite, arrays, mask, cotangent)
+    for name, got_values, want_values in zip(["context", "probabilities", "dq", "dk", "dv"], got, want):
+        np.testing.assert_allclose(got_values, want_values, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+_ATTENTION_WITH_THREADS = """
+import sys
+from paddle_llm.config.threads import configure_cpu_runtime
+configure_cpu_runtime(2, device="cpu")
+import numpy as np
+from paddle_llm.models import cpu_kernels
+from paddle_llm.models.cpu_fast import attention_in_projection_layout
+from tests.unit.test_cpu_kernels import _attention_case, _attention_values_and_grads
+kernels = cpu_kernels.load()
+arrays, mask, cotangent, _ = _attention_case("llama")
+runs = [_attention_values_and_grads(lambda *inputs: kernels.paddle_llm_attention(*inputs, 0.3, False),
+                                    arrays, mask, cotangent) for _ in range(5)]
+cpu_kernels.load = lambda: None
+composite = _attention_values_and_grads(lambda *inputs: attention_in_projection_layout(*inputs, query_scale=0.3),
+                                        arrays, mask, cotangent)
+print("ERROR", max(float(np.abs(a - b).max()) for run in runs for a, b in zip(run, composite)))
+"""
+
+
+def test_attention_kernel_on_two_threads_equals_the_composite_every_time(kernels):
+    """The suite runs on one thread, where the kernel's parallel loop never splits. On two, each (batch, head) task
+    must still run exactly once: with a dynamic schedule, Paddle's OpenMP ran tasks twice and results varied."""
+    (error,) = _lines(run_script(["-c", _ATTENTION_WITH_THREADS], OMP_NUM_THREADS="2").stdout, "ERROR")
+    assert float(error) < 1e-5
 
 
 def test_cross_entropy_kernel_names_a_label_outside_the_vocabulary(kernels):
