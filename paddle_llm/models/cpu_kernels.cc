@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <memory>
 #include <vector>
 
 #include "paddle/extension.h"
@@ -430,7 +429,8 @@ PD_BUILD_GRAD_OP(paddle_llm_masked_softmax)
 // its backward) one layer of 512-wide Llama attention took 17.8 ms per training step, 45 GFLOP/s. Here each
 // (batch, head) pair is one task: its q, k, v rows are read in place with a leading dimension (MKL's sgemm takes
 // strided rows, so no transpose is ever materialised), the [queries, keys] block stays in cache between the
-// matmuls and the softmax, and the tasks are split over the OpenMP threads (MKL runs single-threaded inside them).
+// matmuls and the softmax, and the tasks are split over the OpenMP threads (inside an active parallel region MKL runs each matmul on
+// the calling thread).
 //
 // q [b, s, hq, d], k and v [b, s_kv, hkv, d] (or [s, b, ., d] with sequence_first, ChatGLM's layout); hq is a
 // multiple of hkv and query head j reads key/value head j / (hq / hkv). The mask is additive, [b or 1, hq or 1,
@@ -442,7 +442,6 @@ PD_BUILD_GRAD_OP(paddle_llm_masked_softmax)
 // Paddle's wheel ships MKL's library but not its headers.
 extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
                             int lda, const float* b, int ldb, float beta, float* c, int ldc);
-extern "C" int MKL_Set_Num_Threads_Local(int threads);  // mkl.h maps mkl_set_num_threads_local here
 
 namespace {
 
@@ -490,18 +489,6 @@ AttentionShapes CheckAttentionInputs(const paddle::Tensor& query, const paddle::
 // Tasks are whole (batch, head) pairs; with fewer tasks than threads, MKL threads each matmul instead.
 int ThreadsForTasks(int64_t tasks) { return tasks >= omp_get_max_threads() ? omp_get_max_threads() : 1; }
 
-// Inside a task MKL must run on the calling thread alone. It would not choose that itself: configure_threads turns
-// MKL's dynamic mode off, and MKL then splits each matmul for its full thread count, which the nested region never
-// gets (half of every product was left unwritten).
-class SingleThreadedMkl {
- public:
-  SingleThreadedMkl() : previous_(MKL_Set_Num_Threads_Local(1)) {}
-  ~SingleThreadedMkl() { MKL_Set_Num_Threads_Local(previous_); }
-
- private:
-  int previous_;
-};
-
 }  // namespace
 
 std::vector<paddle::Tensor> AttentionForward(const paddle::Tensor& query_input, const paddle::Tensor& key_input,
@@ -526,7 +513,6 @@ std::vector<paddle::Tensor> AttentionForward(const paddle::Tensor& query_input, 
   const int threads = ThreadsForTasks(tasks);
 #pragma omp parallel num_threads(threads)
   {
-    const std::unique_ptr<SingleThreadedMkl> one_thread(threads > 1 ? new SingleThreadedMkl : nullptr);
     // schedule(static): with GCC's dynamic-schedule entry points, Paddle's libiomp5 gave every thread every task.
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < tasks; ++task) {
@@ -575,7 +561,6 @@ std::vector<paddle::Tensor> AttentionBackward(const paddle::Tensor& query_input,
   const int threads = ThreadsForTasks(tasks);
 #pragma omp parallel num_threads(threads)
   {
-    const std::unique_ptr<SingleThreadedMkl> one_thread(threads > 1 ? new SingleThreadedMkl : nullptr);
     std::vector<float> grad_scores(static_cast<size_t>(block));
     float* ds = grad_scores.data();
 #pragma omp for schedule(static)
