@@ -1,8 +1,10 @@
-"""Argument dataclasses for ``run_pretrain.py``; field names are PaddleNLP's, so old scripts run unchanged.
+"""Argument dataclasses for ``run_pretrain.py`` and ``finetune_generation.py``; field names are PaddleNLP's, so old
+scripts run unchanged.
 
-``ModelArguments`` and ``DataArguments`` mirror PaddleNLP's ``llm/run_pretrain.py``. ``PretrainingArguments``
+``ModelArguments`` and ``DataArguments`` mirror PaddleNLP's ``llm/run_pretrain.py``. ``CpuRuntimeArguments``
 extends PaddleNLP's ``TrainingArguments`` (through ``llmmetaclass``, which adds ``use_flash_attention``,
-``recompute_granularity`` and the other model-runtime flags) with the pretraining schedule fields and ours.
+``recompute_granularity`` and the other model-runtime flags) with the CPU switches both trainers share;
+``PretrainingArguments`` adds the pretraining schedule and ``FinetuneArguments`` the fine-tuning optimizers.
 """
 
 from __future__ import annotations
@@ -62,8 +64,25 @@ class DataArguments:
 
 @dataclass
 @llmmetaclass
-class PretrainingArguments(TrainingArguments):
-    """PaddleNLP's TrainingArguments plus the pretraining schedule and paddle_llm's own switches."""
+class CpuRuntimeArguments(TrainingArguments):
+    """PaddleNLP's TrainingArguments plus the CPU runtime switches that pretraining and fine-tuning share."""
+
+    num_threads: Optional[int] = field(
+        default=None, metadata={"help": "math-library threads on CPU (default: the cores this process may use)"}
+    )
+    cpu_fast_paths: bool = field(
+        default=True,
+        metadata={
+            "help": "on CPU, run RMSNorm, rotary, attention, SwiGLU and the loss through paddle_llm's numerically equal "
+            "fast implementations; False keeps PaddleNLP's own (for comparing, or ruling them out)"
+        },
+    )
+
+
+@dataclass
+@llmmetaclass
+class PretrainingArguments(CpuRuntimeArguments):
+    """The shared training arguments plus the pretraining schedule."""
 
     min_learning_rate: float = field(default=1e-5, metadata={"help": "the learning rate the schedule decays to"})
     decay_steps: Optional[float] = field(
@@ -71,9 +90,6 @@ class PretrainingArguments(TrainingArguments):
     )
     eval_iters: int = field(default=10, metadata={"help": "batches per evaluation"})
     test_iters: int = field(default=100, metadata={"help": "batches for the test split"})
-    num_threads: Optional[int] = field(
-        default=None, metadata={"help": "math-library threads on CPU (default: the cores this process may use)"}
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,8 +171,8 @@ class PeftArguments:
 
 @dataclass
 @llmmetaclass
-class FinetuneArguments(TrainingArguments):
-    """PaddleNLP's TrainingArguments plus ``--optim sgd|lomo`` and bounded evaluation.
+class FinetuneArguments(CpuRuntimeArguments):
+    """The shared training arguments plus ``--optim sgd|lomo`` and bounded evaluation.
 
     PaddleNLP validates ``optim`` against its own names in ``__post_init__``; ``sgd`` and ``lomo`` are built by our
     trainer, so they pass that check as ``adamw`` and are put back afterwards.

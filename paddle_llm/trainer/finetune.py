@@ -268,7 +268,7 @@ def prepare(plan: FinetuneSetup) -> FinetuneRun:
     if not plan.source.has_weights:
         log(f"warning: {plan.source.name_or_path} has no weights: fine-tuning a randomly initialised {family.name} model")
     model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
-    log_cpu_fast_paths(model)
+    log_cpu_fast_paths(model, training_args)
     model = apply_peft(model, family.name, peft_args)
 
     layout = family_layout(family.name, tokenizer)

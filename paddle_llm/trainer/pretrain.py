@@ -190,15 +190,20 @@ def configure_runtime(training_args) -> str:
     from paddle_llm.config.threads import configure_cpu_runtime
 
     local_processes = int(os.environ.get("PADDLE_LOCAL_SIZE", _world_size()))
-    runtime = configure_cpu_runtime(getattr(training_args, "num_threads", None), training_args.device, processes_sharing_cores=local_processes)
+    runtime = configure_cpu_runtime(training_args.num_threads, training_args.device, processes_sharing_cores=local_processes)
     return runtime.summary()
 
 
-def log_cpu_fast_paths(model) -> None:
-    """On CPU, swap PaddleNLP's slow composites for numerically equal fast ones (a no-op on GPU)."""
+def log_cpu_fast_paths(model, training_args) -> None:
+    """On CPU, swap PaddleNLP's slow composites for numerically equal fast ones (a no-op on GPU), unless
+    ``--cpu_fast_paths False`` asks to keep PaddleNLP's."""
     from paddle_llm.models import cpu_kernels
-    from paddle_llm.models.cpu_fast import apply_cpu_fast_paths
+    from paddle_llm.models.cpu_fast import apply_cpu_fast_paths, model_is_on_cpu
 
+    if not training_args.cpu_fast_paths:
+        if model_is_on_cpu(model):
+            log("cpu fast paths off (--cpu_fast_paths False): PaddleNLP's own RMSNorm, rotary, attention, MLP and loss")
+        return
     replaced = apply_cpu_fast_paths(model)
     if replaced:
         log(f"cpu fast paths on {cpu_kernels.describe()}: " + ", ".join(replaced))
@@ -291,7 +296,7 @@ def fit(plan: PretrainSetup) -> int:
     resume_from = resume_checkpoint(training_args)
 
     model, tokenizer, config = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
-    log_cpu_fast_paths(model)
+    log_cpu_fast_paths(model, training_args)
     data_prefix = resolve_data_prefixes(data_args.input_dir)
     for prefix, (documents, tokens) in check_data_prefixes(data_prefix, config.vocab_size).items():
         log(f"data: {prefix}: {documents} documents, {tokens} tokens")

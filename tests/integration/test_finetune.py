@@ -236,6 +236,16 @@ def test_lora_run_resumes_from_its_last_checkpoint_on_the_same_loss_curve(saved_
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
 
 
+def test_finetune_takes_the_cpu_runtime_switches(saved_tiny_models, sum_data, tmp_path):
+    command = [FINETUNE, "--model_name_or_path", saved_tiny_models["llama"], "--dataset_name_or_path", sum_data, "--output_dir", str(tmp_path),
+               "--do_train", "--lora", "True", "--r", "4", "--max_steps", "2", "--logging_steps", "1", "--report_to", "none",
+               "--disable_tqdm", "1", "--device", "cpu", "--src_length", "16", "--tgt_length", "8",
+               "--num_threads", "1", "--cpu_fast_paths", "False"]
+    log = run_script(command).stderr
+    assert "cpu runtime: 1 math threads" in log
+    assert "cpu fast paths off (--cpu_fast_paths False)" in log and "cpu fast paths on" not in log
+
+
 @pytest.mark.parametrize(
     "flags, messages",
     [

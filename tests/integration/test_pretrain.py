@@ -61,6 +61,25 @@ def test_twenty_steps_per_family_learn_and_write_every_artifact(demo_data, tmp_p
     assert any(name.startswith("vdlrecords") for _, _, files in os.walk(os.path.join(output, "runs")) for name in files)
 
 
+def test_cpu_fast_paths_off_keeps_paddlenlps_composites_on_the_same_loss_curve(demo_data, tmp_path):
+    """``--cpu_fast_paths False`` is the way to rule our CPU implementations out: the run says so, and its losses
+    are the default run's (they are numerically equal); ``--num_threads`` is honoured and reported in both."""
+    runs = {}
+    for switch in ("True", "False"):
+        output = str(tmp_path / switch)
+        flags = pretrain_flags(demo_data, output, max_steps=10, logging_steps=2, do_eval=0, num_threads=1, cpu_fast_paths=switch)
+        runs[switch] = (run_script([RUN_PRETRAIN] + flags).stderr, train_losses(output))
+    (on_log, on_losses), (off_log, off_losses) = runs["True"], runs["False"]
+    assert "cpu fast paths on" in on_log and "cpu fast paths off" not in on_log
+    assert "cpu fast paths off (--cpu_fast_paths False)" in off_log and "cpu fast paths on" not in off_log
+    for log in (on_log, off_log):
+        assert "cpu runtime: 1 math threads" in log
+    assert sorted(off_losses) == sorted(on_losses) == [2, 4, 6, 8, 10]
+    assert on_losses[10] < on_losses[2]
+    for step, loss in on_losses.items():
+        assert off_losses[step] == pytest.approx(loss, rel=1e-4), step
+
+
 def test_seed_pretrain_command_runs_unchanged_on_cpu(demo_data, saved_tiny_models, tmp_path):
     """The seed's 8-GPU command with only model, tokenizer, data and device swapped (plus a short run)."""
     swaps = {"facebook/llama-7b": saved_tiny_models["llama"], "./data": demo_data, "gpu": "cpu", "output/$task_name": str(tmp_path / "seed")}
