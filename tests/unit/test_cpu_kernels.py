@@ -142,22 +142,18 @@ def _attention_values_and_grads(attention, arrays, mask, cotangent):
 
 
 @pytest.mark.parametrize("case", sorted(_ATTENTION_CASES))
-def test_attention_kernel_equals_the_composite_it_replaces(kernels, case):
+def test_attention_kernel_equals_the_composite_it_replaces(kernels, case, monkeypatch):
     """Forward, probabilities and the three gradients, for grouped heads, a longer cached key sequence, every mask
     broadcast and ChatGLM's sequence-first layout."""
-    from paddle_llm.models.cpu_fast import masked_attention
+    from paddle_llm.models.cpu_fast import attention_in_projection_layout
 
     arrays, mask, cotangent, sequence_first = _attention_case(case)
-    to_heads, from_heads = ([1, 2, 0, 3], [2, 0, 1, 3]) if sequence_first else ([0, 2, 1, 3], [0, 2, 1, 3])
-
-    def composite(query, key, value, additive_mask):
-        context, probabilities = masked_attention(query.transpose(to_heads), key.transpose(to_heads),
-                                                  value.transpose(to_heads), additive_mask, query_scale=0.3)
-        return context.transpose(from_heads), probabilities
-
     got = _attention_values_and_grads(
         lambda *inputs: kernels.paddle_llm_attention(*inputs, 0.3, sequence_first), arrays, mask, cotangent)
-    want = _attention_values_and_grads(composite, arrays, mask, cotangent)
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)  # the pure-Paddle composite, transposes and all
+    want = _attention_values_and_grads(
+        lambda *inputs: attention_in_projection_layout(*inputs, sequence_first=sequence_first, query_scale=0.3),
+        arrays, mask, cotangent)
     for name, got_values, want_values in zip(["context", "probabilities", "dq", "dk", "dv"], got, want):
         np.testing.assert_allclose(got_values, want_values, rtol=1e-5, atol=1e-5, err_msg=name)
 
