@@ -36,6 +36,7 @@ CACHE_VARIABLE = "PADDLE_LLM_KERNEL_CACHE"
 BASE_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 # The attention kernel calls MKL's sgemm; it is compiled only where Paddle's wheel ships MKL (x86-64 builds do).
 WITH_MKL_FLAG = "-DPADDLE_LLM_WITH_MKL"
+MKL_LIBRARY = "libmklml_intel.so"
 
 
 def _paddle_ships(library: str) -> bool:
@@ -45,7 +46,7 @@ def _paddle_ships(library: str) -> bool:
 
 
 def compile_flags() -> list[str]:
-    return BASE_COMPILE_FLAGS + ([WITH_MKL_FLAG] if _paddle_ships("libmklml_intel.so") else [])
+    return BASE_COMPILE_FLAGS + ([WITH_MKL_FLAG] if _paddle_ships(MKL_LIBRARY) else [])
 
 
 def link_flags() -> list[str]:
@@ -56,7 +57,7 @@ def link_flags() -> list[str]:
     points, and ``configure_threads`` already makes its idle threads sleep at once.
     """
     flags = ["-l:libiomp5.so"] if _paddle_ships("libiomp5.so") else ["-fopenmp"]
-    return flags + (["-l:libmklml_intel.so"] if _paddle_ships("libmklml_intel.so") else [])
+    return flags + ([f"-l:{MKL_LIBRARY}"] if _paddle_ships(MKL_LIBRARY) else [])
 
 
 def _cpu_signature() -> str:
