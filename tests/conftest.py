@@ -18,6 +18,7 @@ def subprocess_env(**extra) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # tests run side by side on 2 cores
     env["PYTHONWARNINGS"] = "ignore"
+    env["PYTHONFAULTHANDLER"] = "1"  # a crash (SIGABRT, SIGSEGV) prints every thread's Python stack to its log
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -28,8 +29,24 @@ def run_script(args: list[str], timeout: int = 600, check: bool = True, **env) -
         [sys.executable] + args, capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env), cwd=ROOT
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}: {' '.join(args)}\n--- stderr tail ---\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"exit {result.returncode}: {' '.join(args)}\n--- stderr tail ---\n{result.stderr[-4000:]}{_worker_log_tails(args)}"
+        )
     return result
+
+
+def _worker_log_tails(args: list[str], characters: int = 3000) -> str:
+    """The end of each worker's log of a ``paddle.distributed.launch`` command: the launcher's own stderr only
+    says which rank failed, the rank's log says why."""
+    if "--log_dir" not in args:
+        return ""
+    log_dir = args[args.index("--log_dir") + 1]
+    tails = []
+    for name in sorted(os.listdir(log_dir)) if os.path.isdir(log_dir) else []:
+        if name.startswith("workerlog."):
+            with open(os.path.join(log_dir, name), errors="replace") as log:
+                tails.append(f"\n--- {name} tail ---\n{log.read()[-characters:]}")
+    return "".join(tails)
 
 
 def read_metrics(output_dir: str) -> list[dict]:
