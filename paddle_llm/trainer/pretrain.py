@@ -222,7 +222,8 @@ def run_recipe(argv: list[str], program: str, setup_fn, fit_fn, help_text, annou
     """The shared command-line flow of the training recipes: help, parse and validate, announce, fit.
 
     Configuration and data problems end with one line per problem and exit code 2, numerical-health failures with
-    a diagnosis and exit code 3; neither prints a traceback.
+    a diagnosis and exit code 3; neither prints a traceback. A successful rank of a multi-process launch waits for
+    its peers and exits here (``process_exit``).
 
     Args:
         argv: the flags (a JSON args file may come first).
@@ -233,6 +234,7 @@ def run_recipe(argv: list[str], program: str, setup_fn, fit_fn, help_text, annou
         announce: ``plan -> None``, run after the warnings and before fitting (e.g. the memory estimate).
     """
     from paddle_llm.trainer.health import NumericalHealthError, print_health_error
+    from paddle_llm.trainer.process_exit import end_launched_run
 
     if any(flag in argv for flag in ("-h", "--help")):
         print(help_text())
@@ -248,12 +250,13 @@ def run_recipe(argv: list[str], program: str, setup_fn, fit_fn, help_text, annou
     if announce is not None:
         announce(plan)
     try:
-        return fit_fn(plan)
+        exit_code = fit_fn(plan)
     except (DataError, FileNotFoundError, ArgumentError) as err:
         print(f"{program}: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except NumericalHealthError as err:
         return print_health_error(err, program)
+    return end_launched_run(exit_code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,6 +169,7 @@ def test_tensor_parallel_lora_matches_one_process_and_its_adapter_loads_on_one_d
     single = runs.finetune("lora_one_process", Run(FINETUNE, 1))
     parallel = runs.finetune("lora_tensor_parallel_2", Run(FINETUNE, 2, {"tensor_parallel_degree": 2}))
     assert_same_training(parallel, single)
+    assert "all 2 ranks finished; exiting without native teardown" in open(os.path.join(parallel, "launch_log", "workerlog.0")).read()
     compare = textwrap.dedent(
         f"""
         import numpy as np
