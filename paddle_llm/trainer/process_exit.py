@@ -2,12 +2,15 @@
 
 Why: 2-process CPU launches (tensor parallel, tensor-parallel LoRA) sometimes ended with rank 0 killed by SIGABRT
 (exit -6) after training and saving were done: in three CI runs, and once in three local runs, but not in 72 local
-repetitions of the same test since. Exit-time aborts in Paddle jobs come from the C++ static destructors
-that ``exit()`` runs after the interpreter has shut down (process groups, stores, the kernel registry, each
-destroyed in an order nothing guarantees), and, with gloo, from one rank tearing down while its peer still holds
-connections to it. So a successful rank waits for every rank at a barrier, runs the interpreter's exit hooks
-(Python-level cleanup: logging, DataLoader shared memory, child processes, Paddle's own registries), and leaves
-with ``os._exit``, which skips the destructors. Everything the run writes is closed before the barrier.
+repetitions of the same test since. At exit Paddle destroys its native state in two places:
+  * exit hooks registered by ``paddle.base`` (``ProcessGroupIdMap.destroy`` tears down the gloo process groups and
+    their connections, plus the kernel registry, device manager and executor caches), which Paddle runs early
+    because letting the C++ static destructors do it crashed;
+  * the C++ static destructors that ``exit()`` runs after the interpreter has shut down.
+Either can run in one rank while its peer is closing the connections between them. So a successful rank waits for
+every rank at a barrier, drops Paddle's native-teardown hooks, runs the remaining exit hooks (Python-level cleanup:
+logging, DataLoader shared memory, child processes), and leaves with ``os._exit``, which skips the destructors.
+The operating system reclaims what the teardown would have freed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,19 @@ import os
 import sys
 
 from paddle_llm.config.threads import launched_processes
+
+
+def paddle_native_teardown_hooks() -> list:
+    """The exit hooks ``paddle.base`` registers to free native state (their registration order)."""
+    from paddle.base import core
+
+    return [
+        core.clear_executor_cache,
+        core.pir.clear_cinn_compilation_cache,
+        core.clear_device_manager,
+        core.clear_kernel_factory,
+        core.ProcessGroupIdMap.destroy,
+    ]
 
 
 def end_launched_run(exit_code: int) -> int:
@@ -33,7 +49,9 @@ def end_launched_run(exit_code: int) -> int:
     dist.barrier()
     if dist.get_rank() == 0:
         print(f"[paddle_llm] all {dist.get_world_size()} ranks finished; exiting without native teardown", file=sys.stderr)
-    atexit._run_exitfuncs()  # noqa: SLF001 - the exit hooks a normal exit would run, before os._exit skips them
+    for hook in paddle_native_teardown_hooks():
+        atexit.unregister(hook)
+    atexit._run_exitfuncs()  # noqa: SLF001 - the Python-level hooks a normal exit would run, before os._exit
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import textwrap
 
+import pytest
+
 from tests.conftest import run_script
 
 RANK_SCRIPT = textwrap.dedent(
@@ -83,3 +85,23 @@ def test_a_single_process_run_returns_its_code(monkeypatch):
     monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
     assert end_launched_run(0) == 0
     assert end_launched_run(2) == 2
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_dropping_paddles_native_teardown_hooks_keeps_its_kernel_registry_through_the_exit_hooks(dropped):
+    """The hooks named are the objects Paddle registered: dropped, its kernel registry survives the exit hooks."""
+    script = textwrap.dedent(
+        f"""
+        import atexit, os
+        from paddle.base import core
+        from paddle_llm.trainer.process_exit import paddle_native_teardown_hooks
+        if {dropped}:
+            for hook in paddle_native_teardown_hooks():
+                atexit.unregister(hook)
+        atexit._run_exitfuncs()
+        print("kernels after exit hooks:", len(core._get_registered_phi_kernels("function")))
+        os._exit(0)
+        """
+    )
+    kernels = int(run_script(["-c", script]).stdout.split("kernels after exit hooks:")[1])
+    assert (kernels > 0) == dropped, kernels
