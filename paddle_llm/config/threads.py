@@ -88,13 +88,10 @@ def configure_threads(requested: int | None = None, processes_sharing_cores: int
     os.environ["OMP_NUM_THREADS"] = str(count)
     os.environ["MKL_NUM_THREADS"] = str(count)
     os.environ["MKL_DYNAMIC"] = "FALSE"
-    # Multi-process launches keep 0, the setting their tests were proven with: since 1 ms, 2-process CPU launches
-    # sometimes aborted (SIGABRT) at interpreter exit, and the cause is not yet known.
-    blocktime = 0 if launched_processes() > 1 else OPENMP_BLOCKTIME_MS
-    os.environ["KMP_BLOCKTIME"] = str(blocktime)
+    os.environ["KMP_BLOCKTIME"] = str(OPENMP_BLOCKTIME_MS)
     openmp = _paddle_library(paddle, "libiomp5.so")
     if openmp is not None:
-        openmp.kmp_set_blocktime(blocktime)
+        openmp.kmp_set_blocktime(OPENMP_BLOCKTIME_MS)
     paddle.base.core.set_num_threads(count)
     mkl = _paddle_library(paddle, "libmklml_intel.so")  # Paddle loads MKL lazily; setting the threads loads it
     if mkl is not None:

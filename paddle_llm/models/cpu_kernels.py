@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from paddle_llm.config.threads import launched_processes
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +113,6 @@ def load() -> ModuleType | None:
     if os.environ.get(SWITCH_VARIABLE, "1") == "0":
         _unavailable_because.append(f"{SWITCH_VARIABLE}=0")
         logger.info("paddle_llm CPU kernels off (%s=0): using the pure-Paddle composites", SWITCH_VARIABLE)
-        return None
-    if launched_processes() > 1:
-        # In 2-process tensor-parallel launches, rank 0 sometimes died with SIGABRT at interpreter exit, after
-        # training and saving (3 of 4 runs passed; 4 of 4 with the kernels off). Until that is understood,
-        # multi-process launches keep the pure-Paddle composites.
-        _unavailable_because.append("multi-process launch")
-        logger.info("paddle_llm CPU kernels not used in a multi-process launch: using the pure-Paddle composites")
         return None
     try:
         directory = build_directory()
