@@ -4,10 +4,11 @@ Why: 2-process CPU launches (tensor parallel, tensor-parallel LoRA) sometimes en
 (exit -6) after training and saving were done: in three CI runs, and once in three local runs, but not in 72 local
 repetitions of the same test since. At exit Paddle destroys its native state in two places:
   * exit hooks registered by ``paddle.base`` (``ProcessGroupIdMap.destroy`` tears down the gloo process groups and
-    their connections, plus the kernel registry, device manager and executor caches), which Paddle runs early
-    because letting the C++ static destructors do it crashed;
+    their connections, plus the kernel registry, device manager and executor caches), which Paddle registers to
+    "clean up in advance manually" rather than leave that state to the C++ static destructors;
   * the C++ static destructors that ``exit()`` runs after the interpreter has shut down.
-Either can run in one rank while its peer is closing the connections between them. So a successful rank waits for
+Either can run in one rank while its peer is closing the connections between them. The abort never reproduced
+here, so this removes those suspects rather than a diagnosed cause: a successful rank waits for
 every rank at a barrier, drops Paddle's native-teardown hooks, runs the remaining exit hooks (Python-level cleanup:
 logging, DataLoader shared memory, child processes), and leaves with ``os._exit``, which skips the destructors.
 The operating system reclaims what the teardown would have freed.
