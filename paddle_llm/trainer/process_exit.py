@@ -21,6 +21,7 @@ import os
 import sys
 
 from paddle_llm.config.threads import launched_processes
+from paddle_llm.trainer.pretrain import log
 
 
 def paddle_native_teardown_hooks() -> list:
@@ -48,8 +49,7 @@ def end_launched_run(exit_code: int) -> int:
     if exit_code != 0 or launched_processes() <= 1 or not dist.is_initialized():
         return exit_code
     dist.barrier()
-    if dist.get_rank() == 0:
-        print(f"[paddle_llm] all {dist.get_world_size()} ranks finished; exiting without native teardown", file=sys.stderr)
+    log(f"all {dist.get_world_size()} ranks finished; exiting without native teardown")
     for hook in paddle_native_teardown_hooks():
         atexit.unregister(hook)
     atexit._run_exitfuncs()  # noqa: SLF001 - the Python-level hooks a normal exit would run, before os._exit
