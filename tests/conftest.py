@@ -58,6 +58,22 @@ def train_losses(output_dir: str) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_metrics(output_dir) if "loss" in row}
 
 
+def write_chinese_corpus(path: str, documents: int = 600, characters: int = 2400) -> str:
+    """A jsonl corpus of templated Chinese sentences over ``characters`` distinct CJK ideographs, each about equally
+    frequent, so SentencePiece needs a piece for nearly every one (a few thousand, as for real Chinese text)."""
+    ideographs = [chr(0x4E00 + i) for i in range(characters)]
+    templates = ("今天我们在{a}{b}学习{c}{d}，明天去{e}{f}。", "{a}{b}说{c}{d}的{e}{f}很好。", "这本书讲的是{a}{b}和{c}{d}在{e}{f}的故事。")
+    with open(path, "w", encoding="utf-8") as f:
+        for document in range(documents):
+            sentences = []
+            for sentence in range(8):
+                start = (document * 8 + sentence) * 6
+                slots = {slot: ideographs[(start + 7 * i) % characters] for i, slot in enumerate("abcdef")}
+                sentences.append(templates[(document + sentence) % len(templates)].format(**slots))
+            f.write(json.dumps({"text": "".join(sentences)}, ensure_ascii=False) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> str:
     """The shipped corpus preprocessed with the shipped tokenizer: a data prefix."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 from paddle_llm.data.jsonl import iter_jsonl_texts
 from paddle_llm.files import replace_directory_atomically
@@ -28,6 +29,13 @@ CLASS_BY_FAMILY = {"llama": "LlamaTokenizer", "chatglm": "ChatGLMTokenizer", "ch
 
 SHIPPED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tokenizer")
 
+# Chinese tokenizers use 0.9995: the rarest 0.05% of characters are left to byte fallback.
+DEFAULT_CHARACTER_COVERAGE = 0.9995
+MIN_CHARACTER_COVERAGE = 0.98  # SentencePiece's own lower bound
+# SentencePiece refuses a vocabulary with fewer pieces than the characters it must cover, plus its meta pieces;
+# "A vs B" in its message is the asked size vs that minimum.
+REQUIRED_CHARS_ERROR = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
 
 def train_tokenizer(
     input_path: str,
@@ -37,6 +45,7 @@ def train_tokenizer(
     family: str = "llama",
     model_type: str = "bpe",
     max_sentences: int = 2_000_000,
+    character_coverage: float = DEFAULT_CHARACTER_COVERAGE,
 ) -> dict:
     """Train SentencePiece on a jsonl file and write a tokenizer directory.
 
@@ -46,13 +55,16 @@ def train_tokenizer(
         vocab_size: the number of pieces asked for. A corpus too small for it gets fewer (reported back).
         family: which tokenizer class ``AutoTokenizer`` should use (llama, chatglm, chatglm2); every class loads it.
         model_type: SentencePiece algorithm (bpe, like Llama's, or unigram).
+        character_coverage: the share of the corpus's characters (most frequent first) that get a piece each; the
+            rest are encoded as UTF-8 bytes.
 
     Returns:
         A summary: actual vocabulary size, documents read, and the directory.
 
     Raises:
         DataError: bad input lines (file and line named).
-        ValueError: an unknown family or a vocabulary too small for the special pieces.
+        ValueError: an unknown family, a coverage outside [0.98, 1], or a vocabulary too small for the special pieces
+            or for the characters the coverage needs (the message gives the smallest --vocab_size that works).
     """
     import sentencepiece as spm
 
@@ -61,31 +73,46 @@ def train_tokenizer(
     reserved = len(SPECIAL_PIECES) + len(GLM_SYMBOLS) + 256
     if vocab_size <= reserved:
         raise ValueError(f"--vocab_size {vocab_size} is too small: byte fallback and special pieces take {reserved}")
+    if not MIN_CHARACTER_COVERAGE <= character_coverage <= 1:
+        raise ValueError(f"--character_coverage {character_coverage} must be between {MIN_CHARACTER_COVERAGE} and 1.0 (SentencePiece's range)")
     documents = [text for _, text in iter_jsonl_texts(input_path, json_key)]
     model_bytes = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(documents),
-        model_writer=model_bytes,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=0.9995,
-        byte_fallback=True,  # every input is encodable, as with Llama's tokenizer: no <unk> for unseen characters
-        split_digits=True,
-        hard_vocab_limit=False,  # a tiny corpus gets a smaller vocabulary instead of an error
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        unk_piece=SPECIAL_PIECES[0],
-        bos_piece=SPECIAL_PIECES[1],
-        eos_piece=SPECIAL_PIECES[2],
-        pad_piece=SPECIAL_PIECES[3],
-        user_defined_symbols=list(GLM_SYMBOLS),
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(documents),
+            model_writer=model_bytes,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=True,  # every input is encodable, as with Llama's tokenizer: no <unk> for unseen characters
+            split_digits=True,
+            hard_vocab_limit=False,  # a tiny corpus gets a smaller vocabulary instead of an error
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            unk_piece=SPECIAL_PIECES[0],
+            bos_piece=SPECIAL_PIECES[1],
+            eos_piece=SPECIAL_PIECES[2],
+            pad_piece=SPECIAL_PIECES[3],
+            user_defined_symbols=list(GLM_SYMBOLS),
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as err:
+        # SentencePiece's own count (after its normalisation and sampling) is the exact minimum; ours could differ.
+        too_small = REQUIRED_CHARS_ERROR.search(str(err))
+        if not too_small:
+            raise
+        minimum = int(too_small.group(2))
+        lower = f", or a lower --character_coverage (down to {MIN_CHARACTER_COVERAGE})" if character_coverage > MIN_CHARACTER_COVERAGE else ""
+        raise ValueError(
+            f"--vocab_size {vocab_size} is too small for {input_path}: at --character_coverage {character_coverage} it "
+            f"needs {minimum - reserved} distinct characters, one piece each, plus {reserved} special and byte pieces: "
+            f"use --vocab_size {minimum} or more{lower}"
+        ) from None
     processor = spm.SentencePieceProcessor(model_proto=model_bytes.getvalue())
     tokenizer_config = {
         "tokenizer_class": CLASS_BY_FAMILY[family],
@@ -130,11 +157,22 @@ def main(argv: list[str]) -> int:
     train.add_argument("--json_key", default="text", help="the field holding each document (default: text)")
     train.add_argument("--family", default="llama", choices=sorted(CLASS_BY_FAMILY), help="AutoTokenizer class to record (default: llama)")
     train.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece algorithm (default: bpe)")
+    train.add_argument(
+        "--character_coverage",
+        type=float,
+        default=DEFAULT_CHARACTER_COVERAGE,
+        help=f"share of the corpus's characters, most frequent first, that get a piece of their own (default: "
+        f"{DEFAULT_CHARACTER_COVERAGE}, what Chinese tokenizers use; 1.0 suits a small alphabet). Rarer characters are "
+        "encoded as UTF-8 bytes (byte fallback), never <unk>. Every covered character takes one piece, so a Chinese "
+        f"corpus needs a --vocab_size of thousands; a lower coverage (down to {MIN_CHARACTER_COVERAGE}) lets a smaller one work",
+    )
     args = parser.parse_args(argv)
     try:
-        summary = train_tokenizer(args.input, args.output, args.vocab_size, args.json_key, args.family, args.model_type)
+        summary = train_tokenizer(
+            args.input, args.output, args.vocab_size, args.json_key, args.family, args.model_type, character_coverage=args.character_coverage
+        )
     except (DataError, ValueError) as err:
         print(f"paddle-llm tokenizer: error: {err}", file=sys.stderr)
-        return 1
+        return 2  # bad input, the exit code of argparse's own errors and of the trainers' configuration errors
     print(json.dumps(summary))
     return 0

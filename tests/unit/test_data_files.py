@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from paddle_llm.data.indexed import IndexedDatasetWriter, read_indexed_dataset
 from paddle_llm.data.jsonl import DataError
 from paddle_llm.data.preprocess import preprocess
 from paddle_llm.data.tokenizer import GLM_SYMBOLS, SPECIAL_PIECES, train_tokenizer
-from tests.conftest import DEMO_CORPUS
+from paddle_llm.data.tokenizer import main as tokenizer_main
+from tests.conftest import DEMO_CORPUS, write_chinese_corpus
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,35 @@ def test_unseen_characters_fall_back_to_bytes(trained_tokenizer):
     tokenizer = LlamaTokenizer.from_pretrained(trained_tokenizer[0])
     ids = tokenizer("飞桨 ✓", add_special_tokens=False)["input_ids"]
     assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids).strip() == "飞桨 ✓"
+
+
+def test_vocabulary_too_small_for_a_chinese_corpus_names_the_smallest_size_that_works(tmp_path, capsys):
+    """SentencePiece needs a piece per covered character; instead of its raw RuntimeError, one line says how many
+    characters and the smallest --vocab_size, and that size trains (one less does not)."""
+    corpus = write_chinese_corpus(str(tmp_path / "zh.jsonl"))
+
+    def train(vocab_size, *flags):
+        code = tokenizer_main(["train", "--input", corpus, "--vocab_size", str(vocab_size), "--output", str(tmp_path / "tok"), *flags])
+        return code, capsys.readouterr().err.strip()
+
+    code, error = train(1000)
+    assert code == 2 and "\n" not in error and "RuntimeError" not in error, error
+    found = re.fullmatch(
+        rf"paddle-llm tokenizer: error: --vocab_size 1000 is too small for {re.escape(corpus)}: at --character_coverage 0.9995 it needs "
+        r"(\d+) distinct characters, one piece each, plus 265 special and byte pieces: use --vocab_size (\d+) or more, or a lower "
+        r"--character_coverage \(down to 0.98\)",
+        error,
+    )
+    assert found, error
+    characters, smallest = int(found[1]), int(found[2])
+    assert characters + 265 == smallest and 2400 <= characters <= 2430  # the corpus's 2400 ideographs and its template's
+    assert not os.path.exists(tmp_path / "tok")
+    assert train(smallest - 1)[0] == 2
+    assert train(smallest) == (0, "")
+    # a lower coverage leaves the rarest characters to byte fallback, so fewer pieces suffice
+    code, error = train(1000, "--character_coverage", "0.98")
+    assert code == 2 and int(re.search(r"use --vocab_size (\d+)", error)[1]) < smallest
+    assert train(smallest, "--character_coverage", "0.5")[1].endswith("--character_coverage 0.5 must be between 0.98 and 1.0 (SentencePiece's range)")
 
 
 def test_ours_is_read_by_paddlenlp(tmp_path):
