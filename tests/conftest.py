@@ -75,6 +75,21 @@ def write_chinese_corpus(path: str, documents: int = 600, characters: int = 2400
 
 
 @pytest.fixture(scope="session")
+def chinese_data(tmp_path_factory) -> tuple[str, str]:
+    """A 3,000-piece tokenizer trained on a generated Chinese corpus, and that corpus preprocessed with it:
+    (tokenizer directory, data prefix)."""
+    from paddle_llm.data.preprocess import preprocess
+    from paddle_llm.data.tokenizer import train_tokenizer
+
+    directory = tmp_path_factory.mktemp("chinese")
+    corpus = write_chinese_corpus(str(directory / "corpus.jsonl"))
+    tokenizer = train_tokenizer(corpus, str(directory / "tokenizer"), vocab_size=3000)["output_dir"]
+    prefix = str(directory / "data")
+    preprocess(corpus, prefix, tokenizer, append_eos=True, show_progress=False)
+    return tokenizer, prefix
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> str:
     """The shipped corpus preprocessed with the shipped tokenizer: a data prefix."""
     from paddle_llm.data.preprocess import preprocess

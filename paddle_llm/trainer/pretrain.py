@@ -118,6 +118,39 @@ def log_memory_estimate(config_fields: dict, values: dict, script: str) -> None:
         log(f"memory estimate unavailable: {err}")
 
 
+VOCAB_MULTIPLE = 128  # PaddleNLP's run_pretrain.py rounds a grown vocabulary up to this, for AMP-friendly shapes
+
+
+def embedding_rows(source: ModelSource, tokenizer_size: int, tokenizer_path: str, continuing: bool) -> int:
+    """The vocabulary size to build the model with, for a tokenizer of ``tokenizer_size`` tokens.
+
+    A model trained from scratch (a preset, a config-only directory, or no ``--continue_training``) grows to hold
+    the tokenizer, rounded up to a multiple of 128, as PaddleNLP's run_pretrain.py does: a tokenizer trained on the
+    user's own corpus (thousands of pieces for Chinese) then just works. Trained weights keep their rows.
+
+    Raises:
+        DataError: continuing from weights with a tokenizer that has more tokens than the weights have rows.
+    """
+    rows = int(source.config_fields.get("vocab_size") or source.family.classes()[0]().vocab_size)  # else the class default
+    if continuing:
+        if tokenizer_size > rows:
+            raise DataError(
+                f"the tokenizer {tokenizer_path} has {tokenizer_size} tokens but the weights in {source.directory} have "
+                f"{rows} rows (vocab_size in {os.path.join(source.directory, 'config.json')}): pass the tokenizer the model "
+                "was trained with as --tokenizer_name_or_path, or train a new model from scratch (run_pretrain.py "
+                "without --continue_training)"
+            )
+        return rows
+    where = source.directory or f"preset {source.name_or_path}"
+    grown = max(rows, -(-tokenizer_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+    if grown != rows:
+        log(
+            f"vocab size {rows} -> {grown}: {where} starts from random weights and the tokenizer {tokenizer_path} has "
+            f"{tokenizer_size} tokens (rounded up to a multiple of {VOCAB_MULTIPLE}, as PaddleNLP's run_pretrain.py does)"
+        )
+    return grown
+
+
 def build_model_and_tokenizer(source: ModelSource, model_args, data_args, training_args):
     """Tokenizer and model, with training flags folded into the model config."""
     import paddle
@@ -126,8 +159,9 @@ def build_model_and_tokenizer(source: ModelSource, model_args, data_args, traini
     from paddle_llm.models.registry import build_config, build_model, load_tokenizer
 
     family = source.family
-    tokenizer = load_tokenizer(model_args.tokenizer_name_or_path or model_args.model_name_or_path, family)
-    overrides = {}
+    tokenizer_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    tokenizer = load_tokenizer(tokenizer_path, family)
+    overrides = {"vocab_size": embedding_rows(source, len(tokenizer), tokenizer_path, bool(model_args.continue_training))}
     if model_args.num_hidden_layers:
         overrides["num_hidden_layers"] = model_args.num_hidden_layers
     if not model_args.continue_training:
@@ -146,9 +180,6 @@ def build_model_and_tokenizer(source: ModelSource, model_args, data_args, traini
             setattr(config, name, getattr(model_args, name))
     if training_args.fp16_opt_level == "O2" and (training_args.fp16 or training_args.bf16):
         config.dtype = "float16" if training_args.fp16 else "bfloat16"
-    vocab_size = config.vocab_size
-    if len(tokenizer) > vocab_size:
-        raise DataError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embedding rows")
     model = build_model(source, config, load_weights=bool(model_args.continue_training))
     if config.dtype != "float32":
         model = model.astype(config.dtype) if hasattr(model, "astype") else model

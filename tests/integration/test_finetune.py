@@ -246,6 +246,30 @@ def test_finetune_takes_the_cpu_runtime_switches(saved_tiny_models, sum_data, tm
     assert "cpu fast paths off (--cpu_fast_paths False)" in log and "cpu fast paths on" not in log
 
 
+def finetune_preset(data: str, output: str, *flags: str) -> str:
+    """Two LoRA steps on ``tiny-llama``; the log."""
+    return run_script([FINETUNE, "--model_name_or_path", "tiny-llama", "--dataset_name_or_path", data, "--output_dir", output, "--do_train",
+                       "--lora", "True", "--max_steps", "2", "--report_to", "none", "--disable_tqdm", "1", "--device", "cpu",
+                       "--src_length", "16", "--tgt_length", "8", *flags]).stderr
+
+
+def test_fine_tuning_a_preset_grows_the_vocabulary_to_its_tokenizer(chinese_data, sum_data, tmp_path):
+    """From scratch, fine-tuning follows pretraining's rule (PaddleNLP's run_pretrain.py), through the same builder."""
+    log = finetune_preset(sum_data, str(tmp_path), "--tokenizer_name_or_path", chinese_data[0])
+    assert log.count("vocab size 1024 -> 3072: preset tiny-llama starts from random weights") == 1
+
+
+def test_fine_tuning_weights_with_a_larger_tokenizer_is_refused_with_what_to_do(chinese_data, saved_tiny_models, sum_data, tmp_path):
+    tokenizer, _ = chinese_data
+    model = saved_tiny_models["llama"]
+    result = run_script([FINETUNE, "--model_name_or_path", model, "--tokenizer_name_or_path", tokenizer, "--dataset_name_or_path", sum_data,
+                         "--output_dir", str(tmp_path), "--do_train", "--device", "cpu"], check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: the tokenizer {tokenizer} has 3000 tokens but the weights in {model} have 1024 rows" in result.stderr
+    assert "pass the tokenizer the model was trained with as --tokenizer_name_or_path" in result.stderr
+    assert "randomly initialised" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "flags, messages",
     [

@@ -98,6 +98,43 @@ def test_seed_pretrain_command_runs_unchanged_on_cpu(demo_data, saved_tiny_model
     assert math.isfinite(rows[-1]["eval_loss"])
 
 
+def seed_args_with(**values) -> list[str]:
+    """The seed's flags with the named flags' values replaced (its model and tokenizer share one value)."""
+    args = seed_pretrain_args()
+    for flag, value in values.items():
+        args[args.index(f"--{flag}") + 1] = str(value)
+    return args
+
+
+def test_seed_pretrain_command_from_scratch_grows_the_vocabulary_to_a_chinese_tokenizer(chinese_data, tmp_path):
+    """The seed's command on a preset with a 3,000-piece tokenizer of a Chinese corpus: as PaddleNLP's run_pretrain.py
+    does when not continuing, the model grows to hold it (rounded up to 3072) and the log says so once. Swapped:
+    model, tokenizer, data, device; a preset has no weights to continue, so --continue_training 0."""
+    tokenizer, data = chinese_data
+    output = str(tmp_path / "seed")
+    args = seed_args_with(model_name_or_path="tiny-llama", tokenizer_name_or_path=tokenizer, input_dir=data, output_dir=output, device="cpu")
+    shorten = ["--max_steps", "3", "--save_steps", "3", "--eval_steps", "3", "--eval_iters", "1", "--continue_training", "0"]
+    result = run_script([RUN_PRETRAIN] + args + shorten)
+    assert result.stderr.count("vocab size 1024 -> 3072: preset tiny-llama starts from random weights and the tokenizer") == 1
+    assert f"the tokenizer {tokenizer} has 3000 tokens" in result.stderr
+    with open(os.path.join(output, "config.json")) as f:
+        assert json.load(f)["vocab_size"] == 3072
+    assert any("eval_loss" in r for r in read_metrics(output))
+
+
+def test_continuing_with_a_larger_tokenizer_is_refused_with_what_to_do(chinese_data, saved_tiny_models, tmp_path):
+    tokenizer, data = chinese_data
+    model = saved_tiny_models["llama"]
+    args = pretrain_flags(data, str(tmp_path), model=model, tokenizer_name_or_path=tokenizer, continue_training=1)
+    result = run_script([RUN_PRETRAIN] + args, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        f"error: the tokenizer {tokenizer} has 3000 tokens but the weights in {model} have 1024 rows (vocab_size in "
+        f"{model}/config.json): pass the tokenizer the model was trained with as --tokenizer_name_or_path, or train a "
+        "new model from scratch (run_pretrain.py without --continue_training)"
+    ) in result.stderr
+
+
 def test_hub_name_is_a_clear_error_not_a_download(tmp_path):
     result = run_script([RUN_PRETRAIN, "--model_name_or_path", "facebook/llama-7b", "--output_dir", str(tmp_path), "--device", "cpu"], check=False)
     assert result.returncode == 2

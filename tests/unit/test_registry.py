@@ -46,6 +46,32 @@ def test_every_preset_fits_the_shipped_tokenizer():
         assert len(tokenizer) <= source.config_fields["vocab_size"]
 
 
+def test_a_model_from_scratch_grows_to_its_tokenizer_and_trained_weights_refuse_a_larger_one(tmp_path, saved_tiny_models, capsys):
+    """PaddleNLP's run_pretrain.py rule, for presets and config-only directories: the vocabulary grows to the
+    tokenizer rounded up to a multiple of 128, with one log line; trained weights keep their rows."""
+    from paddle_llm.data.jsonl import DataError
+    from paddle_llm.trainer.pretrain import embedding_rows
+
+    (tmp_path / "config.json").write_text(json.dumps({**PRESETS["tiny-chatglm2"], "vocab_size": 2000}))
+    config_only = resolve_model(str(tmp_path))
+    assert embedding_rows(resolve_model("tiny-llama"), 1000, "tok", continuing=False) == 1024
+    assert embedding_rows(config_only, 1920, "tok", continuing=False) == 2000
+    assert capsys.readouterr().err == ""  # nothing grew, nothing said
+    assert embedding_rows(config_only, 1999, "tok", continuing=False) == 2048  # PaddleNLP rounds up even when it fits
+    assert embedding_rows(resolve_model("tiny-llama"), 1025, "tok", continuing=False) == 1152
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        f"[paddle_llm] vocab size 2000 -> 2048: {tmp_path} starts from random weights and the tokenizer tok has 1999 tokens "
+        "(rounded up to a multiple of 128, as PaddleNLP's run_pretrain.py does)",
+        "[paddle_llm] vocab size 1024 -> 1152: preset tiny-llama starts from random weights and the tokenizer tok has 1025 tokens "
+        "(rounded up to a multiple of 128, as PaddleNLP's run_pretrain.py does)",
+    ]
+    trained = resolve_model(saved_tiny_models["llama"])
+    assert embedding_rows(trained, 1000, "tok", continuing=True) == 1024
+    with pytest.raises(DataError, match="has 1025 tokens but the weights in .* have 1024 rows .*pass the tokenizer the model was trained with"):
+        embedding_rows(trained, 1025, "tok", continuing=True)
+
+
 def test_continue_training_without_weights_is_refused():
     source = resolve_model("tiny-llama")
     with pytest.raises(FileNotFoundError, match="--continue_training needs weights"):
