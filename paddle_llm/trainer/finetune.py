@@ -125,6 +125,17 @@ def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSo
     return errors
 
 
+def random_base_warning(source: ModelSource) -> str:
+    """Said before anything trains: a base without weights learns nothing useful from an adapter, and
+    ``paddle-llm merge-lora`` refuses it afterwards."""
+    what = f"{source.name_or_path} is a preset" if source.directory is None else f"{source.directory} has no weights"
+    return (
+        f"{what}, so this run fine-tunes a randomly initialised {source.family.name} model (`paddle-llm merge-lora` "
+        "will refuse it as a base): to fine-tune a trained model, pass its directory as --model_name_or_path, e.g. the "
+        "--output_dir of `paddle-llm pretrain`"
+    )
+
+
 def setup(argv: list[str]) -> FinetuneSetup:
     """Parse and validate; nothing distributed or heavy happens here.
 
@@ -143,6 +154,8 @@ def setup(argv: list[str]) -> FinetuneSetup:
     if errors:
         raise ArgumentError("\n".join(errors))
     warnings = apply_cpu_fallbacks(values)
+    if not source.has_weights:
+        warnings.append(random_base_warning(source))
     if values.get("optim") == "lomo" and values.get("fp16"):
         raise ArgumentError("--optim lomo has no fp16 loss scaling here (each update happens before an overflow check could run): use --bf16, or float32")
     for name, value in values.items():
@@ -265,8 +278,6 @@ def prepare(plan: FinetuneSetup) -> FinetuneRun:
     family = plan.source.family
     # Fine-tuning starts from the model's weights; a preset (or a config without weights) starts from random ones.
     model_args.continue_training = plan.source.has_weights
-    if not plan.source.has_weights:
-        log(f"warning: {plan.source.name_or_path} has no weights: fine-tuning a randomly initialised {family.name} model")
     model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
     log_cpu_fast_paths(model, training_args)
     model = apply_peft(model, family.name, peft_args)

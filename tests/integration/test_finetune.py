@@ -253,6 +253,15 @@ def finetune_preset(data: str, output: str, *flags: str) -> str:
                        "--src_length", "16", "--tgt_length", "8", *flags]).stderr
 
 
+def test_fine_tuning_a_preset_warns_first_that_its_base_is_random(sum_data, tmp_path):
+    """Said once, before anything is built, with what to pass instead (merge-lora refuses the base afterwards)."""
+    log = finetune_preset(sum_data, str(tmp_path))
+    warning = ("warning: tiny-llama is a preset, so this run fine-tunes a randomly initialised llama model (`paddle-llm merge-lora` will refuse "
+               "it as a base): to fine-tune a trained model, pass its directory as --model_name_or_path, e.g. the --output_dir of `paddle-llm pretrain`")
+    assert log.count(warning) == 1
+    assert log.index(warning) < log.index("cpu runtime:")  # at the start, not after the set-up
+
+
 def test_fine_tuning_a_preset_grows_the_vocabulary_to_its_tokenizer(chinese_data, sum_data, tmp_path):
     """From scratch, fine-tuning follows pretraining's rule (PaddleNLP's run_pretrain.py), through the same builder."""
     log = finetune_preset(sum_data, str(tmp_path), "--tokenizer_name_or_path", chinese_data[0])
