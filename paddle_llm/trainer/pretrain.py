@@ -249,6 +249,27 @@ def _num_samples(training_args) -> tuple[int, int, int]:
     return train, valid, test
 
 
+def pretraining_lr_scheduler(training_args):
+    """PaddleNLP's run_pretrain.py schedule for ``--lr_scheduler_type cosine|linear`` (None: the Trainer's own).
+
+    As there, the warmup may be fractional (``warmup_ratio * max_steps``) and the scheduler starts at step 1
+    (``last_epoch=0``), so the first update already uses the first warmup rate instead of a wasted rate of 0.
+    """
+    from paddlenlp.transformers import CosineAnnealingWithWarmupDecay, LinearAnnealingWithWarmupDecay
+
+    scheduler_name = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    scheduler_class = {"cosine": CosineAnnealingWithWarmupDecay, "linear": LinearAnnealingWithWarmupDecay}.get(scheduler_name)
+    if scheduler_class is None:
+        return None
+    return scheduler_class(
+        max_lr=training_args.learning_rate,
+        min_lr=training_args.min_learning_rate,
+        warmup_step=training_args.warmup_steps if training_args.warmup_steps > 0 else training_args.warmup_ratio * training_args.max_steps,
+        decay_step=training_args.decay_steps or training_args.max_steps,
+        last_epoch=0,
+    )
+
+
 def run_recipe(argv: list[str], program: str, setup_fn, fit_fn, help_text, announce=None) -> int:
     """The shared command-line flow of the training recipes: help, parse and validate, announce, fit.
 
@@ -306,7 +327,6 @@ def main(argv: list[str] | None = None) -> int:
 def fit(plan: PretrainSetup) -> int:
     import paddle
     from paddlenlp.trainer import set_seed
-    from paddlenlp.transformers import CosineAnnealingWithWarmupDecay, LinearAnnealingWithWarmupDecay
 
     from paddle_llm.data.pretraining import (
         CausalLMCollator,
@@ -345,18 +365,6 @@ def fit(plan: PretrainSetup) -> int:
         share_folder=data_args.share_folder,
     )
 
-    scheduler_name = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
-    scheduler_class = {"cosine": CosineAnnealingWithWarmupDecay, "linear": LinearAnnealingWithWarmupDecay}.get(scheduler_name)
-    lr_scheduler = None
-    if scheduler_class is not None:
-        warmup = training_args.warmup_steps if training_args.warmup_steps > 0 else int(training_args.warmup_ratio * training_args.max_steps)
-        lr_scheduler = scheduler_class(
-            max_lr=training_args.learning_rate,
-            min_lr=training_args.min_learning_rate,
-            warmup_step=warmup,
-            decay_step=int(training_args.decay_steps or training_args.max_steps),
-        )
-
     trainer = LLMTrainer(
         model=model,
         args=training_args,
@@ -364,7 +372,7 @@ def fit(plan: PretrainSetup) -> int:
         train_dataset=data.train if training_args.do_train else None,
         eval_dataset=data.valid if training_args.do_eval else None,
         tokenizer=tokenizer,
-        optimizers=(None, lr_scheduler),
+        optimizers=(None, pretraining_lr_scheduler(training_args)),
     )
     trainer.is_pretraining = True
     tokens_per_sample = data_args.max_seq_length
