@@ -20,7 +20,7 @@ from typing import Mapping
 from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision
 from paddle_llm.models.registry import ModelSource, resolve_model
-from paddle_llm.trainer.pretrain import _world_size, log
+from paddle_llm.trainer.pretrain import _world_size, log, warn
 
 TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
 MERGED_DIR = "merged"
@@ -201,7 +201,7 @@ def load_splits(layout, tokenizer, data_args, training_args):
         )
         log(f"data: {split.summary()}")
         for message in split.read.skipped[:MAX_SKIPPED_SHOWN]:
-            log(f"warning: skipped {message}")
+            warn(f"skipped {message}")
         splits[name] = split
     return splits
 
@@ -266,7 +266,7 @@ def prepare(plan: FinetuneSetup) -> FinetuneRun:
     # Fine-tuning starts from the model's weights; a preset (or a config without weights) starts from random ones.
     model_args.continue_training = plan.source.has_weights
     if not plan.source.has_weights:
-        log(f"warning: {plan.source.name_or_path} has no weights: fine-tuning a randomly initialised {family.name} model")
+        warn(f"{plan.source.name_or_path} has no weights: fine-tuning a randomly initialised {family.name} model")
     model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
     log_cpu_fast_paths(model, training_args)
     model = apply_peft(model, family.name, peft_args)
