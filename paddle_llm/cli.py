@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"paddle-llm: unknown subcommand {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
+    from paddle_llm.config.output import configure_output
+
+    configure_output()  # before the subcommand imports Paddle, whose C++ logging reads its level as it loads
     module_name, function_name = SUBCOMMANDS[name][0].split(":")
     entry = getattr(importlib.import_module(module_name), function_name)
     return int(entry(rest) or 0)

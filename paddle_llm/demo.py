@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -125,6 +126,7 @@ def serve_stage(model_dir: str, adapter_dir: str, output_dir: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from paddle_llm.config.output import verbose
     from paddle_llm.demo_finetune import print_report, run_finetune_demo
 
     parser = argparse.ArgumentParser(prog="paddle-llm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,9 +135,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--finetune_steps", type=int, default=600, help="LoRA fine-tuning steps (default: 600)")
     parser.add_argument("--disable_tqdm", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    from paddlenlp.utils.log import logger as paddlenlp_logger
+    if not verbose():
+        # The demo prints its own summary of each stage, on one screen: the recipes' setup lines (memory estimate,
+        # runtime, data) and PaddleNLP's loss lines would fill four. Their warnings still print.
+        from paddlenlp.utils.log import logger as paddlenlp_logger
 
-    paddlenlp_logger.set_level("WARNING")  # the demo shows its own summary; PaddleNLP's config dumps would bury it
+        from paddle_llm.trainer.pretrain import logger as recipe_logger
+
+        paddlenlp_logger.set_level("WARNING")
+        recipe_logger.setLevel(logging.WARNING)
     started = time.perf_counter()
     pretrained = pretrain_stage(args.output_dir, args.max_steps, show_progress=not args.disable_tqdm)
     print(f"\nloss at step 1:       {pretrained['loss_at_step_1']:.3f}   (ln(vocab) = {math.log(1024):.3f})")

@@ -32,7 +32,10 @@ _worker_options: dict = {}
 def _init_worker(tokenizer_name_or_path: str, json_key: str, append_eos: bool) -> None:
     # Each worker loads its own tokenizer once; tokenizers are not cheap to pickle per task.
     global _worker_tokenizer, _worker_options
+    from paddle_llm.config.output import configure_output
     from paddle_llm.models.registry import load_tokenizer
+
+    configure_output()  # a spawned worker is a fresh interpreter: the entry point's output policy is not inherited
 
     _worker_tokenizer = load_tokenizer(tokenizer_name_or_path)
     _worker_options = {"json_key": json_key, "append_eos": append_eos}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from paddle_llm.config.output import captured_output
 from paddle_llm.data.indexed import read_indexed_dataset
 from paddle_llm.data.jsonl import DataError
 
@@ -102,18 +103,19 @@ def build_pretraining_datasets(
 
     if data_cache:
         os.makedirs(data_cache, exist_ok=True)
-    train, valid, test = build_train_valid_test_datasets(
-        data_prefix=data_prefix,
-        data_impl="mmap",
-        splits_string=split,
-        train_val_test_num_samples=list(num_samples),
-        seq_length=seq_length,
-        seed=seed,
-        skip_warmup=skip_warmup,
-        share_folder=share_folder,
-        data_cache_path=data_cache,
-        need_data=True,
-    )
+    with captured_output():  # ~50 lines of index-building progress per run; shown if the build fails
+        train, valid, test = build_train_valid_test_datasets(
+            data_prefix=data_prefix,
+            data_impl="mmap",
+            splits_string=split,
+            train_val_test_num_samples=list(num_samples),
+            seq_length=seq_length,
+            seed=seed,
+            skip_warmup=skip_warmup,
+            share_folder=share_folder,
+            data_cache_path=data_cache,
+            need_data=True,
+        )
     return PretrainingData(train, valid, test)
 
 

@@ -91,6 +91,8 @@ def _import_built(directory: Path) -> ModuleType:
 def _build_and_import(directory: Path) -> ModuleType:
     from paddle.utils.cpp_extension import load as jit_load
 
+    from paddle_llm.config.output import captured_output
+
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be compiling the same source
@@ -98,8 +100,9 @@ def _build_and_import(directory: Path) -> ModuleType:
             return _import_built(directory)
         logger.info("compiling paddle_llm's CPU kernels into %s (once per machine, about 20 s)", directory)
         started = time.perf_counter()
-        module = jit_load(MODULE_NAME, [str(SOURCE)], extra_cxx_cflags=compile_flags(), extra_ldflags=link_flags(),
-                          build_directory=str(directory))
+        with captured_output():  # Paddle's build prints its setup.py steps and g++ lines; kept for a failed build
+            module = jit_load(MODULE_NAME, [str(SOURCE)], extra_cxx_cflags=compile_flags(), extra_ldflags=link_flags(),
+                              build_directory=str(directory))
         logger.info("compiled paddle_llm's CPU kernels in %.0f s", time.perf_counter() - started)
         return module
 

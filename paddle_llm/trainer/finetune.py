@@ -20,7 +20,7 @@ from typing import Mapping
 from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision
 from paddle_llm.models.registry import ModelSource, resolve_model
-from paddle_llm.trainer.pretrain import _world_size, log
+from paddle_llm.trainer.pretrain import _world_size, log, warn
 
 TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
 MERGED_DIR = "merged"
@@ -214,7 +214,7 @@ def load_splits(layout, tokenizer, data_args, training_args):
         )
         log(f"data: {split.summary()}")
         for message in split.read.skipped[:MAX_SKIPPED_SHOWN]:
-            log(f"warning: skipped {message}")
+            warn(f"skipped {message}")
         splits[name] = split
     return splits
 

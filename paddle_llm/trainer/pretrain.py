@@ -7,6 +7,7 @@ fit:   train (resuming from the last complete checkpoint), save, evaluate, write
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -29,9 +30,19 @@ HELP_EPILOG = """examples:
 Rerunning the same command after a crash resumes from the last complete checkpoint."""
 
 
-def log(message: str) -> None:
+# Printed as "[paddle_llm] ..." (config.output); the demo turns its INFO lines off to fit on one screen.
+logger = logging.getLogger("paddle_llm.trainer")
+
+
+def log(message: str, level: int = logging.INFO) -> None:
+    """A line for the user, from rank 0 only: every rank would print the same."""
     if int(os.environ.get("PADDLE_TRAINER_ID", "0")) == 0:
-        print(f"[paddle_llm] {message}", file=sys.stderr, flush=True)
+        logger.log(level, message)
+
+
+def warn(message: str) -> None:
+    """A warning the user should act on (kept when the demo turns the INFO lines off)."""
+    log(message, logging.WARNING)
 
 
 @dataclass
@@ -298,7 +309,7 @@ def run_recipe(argv: list[str], program: str, setup_fn, fit_fn, help_text, annou
             print(f"{program}: error: {line}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     for warning in plan.warnings:
-        log(f"warning: {warning}")
+        warn(warning)
     if announce is not None:
         announce(plan)
     try:

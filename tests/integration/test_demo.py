@@ -1,12 +1,19 @@
-"""`paddle-llm demo` is the README's first command: it must run end to end and meet its stated targets."""
+"""`paddle-llm demo` is the README's first command: it must run end to end, meet its stated targets, and say so on
+one screen."""
 
 import re
 
 from tests.conftest import run_script
+from tests.integration.test_output import USER_SHELL, assert_quiet
+
+SCREEN_LINES = 40
 
 
 def test_demo_pretrains_finetunes_exports_and_serves(tmp_path):
-    result = run_script(["-m", "paddle_llm", "demo", "--output_dir", str(tmp_path / "demo"), "--disable_tqdm"], timeout=900, OMP_NUM_THREADS=2)
+    result = run_script(["-m", "paddle_llm", "demo", "--output_dir", str(tmp_path / "demo"), "--disable_tqdm"], timeout=900, **USER_SHELL)
+    printed = result.stdout + result.stderr
+    assert_quiet(printed)
+    assert len(printed.splitlines()) <= SCREEN_LINES, printed
     assert "demo OK" in result.stdout
     first = float(re.search(r"loss at step 1:\s+([\d.]+)", result.stdout).group(1))
     final = float(re.search(r"eval loss after:\s+([\d.]+)", result.stdout).group(1))
