@@ -2,7 +2,9 @@
 
 ``--format paddle`` directory::
 
-    model.json, model.pdiparams     one decoding step with a KV cache (see step_graph), for Paddle Inference
+    model.json, model.pdiparams     one decoding step with a KV cache (see step_graph), for Paddle Inference,
+                                    runnable on any x86-64 CPU
+    model.avx512f.json              exported on an AVX-512 CPU: the same step with Paddle's fused RMSNorm
     prefix_cache.pdparams           only for prefix-tuned checkpoints: the prefix as a ready-made past
     config.json                     PaddleNLP model config
     tokenizer files                 as the tokenizer's save_pretrained writes them
@@ -15,17 +17,25 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 from dataclasses import dataclass
 
+from paddle_llm.config import cpu_features
+from paddle_llm.config.cpu_features import fused_rms_norm_allowed
 from paddle_llm.export.manifest import (
+    AVX512_PROGRAM,
     DTYPES,
     FORMAT_FASTDEPLOY,
     FORMAT_STATIC,
     GRAPH_PREFIX,
+    PARAMS_FILE,
+    PORTABLE_PROGRAM,
     PREFIX_CACHE_FILE,
+    STEP_LLAMA_INFERENCE,
     ExportManifest,
+    program_needs,
 )
 from paddle_llm.files import replace_directory_atomically
 from paddle_llm.models.registry import resolve_model
@@ -107,12 +117,19 @@ def _check_dtype_supported(request: ExportRequest) -> None:
 
 def _write_step_graph(staging: str, step, family: str, dtype: str, prefix, manifest: ExportManifest) -> None:
     """Trace the one-step graph (a ``step_graph.StepBuild``) into ``staging`` (and the prefix past, if any), and
-    record both in the manifest."""
+    record both in the manifest.
+
+    ``model.json`` runs on any x86-64 CPU. Where this CPU has AVX-512 and the step is ours, ``model.avx512f.json``
+    is the same step with Paddle's fused RMSNorm over the same weights; serving picks it on CPUs that can run it.
+    """
     import paddle
 
     from paddle_llm.export.step_graph import save_step_graph, step_family_of
 
     save_step_graph(step.layer, family, dtype, step.layout.num_layers, os.path.join(staging, GRAPH_PREFIX))
+    manifest.programs = [{"file": PORTABLE_PROGRAM, "needs": program_needs(os.path.join(staging, PORTABLE_PROGRAM))}]
+    if step.implementation == STEP_LLAMA_INFERENCE and fused_rms_norm_allowed(cpu_features.detect()):
+        manifest.programs.insert(0, _write_avx512_program(staging, step, family, dtype))
     manifest.step_implementation = step.implementation
     manifest.cache = step.layout.to_dict()
     manifest.glm_positions = step_family_of(family).glm_positions
@@ -122,6 +139,25 @@ def _write_step_graph(staging: str, step, family: str, dtype: str, prefix, manif
         paddle.save({"key": paddle.stack(keys).astype(dtype), "value": paddle.stack(values).astype(dtype)},
                     os.path.join(staging, PREFIX_CACHE_FILE))
         manifest.prefix_cache = PREFIX_CACHE_FILE
+
+
+def _write_avx512_program(staging: str, step, family: str, dtype: str) -> dict:
+    """Trace the fused-RMSNorm variant of ``step`` and keep only its program: the same layer's buffers save to the
+    same parameter file, which is checked byte for byte rather than assumed."""
+    from paddle_llm.export.step_graph import save_step_graph
+
+    variant_prefix = os.path.join(staging, "avx512f-variant")
+    step.layer.fused_rms_norm = True
+    try:
+        save_step_graph(step.layer, family, dtype, step.layout.num_layers, variant_prefix)
+    finally:
+        step.layer.fused_rms_norm = False
+    if not filecmp.cmp(variant_prefix + ".pdiparams", os.path.join(staging, PARAMS_FILE), shallow=False):
+        raise RuntimeError("the fused-RMSNorm step saved different weights than the portable one")
+    os.remove(variant_prefix + ".pdiparams")
+    program = os.path.join(staging, AVX512_PROGRAM)
+    os.replace(variant_prefix + ".json", program)
+    return {"file": AVX512_PROGRAM, "needs": program_needs(program)}
 
 
 def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:

@@ -7,7 +7,8 @@ layer computes the same function with fewer, larger ops, all decided once at exp
 
 - q, k and v are one matmul, gate and up another, and the 1/sqrt(head_dim) attention scale is folded into the q
   columns;
-- RMSNorm is Paddle's fused kernel (it has a CPU forward), one op instead of five;
+- RMSNorm is Paddle's fused kernel, one op instead of five, where asked: its only CPU kernel needs AVX-512, so a
+  graph that must run on any x86-64 CPU composes it (``config.cpu_features`` decides);
 - rotary embedding rotates q and k together, with rotate-half as a ``roll`` against a sign-folded sin table
   (``models.cpu_fast``'s formulation), and the cos/sin rows are gathered once per step, not per layer;
 - the boolean mask becomes one additive bias per step, shared by every layer, and the rotary rows and the bias are
@@ -61,8 +62,15 @@ class LlamaInferenceStep(nn.Layer):
     """``(input_ids, position_ids, mask, [*past_keys, *past_values]) -> (last_logits, *keys, *values)`` for a Llama
     model, each cache ``[batch, kv_heads, positions, head_dim]``."""
 
-    def __init__(self, model: nn.Layer):
+    def __init__(self, model: nn.Layer, fused_rms_norm: bool):
+        """
+        Args:
+            model: a PaddleNLP ``LlamaForCausalLM`` that ``llama_step_unsupported`` accepts.
+            fused_rms_norm: use Paddle's fused RMSNorm (AVX-512 CPUs only; ~10% faster decoding at hidden 512).
+                An attribute, switchable between traces: export saves both programs over the same buffers.
+        """
         super().__init__()
+        self.fused_rms_norm = fused_rms_norm
         config = model.config
         llama = model.llama
         first_attention = llama.layers[0].self_attn
@@ -95,8 +103,9 @@ class LlamaInferenceStep(nn.Layer):
         self.register_buffer("lm_head", lm_head)
 
     def _normalized(self, x, weight):
-        # Paddle's fused RMSNorm has a CPU kernel: one op where the composite takes five.
-        return fused_rms_norm(x, weight, None, self.epsilon, begin_norm_axis=x.ndim - 1)[0]
+        if self.fused_rms_norm:
+            return fused_rms_norm(x, weight, None, self.epsilon, begin_norm_axis=x.ndim - 1)[0]
+        return x * paddle.rsqrt((x * x).mean(axis=-1, keepdim=True) + self.epsilon) * weight
 
     def _attention(self, hidden, cos, sin, score_bias, past_key, past_value, index):
         # Reshapes use 0 (keep this axis) and -1 rather than sizes read from shape(): no shape ops in the graph.

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 
+from paddle_llm.config.cpu_features import PADDLE_CPU_KERNEL_NEEDS
 
 MANIFEST_FILE = "paddle_llm_export.json"
-GRAPH_PREFIX = "model"  # model.json + model.pdiparams
+GRAPH_PREFIX = "model"  # model.json + model.pdiparams: the step graph that runs on any x86-64 CPU
+PARAMS_FILE = GRAPH_PREFIX + ".pdiparams"
+PORTABLE_PROGRAM = GRAPH_PREFIX + ".json"
+# The same step over the same model.pdiparams with Paddle's fused RMSNorm, whose only CPU kernel needs AVX-512.
+AVX512_PROGRAM = GRAPH_PREFIX + ".avx512f.json"
 PREFIX_CACHE_FILE = "prefix_cache.pdparams"
 FORMAT_STATIC = "paddle"
 FORMAT_FASTDEPLOY = "fastdeploy"
@@ -67,6 +73,9 @@ class ExportManifest:
         prefix_cache: file holding a prefix-tuning past, or None.
         source: where the weights came from (checkpoint, LoRA, prefix paths).
         parity: the last parity check's summary, or None if not run.
+        programs: the step graph's programs over ``model.pdiparams``, best first, each ``{"file", "needs"}`` with the
+            CPU features its Paddle kernels need (``program_needs``); None in exports older than this field, which
+            hold ``model.json`` only.
     """
 
     format: str
@@ -83,6 +92,7 @@ class ExportManifest:
     prefix_cache: str | None = None
     source: dict = field(default_factory=dict)
     parity: dict | None = None
+    programs: list[dict] | None = None
 
     def cache_layout(self) -> CacheLayout:
         """Raises: ValueError when this export has no step graph (the fastdeploy format)."""
@@ -126,3 +136,18 @@ def load_manifest(directory: str) -> ExportManifest:
         return ExportManifest(**fields)
     except TypeError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+# A PIR program's JSON names each operation as "<dialect id>.<op name>".
+_PIR_OP_NAME = re.compile(r'"#":"\d+\.([A-Za-z0-9_]+)"')
+
+
+def program_op_types(program_path: str) -> set[str]:
+    """The operation names of a saved program (with its attribute and type tags, which name no operation)."""
+    with open(program_path, encoding="utf-8") as f:
+        return set(_PIR_OP_NAME.findall(f.read()))
+
+
+def program_needs(program_path: str) -> list[str]:
+    """The CPU features the Paddle kernels of a saved program need (``config.cpu_features``'s table)."""
+    return sorted({PADDLE_CPU_KERNEL_NEEDS[op] for op in program_op_types(program_path) if op in PADDLE_CPU_KERNEL_NEEDS})

@@ -32,6 +32,8 @@ class ParityReport:
         prompts, new_tokens: how much was compared.
         mismatches: one line per prompt whose tokens differ.
         skipped: why the check did not run (e.g. half precision on a CPU), else None.
+        programs: the step graph's programs checked (every one this CPU can run).
+        not_checked: ``{program: CPU features it needs and this CPU lacks}``.
     """
 
     passed: bool
@@ -41,6 +43,8 @@ class ParityReport:
     new_tokens: int
     mismatches: list[str] = field(default_factory=list)
     skipped: str | None = None
+    programs: list[str] = field(default_factory=list)
+    not_checked: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,11 +53,14 @@ class ParityReport:
         if self.skipped:
             return f"parity check skipped: {self.skipped}"
         verdict = "PASSED" if self.passed else "FAILED"
+        checked = f" ({', '.join(self.programs)})" if len(self.programs) > 1 else ""
         lines = [
-            f"parity {verdict}: {self.prompts} prompts x {self.new_tokens} greedy tokens, "
+            f"parity {verdict}{checked}: {self.prompts} prompts x {self.new_tokens} greedy tokens, "
             f"max |logit diff| {self.max_abs_diff:.2e} (tolerance {self.atol:.0e})"
         ]
         lines += [f"  {line}" for line in self.mismatches]
+        lines += [f"  {program} not checked: this CPU lacks {', '.join(missing)}"
+                  for program, missing in self.not_checked.items()]
         return "\n".join(lines)
 
 
@@ -129,7 +136,8 @@ def check_export(
     """
     from paddle_llm.export.manifest import FORMAT_STATIC, load_manifest
     from paddle_llm.export.peft_loading import load_checkpoint_tokenizer, load_model, load_prefix_model
-    from paddle_llm.export.runtime import open_export_decoder
+    from paddle_llm.config import cpu_features
+    from paddle_llm.export.runtime import best_program, open_export_decoder, runnable_programs
     from paddle_llm.models.registry import resolve_model
 
     manifest = load_manifest(export_dir)
@@ -146,8 +154,19 @@ def check_export(
     reference = load_model(source, lora_path, merge_lora=False)
     if prefix_path:
         reference = load_prefix_model(reference, source.family.name, prefix_path)
-    decoder = open_export_decoder(export_dir, manifest)
+    programs, not_checked = runnable_programs(export_dir, manifest, cpu_features.detect())
+    if not programs:
+        best_program(export_dir, manifest)  # raises, naming what each program needs
     tokenizer = load_checkpoint_tokenizer(source)
     prompt_ids = encode_prompts(tokenizer, prompts, getattr(tokenizer, "bos_token_id", None))
-    return compare(decoder, reference, source.family, prompt_ids, new_tokens, atol)
+    reports = {program: compare(open_export_decoder(export_dir, manifest, program), reference, source.family,
+                                prompt_ids, new_tokens, atol) for program in programs}
+    mismatches = [f"{program}: {line}" if len(programs) > 1 else line
+                  for program, report in reports.items() for line in report.mismatches]
+    return ParityReport(
+        passed=all(report.passed for report in reports.values()),
+        max_abs_diff=max(report.max_abs_diff for report in reports.values()),
+        atol=atol, prompts=len(prompt_ids), new_tokens=new_tokens, mismatches=mismatches,
+        programs=programs, not_checked=not_checked,
+    )
 

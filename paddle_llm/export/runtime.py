@@ -7,6 +7,7 @@ decoding step, and merge or drop rows between steps. It does not sample and does
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -14,7 +15,10 @@ from typing import Protocol, Sequence
 import numpy as np
 import paddle
 
-from paddle_llm.export.manifest import CacheLayout
+from paddle_llm.config import cpu_features
+from paddle_llm.export.manifest import PARAMS_FILE, PORTABLE_PROGRAM, CacheLayout, load_manifest, program_needs
+
+logger = logging.getLogger(__name__)
 
 
 _GARBAGE_COLLECTION_FLAG = "FLAGS_eager_delete_tensor_gb"
@@ -31,20 +35,21 @@ class StepRunner(Protocol):
 class InferenceStepRunner:
     """The exported step graph in a Paddle Inference predictor (CPU, or GPU when asked and available)."""
 
-    def __init__(self, graph_prefix: str, num_threads: int = 1, use_gpu: bool = False, enable_mkldnn: bool = False):
+    def __init__(self, model_file: str, params_file: str, num_threads: int = 1, use_gpu: bool = False,
+                 enable_mkldnn: bool = False):
         """
         Args:
-            graph_prefix: path without extension of ``model.json`` / ``model.pdiparams``.
+            model_file, params_file: the program (``model.json`` or a variant) and ``model.pdiparams``.
             num_threads: CPU math threads of this predictor.
             use_gpu: run on GPU 0 (needs a CUDA build of Paddle).
             enable_mkldnn: use oneDNN kernels on CPU (safe: the past is never empty; measured slower for small models).
+                Its fusion passes that produce a kernel this CPU cannot run are left out.
 
         Raises:
             FileNotFoundError: the graph files are missing.
         """
         from paddle import inference
 
-        model_file, params_file = graph_prefix + ".json", graph_prefix + ".pdiparams"
         for path in (model_file, params_file):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} is missing; run `paddle-llm export` to write the step graph")
@@ -56,6 +61,8 @@ class InferenceStepRunner:
             config.set_cpu_math_library_num_threads(num_threads)
             if not enable_mkldnn:
                 config.disable_mkldnn()
+            for name in cpu_features.inference_passes_to_delete(cpu_features.detect()):
+                config.delete_pass(name)
         config.disable_glog_info()
         self.predictor = inference.create_predictor(config)
         self._decode_predictor = self.predictor.clone()
@@ -264,24 +271,66 @@ class StepDecoder:
         return KVBatch(caches, batch.valid[:, first:], batch.next_position)
 
 
-def open_export_decoder(export_dir: str, manifest=None, **runner_options) -> StepDecoder:
+def runnable_programs(export_dir: str, manifest, features: cpu_features.CpuFeatures) -> tuple[list[str], dict[str, list[str]]]:
+    """The export's programs this CPU can run, best first, and ``{program: missing features}`` for the others.
+
+    An export older than the manifest's ``programs`` holds ``model.json`` alone; its needs are read from the program.
+    """
+    programs = manifest.programs or [
+        {"file": PORTABLE_PROGRAM, "needs": program_needs(os.path.join(export_dir, PORTABLE_PROGRAM))}
+    ]
+    runnable, lacking = [], {}
+    for program in programs:
+        missing = [feature for feature in program["needs"] if not features.has(feature)]
+        if missing:
+            lacking[program["file"]] = missing
+        else:
+            runnable.append(program["file"])
+    return runnable, lacking
+
+
+def open_export_decoder(export_dir: str, manifest=None, program: str | None = None, **runner_options) -> StepDecoder:
     """A ``StepDecoder`` over an export directory's graph in Paddle Inference (and its prefix past, if any).
 
     Args:
         export_dir: written by ``paddle-llm export --format paddle``.
         manifest: the directory's ``ExportManifest`` if already read.
+        program: which of its programs to run; by default the best this CPU can execute.
         runner_options: ``InferenceStepRunner`` options (``num_threads``, ``use_gpu``, ``enable_mkldnn``).
 
     Raises:
-        FileNotFoundError, ValueError: not a step-graph export (the message says what to run).
+        FileNotFoundError, ValueError: not a step-graph export, or none of its programs runs on this CPU (the
+            message says what to run).
     """
-    from paddle_llm.export.manifest import GRAPH_PREFIX, load_manifest
-
     manifest = manifest or load_manifest(export_dir)
     layout = manifest.cache_layout()
-    runner = InferenceStepRunner(os.path.join(export_dir, GRAPH_PREFIX), **runner_options)
+    if program is None:
+        program = best_program(export_dir, manifest)
+    runner = InferenceStepRunner(os.path.join(export_dir, program), os.path.join(export_dir, PARAMS_FILE), **runner_options)
     prefix = None
     if manifest.prefix_cache:
         stored = paddle.load(os.path.join(export_dir, manifest.prefix_cache))  # stacked over layers
         prefix = [*paddle.unbind(stored["key"]), *paddle.unbind(stored["value"])]
     return StepDecoder(runner, layout, manifest.dtype, manifest.glm_positions, manifest.pad_token_id, prefix)
+
+
+def best_program(export_dir: str, manifest) -> str:
+    """The best program this CPU can run; a fallback is logged.
+
+    Raises:
+        ValueError: none runs here; the message names what each needs and how to re-export.
+    """
+    features = cpu_features.detect()
+    runnable, lacking = runnable_programs(export_dir, manifest, features)
+    if not runnable:
+        needs = "; ".join(f"{name} needs {', '.join(missing)}" for name, missing in lacking.items())
+        raise ValueError(
+            f"{export_dir}: no step graph here runs on this CPU ({needs}; this CPU: {features.isa.name}). It was "
+            "exported by an older paddle_llm; export it again (`paddle-llm export --model_name_or_path "
+            f"{manifest.source.get('model_name_or_path', 'CHECKPOINT')} --output_path DIR`), which also writes "
+            "model.json for any x86-64 CPU"
+        )
+    for name, missing in lacking.items():
+        logger.warning("%s: serving %s: this CPU (%s) lacks %s, which %s needs", export_dir, runnable[0],
+                       features.isa.name, ", ".join(missing), name)
+    return runnable[0]

@@ -145,9 +145,12 @@ class StepBuild:
     kept_because: str
 
 
-def build_step_layer(model: nn.Layer, family_name: str, dtype: str) -> StepBuild:
+def build_step_layer(model: nn.Layer, family_name: str, dtype: str, fused_rms_norm: bool = False) -> StepBuild:
     """The step for ``model``: ``LlamaInferenceStep`` for the Llama models it reproduces (the same function in a third
-    of the ops), PaddleNLP's forward inside ``KVCacheStep`` for every other model."""
+    of the ops), PaddleNLP's forward inside ``KVCacheStep`` for every other model.
+
+    ``fused_rms_norm``: Paddle's fused RMSNorm in ``LlamaInferenceStep``, for a CPU that
+    ``config.cpu_features.fused_rms_norm_allowed``; the default step runs on any CPU."""
     config = model.config
     kept_because = f"no inference step for {family_name}"
     if family_name == "llama":
@@ -156,7 +159,7 @@ def build_step_layer(model: nn.Layer, family_name: str, dtype: str) -> StepBuild
         kept_because = llama_step_unsupported(model, dtype)
         if kept_because is None:
             layout = cache_layout(family_name, config, STEP_LLAMA_INFERENCE)
-            return StepBuild(LlamaInferenceStep(model), layout, STEP_LLAMA_INFERENCE, "")
+            return StepBuild(LlamaInferenceStep(model, fused_rms_norm), layout, STEP_LLAMA_INFERENCE, "")
     layer = KVCacheStep(model, family_name, config.num_hidden_layers)
     return StepBuild(layer, cache_layout(family_name, config, STEP_PADDLENLP), STEP_PADDLENLP, kept_because)
 

@@ -1,7 +1,7 @@
 """Build and load ``cpu_kernels.cc``, the fused fp32 CPU kernels behind ``cpu_fast``'s composites.
 
-The source is compiled once per machine, Python, Paddle version and source text, with Paddle's own JIT extension
-builder (it needs a C++ compiler, ~20 s), into ``$PADDLE_LLM_KERNEL_CACHE`` (default
+The source is compiled once per CPU instruction set level (``config.cpu_features``), Python, Paddle version and
+source text, with Paddle's own JIT extension builder (it needs a C++ compiler, ~20 s), into ``$PADDLE_LLM_KERNEL_CACHE`` (default
 ``~/.cache/paddle_llm/cpu_kernels``). Later processes load the built library directly. Concurrent first uses (a
 multi-process launch) wait on a file lock, so one of them compiles and the rest reuse its library.
 
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from paddle_llm.config import cpu_features
+
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +32,10 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 MODULE_NAME = "paddle_llm_cpu_kernels"
 SWITCH_VARIABLE = "PADDLE_LLM_CPU_KERNELS"
 CACHE_VARIABLE = "PADDLE_LLM_KERNEL_CACHE"
-# -march=native is safe because the cache key includes this machine's CPU flags. -ffast-math is what lets GCC call
-# glibc's vectorised expf (8 values per call); the kernels never test for infinities, so finite maths is harmless.
-BASE_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+# The instruction set flags come from config.cpu_features (this CPU's CPUID), and the cache key includes them.
+# -ffast-math is what lets GCC call glibc's vectorised expf (8 values per call); the kernels never test for
+# infinities, so finite maths is harmless.
+BASE_COMPILE_FLAGS = ["-O3", "-ffast-math", "-fopenmp"]
 # The attention kernel calls MKL's sgemm; it is compiled only where Paddle's wheel ships MKL (x86-64 builds do).
 WITH_MKL_FLAG = "-DPADDLE_LLM_WITH_MKL"
 MKL_LIBRARY = "libmklml_intel.so"
@@ -45,7 +48,8 @@ def _paddle_ships(library: str) -> bool:
 
 
 def compile_flags() -> list[str]:
-    return BASE_COMPILE_FLAGS + ([WITH_MKL_FLAG] if _paddle_ships(MKL_LIBRARY) else [])
+    isa_flags = list(cpu_features.kernel_compile_flags(cpu_features.detect()))
+    return BASE_COMPILE_FLAGS + isa_flags + ([WITH_MKL_FLAG] if _paddle_ships(MKL_LIBRARY) else [])
 
 
 def link_flags() -> list[str]:
@@ -59,23 +63,14 @@ def link_flags() -> list[str]:
     return flags + ([f"-l:{MKL_LIBRARY}"] if _paddle_ships(MKL_LIBRARY) else [])
 
 
-def _cpu_signature() -> str:
-    """Model name and instruction-set flags: a library built with -march=native only runs where these match."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            lines = [line for line in cpuinfo if line.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = []
-    return platform.machine() + "".join(lines)
-
-
 def build_directory() -> Path:
-    """Where this source is built for this machine, Python and Paddle."""
+    """Where this source is built for this CPU's instruction set level, Python and Paddle."""
     import paddle
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), paddle.__version__.encode(), sys.version.encode(), _cpu_signature().encode(),
-                 " ".join(compile_flags() + link_flags()).encode()):
+    isa = cpu_features.detect().isa
+    for part in (SOURCE.read_bytes(), paddle.__version__.encode(), sys.version.encode(), platform.machine().encode(),
+                 isa.name.encode(), " ".join(isa.needs).encode(), " ".join(compile_flags() + link_flags()).encode()):
         key.update(part)
     root = Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "paddle_llm" / "cpu_kernels")
     return root / key.hexdigest()[:16]

@@ -10,6 +10,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from paddle_llm.config import cpu_features
+from paddle_llm.config.cpu_features import fused_rms_norm_allowed
 from paddle_llm.serving.engine import Engine
 
 ENGINE_PADDLE = "paddle"
@@ -101,7 +103,7 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
     source = resolve_model(model_dir)
     family = source.family.name
     model = load_model(source)
-    step = build_step_layer(model, family, "float32")
+    step = build_step_layer(model, family, "float32", fused_rms_norm=fused_rms_norm_allowed(cpu_features.detect()))
     generation = _read_generation_config(model_dir)
     decoder = StepDecoder(
         DygraphStepRunner(step.layer),

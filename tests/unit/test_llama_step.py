@@ -5,6 +5,8 @@ import numpy as np
 import paddle
 import pytest
 
+from paddle_llm.config import cpu_features
+from paddle_llm.config.cpu_features import fused_rms_norm_allowed
 from paddle_llm.export.llama_step import LlamaInferenceStep
 from paddle_llm.export.manifest import STEP_LLAMA_INFERENCE, STEP_PADDLENLP
 from paddle_llm.export.step_graph import KVCacheStep, build_step_layer
@@ -55,10 +57,15 @@ def head_major(cache):
     {"rope_theta": 500000.0},
 ], ids=["mha", "gqa", "mqa", "tied", "rope_theta"])
 @pytest.mark.parametrize("batch, query, past", [(2, 5, 7), (3, 1, 11)], ids=["prefill", "decode"])
-def test_inference_step_equals_paddlenlp(overrides, batch, query, past):
+@pytest.mark.parametrize("fused_rms_norm", [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(not fused_rms_norm_allowed(cpu_features.detect()),
+                                                reason="Paddle's fused RMSNorm has only an AVX-512 CPU kernel")),
+], ids=["composed_rms_norm", "fused_rms_norm"])
+def test_inference_step_equals_paddlenlp(overrides, batch, query, past, fused_rms_norm):
     model = tiny_llama(**overrides)
     reference = KVCacheStep(model, "llama", model.config.num_hidden_layers)
-    ours = LlamaInferenceStep(model)
+    ours = LlamaInferenceStep(model, fused_rms_norm)
     inputs = step_inputs(model.config, batch, query, past)
     with paddle.no_grad():
         expected = reference(*inputs[:3], inputs[3:])
@@ -85,3 +92,17 @@ def test_build_step_layer_keeps_paddlenlp_where_the_step_differs(overrides, dtyp
     step = build_step_layer(tiny_llama(**overrides), "llama", dtype)
     assert isinstance(step.layer, KVCacheStep) and step.implementation == STEP_PADDLENLP
     assert expected_reason in step.kept_because
+
+
+def test_the_default_step_graph_has_no_kernel_a_cpu_may_lack(tmp_path):
+    from paddle_llm.export.manifest import program_needs, program_op_types
+    from paddle_llm.export.step_graph import save_step_graph
+
+    model = tiny_llama()
+    step = build_step_layer(model, "llama", "float32")
+    save_step_graph(step.layer, "llama", "float32", model.config.num_hidden_layers, str(tmp_path / "portable"))
+    assert program_needs(str(tmp_path / "portable.json")) == []
+    step.layer.fused_rms_norm = True
+    save_step_graph(step.layer, "llama", "float32", model.config.num_hidden_layers, str(tmp_path / "fused"))
+    assert "fused_rms_norm_quant" in program_op_types(str(tmp_path / "fused.json"))
+    assert program_needs(str(tmp_path / "fused.json")) == ["avx512f"]
