@@ -13,7 +13,8 @@ What is checked, and why:
 * Python, Paddle and PaddleNLP versions against ``constraints.txt`` (the one list of tested pins): PaddleNLP 3
   betas break on other Paddle releases in ways that surface as import errors or wrong losses, not version errors.
 * AVX/AVX2: Paddle's PyPI wheels are compiled for AVX; without it ``import paddle`` fails with an illegal
-  instruction, so the doctor reads ``/proc/cpuinfo`` before importing Paddle at all.
+  instruction, so the doctor reads the CPU's features (CPUID, ``config.cpu_features``) before importing Paddle at
+  all, and shows the vector ISA and which CPU kernel paths it allows (AVX-512-only kernels are never run without it).
 * GPU model, compute capability, CUDA, cuDNN and NCCL as Paddle sees them.
 * flash attention: its kernels need Ampere (compute capability 8.0) or newer; on older GPUs the loss falls to
   0.00x within a few steps instead of failing (reported by users of PaddleNLP's llama scripts on V100/T4).
@@ -38,6 +39,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from paddle_llm.config import cpu_features
 from paddle_llm.config.parser import FALSE_WORDS, TRUE_WORDS
 from paddle_llm.estimator.flags import estimate_for_flags
 from paddle_llm.estimator.memory import HEADROOM, MemoryEstimate, format_bytes
@@ -130,7 +132,8 @@ class EnvironmentFacts:
         paddlenlp_import_error: the exception text when ``import paddlenlp`` failed.
         machine: ``platform.machine()``.
         cpu_model: from ``/proc/cpuinfo``.
-        cpu_flags: instruction-set flags from ``/proc/cpuinfo``; None when unknown (not Linux).
+        cpu_flags: instruction-set extensions from CPUID (``config.cpu_features``: ``avx2``, ``fma3``,
+            ``avx512f``...); None when unknown.
         driver_gpus: GPU names the NVIDIA driver lists, independent of Paddle (a CPU build sees none itself).
         paddle: what Paddle reports.
         output_dir: the directory checked for free space.
@@ -363,6 +366,13 @@ def check_cpu(facts: EnvironmentFacts, plan: TrainingPlan) -> CheckResult:
     return CheckResult("cpu instructions", Status.OK, found)
 
 
+def check_cpu_kernel_paths(facts: EnvironmentFacts, plan: TrainingPlan) -> CheckResult:
+    if facts.machine.lower() not in ("x86_64", "amd64") or facts.cpu_flags is None:
+        return CheckResult("cpu kernel paths", Status.SKIP, "x86-64 only")
+    features = cpu_features.CpuFeatures(facts.cpu_flags, "facts")
+    return CheckResult("cpu kernel paths", Status.OK, f"{features.isa.name}: {'; '.join(cpu_features.describe(features))}")
+
+
 def check_device(facts: EnvironmentFacts, plan: TrainingPlan) -> CheckResult:
     from paddle_llm.config.validation import check_device as validate_device
 
@@ -528,6 +538,7 @@ CHECKS = (
     check_paddlenlp,
     check_other_pins,
     check_cpu,
+    check_cpu_kernel_paths,
     check_device,
     check_gpu,
     check_nccl,
@@ -605,11 +616,11 @@ def _installed_version(name: str) -> str | None:
         return None
 
 
-def read_cpuinfo(text: str) -> tuple[str | None, frozenset[str]]:
-    """``/proc/cpuinfo`` text -> (model name, flags of the first processor)."""
+def cpu_model_name(text: str) -> str | None:
+    """``/proc/cpuinfo`` text -> the first processor's model name. Its flags are not read: under an emulator they
+    are the host's, not the CPU that executes."""
     model = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    flags = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.MULTILINE)
-    return (model.group(1).strip() if model else None), frozenset(flags.group(1).split() if flags else ())
+    return model.group(1).strip() if model else None
 
 
 def _read_text(path: str) -> str | None:
@@ -733,7 +744,9 @@ def gather_facts(output_dir: str) -> EnvironmentFacts:
     installed["paddlepaddle"] = _installed_version(paddle_distribution) if paddle_distribution else None
     installed.setdefault("paddlenlp", _installed_version("paddlenlp"))
     cpuinfo = _read_text("/proc/cpuinfo")
-    cpu_model, cpu_flags = read_cpuinfo(cpuinfo) if cpuinfo else (None, None)
+    cpu_model = cpu_model_name(cpuinfo) if cpuinfo else None
+    features = cpu_features.detect()
+    cpu_flags = features.flags if features.source == cpu_features.FROM_CPUID else None
     machine = platform.machine()
     x86 = machine.lower() in ("x86_64", "amd64")
     paddle = _paddle_facts(may_import=not (x86 and cpu_flags is not None and "avx" not in cpu_flags))

@@ -23,7 +23,7 @@ from paddle_llm.doctor import (
     format_version_code,
     parse_constraints,
     plan_from_args,
-    read_cpuinfo,
+    cpu_model_name,
     run_checks,
     version_satisfies,
 )
@@ -54,7 +54,7 @@ def healthy_cpu_facts(**changes) -> EnvironmentFacts:
         paddlenlp_import_error=None,
         machine="x86_64",
         cpu_model="Intel(R) Xeon(R) Platinum 8369B",
-        cpu_flags=frozenset({"sse4_2", "avx", "avx2", "fma"}),
+        cpu_flags=frozenset({"sse42", "avx", "avx2", "fma3", "f16c"}),
         driver_gpus=(),
         paddle=PaddleFacts(version=PADDLE_PIN, commit="7688495538"),
         output_dir="/data/out",
@@ -87,7 +87,7 @@ def test_healthy_cpu_machine_with_faked_environment_is_ready():
     assert not blocks_training(results)
     assert {r.name: r.status for r in results if r.status is not Status.SKIP} == {
         "python": Status.OK, "paddle": Status.OK, "paddlenlp": Status.OK, "other pins": Status.OK,
-        "cpu instructions": Status.OK, "device": Status.OK, "disk": Status.OK,
+        "cpu instructions": Status.OK, "cpu kernel paths": Status.OK, "device": Status.OK, "disk": Status.OK,
     }
 
 
@@ -182,9 +182,18 @@ def test_arm_cpu_with_faked_environment_skips_the_avx_check():
     assert row(healthy_cpu_facts(machine="aarch64", cpu_flags=frozenset({"neon"})), "cpu instructions").status is Status.SKIP
 
 
-def test_read_cpuinfo():
+def test_cpu_model_name_from_cpuinfo():
     text = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse avx avx2\n\nprocessor\t: 1\n"
-    assert read_cpuinfo(text) == ("AMD EPYC 7B13", frozenset({"fpu", "sse", "avx", "avx2"}))
+    assert cpu_model_name(text) == "AMD EPYC 7B13"
+
+
+def test_cpu_kernel_paths_row_follows_the_cpu_features():
+    avx2 = row(healthy_cpu_facts(cpu_flags=frozenset({"avx", "avx2", "fma3", "f16c"})), "cpu kernel paths").found
+    assert avx2.startswith("avx2:") and "-mavx2 -mfma -mf16c" in avx2 and "-mavx512f" not in avx2
+    assert "fused RMSNorm no (needs avx512f" in avx2 and "without self_attention_fuse_pass" in avx2
+    avx512 = frozenset({"avx", "avx2", "fma3", "f16c", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
+    found = row(healthy_cpu_facts(cpu_flags=avx512), "cpu kernel paths").found
+    assert found.startswith("avx512:") and "-mavx512f" in found and "fused RMSNorm yes" in found
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------------
