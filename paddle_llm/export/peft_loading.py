@@ -12,6 +12,7 @@ import tempfile
 
 import paddle
 
+from paddle_llm.config.validation import GPU_ONLY_FLAGS
 from paddle_llm.export.manifest import CacheLayout
 from paddle_llm.models.registry import ModelSource, build_config, build_model, load_tokenizer
 
@@ -25,7 +26,8 @@ def _require_weights(source: ModelSource) -> None:
 
 
 def load_model(source: ModelSource, lora_path: str | None = None, merge_lora: bool = True):
-    """Load a checkpoint in float32, with a LoRA adapter merged (or attached, for a reference model).
+    """Load a checkpoint in float32, with a LoRA adapter merged (or attached, for a reference model), with the
+    GPU-only kernel switches off when running on a CPU.
 
     Args:
         source: a resolved checkpoint directory.
@@ -37,7 +39,12 @@ def load_model(source: ModelSource, lora_path: str | None = None, merge_lora: bo
         FileNotFoundError: no weights, or the LoRA directory is not one.
     """
     _require_weights(source)
-    model = build_model(source, build_config(source, dtype="float32"), load_weights=True)
+    overrides = {"dtype": "float32"}
+    if paddle.get_device() == "cpu":
+        # A checkpoint trained on GPUs keeps its fused-kernel switches (--use_fused_rms_norm ...) in config.json;
+        # on a CPU, PaddleNLP's forward would call kernels that do not exist there.
+        overrides.update({name: False for name in GPU_ONLY_FLAGS if name.startswith("use_")})
+    model = build_model(source, build_config(source, **overrides), load_weights=True)
     if lora_path:
         from paddle_llm.peft.lora import load_lora, merge_lora as merge_into_model
 

@@ -111,6 +111,40 @@ def test_fastdeploy_format_writes_safetensors_checkpoint(checkpoints, workdir):
     assert os.path.isfile(os.path.join(output, "tokenizer_config.json"))
 
 
+@pytest.mark.parametrize("family", ["llama", "chatglm2"])
+def test_a_checkpoint_trained_with_gpu_kernel_switches_exports_on_cpu(checkpoints, workdir, family):
+    """A GPU run saves --use_fused_rms_norm, --use_flash_attention and --use_fused_rope into config.json; the CPU has
+    none of those kernels, so export (and its parity reference) must run without them. The input stays untouched."""
+    checkpoint = str(workdir / f"gpu-trained-{family}")
+    shutil.copytree(checkpoints[family], checkpoint)
+    config_path = os.path.join(checkpoint, "config.json")
+    config = json.load(open(config_path))
+    config.update(use_fused_rms_norm=True, use_flash_attention=True, use_fused_rope=True)
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    before = open(config_path).read()
+    output = str(workdir / f"export-gpu-trained-{family}")
+    assert export_main(["--model_name_or_path", checkpoint, "--output_path", output]) == 0
+    assert load_manifest(output).parity["passed"]
+    assert open(config_path).read() == before
+
+
+def test_exported_programs_record_what_they_need_and_model_json_runs_anywhere(exports):
+    from paddle_llm.config import cpu_features
+    from paddle_llm.export.manifest import program_needs
+
+    for family, (_, output) in exports.items():
+        programs = load_manifest(output).programs
+        assert programs[-1] == {"file": "model.json", "needs": []}, family
+        assert program_needs(os.path.join(output, "model.json")) == [], family
+        for program in programs:
+            assert program["needs"] == program_needs(os.path.join(output, program["file"]))
+    llama_programs = [program["file"] for program in load_manifest(exports["llama"][1]).programs]
+    with_avx512 = cpu_features.fused_rms_norm_allowed(cpu_features.detect())
+    assert llama_programs == (["model.avx512f.json", "model.json"] if with_avx512 else ["model.json"])
+    assert load_manifest(exports["llama"][1]).parity["programs"] == llama_programs
+
+
 def test_half_precision_graph_on_cpu_build_is_refused_clearly(checkpoints, workdir, capsys):
     import paddle
 
