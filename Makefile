@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: demo test test-all install clean benchmarks
+.PHONY: demo test test-quick install clean benchmarks
 
 $(STAMP): pyproject.toml requirements.txt requirements-dev.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/paddle-llm demo
 
-# The suite without the slow multi-process cases; `make test-all` runs everything. One math thread per process:
-# the integration tests run several training processes side by side on 2 cores.
+# Every test this machine can run (CI runs this); `make test-quick` leaves out the slow multi-process and emulated-CPU
+# cases for a local loop. One math thread per process: the integration tests run several training processes side by
+# side on 2 cores.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow and not gpu" -q
-
-test-all: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not gpu" -q
+
+test-quick: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow and not gpu" -q
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
