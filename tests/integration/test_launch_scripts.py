@@ -78,7 +78,8 @@ def test_gpu_scripts_name_what_they_need():
 @pytest.fixture(scope="module")
 def pretrain_twin(demo_data, tmp_path_factory) -> str:
     output = str(tmp_path_factory.mktemp("twins") / "pretrain")
-    result = run_bash("cpu/pretrain_sharding_stage2.sh", INPUT_DIR=demo_data, OUTPUT_DIR=output)
+    # Verbose: the check below reads what Paddle's sharding wrappers log, which the default output policy drops.
+    result = run_bash("cpu/pretrain_sharding_stage2.sh", INPUT_DIR=demo_data, OUTPUT_DIR=output, PADDLE_LLM_VERBOSE=1)
     assert result.returncode == 0, result.stderr[-3000:]
     return output
 
