@@ -94,9 +94,22 @@ class _OurFormatter(logging.Formatter):
         return f"[paddle_llm] {level}{record.getMessage()}"
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when each line is logged, so a later redirect (pytest's capture, a
+    notebook's cell output, ``contextlib.redirect_stderr``) receives our lines like any other stderr output."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def _configure_our_logger() -> None:
     logger = logging.getLogger("paddle_llm")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(_OurFormatter())
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
