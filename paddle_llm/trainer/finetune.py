@@ -20,7 +20,7 @@ from typing import Mapping
 from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision
 from paddle_llm.models.registry import ModelSource, resolve_model
-from paddle_llm.trainer.pretrain import _world_size, log, warn
+from paddle_llm.trainer.pretrain import _world_size, log, train_save_evaluate, warn
 
 TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
 MERGED_DIR = "merged"
@@ -308,20 +308,7 @@ def prepare(plan: FinetuneSetup) -> FinetuneRun:
 def fit(plan: FinetuneSetup) -> int:
     run = prepare(plan)
     trainer, training_args = run.trainer, run.trainer.args
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=run.resume_from)
-        metrics = dict(result.metrics)
-        metrics["train_tokens_per_second"] = round(metrics.get("train_samples_per_second", 0.0) * run.tokens_per_row, 2)
-        trainer.save_model()
-        if training_args.process_index == 0:
-            run.tokenizer.save_pretrained(training_args.output_dir)
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+    train_save_evaluate(trainer, run.tokenizer, plan.parsed, run.resume_from, run.tokens_per_row)
     if run.peft_args.merge_weights and training_args.process_index == 0:
         log(f"merged model written to {save_merged_model(trainer.model, run.tokenizer, training_args.output_dir)}")
     return 0

@@ -347,7 +347,6 @@ def fit(plan: PretrainSetup) -> int:
     )
     from paddle_llm.trainer.callbacks import MetricsFileCallback
     from paddle_llm.trainer.health import NumericalHealthCallback
-    from paddle_llm.trainer.report import ReportCallback
     from paddle_llm.trainer.trainer import LLMTrainer
 
     install_collectives_when_distributed(plan.parsed.value("device"))
@@ -389,12 +388,21 @@ def fit(plan: PretrainSetup) -> int:
     tokens_per_sample = data_args.max_seq_length
     trainer.add_callback(MetricsFileCallback(training_args.output_dir, tokens_per_sample))
     trainer.add_callback(NumericalHealthCallback())
-    trainer.add_callback(ReportCallback(plan.parsed.as_dict(), plan.parsed.explicit))
+    train_save_evaluate(trainer, tokenizer, plan.parsed, resume_from, tokens_per_sample)
+    return 0
 
+
+def train_save_evaluate(trainer, tokenizer, parsed: ParsedArgs, resume_from: str | None, tokens_per_row: float) -> None:
+    """Every recipe's tail: train (resuming), save the model and tokenizer, evaluate, and write the metrics files,
+    with ``report.html`` and ``run_summary.json`` (``ReportCallback``) for every run."""
+    from paddle_llm.trainer.report import ReportCallback
+
+    training_args = trainer.args
+    trainer.add_callback(ReportCallback(parsed.as_dict(), parsed.explicit))
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
         metrics = dict(result.metrics)
-        metrics["train_tokens_per_second"] = round(metrics.get("train_samples_per_second", 0.0) * tokens_per_sample, 2)
+        metrics["train_tokens_per_second"] = round(metrics.get("train_samples_per_second", 0.0) * tokens_per_row, 2)
         trainer.save_model()
         if training_args.process_index == 0:
             tokenizer.save_pretrained(training_args.output_dir)
@@ -405,7 +413,6 @@ def fit(plan: PretrainSetup) -> int:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    return 0
 
 
 if __name__ == "__main__":

@@ -216,6 +216,12 @@ def test_instruction_tuning_end_to_end_chat_data_packed_with_generation_eval_and
     with open(os.path.join(output, "lora_config.json")) as f:
         assert json.load(f)["lora_alpha"] == 16
     assert os.path.isfile(os.path.join(output, "merged", "model_state.pdparams"))
+    # Every recipe writes the run's report and summary, as pretraining does.
+    with open(os.path.join(output, "run_summary.json")) as f:
+        assert json.load(f)["flags"]["lora"] is True
+    with open(os.path.join(output, "report.html"), encoding="utf-8") as f:
+        report = f.read()
+    assert "<h2>Curves</h2>" in report and "eval_loss" in report
 
 
 def test_lora_run_resumes_from_its_last_checkpoint_on_the_same_loss_curve(saved_tiny_models, sum_data, tmp_path):
