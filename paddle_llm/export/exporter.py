@@ -23,7 +23,6 @@ import os
 from dataclasses import dataclass
 
 from paddle_llm.config import cpu_features
-from paddle_llm.config.cpu_features import fused_rms_norm_allowed
 from paddle_llm.export.manifest import (
     AVX512_PROGRAM,
     DTYPES,
@@ -128,7 +127,7 @@ def _write_step_graph(staging: str, step, family: str, dtype: str, prefix, manif
 
     save_step_graph(step.layer, family, dtype, step.layout.num_layers, os.path.join(staging, GRAPH_PREFIX))
     manifest.programs = [{"file": PORTABLE_PROGRAM, "needs": program_needs(os.path.join(staging, PORTABLE_PROGRAM))}]
-    if step.implementation == STEP_LLAMA_INFERENCE and fused_rms_norm_allowed(cpu_features.detect()):
+    if step.implementation == STEP_LLAMA_INFERENCE and cpu_features.fused_rms_norm_allowed(cpu_features.detect()):
         manifest.programs.insert(0, _write_avx512_program(staging, step, family, dtype))
     manifest.step_implementation = step.implementation
     manifest.cache = step.layout.to_dict()

@@ -30,7 +30,7 @@ import math
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
-from paddle.incubate.nn.functional import fused_rms_norm
+from paddle.incubate.nn.functional import fused_rms_norm as paddle_fused_rms_norm
 
 from paddle_llm.models.cpu_fast import llama_attention_unsupported, llama_rotary_tables
 
@@ -104,7 +104,7 @@ class LlamaInferenceStep(nn.Layer):
 
     def _normalized(self, x, weight):
         if self.fused_rms_norm:
-            return fused_rms_norm(x, weight, None, self.epsilon, begin_norm_axis=x.ndim - 1)[0]
+            return paddle_fused_rms_norm(x, weight, None, self.epsilon, begin_norm_axis=x.ndim - 1)[0]
         return x * paddle.rsqrt((x * x).mean(axis=-1, keepdim=True) + self.epsilon) * weight
 
     def _attention(self, hidden, cos, sin, score_bias, past_key, past_value, index):

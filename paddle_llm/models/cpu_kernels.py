@@ -1,9 +1,10 @@
 """Build and load ``cpu_kernels.cc``, the fused fp32 CPU kernels behind ``cpu_fast``'s composites.
 
 The source is compiled once per CPU instruction set level (``config.cpu_features``), Python, Paddle version and
-source text, with Paddle's own JIT extension builder (it needs a C++ compiler, ~20 s), into ``$PADDLE_LLM_KERNEL_CACHE`` (default
-``~/.cache/paddle_llm/cpu_kernels``). Later processes load the built library directly. Concurrent first uses (a
-multi-process launch) wait on a file lock, so one of them compiles and the rest reuse its library.
+source text, with Paddle's own JIT extension builder (it needs a C++ compiler, ~20 s), into
+``$PADDLE_LLM_KERNEL_CACHE`` (default ``~/.cache/paddle_llm/cpu_kernels``). Later processes load the built library
+directly. Concurrent first uses (a multi-process launch) wait on a file lock, so one of them compiles and the rest
+reuse its library.
 
 When compiling is impossible (no compiler, a read-only home) or ``PADDLE_LLM_CPU_KERNELS=0`` is set, ``load()``
 returns None, the reason is logged once, and ``cpu_fast`` keeps its pure-Paddle composites: the same maths, about

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass, field
 
 from paddle_llm.config import cpu_features
-from paddle_llm.config.cpu_features import fused_rms_norm_allowed
 from paddle_llm.serving.engine import Engine
 
 ENGINE_PADDLE = "paddle"
@@ -103,7 +102,8 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
     source = resolve_model(model_dir)
     family = source.family.name
     model = load_model(source)
-    step = build_step_layer(model, family, "float32", fused_rms_norm=fused_rms_norm_allowed(cpu_features.detect()))
+    fused_rms_norm = cpu_features.fused_rms_norm_allowed(cpu_features.detect())
+    step = build_step_layer(model, family, "float32", fused_rms_norm=fused_rms_norm)
     generation = _read_generation_config(model_dir)
     decoder = StepDecoder(
         DygraphStepRunner(step.layer),
