@@ -163,6 +163,19 @@ class PeftArguments:
     merge_weights: bool = field(
         default=False, metadata={"help": "after training, also write OUTPUT_DIR/merged: the base model with the adapter folded in"}
     )
+    weight_quantize_algo: Optional[str] = field(
+        default=None,
+        metadata={"help": "QLoRA: store the frozen base as nf4, fp4, weight_only_int8 or weight_only_int4 (needs --lora True)"},
+    )
+    qlora_weight_blocksize: int = field(
+        default=64, metadata={"help": "nf4/fp4: weights per absmax block (alias --weight_blocksize); must divide hidden_size"}
+    )
+    qlora_weight_double_quant: bool = field(
+        default=False, metadata={"help": "nf4/fp4: also quantize the block scales to 8 bits (alias --weight_double_quant)"}
+    )
+    qlora_weight_double_quant_block_size: int = field(
+        default=256, metadata={"help": "block scales per 8-bit block of the double quantization (alias --weight_double_quant_block_size)"}
+    )
     prefix_tuning: bool = field(default=False, metadata={"help": "train a prefix (virtual past keys/values) only"})
     prefix_path: Optional[str] = field(default=None, metadata={"help": "start from this saved prefix directory"})
     num_prefix_tokens: int = field(default=128, metadata={"help": "prefix length in tokens"})

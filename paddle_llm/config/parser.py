@@ -7,7 +7,8 @@ Accepted forms, as PaddleNLP's scripts accept them:
   * ``run_pretrain.py args.json --flag value``: the JSON file first, command-line flags override it;
   * ``--flag value``, ``--flag=value``; a bare boolean flag means true; booleans take 1/0/true/false/True/False;
   * list flags take several values (``--report_to visualdl wandb``);
-  * aliases: ``--tensor_model_parallel_size``, ``--pipeline_model_parallel_size``, ``--lora_rank``.
+  * aliases: ``--tensor_model_parallel_size``, ``--pipeline_model_parallel_size``, ``--lora_rank``, and
+    PaddleNLP 3.0.0b4's ``--weight_blocksize``, ``--weight_double_quant``, ``--weight_double_quant_block_size``.
 An unknown flag is an error naming it and the closest known flag.
 """
 
@@ -27,6 +28,10 @@ ALIASES = {
     "tensor_model_parallel_size": "tensor_parallel_degree",
     "pipeline_model_parallel_size": "pipeline_parallel_degree",
     "lora_rank": "r",
+    # PaddleNLP 3.0.0b4's own spellings of the QLoRA flags (its QuantizationConfig field names)
+    "weight_blocksize": "qlora_weight_blocksize",
+    "weight_double_quant": "qlora_weight_double_quant",
+    "weight_double_quant_block_size": "qlora_weight_double_quant_block_size",
 }
 TRUE_WORDS = {"1", "true", "yes", "y", "t", "on"}
 FALSE_WORDS = {"0", "false", "no", "n", "f", "off"}

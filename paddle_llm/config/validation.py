@@ -183,6 +183,45 @@ def check_precision(values: Mapping, explicit: set[str]) -> list[str]:
     return []
 
 
+# --weight_quantize_algo values this toolkit quantizes (paddle_llm/peft/quantize.py); PaddleNLP's llm.int8 and a8w8
+# are inference formats with no LoRA path, so they are refused here.
+WEIGHT_QUANTIZE_ALGOS = ("nf4", "fp4", "weight_only_int8", "weight_only_int4")
+BLOCKWISE_ALGOS = ("nf4", "fp4")
+
+
+def check_quantization(values: Mapping, model_fields: Mapping | None) -> list[str]:
+    """QLoRA's flags: a known algorithm, with ``--lora``, block sizes that tile the weights, one process per model.
+
+    Every quantized layer has ``hidden_size`` as its input or output width, so a block size dividing
+    ``hidden_size`` divides every weight (blocks run over the flattened ``[in, out]`` weight).
+    """
+    algo = values.get("weight_quantize_algo")
+    if not algo:
+        explicit_double = values.get("qlora_weight_double_quant")
+        return ["--qlora_weight_double_quant quantizes the scales of a quantized base: add --weight_quantize_algo nf4 (or fp4)"] if explicit_double else []
+    if algo not in WEIGHT_QUANTIZE_ALGOS:
+        return [f"--weight_quantize_algo {algo!r} must be one of {', '.join(WEIGHT_QUANTIZE_ALGOS)} (llm.int8 and a8w8 are PaddleNLP inference formats with no LoRA training path)"]
+    errors = []
+    if not values.get("lora"):
+        errors.append(f"--weight_quantize_algo {algo} stores the frozen base quantized for QLoRA, so only adapters can train: add --lora True")
+    if values.get("prefix_tuning"):
+        errors.append(f"--weight_quantize_algo {algo} is for LoRA adapters (QLoRA): drop --prefix_tuning")
+    blocksize, double_blocksize = int(values.get("qlora_weight_blocksize") or 0), int(values.get("qlora_weight_double_quant_block_size") or 0)
+    hidden = int((model_fields or {}).get("hidden_size") or 0)
+    if algo in BLOCKWISE_ALGOS:
+        if blocksize < 2 or blocksize % 2:
+            errors.append(f"--qlora_weight_blocksize {blocksize}: must be an even number of weights (two 4-bit codes share a byte); PaddleNLP uses 64")
+        elif hidden and hidden % blocksize:
+            errors.append(f"--qlora_weight_blocksize {blocksize} does not divide hidden_size={hidden}, so it would not divide every weight (blocks tile each flattened weight exactly): use one of {', '.join(str(2**k) for k in range(1, 13) if hidden % 2**k == 0)} (64 is PaddleNLP's default)")
+        if values.get("qlora_weight_double_quant") and double_blocksize < 1:
+            errors.append(f"--qlora_weight_double_quant_block_size {double_blocksize}: must be at least 1 (PaddleNLP uses 256)")
+    elif values.get("qlora_weight_double_quant"):
+        errors.append(f"--qlora_weight_double_quant quantizes the block scales of nf4/fp4; {algo} has one scale per output channel: drop it, or use --weight_quantize_algo nf4")
+    if _degree(values, "tensor_parallel_degree") > 1:
+        errors.append(f"--weight_quantize_algo {algo} quantizes whole linear layers here, not tensor-parallel shards: use --tensor_parallel_degree 1 (data parallel or sharding work)")
+    return errors
+
+
 def check_device(values: Mapping, cuda_available: bool) -> list[str]:
     device = str(values.get("device") or "gpu")
     if device.startswith("gpu") and not cuda_available:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+from paddle_llm.peft.quantize import recorded_quantization
+
 # The linear layers LoRA adapts by default, per family: every attention and MLP projection, as PaddleNLP's
 # llm/utils.get_lora_target_modules chooses them (module names as the PaddleNLP model classes spell them).
 LORA_TARGET_MODULES: dict[str, tuple[str, ...]] = {
@@ -38,15 +40,23 @@ def _linear_layer_names(model) -> list[str]:
 def load_lora(model, lora_path: str):
     """Wrap ``model`` with the LoRA adapter saved in ``lora_path`` (its own rank, alpha and targets); only it trains.
 
+    A QLoRA adapter records the quantization of the base it was trained on; the base is quantized the same way here,
+    so the model computes what training saw.
+
     Raises:
         FileNotFoundError: ``lora_path`` is not a saved adapter.
     """
     from paddlenlp.peft import LoRAModel
 
+    from paddle_llm.peft.qlora import quantize_lora_base
+
     if not os.path.isfile(os.path.join(lora_path, "lora_config.json")):
         raise FileNotFoundError(f"--lora_path {lora_path!r} has no lora_config.json; pass the directory a LoRA run saved")
     lora_model = LoRAModel.from_pretrained(model, lora_path)
     lora_model.mark_only_lora_as_trainable()
+    spec = recorded_quantization(lora_path)
+    if spec is not None:
+        quantize_lora_base(lora_model, spec)
     return lora_model
 
 
@@ -93,8 +103,12 @@ def apply_lora(model, family_name: str, rank: int, alpha: int | None = None, tar
 def merge_lora(lora_model):
     """Fold the adapters into the base weights (``W + A @ B * scaling``) and return the plain model.
 
-    The ``LoRAModel`` is consumed: its layers are swapped back for ``nn.Linear`` holding the merged weights.
+    The ``LoRAModel`` is consumed: its layers are swapped back for ``nn.Linear`` holding the merged weights. A
+    quantized (QLoRA) base is dequantized first, so ``W`` is the weight training saw.
     """
+    from paddle_llm.peft.qlora import dequantize_lora_base
+
+    dequantize_lora_base(lora_model)
     lora_model.merge()
     model = lora_model.restore_original_model()
     for parameter in model.parameters():

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 
 from paddle_llm.files import replace_directory_atomically
+from paddle_llm.peft.quantize import recorded_quantization
 
 PROBE_LENGTH = 16
 
@@ -43,6 +44,9 @@ def probe_logits(model, family, vocab_size: int) -> np.ndarray:
 
 def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: str) -> float:
     """Load base + adapter, merge, save; return the largest logit difference between the two on a probe sequence.
+
+    A QLoRA adapter is compared against, and merged into, its quantized base (``load_lora`` quantizes it as the
+    adapter records), so the difference measures the merge, not the quantization.
 
     Raises:
         FileNotFoundError: the base has no weights, or ``lora_path`` is not an adapter directory.
@@ -86,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"paddle-llm merge-lora: error: {err}", file=sys.stderr)
         return 2
+    spec = recorded_quantization(args.lora_path)
+    if spec is not None:
+        print(f"QLoRA adapter: merged into the base dequantized from {spec.describe()}, the weights it was trained on (not the original float base)")
     print(f"merged model written to {args.output_path}; max |logit difference| against base + adapter: {difference:.2e}")
     return 0
 

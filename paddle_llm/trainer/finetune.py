@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
-from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision
+from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision, check_quantization
 from paddle_llm.models.registry import ModelSource, resolve_model
 from paddle_llm.trainer.pretrain import _world_size, log, train_save_evaluate, warn
 
@@ -151,6 +151,7 @@ def setup(argv: list[str]) -> FinetuneSetup:
     errors = check_model_and_runtime(values, parsed.explicit, source)
     errors += check_finetune(values, _world_size())
     errors += check_dataset_files(values)
+    errors += check_quantization(values, source.config_fields)
     if errors:
         raise ArgumentError("\n".join(errors))
     warnings = apply_cpu_fallbacks(values)
@@ -179,6 +180,8 @@ def apply_peft(model, family_name: str, peft_args):
     """Wrap the model for LoRA or prefix tuning (or return it unchanged), and log what trains."""
     from paddle_llm.peft.lora import apply_lora, load_lora
     from paddle_llm.peft.prefix import apply_prefix
+    from paddle_llm.peft.qlora import quantize_lora_base
+    from paddle_llm.peft.quantize import QuantSpec
 
     if peft_args.lora and peft_args.lora_path:
         model = load_lora(model, peft_args.lora_path)
@@ -186,6 +189,8 @@ def apply_peft(model, family_name: str, peft_args):
         model = apply_lora(model, family_name, peft_args.r, peft_args.lora_alpha, peft_args.lora_target_modules)
     elif peft_args.prefix_tuning:
         model = apply_prefix(model, family_name, peft_args.num_prefix_tokens, peft_args.prefix_path, peft_args.prefix_projection)
+    if peft_args.weight_quantize_algo:
+        log(quantize_lora_base(model, QuantSpec.from_arguments(peft_args)))
     trainable = sum(int(p.numel().item()) for p in model.parameters() if not p.stop_gradient)
     total = sum(int(p.numel().item()) for p in model.parameters())
     log(f"trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M ({trainable / max(1, total):.2%})")
