@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import replace
 
+from paddle_llm.config.validation import WEIGHT_QUANTIZE_ALGOS
 from paddle_llm.estimator import deepspeed_compat
 from paddle_llm.estimator.flags import SCRIPTS, setup_from_flags
 from paddle_llm.estimator.memory import (
@@ -91,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument(
         "--lora_target_modules", help="comma-separated module names or PaddleNLP regexes (default: every linear layer)"
     )
+    method.add_argument("--weight_quantize_algo", choices=WEIGHT_QUANTIZE_ALGOS,
+                        help="QLoRA (with --lora): store the frozen LoRA-targeted weights quantized")
+    method.add_argument("--qlora_weight_blocksize", "--weight_blocksize", dest="qlora_weight_blocksize", type=int,
+                        default=64, help="nf4/fp4: weights per absmax block (default 64)")
+    flag(method, "--qlora_weight_double_quant", "--weight_double_quant", help="nf4/fp4: 8-bit block scales")
+    method.add_argument("--qlora_weight_double_quant_block_size", "--weight_double_quant_block_size", type=int,
+                        dest="qlora_weight_double_quant_block_size", default=256,
+                        help="scales per double-quantization block (default 256)")
     flag(method, "--prefix_tuning", help="prefix tuning: train virtual key/value tokens per layer")
     method.add_argument("--num_prefix_tokens", type=int, default=128, help="prefix tokens (default 128)")
     method.add_argument("--optim", choices=OPTIMIZERS, default="adamw", help="adamw (8 B/param of state), sgd (none), "

@@ -60,7 +60,8 @@ def setup_from_flags(flags: Mapping[str, Any]) -> TrainingSetup:
     bf16, fp16_opt_level, amp_master_grad, sharding, sharding_parallel_degree (or sharding_degree),
     tensor_parallel_degree, pipeline_parallel_degree, virtual_pp_degree, sequence_parallel, recompute,
     recompute_granularity, use_flash_attention, max_seq_length (or max_length), per_device_train_batch_size,
-    gradient_accumulation_steps, num_gpus (devices per node), num_nodes, gpu_memory_gb, cpu_memory_gb, device``.
+    gradient_accumulation_steps, num_gpus (devices per node), num_nodes, gpu_memory_gb, cpu_memory_gb, device,
+    weight_quantize_algo, qlora_weight_blocksize, qlora_weight_double_quant, qlora_weight_double_quant_block_size``.
 
     Raises:
         ValueError: contradictory flags (both LoRA and prefix, both fp16 and bf16, O2 without either) or any
@@ -105,6 +106,10 @@ def setup_from_flags(flags: Mapping[str, Any]) -> TrainingSetup:
         "gpu_memory_gb": get("gpu_memory_gb", 80.0),
         "cpu_memory_gb": get("cpu_memory_gb"),
         "device": get("device") or "gpu",
+        "weight_quantize_algo": get("weight_quantize_algo") or None,
+        "weight_blocksize": int(get("qlora_weight_blocksize") or 64),
+        "weight_double_quant": bool(get("qlora_weight_double_quant")),
+        "weight_double_quant_block_size": int(get("qlora_weight_double_quant_block_size") or 256),
     }
     if stage and sharding_degree == 1:
         knobs.update(sharding_stage=0, sharding_parallel_degree=None, sharding_offload=False)
@@ -143,6 +148,12 @@ def flags_for_setup(setup: TrainingSetup, script: str) -> list[str]:
         add("lora_rank", setup.lora_rank)
         if setup.lora_target_modules:
             add("lora_target_modules", ",".join(setup.lora_target_modules))
+        if setup.weight_quantize_algo:
+            add("weight_quantize_algo", setup.weight_quantize_algo)
+            add("qlora_weight_blocksize", setup.weight_blocksize)
+            if setup.weight_double_quant:
+                add("qlora_weight_double_quant", 1)
+                add("qlora_weight_double_quant_block_size", setup.weight_double_quant_block_size)
     elif setup.method == "prefix":
         add("prefix_tuning", 1)
         add("num_prefix_tokens", setup.num_prefix_tokens)

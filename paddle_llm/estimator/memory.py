@@ -17,6 +17,12 @@ Model states, per parameter on a device (``P`` = parameters on the device, ``T``
   ``offload`` (stage2/3) moves optimizer states and master weights, plus an fp32 gradient shard, to host memory.
 * tensor parallelism divides linear weights (and the vocabulary, when ``t`` divides it) by ``t``; pipeline
   parallelism gives each stage ``ceil(L/p)`` layers, the embedding to the first and the head to the last.
+* QLoRA (Dettmers et al. 2023; ``--weight_quantize_algo``) stores the frozen weight of each LoRA-targeted linear
+  layer quantized, as ``paddle_llm.peft.quantize`` does: nf4/fp4 half a byte per weight plus a float32 absmax per
+  ``blocksize`` weights (double quantization: one int8 per block, a float32 per ``double_quant_blocksize`` blocks);
+  int8 one byte and int4 half a byte per weight plus a float32 scale per output channel. Each such layer rebuilds
+  its float weight inside forward and backward, one layer at a time, so no 16-bit copy of it is kept; the base is
+  still read at the training dtype before it is quantized (``init``).
 * LoRA (Hu et al. 2021) adds ``r*(in+out)`` trainable parameters per targeted linear layer and freezes the rest;
   prefix tuning (Li & Liang 2021; PaddleNLP's ``PrefixModelForCausalLM`` without projection) adds
   ``prefix_tokens * L * 2 * kv_hidden`` trainable parameters. Frozen weights get no gradient and no optimizer state.
@@ -43,6 +49,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from paddle_llm.config.validation import BLOCKWISE_ALGOS, WEIGHT_QUANTIZE_ALGOS
 from paddle_llm.estimator.activations import (
     ActivationContext,
     backward_workspace_bytes,
@@ -67,6 +74,20 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 AMP_LEVELS = ("O1", "O2")
 RECOMPUTE_GRANULARITIES = ("full", "full_attn", "core_attn")
 DEVICES = ("gpu", "cpu")
+# Bytes alive per weight while a quantized layer rebuilds its float weight (paddle_llm.peft.quantize.dequantize):
+# the unpacked uint8 codes (1), their int32 indices (4), the gathered float32 values (4) and the scaled result (4).
+DEQUANTIZE_WORKSPACE_BYTES = 13
+
+
+def quantized_weight_bytes(in_features: int, out_features: int, algo: str, blocksize: int = 64,
+                           double_quant: bool = False, double_quant_blocksize: int = 256) -> int:
+    """Bytes one ``[in, out]`` weight takes stored as ``algo`` (codes and scales), as ``peft.quantize`` stores it."""
+    count = in_features * out_features
+    if algo not in BLOCKWISE_ALGOS:
+        return (count if algo == "weight_only_int8" else count // 2) + 4 * out_features
+    blocks = count // blocksize
+    scales = blocks + 4 * -(-blocks // double_quant_blocksize) + 4 if double_quant else 4 * blocks
+    return count // 2 + scales
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,9 @@ class TrainingSetup:
         gpus_per_node, num_nodes: devices per host and hosts.
         gpu_memory_gb, cpu_memory_gb: capacity per device and per host, in GiB (2**30 bytes); ``None`` is unknown.
         device: ``gpu``, or ``cpu`` when training on the host itself (device memory then is host memory).
+        weight_quantize_algo: QLoRA's storage of the LoRA-targeted frozen weights (nf4, fp4, weight_only_int8,
+            weight_only_int4), or None; ``weight_blocksize``, ``weight_double_quant`` and
+            ``weight_double_quant_block_size`` as PaddleNLP's ``QuantizationConfig`` names them.
     """
 
     method: str = "full"
@@ -122,6 +146,10 @@ class TrainingSetup:
     gpu_memory_gb: float | None = 80.0
     cpu_memory_gb: float | None = None
     device: str = "gpu"
+    weight_quantize_algo: str | None = None
+    weight_blocksize: int = 64
+    weight_double_quant: bool = False
+    weight_double_quant_block_size: int = 256
 
     def __post_init__(self):
         _check_choice("method", self.method, METHODS)
@@ -167,6 +195,12 @@ class TrainingSetup:
             raise ValueError("--virtual_pp_degree needs --pipeline_parallel_degree > 1")
         if self.sequence_parallel and self.tensor_parallel_degree == 1:
             raise ValueError("--sequence_parallel needs --tensor_parallel_degree > 1")
+        if self.weight_quantize_algo is not None:
+            _check_choice("--weight_quantize_algo", self.weight_quantize_algo, WEIGHT_QUANTIZE_ALGOS)
+            if self.method != "lora":
+                raise ValueError(f"--weight_quantize_algo {self.weight_quantize_algo} is QLoRA: add --lora")
+            if self.tensor_parallel_degree > 1:
+                raise ValueError("--weight_quantize_algo quantizes whole layers: use --tensor_parallel_degree 1")
 
     @property
     def world_size(self) -> int:
@@ -378,6 +412,9 @@ class _StageParams:
     frozen: int
     largest_trainable_tensor: int
     matmul_weights: int  # weights AMP O1 casts to 16-bit
+    quantized: int = 0  # frozen weights stored quantized (QLoRA), counted in ``frozen``
+    quantized_bytes: int = 0  # what they take stored
+    widest_quantized: int = 0  # the largest of them, rebuilt in float one layer at a time
 
 
 def _stage_params(shape: ModelShape, setup: TrainingSetup, stage: int, layers: int) -> _StageParams:
@@ -403,7 +440,16 @@ def _stage_params(shape: ModelShape, setup: TrainingSetup, stage: int, layers: i
         targets = shape.lora_targets(setup.lora_target_modules)
         adapters = layers * sum(_lora_params_per_rank(m, setup.lora_rank, t) for m in targets)
         largest = max(max(m.in_features, m.out_features) * setup.lora_rank for m in targets)
-        return _StageParams(adapters, base, largest, matmul_weights)
+        if not setup.weight_quantize_algo:
+            return _StageParams(adapters, base, largest, matmul_weights)
+        quantized = layers * sum(m.in_features * m.out_features for m in targets)
+        stored = layers * sum(
+            quantized_weight_bytes(m.in_features, m.out_features, setup.weight_quantize_algo, setup.weight_blocksize,
+                                   setup.weight_double_quant, setup.weight_double_quant_block_size)
+            for m in targets
+        )
+        widest = max(m.in_features * m.out_features for m in targets)
+        return _StageParams(adapters, base, largest, matmul_weights - quantized, quantized, stored, widest)
     # Prefix tuning: one embedding of num_prefix_tokens x (L * 2 * kv_hidden), split over heads, on stage 0.
     prefix = setup.num_prefix_tokens * shape.num_layers * 2 * shape.kv_hidden_size // t if first else 0
     return _StageParams(prefix, base, prefix, matmul_weights)
@@ -421,7 +467,7 @@ def _stage_estimate(shape: ModelShape, setup: TrainingSetup, stage: int) -> Memo
     moment_bytes = 8 if setup.optimizer == "adamw" else 0
     master_bytes = 4 if (setup.weights_in_16bit and setup.optimizer != "lomo") else 0
 
-    params_on_device = (params.frozen + params.trainable) * param_bytes
+    params_on_device = (params.frozen - params.quantized + params.trainable) * param_bytes + params.quantized_bytes
     if stage3:
         params_on_device //= shards
     if setup.optimizer == "lomo":
@@ -470,7 +516,8 @@ def _stage_estimate(shape: ModelShape, setup: TrainingSetup, stage: int) -> Memo
     cast_weights = params.matmul_weights * 2 * in_flight if (setup.mixed_precision and setup.amp_level == "O1") else 0
     gather = shape.largest_layer_params // setup.tensor_parallel_degree * param_bytes if stage3 else 0
     persistent = rotary_cache_bytes(shape, layers)
-    buffers = persistent + cast_weights + gather + transient
+    dequantize = params.widest_quantized * DEQUANTIZE_WORKSPACE_BYTES
+    buffers = persistent + cast_weights + gather + transient + dequantize
 
     per_device = DeviceMemory(
         params=int(params_on_device),
@@ -543,6 +590,8 @@ def _notes(shape: ModelShape, setup: TrainingSetup) -> tuple[str, ...]:
         notes.append("LOMO: gradients are the largest tensor only; no optimizer state, no master weights")
     if setup.pipeline_parallel_degree > 1:
         notes.append("pipeline: 1F1B schedule, the most loaded stage is reported")
+    if setup.weight_quantize_algo:
+        notes.append(f"QLoRA: the LoRA-targeted base weights are stored as {setup.weight_quantize_algo}; embeddings, norms and the head stay in the training dtype")
     notes.append(
         f"fits keeps {HEADROOM:.0%} of each device free for the CUDA context, fragmentation and communication buffers"
     )
@@ -559,7 +608,8 @@ def format_bytes(count: float) -> str:
 
 def describe_setup(setup: TrainingSetup) -> str:
     """One line: method, optimizer, precision, layout, recompute and batch."""
-    method = {"full": "full", "lora": f"LoRA r={setup.lora_rank}", "prefix": f"prefix {setup.num_prefix_tokens} tokens"}
+    lora = f"QLoRA {setup.weight_quantize_algo}" if setup.weight_quantize_algo else "LoRA"
+    method = {"full": "full", "lora": f"{lora} r={setup.lora_rank}", "prefix": f"prefix {setup.num_prefix_tokens} tokens"}
     precision = setup.precision if not setup.mixed_precision else f"{setup.precision} {setup.amp_level}"
     if setup.amp_master_grad:
         precision += " master-grad"

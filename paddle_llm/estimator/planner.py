@@ -110,8 +110,8 @@ def candidate_setups(shape: ModelShape, base: TrainingSetup) -> list[TrainingSet
     candidates = []
     world = base.world_size
     for t in _divisors(base.gpus_per_node):
-        if shape.num_attention_heads % t or shape.num_key_value_heads % t:
-            continue
+        if shape.num_attention_heads % t or shape.num_key_value_heads % t or (t > 1 and base.weight_quantize_algo):
+            continue  # a quantized (QLoRA) base is not split over tensor-parallel ranks
         for p in _divisors(world // t):
             if p > shape.num_layers or (p > 1 and base.method == "prefix"):
                 continue

@@ -1,5 +1,7 @@
 """QLoRA's flags (both PaddleNLP spellings, early errors) and the quantized LoRA layer (forward, gradients, merge)."""
 
+import json
+
 import numpy as np
 import paddle
 import pytest
@@ -9,8 +11,10 @@ from paddle_llm.config.arguments import FinetuneArguments, FinetuneDataArguments
 from paddle_llm.config.parser import parse_flags
 from paddle_llm.config.presets import preset
 from paddle_llm.config.validation import check_quantization
+from paddle_llm.estimator.command import main as estimate_main
+from paddle_llm.estimator.memory import quantized_weight_bytes
 from paddle_llm.peft.qlora import QuantizedLoRALinear
-from paddle_llm.peft.quantize import QuantSpec
+from paddle_llm.peft.quantize import QuantSpec, quantize
 
 TYPES = (ModelArguments, FinetuneDataArguments, PeftArguments, FinetuneArguments)
 LLAMA = preset("tiny-llama")
@@ -95,3 +99,36 @@ def test_back_to_a_float_lora_layer_merges_into_the_dequantized_weight():
     np.testing.assert_allclose(plain(x).numpy(), expected.numpy(), atol=1e-5)
     plain.merge()
     np.testing.assert_allclose((x @ plain.weight).numpy(), expected.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("nf4"), QuantSpec("fp4", 32), QuantSpec("nf4", double_quant=True, double_quant_blocksize=16),
+                                  QuantSpec("nf4", double_quant=True), QuantSpec("weight_only_int8"), QuantSpec("weight_only_int4")],
+                         ids=lambda s: s.describe())
+def test_the_estimator_counts_the_bytes_the_quantizer_stores(spec):
+    stored = quantize(np.ones((128, 96), np.float32), spec)
+    assert sum(a.nbytes for a in stored.values()) == quantized_weight_bytes(128, 96, spec.algo, spec.blocksize, spec.double_quant, spec.double_quant_blocksize)
+
+
+LLAMA_2_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False}
+
+
+def test_qlora_7b_fits_one_24gb_gpu_where_lora_does_not(tmp_path, capsys):
+    """The README's example: bf16 O2, flash attention, 2048 tokens, one 24 GB card."""
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(dict(LLAMA_2_7B, architectures=["LlamaForCausalLM"]), f)
+    common = ["--model_name_or_path", str(tmp_path), "--lora", "--lora_rank", "8", "--bf16", "--fp16_opt_level", "O2",
+              "--use_flash_attention", "--max_seq_length", "2048", "--num_gpus", "1", "--gpu_memory_gb", "24", "--json"]
+    results = {}
+    for name, extra in (("lora", []), ("qlora", ["--weight_quantize_algo", "nf4"])):
+        assert estimate_main(common + extra) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    lora, qlora = results["lora"], results["qlora"]
+    assert lora["fits"] is False and qlora["fits"] is True
+    # Only the frozen projections shrink (embeddings and head stay bf16): nf4 + scales is 0.5625 B vs 2 B per weight.
+    projections = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    saved = lora["per_device"]["params"] - qlora["per_device"]["params"]
+    assert saved == projections * 2 - projections * (0.5 + 4 / 64)
+    assert lora["per_device"]["grads"] == qlora["per_device"]["grads"] and lora["per_device"]["optimizer"] == qlora["per_device"]["optimizer"]
+    assert estimate_main(common[:2] + ["--weight_quantize_algo", "nf4"]) == 2
+    assert "is QLoRA: add --lora" in capsys.readouterr().err
