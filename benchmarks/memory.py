@@ -1,4 +1,5 @@
-"""Memory of full fine-tuning with AdamW, SGD and LOMO on the same ~57M-parameter Llama, same run.
+"""Memory of full fine-tuning with AdamW, SGD and LOMO, and of LoRA on a float32 vs an nf4 (QLoRA) base, on the
+same ~57M-parameter Llama, same run.
 
 Each optimizer trains in a fresh process through the real recipe (``finetune.setup`` + ``prepare`` + ``train``), with
 the same model, data, batch and steps. Reported per optimizer:
@@ -12,10 +13,15 @@ the same model, data, batch and steps. Reported per optimizer:
   libraries and allocator slack; the growth isolates what training added);
 - the first and last training loss, to show every run still learns.
 
-Target: LOMO <= 0.4x AdamW for parameters + gradients + optimizer state. On a GPU,
+QLoRA rows (LoRA r=8 on every projection, AdamW): the same run with ``--weight_quantize_algo nf4`` against a float32
+base. Reported: the bytes of the frozen projection weights as stored (nf4 codes + float32 block scales vs float32,
+summed over the tensors), the whole model once built (allocator), and the allocator's peak during training alone (its
+peak is reset after the model is built, because the base is read in float32 before it is quantized).
+
+Targets: LOMO <= 0.4x AdamW for parameters + gradients + optimizer state; QLoRA base weights <= 0.3x. On a GPU,
 ``paddle.device.cuda.max_memory_allocated`` would replace the host statistics.
 
-Usage: python benchmarks/memory.py [--steps 6] [--batch 2] [--max_length 128]
+Usage: python benchmarks/memory.py [--steps 6] [--batch 2] [--max_length 128] [--rows all|optimizers|qlora]
 """
 
 from __future__ import annotations
@@ -39,21 +45,35 @@ OPTIMIZERS = {
     "LOMO": ["--optim", "lomo", "--learning_rate", "0.01"],
 }
 
+# LoRA on the float32 base and on the nf4 base: the same adapters, optimizer and learning rate.
+LORA = ["--lora", "True", "--r", "8", "--optim", "adamw", "--learning_rate", "1e-3"]
+QLORA_RUNS = {"LoRA, float32 base": LORA, "QLoRA, nf4 base": LORA + ["--weight_quantize_algo", "nf4"]}
+
 # Runs in a fresh process: train through the recipe, print the memory statistics as one JSON line.
 DRIVER = r"""
 import json, resource, sys
 import paddle
+from paddlenlp.peft.lora.lora_layers import LoRALinear
+from paddle_llm.peft.qlora import quantized_bytes
 from paddle_llm.trainer import finetune
 
 def rss_mb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
+def allocated_mb():
+    return paddle.base.core.host_memory_stat_current_value("Allocated", 0) / 2**20
+
 plan = finetune.setup(sys.argv[1:])
 before_model = rss_mb()
+allocated_before = allocated_mb()
 run = finetune.prepare(plan)
 model = run.trainer.model
 parameters_mb = sum(p.numel().item() for p in model.parameters()) * 4 / 2**20
+stored, as_float = quantized_bytes(model)
+float_lora = sum(l.weight.numel().item() * 4 for l in model.sublayers() if isinstance(l, LoRALinear))
+built_mb = allocated_mb() - allocated_before
+paddle.base.core.host_memory_stat_reset_peak_value("Allocated", 0)
 run.trainer.train()
 with open(plan.parsed.value("output_dir") + "/metrics.jsonl") as f:
     losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
@@ -63,6 +83,9 @@ print("MEMORY " + json.dumps({
     "rss_growth_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before_model,
     "parameters_mb": parameters_mb,
     "parameters_m": parameters_mb * 2**20 / 4 / 1e6,
+    "base_projections_mb": (stored or float_lora) / 2**20,
+    "built_model_mb": built_mb,
+    "training_peak_mb": paddle.base.core.host_memory_stat_peak_value("Allocated", 0) / 2**20 - allocated_before,
     "losses": losses,
 }))
 """
@@ -72,6 +95,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--rows", choices=("all", "optimizers", "qlora"), default="all", help="which comparison to run")
     args = parser.parse_args()
 
     from paddle_llm.config.presets import preset
@@ -96,32 +120,53 @@ def main() -> None:
             "--disable_tqdm", "1", "--seed", "1", "--weight_decay", "0.0",
         ] + extra
 
-    results = {}
-    for name, extra in OPTIMIZERS.items():
-        output = run(["-c", DRIVER] + flags(name, extra), threads=1).stdout
-        results[name] = json.loads(next(line for line in output.splitlines() if line.startswith("MEMORY "))[len("MEMORY ") :])
+    payload = {"config": vars(args), "model": MODEL}
+    if args.rows in ("all", "optimizers"):
+        payload.update(optimizer_rows(args, flags))
+    if args.rows in ("all", "qlora"):
+        payload.update(qlora_rows(args, flags))
+    path = write_json("memory.json" if args.rows == "all" else f"memory_{args.rows}.json", payload)
+    print(f"wrote {path}")
 
-    adamw = results["AdamW"]
+
+def measure(flags, name, extra) -> dict:
+    output = run(["-c", DRIVER] + flags(name, extra), threads=1).stdout
+    return json.loads(next(line for line in output.splitlines() if line.startswith("MEMORY "))[len("MEMORY ") :])
+
+
+def table_rows(results: dict, reference: dict, keys: tuple[str, ...], digits: int) -> list[list[str]]:
+    """Per run: its name, each measurement in MB and as a multiple of ``reference``'s, and its first -> last loss."""
     rows = []
     for name, row in results.items():
-        losses = row["losses"]
-        rows.append([
-            name,
-            f"{row['model_states_mb']:.0f}",
-            f"{row['model_states_mb'] / adamw['model_states_mb']:.2f}x",
-            f"{row['allocated_peak_mb']:.0f}",
-            f"{row['allocated_peak_mb'] / adamw['allocated_peak_mb']:.2f}x",
-            f"{row['rss_growth_mb']:.0f}",
-            f"{row['rss_growth_mb'] / adamw['rss_growth_mb']:.2f}x",
-            f"{losses[0]:.3f} -> {losses[-1]:.3f}",
-        ])
+        cells = [name]
+        for key in keys:
+            cells += [f"{row[key]:.{digits}f}", f"{row[key] / reference[key]:.2f}x"]
+        rows.append(cells + [f"{row['losses'][0]:.3f} -> {row['losses'][-1]:.3f}"])
+    return rows
+
+
+def optimizer_rows(args, flags) -> dict:
+    results = {name: measure(flags, name, extra) for name, extra in OPTIMIZERS.items()}
+    adamw = results["AdamW"]
+    rows = table_rows(results, adamw, ("model_states_mb", "allocated_peak_mb", "rss_growth_mb"), digits=0)
     print(f"\nfull fine-tuning of a {adamw['parameters_m']:.1f}M-parameter Llama ({adamw['parameters_mb']:.0f} MB of float32 weights), "
           f"batch {args.batch} x {args.max_length} tokens, {args.steps} steps, CPU\n")
     print_table(["optimizer", "params+grads+opt state MB", "vs AdamW", "allocated peak MB", "vs AdamW", "peak RSS growth MB", "vs AdamW", "loss"], rows)
     ratio = results["LOMO"]["model_states_mb"] / adamw["model_states_mb"]
     print(f"\nLOMO / AdamW (parameters + gradients + optimizer state): {ratio:.2f}x (target <= 0.4x)")
-    path = write_json("memory.json", {"config": vars(args), "model": MODEL, "results": results, "lomo_over_adamw": ratio})
-    print(f"wrote {path}")
+    return {"results": results, "lomo_over_adamw": ratio}
+
+
+def qlora_rows(args, flags) -> dict:
+    results = {name: measure(flags, name.split(",")[0], extra) for name, extra in QLORA_RUNS.items()}
+    lora, qlora = results.values()
+    rows = table_rows(results, lora, ("base_projections_mb", "built_model_mb", "training_peak_mb"), digits=1)
+    print(f"\nLoRA r=8 (AdamW) on the {lora['parameters_m']:.1f}M-parameter Llama, float32 vs nf4 base (block 64), "
+          f"batch {args.batch} x {args.max_length} tokens, {args.steps} steps, CPU\n")
+    print_table(["run", "frozen projections MB", "vs LoRA", "model built MB", "vs LoRA", "training peak MB", "vs LoRA", "loss"], rows)
+    ratio = qlora["base_projections_mb"] / lora["base_projections_mb"]
+    print(f"\nQLoRA / LoRA base weights: {ratio:.2f}x (target <= 0.3x)")
+    return {"qlora_results": results, "qlora_base_over_lora": ratio}
 
 
 if __name__ == "__main__":

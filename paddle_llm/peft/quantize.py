@@ -15,6 +15,10 @@ Layout, as bitsandbytes and PaddleNLP's ``quant_blockwise`` use it:
 * ``weight_only_int8`` / ``weight_only_int4``: symmetric per output channel, ``round(w / (absmax / qmax))`` with
   qmax 127 or 7; int4 values are stored offset by 8, two per byte like the 4-bit codes.
 
+On a GPU the same Paddle ops run. PaddleNLP's ``paddleslim_ops`` kernels are not swapped in: they could only be if
+they read and write exactly this layout, which ``test_paddlenlp_blockwise_kernels_agree_with_ours_gpu`` checks on a
+machine that has them (none here has).
+
 Only numpy is imported at module level; ``dequantize`` imports Paddle when first called.
 """
 

@@ -140,3 +140,20 @@ def test_spec_round_trips_through_paddlenlp_quantization_config():
     assert QuantSpec.from_paddlenlp(config.to_dict()) == spec
     assert QuantSpec.from_paddlenlp(QuantizationConfig().to_dict()) is None
     assert QuantSpec.from_paddlenlp({"weight_quantize_algo": "nf4"}) == QuantSpec("nf4", 64, False, 256)  # to_diff_dict
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not paddle.device.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0, reason="needs a CUDA device")
+@pytest.mark.parametrize("algo", BLOCKWISE_ALGOS)
+def test_paddlenlp_blockwise_kernels_agree_with_ours_gpu(algo):
+    """The gate for swapping in PaddleNLP's paddleslim_ops kernels on a GPU: they must read and write the layout
+    this module stores (same codes, same nibble order, same scales), so the saved format stays one."""
+    qlora = pytest.importorskip("paddlenlp.quantization.qlora", reason="paddleslim_ops (PaddleNLP's CUDA kernels) not installed")
+    w = weights(shape=(256, 128))
+    spec = QuantSpec(algo)
+    theirs = qlora.qlora_weight_quantize(paddle.to_tensor(w, place=paddle.CUDAPlace(0)), quant_algo=algo, block_size=64)
+    ours = quantize(w, spec)
+    np.testing.assert_array_equal(theirs["quant_weight"].numpy().reshape(-1), ours["quant_weight"])
+    np.testing.assert_allclose(theirs["quant_scale"].numpy().reshape(-1), ours["quant_scale"], rtol=1e-6)
+    rebuilt = qlora.qlora_weight_dequantize(paddle.to_tensor(ours["quant_weight"]).cuda(), algo, paddle.to_tensor(ours["quant_scale"]).cuda(), block_size=64)
+    np.testing.assert_allclose(rebuilt.numpy().reshape(w.shape), dequantize_numpy(ours, spec, w.shape), rtol=1e-6)
