@@ -20,6 +20,7 @@ from typing import Mapping
 from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision, check_quantization
 from paddle_llm.models.registry import ModelSource, resolve_model
+from paddle_llm.peft.quantize import QuantSpec
 from paddle_llm.trainer.pretrain import _world_size, log, train_save_evaluate, warn
 
 TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
@@ -181,7 +182,6 @@ def apply_peft(model, family_name: str, peft_args):
     from paddle_llm.peft.lora import apply_lora, load_lora
     from paddle_llm.peft.prefix import apply_prefix
     from paddle_llm.peft.qlora import quantize_lora_base
-    from paddle_llm.peft.quantize import QuantSpec
 
     if peft_args.lora and peft_args.lora_path:
         model = load_lora(model, peft_args.lora_path)
