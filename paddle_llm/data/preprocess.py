@@ -18,6 +18,7 @@ import time
 
 from paddle_llm.data.indexed import IndexedDatasetWriter, token_dtype
 from paddle_llm.data.jsonl import DataError
+from paddle_llm.models.registry import load_tokenizer
 
 LINES_PER_TASK = 256
 # A task (256 lines) takes well under a second, so a pool that returns nothing for this long has a hung worker, not
@@ -33,7 +34,6 @@ def _init_worker(tokenizer_name_or_path: str, json_key: str, append_eos: bool) -
     # Each worker loads its own tokenizer once; tokenizers are not cheap to pickle per task.
     global _worker_tokenizer, _worker_options
     from paddle_llm.config.output import configure_output
-    from paddle_llm.models.registry import load_tokenizer
 
     configure_output()  # a spawned worker is a fresh interpreter: the entry point's output policy is not inherited
 
@@ -101,8 +101,6 @@ def preprocess(
         DataError: missing or empty input, malformed JSON, a missing or non-string field (file and line named).
     """
     from tqdm import tqdm
-
-    from paddle_llm.models.registry import load_tokenizer
 
     if not os.path.isfile(input_path):
         raise DataError(f"{input_path}: no such file")

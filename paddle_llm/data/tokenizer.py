@@ -14,20 +14,13 @@ import re
 
 from paddle_llm.data.jsonl import iter_jsonl_texts
 from paddle_llm.files import replace_directory_atomically
+from paddle_llm.models.registry import MODEL_FILE_BY_CLASS
 
 # id order is fixed: <unk>=0 <s>=1 </s>=2 <pad>=3, then the user-defined symbols from id 4.
 SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
 GLM_SYMBOLS = ("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>")
 
-# The file name each PaddleNLP tokenizer class reads its SentencePiece model from.
-MODEL_FILE_BY_CLASS = {
-    "LlamaTokenizer": "sentencepiece.bpe.model",
-    "ChatGLMTokenizer": "ice_text.model",
-    "ChatGLMv2Tokenizer": "tokenizer.model",
-}
 CLASS_BY_FAMILY = {"llama": "LlamaTokenizer", "chatglm": "ChatGLMTokenizer", "chatglm2": "ChatGLMv2Tokenizer"}
-
-SHIPPED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tokenizer")
 
 # Chinese tokenizers use 0.9995: the rarest 0.05% of characters are left to byte fallback.
 DEFAULT_CHARACTER_COVERAGE = 0.9995
