@@ -41,6 +41,11 @@ from pathlib import Path
 
 from paddle_llm.config import cpu_features
 from paddle_llm.config.parser import FALSE_WORDS, TRUE_WORDS
+from paddle_llm.config.validation import (
+    FLASH_ATTENTION_MIN_CAPABILITY,
+    check_device as validate_device,
+    supports_flash_attention,
+)
 from paddle_llm.estimator.flags import estimate_for_flags
 from paddle_llm.estimator.memory import HEADROOM, MemoryEstimate, format_bytes
 
@@ -48,8 +53,6 @@ EXIT_OK = 0
 EXIT_BLOCKED = 1
 
 CONSTRAINTS_FILE = "constraints.txt"
-# Flash attention 2 kernels (what Paddle ships) exist for Ampere (sm80) and newer only.
-FLASH_ATTENTION_MIN_CAPABILITY = (8, 0)
 # Without a model to size checkpoints from, warn below this much free disk.
 MIN_FREE_DISK_BYTES = 1 << 30
 PADDLE_DISTRIBUTIONS = ("paddlepaddle", "paddlepaddle-gpu")
@@ -235,11 +238,6 @@ def format_version_code(code: int | str | None) -> str | None:
     return f"{value // major_unit}.{(value % major_unit) // 100}.{value % 100}"
 
 
-def supports_flash_attention(compute_capability: tuple[int, int]) -> bool:
-    """Flash attention kernels exist for this compute capability (Ampere or newer)."""
-    return tuple(compute_capability) >= FLASH_ATTENTION_MIN_CAPABILITY
-
-
 def _capability_text(capability: tuple[int, int]) -> str:
     return f"{capability[0]}.{capability[1]}"
 
@@ -374,8 +372,6 @@ def check_cpu_kernel_paths(facts: EnvironmentFacts, plan: TrainingPlan) -> Check
 
 
 def check_device(facts: EnvironmentFacts, plan: TrainingPlan) -> CheckResult:
-    from paddle_llm.config.validation import check_device as validate_device
-
     usable_gpu = facts.paddle.compiled_with_cuda and bool(facts.paddle.gpus)
     if plan.device is None:
         device = training_device(facts, plan)

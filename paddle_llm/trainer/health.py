@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 from paddlenlp.trainer import TrainerCallback
 
+from paddle_llm.config.validation import FLASH_ATTENTION_MIN_CAPABILITY, supports_flash_attention
 from paddle_llm.data.sft import IGNORE_INDEX
-from paddle_llm.doctor import FLASH_ATTENTION_MIN_CAPABILITY, supports_flash_attention
 from paddle_llm.trainer.callbacks import global_grad_norm
 
 DEFAULT_CHECK_STEPS = 20
