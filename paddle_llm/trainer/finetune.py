@@ -20,7 +20,8 @@ from typing import Mapping
 from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision
 from paddle_llm.models.registry import ModelSource, resolve_model
-from paddle_llm.trainer.pretrain import _world_size, log, train_save_evaluate, warn
+from paddle_llm.trainer.console import log, warn
+from paddle_llm.trainer.pretrain import _world_size, train_save_evaluate
 
 TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
 MERGED_DIR = "merged"

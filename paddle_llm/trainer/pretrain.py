@@ -7,7 +7,6 @@ fit:   train (resuming from the last complete checkpoint), save, evaluate, write
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision, check_split
 from paddle_llm.data.jsonl import DataError
 from paddle_llm.models.registry import ModelSource, resolve_model
+from paddle_llm.trainer.console import log, warn
+from paddle_llm.trainer.process_exit import end_launched_run
 
 EXIT_BAD_CONFIG = 2
 HELP_USAGE = """usage: run_pretrain.py [ARGS.json] --flag value ...   (or: paddle-llm pretrain ...)
@@ -28,21 +29,6 @@ HELP_EPILOG = """examples:
       --max_seq_length 128 --do_train --do_eval --device cpu
   python -m paddle.distributed.launch --nproc_per_node 2 run_pretrain.py args.json --device cpu
 Rerunning the same command after a crash resumes from the last complete checkpoint."""
-
-
-# Printed as "[paddle_llm] ..." (config.output); the demo turns its INFO lines off to fit on one screen.
-logger = logging.getLogger("paddle_llm.trainer")
-
-
-def log(message: str, level: int = logging.INFO) -> None:
-    """A line for the user, from rank 0 only: every rank would print the same."""
-    if int(os.environ.get("PADDLE_TRAINER_ID", "0")) == 0:
-        logger.log(level, message)
-
-
-def warn(message: str) -> None:
-    """A warning the user should act on (kept when the demo turns the INFO lines off)."""
-    log(message, logging.WARNING)
 
 
 @dataclass
@@ -297,7 +283,6 @@ def run_recipe(argv: list[str], program: str, setup_fn, fit_fn, help_text, annou
         announce: ``plan -> None``, run after the warnings and before fitting (e.g. the memory estimate).
     """
     from paddle_llm.trainer.health import NumericalHealthError, print_health_error
-    from paddle_llm.trainer.process_exit import end_launched_run
 
     if any(flag in argv for flag in ("-h", "--help")):
         print(help_text())
