@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from paddle_llm.data.jsonl import DataError
+from paddle_llm.data.packing import pack_best_fit_decreasing, packing_stats
 from paddle_llm.models.chat_template import chat_segments, get_chat_template, validate_messages
 
 IGNORE_INDEX = -100  # PaddleNLP's criteria skip this label
@@ -594,8 +595,6 @@ def build_split(
     Raises:
         DataError: bad records (see ``read_records``), or no sample fits the length limits.
     """
-    from paddle_llm.data.packing import pack_best_fit_decreasing, packing_stats
-
     read = read_records(path, data_format, instruction_generation, skip_bad_lines)
     report = TruncationReport()
     samples = [s for s in (tokenize_record(r, layout, tokenizer, limits, report) for r in read.records) if s is not None]

@@ -7,12 +7,16 @@ PaddleNLP tokenizer class looks for, and a ``tokenizer_config.json`` naming the 
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
 import re
+import sys
 
-from paddle_llm.data.jsonl import iter_jsonl_texts
+import sentencepiece as spm
+
+from paddle_llm.data.jsonl import DataError, iter_jsonl_texts
 from paddle_llm.files import replace_directory_atomically
 from paddle_llm.models.registry import MODEL_FILE_BY_CLASS
 
@@ -59,8 +63,6 @@ def train_tokenizer(
         ValueError: an unknown family, a coverage outside [0.98, 1], or a vocabulary too small for the special pieces
             or for the characters the coverage needs (the message gives the smallest --vocab_size that works).
     """
-    import sentencepiece as spm
-
     if family not in CLASS_BY_FAMILY:
         raise ValueError(f"--family must be one of {', '.join(CLASS_BY_FAMILY)}, got {family!r}")
     reserved = len(SPECIAL_PIECES) + len(GLM_SYMBOLS) + 256
@@ -130,11 +132,6 @@ def _write_directory_atomically(output_dir: str, model_bytes: bytes, tokenizer_c
 
 def main(argv: list[str]) -> int:
     """``paddle-llm tokenizer train --input FILE.jsonl --vocab_size N --output DIR``."""
-    import argparse
-    import sys
-
-    from paddle_llm.data.jsonl import DataError
-
     parser = argparse.ArgumentParser(prog="paddle-llm tokenizer", description="Tokenizer tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(
