@@ -6,8 +6,12 @@ Each subcommand lives with the package that owns its job and is imported only wh
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
+
+from paddle_llm import __version__
+from paddle_llm.config.output import configure_output
 
 # name -> (module:function taking argv and returning an exit code, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -43,19 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from paddle_llm import __version__
-
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"paddle-llm: unknown subcommand {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from paddle_llm.config.output import configure_output
 
     configure_output()  # before the subcommand imports Paddle, whose C++ logging reads its level as it loads
     module_name, function_name = SUBCOMMANDS[name][0].split(":")
