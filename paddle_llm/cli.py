@@ -6,8 +6,12 @@ Each subcommand lives with the package that owns its job and is imported only wh
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
+
+from paddle_llm import __version__
+from paddle_llm.config.output import configure_output
 
 # name -> (module:function taking argv and returning an exit code, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -17,7 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("paddle_llm.trainer.pretrain:main", "pretrain or continue-pretrain (same flags as run_pretrain.py)"),
     "finetune": ("paddle_llm.trainer.finetune:main", "fine-tune: full, LoRA, prefix or LOMO (same flags as finetune_generation.py)"),
     "merge-lora": ("paddle_llm.peft.merge:main", "fold a LoRA adapter into its base model: merge-lora --model_name_or_path --lora_path --output_path"),
-    "check": ("paddle_llm.parallel.check:main", "run every pre-launch check: check [--nproc_per_node N] SCRIPT FLAGS..."),
+    "check": ("paddle_llm.trainer.check:main", "run every pre-launch check: check [--nproc_per_node N] SCRIPT FLAGS..."),
     "convert-checkpoint": ("paddle_llm.parallel.convert:main", "merge a multi-rank unified checkpoint so one device can resume it"),
     "estimate": ("paddle_llm.estimator.command:main", "memory estimate and layout planner"),
     "export": ("paddle_llm.export.command:main", "export a checkpoint to a static inference graph (or FastDeploy layout)"),
@@ -43,19 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from paddle_llm import __version__
-
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"paddle-llm: unknown subcommand {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from paddle_llm.config.output import configure_output
 
     configure_output()  # before the subcommand imports Paddle, whose C++ logging reads its level as it loads
     module_name, function_name = SUBCOMMANDS[name][0].split(":")

@@ -22,6 +22,19 @@ import os
 import sys
 import time
 
+import grpc
+import numpy as np
+
+from paddle_llm.config.output import verbose
+from paddle_llm.data.preprocess import preprocess
+from paddle_llm.demo_finetune import print_report, run_finetune_demo
+from paddle_llm.export.command import main as export_main
+from paddle_llm.models.registry import build_config, build_model, load_tokenizer, resolve_model
+from paddle_llm.serving import generation_pb2, generation_pb2_grpc
+from paddle_llm.serving.process import ServerProcess
+from paddle_llm.trainer import pretrain
+from paddle_llm.trainer.console import logger as recipe_logger
+
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 DEMO_CORPUS = os.path.join(ASSETS, "demo_corpus.jsonl")
 LOSS_TARGET = 1.0
@@ -40,10 +53,7 @@ def greedy_sample(model_dir: str, prompt: str, max_new_tokens: int = 40) -> str:
     A plain loop that re-runs the whole sequence each step: at demo size that costs milliseconds, and it needs
     nothing from PaddleNLP's ``generate`` (whose cache path breaks on CPU for Llama in PaddleNLP 3.0.0b4).
     """
-    import numpy as np
     import paddle
-
-    from paddle_llm.models.registry import build_config, build_model, load_tokenizer, resolve_model
 
     source = resolve_model(model_dir)
     tokenizer = load_tokenizer(model_dir, source.family)
@@ -66,9 +76,6 @@ def greedy_sample(model_dir: str, prompt: str, max_new_tokens: int = 40) -> str:
 
 
 def pretrain_stage(output_dir: str, max_steps: int, show_progress: bool) -> dict:
-    from paddle_llm.data.preprocess import preprocess
-    from paddle_llm.trainer import pretrain
-
     _banner("1/4 preprocess the shipped corpus")
     data_prefix = os.path.join(output_dir, "data", "demo_corpus")
     summary = preprocess(DEMO_CORPUS, data_prefix, "tiny-llama", append_eos=True, show_progress=show_progress)
@@ -102,12 +109,7 @@ def pretrain_stage(output_dir: str, max_steps: int, show_progress: bool) -> dict
 
 def serve_stage(model_dir: str, adapter_dir: str, output_dir: str) -> dict:
     """Export base + adapter, serve the export, and ask one question over REST (openai client) and one over gRPC."""
-    import grpc
     from openai import OpenAI
-
-    from paddle_llm.export.command import main as export_main
-    from paddle_llm.serving import generation_pb2, generation_pb2_grpc
-    from paddle_llm.serving.process import ServerProcess
 
     _banner("4/4 export, serve, and ask the served model")
     export_dir = os.path.join(output_dir, "export")
@@ -126,9 +128,6 @@ def serve_stage(model_dir: str, adapter_dir: str, output_dir: str) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from paddle_llm.config.output import verbose
-    from paddle_llm.demo_finetune import print_report, run_finetune_demo
-
     parser = argparse.ArgumentParser(prog="paddle-llm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_output", help="where data, checkpoints and the model go (default: demo_output)")
     parser.add_argument("--max_steps", type=int, default=200, help="pretraining steps (default: 200)")
@@ -139,8 +138,6 @@ def main(argv: list[str]) -> int:
         # The demo prints its own summary of each stage, on one screen: the recipes' setup lines (memory estimate,
         # runtime, data) and PaddleNLP's loss lines would fill four. Their warnings still print.
         from paddlenlp.utils.log import logger as paddlenlp_logger
-
-        from paddle_llm.trainer.pretrain import logger as recipe_logger
 
         paddlenlp_logger.set_level("WARNING")
         recipe_logger.setLevel(logging.WARNING)

@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from paddle_llm.trainer import finetune
+
 INSTRUCTIONS_DIR = os.path.join(os.path.dirname(__file__), "assets", "instructions")
 ACCURACY_TARGET = 0.9
 SHOWN_EXAMPLES = 4
@@ -58,8 +60,6 @@ def run_finetune_demo(model_dir: str, output_dir: str, max_steps: int = 400, sho
     Raises:
         SystemExit: a fine-tuning run failed (its error is already printed).
     """
-    from paddle_llm.trainer import finetune
-
     started = time.perf_counter()
     before_dir = os.path.join(output_dir, "before")
     code = finetune.main(_flags(model_dir, before_dir, show_progress))

@@ -36,20 +36,30 @@ import platform
 import re
 import shutil
 import sys
+import tomllib
 from dataclasses import asdict, dataclass, replace
+from importlib.resources import files
 from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 
 from paddle_llm.config import cpu_features
 from paddle_llm.config.parser import FALSE_WORDS, TRUE_WORDS
+from paddle_llm.config.validation import (
+    FLASH_ATTENTION_MIN_CAPABILITY,
+    check_device as validate_device,
+    supports_flash_attention,
+)
 from paddle_llm.estimator.flags import estimate_for_flags
 from paddle_llm.estimator.memory import HEADROOM, MemoryEstimate, format_bytes
+from paddle_llm.models.registry import resolve_model
 
 EXIT_OK = 0
 EXIT_BLOCKED = 1
 
 CONSTRAINTS_FILE = "constraints.txt"
-# Flash attention 2 kernels (what Paddle ships) exist for Ampere (sm80) and newer only.
-FLASH_ATTENTION_MIN_CAPABILITY = (8, 0)
 # Without a model to size checkpoints from, warn below this much free disk.
 MIN_FREE_DISK_BYTES = 1 << 30
 PADDLE_DISTRIBUTIONS = ("paddlepaddle", "paddlepaddle-gpu")
@@ -190,8 +200,6 @@ def parse_constraints(text: str) -> dict[str, str]:
     Raises:
         ValueError: a line that is not a requirement.
     """
-    from packaging.requirements import InvalidRequirement, Requirement
-
     pins = {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -211,9 +219,6 @@ def version_satisfies(installed: str, specifier: str) -> bool:
     Paddle's GPU index tags wheels with ``.postNNN`` or a local ``+cuNNN`` for the CUDA version; that is not a
     different Paddle release.
     """
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
     try:
         version = Version(installed)
     except InvalidVersion:
@@ -233,11 +238,6 @@ def format_version_code(code: int | str | None) -> str | None:
         return None
     major_unit = 10000 if value >= 10000 else 1000
     return f"{value // major_unit}.{(value % major_unit) // 100}.{value % 100}"
-
-
-def supports_flash_attention(compute_capability: tuple[int, int]) -> bool:
-    """Flash attention kernels exist for this compute capability (Ampere or newer)."""
-    return tuple(compute_capability) >= FLASH_ATTENTION_MIN_CAPABILITY
 
 
 def _capability_text(capability: tuple[int, int]) -> str:
@@ -374,8 +374,6 @@ def check_cpu_kernel_paths(facts: EnvironmentFacts, plan: TrainingPlan) -> Check
 
 
 def check_device(facts: EnvironmentFacts, plan: TrainingPlan) -> CheckResult:
-    from paddle_llm.config.validation import check_device as validate_device
-
     usable_gpu = facts.paddle.compiled_with_cuda and bool(facts.paddle.gpus)
     if plan.device is None:
         device = training_device(facts, plan)
@@ -587,8 +585,6 @@ def find_constraints_file() -> Path | None:
 
     One file is the source of truth for every pin; the Makefile installs with it and the doctor reads it.
     """
-    from importlib.resources import files
-
     packaged = files("paddle_llm").joinpath(CONSTRAINTS_FILE)
     if packaged.is_file():
         return Path(str(packaged))
@@ -603,8 +599,6 @@ def _python_requirement() -> str | None:
         pass
     pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
     if pyproject.is_file():
-        import tomllib
-
         return tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {}).get("requires-python")
     return None
 
@@ -820,7 +814,6 @@ def plan_from_args(args: argparse.Namespace, facts: EnvironmentFacts) -> Trainin
     )
     if not args.model_name_or_path:
         return plan
-    from paddle_llm.models.registry import resolve_model
 
     flags = {k: v for k, v in vars(args).items() if v is not None}
     if "max_length" in flags:  # finetune_generation.py's name for the sequence length

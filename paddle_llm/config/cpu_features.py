@@ -18,6 +18,7 @@ only the emulated CPU's instructions, and XGETBV also says whether the OS saves 
 from __future__ import annotations
 
 import functools
+import importlib
 import platform
 from dataclasses import dataclass
 
@@ -85,8 +86,6 @@ class CpuFeatures:
 
 
 def _numpy_feature_table() -> dict[str, bool] | None:
-    import importlib
-
     for module_name in _NUMPY_FEATURE_TABLES:
         try:
             return dict(importlib.import_module(module_name).__cpu_features__)

@@ -27,6 +27,8 @@ import ctypes
 import os
 from dataclasses import dataclass
 
+from paddle_llm import USER_OMP_NUM_THREADS
+
 # glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD and M_MMAP_THRESHOLD.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -77,7 +79,6 @@ def configure_threads(requested: int | None = None, processes_sharing_cores: int
         raise ValueError(f"the CPU thread count must be at least 1 (got {requested}); omit it to use every core")
     if processes_sharing_cores < 1:
         raise ValueError(f"processes_sharing_cores must be at least 1 (got {processes_sharing_cores})")
-    from paddle_llm import USER_OMP_NUM_THREADS
 
     from_environment = int(USER_OMP_NUM_THREADS) if (USER_OMP_NUM_THREADS or "").isdigit() and int(USER_OMP_NUM_THREADS) > 0 else None
     count = requested or from_environment or max(1, available_cores() // processes_sharing_cores)

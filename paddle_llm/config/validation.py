@@ -20,6 +20,8 @@ GPU_ONLY_FLAGS = {
     "bf16": "bf16 AMP keeps float32 weights on CPU and bf16 matmul has no CPU kernel; training in float32",
 }
 SHARDING_STAGES = ("stage1", "stage2", "stage3")
+# Flash attention 2 kernels (what Paddle ships) exist for Ampere (sm80) and newer only.
+FLASH_ATTENTION_MIN_CAPABILITY = (8, 0)
 
 
 def _divisors(n: int, up_to: int | None = None) -> str:
@@ -232,6 +234,11 @@ def check_device(values: Mapping, cuda_available: bool) -> list[str]:
     if device.split(":")[0] not in ("gpu", "cpu", "xpu", "npu"):
         return [f"--device {device!r} is not one of gpu, cpu, xpu, npu"]
     return []
+
+
+def supports_flash_attention(compute_capability: tuple[int, int]) -> bool:
+    """Flash attention kernels exist for this compute capability (Ampere or newer)."""
+    return tuple(compute_capability) >= FLASH_ATTENTION_MIN_CAPABILITY
 
 
 def check_split(split: str) -> list[str]:

@@ -15,9 +15,14 @@ import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
+from tqdm import tqdm
+
+from paddle_llm.config.output import configure_output
 from paddle_llm.data.indexed import IndexedDatasetWriter, token_dtype
 from paddle_llm.data.jsonl import DataError
+from paddle_llm.models.registry import load_tokenizer
 
 LINES_PER_TASK = 256
 # A task (256 lines) takes well under a second, so a pool that returns nothing for this long has a hung worker, not
@@ -32,8 +37,6 @@ _worker_options: dict = {}
 def _init_worker(tokenizer_name_or_path: str, json_key: str, append_eos: bool) -> None:
     # Each worker loads its own tokenizer once; tokenizers are not cheap to pickle per task.
     global _worker_tokenizer, _worker_options
-    from paddle_llm.config.output import configure_output
-    from paddle_llm.models.registry import load_tokenizer
 
     configure_output()  # a spawned worker is a fresh interpreter: the entry point's output policy is not inherited
 
@@ -100,10 +103,6 @@ def preprocess(
     Raises:
         DataError: missing or empty input, malformed JSON, a missing or non-string field (file and line named).
     """
-    from tqdm import tqdm
-
-    from paddle_llm.models.registry import load_tokenizer
-
     if not os.path.isfile(input_path):
         raise DataError(f"{input_path}: no such file")
     if os.path.getsize(input_path) == 0:
@@ -148,8 +147,6 @@ def _encode_in_pool(input_path: str, workers: int, initargs: tuple, writer: Inde
     ``ProcessPoolExecutor``, unlike ``multiprocessing.Pool``, survives workers killed mid-queue: it marks itself
     broken instead of deadlocking on a queue lock a killed worker held.
     """
-    from concurrent.futures import ProcessPoolExecutor
-
     executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # fork would copy Paddle's state
                                    initializer=_init_worker, initargs=initargs)
     done = None

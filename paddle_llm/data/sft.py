@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from paddle_llm.data.jsonl import DataError
+from paddle_llm.data.packing import pack_best_fit_decreasing, packing_stats
+from paddle_llm.models.chat_template import chat_segments, get_chat_template, validate_messages
 
 IGNORE_INDEX = -100  # PaddleNLP's criteria skip this label
 RECORD_FORMATS = ("src_tgt", "alpaca", "chat", "sharegpt")
@@ -92,8 +94,6 @@ def _string_list(record: dict, key: str, where: str) -> list[str]:
 
 def _checked_conversation(messages: list, where: str, field_name: str) -> tuple:
     """Validate roles and order with the chat-template rules; a training conversation must end with a reply."""
-    from paddle_llm.models.chat_template import validate_messages
-
     try:
         checked = validate_messages(messages, add_generation_prompt=False)
     except ValueError as err:
@@ -304,16 +304,12 @@ class Round:
 
 def _segments(record: Record, family_name: str) -> list[tuple[str, bool]]:
     if record.templated:
-        from paddle_llm.models.chat_template import chat_segments
-
         return chat_segments(family_name, list(record.messages))
     return [(record.messages[0]["content"], False), (record.messages[1]["content"], True)]
 
 
 def _rounds(record: Record, layout: FamilyLayout, tokenizer) -> tuple[list[int], list[Round]]:
     """Tokenize a record into (prefix, rounds); each reply carries its EOS when the text has no terminator."""
-    from paddle_llm.models.chat_template import get_chat_template
-
     append_eos = not record.templated or get_chat_template(layout.family).append_eos_token
     rounds, prompt = [], []
     for text, train_on in _segments(record, layout.family):
@@ -599,8 +595,6 @@ def build_split(
     Raises:
         DataError: bad records (see ``read_records``), or no sample fits the length limits.
     """
-    from paddle_llm.data.packing import pack_best_fit_decreasing, packing_stats
-
     read = read_records(path, data_format, instruction_generation, skip_bad_lines)
     report = TruncationReport()
     samples = [s for s in (tokenize_record(r, layout, tokenizer, limits, report) for r in read.records) if s is not None]

@@ -7,27 +7,24 @@ PaddleNLP tokenizer class looks for, and a ``tokenizer_config.json`` naming the 
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
 import re
+import sys
 
-from paddle_llm.data.jsonl import iter_jsonl_texts
+import sentencepiece as spm
+
+from paddle_llm.data.jsonl import DataError, iter_jsonl_texts
 from paddle_llm.files import replace_directory_atomically
+from paddle_llm.models.registry import MODEL_FILE_BY_CLASS
 
 # id order is fixed: <unk>=0 <s>=1 </s>=2 <pad>=3, then the user-defined symbols from id 4.
 SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
 GLM_SYMBOLS = ("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>")
 
-# The file name each PaddleNLP tokenizer class reads its SentencePiece model from.
-MODEL_FILE_BY_CLASS = {
-    "LlamaTokenizer": "sentencepiece.bpe.model",
-    "ChatGLMTokenizer": "ice_text.model",
-    "ChatGLMv2Tokenizer": "tokenizer.model",
-}
 CLASS_BY_FAMILY = {"llama": "LlamaTokenizer", "chatglm": "ChatGLMTokenizer", "chatglm2": "ChatGLMv2Tokenizer"}
-
-SHIPPED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tokenizer")
 
 # Chinese tokenizers use 0.9995: the rarest 0.05% of characters are left to byte fallback.
 DEFAULT_CHARACTER_COVERAGE = 0.9995
@@ -66,8 +63,6 @@ def train_tokenizer(
         ValueError: an unknown family, a coverage outside [0.98, 1], or a vocabulary too small for the special pieces
             or for the characters the coverage needs (the message gives the smallest --vocab_size that works).
     """
-    import sentencepiece as spm
-
     if family not in CLASS_BY_FAMILY:
         raise ValueError(f"--family must be one of {', '.join(CLASS_BY_FAMILY)}, got {family!r}")
     reserved = len(SPECIAL_PIECES) + len(GLM_SYMBOLS) + 256
@@ -137,11 +132,6 @@ def _write_directory_atomically(output_dir: str, model_bytes: bytes, tokenizer_c
 
 def main(argv: list[str]) -> int:
     """``paddle-llm tokenizer train --input FILE.jsonl --vocab_size N --output DIR``."""
-    import argparse
-    import sys
-
-    from paddle_llm.data.jsonl import DataError
-
     parser = argparse.ArgumentParser(prog="paddle-llm tokenizer", description="Tokenizer tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser(

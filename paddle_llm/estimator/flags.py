@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from paddle_llm.estimator.memory import MemoryEstimate, TrainingSetup
+from paddle_llm.estimator.memory import MemoryEstimate, TrainingSetup, estimate, shape_of
 
 PRETRAIN_SCRIPT = "run_pretrain.py"
 FINETUNE_SCRIPT = "finetune_generation.py"
@@ -192,7 +192,5 @@ def estimate_for_flags(model_config_fields: dict, flags: dict) -> MemoryEstimate
     Raises:
         ValueError: an unsupported model or contradictory flags.
     """
-    from paddle_llm.estimator.memory import estimate, shape_of
-
     setup = setup_from_flags({**flags, "gpu_memory_gb": None, "cpu_memory_gb": None})
     return estimate(shape_of(model_config_fields), setup)

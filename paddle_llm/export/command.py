@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from paddle_llm.export.manifest import DTYPES, FORMAT_FASTDEPLOY, FORMAT_STATIC
+from paddle_llm.export.exporter import ExportRequest, export_checkpoint
+from paddle_llm.export.manifest import DTYPES, FORMAT_FASTDEPLOY, FORMAT_STATIC, load_manifest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_check(export_dir: str, args, log) -> int:
-    from paddle_llm.export.manifest import load_manifest
     from paddle_llm.export.parity import check_export
 
     manifest = load_manifest(export_dir)
@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         missing = [flag for flag in ("model_name_or_path", "output_path") if not getattr(args, flag)]
         if missing:
             raise ValueError(f"missing --{' --'.join(missing)} (or pass --check_only EXPORT_DIR)")
-        from paddle_llm.export.exporter import ExportRequest, export_checkpoint
 
         request = ExportRequest(
             model_name_or_path=args.model_name_or_path,

@@ -13,6 +13,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import paddle
 
+from paddle_llm.config import cpu_features
+from paddle_llm.export.manifest import FORMAT_STATIC, load_manifest
+from paddle_llm.export.peft_loading import load_checkpoint_tokenizer, load_model, load_prefix_model
+from paddle_llm.export.runtime import best_program, open_export_decoder, runnable_programs
+from paddle_llm.models.registry import resolve_model
+
 DEFAULT_PROMPTS = (
     "Hello",
     "The quick brown fox jumps over",
@@ -134,12 +140,6 @@ def check_export(
     Raises:
         FileNotFoundError, ValueError: a bad export directory or checkpoint (named in the message).
     """
-    from paddle_llm.export.manifest import FORMAT_STATIC, load_manifest
-    from paddle_llm.export.peft_loading import load_checkpoint_tokenizer, load_model, load_prefix_model
-    from paddle_llm.config import cpu_features
-    from paddle_llm.export.runtime import best_program, open_export_decoder, runnable_programs
-    from paddle_llm.models.registry import resolve_model
-
     manifest = load_manifest(export_dir)
     if manifest.format != FORMAT_STATIC:
         return ParityReport(False, 0.0, atol, 0, 0, skipped=f"a {manifest.format!r} export has no step graph to check")

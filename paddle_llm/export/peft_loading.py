@@ -14,7 +14,10 @@ import paddle
 
 from paddle_llm.config.validation import GPU_ONLY_FLAGS
 from paddle_llm.export.manifest import CacheLayout
+from paddle_llm.export.step_graph import step_family_of
 from paddle_llm.models.registry import ModelSource, build_config, build_model, load_tokenizer
+from paddle_llm.peft.lora import load_lora, merge_lora as merge_into_model
+from paddle_llm.peft.prefix import apply_prefix
 
 
 def _require_weights(source: ModelSource) -> None:
@@ -46,8 +49,6 @@ def load_model(source: ModelSource, lora_path: str | None = None, merge_lora: bo
         overrides.update({name: False for name in GPU_ONLY_FLAGS if name.startswith("use_")})
     model = build_model(source, build_config(source, **overrides), load_weights=True)
     if lora_path:
-        from paddle_llm.peft.lora import load_lora, merge_lora as merge_into_model
-
         lora_model = load_lora(model, lora_path)
         model = merge_into_model(lora_model) if merge_lora else lora_model
     model.eval()
@@ -60,8 +61,6 @@ def load_prefix_model(model, family_name: str, prefix_path: str):
     Raises:
         FileNotFoundError: ``prefix_path`` has no ``prefix_config.json``.
     """
-    from paddle_llm.peft.prefix import apply_prefix
-
     prefix_model = apply_prefix(model, family_name, num_prefix_tokens=0, prefix_path=prefix_path)
     prefix_model.eval()
     return prefix_model
@@ -69,8 +68,6 @@ def load_prefix_model(model, family_name: str, prefix_path: str):
 
 def prefix_cache(prefix_model, family_name: str, layout: CacheLayout) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
     """The prefix encoder's past for one row, per layer, in the step graph's cache layout."""
-    from paddle_llm.export.step_graph import step_family_of
-
     with paddle.no_grad():
         per_layer = prefix_model._get_past_key_values(1)
     # PaddleNLP's past is in its model's own cache layout (heads at axis 2); move each axis where ``layout`` has it.

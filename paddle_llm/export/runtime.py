@@ -14,6 +14,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import paddle
+from paddle import inference
 
 from paddle_llm.config import cpu_features
 from paddle_llm.export.manifest import PARAMS_FILE, PORTABLE_PROGRAM, CacheLayout, load_manifest, program_needs
@@ -48,8 +49,6 @@ class InferenceStepRunner:
         Raises:
             FileNotFoundError: the graph files are missing.
         """
-        from paddle import inference
-
         for path in (model_file, params_file):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} is missing; run `paddle-llm export` to write the step graph")

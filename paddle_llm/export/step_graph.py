@@ -20,7 +20,9 @@ from typing import Callable
 
 import paddle
 from paddle import nn
+from paddle.static import InputSpec
 
+from paddle_llm.export.llama_step import LlamaInferenceStep, llama_step_unsupported
 from paddle_llm.export.manifest import STEP_LLAMA_INFERENCE, STEP_PADDLENLP, CacheLayout
 
 
@@ -154,8 +156,6 @@ def build_step_layer(model: nn.Layer, family_name: str, dtype: str, fused_rms_no
     config = model.config
     kept_because = f"no inference step for {family_name}"
     if family_name == "llama":
-        from paddle_llm.export.llama_step import LlamaInferenceStep, llama_step_unsupported
-
         kept_because = llama_step_unsupported(model, dtype)
         if kept_because is None:
             layout = cache_layout(family_name, config, STEP_LLAMA_INFERENCE)
@@ -208,8 +208,6 @@ def prepare_for_tracing(model: nn.Layer, family_name: str, config) -> None:
 
 def input_specs(family_name: str, dtype: str, num_layers: int) -> list:
     """InputSpecs of the step graph: every batch, query and past length is dynamic."""
-    from paddle.static import InputSpec
-
     glm = step_family_of(family_name).glm_positions
     position_shape = [None, 2, None] if glm else [None, None]
     # One list argument: to_static rejects *args, and flattens a list into the graph's trailing inputs.

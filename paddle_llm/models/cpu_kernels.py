@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 
 from paddle_llm.config import cpu_features
+from paddle_llm.config.output import captured_output
 
 
 logger = logging.getLogger(__name__)
@@ -86,8 +87,6 @@ def _import_built(directory: Path) -> ModuleType:
 
 def _build_and_import(directory: Path) -> ModuleType:
     from paddle.utils.cpp_extension import load as jit_load
-
-    from paddle_llm.config.output import captured_output
 
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as lock:

@@ -18,6 +18,14 @@ import numpy as np
 from paddle_llm.config.presets import PRESETS, preset
 
 WEIGHT_FILES = ("model_state.pdparams", "model.safetensors", "model_state.pdparams.index.json", "model.safetensors.index.json")
+# The file name each PaddleNLP tokenizer class reads its SentencePiece model from.
+MODEL_FILE_BY_CLASS = {
+    "LlamaTokenizer": "sentencepiece.bpe.model",
+    "ChatGLMTokenizer": "ice_text.model",
+    "ChatGLMv2Tokenizer": "tokenizer.model",
+}
+# The tokenizer the presets use (trained by scripts/, shipped in the package).
+SHIPPED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tokenizer")
 
 
 def _no_extra_inputs(input_ids: np.ndarray) -> dict:
@@ -228,8 +236,6 @@ def load_tokenizer(name_or_path: str, family: ModelFamily | None = None):
         FileNotFoundError: not a local directory or preset; the message says what to pass.
     """
     import paddlenlp.transformers as transformers
-
-    from paddle_llm.data.tokenizer import MODEL_FILE_BY_CLASS, SHIPPED_TOKENIZER_DIR
 
     if name_or_path in PRESETS:
         directory = SHIPPED_TOKENIZER_DIR

@@ -22,6 +22,8 @@ import os
 import shutil
 import sys
 
+from safetensors.numpy import load_file, save_file
+
 # index file -> prefix of its shard files (PaddleNLP's SAFE_*_INDEX_NAME names)
 SHARDED_KINDS = {
     "model.safetensors.index.json": "model",
@@ -61,8 +63,6 @@ def single_device_resume_problem(checkpoint: str) -> str | None:
 
 def _merge_kind(source: str, destination: str, index_name: str, prefix: str) -> str:
     """Merge one kind's shard files into ``{prefix}-00001-of-00001.safetensors``; return its name, or None."""
-    from safetensors.numpy import load_file, save_file
-
     with open(os.path.join(source, index_name), encoding="utf-8") as f:
         index = json.load(f)
     shard_files = sorted(set(index["weight_map"].values()))

@@ -43,6 +43,7 @@ from paddle.base import core
 from paddle.distributed import ReduceOp
 from paddle.distributed.fleet.meta_parallel.sharding.group_sharded_storage import ParamStorage
 from paddle.distributed.fleet.meta_parallel.sharding.group_sharded_utils import GroupShardedClipGrad
+from paddle.distributed.fleet.utils import hybrid_parallel_util
 
 PATCHED_PADDLE_VERSION = "3.3.1"
 _MP_OPS = "paddle.distributed.fleet.layers.mpu.mp_ops"
@@ -252,8 +253,6 @@ def broadcast_input_data(hcg, *inputs, **kwargs):
     The original asserts a GPU/XPU and parses a device id from ``paddle.get_device()``; its helpers already handle
     a CPU place, so only the place changes.
     """
-    from paddle.distributed.fleet.utils import hybrid_parallel_util
-
     place = paddle.CPUPlace()
     if inputs:
         inputs = hybrid_parallel_util._broadcast_nested_data(hcg, "cpu", place, inputs)

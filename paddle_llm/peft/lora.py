@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 
+from paddle_llm.config.parser import ArgumentError
 from paddle_llm.peft.quantize import recorded_quantization
 
 # The linear layers LoRA adapts by default, per family: every attention and MLP projection, as PaddleNLP's
@@ -77,8 +78,6 @@ def apply_lora(model, family_name: str, rank: int, alpha: int | None = None, tar
         ArgumentError: the targets match no linear layer (the message lists the layers there are).
     """
     from paddlenlp.peft import LoRAConfig, LoRAModel
-
-    from paddle_llm.config.parser import ArgumentError
 
     names = list(target_modules or LORA_TARGET_MODULES[family_name])
     patterns = target_patterns(names)

@@ -13,6 +13,8 @@ import sys
 import numpy as np
 
 from paddle_llm.files import replace_directory_atomically
+from paddle_llm.models.registry import build_config, build_model, load_tokenizer, resolve_model
+from paddle_llm.peft.lora import load_lora, merge_lora
 from paddle_llm.peft.quantize import recorded_quantization
 
 PROBE_LENGTH = 16
@@ -51,9 +53,6 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
     Raises:
         FileNotFoundError: the base has no weights, or ``lora_path`` is not an adapter directory.
     """
-    from paddle_llm.models.registry import build_config, build_model, load_tokenizer, resolve_model
-    from paddle_llm.peft.lora import load_lora, merge_lora
-
     source = resolve_model(model_name_or_path)
     if not source.has_weights:
         raise FileNotFoundError(f"--model_name_or_path {model_name_or_path!r} has no weights to merge into; pass the base model directory the adapter was trained on")

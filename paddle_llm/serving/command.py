@@ -15,10 +15,28 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 
-from paddle_llm.serving.model import ENGINE_DYGRAPH, ENGINE_FASTDEPLOY, ENGINE_PADDLE, ENGINES
+import uvicorn
+
+from paddle_llm.config.threads import configure_cpu_runtime
+from paddle_llm.export.manifest import FORMAT_FASTDEPLOY, load_manifest
+from paddle_llm.serving.fastdeploy import FastDeployBackend, FastDeployServer, find_fastdeploy
+from paddle_llm.serving.grpc_server import start_grpc_server, stop_grpc_server
+from paddle_llm.serving.metrics import ServingMetrics
+from paddle_llm.serving.model import (
+    ENGINE_DYGRAPH,
+    ENGINE_FASTDEPLOY,
+    ENGINE_PADDLE,
+    ENGINES,
+    open_checkpoint,
+    open_export,
+)
+from paddle_llm.serving.openai_api import LocalBackend, ServingLimits
 from paddle_llm.serving.process import free_port
+from paddle_llm.serving.rest import create_app, create_proxy_app
 
 API_KEY_ENV = "PADDLE_LLM_API_KEY"
 
@@ -70,10 +88,6 @@ def validate_args(args) -> None:
 
 
 def _local_backend(args):
-    from paddle_llm.config.threads import configure_cpu_runtime
-    from paddle_llm.serving.model import open_checkpoint, open_export
-    from paddle_llm.serving.openai_api import LocalBackend, ServingLimits
-
     # Before the first matrix multiply: MKL's thread count and (on non-Intel CPUs) its AVX2 kernels are fixed then.
     configure_cpu_runtime(requested_threads=args.num_threads, device=args.device)
 
@@ -91,11 +105,6 @@ def _local_backend(args):
 
 
 def _fastdeploy(args):
-    import shlex
-
-    from paddle_llm.export.manifest import FORMAT_FASTDEPLOY, load_manifest
-    from paddle_llm.serving.fastdeploy import FastDeployBackend, FastDeployServer, find_fastdeploy
-
     manifest = load_manifest(args.model)
     if manifest.format != FORMAT_FASTDEPLOY:
         raise ValueError(f"{args.model} is a {manifest.format!r} export; --engine fastdeploy needs "
@@ -114,20 +123,12 @@ def _keep_process_alive_after_uvicorn() -> None:
     before it started. With the default handlers that kills the process (SIGTERM) or raises KeyboardInterrupt
     (SIGINT) before gRPC calls and the engine are drained; a no-op handler lets ``serve`` finish its shutdown.
     """
-    import signal
-
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
 
 
 def serve(args) -> int:
     """Start everything, block until SIGTERM/SIGINT, then shut down in order (front ends first, engine last)."""
-    import uvicorn
-
-    from paddle_llm.serving.grpc_server import start_grpc_server, stop_grpc_server
-    from paddle_llm.serving.metrics import ServingMetrics
-    from paddle_llm.serving.rest import create_app, create_proxy_app
-
     metrics = ServingMetrics()
     served = fastdeploy_server = grpc_server = None
     try:

@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Iterator
 
+import httpx
+
 from paddle_llm.serving.engine import StreamEvent
 from paddle_llm.serving.openai_api import RequestError
 
@@ -81,8 +83,6 @@ class FastDeployServer:
         Raises:
             FastDeployUnavailableError: it exited or did not become healthy in time (the log tail is included).
         """
-        import httpx
-
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + startup_timeout
@@ -123,8 +123,6 @@ class FastDeployBackend:
     """``stream(kind, body)`` over FastDeploy's HTTP API, so our gRPC service can front it."""
 
     def __init__(self, url: str):
-        import httpx
-
         self.client = httpx.Client(base_url=url, timeout=httpx.Timeout(None, connect=10.0))
         models = self.client.get("/v1/models").json().get("data") or [{}]
         self.model_name = models[0].get("id")

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 
 from paddle_llm.config import cpu_features
+from paddle_llm.export.manifest import load_manifest
+from paddle_llm.models.registry import FAMILIES, load_tokenizer, resolve_model
 from paddle_llm.serving.engine import Engine
 
 ENGINE_PADDLE = "paddle"
@@ -63,9 +65,7 @@ def open_export(model_dir: str, num_threads: int, max_batch_size: int, enable_mk
     Raises:
         FileNotFoundError, ValueError: not a step-graph export; the message says what to run.
     """
-    from paddle_llm.export.manifest import load_manifest
     from paddle_llm.export.runtime import open_export_decoder
-    from paddle_llm.models.registry import FAMILIES, load_tokenizer
 
     manifest = load_manifest(model_dir)
     decoder = open_export_decoder(model_dir, manifest, num_threads=num_threads, enable_mkldnn=enable_mkldnn,
@@ -96,7 +96,6 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
     from paddle_llm.export.peft_loading import load_checkpoint_tokenizer, load_model
     from paddle_llm.export.runtime import DygraphStepRunner, StepDecoder
     from paddle_llm.export.step_graph import build_step_layer, max_context_length, step_family_of
-    from paddle_llm.models.registry import resolve_model
 
     paddle.set_device(device)
     source = resolve_model(model_dir)

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
+from paddle_llm.data.sft import prompt_ids_as_trained
 from paddle_llm.models.chat_template import get_chat_template, render_chat
 from paddle_llm.serving.engine import FINISH_CANCELLED, FINISH_ERROR, Completion, EngineClosedError, RequestHandle, StreamEvent
 from paddle_llm.serving.sampling import SamplingParams
@@ -104,8 +105,6 @@ class OpenAIProtocol:
 
     def encode(self, messages: list[dict], templated: bool) -> list[int]:
         """Encode a request exactly as fine-tuning framed its prompts (see ``data.sft.prompt_ids_as_trained``)."""
-        from paddle_llm.data.sft import prompt_ids_as_trained
-
         return prompt_ids_as_trained(self.template.name, self.tokenizer, messages, templated)
 
     def _check_common(self, body: dict) -> None:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import httpx
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
@@ -48,8 +50,6 @@ class ServerProcess:
         Raises:
             RuntimeError: the server exited or stayed unhealthy; the message holds the end of its log.
         """
-        import httpx
-
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
         deadline = time.monotonic() + timeout

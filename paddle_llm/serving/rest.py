@@ -15,8 +15,10 @@ import hmac
 import json
 import time
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from paddle_llm.serving.engine import FINISH_ERROR, Completion, StreamEvent
 from paddle_llm.serving.metrics import ServingMetrics
@@ -168,9 +170,6 @@ def create_proxy_app(upstream_url: str, metrics: ServingMetrics, api_key: str | 
 
     Our API key check and metrics apply; request validation and generation are the upstream's.
     """
-    import httpx
-    from starlette.background import BackgroundTask
-
     app = FastAPI(title="paddle_llm (FastDeploy proxy)", docs_url=None, redoc_url=None)
     add_common_routes(app, metrics)
     client = httpx.AsyncClient(base_url=upstream_url, timeout=httpx.Timeout(None, connect=10.0))

@@ -7,6 +7,7 @@ import math
 import os
 
 import paddle
+from paddle.distributed import fleet
 from paddlenlp.trainer import TrainerCallback
 
 METRICS_FILE = "metrics.jsonl"
@@ -22,8 +23,6 @@ def global_grad_norm(parameters, loss_scale: float = 1.0) -> float:
 
 def _replica_ranks() -> tuple[int, int, int]:
     """``(model-parallel rank, sharding rank, data-parallel degree)`` of this process; ``(0, 0, world)`` without fleet."""
-    from paddle.distributed import fleet
-
     hcg = getattr(fleet.fleet, "_hcg", None)
     if hcg is None:
         return 0, 0, paddle.distributed.get_world_size()

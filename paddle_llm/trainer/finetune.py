@@ -19,9 +19,23 @@ from typing import Mapping
 
 from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision, check_quantization
+from paddle_llm.data.sft import Limits, SftCollator, build_split, family_layout, generation_prompt
 from paddle_llm.models.registry import ModelSource, resolve_model
+from paddle_llm.peft.lora import apply_lora, load_lora, merge_lora
+from paddle_llm.peft.merge import save_model_atomically
+from paddle_llm.peft.prefix import apply_prefix
 from paddle_llm.peft.quantize import QuantSpec
-from paddle_llm.trainer.pretrain import _world_size, log, train_save_evaluate, warn
+from paddle_llm.trainer.console import log, warn
+from paddle_llm.trainer.pretrain import (
+    _world_size,
+    build_model_and_tokenizer,
+    configure_runtime,
+    install_collectives_when_distributed,
+    log_cpu_fast_paths,
+    resume_checkpoint,
+    run_recipe,
+    train_save_evaluate,
+)
 
 TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
 MERGED_DIR = "merged"
@@ -166,8 +180,6 @@ def setup(argv: list[str]) -> FinetuneSetup:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from paddle_llm.trainer.pretrain import run_recipe
-
     return run_recipe(
         list(sys.argv[1:] if argv is None else argv),
         "paddle-llm finetune",
@@ -179,10 +191,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def apply_peft(model, family_name: str, peft_args):
     """Wrap the model for LoRA or prefix tuning (or return it unchanged), and log what trains."""
-    from paddle_llm.peft.lora import apply_lora, load_lora
-    from paddle_llm.peft.prefix import apply_prefix
-    from paddle_llm.peft.qlora import quantize_lora_base
-
     if peft_args.lora and peft_args.lora_path:
         model = load_lora(model, peft_args.lora_path)
     elif peft_args.lora:
@@ -190,6 +198,8 @@ def apply_peft(model, family_name: str, peft_args):
     elif peft_args.prefix_tuning:
         model = apply_prefix(model, family_name, peft_args.num_prefix_tokens, peft_args.prefix_path, peft_args.prefix_projection)
     if peft_args.weight_quantize_algo:
+        from paddle_llm.peft.qlora import quantize_lora_base
+
         log(quantize_lora_base(model, QuantSpec.from_arguments(peft_args)))
     trainable = sum(int(p.numel().item()) for p in model.parameters() if not p.stop_gradient)
     total = sum(int(p.numel().item()) for p in model.parameters())
@@ -199,8 +209,6 @@ def apply_peft(model, family_name: str, peft_args):
 
 def load_splits(layout, tokenizer, data_args, training_args):
     """Train and dev splits (whichever the run needs), with a summary line each."""
-    from paddle_llm.data.sft import Limits, build_split
-
     limits = Limits(data_args.src_length, data_args.max_seq_length)
     splits = {}
     for name, file_name, wanted, seed in (("train", TRAIN_FILE, training_args.do_train, training_args.seed), ("dev", DEV_FILE, training_args.do_eval, None)):
@@ -225,7 +233,6 @@ def load_splits(layout, tokenizer, data_args, training_args):
 
 
 def generation_eval(dev_split, layout, tokenizer, data_args, collator):
-    from paddle_llm.data.sft import Limits, generation_prompt
     from paddle_llm.trainer.finetune_trainer import GenerationEval
 
     limits = Limits(data_args.src_length, data_args.max_seq_length)
@@ -235,9 +242,6 @@ def generation_eval(dev_split, layout, tokenizer, data_args, collator):
 
 def save_merged_model(lora_model, tokenizer, output_dir: str) -> str:
     """Fold the LoRA adapter into the base weights and save a plain model under ``output_dir/merged``."""
-    from paddle_llm.peft.merge import save_model_atomically
-    from paddle_llm.peft.lora import merge_lora
-
     target = os.path.join(output_dir, MERGED_DIR)
     save_model_atomically(merge_lora(lora_model), tokenizer, target)
     return target
@@ -260,16 +264,8 @@ def prepare(plan: FinetuneSetup) -> FinetuneRun:
     import paddle
     from paddlenlp.trainer import set_seed
 
-    from paddle_llm.data.sft import SftCollator, family_layout
     from paddle_llm.trainer.finetune_trainer import FinetuneMetricsCallback, FinetuneTrainer, criterion_for
     from paddle_llm.trainer.health import NumericalHealthCallback
-    from paddle_llm.trainer.pretrain import (
-        build_model_and_tokenizer,
-        configure_runtime,
-        install_collectives_when_distributed,
-        log_cpu_fast_paths,
-        resume_checkpoint,
-    )
 
     install_collectives_when_distributed(plan.parsed.value("device"))
     model_args, data_args, peft_args, training_args = plan.parsed.build(_dataclass_types())

@@ -18,6 +18,7 @@ from paddle_llm.data.sft import IGNORE_INDEX
 from paddle_llm.models.cpu_fast import CausalLMLoss
 from paddle_llm.peft.lomo import LomoOptimizer
 from paddle_llm.trainer.callbacks import MetricsFileCallback
+from paddle_llm.trainer.generation import exact_match
 from paddle_llm.trainer.trainer import LLMTrainer
 
 GENERATIONS_FILE = "eval_generations.jsonl"
@@ -147,7 +148,5 @@ class GenerationEval:
         self.max_new_tokens = max_new_tokens
 
     def run(self, model):
-        from paddle_llm.trainer.generation import exact_match
-
         return exact_match(model, self.prompts, self.collator, self.tokenizer, self.max_new_tokens)
 

@@ -31,10 +31,11 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
+import paddle
 from paddlenlp.trainer import TrainerCallback
 
+from paddle_llm.config.validation import FLASH_ATTENTION_MIN_CAPABILITY, supports_flash_attention
 from paddle_llm.data.sft import IGNORE_INDEX
-from paddle_llm.doctor import FLASH_ATTENTION_MIN_CAPABILITY, supports_flash_attention
 from paddle_llm.trainer.callbacks import global_grad_norm
 
 DEFAULT_CHECK_STEPS = 20
@@ -333,8 +334,6 @@ def run_context_from_training(args, model=None) -> RunContext:
 
     The model config is preferred for ``use_flash_attention`` because the CPU fallback switches it off there.
     """
-    import paddle
-
     config = getattr(model, "config", None)
     use_flash = bool(getattr(config, "use_flash_attention", getattr(args, "use_flash_attention", False)))
     capability = None

@@ -7,15 +7,28 @@ fit:   train (resuming from the last complete checkpoint), save, evaluate, write
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass
 
-from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
+from paddle_llm.config.parser import ArgumentError, ParsedArgs, format_help, parse_flags
+from paddle_llm.config.threads import configure_cpu_runtime, launched_processes
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision, check_split
 from paddle_llm.data.jsonl import DataError
-from paddle_llm.models.registry import ModelSource, resolve_model
+from paddle_llm.data.pretraining import (
+    CausalLMCollator,
+    build_pretraining_datasets,
+    check_data_prefixes,
+    resolve_data_prefixes,
+)
+from paddle_llm.estimator.flags import setup_from_flags
+from paddle_llm.estimator.memory import shape_of
+from paddle_llm.estimator.planner import startup_report
+from paddle_llm.models import cpu_kernels
+from paddle_llm.models.registry import ModelSource, build_config, build_model, load_tokenizer, resolve_model
+from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
+from paddle_llm.trainer.console import log, warn
+from paddle_llm.trainer.process_exit import end_launched_run
 
 EXIT_BAD_CONFIG = 2
 HELP_USAGE = """usage: run_pretrain.py [ARGS.json] --flag value ...   (or: paddle-llm pretrain ...)
@@ -28,21 +41,6 @@ HELP_EPILOG = """examples:
       --max_seq_length 128 --do_train --do_eval --device cpu
   python -m paddle.distributed.launch --nproc_per_node 2 run_pretrain.py args.json --device cpu
 Rerunning the same command after a crash resumes from the last complete checkpoint."""
-
-
-# Printed as "[paddle_llm] ..." (config.output); the demo turns its INFO lines off to fit on one screen.
-logger = logging.getLogger("paddle_llm.trainer")
-
-
-def log(message: str, level: int = logging.INFO) -> None:
-    """A line for the user, from rank 0 only: every rank would print the same."""
-    if int(os.environ.get("PADDLE_TRAINER_ID", "0")) == 0:
-        logger.log(level, message)
-
-
-def warn(message: str) -> None:
-    """A warning the user should act on (kept when the demo turns the INFO lines off)."""
-    log(message, logging.WARNING)
 
 
 @dataclass
@@ -59,8 +57,6 @@ def _dataclass_types():
 
 
 def _world_size() -> int:
-    from paddle_llm.config.threads import launched_processes
-
     return launched_processes()
 
 
@@ -114,10 +110,6 @@ def log_memory_estimate(config_fields: dict, values: dict, script: str) -> None:
     and name the planner's fastest layout that fits."""
     import paddle
 
-    from paddle_llm.estimator.flags import setup_from_flags
-    from paddle_llm.estimator.memory import shape_of
-    from paddle_llm.estimator.planner import startup_report
-
     gpu_memory_gb = None
     if str(values.get("device", "gpu")).startswith("gpu") and paddle.device.cuda.device_count() > 0:
         gpu_memory_gb = paddle.device.cuda.get_device_properties().total_memory / 2**30
@@ -167,8 +159,6 @@ def build_model_and_tokenizer(source: ModelSource, model_args, data_args, traini
     import paddle
     from paddlenlp.transformers.configuration_utils import LlmMetaConfig
 
-    from paddle_llm.models.registry import build_config, build_model, load_tokenizer
-
     family = source.family
     tokenizer_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_path, family)
@@ -211,8 +201,6 @@ def resume_checkpoint(training_args) -> str | None:
     (unless ``--overwrite_output_dir``); half-written checkpoints a crash left are removed first."""
     import paddle
 
-    from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
-
     resume_from = training_args.resume_from_checkpoint
     if training_args.do_train and not training_args.overwrite_output_dir and resume_from is None:
         if training_args.process_index == 0:
@@ -229,8 +217,6 @@ def resume_checkpoint(training_args) -> str | None:
 def configure_runtime(training_args) -> str:
     """Set math threads (and, on CPU, the allocator and MKL kernels) before the first matrix multiply; return the
     line to log. Processes launched on one host share its cores."""
-    from paddle_llm.config.threads import configure_cpu_runtime
-
     local_processes = int(os.environ.get("PADDLE_LOCAL_SIZE", _world_size()))
     runtime = configure_cpu_runtime(training_args.num_threads, training_args.device, processes_sharing_cores=local_processes)
     return runtime.summary()
@@ -239,7 +225,6 @@ def configure_runtime(training_args) -> str:
 def log_cpu_fast_paths(model, training_args) -> None:
     """On CPU, swap PaddleNLP's slow composites for numerically equal fast ones (a no-op on GPU), unless
     ``--cpu_fast_paths False`` asks to keep PaddleNLP's."""
-    from paddle_llm.models import cpu_kernels
     from paddle_llm.models.cpu_fast import apply_cpu_fast_paths, model_is_on_cpu
 
     if not training_args.cpu_fast_paths:
@@ -297,7 +282,6 @@ def run_recipe(argv: list[str], program: str, setup_fn, fit_fn, help_text, annou
         announce: ``plan -> None``, run after the warnings and before fitting (e.g. the memory estimate).
     """
     from paddle_llm.trainer.health import NumericalHealthError, print_health_error
-    from paddle_llm.trainer.process_exit import end_launched_run
 
     if any(flag in argv for flag in ("-h", "--help")):
         print(help_text())
@@ -323,8 +307,6 @@ def run_recipe(argv: list[str], program: str, setup_fn, fit_fn, help_text, annou
 
 
 def main(argv: list[str] | None = None) -> int:
-    from paddle_llm.config.parser import format_help
-
     return run_recipe(
         list(sys.argv[1:] if argv is None else argv),
         "paddle-llm pretrain",
@@ -339,12 +321,6 @@ def fit(plan: PretrainSetup) -> int:
     import paddle
     from paddlenlp.trainer import set_seed
 
-    from paddle_llm.data.pretraining import (
-        CausalLMCollator,
-        build_pretraining_datasets,
-        check_data_prefixes,
-        resolve_data_prefixes,
-    )
     from paddle_llm.trainer.callbacks import MetricsFileCallback
     from paddle_llm.trainer.health import NumericalHealthCallback
     from paddle_llm.trainer.trainer import LLMTrainer

@@ -28,6 +28,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+import paddle
+from paddle.base import core
 from paddlenlp.trainer import TrainerCallback
 
 from paddle_llm.estimator.flags import estimate_for_flags
@@ -131,8 +133,6 @@ def measure_peak_memory(device: str) -> dict | None:
     Returns:
         ``{"device", "peak_allocated_bytes", "source"}``, or None on other devices.
     """
-    import paddle
-
     if device.startswith("gpu"):
         return {
             "device": "gpu",
@@ -140,8 +140,6 @@ def measure_peak_memory(device: str) -> dict | None:
             "source": "paddle.device.cuda.max_memory_allocated()",
         }
     if device.startswith("cpu"):
-        from paddle.base import core
-
         return {
             "device": "cpu",
             "peak_allocated_bytes": int(core.host_memory_stat_peak_value("Allocated", 0)),

@@ -8,7 +8,8 @@ import pytest
 
 from paddle_llm.config.presets import preset
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_parallel
-from paddle_llm.parallel import check, convert
+from paddle_llm.parallel import convert
+from paddle_llm.trainer import check
 from tests.conftest import run_script
 
 LLAMA = preset("tiny-llama")  # 4 heads, 4 KV heads, MLP 352, 2 layers, vocabulary 1024

@@ -19,7 +19,10 @@ import os
 import sys
 from dataclasses import dataclass
 
+from paddle_llm.config.parser import ArgumentError
 from paddle_llm.config.validation import sharding_stages
+from paddle_llm.parallel.convert import single_device_resume_problem
+from paddle_llm.trainer import finetune, pretrain
 
 EXIT_BAD_CONFIG = 2
 # launcher flag -> takes a value; these belong to `paddle.distributed.launch`, never to a recipe
@@ -106,17 +109,10 @@ def describe_layout(values, world_size: int) -> str:
 
 
 def _recipe_setup(recipe: str):
-    if recipe == "finetune":
-        from paddle_llm.trainer.finetune import setup
-    else:
-        from paddle_llm.trainer.pretrain import setup
-    return setup
+    return finetune.setup if recipe == "finetune" else pretrain.setup
 
 
 def main(argv: list[str] | None = None) -> int:
-    from paddle_llm.config.parser import ArgumentError
-    from paddle_llm.parallel.convert import single_device_resume_problem
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in (["-h"], ["--help"]):
         print(__doc__)
