@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
         # runtime, data) and PaddleNLP's loss lines would fill four. Their warnings still print.
         from paddlenlp.utils.log import logger as paddlenlp_logger
 
-        from paddle_llm.trainer.pretrain import logger as recipe_logger
+        from paddle_llm.trainer.recipe import logger as recipe_logger
 
         paddlenlp_logger.set_level("WARNING")
         recipe_logger.setLevel(logging.WARNING)

@@ -21,7 +21,7 @@ import os
 import sys
 
 from paddle_llm.config.threads import launched_processes
-from paddle_llm.trainer.pretrain import log
+from paddle_llm.trainer.recipe import log
 
 
 def paddle_native_teardown_hooks() -> list:
