@@ -18,16 +18,13 @@ keeps its last ``max_prompt_len`` tokens, then both replies are cut in proportio
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from paddle_llm.data.jsonl import DataError
+from paddle_llm.data.jsonl import DataError, read_jsonl_records
 from paddle_llm.data.sft import (
-    MAX_ERRORS_SHOWN,
     FamilyLayout,
     Record,
     Round,
@@ -151,34 +148,10 @@ def read_preferences(path: str, skip_bad_lines: bool = False) -> PreferenceRead:
     Raises:
         DataError: a missing or empty file, a bad record (without ``skip_bad_lines``), or no good record at all.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    records, skipped, record_format = [], [], None
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                try:
-                    decoded = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-                if record_format is None:
-                    record_format = detect_preference_format(decoded)
-                    if record_format is None:
-                        keys = ", ".join(sorted(decoded)) if isinstance(decoded, dict) else type(decoded).__name__
-                        raise DataError(f"{where}: cannot tell the preference format from fields ({keys}); expected src/tgt/response/sort (PaddleNLP) or prompt (or messages)/chosen/rejected")
-                records.append(parse_preference(decoded, record_format, where))
-            except DataError as err:
-                if not skip_bad_lines:
-                    raise
-                skipped.append(str(err))
-    if not records and not skipped:
-        raise DataError(f"{path}: the file is empty; nothing to train on")
-    if not records:
-        shown = "\n  ".join(skipped[:MAX_ERRORS_SHOWN])
-        raise DataError(f"{path}: every one of its {len(skipped)} records is bad, e.g.:\n  {shown}")
+    records, skipped, record_format = read_jsonl_records(
+        path, detect_preference_format, parse_preference, skip_bad_lines,
+        "src/tgt/response/sort (PaddleNLP) or prompt (or messages)/chosen/rejected",
+    )
     return PreferenceRead(path, record_format, records, skipped)
 
 

@@ -3,8 +3,9 @@ llm/alignment/dpo/run_dpo.py flags.
 
 setup: parse, validate, apply run_dpo.py's own adjustments (``orpo`` is ``or`` plus the SFT loss; ``or`` and
        ``simpo`` are reference-free), apply CPU fallbacks; nothing distributed yet.
-fit:   on the shared spine (``trainer.recipe``): the model (full or LoRA), its reference (none, the adapters
-       switched off, or a frozen copy), the preference pairs and a ``DPOTrainer``; train, save, evaluate.
+prepare: on the shared spine (``trainer.recipe``): the model (full or LoRA), its reference (none, the adapters
+       switched off, or a frozen copy), the preference pairs and a ``DPOTrainer``.
+fit:   prepare, then train (resuming), save, evaluate.
 
 Example (LoRA DPO on CPU, on the shipped preference task):
   python run_dpo.py --model_name_or_path MODEL_DIR --train_dataset_path paddle_llm/assets/preferences/train.jsonl \\
@@ -17,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from dataclasses import dataclass
 from typing import Mapping
 
 from paddle_llm.config.parser import ArgumentError, parse_flags
@@ -39,6 +41,11 @@ from paddle_llm.trainer.recipe import (
 
 MAX_SKIPPED_SHOWN = 5
 REFERENCE_FREE_LOSSES = ("or", "simpo")  # run_dpo.py turns reference_free on for these
+REFERENCE_DESCRIPTIONS = {
+    "free": "none (--reference_free)",
+    "adapters_off": "the same weights with the LoRA adapters off",
+    "copy": "a frozen copy of the starting weights",
+}
 
 
 def _dataclass_types():
@@ -178,7 +185,19 @@ def load_preference_splits(layout, tokenizer, data_args, training_args) -> dict:
     return splits
 
 
-def fit(plan: RecipeSetup) -> int:
+@dataclass
+class DPORun:
+    """Everything ``prepare`` built: the trainer (holding the policy and its reference), the tokenizer, tokens per
+    pair and the checkpoint to resume from."""
+
+    trainer: object
+    tokenizer: object
+    tokens_per_pair: float
+    resume_from: str | None
+
+
+def prepare(plan: RecipeSetup) -> DPORun:
+    """Build the model (with its adapter) and its reference, the pairs and the trainer, ready to train."""
     from paddle_llm.data.preference import PreferenceCollator
     from paddle_llm.data.sft import family_layout
     from paddle_llm.trainer.callbacks import MetricsFileCallback
@@ -192,7 +211,7 @@ def fit(plan: RecipeSetup) -> int:
     log_cpu_fast_paths(model, training_args)
     reference, reference_model = reference_for(model, dpo_args, peft_args)
     model = apply_peft(model, family.name, peft_args)
-    log(f"reference model: {dict(free='none (--reference_free)', adapters_off='the same weights with the LoRA adapters off', copy='a frozen copy of the starting weights')[reference]}")
+    log(f"reference model: {REFERENCE_DESCRIPTIONS[reference]}")
 
     layout = family_layout(family.name, tokenizer)
     splits = load_preference_splits(layout, tokenizer, data_args, training_args)
@@ -213,7 +232,12 @@ def fit(plan: RecipeSetup) -> int:
     tokens_per_pair = next(iter(splits.values())).tokens_per_row if splits else 0.0
     # A preference loss may legitimately fall near 0 (a hinge loss reaches it): only NaN/inf and exact 0 are alarms.
     add_run_callbacks(trainer, MetricsFileCallback(training_args.output_dir, tokens_per_pair), min_plausible_loss=None)
-    train_save_evaluate(trainer, tokenizer, plan.parsed, started.resume_from, tokens_per_pair)
+    return DPORun(trainer, tokenizer, tokens_per_pair, started.resume_from)
+
+
+def fit(plan: RecipeSetup) -> int:
+    run = prepare(plan)
+    train_save_evaluate(run.trainer, run.tokenizer, plan.parsed, run.resume_from, run.tokens_per_pair)
     return 0
 
 
