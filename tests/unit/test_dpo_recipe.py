@@ -38,3 +38,14 @@ def test_parallel_layouts_dpo_cannot_run_are_refused_before_launch():
     assert "--prefix_tuning does not run with DPO: use --lora True, or full DPO" in errors
     assert any(e.startswith("--ref_model_update_steps is not supported here") for e in errors)
     assert check_dpo(values()) == []
+
+
+def test_paddle_llm_check_runs_the_dpo_recipes_own_checks(capsys, monkeypatch):
+    from paddle_llm.parallel.check import main
+
+    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "1")  # check sets it for the recipe; restored after the test
+
+    assert main(["--nproc_per_node", "2", "run_dpo.py", "--output_dir", "out", "--tensor_parallel_degree", "2", "--device", "cpu"]) == 2
+    assert "paddle-llm check: error: --tensor_parallel_degree 2: DPO runs with data parallel and sharding here" in capsys.readouterr().err
+    assert main(["--nproc_per_node", "2", "run_dpo.py", "--output_dir", "out", "--sharding", "stage2", "--device", "cpu"]) == 0
+    assert "OK (dpo)" in capsys.readouterr().out
