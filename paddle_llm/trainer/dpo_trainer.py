@@ -186,8 +186,9 @@ class DPOTrainer(LLMTrainer):
         return {f"{prefix}{name}": round(float(total / totals[-1]), 6) for name, total in zip(METRICS, totals[:-1])}
 
     def log(self, logs: dict, **kwargs) -> None:
+        # In place: evaluate() returns the dict it logs, so eval_results.json carries the rewards too.
         if "loss" in logs:
-            logs = {**logs, **self._averaged("train")}
+            logs.update(self._averaged("train"))
         elif "eval_loss" in logs:
-            logs = {**logs, **self._averaged("eval")}
+            logs.update(self._averaged("eval"))
         super().log(logs, **kwargs)

@@ -73,6 +73,8 @@ def test_paddlenlp_args_file_trains_and_held_out_reward_accuracy_rises_from_chan
     assert evaluation["eval_rewards/accuracies"] >= 0.9, evaluation
     assert evaluation["eval_rewards/margins"] > 0 and evaluation["eval_rewards/chosen"] > evaluation["eval_rewards/rejected"]
     assert "eval_ppl" not in evaluation  # a preference loss has no perplexity
+    with open(os.path.join(after, "eval_results.json"), encoding="utf-8") as f:
+        assert json.load(f)["eval_rewards/accuracies"] == evaluation["eval_rewards/accuracies"]
     training = [row for row in read_metrics(after) if "loss" in row]
     assert [row["step"] for row in training] == [10, 20, 30, 40, 50, 60]
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
