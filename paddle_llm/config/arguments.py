@@ -239,6 +239,9 @@ class DPOArguments:
 @dataclass
 @llmmetaclass
 class DPOTrainingArguments(CpuRuntimeArguments):
-    """The shared training arguments plus bounded evaluation."""
+    """The shared training arguments plus bounded evaluation (and PaddleNLP's DPO benchmark switches, so its args
+    files parse; they are refused when on)."""
 
     eval_iters: int = field(default=-1, metadata={"help": "batches per evaluation (-1: the whole dev set)"})
+    benchmark: bool = field(default=False, metadata={"help": "PaddleNLP's DPO throughput mode; not supported here"})
+    autotuner_benchmark: bool = field(default=False, metadata={"help": "PaddleNLP's autotuner mode; not supported here"})

@@ -87,6 +87,8 @@ def check_dpo(values: Mapping) -> list[str]:
         ("greedy_zero_padding", "pairs are padded, not packed"),
         ("lazy", "preference files are read whole"),
         ("flash_mask", "attention masks are explicit tensors on every device"),
+        ("benchmark", "measure with benchmarks/ instead"),
+        ("autotuner_benchmark", "measure with benchmarks/ instead"),
     ):
         if values.get(name):
             errors.append(f"--{name} is not supported here ({why}): drop it")
