@@ -82,7 +82,7 @@ recipe = {"dpo": dpo, "finetune": finetune}[sys.argv[1]]
 plan = recipe.setup(sys.argv[2:])
 run = recipe.prepare(plan)
 models = [run.trainer.model] + [m for m in [getattr(run.trainer, "reference_model", None)] if m is not None]
-held_mb = sum(p.numel().item() for m in models for p in m.parameters() if "lora_" not in p.name) * 4 / 2**20
+held_mb = sum(p.numel().item() for m in models for n, p in m.named_parameters() if "lora_" not in n) * 4 / 2**20
 run.trainer.train()
 with open(plan.parsed.value("output_dir") + "/metrics.jsonl") as f:
     losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
