@@ -21,7 +21,11 @@ peak is reset after the model is built, because the base is read in float32 befo
 Targets: LOMO <= 0.4x AdamW for parameters + gradients + optimizer state; QLoRA base weights <= 0.3x. On a GPU,
 ``paddle.device.cuda.max_memory_allocated`` would replace the host statistics.
 
-Usage: python benchmarks/memory.py [--steps 6] [--batch 2] [--max_length 128] [--rows all|optimizers|qlora]
+A third table compares LoRA fine-tuning, LoRA-DPO and full DPO on the same model through ``dpo.prepare``: LoRA-DPO's
+reference is the base with the adapters off, so it holds one copy of the weights (the same as LoRA fine-tuning),
+where full DPO holds two (the policy and its frozen reference). Target: LoRA-DPO's weights held = 1.00x the model.
+
+Usage: python benchmarks/memory.py [--steps 6] [--batch 2] [--max_length 128] [--rows all|optimizers|qlora|dpo]
 """
 
 from __future__ import annotations
@@ -90,12 +94,62 @@ print("MEMORY " + json.dumps({
 }))
 """
 
+# LoRA fine-tuning, LoRA-DPO and full DPO, each in a fresh process: the weights every model in the run holds (policy
+# plus reference), then the same statistics as DRIVER.
+DPO_DRIVER = r"""
+import json, sys
+import paddle
+from paddle_llm.trainer import dpo, finetune
+
+recipe = {"dpo": dpo, "finetune": finetune}[sys.argv[1]]
+plan = recipe.setup(sys.argv[2:])
+run = recipe.prepare(plan)
+models = [run.trainer.model] + [m for m in [getattr(run.trainer, "reference_model", None)] if m is not None]
+held_mb = sum(p.numel().item() for m in models for n, p in m.named_parameters() if "lora_" not in n) * 4 / 2**20
+run.trainer.train()
+with open(plan.parsed.value("output_dir") + "/metrics.jsonl") as f:
+    losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
+print("MEMORY " + json.dumps({
+    "weights_held_mb": held_mb,
+    "model_states_mb": paddle.base.core.host_memory_stat_current_value("Allocated", 0) / 2**20,
+    "allocated_peak_mb": paddle.base.core.host_memory_stat_peak_value("Allocated", 0) / 2**20,
+    "losses": losses,
+}))
+"""
+
+
+def preference_memory(work: str, model_dir: str, args) -> dict:
+    """The LoRA-DPO rows: LoRA fine-tuning, LoRA-DPO and full DPO on the same model, batch and steps."""
+    pairs = os.path.join(work, "pairs.jsonl")
+    with open(pairs, "w") as f:
+        for i in range(64):
+            prompt = f"In the morning, Ada went to the river with {i % 9 + 1} birds. What did she find?"
+            f.write(json.dumps({"prompt": prompt, "chosen": "a small boat", "rejected": "a blue hat and a drum"}) + "\n")
+    common = [
+        "--model_name_or_path", model_dir, "--tokenizer_name_or_path", "tiny-llama", "--do_train", "--device", "cpu",
+        "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch), "--logging_steps", "1",
+        "--save_steps", "1000000", "--report_to", "none", "--disable_tqdm", "1", "--seed", "1", "--learning_rate", "3e-4",
+    ]
+    runs = {
+        "LoRA fine-tune": ["finetune", "--dataset_name_or_path", os.path.join(work, "data"), "--lora", "True",
+                           "--max_length", str(args.max_length), "--src_length", str(args.max_length // 2)],
+        "LoRA DPO": ["dpo", "--train_dataset_path", pairs, "--lora", "True", "--max_seq_len", str(args.max_length), "--max_prompt_len", str(args.max_length // 2)],
+        "full DPO": ["dpo", "--train_dataset_path", pairs, "--max_seq_len", str(args.max_length), "--max_prompt_len", str(args.max_length // 2)],
+    }
+    results = {}
+    for name, extra in runs.items():
+        output_dir = os.path.join(work, name.replace(" ", "_"))
+        output = run(["-c", DPO_DRIVER, extra[0], *common, "--output_dir", output_dir, *extra[1:]], threads=1).stdout
+        results[name] = json.loads(next(line for line in output.splitlines() if line.startswith("MEMORY "))[len("MEMORY ") :])
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--rows", choices=("all", "optimizers", "qlora"), default="all", help="which comparison to run")
+    parser.add_argument("--rows", choices=("all", "optimizers", "qlora", "dpo"), default="all", help="which comparison to run")
     args = parser.parse_args()
 
     from paddle_llm.config.presets import preset
@@ -125,6 +179,8 @@ def main() -> None:
         payload.update(optimizer_rows(args, flags))
     if args.rows in ("all", "qlora"):
         payload.update(qlora_rows(args, flags))
+    if args.rows in ("all", "dpo"):
+        payload.update(preference_rows(args, work, model_dir))
     path = write_json("memory.json" if args.rows == "all" else f"memory_{args.rows}.json", payload)
     print(f"wrote {path}")
 
@@ -167,6 +223,20 @@ def qlora_rows(args, flags) -> dict:
     ratio = qlora["base_projections_mb"] / lora["base_projections_mb"]
     print(f"\nQLoRA / LoRA base weights: {ratio:.2f}x (target <= 0.3x)")
     return {"qlora_results": results, "qlora_base_over_lora": ratio}
+
+
+def preference_rows(args, work, model_dir) -> dict:
+    preference = preference_memory(work, model_dir, args)
+    model_mb = preference["LoRA fine-tune"]["weights_held_mb"]
+    print(f"\nLoRA fine-tuning vs LoRA-DPO vs full DPO, same model, batch {args.batch} (pairs for DPO), {args.steps} steps, CPU\n")
+    print_table(
+        ["run", "weights held MB (policy + reference)", "vs LoRA fine-tune", "params+grads+opt state MB", "allocated peak MB", "loss"],
+        [[name, f"{row['weights_held_mb']:.0f}", f"{row['weights_held_mb'] / model_mb:.2f}x", f"{row['model_states_mb']:.0f}",
+          f"{row['allocated_peak_mb']:.0f}", f"{row['losses'][0]:.3f} -> {row['losses'][-1]:.3f}"] for name, row in preference.items()],
+    )
+    lora_dpo_copies = preference["LoRA DPO"]["weights_held_mb"] / model_mb
+    print(f"\nLoRA-DPO holds {lora_dpo_copies:.2f}x the model's weights (target 1.00x: no second copy for the reference)")
+    return {"preference": preference, "lora_dpo_weight_copies": lora_dpo_copies}
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("paddle_llm.data.preprocess:main", "tokenize jsonl into PaddleNLP's mmap .bin/.idx format"),
     "pretrain": ("paddle_llm.trainer.pretrain:main", "pretrain or continue-pretrain (same flags as run_pretrain.py)"),
     "finetune": ("paddle_llm.trainer.finetune:main", "fine-tune: full, LoRA, prefix or LOMO (same flags as finetune_generation.py)"),
+    "dpo": ("paddle_llm.trainer.dpo:main", "align with preference pairs: DPO, full or LoRA (same flags as PaddleNLP's run_dpo.py)"),
     "merge-lora": ("paddle_llm.peft.merge:main", "fold a LoRA adapter into its base model: merge-lora --model_name_or_path --lora_path --output_path"),
     "check": ("paddle_llm.trainer.check:main", "run every pre-launch check: check [--nproc_per_node N] SCRIPT FLAGS..."),
     "convert-checkpoint": ("paddle_llm.parallel.convert:main", "merge a multi-rank unified checkpoint so one device can resume it"),

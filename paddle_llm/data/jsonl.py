@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from typing import Callable, Iterator
+
+MAX_ERRORS_SHOWN = 5
 
 
 class DataError(ValueError):
@@ -40,3 +42,49 @@ def iter_jsonl_texts(path: str, json_key: str) -> Iterator[tuple[int, str]]:
             yield line_number, text
     if not seen_any:
         raise DataError(f"{path}: the file is empty; nothing to read")
+
+
+def read_jsonl_records(path: str, detect: Callable[[object], str | None], parse: Callable[[object, str, str], object], skip_bad_lines: bool, format_hint: str, record_format: str | None = None) -> tuple[list, list[str], str | None]:
+    """Read a jsonl file of training records, each parsed by ``parse(decoded, record_format, "path:line")``.
+
+    Args:
+        detect: the record format of a decoded line, or None; asked of the first record when ``record_format`` is None.
+        parse: raises ``DataError`` naming the line and field.
+        skip_bad_lines: skip (and report) bad lines instead of failing on the first one.
+        format_hint: what the formats' fields are, for a first record whose format cannot be told.
+
+    Returns:
+        ``(records, skipped line errors, record_format)``.
+
+    Raises:
+        DataError: a missing or empty file, a bad record (without ``skip_bad_lines``), or no good record at all.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    records, skipped = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                try:
+                    decoded = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+                if record_format is None:
+                    record_format = detect(decoded)
+                    if record_format is None:
+                        keys = ", ".join(sorted(decoded)) if isinstance(decoded, dict) else type(decoded).__name__
+                        raise DataError(f"{where}: cannot tell the record format from fields ({keys}); expected {format_hint}")
+                records.append(parse(decoded, record_format, where))
+            except DataError as err:
+                if not skip_bad_lines:
+                    raise
+                skipped.append(str(err))
+    if not records and not skipped:
+        raise DataError(f"{path}: the file is empty; nothing to train on")
+    if not records:
+        shown = "\n  ".join(skipped[:MAX_ERRORS_SHOWN])
+        raise DataError(f"{path}: every one of its {len(skipped)} records is bad, e.g.:\n  {shown}")
+    return records, skipped, record_format

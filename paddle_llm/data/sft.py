@@ -19,14 +19,12 @@ last reply is trained on, as in ChatGLM's and PaddleNLP's own fine-tuning.
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from paddle_llm.data.jsonl import DataError
+from paddle_llm.data.jsonl import DataError, read_jsonl_records
 from paddle_llm.data.packing import pack_best_fit_decreasing, packing_stats
 from paddle_llm.models.chat_template import chat_segments, get_chat_template, validate_messages
 
@@ -37,7 +35,6 @@ FORMAT_KEYS = {"chat": ("messages",), "sharegpt": ("conversations",), "alpaca": 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 # Families whose model is a GLM: bidirectional context, generation after [gMASK]<sop>, 2-D rotary positions.
 GLM_FAMILIES = ("chatglm",)
-MAX_ERRORS_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -189,38 +186,14 @@ def read_records(path: str, data_format: str = "auto", instruction_generation: b
     Raises:
         DataError: a missing or empty file, a bad record (without ``skip_bad_lines``), or no good record at all.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    records, skipped = [], []
-    record_format = None if data_format == "auto" else data_format
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                try:
-                    decoded = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-                if record_format is None:
-                    record_format = detect_format(decoded)
-                    if record_format is None:
-                        keys = ", ".join(sorted(decoded)) if isinstance(decoded, dict) else type(decoded).__name__
-                        raise DataError(
-                            f"{where}: cannot tell the record format from fields ({keys}); expected src/tgt, "
-                            "instruction/input/output, messages or conversations (or set --data_format)"
-                        )
-                records.append(parse_record(decoded, record_format, where, instruction_generation))
-            except DataError as err:
-                if not skip_bad_lines:
-                    raise
-                skipped.append(str(err))
-    if not records and not skipped:
-        raise DataError(f"{path}: the file is empty; nothing to train on")
-    if not records:
-        shown = "\n  ".join(skipped[:MAX_ERRORS_SHOWN])
-        raise DataError(f"{path}: every one of its {len(skipped)} records is bad, e.g.:\n  {shown}")
+    records, skipped, record_format = read_jsonl_records(
+        path,
+        detect_format,
+        lambda decoded, found, where: parse_record(decoded, found, where, instruction_generation),
+        skip_bad_lines,
+        "src/tgt, instruction/input/output, messages or conversations (or set --data_format)",
+        None if data_format == "auto" else data_format,
+    )
     return ReadResult(path, record_format, records, skipped)
 
 

@@ -102,7 +102,8 @@ class MetricsFileCallback(TrainerCallback):
     """Append one JSON object per logging step (and per evaluation) to ``OUTPUT_DIR/metrics.jsonl``.
 
     Training rows: ``step, loss, learning_rate, grad_norm, tokens_per_second``; evaluation rows: ``step, eval_loss,
-    eval_ppl``. On resume, rows after the resumed step are dropped, so the file never holds a step twice.
+    eval_ppl``. A recipe's own grouped metrics (``rewards/margins``, ``eval_rewards/accuracies``: names with a ``/``)
+    join their row. On resume, rows after the resumed step are dropped, so the file never holds a step twice.
     """
 
     def __init__(self, output_dir: str, tokens_per_sample: int):
@@ -146,7 +147,10 @@ class MetricsFileCallback(TrainerCallback):
                 "tokens_per_second": None if samples_per_second is None else round(samples_per_second * self.tokens_per_sample, 2),
             }
         elif "eval_loss" in logs:
-            row = {"step": state.global_step, "eval_loss": logs["eval_loss"], "eval_ppl": logs.get("eval_ppl")}
+            row = {"step": state.global_step, "eval_loss": logs["eval_loss"]}
+            if "eval_ppl" in logs:  # a preference loss has no perplexity
+                row["eval_ppl"] = logs["eval_ppl"]
         if row is not None:
+            row.update({name: value for name, value in logs.items() if "/" in name})
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")

@@ -5,7 +5,8 @@ Prefix a launch command with it, keeping the launcher's process count and the sc
     paddle-llm check --nproc_per_node 8 run_pretrain.py --sharding stage2 --model_name_or_path ... --device gpu
     paddle-llm check --gpus 0,1,2,3 finetune_generation.py args.json --tensor_parallel_degree 4
 
-The recipe (``run_pretrain.py``/``pretrain`` or ``finetune_generation.py``/``finetune``) is named by the script;
+The recipe (``run_pretrain.py``/``pretrain``, ``finetune_generation.py``/``finetune`` or ``run_dpo.py``/``dpo``) is
+named by the script;
 without one, fine-tuning flags (``--dataset_name_or_path``, ``--lora``, ``--prefix_tuning``) select fine-tuning.
 The world size comes from ``--world_size``, else ``--nproc_per_node`` × ``--nnodes`` (or the ``--gpus`` /
 ``--devices`` count), else the launcher's environment, else 1. The recipe's own ``setup`` runs the checks, so this
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from paddle_llm.config.parser import ArgumentError
 from paddle_llm.config.validation import sharding_stages
 from paddle_llm.parallel.convert import single_device_resume_problem
-from paddle_llm.trainer import finetune, pretrain
+from paddle_llm.trainer import dpo, finetune, pretrain
 
 EXIT_BAD_CONFIG = 2
 # launcher flag -> takes a value; these belong to `paddle.distributed.launch`, never to a recipe
@@ -32,6 +33,8 @@ RECIPES = {
     "pretrain": "pretrain",
     "finetune_generation.py": "finetune",
     "finetune": "finetune",
+    "run_dpo.py": "dpo",
+    "dpo": "dpo",
 }
 FINETUNE_ONLY_FLAGS = ("--dataset_name_or_path", "--lora", "--prefix_tuning", "--src_length", "--lora_path", "--prefix_path")
 
@@ -109,7 +112,7 @@ def describe_layout(values, world_size: int) -> str:
 
 
 def _recipe_setup(recipe: str):
-    return finetune.setup if recipe == "finetune" else pretrain.setup
+    return {"finetune": finetune.setup, "dpo": dpo.setup}.get(recipe, pretrain.setup)
 
 
 def main(argv: list[str] | None = None) -> int:

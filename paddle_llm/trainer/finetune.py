@@ -17,36 +17,32 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
-from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
-from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision, check_quantization
+from paddle_llm.config.parser import ArgumentError, parse_flags
+from paddle_llm.config.validation import check_quantization
 from paddle_llm.data.sft import Limits, SftCollator, build_split, family_layout, generation_prompt
-from paddle_llm.models.registry import ModelSource, resolve_model
-from paddle_llm.peft.lora import apply_lora, load_lora, merge_lora
+from paddle_llm.peft.lora import merge_lora
 from paddle_llm.peft.merge import save_model_atomically
-from paddle_llm.peft.prefix import apply_prefix
-from paddle_llm.peft.quantize import QuantSpec
-from paddle_llm.trainer.console import log, warn
-from paddle_llm.trainer.pretrain import (
-    _world_size,
+from paddle_llm.trainer.recipe import (
+    RecipeSetup,
+    add_run_callbacks,
+    apply_fallbacks,
+    apply_peft,
     build_model_and_tokenizer,
-    configure_runtime,
-    install_collectives_when_distributed,
+    check_model_and_runtime,
+    log,
     log_cpu_fast_paths,
-    resume_checkpoint,
+    random_base_warning,
+    resolve_source,
     run_recipe,
+    start,
     train_save_evaluate,
+    warn,
+    world_size,
 )
 
 TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
 MERGED_DIR = "merged"
 MAX_SKIPPED_SHOWN = 5
-
-
-@dataclass
-class FinetuneSetup:
-    parsed: ParsedArgs
-    source: ModelSource
-    warnings: list[str]
 
 
 def _dataclass_types():
@@ -63,8 +59,8 @@ def known_optimizers() -> tuple[str, ...]:
     return tuple(name.value for name in OptimizerNames) + OWN_OPTIMIZERS
 
 
-def check_finetune(values: Mapping, world_size: int) -> list[str]:
-    """The fine-tuning rules: a pure function of the flag values and the world size, every problem reported.
+def check_finetune(values: Mapping, processes: int) -> list[str]:
+    """The fine-tuning rules: a pure function of the flag values and the process count, every problem reported.
 
     PaddleNLP's own rules (prefix tuning and generation-based evaluation do not run with pipeline parallel) are
     here so they fail before launch instead of deep inside the first step.
@@ -106,7 +102,7 @@ def check_finetune(values: Mapping, world_size: int) -> list[str]:
         accumulation = int(values.get("gradient_accumulation_steps") or 1)
         if accumulation > 1:
             errors.append(f"--optim lomo updates inside backward and keeps no gradients, so --gradient_accumulation_steps {accumulation} cannot work: use 1 and a larger batch")
-        if world_size > 1 or tp > 1 or pp > 1:
+        if processes > 1 or tp > 1 or pp > 1:
             errors.append("--optim lomo runs in one process here (its updates happen inside backward, before any all-reduce could); launch a single device")
     if (values.get("do_train") or values.get("do_eval")) and not values.get("dataset_name_or_path"):
         errors.append(f"--dataset_name_or_path is required with --do_train/--do_eval: a directory holding {TRAIN_FILE} and {DEV_FILE}")
@@ -124,34 +120,7 @@ def check_dataset_files(values: Mapping) -> list[str]:
     return [f"{os.path.join(directory, name)}: missing (needed by --{'do_train' if name == TRAIN_FILE else 'do_eval'})" for name in needed if not os.path.isfile(os.path.join(directory, name))]
 
 
-def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSource) -> list[str]:
-    """The checks every recipe makes: model type, device, precision, parallel layout."""
-    import paddle
-
-    errors = []
-    if values.get("model_type") and values["model_type"] not in (source.family.name,) + source.family.model_types:
-        errors.append(f"--model_type {values['model_type']} does not match the model's config ({source.family.name})")
-    model_fields = dict(source.config_fields)
-    if values.get("num_hidden_layers"):
-        model_fields["num_hidden_layers"] = values["num_hidden_layers"]
-    errors += check_device(values, paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
-    errors += check_precision(values, explicit)
-    errors += check_parallel(values, model_fields, _world_size(), pipeline_supported=source.family.pipe_model_class is not None)
-    return errors
-
-
-def random_base_warning(source: ModelSource) -> str:
-    """Said before anything trains: a base without weights learns nothing useful from an adapter, and
-    ``paddle-llm merge-lora`` refuses it afterwards."""
-    what = f"{source.name_or_path} is a preset" if source.directory is None else f"{source.directory} has no weights"
-    return (
-        f"{what}, so this run fine-tunes a randomly initialised {source.family.name} model (`paddle-llm merge-lora` "
-        "will refuse it as a base): to fine-tune a trained model, pass its directory as --model_name_or_path, e.g. the "
-        "--output_dir of `paddle-llm pretrain`"
-    )
-
-
-def setup(argv: list[str]) -> FinetuneSetup:
+def setup(argv: list[str]) -> RecipeSetup:
     """Parse and validate; nothing distributed or heavy happens here.
 
     Raises:
@@ -159,24 +128,19 @@ def setup(argv: list[str]) -> FinetuneSetup:
     """
     parsed = parse_flags(argv, _dataclass_types())
     values = parsed.as_dict()
-    try:
-        source = resolve_model(values["model_name_or_path"])
-    except (FileNotFoundError, ValueError) as err:
-        raise ArgumentError(f"--model_name_or_path: {err}") from None
+    source = resolve_source(values)
     errors = check_model_and_runtime(values, parsed.explicit, source)
-    errors += check_finetune(values, _world_size())
+    errors += check_finetune(values, world_size())
     errors += check_dataset_files(values)
     errors += check_quantization(values, source.config_fields)
     if errors:
         raise ArgumentError("\n".join(errors))
-    warnings = apply_cpu_fallbacks(values)
+    warnings = apply_fallbacks(parsed)
     if not source.has_weights:
         warnings.append(random_base_warning(source))
-    if values.get("optim") == "lomo" and values.get("fp16"):
+    if parsed.value("optim") == "lomo" and parsed.value("fp16"):
         raise ArgumentError("--optim lomo has no fp16 loss scaling here (each update happens before an overflow check could run): use --bf16, or float32")
-    for name, value in values.items():
-        parsed.set(name, value)
-    return FinetuneSetup(parsed, source, warnings)
+    return RecipeSetup(parsed, source, warnings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,26 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
-def apply_peft(model, family_name: str, peft_args):
-    """Wrap the model for LoRA or prefix tuning (or return it unchanged), and log what trains."""
-    if peft_args.lora and peft_args.lora_path:
-        model = load_lora(model, peft_args.lora_path)
-    elif peft_args.lora:
-        model = apply_lora(model, family_name, peft_args.r, peft_args.lora_alpha, peft_args.lora_target_modules)
-    elif peft_args.prefix_tuning:
-        model = apply_prefix(model, family_name, peft_args.num_prefix_tokens, peft_args.prefix_path, peft_args.prefix_projection)
-    if peft_args.weight_quantize_algo:
-        from paddle_llm.peft.qlora import quantize_lora_base
-
-        log(quantize_lora_base(model, QuantSpec.from_arguments(peft_args)))
-    trainable = sum(int(p.numel().item()) for p in model.parameters() if not p.stop_gradient)
-    total = sum(int(p.numel().item()) for p in model.parameters())
-    log(f"trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M ({trainable / max(1, total):.2%})")
-    return model
-
-
 def load_splits(layout, tokenizer, data_args, training_args):
     """Train and dev splits (whichever the run needs), with a summary line each."""
+
     limits = Limits(data_args.src_length, data_args.max_seq_length)
     splits = {}
     for name, file_name, wanted, seed in (("train", TRAIN_FILE, training_args.do_train, training_args.seed), ("dev", DEV_FILE, training_args.do_eval, None)):
@@ -242,6 +189,7 @@ def generation_eval(dev_split, layout, tokenizer, data_args, collator):
 
 def save_merged_model(lora_model, tokenizer, output_dir: str) -> str:
     """Fold the LoRA adapter into the base weights and save a plain model under ``output_dir/merged``."""
+
     target = os.path.join(output_dir, MERGED_DIR)
     save_model_atomically(merge_lora(lora_model), tokenizer, target)
     return target
@@ -259,22 +207,12 @@ class FinetuneRun:
     resume_from: str | None
 
 
-def prepare(plan: FinetuneSetup) -> FinetuneRun:
+def prepare(plan: RecipeSetup) -> FinetuneRun:
     """Build the model (with its adapter), the data and the trainer, ready to train."""
-    import paddle
-    from paddlenlp.trainer import set_seed
-
     from paddle_llm.trainer.finetune_trainer import FinetuneMetricsCallback, FinetuneTrainer, criterion_for
-    from paddle_llm.trainer.health import NumericalHealthCallback
 
-    install_collectives_when_distributed(plan.parsed.value("device"))
-    model_args, data_args, peft_args, training_args = plan.parsed.build(_dataclass_types())
-    paddle.set_device(training_args.device)
-    set_seed(training_args.seed)
-    log(configure_runtime(training_args))
-    for arguments, title in ((model_args, "Model"), (data_args, "Data"), (peft_args, "PEFT")):
-        training_args.print_config(arguments, title)
-    resume_from = resume_checkpoint(training_args)
+    started = start(plan, _dataclass_types(), ("Model", "Data", "PEFT"))
+    model_args, data_args, peft_args, training_args = started.arguments
 
     family = plan.source.family
     # Fine-tuning starts from the model's weights; a preset (or a config without weights) starts from random ones.
@@ -301,12 +239,11 @@ def prepare(plan: FinetuneSetup) -> FinetuneRun:
         generation=generation,
     )
     tokens_per_row = next(iter(splits.values())).tokens_per_row if splits else 0.0
-    trainer.add_callback(FinetuneMetricsCallback(training_args.output_dir, tokens_per_row))
-    trainer.add_callback(NumericalHealthCallback(loss_layers=(criterion,) if criterion is not None else ()))
-    return FinetuneRun(trainer, tokenizer, splits, tokens_per_row, peft_args, resume_from)
+    add_run_callbacks(trainer, FinetuneMetricsCallback(training_args.output_dir, tokens_per_row), loss_layers=(criterion,) if criterion is not None else ())
+    return FinetuneRun(trainer, tokenizer, splits, tokens_per_row, peft_args, started.resume_from)
 
 
-def fit(plan: FinetuneSetup) -> int:
+def fit(plan: RecipeSetup) -> int:
     run = prepare(plan)
     trainer, training_args = run.trainer, run.trainer.args
     train_save_evaluate(trainer, run.tokenizer, plan.parsed, run.resume_from, run.tokens_per_row)

@@ -45,6 +45,12 @@ TRAIN_CURVES = (
     ("tokens_per_second", "tokens / s", "Throughput"),
     ("grad_norm", "gradient norm", "Gradient norm (before clipping)"),
 )
+# DPO's grouped metrics (figure name, title, axis label, metrics.jsonl keys): each key's training curve and its
+# eval_ twin share one figure; figures whose keys hold no value are left out.
+GROUPED_CURVES = (
+    ("rewards", "Rewards (beta x log-ratio to the reference)", "reward", ("rewards/chosen", "rewards/rejected", "rewards/margins")),
+    ("reward_accuracy", "Reward accuracy (chosen above rejected)", "fraction of pairs", ("rewards/accuracies",)),
+)
 
 
 @dataclass
@@ -218,8 +224,8 @@ def _line_figure(name: str, title: str, ylabel: str, series: list[tuple[str, lis
 
 
 def plot_figures(record: RunRecord) -> dict[str, str]:
-    """``{figure name: inline SVG}`` for every curve with data: loss (train and eval), perplexity, then
-    :data:`TRAIN_CURVES`. Empty when matplotlib is not installed."""
+    """``{figure name: inline SVG}`` for every curve with data: loss (train and eval), perplexity,
+    :data:`TRAIN_CURVES`, then :data:`GROUPED_CURVES`. Empty when matplotlib is not installed."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -239,6 +245,15 @@ def plot_figures(record: RunRecord) -> dict[str, str]:
         steps, values = _finite_points(record.train_rows, key)
         if steps:
             figures[key] = _line_figure(key, title, ylabel, [(key, steps, values, "-")])
+    for name, title, ylabel, keys in GROUPED_CURVES:
+        series = []
+        for key in keys:
+            for label, rows, style in ((key, record.train_rows, "-"), (f"eval_{key}", record.eval_rows, "o--")):
+                steps, values = _finite_points(rows, label)
+                if steps:
+                    series.append((label, steps, values, style))
+        if series:
+            figures[name] = _line_figure(name, title, ylabel, series)
     return figures
 
 

@@ -24,6 +24,8 @@ class LLMTrainer(Trainer):
       fixed order is what makes a resumed run replay exactly the batches an uninterrupted one would see.
     """
 
+    reports_perplexity = True  # exp(eval loss) means something only for a language-model loss
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._rotation_deferred = False
@@ -83,7 +85,7 @@ class LLMTrainer(Trainer):
         )
         metrics = output.metrics
         loss = metrics.get(f"{metric_key_prefix}_loss")
-        if loss is not None:
+        if loss is not None and self.reports_perplexity:
             metrics[f"{metric_key_prefix}_ppl"] = math.exp(min(loss, 50.0))  # cap: exp overflows long before 50 matters
         metrics.update(speed_metrics(metric_key_prefix, start, num_samples=output.num_samples))
         self.log(metrics)

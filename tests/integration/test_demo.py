@@ -9,8 +9,8 @@ from tests.integration.test_output import USER_SHELL, assert_quiet
 SCREEN_LINES = 40
 
 
-def test_demo_pretrains_finetunes_exports_and_serves(tmp_path):
-    result = run_script(["-m", "paddle_llm", "demo", "--output_dir", str(tmp_path / "demo"), "--disable_tqdm"], timeout=900, **USER_SHELL)
+def test_demo_pretrains_finetunes_aligns_exports_and_serves(tmp_path):
+    result = run_script(["-m", "paddle_llm", "demo", "--output_dir", str(tmp_path / "demo"), "--disable_tqdm", "--dpo"], timeout=900, **USER_SHELL)
     printed = result.stdout + result.stderr
     assert_quiet(printed)
     assert len(printed.splitlines()) <= SCREEN_LINES, printed
@@ -22,6 +22,10 @@ def test_demo_pretrains_finetunes_exports_and_serves(tmp_path):
     assert sample.startswith("In the morning, Ada went to") and len(sample) > len("In the morning, Ada went to") + 10
     after = int(re.search(r"held-out exact match after LoRA:\s+(\d+)%", result.stdout).group(1))
     assert after >= 90
+    # the optional DPO stage (--dpo): held-out reward accuracy from the starting model's own preference to >= 90%
+    before_dpo = int(re.search(r"held-out reward accuracy before DPO:\s+(\d+)%", result.stdout).group(1))
+    after_dpo = int(re.search(r"held-out reward accuracy after DPO:\s+(\d+)%", result.stdout).group(1))
+    assert before_dpo < 90 <= after_dpo
     # the served model answers the demo's held-out question over both protocols
     rest = re.search(r"answer over REST:\s+'(.*)'", result.stdout).group(1)
     grpc = re.search(r"answer over gRPC:\s+'(.*)'", result.stdout).group(1)

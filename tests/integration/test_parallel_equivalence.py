@@ -19,7 +19,9 @@ from tests.conftest import RUN_PRETRAIN, ROOT, read_metrics, run_script
 from tests.integration.test_pretrain import pretrain_flags
 
 FINETUNE = os.path.join(ROOT, "finetune_generation.py")
+RUN_DPO = os.path.join(ROOT, "run_dpo.py")
 INSTRUCTIONS = os.path.join(ROOT, "paddle_llm", "assets", "instructions")
+PREFERENCES = os.path.join(ROOT, "paddle_llm", "assets", "preferences")
 STEPS = 5
 RESUME_STEP = 3  # reshard tests save here and resume to STEPS
 TOLERANCE = 1e-5
@@ -77,6 +79,12 @@ class Runs:
             self._done[name] = launch(run, output, base)
         return self._done[name]
 
+    def dpo(self, name: str, run: Run) -> str:
+        if name not in self._done:
+            output = str(self.directory / name)
+            self._done[name] = launch(run, output, dpo_flags(self.models["llama"], output))
+        return self._done[name]
+
     def lora_start(self) -> str:
         """A LoRA adapter initialised once, so every layout starts from the same adapter weights."""
         if "lora_start" not in self._done:
@@ -118,6 +126,28 @@ def finetune_flags(model: str, output_dir: str, lora_path: str) -> list[str]:
         "lora": True,
         "lora_path": lora_path,
         "unified_checkpoint": 1,  # the adapter is saved whole, so one device loads what tensor parallel trained
+    }
+    return [str(token) for name, value in flags.items() for token in (f"--{name}", value)]
+
+
+def dpo_flags(model: str, output_dir: str) -> list[str]:
+    """Full DPO (a frozen reference copy) from saved weights, on the shipped preference task."""
+    flags = {
+        "model_name_or_path": model,
+        "train_dataset_path": os.path.join(PREFERENCES, "train.jsonl"),
+        "output_dir": output_dir,
+        "device": "cpu",
+        "max_steps": STEPS,
+        "learning_rate": 0.003,
+        "warmup_steps": 2,
+        "logging_steps": 1,
+        "save_steps": 100,
+        "max_seq_len": 128,
+        "max_prompt_len": 96,
+        "report_to": "none",
+        "disable_tqdm": 1,
+        "seed": 7,
+        "do_train": 1,
     }
     return [str(token) for name, value in flags.items() for token in (f"--{name}", value)]
 
@@ -188,6 +218,27 @@ def test_tensor_parallel_lora_matches_one_process_and_its_adapter_loads_on_one_d
     )
     output = run_script(["-c", compare]).stdout
     assert float(output.split("MAXDIFF")[1].split()[0]) < TOLERANCE
+
+
+# name -> DPO layout with the same global batch of 4 preference pairs (8 sequences) as one process
+DPO_LAYOUTS = {
+    "dpo_data_parallel_2": Run(RUN_DPO, 2, {"per_device_train_batch_size": 2}),
+    "dpo_sharding_stage2": Run(RUN_DPO, 2, {"sharding": "stage2", "per_device_train_batch_size": 2}),
+}
+
+
+@pytest.mark.parametrize("layout", DPO_LAYOUTS)
+def test_dpo_two_process_layout_matches_one_process(runs, layout):
+    single = runs.dpo("dpo_one_process", Run(RUN_DPO, 1, {"per_device_train_batch_size": 4}))
+    parallel = runs.dpo(layout, DPO_LAYOUTS[layout])
+    assert_same_training(parallel, single)
+    # the reward metrics are averaged over every pair on every rank, so they match too
+    actual, expected = steps(parallel), steps(single)
+    for step in range(1, STEPS + 1):
+        for key in ("rewards/margins", "rewards/accuracies", "logps/chosen"):
+            assert actual[step][key] == pytest.approx(expected[step][key], rel=TOLERANCE, abs=1e-6), (key, step)
+    # step 1 scores the starting weights, which are the reference: every reward is 0; later steps moved away
+    assert expected[1]["rewards/chosen"] == 0 and expected[STEPS]["rewards/chosen"] != 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ LLAMA_2_7B_CONFIG = {
 }
 
 # Linked into the scratch directory so the README's relative paths resolve as they do in a checkout.
-CHECKOUT_FILES = ("run_pretrain.py", "finetune_generation.py", "constraints.txt", "requirements.txt",
+CHECKOUT_FILES = ("run_pretrain.py", "finetune_generation.py", "run_dpo.py", "constraints.txt", "requirements.txt",
                   "requirements-dev.txt")
 
 FENCE = re.compile(r"^```(\S*)\s*$")

@@ -170,6 +170,20 @@ def test_nan_losses_are_left_out_of_the_curves_but_listed(tmp_path):
     assert "plot-loss" in structure.figures and "nan" in structure.cells
 
 
+def test_dpo_reward_metrics_get_their_own_plots_train_and_eval(tmp_path):
+    directory = write_synthetic_run(tmp_path / "run")
+    with open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        for step in (45, 50):
+            f.write(json.dumps({"step": step, "loss": 0.5, "rewards/chosen": 0.1 * step, "rewards/rejected": -0.1 * step,
+                                "rewards/margins": 0.2 * step, "rewards/accuracies": 0.9}) + "\n")
+        f.write(json.dumps({"step": 50, "eval_loss": 0.4, "eval_rewards/chosen": 4.0, "eval_rewards/accuracies": 0.95}) + "\n")
+    structure = parse(render_report(load_run(directory)))
+    assert {"plot-rewards", "plot-reward_accuracy"} <= set(structure.figures)
+    html_text = render_report(load_run(directory))
+    for label in ("rewards/margins", "eval_rewards/chosen", "eval_rewards/accuracies"):  # legends name each curve
+        assert label in html_text, label
+
+
 def test_paddle_llm_report_command_on_a_run_without_eval_or_summary(tmp_path, capsys):
     directory = write_synthetic_run(tmp_path / "run", with_summary=False, with_eval=False)
     assert cli.main(["report", directory]) == 0

@@ -1,0 +1,290 @@
+"""Preference data for DPO: read pairs of replies to one prompt, frame them with the model's chat template, and
+tokenize each as prompt + reply with the prompt masked out of the loss.
+
+Two record formats, one JSON object per line (``--train_dataset_path`` / ``--dev_dataset_path``):
+
+- ``paddlenlp``  ``{"src": str | [str], "tgt": str | [str], "response": [str, str], "sort": [int, int]}``, PaddleNLP's
+  (``paddlenlp.trl.trl_data``): ``src`` holds one more prompt than ``tgt`` holds replies (earlier rounds of the
+  conversation), ``response`` the two candidate last replies and ``sort`` their ranks; the higher rank is chosen.
+- ``pairwise``   ``{"prompt": str | [messages], "chosen": str, "rejected": str}``, the common one, or ``messages`` (a
+  conversation ending with the user's turn) instead of ``prompt``; ``chosen``/``rejected`` may also be a list
+  holding one assistant message.
+
+Each pair becomes two ``SftSample``s (prompt + chosen, prompt + rejected) that share the prompt tokens exactly, so a
+log-probability difference is a difference of the replies alone. Truncation follows PaddleNLP's rule for
+``--max_seq_len``/``--max_prompt_len``: when prompt and both replies exceed ``max_seq_len`` together, the prompt
+keeps its last ``max_prompt_len`` tokens, then both replies are cut in proportion to their lengths.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from paddle_llm.data.jsonl import DataError, read_jsonl_records
+from paddle_llm.data.sft import (
+    FamilyLayout,
+    Record,
+    Round,
+    SftCollator,
+    SftSample,
+    _assemble,
+    _checked_conversation,
+    _field_error,
+    _rounds,
+    _string_list,
+    IGNORE_INDEX,
+)
+
+PREFERENCE_FORMATS = ("paddlenlp", "pairwise")
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One preference: a conversation ending with the user's turn, and two replies to it.
+
+    Attributes:
+        prompt: ``({"role", "content"}, ...)``, ending with a user message.
+        chosen: the preferred reply.
+        rejected: the other reply.
+        where: ``path:line``, for messages about this record.
+    """
+
+    prompt: tuple
+    chosen: str
+    rejected: str
+    where: str
+
+
+def detect_preference_format(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    if all(key in record for key in ("src", "response", "sort")):
+        return "paddlenlp"
+    if "chosen" in record and "rejected" in record:
+        return "pairwise"
+    return None
+
+
+def _reply(record: dict, key: str, where: str) -> str:
+    """``chosen``/``rejected``: a non-empty string, or ``[{"role": "assistant", "content": str}]``."""
+    value = record.get(key)
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant":
+        value = value[0].get("content")
+    if not isinstance(value, str):
+        raise _field_error(where, key, f"must be a string (or a list of one assistant message), got {type(value).__name__}")
+    if not value.strip():
+        raise _field_error(where, key, "is empty")
+    return value
+
+
+def _prompt_conversation(messages: object, where: str, field_name: str) -> tuple:
+    """A prompt conversation: the chat-template rules, ending with the user's turn (the replies come after it)."""
+    if not isinstance(messages, list) or not messages:
+        raise _field_error(where, field_name, "must be a non-empty list of {role, content} messages")
+    return _checked_conversation(messages + [{"role": "assistant", "content": ""}], where, field_name)[:-1]
+
+
+def parse_preference(record: object, record_format: str, where: str) -> PreferenceRecord:
+    """Turn one decoded JSON line into a ``PreferenceRecord``.
+
+    Raises:
+        DataError: the message names ``where`` (file:line) and the offending field.
+    """
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if record_format == "paddlenlp":
+        sources = _string_list(record, "src", where)
+        # a first-turn preference has no earlier replies: PaddleNLP's files write "tgt": [] (or leave it out)
+        targets = _string_list(record, "tgt", where) if record.get("tgt") not in (None, []) else []
+        if len(sources) != len(targets) + 1:
+            raise _field_error(where, "src", f"has {len(sources)} prompts for {len(targets)} earlier replies in 'tgt'; give one more prompt than replies (the last prompt is the one the responses answer)")
+        responses, ranks = record.get("response"), record.get("sort")
+        if not isinstance(responses, list) or len(responses) != 2:
+            raise _field_error(where, "response", "must be a list of 2 replies")
+        for index, response in enumerate(responses):
+            if not isinstance(response, str) or not response.strip():
+                raise _field_error(where, f"response[{index}]", "must be a non-empty string")
+        if not isinstance(ranks, list) or len(ranks) != 2 or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+            raise _field_error(where, "sort", "must be a list of 2 integers (the higher one marks the chosen response)")
+        if ranks[0] == ranks[1]:
+            raise _field_error(where, "sort", f"both responses rank {ranks[0]}; give the chosen one the higher number")
+        messages = []
+        for index, source in enumerate(sources):
+            messages.append({"role": "user", "content": source.strip()})
+            if index < len(targets):
+                messages.append({"role": "assistant", "content": targets[index].strip()})
+        chosen, rejected = (responses[0], responses[1]) if ranks[0] > ranks[1] else (responses[1], responses[0])
+        return PreferenceRecord(_prompt_conversation(messages, where, "src"), chosen.strip(), rejected.strip(), where)
+    if record_format == "pairwise":
+        if "messages" in record:
+            prompt = _prompt_conversation(record["messages"], where, "messages")
+        elif "prompt" not in record:
+            raise DataError(f"{where}: missing field 'prompt' (fields present: {', '.join(sorted(record)) or 'none'})")
+        elif isinstance(record["prompt"], list):
+            prompt = _prompt_conversation(record["prompt"], where, "prompt")
+        elif isinstance(record["prompt"], str) and record["prompt"].strip():
+            prompt = ({"role": "user", "content": record["prompt"]},)
+        else:
+            raise _field_error(where, "prompt", "must be a non-empty string or a list of messages")
+        chosen, rejected = _reply(record, "chosen", where), _reply(record, "rejected", where)
+        return PreferenceRecord(prompt, chosen, rejected, where)
+    raise ValueError(f"unknown preference format {record_format!r}; use one of {', '.join(PREFERENCE_FORMATS)}")
+
+
+@dataclass
+class PreferenceRead:
+    path: str
+    record_format: str
+    records: list[PreferenceRecord]
+    skipped: list[str] = field(default_factory=list)
+
+
+def read_preferences(path: str, skip_bad_lines: bool = False) -> PreferenceRead:
+    """Read a jsonl file of preference records (the format is detected from its first record).
+
+    Raises:
+        DataError: a missing or empty file, a bad record (without ``skip_bad_lines``), or no good record at all.
+    """
+    records, skipped, record_format = read_jsonl_records(
+        path, detect_preference_format, parse_preference, skip_bad_lines,
+        "src/tgt/response/sort (PaddleNLP) or prompt (or messages)/chosen/rejected",
+    )
+    return PreferenceRead(path, record_format, records, skipped)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+@dataclass(frozen=True)
+class PreferenceLimits:
+    """``--max_seq_len`` (prompt and both replies together, as PaddleNLP counts it) and ``--max_prompt_len``."""
+
+    max_seq_len: int
+    max_prompt_len: int
+
+
+class PreferenceTruncation(Counter):
+    REASONS = {
+        "prompt_truncated": "prompts cut to their last --max_prompt_len tokens",
+        "replies_truncated": "reply pairs cut in proportion to fit --max_seq_len",
+        "dropped_prompt_too_long": "pairs dropped: the prompt leaves no room for two replies within --max_seq_len",
+    }
+
+    def describe(self) -> str:
+        parts = [f"{self[key]} {text}" for key, text in self.REASONS.items() if self[key]]
+        return "; ".join(parts) if parts else "nothing truncated"
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """Two training samples with the same prompt tokens: prompt + chosen, prompt + rejected."""
+
+    chosen: SftSample
+    rejected: SftSample
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+def _prompt_and_reply(record: PreferenceRecord, reply: str, layout: FamilyLayout, tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """(prefix, prompt tokens, reply tokens) of the conversation ending with ``reply``, framed by the template.
+
+    Earlier rounds (their replies too) are part of the prompt: DPO trains on the last reply only.
+    """
+    conversation = Record(record.prompt + ({"role": "assistant", "content": reply},), True, record.where)
+    prefix, rounds = _rounds(conversation, layout, tokenizer)
+    prompt = [token for item in rounds[:-1] for token in item.prompt + item.reply] + rounds[-1].prompt
+    if not prefix and layout.prefix_ids and tuple(prompt[: len(layout.prefix_ids)]) == layout.prefix_ids:
+        # Llama's template writes the BOS as text; kept apart, a prompt cut from the left still starts with it.
+        prefix, prompt = list(layout.prefix_ids), prompt[len(layout.prefix_ids) :]
+    return prefix, prompt, rounds[-1].reply
+
+
+def tokenize_preference(record: PreferenceRecord, layout: FamilyLayout, tokenizer, limits: PreferenceLimits, report: Counter) -> PreferencePair | None:
+    """Frame, truncate and shift one preference into two samples (None when two replies cannot fit)."""
+    prefix, prompt, chosen = _prompt_and_reply(record, record.chosen, layout, tokenizer)
+    _, _, rejected = _prompt_and_reply(record, record.rejected, layout, tokenizer)
+    fixed = len(prefix) + len(layout.reply_start_ids)
+    if fixed + len(prompt) + len(chosen) + len(rejected) > limits.max_seq_len:
+        if len(prompt) > limits.max_prompt_len:
+            prompt = prompt[-limits.max_prompt_len :]
+            report["prompt_truncated"] += 1
+        room = limits.max_seq_len - fixed - len(prompt)
+        if room < 2:
+            report["dropped_prompt_too_long"] += 1
+            return None
+        if len(chosen) + len(rejected) > room:
+            chosen_room = min(room - 1, max(1, int(len(chosen) / (len(chosen) + len(rejected)) * room)))
+            chosen, rejected = chosen[:chosen_room], rejected[: room - chosen_room]
+            report["replies_truncated"] += 1
+    return PreferencePair(_sample(prefix, prompt, chosen, layout), _sample(prefix, prompt, rejected, layout))
+
+
+def _sample(prefix: list[int], prompt: list[int], reply: list[int], layout: FamilyLayout) -> SftSample:
+    tokens, targets, context_length = _assemble(prefix, [Round(prompt, reply)], layout, include_last_reply=True)
+    ids = np.asarray(tokens, dtype="int64")
+    labels = np.where(np.asarray(targets[1:], dtype=bool), ids[1:], IGNORE_INDEX).astype("int64")
+    return SftSample(ids[:-1], labels, context_length)
+
+
+class PreferenceCollator:
+    """A batch of pairs as one batch of ``2 x pairs`` rows: every chosen sample, then every rejected one, in the
+    same order, so the policy and the reference each need one forward pass per batch. Padding, masks and GLM
+    positions are ``SftCollator``'s."""
+
+    def __init__(self, layout: FamilyLayout):
+        self.rows = SftCollator(layout)
+
+    def __call__(self, pairs: list[PreferencePair]) -> dict:
+        return self.rows([[pair.chosen] for pair in pairs] + [[pair.rejected] for pair in pairs])
+
+
+class PairDataset:
+    """A map-style dataset of ``PreferencePair``s, in the order the trainer should read them."""
+
+    def __init__(self, pairs: list[PreferencePair]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> PreferencePair:
+        return self.pairs[index]
+
+
+@dataclass
+class PreferenceSplit:
+    read: PreferenceRead
+    dataset: PairDataset
+    report: PreferenceTruncation
+
+    @property
+    def tokens_per_row(self) -> float:
+        """Tokens per pair (both samples)."""
+        return sum(len(pair) for pair in self.dataset.pairs) / max(1, len(self.dataset))
+
+    def summary(self) -> str:
+        text = f"{self.read.path}: {len(self.read.records)} records ({self.read.record_format}), {len(self.dataset)} pairs; {self.report.describe()}"
+        if self.read.skipped:
+            text += f"; {len(self.read.skipped)} bad lines skipped"
+        return text
+
+
+def build_preference_split(path: str, layout: FamilyLayout, tokenizer, limits: PreferenceLimits, skip_bad_lines: bool = False, shuffle_seed: int | None = None) -> PreferenceSplit:
+    """Read, frame, tokenize and truncate one preference file.
+
+    Raises:
+        DataError: bad records (see ``read_preferences``), or no pair fits the length limits.
+    """
+    read = read_preferences(path, skip_bad_lines)
+    report = PreferenceTruncation()
+    pairs = [p for p in (tokenize_preference(r, layout, tokenizer, limits, report) for r in read.records) if p is not None]
+    if not pairs:
+        raise DataError(f"{path}: no pair fits --max_seq_len {limits.max_seq_len} ({report.describe()})")
+    if shuffle_seed is not None:
+        pairs = [pairs[i] for i in np.random.default_rng(shuffle_seed).permutation(len(pairs))]
+    return PreferenceSplit(read, PairDataset(pairs), report)

@@ -1,0 +1,247 @@
+"""The DPO recipe behind ``run_dpo.py`` and ``paddle-llm dpo``: preference alignment with PaddleNLP's
+llm/alignment/dpo/run_dpo.py flags.
+
+setup: parse, validate, apply run_dpo.py's own adjustments (``orpo`` is ``or`` plus the SFT loss; ``or`` and
+       ``simpo`` are reference-free), apply CPU fallbacks; nothing distributed yet.
+prepare: on the shared spine (``trainer.recipe``): the model (full or LoRA), its reference (none, the adapters
+       switched off, or a frozen copy), the preference pairs and a ``DPOTrainer``.
+fit:   prepare, then train (resuming), save, evaluate.
+
+Example (LoRA DPO on CPU, on the shipped preference task):
+  python run_dpo.py --model_name_or_path MODEL_DIR --train_dataset_path paddle_llm/assets/preferences/train.jsonl \\
+      --dev_dataset_path paddle_llm/assets/preferences/dev.jsonl --output_dir out --do_train --do_eval \\
+      --lora True --beta 0.1 --learning_rate 3e-4 --device cpu
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from dataclasses import dataclass
+from typing import Mapping
+
+from paddle_llm.config.parser import ArgumentError, parse_flags
+from paddle_llm.data.preference import PreferenceCollator, PreferenceLimits, build_preference_split
+from paddle_llm.data.sft import family_layout
+from paddle_llm.trainer.recipe import (
+    RecipeSetup,
+    add_run_callbacks,
+    apply_fallbacks,
+    apply_peft,
+    build_model_and_tokenizer,
+    check_model_and_runtime,
+    log,
+    log_cpu_fast_paths,
+    random_base_warning,
+    resolve_source,
+    run_recipe,
+    start,
+    train_save_evaluate,
+    warn,
+)
+
+MAX_SKIPPED_SHOWN = 5
+REFERENCE_FREE_LOSSES = ("or", "simpo")  # run_dpo.py turns reference_free on for these
+REFERENCE_DESCRIPTIONS = {
+    "free": "none (--reference_free)",
+    "adapters_off": "the same weights with the LoRA adapters off",
+    "copy": "a frozen copy of the starting weights",
+}
+
+
+def _dataclass_types():
+    from paddle_llm.config.arguments import DPOArguments, DPODataArguments, DPOTrainingArguments, ModelArguments, PeftArguments
+
+    return ModelArguments, DPODataArguments, PeftArguments, DPOArguments, DPOTrainingArguments
+
+
+def check_dpo(values: Mapping) -> list[str]:
+    """The DPO rules: a pure function of the flag values, every problem reported."""
+    from paddle_llm.config.arguments import DPO_LOSS_TYPES
+
+    errors = []
+    if values.get("loss_type") not in DPO_LOSS_TYPES:
+        errors.append(f"--loss_type {values.get('loss_type')!r} must be one of {', '.join(DPO_LOSS_TYPES)}")
+    if float(values.get("beta") or 0) <= 0:
+        errors.append(f"--beta {values.get('beta')}: must be positive (0.1 is PaddleNLP's default)")
+    if not 0 <= float(values.get("label_smoothing") or 0) < 0.5:
+        errors.append(f"--label_smoothing {values.get('label_smoothing')}: must be in [0, 0.5)")
+    for name in ("tensor_parallel_degree", "pipeline_parallel_degree"):
+        if int(values.get(name) or 1) > 1:
+            errors.append(f"--{name} {values[name]}: DPO runs with data parallel and sharding here (it reads whole-vocabulary logits); use --sharding stage1/stage2 or more processes")
+    if values.get("prefix_tuning"):
+        errors.append("--prefix_tuning does not run with DPO: use --lora True, or full DPO")
+    if values.get("lora_path") and not values.get("lora"):
+        errors.append("--lora_path loads a LoRA adapter: add --lora True")
+    if values.get("merge_weights"):
+        errors.append("--merge_weights is not run by DPO: merge afterwards with `paddle-llm merge-lora`")
+    if values.get("weight_quantize_algo"):
+        errors.append("--weight_quantize_algo (QLoRA) is not supported by DPO yet: run LoRA DPO on the float base, or QLoRA fine-tuning with finetune_generation.py")
+    if values.get("lora") and int(values.get("r") or 0) < 1:
+        errors.append(f"--lora_rank {values.get('r')}: the LoRA rank must be at least 1")
+    if str(values.get("optim")) in ("sgd", "lomo"):
+        errors.append(f"--optim {values.get('optim')} is fine-tuning's; DPO uses PaddleNLP's optimizers (adamw)")
+    max_seq_len, max_prompt_len = int(values.get("max_seq_len") or 0), int(values.get("max_prompt_len") or 0)
+    if max_prompt_len < 1:
+        errors.append(f"--max_prompt_len {max_prompt_len}: must be at least 1")
+    elif max_seq_len < max_prompt_len + 2:
+        errors.append(f"--max_seq_len {max_seq_len} leaves no room for two replies after --max_prompt_len {max_prompt_len}: raise --max_seq_len")
+    for name, why in (
+        ("greedy_zero_padding", "pairs are padded, not packed"),
+        ("lazy", "preference files are read whole"),
+        ("flash_mask", "attention masks are explicit tensors on every device"),
+        ("benchmark", "measure with benchmarks/ instead"),
+        ("autotuner_benchmark", "measure with benchmarks/ instead"),
+    ):
+        if values.get(name):
+            errors.append(f"--{name} is not supported here ({why}): drop it")
+    if values.get("dpop_lambda") != 50:
+        errors.append("--dpop_lambda belongs to PaddleNLP's dpop loss, which is not supported here: drop it")
+    if int(values.get("ref_model_update_steps", -1)) != -1:
+        errors.append("--ref_model_update_steps is not supported here: the reference stays the starting model (-1)")
+    for flag, wanted in (("train_dataset_path", values.get("do_train")), ("dev_dataset_path", values.get("do_eval"))):
+        if wanted and not os.path.isfile(str(values.get(flag))):
+            errors.append(f"--{flag} {values.get(flag)}: no such file (jsonl preferences; paddle_llm never downloads datasets)")
+    return errors
+
+
+def adjust_like_run_dpo(values: dict) -> list[str]:
+    """run_dpo.py's own adjustments, said out loud: ``orpo`` is the ``or`` loss with reference_free and
+    sft_loss_ratio 1; ``or`` and ``simpo`` need no reference. PaddleNLP's ``--lora_alpha -1`` means 2 x rank."""
+    warnings = []
+    if values["loss_type"] == "orpo":
+        values.update(loss_type="or", reference_free=True, sft_loss_ratio=1.0)
+        log("--loss_type orpo: the 'or' loss plus the SFT loss (sft_loss_ratio 1), reference-free, as PaddleNLP's run_dpo.py")
+    if values["loss_type"] in REFERENCE_FREE_LOSSES and not values["reference_free"]:
+        values["reference_free"] = True
+        warnings.append(f"--loss_type {values['loss_type']} needs no reference model: --reference_free set to True (as PaddleNLP's run_dpo.py does)")
+    if values.get("lora_alpha") == -1:
+        values["lora_alpha"] = None
+    return warnings
+
+
+def setup(argv: list[str]) -> RecipeSetup:
+    """Parse and validate; nothing distributed or heavy happens here.
+
+    Raises:
+        ArgumentError: bad flags or configuration (every problem found, one per line).
+    """
+    parsed = parse_flags(argv, _dataclass_types())
+    values = parsed.as_dict()
+    source = resolve_source(values)
+    errors = check_model_and_runtime(values, parsed.explicit, source) + check_dpo(values)
+    if errors:
+        raise ArgumentError("\n".join(errors))
+    warnings = adjust_like_run_dpo(values)
+    for name in ("loss_type", "reference_free", "sft_loss_ratio", "lora_alpha"):
+        parsed.set(name, values[name])
+    warnings += apply_fallbacks(parsed)
+    if not source.has_weights:
+        warnings.append(random_base_warning(source, "aligns"))
+    return RecipeSetup(parsed, source, warnings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_recipe(
+        list(sys.argv[1:] if argv is None else argv),
+        "paddle-llm dpo",
+        setup,
+        fit,
+        lambda: __doc__ + "\nFlags are PaddleNLP's llm/alignment/dpo/run_dpo.py flags; see README 'DPO'.",
+    )
+
+
+def reference_for(model, dpo_args, peft_args) -> tuple[str, object]:
+    """How the reference log-probabilities are made (``DPOTrainer``'s ``reference``), and the frozen copy if any.
+
+    Full DPO keeps a frozen copy of the starting weights (PaddleNLP's run_dpo.py does the same): it costs one more
+    set of weights, without gradients or optimizer state, and the reference pass then runs on exactly the batch the
+    policy sees, under any sampler, data-parallel layout or resume. Precomputing every pair's reference
+    log-probabilities once would save that memory, but adds a pass over the data before training and per-pair
+    state to every sampler, shuffle and checkpoint. LoRA needs neither: its base weights are the reference.
+    """
+    if dpo_args.reference_free:
+        return "free", None
+    if peft_args.lora:
+        return "adapters_off", None
+    reference = copy.deepcopy(model)
+    reference.eval()
+    for parameter in reference.parameters():
+        parameter.stop_gradient = True
+    return "copy", reference
+
+
+def load_preference_splits(layout, tokenizer, data_args, training_args) -> dict:
+    limits = PreferenceLimits(data_args.max_seq_len, data_args.max_prompt_len)
+    splits = {}
+    for name, path, wanted, seed in (
+        ("train", data_args.train_dataset_path, training_args.do_train, training_args.seed),
+        ("dev", data_args.dev_dataset_path, training_args.do_eval, None),
+    ):
+        if not wanted:
+            continue
+        split = build_preference_split(path, layout, tokenizer, limits, skip_bad_lines=data_args.skip_bad_lines, shuffle_seed=seed)
+        log(f"data: {split.summary()}")
+        for message in split.read.skipped[:MAX_SKIPPED_SHOWN]:
+            warn(f"skipped {message}")
+        splits[name] = split
+    return splits
+
+
+@dataclass
+class DPORun:
+    """Everything ``prepare`` built: the trainer (holding the policy and its reference), the tokenizer, tokens per
+    pair and the checkpoint to resume from."""
+
+    trainer: object
+    tokenizer: object
+    tokens_per_pair: float
+    resume_from: str | None
+
+
+def prepare(plan: RecipeSetup) -> DPORun:
+    """Build the model (with its adapter) and its reference, the pairs and the trainer, ready to train."""
+    from paddle_llm.trainer.callbacks import MetricsFileCallback
+    from paddle_llm.trainer.dpo_trainer import DPOTrainer, PreferenceLoss
+
+    started = start(plan, _dataclass_types(), ("Model", "Data", "PEFT", "DPO"))
+    model_args, data_args, peft_args, dpo_args, training_args = started.arguments
+    family = plan.source.family
+    model_args.continue_training = plan.source.has_weights  # DPO starts from the model's weights, as fine-tuning does
+    model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
+    log_cpu_fast_paths(model, training_args)
+    reference, reference_model = reference_for(model, dpo_args, peft_args)
+    model = apply_peft(model, family.name, peft_args)
+    log(f"reference model: {REFERENCE_DESCRIPTIONS[reference]}")
+
+    layout = family_layout(family.name, tokenizer)
+    splits = load_preference_splits(layout, tokenizer, data_args, training_args)
+    settings = PreferenceLoss(
+        dpo_args.loss_type, dpo_args.beta, dpo_args.simpo_gamma, dpo_args.label_smoothing, dpo_args.pref_loss_ratio, dpo_args.sft_loss_ratio
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=training_args,
+        data_collator=PreferenceCollator(layout),
+        train_dataset=splits["train"].dataset if "train" in splits else None,
+        eval_dataset=splits["dev"].dataset if "dev" in splits else None,
+        tokenizer=tokenizer,
+        settings=settings,
+        reference=reference,
+        reference_model=reference_model,
+    )
+    tokens_per_pair = next(iter(splits.values())).tokens_per_row if splits else 0.0
+    # A preference loss may legitimately fall near 0 (a hinge loss reaches it): only NaN/inf and exact 0 are alarms.
+    add_run_callbacks(trainer, MetricsFileCallback(training_args.output_dir, tokens_per_pair), min_plausible_loss=None)
+    return DPORun(trainer, tokenizer, tokens_per_pair, started.resume_from)
+
+
+def fit(plan: RecipeSetup) -> int:
+    run = prepare(plan)
+    train_save_evaluate(run.trainer, run.tokenizer, plan.parsed, run.resume_from, run.tokens_per_pair)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

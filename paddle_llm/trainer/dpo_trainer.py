@@ -1,0 +1,194 @@
+"""``DPOTrainer``: ``LLMTrainer`` with the preference losses of PaddleNLP's ``paddlenlp.trl`` DPO.
+
+The loss is a function of four log-probabilities per pair: the policy's and the reference model's, of the chosen
+and of the rejected reply (each summed over the reply's tokens, or averaged for ``ipo``, ``or`` and ``simpo``)::
+
+    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    sigmoid  -logsigmoid(beta * logits) * (1 - label_smoothing) - logsigmoid(-beta * logits) * label_smoothing
+    hinge    relu(1 - beta * logits)
+    ipo      (logits - 1 / (2 * beta)) ** 2
+    simpo    sigmoid, on logits - simpo_gamma / beta (reference-free)
+    or       -logsigmoid(log-odds(chosen) - log-odds(rejected))    (ORPO's odds ratio; reference-free)
+    loss = pref_loss_ratio * mean(...) + sft_loss_ratio * (-sum of chosen log-probs / chosen tokens)
+
+The reference model is, by preference: nothing (``--reference_free``: its log-probabilities are 0); the policy
+itself with its LoRA adapters switched off (``--lora``: no second copy of the weights); or a frozen copy of the
+starting weights (full DPO), as PaddleNLP's run_dpo.py builds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import paddle
+import paddle.nn.functional as F
+
+from paddle_llm.data.sft import IGNORE_INDEX
+from paddle_llm.trainer.trainer import LLMTrainer
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "or")
+AVERAGED_LOSS_TYPES = ("ipo", "or", "simpo")  # these compare per-token averages, not sums
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """The loss settings (PaddleNLP's ``DPOConfig`` fields, after run_dpo.py's ``orpo`` mapping)."""
+
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    simpo_gamma: float = 0.5
+    label_smoothing: float = 0.0
+    pref_loss_ratio: float = 1.0
+    sft_loss_ratio: float = 0.0
+
+    @property
+    def average_log_prob(self) -> bool:
+        return self.loss_type in AVERAGED_LOSS_TYPES
+
+
+def sequence_log_probs(logits: paddle.Tensor, labels: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Per row: the sum of ``log p(label)`` over the labelled positions, and how many there are.
+
+    Args:
+        logits: ``[rows, seq, vocab]``.
+        labels: ``[rows, seq]``, already shifted; ``IGNORE_INDEX`` where nothing is predicted.
+    """
+    mask = labels != IGNORE_INDEX
+    safe_labels = paddle.where(mask, labels, paddle.zeros_like(labels))
+    token_log_probs = -F.cross_entropy(logits.astype("float32"), safe_labels.unsqueeze(-1), reduction="none").squeeze(-1)
+    mask = mask.astype("float32")
+    return (token_log_probs * mask).sum(axis=-1), mask.sum(axis=-1)
+
+
+def preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, settings: PreferenceLoss):
+    """The pair-wise loss (mean over pairs, times ``pref_loss_ratio``) and each pair's chosen/rejected rewards.
+
+    All four inputs are per-pair log-probabilities of the same kind (sums, or averages for ``average_log_prob``).
+
+    Returns:
+        ``(loss, chosen_rewards, rejected_rewards)``; a reward is ``beta * (policy - reference)``.
+    """
+    beta = settings.beta
+    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    if settings.loss_type == "simpo":
+        logits = logits - settings.simpo_gamma / beta
+    if settings.loss_type in ("sigmoid", "simpo"):
+        losses = -F.log_sigmoid(beta * logits) * (1 - settings.label_smoothing) - F.log_sigmoid(-beta * logits) * settings.label_smoothing
+    elif settings.loss_type == "hinge":
+        losses = F.relu(1 - beta * logits)
+    elif settings.loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    elif settings.loss_type == "or":
+        log_odds = (policy_chosen - policy_rejected) - (paddle.log1p(-paddle.exp(policy_chosen)) - paddle.log1p(-paddle.exp(policy_rejected)))
+        losses = -F.log_sigmoid(log_odds)
+    else:
+        raise ValueError(f"unknown loss type {settings.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
+    chosen_rewards = beta * (policy_chosen - reference_chosen)
+    rejected_rewards = beta * (policy_rejected - reference_rejected)
+    return losses.mean() * settings.pref_loss_ratio, chosen_rewards, rejected_rewards
+
+
+def _logits(outputs) -> paddle.Tensor:
+    if isinstance(outputs, (tuple, list)):
+        return outputs[0]
+    return outputs.logits if hasattr(outputs, "logits") else outputs
+
+
+def pair_log_probs(model, inputs: dict, average: bool):
+    """The chosen and rejected replies' log-probabilities under ``model`` for a ``PreferenceCollator`` batch
+    (chosen rows first), summed or averaged over each reply's tokens, and the chosen replies' token counts."""
+    forward_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+    total, count = sequence_log_probs(_logits(model(**forward_inputs)), inputs["labels"])
+    if average:
+        total = total / count
+    pairs = total.shape[0] // 2
+    return total[:pairs], total[pairs:], count[:pairs]
+
+
+class DPOTrainer(LLMTrainer):
+    """``LLMTrainer`` whose loss is a preference loss over batches from ``PreferenceCollator``.
+
+    A batch holds ``2 x pairs`` rows: the chosen samples, then the rejected ones. The reward metrics of every step
+    (and of every evaluation, with an ``eval_`` prefix) are averaged over the pairs since the last log, across all
+    ranks, and logged next to the loss, so ``metrics.jsonl`` and ``report.html`` carry them.
+
+    Args:
+        settings: the ``PreferenceLoss``.
+        reference: ``"free"``, ``"adapters_off"`` (LoRA) or ``"copy"``.
+        reference_model: the frozen copy, for ``"copy"``.
+        Everything else goes to ``LLMTrainer``.
+    """
+
+    reports_perplexity = False
+
+    def __init__(self, *args, settings: PreferenceLoss, reference: str, reference_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if (reference == "copy") != (reference_model is not None):
+            raise ValueError("reference 'copy' needs a reference_model, and only it does")
+        self.settings = settings
+        self.reference = reference
+        self.reference_model = reference_model
+        self._sums = {"train": {}, "eval": {}}
+
+    def _reference_log_probs(self, inputs: dict):
+        pairs = inputs["input_ids"].shape[0] // 2
+        if self.reference == "free":
+            zeros = paddle.zeros([pairs], dtype="float32")
+            return zeros, zeros
+        with paddle.no_grad():
+            if self.reference == "copy":
+                chosen, rejected, _ = pair_log_probs(self.reference_model, inputs, self.settings.average_log_prob)
+                return chosen, rejected
+            # The same weights with every LoRA adapter bypassed: the model DPO started from.
+            self.model.disable_lora()
+            try:
+                chosen, rejected, _ = pair_log_probs(self.model, inputs, self.settings.average_log_prob)
+            finally:
+                self.model.enable_lora()
+            return chosen, rejected
+
+    def compute_loss(self, model, inputs, return_outputs=False):
+        policy_chosen, policy_rejected, chosen_tokens = pair_log_probs(model, inputs, self.settings.average_log_prob)
+        reference_chosen, reference_rejected = self._reference_log_probs(inputs)
+        loss, chosen_rewards, rejected_rewards = preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.settings)
+        if self.settings.sft_loss_ratio:
+            summed = policy_chosen * chosen_tokens if self.settings.average_log_prob else policy_chosen
+            loss = loss + self.settings.sft_loss_ratio * (-summed.sum() / chosen_tokens.sum())
+        self._accumulate("train" if model.training else "eval", chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        return (loss, {}) if return_outputs else loss  # no outputs to keep: evaluation reads only the loss
+
+    def _accumulate(self, split: str, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> None:
+        values = {
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).astype("float32"),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": policy_chosen,
+            "logps/rejected": policy_rejected,
+        }
+        sums = self._sums[split]
+        for name in METRICS:
+            sums[name] = sums.get(name, 0.0) + values[name].detach().astype("float32").sum()
+        sums["pairs"] = sums.get("pairs", 0.0) + float(chosen_rewards.shape[0])
+
+    def _averaged(self, split: str) -> dict:
+        """The metrics since the last log, averaged over every pair on every rank (all ranks log together)."""
+        sums = self._sums[split]
+        self._sums[split] = {}
+        if not sums:
+            return {}
+        totals = paddle.stack([paddle.to_tensor(sums[name], dtype="float32").reshape([]) for name in METRICS + ("pairs",)])
+        if paddle.distributed.get_world_size() > 1:
+            paddle.distributed.all_reduce(totals)
+        totals = totals.numpy()
+        prefix = "eval_" if split == "eval" else ""
+        return {f"{prefix}{name}": round(float(total / totals[-1]), 6) for name, total in zip(METRICS, totals[:-1])}
+
+    def log(self, logs: dict, **kwargs) -> None:
+        # In place: evaluate() returns the dict it logs, so eval_results.json carries the rewards too.
+        if "loss" in logs:
+            logs.update(self._averaged("train"))
+        elif "eval_loss" in logs:
+            logs.update(self._averaged("eval"))
+        super().log(logs, **kwargs)

@@ -1,0 +1,363 @@
+"""The spine every training recipe (pretrain, finetune, dpo) shares.
+
+A recipe file holds only what is its own: its argument dataclasses, its checks, its data and its trainer subclass.
+Everything else is here, in the order a run meets it:
+
+1. ``run_recipe``: help, parse and validate (``check_model_and_runtime`` and the recipe's own checks, before any
+   process group exists), warnings, then fit; errors become one line each and an exit code, never a traceback.
+2. ``start``: collectives, the arguments (fleet.init), device, seed, math threads, the resume checkpoint.
+3. ``build_model_and_tokenizer`` and ``log_cpu_fast_paths``.
+4. ``add_run_callbacks``: ``metrics.jsonl`` and the numerical-health watch every run gets.
+5. ``train_save_evaluate``: train (resuming), save, evaluate, and ``report.html`` / ``run_summary.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Mapping
+
+from paddle_llm.config.parser import ArgumentError, ParsedArgs
+from paddle_llm.config.threads import configure_cpu_runtime, launched_processes
+from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision
+from paddle_llm.data.jsonl import DataError
+from paddle_llm.estimator.flags import setup_from_flags
+from paddle_llm.estimator.memory import shape_of
+from paddle_llm.estimator.planner import startup_report
+from paddle_llm.models import cpu_kernels
+from paddle_llm.models.registry import ModelSource, build_config, build_model, load_tokenizer, resolve_model
+from paddle_llm.peft.lora import apply_lora, load_lora
+from paddle_llm.peft.prefix import apply_prefix
+from paddle_llm.peft.quantize import QuantSpec
+from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
+from paddle_llm.trainer.console import log, logger, warn
+from paddle_llm.trainer.process_exit import end_launched_run
+
+EXIT_BAD_CONFIG = 2
+
+def world_size() -> int:
+    """Processes in this launch (1 when not launched); readable before any process group exists."""
+
+    return launched_processes()
+
+
+@dataclass
+class RecipeSetup:
+    """What ``setup`` hands to ``fit``: the validated flags, the model source and warnings to print first."""
+
+    parsed: ParsedArgs
+    source: ModelSource
+    warnings: list[str]
+
+
+def resolve_source(values: Mapping) -> ModelSource:
+    """The model ``--model_name_or_path`` names.
+
+    Raises:
+        ArgumentError: neither a preset nor a directory with a config.
+    """
+    try:
+        return resolve_model(values["model_name_or_path"])
+    except (FileNotFoundError, ValueError) as err:
+        raise ArgumentError(f"--model_name_or_path: {err}") from None
+
+
+def apply_fallbacks(parsed: ParsedArgs) -> list[str]:
+    """Apply the CPU fallbacks (``config.validation``) to the parsed flags; return the warnings to print."""
+    values = parsed.as_dict()
+    warnings = apply_cpu_fallbacks(values)
+    for name, value in values.items():
+        parsed.set(name, value)
+    return warnings
+
+
+def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSource) -> list[str]:
+    """The checks every recipe makes: model type, device, precision, parallel layout."""
+    import paddle
+
+    errors = []
+    if values.get("model_type") and values["model_type"] not in (source.family.name,) + source.family.model_types:
+        errors.append(f"--model_type {values['model_type']} does not match the model's config ({source.family.name})")
+    model_fields = dict(source.config_fields)
+    if values.get("num_hidden_layers"):
+        model_fields["num_hidden_layers"] = values["num_hidden_layers"]
+    errors += check_device(values, paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
+    errors += check_precision(values, explicit)
+    errors += check_parallel(values, model_fields, world_size(), pipeline_supported=source.family.pipe_model_class is not None)
+    return errors
+
+
+def random_base_warning(source: ModelSource, doing: str = "fine-tunes") -> str:
+    """Said before anything trains: a base without weights learns nothing useful from an adapter, and
+    ``paddle-llm merge-lora`` refuses it afterwards."""
+    what = f"{source.name_or_path} is a preset" if source.directory is None else f"{source.directory} has no weights"
+    return (
+        f"{what}, so this run {doing} a randomly initialised {source.family.name} model (`paddle-llm merge-lora` "
+        "will refuse it as a base): to fine-tune a trained model, pass its directory as --model_name_or_path, e.g. the "
+        "--output_dir of `paddle-llm pretrain`"
+    )
+
+
+def log_memory_estimate(config_fields: dict, values: dict, script: str) -> None:
+    """Print the estimator's per-device figure before any weight is allocated; on a GPU that is too small, warn
+    and name the planner's fastest layout that fits."""
+    import paddle
+
+
+    gpu_memory_gb = None
+    if str(values.get("device", "gpu")).startswith("gpu") and paddle.device.cuda.device_count() > 0:
+        gpu_memory_gb = paddle.device.cuda.get_device_properties().total_memory / 2**30
+    local_devices = int(os.environ.get("PADDLE_LOCAL_SIZE", world_size()))
+    try:
+        setup = setup_from_flags({**values, "num_gpus": local_devices, "num_nodes": max(1, world_size() // local_devices), "gpu_memory_gb": gpu_memory_gb})
+        log("memory estimate (paddle-llm estimate):\n" + startup_report(shape_of(config_fields), setup, values["model_name_or_path"], script))
+    except ValueError as err:  # an estimate is advice; a layout the estimator does not model must not stop training
+        log(f"memory estimate unavailable: {err}")
+
+
+VOCAB_MULTIPLE = 128  # PaddleNLP's run_pretrain.py rounds a grown vocabulary up to this, for AMP-friendly shapes
+
+
+def embedding_rows(source: ModelSource, tokenizer_size: int, tokenizer_path: str, continuing: bool) -> int:
+    """The vocabulary size to build the model with, for a tokenizer of ``tokenizer_size`` tokens.
+
+    A model trained from scratch (a preset, a config-only directory, or no ``--continue_training``) grows to hold
+    the tokenizer, rounded up to a multiple of 128, as PaddleNLP's run_pretrain.py does: a tokenizer trained on the
+    user's own corpus (thousands of pieces for Chinese) then just works. Trained weights keep their rows.
+
+    Raises:
+        DataError: continuing from weights with a tokenizer that has more tokens than the weights have rows.
+    """
+    rows = int(source.config_fields.get("vocab_size") or source.family.classes()[0]().vocab_size)  # else the class default
+    if continuing:
+        if tokenizer_size > rows:
+            raise DataError(
+                f"the tokenizer {tokenizer_path} has {tokenizer_size} tokens but the weights in {source.directory} have "
+                f"{rows} rows (vocab_size in {os.path.join(source.directory, 'config.json')}): pass the tokenizer the model "
+                "was trained with as --tokenizer_name_or_path, or train a new model from scratch (run_pretrain.py "
+                "without --continue_training)"
+            )
+        return rows
+    where = source.directory or f"preset {source.name_or_path}"
+    grown = max(rows, -(-tokenizer_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+    if grown != rows:
+        log(
+            f"vocab size {rows} -> {grown}: {where} starts from random weights and the tokenizer {tokenizer_path} has "
+            f"{tokenizer_size} tokens (rounded up to a multiple of {VOCAB_MULTIPLE}, as PaddleNLP's run_pretrain.py does)"
+        )
+    return grown
+
+
+def build_model_and_tokenizer(source: ModelSource, model_args, data_args, training_args):
+    """Tokenizer and model, with training flags folded into the model config.
+
+    ``data_args.max_seq_length`` is the longest sequence the run feeds the model.
+    """
+    import paddle
+    from paddlenlp.transformers.configuration_utils import LlmMetaConfig
+
+
+    family = source.family
+    tokenizer_path = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    tokenizer = load_tokenizer(tokenizer_path, family)
+    overrides = {"vocab_size": embedding_rows(source, len(tokenizer), tokenizer_path, bool(model_args.continue_training))}
+    if model_args.num_hidden_layers:
+        overrides["num_hidden_layers"] = model_args.num_hidden_layers
+    if not model_args.continue_training:
+        # A fresh model may be given longer positions; a trained one keeps what it learned.
+        current = source.config_fields.get(family.max_positions_field) or 0
+        overrides[family.max_positions_field] = max(current, data_args.max_seq_length)
+    config = build_config(source, **overrides)
+    LlmMetaConfig.set_llm_config(config, training_args)
+    if "seq_length" not in family.field_aliases:  # ChatGLM2's seq_length is its max positions, not the batch length
+        config.seq_length = data_args.max_seq_length
+    config.hidden_dropout_prob = model_args.hidden_dropout_prob
+    config.attention_probs_dropout_prob = model_args.attention_probs_dropout_prob
+    config.use_fast_layer_norm = model_args.use_fast_layer_norm
+    for name in ("fuse_attention_qkv", "fuse_attention_ffn"):
+        if getattr(model_args, name) is not None:
+            setattr(config, name, getattr(model_args, name))
+    if training_args.fp16_opt_level == "O2" and (training_args.fp16 or training_args.bf16):
+        config.dtype = "float16" if training_args.fp16 else "bfloat16"
+    model = build_model(source, config, load_weights=bool(model_args.continue_training))
+    if config.dtype != "float32":
+        model = model.astype(config.dtype) if hasattr(model, "astype") else model
+    log(f"model: {family.name}, {sum(p.numel().item() for p in model.parameters()) / 1e6:.2f}M parameters, device {paddle.get_device()}")
+    return model, tokenizer, config
+
+
+def apply_peft(model, family_name: str, peft_args):
+    """Wrap the model for LoRA or prefix tuning (or return it unchanged), and log what trains."""
+
+    if peft_args.lora and peft_args.lora_path:
+        model = load_lora(model, peft_args.lora_path)
+    elif peft_args.lora:
+        model = apply_lora(model, family_name, peft_args.r, peft_args.lora_alpha, peft_args.lora_target_modules)
+    elif peft_args.prefix_tuning:
+        model = apply_prefix(model, family_name, peft_args.num_prefix_tokens, peft_args.prefix_path, peft_args.prefix_projection)
+    if peft_args.weight_quantize_algo:
+        from paddle_llm.peft.qlora import quantize_lora_base
+
+        log(quantize_lora_base(model, QuantSpec.from_arguments(peft_args)))
+    trainable = sum(int(p.numel().item()) for p in model.parameters() if not p.stop_gradient)
+    total = sum(int(p.numel().item()) for p in model.parameters())
+    log(f"trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.3f}M ({trainable / max(1, total):.2%})")
+    return model
+
+
+def install_collectives_when_distributed(device: str) -> None:
+    """Before TrainingArguments (fleet.init) and the model: gloo lacks ops fleet's hybrid parallel calls."""
+    if world_size() > 1:
+        from paddle_llm.parallel.cpu_collectives import install_cpu_collectives
+
+        install_cpu_collectives(device)
+
+
+def resume_checkpoint(training_args) -> str | None:
+    """The checkpoint to resume from: ``--resume_from_checkpoint``, else the last complete one in ``output_dir``
+    (unless ``--overwrite_output_dir``); half-written checkpoints a crash left are removed first."""
+    import paddle
+
+
+    resume_from = training_args.resume_from_checkpoint
+    if training_args.do_train and not training_args.overwrite_output_dir and resume_from is None:
+        if training_args.process_index == 0:
+            for path in remove_incomplete_checkpoints(training_args.output_dir):
+                log(f"removed {path}: its save never finished (crash mid-save)")
+        if paddle.distributed.get_world_size() > 1:
+            paddle.distributed.barrier()
+        resume_from = latest_complete_checkpoint(training_args.output_dir)
+        if resume_from:
+            log(f"resuming from {resume_from} (pass --overwrite_output_dir to start over)")
+    return resume_from
+
+
+def configure_runtime(training_args) -> str:
+    """Set math threads (and, on CPU, the allocator and MKL kernels) before the first matrix multiply; return the
+    line to log. Processes launched on one host share its cores."""
+
+    local_processes = int(os.environ.get("PADDLE_LOCAL_SIZE", world_size()))
+    runtime = configure_cpu_runtime(training_args.num_threads, training_args.device, processes_sharing_cores=local_processes)
+    return runtime.summary()
+
+
+def log_cpu_fast_paths(model, training_args) -> None:
+    """On CPU, swap PaddleNLP's slow composites for numerically equal fast ones (a no-op on GPU), unless
+    ``--cpu_fast_paths False`` asks to keep PaddleNLP's."""
+    from paddle_llm.models.cpu_fast import apply_cpu_fast_paths, model_is_on_cpu
+
+    if not training_args.cpu_fast_paths:
+        if model_is_on_cpu(model):
+            log("cpu fast paths off (--cpu_fast_paths False): PaddleNLP's own RMSNorm, rotary, attention, MLP and loss")
+        return
+    replaced = apply_cpu_fast_paths(model)
+    if replaced:
+        log(f"cpu fast paths on {cpu_kernels.describe()}: " + ", ".join(replaced))
+
+
+@dataclass
+class Started:
+    """What ``start`` made: the built argument dataclasses (training arguments last) and the resume checkpoint."""
+
+    arguments: list
+    resume_from: str | None
+
+    @property
+    def training_args(self):
+        return self.arguments[-1]
+
+
+def start(plan: RecipeSetup, dataclass_types, titles: tuple[str, ...]) -> Started:
+    """The prologue of every fit: collectives, the arguments (this runs fleet.init), device, seed, math threads,
+    the printed configuration and the resume checkpoint.
+
+    Args:
+        dataclass_types: the recipe's argument dataclasses, the training arguments last.
+        titles: a title for each dataclass before the training arguments, for ``print_config``.
+    """
+    import paddle
+    from paddlenlp.trainer import set_seed
+
+    install_collectives_when_distributed(plan.parsed.value("device"))
+    arguments = plan.parsed.build(dataclass_types)
+    training_args = arguments[-1]
+    paddle.set_device(training_args.device)
+    set_seed(training_args.seed)
+    log(configure_runtime(training_args))
+    for values, title in zip(arguments, titles):
+        training_args.print_config(values, title)
+    return Started(arguments, resume_checkpoint(training_args))
+
+
+def add_run_callbacks(trainer, metrics_callback, **health_options) -> None:
+    """The callbacks every run gets besides the report: ``metrics.jsonl`` and the numerical-health watch
+    (``health_options`` go to ``NumericalHealthCallback``)."""
+    from paddle_llm.trainer.health import NumericalHealthCallback
+
+    trainer.add_callback(metrics_callback)
+    trainer.add_callback(NumericalHealthCallback(**health_options))
+
+
+def train_save_evaluate(trainer, tokenizer, parsed: ParsedArgs, resume_from: str | None, tokens_per_row: float) -> None:
+    """Every recipe's tail: train (resuming), save the model and tokenizer, evaluate, and write the metrics files,
+    with ``report.html`` and ``run_summary.json`` (``ReportCallback``) for every run."""
+    from paddle_llm.trainer.report import ReportCallback
+
+    training_args = trainer.args
+    trainer.add_callback(ReportCallback(parsed.as_dict(), parsed.explicit))
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        metrics = dict(result.metrics)
+        metrics["train_tokens_per_second"] = round(metrics.get("train_samples_per_second", 0.0) * tokens_per_row, 2)
+        trainer.save_model()
+        if training_args.process_index == 0:
+            tokenizer.save_pretrained(training_args.output_dir)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+
+def run_recipe(argv: list[str], program: str, setup_fn, fit_fn, help_text, announce=None) -> int:
+    """The shared command-line flow of the training recipes: help, parse and validate, announce, fit.
+
+    Configuration and data problems end with one line per problem and exit code 2, numerical-health failures with
+    a diagnosis and exit code 3; neither prints a traceback. A successful rank of a multi-process launch waits for
+    its peers and exits here (``process_exit``).
+
+    Args:
+        argv: the flags (a JSON args file may come first).
+        program: the name errors are printed under (``paddle-llm pretrain``).
+        setup_fn: ``argv -> plan`` (raises ArgumentError); the plan has ``warnings``.
+        fit_fn: ``plan -> exit code``.
+        help_text: ``() -> str`` for ``--help``.
+        announce: ``plan -> None``, run after the warnings and before fitting (e.g. the memory estimate).
+    """
+    from paddle_llm.trainer.health import NumericalHealthError, print_health_error
+
+    if any(flag in argv for flag in ("-h", "--help")):
+        print(help_text())
+        return 0
+    try:
+        plan = setup_fn(argv)
+    except ArgumentError as err:
+        for line in str(err).splitlines():
+            print(f"{program}: error: {line}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    for warning in plan.warnings:
+        warn(warning)
+    if announce is not None:
+        announce(plan)
+    try:
+        exit_code = fit_fn(plan)
+    except (DataError, FileNotFoundError, ArgumentError) as err:
+        print(f"{program}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except NumericalHealthError as err:
+        return print_health_error(err, program)
+    return end_launched_run(exit_code)

@@ -1,0 +1,14 @@
+"""PaddleNLP-compatible entry point: ``python run_dpo.py [args.json] --flag value ...``.
+
+Works under ``python -m paddle.distributed.launch`` exactly like PaddleNLP's llm/alignment/dpo/run_dpo.py.
+"""
+
+import sys
+
+from paddle_llm.config.output import configure_output
+
+if __name__ == "__main__":
+    configure_output()  # before the recipe imports Paddle, whose C++ logging reads its level as it loads
+    from paddle_llm.trainer.dpo import main
+
+    sys.exit(main())
