@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from paddle_llm.data.jsonl import DataError
+from paddle_llm.models.chat_template import chat_segments, get_chat_template
+from paddle_llm.models.registry import family_named
 
 IGNORE_INDEX = -100  # PaddleNLP's criteria skip this label
 RECORD_FORMATS = ("src_tgt", "alpaca", "chat", "sharegpt")
 # The keys that identify a format, checked in this order by auto-detection.
 FORMAT_KEYS = {"chat": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"), "src_tgt": ("src", "tgt")}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-# Families whose model is a GLM: bidirectional context, generation after [gMASK]<sop>, 2-D rotary positions.
-GLM_FAMILIES = ("chatglm",)
 MAX_ERRORS_SHOWN = 5
 
 
@@ -266,7 +266,7 @@ def family_layout(family_name: str, tokenizer) -> FamilyLayout:
         reply_start_ids=tuple(framed[at + 1 :]),
         eos_id=int(tokenizer.eos_token_id),
         pad_id=int(pad_id),
-        glm_context=family_name in GLM_FAMILIES,
+        glm_context=family_named(family_name).glm_context,
     )
 
 
@@ -304,16 +304,12 @@ class Round:
 
 def _segments(record: Record, family_name: str) -> list[tuple[str, bool]]:
     if record.templated:
-        from paddle_llm.models.chat_template import chat_segments
-
         return chat_segments(family_name, list(record.messages))
     return [(record.messages[0]["content"], False), (record.messages[1]["content"], True)]
 
 
 def _rounds(record: Record, layout: FamilyLayout, tokenizer) -> tuple[list[int], list[Round]]:
     """Tokenize a record into (prefix, rounds); each reply carries its EOS when the text has no terminator."""
-    from paddle_llm.models.chat_template import get_chat_template
-
     append_eos = not record.templated or get_chat_template(layout.family).append_eos_token
     rounds, prompt = [], []
     for text, train_on in _segments(record, layout.family):
@@ -403,7 +399,7 @@ def prompt_ids_as_trained(family_name: str, tokenizer, messages: list[dict], tem
     piece differs at segment boundaries, and such a model may answer nothing at all).
 
     Args:
-        family_name: ``llama``, ``chatglm`` or ``chatglm2``.
+        family_name: a registered family (``llama``, ``chatglm``...).
         tokenizer: the model's tokenizer.
         messages: the conversation so far; a completion prompt is one user message.
         templated: render with the chat template (chat requests) or as plain text (completion requests).

@@ -69,12 +69,12 @@ def load_prefix_model(model, family_name: str, prefix_path: str):
 
 def prefix_cache(prefix_model, family_name: str, layout: CacheLayout) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
     """The prefix encoder's past for one row, per layer, in the step graph's cache layout."""
-    from paddle_llm.export.step_graph import step_family_of
+    from paddle_llm.export.step_graph import step_spec
 
     with paddle.no_grad():
         per_layer = prefix_model._get_past_key_values(1)
     # PaddleNLP's past is in its model's own cache layout (heads at axis 2); move each axis where ``layout`` has it.
-    paddlenlp_axes = step_family_of(family_name)
+    paddlenlp_axes = step_spec(family_name)
     source_axes = {layout.batch_axis: paddlenlp_axes.batch_axis, layout.seq_axis: paddlenlp_axes.seq_axis,
                    layout.head_axis: 2, 3: 3}
     permutation = [source_axes[axis] for axis in range(4)]

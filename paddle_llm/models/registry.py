@@ -8,39 +8,52 @@ stack trace, or worse, hang on a machine without internet.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from paddle_llm.config.presets import PRESETS, preset
+from paddle_llm.config.presets import PRESETS, SHIPPED_TOKENIZER_DIR, preset
+from paddle_llm.models.memory_spec import ActivationTable
+from paddle_llm.models.step import StepSpec
+
+if TYPE_CHECKING:  # an annotation only: chat_template looks families up here, so importing it would be a cycle
+    from paddle_llm.models.chat_template import ChatTemplate
 
 WEIGHT_FILES = ("model_state.pdparams", "model.safetensors", "model_state.pdparams.index.json", "model.safetensors.index.json")
 
 
-def _no_extra_inputs(input_ids: np.ndarray) -> dict:
+def no_extra_inputs(input_ids: np.ndarray) -> dict:
+    """A plain causal LM needs nothing but ``input_ids`` (its own causal mask and positions apply)."""
     return {}
 
 
-def _chatglm_v1_inputs(input_ids: np.ndarray) -> dict:
-    """ChatGLM-6B (v1) needs an explicit 4-D mask and 2-D rotary positions; it has no defaults for plain text.
+@dataclass(frozen=True)
+class PrefixLayout:
+    """What prefix tuning's encoder must produce for one model config (see ``paddle_llm.peft.prefix``).
 
-    For causal language modelling every token attends to itself and earlier tokens (True = attend), positions
-    count 0..s-1 and the "block" positions (used only after a [gMASK] prompt) stay 0.
+    Attributes:
+        num_attention_heads, num_hidden_layers, hidden_size: the model's.
+        multi_query_group_num: key/value heads when fewer than the query heads (grouped or multi-query
+            attention), else None.
+        postprocess_name: the function in ``paddlenlp.peft.prefix`` that reshapes the prefix into the family's
+            past-key-value layout.
     """
-    batch, seq = input_ids.shape
-    causal = np.tril(np.ones((seq, seq), dtype="int64"))
-    attention_mask = np.broadcast_to(causal, (batch, 1, seq, seq)).copy()
-    positions = np.broadcast_to(np.arange(seq, dtype="int64"), (batch, seq))
-    position_ids = np.stack([positions, np.zeros_like(positions)], axis=1)
-    return {"attention_mask": attention_mask, "position_ids": position_ids}
+
+    num_attention_heads: int
+    num_hidden_layers: int
+    hidden_size: int
+    multi_query_group_num: int | None
+    postprocess_name: str
 
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """Everything the toolkit needs to know about one architecture, as data.
+    """Everything the toolkit knows about one architecture, as data; each family's package defines one
+    (``paddle_llm/models/<family>/__init__.py``) and the rest of the code asks it instead of testing names.
 
     Attributes:
         name: our family name (``llama``, ``chatglm``, ``chatglm2``).
@@ -53,6 +66,28 @@ class ModelFamily:
         causal_lm_inputs: extra model inputs a plain-text causal-LM batch needs, from ``input_ids`` [batch, seq].
         pipe_model_class: the PaddleNLP pipeline-parallel variant of ``model_class`` (stages of a ``PipelineLayer``),
             built instead when ``pipeline_parallel_degree > 1``; None when PaddleNLP has none for the family.
+        tokenizer_model_file: the file ``tokenizer_class`` reads its SentencePiece model from (``paddle-llm
+            tokenizer train`` writes one under each family's name), or None for a tokenizer that has none.
+        sentencepiece_tokenizer_class: for a family whose own tokenizer is not SentencePiece (``tokenizer_model_file``
+            None), the PaddleNLP class that reads a SentencePiece directory in its place: the shipped tokenizer a
+            preset uses, or one ``paddle-llm tokenizer train`` wrote. None: such a directory is read with
+            ``tokenizer_class``.
+        chat_template: the family's built-in conversation format (``paddle_llm.models.chat_template``).
+        lora_target_modules: the linear layers LoRA adapts by default: every attention and MLP projection, as
+            PaddleNLP's ``llm/utils.get_lora_target_modules`` chooses them.
+        prefix_layout: the past-key-value layout prefix tuning must produce, from the model config.
+        prefix_needs_cache: the model reads a past (and so a prefix) only with ``use_cache`` on (ChatGLM2).
+        glm_context: GLM's bidirectional context with 2-D positions after a ``[gMASK]`` prompt (ChatGLM-6B): an SFT
+            sample needs an explicit 4-D mask and positions (``paddle_llm.data.sft``).
+        token_mean_loss: the model's own loss averages over ignored positions too, so fine-tuning swaps in a
+            token-mean criterion (``trainer.finetune_trainer.TokenMeanCrossEntropy``).
+        paddlenlp_module: the PaddleNLP module prefix of the family's layers; a model (or a wrapper such as a LoRA
+            model) is recognised by the first sublayer from it.
+        cpu_fast_paths: swaps in the CPU implementations of the family's hot composites on one model instance and
+            returns what it replaced (``paddle_llm.models.cpu_fast``); None when the family has none.
+        step: how one KV-cache decoding step runs (``paddle_llm.models.step.StepSpec``), for export and serving.
+        estimate_shape: the estimator's ``ModelShape`` fields from a config dict (``paddle_llm.models.memory_spec``).
+        activations: the tensors the family's forward keeps for backward (``memory_spec.ActivationTable``).
     """
 
     name: str
@@ -62,8 +97,21 @@ class ModelFamily:
     tokenizer_class: str
     max_positions_field: str
     field_aliases: dict = field(default_factory=dict)
-    causal_lm_inputs: Callable[[np.ndarray], dict] = field(default=_no_extra_inputs)
+    causal_lm_inputs: Callable[[np.ndarray], dict] = field(default=no_extra_inputs)
     pipe_model_class: str | None = None
+    tokenizer_model_file: str | None = None
+    sentencepiece_tokenizer_class: str | None = None
+    chat_template: ChatTemplate | None = None
+    lora_target_modules: tuple[str, ...] = ()
+    prefix_layout: Callable[[object], PrefixLayout] | None = None
+    prefix_needs_cache: bool = False
+    glm_context: bool = False
+    token_mean_loss: bool = False
+    paddlenlp_module: str = ""
+    cpu_fast_paths: Callable[[object], list[str]] | None = None
+    step: StepSpec | None = None
+    estimate_shape: Callable[[dict], dict] | None = None
+    activations: ActivationTable | None = None
 
     def canonical_fields(self, config_fields: dict) -> dict:
         """Rename alias keys to the names the config constructor takes (an explicit canonical key wins)."""
@@ -83,46 +131,22 @@ class ModelFamily:
             getattr(transformers, self.tokenizer_class),
         )
 
+    def max_context_length(self, config) -> int:
+        """The number of positions the model's config covers (its rotary tables or position embeddings)."""
+        return int(getattr(config, self.max_positions_field))
 
-FAMILIES: dict[str, ModelFamily] = {
-    "llama": ModelFamily(
-        name="llama",
-        model_types=("llama",),
-        config_class="LlamaConfig",
-        model_class="LlamaForCausalLM",
-        tokenizer_class="LlamaTokenizer",
-        max_positions_field="max_position_embeddings",
-        field_aliases={
-            "n_positions": "max_position_embeddings",
-            "n_embd": "hidden_size",
-            "n_layer": "num_hidden_layers",
-            "n_head": "num_attention_heads",
-            "n_inner": "intermediate_size",
-            "activation_function": "hidden_act",
-        },
-        pipe_model_class="LlamaForCausalLMPipe",
-    ),
-    "chatglm": ModelFamily(
-        name="chatglm",
-        model_types=("chatglm",),
-        config_class="ChatGLMConfig",
-        model_class="ChatGLMForCausalLM",
-        tokenizer_class="ChatGLMTokenizer",
-        max_positions_field="max_sequence_length",
-        field_aliases={"num_layers": "num_hidden_layers"},
-        causal_lm_inputs=_chatglm_v1_inputs,
-    ),
-    "chatglm2": ModelFamily(
-        name="chatglm2",
-        model_types=("chatglm_v2", "chatglm2"),
-        config_class="ChatGLMv2Config",
-        model_class="ChatGLMv2ForCausalLM",
-        tokenizer_class="ChatGLMv2Tokenizer",
-        max_positions_field="max_sequence_length",
-        field_aliases={"num_layers": "num_hidden_layers", "padded_vocab_size": "vocab_size", "seq_length": "max_sequence_length"},
-        pipe_model_class="ChatGLMv2ForCausalLMPipe",
-    ),
-}
+
+def family_named(name: str, feature: str = "") -> ModelFamily:
+    """The family called ``name``; with ``feature`` (a ``ModelFamily`` field), one that has it set.
+
+    Raises:
+        ValueError: no such family, or it lacks ``feature``; the message lists the families that have it.
+    """
+    having = [f.name for f in FAMILIES.values() if not feature or getattr(f, feature) is not None]
+    if name not in having:
+        missing = f"no {feature.replace('_', ' ')} for" if feature else "no"
+        raise ValueError(f"{missing} model family {name!r}; known families: {', '.join(having)}")
+    return FAMILIES[name]
 
 
 def family_of(config_fields: dict) -> ModelFamily:
@@ -229,8 +253,6 @@ def load_tokenizer(name_or_path: str, family: ModelFamily | None = None):
     """
     import paddlenlp.transformers as transformers
 
-    from paddle_llm.data.tokenizer import MODEL_FILE_BY_CLASS, SHIPPED_TOKENIZER_DIR
-
     if name_or_path in PRESETS:
         directory = SHIPPED_TOKENIZER_DIR
         family = family or family_of(PRESETS[name_or_path])
@@ -241,11 +263,33 @@ def load_tokenizer(name_or_path: str, family: ModelFamily | None = None):
             f"tokenizer {name_or_path!r} is not a local directory or preset. paddle_llm never downloads: pass a "
             "directory written by `paddle-llm tokenizer train` or saved with a model"
         )
-    if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer_config.json", *MODEL_FILE_BY_CLASS.values())):
+    if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer_config.json", *tokenizer_model_files())):
         raise FileNotFoundError(
             f"{directory} has no tokenizer files (tokenizer_config.json or a SentencePiece model); pass "
             "--tokenizer_name_or_path with a tokenizer directory"
         )
     if family is None:
         return transformers.AutoTokenizer.from_pretrained(directory)
-    return getattr(transformers, family.tokenizer_class).from_pretrained(directory)
+    class_name = family.tokenizer_class
+    if family.sentencepiece_tokenizer_class and any(os.path.exists(os.path.join(directory, f)) for f in tokenizer_model_files()):
+        class_name = family.sentencepiece_tokenizer_class
+    return getattr(transformers, class_name).from_pretrained(directory)
+
+
+def tokenizer_model_files() -> tuple[str, ...]:
+    """Every SentencePiece file name a family's tokenizer reads, each once."""
+    return tuple(dict.fromkeys(f.tokenizer_model_file for f in FAMILIES.values() if f.tokenizer_model_file))
+
+
+# The families, one line each: the package under paddle_llm/models/ whose ``FAMILY`` describes it. They are imported
+# here, after everything above, because each package builds its ``FAMILY`` from the classes above; and as names, so
+# that adding a family is one line. ``paddle_llm.models`` imports this module first, so whichever module a program
+# imports first, a family package finds this one's classes defined.
+FAMILY_PACKAGES = (
+    "llama",
+    "chatglm",
+    "chatglm2",
+)
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family for family in (importlib.import_module(f"paddle_llm.models.{package}").FAMILY for package in FAMILY_PACKAGES)
+}

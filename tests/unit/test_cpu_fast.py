@@ -21,8 +21,9 @@ from paddlenlp.transformers.chatglm_v2 import modeling as chatglm2_modeling
 from paddlenlp.transformers.llama import modeling as llama_modeling
 
 from paddle_llm.config.threads import OPENMP_BLOCKTIME_MS
-from paddle_llm.models import cpu_fast, cpu_kernels
-from paddle_llm.models.cpu_fast import CausalLMLoss, apply_cpu_fast_paths, tanh_gelu, to_static_for_cpu_training
+from paddle_llm.models import cpu_fast, cpu_kernels, cpu_ops
+from paddle_llm.models.cpu_fast import apply_cpu_fast_paths, to_static_for_cpu_training
+from paddle_llm.models.cpu_ops import CausalLMLoss, tanh_gelu
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 from tests.conftest import ROOT, run_script, subprocess_env
 
@@ -312,7 +313,7 @@ def test_fast_paths_were_verified_against_the_installed_paddle_and_paddlenlp():
     import paddlenlp
 
     installed = {"paddlepaddle": paddle.__version__, "paddlenlp": paddlenlp.__version__}
-    assert installed == cpu_fast.VERIFIED_VERSIONS
+    assert installed == cpu_ops.VERIFIED_VERSIONS
 
 
 def test_apply_is_a_noop_when_the_model_is_not_on_cpu(monkeypatch):

@@ -313,7 +313,7 @@ def test_prompt_filling_context_is_refused():
 
 @pytest.mark.parametrize("implementation", ["paddlenlp", "llama_inference"])
 def test_real_model_rows_batched_match_rows_alone(implementation):
-    from paddle_llm.export.llama_step import LlamaInferenceStep
+    from paddle_llm.models.llama.inference_step import LlamaInferenceStep
     from paddle_llm.export.runtime import DygraphStepRunner
     from paddle_llm.export.step_graph import KVCacheStep, cache_layout
     from paddle_llm.models.registry import build_config, build_model, resolve_model
