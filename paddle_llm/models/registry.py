@@ -289,6 +289,7 @@ FAMILY_PACKAGES = (
     "llama",
     "chatglm",
     "chatglm2",
+    "qwen2",
 )
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family for family in (importlib.import_module(f"paddle_llm.models.{package}").FAMILY for package in FAMILY_PACKAGES)

@@ -39,6 +39,15 @@ def test_chatglm_system_becomes_leading_paragraph():
     assert render_chat("chatglm2", CONVERSATION[:2]) == "Be brief.\n\n[Round 1]\n\n问：Hi\n\n答："
 
 
+def test_qwen2_chatml_every_message_framed_and_the_reply_trained_through_im_end():
+    assert render_chat("qwen2", CONVERSATION) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nName a fox.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    replies = [text for text, train_on in chat_segments("qwen2", CONVERSATION[:3]) if train_on]
+    assert replies == ["Hello!<|im_end|>"]
+
+
 @pytest.mark.parametrize("family", CHAT_FAMILIES)
 def test_segments_join_to_rendering_and_flag_only_replies(family):
     conversation = CONVERSATION + [{"role": "assistant", "content": "Reynard."}]

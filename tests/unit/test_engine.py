@@ -113,7 +113,7 @@ def test_incremental_detokenizer_matches_full_decode_with_shipped_tokenizer():
     assert "" in pieces  # a multi-byte character arrived over several byte tokens and was held back until complete
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-chatglm", "tiny-chatglm2"])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-chatglm", "tiny-chatglm2", "tiny-qwen2"])
 def test_text_decoder_equals_tokenizer_decode(preset):
     from paddle_llm.models.registry import load_tokenizer, resolve_model
     from paddle_llm.serving.text_stream import text_decoder
