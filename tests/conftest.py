@@ -113,7 +113,7 @@ def saved_tiny_models(tmp_path_factory) -> dict[str, str]:
         "    model.save_pretrained(out)\n"
         "    load_tokenizer(name).save_pretrained(out)\n"
     )
-    targets = {family: str(directory / family) for family in ("llama", "chatglm", "chatglm2")}
+    targets = {family: str(directory / family) for family in ("llama", "chatglm", "chatglm2", "qwen2")}
     args = []
     for family, path in targets.items():
         args += [f"tiny-{family}", path]

@@ -7,14 +7,17 @@ after the SentencePiece pieces, so every preset reserves 1024 embedding rows.
 
 Presets are plain dicts of the PaddleNLP config constructors' own field names (``num_hidden_layers``, not ChatGLM's
 read-only alias ``num_layers``, which the constructor ignores), so they are data, not code: the model registry
-turns them into ``LlamaConfig`` / ``ChatGLMConfig`` / ``ChatGLMv2Config``.
+turns them into ``LlamaConfig`` / ``ChatGLMConfig`` / ``ChatGLMv2Config`` / ``Qwen2Config``.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 TINY_VOCAB_SIZE = 1024
+# The tokenizer every preset's vocabulary is laid out for (see the module docstring).
+SHIPPED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tokenizer")
 
 PRESETS: dict[str, dict] = {
     # Llama shape scaled down: 4 heads of 32, SwiGLU width ~ 8/3 * hidden rounded to a multiple of 32.
@@ -66,6 +69,25 @@ PRESETS: dict[str, dict] = {
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 0,
+    },
+    # Qwen2.5-0.5B's shape scaled down: grouped-query attention (2 KV heads), q/k/v biases, LM head tied to the
+    # embedding, rope_theta 1e6. It reads the shipped SentencePiece tokenizer (through Llama's tokenizer class).
+    "tiny-qwen2": {
+        "model_type": "qwen2",
+        "vocab_size": TINY_VOCAB_SIZE,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "seq_length": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
     },
 }
 

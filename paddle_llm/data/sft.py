@@ -27,14 +27,13 @@ import numpy as np
 from paddle_llm.data.jsonl import DataError, read_jsonl_records
 from paddle_llm.data.packing import pack_best_fit_decreasing, packing_stats
 from paddle_llm.models.chat_template import chat_segments, get_chat_template, validate_messages
+from paddle_llm.models.registry import family_named
 
 IGNORE_INDEX = -100  # PaddleNLP's criteria skip this label
 RECORD_FORMATS = ("src_tgt", "alpaca", "chat", "sharegpt")
 # The keys that identify a format, checked in this order by auto-detection.
 FORMAT_KEYS = {"chat": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"), "src_tgt": ("src", "tgt")}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-# Families whose model is a GLM: bidirectional context, generation after [gMASK]<sop>, 2-D rotary positions.
-GLM_FAMILIES = ("chatglm",)
 
 
 @dataclass(frozen=True)
@@ -239,7 +238,7 @@ def family_layout(family_name: str, tokenizer) -> FamilyLayout:
         reply_start_ids=tuple(framed[at + 1 :]),
         eos_id=int(tokenizer.eos_token_id),
         pad_id=int(pad_id),
-        glm_context=family_name in GLM_FAMILIES,
+        glm_context=family_named(family_name).glm_context,
     )
 
 
@@ -372,7 +371,7 @@ def prompt_ids_as_trained(family_name: str, tokenizer, messages: list[dict], tem
     piece differs at segment boundaries, and such a model may answer nothing at all).
 
     Args:
-        family_name: ``llama``, ``chatglm`` or ``chatglm2``.
+        family_name: a registered family (``llama``, ``chatglm``...).
         tokenizer: the model's tokenizer.
         messages: the conversation so far; a completion prompt is one user message.
         templated: render with the chat template (chat requests) or as plain text (completion requests).

@@ -18,13 +18,14 @@ import sentencepiece as spm
 
 from paddle_llm.data.jsonl import DataError, iter_jsonl_texts
 from paddle_llm.files import replace_directory_atomically
-from paddle_llm.models.registry import MODEL_FILE_BY_CLASS
+from paddle_llm.models.registry import FAMILIES, tokenizer_model_files
 
 # id order is fixed: <unk>=0 <s>=1 </s>=2 <pad>=3, then the user-defined symbols from id 4.
 SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
 GLM_SYMBOLS = ("[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>")
 
-CLASS_BY_FAMILY = {"llama": "LlamaTokenizer", "chatglm": "ChatGLMTokenizer", "chatglm2": "ChatGLMv2Tokenizer"}
+# The families whose tokenizer class reads a SentencePiece model: the ones a trained directory serves.
+SENTENCEPIECE_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.tokenizer_model_file)
 
 # Chinese tokenizers use 0.9995: the rarest 0.05% of characters are left to byte fallback.
 DEFAULT_CHARACTER_COVERAGE = 0.9995
@@ -63,8 +64,8 @@ def train_tokenizer(
         ValueError: an unknown family, a coverage outside [0.98, 1], or a vocabulary too small for the special pieces
             or for the characters the coverage needs (the message gives the smallest --vocab_size that works).
     """
-    if family not in CLASS_BY_FAMILY:
-        raise ValueError(f"--family must be one of {', '.join(CLASS_BY_FAMILY)}, got {family!r}")
+    if family not in SENTENCEPIECE_FAMILIES:
+        raise ValueError(f"--family must be one of {', '.join(SENTENCEPIECE_FAMILIES)}, got {family!r}")
     reserved = len(SPECIAL_PIECES) + len(GLM_SYMBOLS) + 256
     if vocab_size <= reserved:
         raise ValueError(f"--vocab_size {vocab_size} is too small: byte fallback and special pieces take {reserved}")
@@ -110,7 +111,7 @@ def train_tokenizer(
         ) from None
     processor = spm.SentencePieceProcessor(model_proto=model_bytes.getvalue())
     tokenizer_config = {
-        "tokenizer_class": CLASS_BY_FAMILY[family],
+        "tokenizer_class": FAMILIES[family].tokenizer_class,
         # ChatGLM-6B reserves 20000 image-token ids before the text pieces; a trained-from-scratch model does not.
         "num_image_tokens": 0,
         "model_max_length": 4096,
@@ -121,7 +122,7 @@ def train_tokenizer(
 
 def _write_directory_atomically(output_dir: str, model_bytes: bytes, tokenizer_config: dict) -> None:
     def write(staging: str) -> None:
-        for file_name in MODEL_FILE_BY_CLASS.values():
+        for file_name in tokenizer_model_files():
             with open(os.path.join(staging, file_name), "wb") as f:
                 f.write(model_bytes)
         with open(os.path.join(staging, "tokenizer_config.json"), "w", encoding="utf-8") as f:
@@ -145,7 +146,7 @@ def main(argv: list[str]) -> int:
     train.add_argument("--vocab_size", type=int, required=True, help="pieces to learn (a small corpus may give fewer)")
     train.add_argument("--output", required=True, help="tokenizer directory to write (replaced atomically)")
     train.add_argument("--json_key", default="text", help="the field holding each document (default: text)")
-    train.add_argument("--family", default="llama", choices=sorted(CLASS_BY_FAMILY), help="AutoTokenizer class to record (default: llama)")
+    train.add_argument("--family", default="llama", choices=sorted(SENTENCEPIECE_FAMILIES), help="AutoTokenizer class to record (default: llama)")
     train.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece algorithm (default: bpe)")
     train.add_argument(
         "--character_coverage",

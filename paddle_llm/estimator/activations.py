@@ -17,8 +17,9 @@ LayerNorm inputs 4. The ``5*a*s/h`` are the softmax output (2), its dropout mask
 ``a*s*s*b`` elements. Of the 34, the 10 outside tensor-parallel regions (LayerNorm, QKV/MLP inputs, dropout masks)
 are replicated over tensor-parallel ranks unless sequence parallelism splits them along the sequence.
 
-This module writes that accounting as data, a :class:`SavedTensor` per kept tensor, so that one function evaluates
-it for every family. The ``generic`` table *is* Korthikanti's (see ``korthikanti_layer_bytes`` and the tests, which
+This module evaluates that accounting written as data, a ``SavedTensor`` per kept tensor
+(``paddle_llm.models.memory_spec``), with one function for every family; each family's table is in its package
+(``paddle_llm/models/<family>/estimate.py``). The ``generic`` table, here, *is* Korthikanti's (see ``korthikanti_layer_bytes`` and the tests, which
 reproduce the table above). The Llama, ChatGLM and ChatGLM2 tables list what PaddleNLP 3.0.0b4's eager
 implementations keep instead: they have no dropout, RMSNorm kept as three tensors, rotary embeddings and SwiGLU.
 Their fp32 coefficients were measured on Paddle 3.3.1 with the host allocator (``host_memory_stat_current_value``)
@@ -45,28 +46,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from paddle_llm.estimator.shapes import GENERIC_FAMILY, ModelShape, generic_shape
-
-
-@dataclass(frozen=True)
-class ElementBytes:
-    """Bytes per element of a kept tensor in fp32 training and under fp16/bf16 mixed precision (0: not kept)."""
-
-    full_precision: float
-    mixed_precision: float
-
-    def bytes(self, mixed_precision: bool) -> float:
-        return self.mixed_precision if mixed_precision else self.full_precision
-
-
-COMPUTE = ElementBytes(4, 2)  # in the compute dtype
-FP32 = ElementBytes(4, 4)  # fp32 whatever the compute dtype (softmax, norm statistics, loss)
-FP32_UPCAST = ElementBytes(0, 4)  # an fp32 copy that only mixed precision makes; in fp32 it is the tensor itself
-DOWNCAST = ElementBytes(0, 2)  # a compute-dtype copy of an fp32 tensor, only under mixed precision
-MASK = ElementBytes(1, 1)  # a uint8 dropout mask
-INT64 = ElementBytes(8, 8)
-# Logits live next to the loss's softmax for a moment: fp32 in fp32 training; 16-bit logits plus their fp32 copy
-# under mixed precision (PaddleNLP casts them to fp32 before the cross-entropy).
-LOGITS_TRANSIENT = ElementBytes(4, 6)
+from paddle_llm.models.memory_spec import (
+    COMPUTE,
+    FP32,
+    LAYER_NORM_INPUT_SIDE,
+    LOGITS_TRANSIENT,
+    MASK,
+    ActivationTable,
+    SavedTensor,
+)
+from paddle_llm.models.registry import family_named
 
 # What selective recompute drops from the kept set (and rebuilds one layer at a time in the backward pass); full
 # recompute drops everything but the layer input.
@@ -75,180 +64,6 @@ RECOMPUTED_REGIONS = {
     "full_attn": ("attention", "core_attention"),
 }
 
-
-@dataclass(frozen=True)
-class SavedTensor:
-    """Tensors of one kind that autograd keeps, measured per token.
-
-    Attributes:
-        what: which tensors and which op keeps them.
-        width: elements per token: ``hidden`` (h), ``kv_hidden`` (key/value heads x head_dim), ``ffn`` (MLP width),
-            ``scores`` (heads x key length: the attention matrix), ``heads``, ``head_dim``, ``vocab`` or ``one``.
-        count: how many tensors of that width.
-        element: bytes per element (see the constants above).
-        region: ``norm``, ``attention``, ``core_attention``, ``mlp`` or ``adapter``: decides what recompute drops.
-        tensor_parallel: split over tensor-parallel ranks (inside a column/row-parallel pair); otherwise replicated
-            and split only by sequence parallelism.
-        kernel: ``any``, or only with the ``eager`` attention or only with ``flash`` attention.
-        spans_keys: runs over the key length (sequence plus prefix tokens) rather than the query length.
-    """
-
-    what: str
-    width: str
-    count: float
-    element: ElementBytes
-    region: str = "norm"
-    tensor_parallel: bool = False
-    kernel: str = "any"
-    spans_keys: bool = False
-
-
-@dataclass(frozen=True)
-class ActivationTable:
-    """A family's kept tensors per layer, before the first layer and after the last one.
-
-    Attributes:
-        layer: per decoder layer.
-        first_stage: kept by the embedding side (pipeline stage 0).
-        last_stage: kept by the final norm, LM head and loss (last pipeline stage).
-        rotary_table_per_forward: the family rebuilds its rotary table (``max_positions x head_dim`` fp32) in every
-            forward pass and the graph keeps it (ChatGLM2).
-        rotary_cache_per_layer: every attention layer owns persistent cos/sin caches of ``max_positions x head_dim``
-            fp32 each, plus ``head_dim/2`` inverse frequencies (PaddleNLP's Llama).
-        frozen_input_savings: what layer 0's first norm does not keep when its input needs no gradient (a frozen
-            embedding, as in LoRA and prefix tuning): everything but its output.
-        frozen_query_key_savings: what layer 0's rotary products do not keep under prefix tuning, where q and k
-            come from frozen projections of a gradient-free input (only the prefix keys carry gradients).
-        recompute_keeps_attention_mask: PaddleNLP passes the ``[b, 1, s, s]`` attention mask to the recomputed
-            function, so recompute keeps it until the backward pass (without recompute it dies after the forward).
-    """
-
-    layer: tuple[SavedTensor, ...]
-    first_stage: tuple[SavedTensor, ...]
-    last_stage: tuple[SavedTensor, ...]
-    frozen_input_savings: tuple[SavedTensor, ...]
-    frozen_query_key_savings: tuple[SavedTensor, ...]
-    rotary_table_per_forward: bool = False
-    rotary_cache_per_layer: bool = False
-    recompute_keeps_attention_mask: bool = True
-
-
-def _rms_norm_input_side(count: int, product_element: ElementBytes) -> tuple[SavedTensor, ...]:
-    """PaddleNLP's eager RMSNorm, ``rsqrt(mean(x.astype(fp32)**2) + eps) * x * weight``, without its output."""
-    return (
-        SavedTensor("RMSNorm input as fp32 (pow keeps it; in fp32 training it is the input itself)", "hidden", count, FP32),
-        SavedTensor("RMSNorm input promoted to fp32 for x * rsqrt", "hidden", count, FP32_UPCAST),
-        SavedTensor("RMSNorm 1/rms per token", "one", count, FP32),
-        SavedTensor("RMSNorm x * rsqrt (kept by * weight)", "hidden", count, product_element),
-    )
-
-
-def _rms_norm(count: int, product_element: ElementBytes) -> tuple[SavedTensor, ...]:
-    return (
-        *_rms_norm_input_side(count, product_element),
-        SavedTensor("RMSNorm output (kept by the next matmuls)", "hidden", count, COMPUTE),
-    )
-
-
-_LAYER_NORM_INPUT_SIDE = (
-    SavedTensor("LayerNorm input", "hidden", 1, COMPUTE),
-    SavedTensor("LayerNorm mean and variance", "one", 2, FP32),
-)
-
-
-_LLAMA_ROTARY = (
-    SavedTensor("q and rotate_half(q) (kept by the rotary products)", "hidden", 2, COMPUTE, "attention", True),
-    SavedTensor("k and rotate_half(k)", "kv_hidden", 2, COMPUTE, "attention", True),
-    SavedTensor("cos and sin gathered by position_ids", "head_dim", 2, FP32, "attention"),
-)
-
-_LLAMA = ActivationTable(
-    layer=(
-        *_rms_norm(2, COMPUTE),
-        *_LLAMA_ROTARY,
-        SavedTensor("q / sqrt(d) (kept by Q @ K^T)", "hidden", 1, COMPUTE, "attention", True, "eager"),
-        SavedTensor("k and v repeated to every head (kept by the two matmuls)", "hidden", 2, COMPUTE, "attention", True, "eager", True),
-        SavedTensor("q (kept by flash attention)", "hidden", 1, COMPUTE, "attention", True, "flash"),
-        SavedTensor("k and v (kept by flash attention, no head repeat)", "kv_hidden", 2, COMPUTE, "attention", True, "flash", True),
-        SavedTensor("flash attention log-sum-exp", "heads", 1, FP32, "attention", True, "flash"),
-        SavedTensor("attention output (kept by o_proj)", "hidden", 1, COMPUTE, "attention", True),
-        SavedTensor("softmax probabilities in fp32", "scores", 1, FP32, "core_attention", True, "eager", True),
-        SavedTensor("probabilities cast back for P @ V", "scores", 1, DOWNCAST, "core_attention", True, "eager", True),
-        SavedTensor("gate and up projections (kept by swiglu)", "ffn", 2, COMPUTE, "mlp", True),
-        SavedTensor("swiglu output (kept by down_proj)", "ffn", 1, COMPUTE, "mlp", True),
-    ),
-    first_stage=(),
-    last_stage=(
-        *_rms_norm(1, COMPUTE),
-        SavedTensor("cross-entropy softmax over the vocabulary", "vocab", 1, FP32, tensor_parallel=True),
-        SavedTensor("labels copy", "one", 1, INT64),
-    ),
-    frozen_input_savings=_rms_norm_input_side(1, COMPUTE),
-    frozen_query_key_savings=_LLAMA_ROTARY,
-    rotary_cache_per_layer=True,
-)
-
-_CHATGLM_ROTARY = (
-    SavedTensor("q and k halves and their rotations (2D rotary products)", "hidden", 4, COMPUTE, "attention", True),
-)
-
-_CHATGLM = ActivationTable(
-    layer=(
-        SavedTensor("LayerNorm inputs", "hidden", 2, COMPUTE),
-        SavedTensor("LayerNorm mean and variance", "one", 4, FP32),
-        SavedTensor("LayerNorm outputs (kept by the next matmuls)", "hidden", 2, COMPUTE),
-        *_CHATGLM_ROTARY,
-        SavedTensor("scaled q and transposed k (kept by Q @ K^T)", "hidden", 2, COMPUTE, "attention", True, "eager"),
-        SavedTensor("v (kept by P @ V)", "hidden", 1, COMPUTE, "attention", True, "eager", True),
-        SavedTensor("q, k, v (kept by fused attention)", "hidden", 3, COMPUTE, "attention", True, "flash"),
-        SavedTensor("fused attention log-sum-exp", "heads", 1, FP32, "attention", True, "flash"),
-        SavedTensor("attention context (kept by dense)", "hidden", 1, COMPUTE, "attention", True),
-        SavedTensor("softmax probabilities in fp32", "scores", 1, FP32, "core_attention", True, "eager", True),
-        SavedTensor("probabilities cast for P @ V", "scores", 1, DOWNCAST, "core_attention", True, "eager", True),
-        SavedTensor("dense_h_to_4h output (kept by GELU)", "ffn", 1, COMPUTE, "mlp", True),
-        SavedTensor("GELU output (kept by dense_4h_to_h)", "ffn", 1, COMPUTE, "mlp", True),
-    ),
-    # Position and block rotary tables gathered for every token, [2, 2, s, b, d/2], plus the gathered intermediate.
-    first_stage=(SavedTensor("2D rotary cos/sin gathered per token", "head_dim", 2.5, FP32),),
-    last_stage=(
-        SavedTensor("final LayerNorm input and output", "hidden", 2, COMPUTE),
-        SavedTensor("final LayerNorm mean and variance", "one", 2, FP32),
-        SavedTensor("cross-entropy softmax over the vocabulary", "vocab", 1, FP32, tensor_parallel=True),
-    ),
-    frozen_input_savings=_LAYER_NORM_INPUT_SIDE,
-    frozen_query_key_savings=_CHATGLM_ROTARY,
-)
-
-_CHATGLM2_ROTARY = (
-    SavedTensor("query as the rotary products keep it", "hidden", 1, COMPUTE, "attention", True),
-    SavedTensor("key as the rotary products keep it", "kv_hidden", 1, COMPUTE, "attention", True),
-)
-
-_CHATGLM2 = ActivationTable(
-    layer=(
-        *_rms_norm(2, FP32),
-        *_CHATGLM2_ROTARY,
-        SavedTensor("q transposed for Q @ K^T", "hidden", 1, COMPUTE, "attention", True, "eager"),
-        SavedTensor("k and v repeated over groups (kept by the batched matmuls)", "hidden", 2, COMPUTE, "attention", True, "eager", True),
-        SavedTensor("q, k, v repeated over groups (kept by fused attention)", "hidden", 3, COMPUTE, "attention", True, "flash"),
-        SavedTensor("fused attention log-sum-exp", "heads", 1, FP32, "attention", True, "flash"),
-        SavedTensor("attention context (kept by dense)", "hidden", 1, COMPUTE, "attention", True),
-        SavedTensor("softmax probabilities in fp32", "scores", 1, FP32, "core_attention", True, "eager", True),
-        SavedTensor("probabilities cast for P @ V", "scores", 1, DOWNCAST, "core_attention", True, "eager", True),
-        SavedTensor("dense_h_to_4h output (its two halves are views kept by silu and the product)", "ffn", 2, COMPUTE, "mlp", True),
-        SavedTensor("silu output and silu * gate (kept by the product and dense_4h_to_h)", "ffn", 2, COMPUTE, "mlp", True),
-    ),
-    first_stage=(),
-    last_stage=(
-        *_rms_norm(1, FP32),
-        SavedTensor("hidden states around the output layer's [s,b,h] layout change (measured)", "hidden", 1, COMPUTE),
-        SavedTensor("per-token loss and loss mask", "one", 2, FP32),
-        SavedTensor("cross-entropy softmax over the vocabulary", "vocab", 1, FP32, tensor_parallel=True),
-    ),
-    frozen_input_savings=_rms_norm_input_side(1, FP32),
-    frozen_query_key_savings=_CHATGLM2_ROTARY,
-    rotary_table_per_forward=True,
-)
 
 # Korthikanti et al. 2022, section 4.1 (per layer) and 4.3 (input embeddings and output layer).
 _GENERIC = ActivationTable(
@@ -273,12 +88,19 @@ _GENERIC = ActivationTable(
         SavedTensor("final LayerNorm input and output", "hidden", 2, COMPUTE),
         SavedTensor("cross-entropy logits in fp32", "vocab", 1, FP32, tensor_parallel=True),
     ),
-    frozen_input_savings=_LAYER_NORM_INPUT_SIDE[:1],
+    frozen_input_savings=LAYER_NORM_INPUT_SIDE[:1],
     frozen_query_key_savings=(),  # no rotary embedding
     recompute_keeps_attention_mask=False,  # Megatron builds a causal mask inside the fused softmax
 )
 
-TABLES: dict[str, ActivationTable] = {"llama": _LLAMA, "chatglm": _CHATGLM, "chatglm2": _CHATGLM2, GENERIC_FAMILY: _GENERIC}
+
+
+def activation_table(family: str) -> ActivationTable:
+    """The kept-tensor table of a family (its ``ModelFamily.activations``), or Korthikanti's for ``generic``."""
+    if family == GENERIC_FAMILY:
+        return _GENERIC
+    return family_named(family, "activations").activations
+
 
 # Full recompute keeps each layer's input and nothing else (Korthikanti et al. 2022, section 5: 2*s*b*h at 16-bit).
 LAYER_INPUT = SavedTensor("layer input (kept by full recompute)", "hidden", 1, COMPUTE)
@@ -375,7 +197,7 @@ class LayerActivations:
 
 def layer_activations(shape: ModelShape, ctx: ActivationContext) -> LayerActivations:
     """Kept and rebuilt bytes of one decoder layer (see the module docstring for the sources)."""
-    table = TABLES[shape.family].layer + ((LORA_INTERMEDIATE,) if ctx.adapter_width else ())
+    table = activation_table(shape.family).layer + ((LORA_INTERMEDIATE,) if ctx.adapter_width else ())
     everything = saved_bytes(table, shape, ctx)
     if ctx.recompute_granularity is None:
         return LayerActivations(kept=everything, rebuilt=0.0)
@@ -393,7 +215,7 @@ def first_stage_bytes(shape: ModelShape, ctx: ActivationContext) -> float:
     nothing before it needs a gradient: its first norm's input side with a frozen embedding, and under prefix
     tuning its rotary products too. (The prefix keys and values themselves are views the concat does not keep.)
     """
-    table = TABLES[shape.family]
+    table = activation_table(shape.family)
     rotary = shape.max_position_embeddings * shape.head_dim * 4 if table.rotary_table_per_forward else 0
     savings = table.frozen_input_savings if ctx.frozen_embedding else ()
     if ctx.prefix_tokens:
@@ -405,7 +227,7 @@ def recompute_mask_bytes(shape: ModelShape, ctx: ActivationContext) -> float:
     """The ``[b, 1, s, s + prefix]`` attention mask recompute keeps alive (eager attention only)."""
     if ctx.recompute_granularity is None or ctx.flash_attention:
         return 0.0
-    if not TABLES[shape.family].recompute_keeps_attention_mask:
+    if not activation_table(shape.family).recompute_keeps_attention_mask:
         return 0.0
     key_length = ctx.seq_length + ctx.prefix_tokens
     return ctx.micro_batch_size * ctx.seq_length * key_length * COMPUTE.bytes(ctx.mixed_precision)
@@ -418,7 +240,7 @@ def backward_workspace_bytes(shape: ModelShape, ctx: ActivationContext) -> float
 
 def last_stage_bytes(shape: ModelShape, ctx: ActivationContext) -> float:
     """Bytes kept by the final norm, LM head and loss per micro-batch."""
-    return saved_bytes(TABLES[shape.family].last_stage, shape, ctx)
+    return saved_bytes(activation_table(shape.family).last_stage, shape, ctx)
 
 
 def logits_transient_bytes(shape: ModelShape, ctx: ActivationContext) -> float:
@@ -429,7 +251,7 @@ def logits_transient_bytes(shape: ModelShape, ctx: ActivationContext) -> float:
 
 def rotary_cache_bytes(shape: ModelShape, layers: int) -> int:
     """Persistent cos/sin caches (fp32) when every attention layer owns them (PaddleNLP's Llama)."""
-    if not TABLES[shape.family].rotary_cache_per_layer:
+    if not activation_table(shape.family).rotary_cache_per_layer:
         return 0
     per_layer = 2 * shape.max_position_embeddings * shape.head_dim * 4 + shape.head_dim // 2 * 4
     return layers * per_layer

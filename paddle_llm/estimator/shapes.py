@@ -3,21 +3,17 @@
 A :class:`ModelShape` is built from
 
 * a config dict (a preset from ``paddle_llm.config.presets`` or a parsed ``config.json``) with
-  :func:`shape_from_config`. Families disagree on field names (``num_hidden_layers`` / ``num_layers``,
-  ``vocab_size`` / ``padded_vocab_size``...), so every field is read through its aliases and falls back to the
-  default of the PaddleNLP config class (PaddleNLP 3.0.0b4), because that default is what the model gets;
+  :func:`shape_from_config`, through the family's ``estimate_shape``. Families disagree on field names
+  (``num_hidden_layers`` / ``num_layers``, ``vocab_size`` / ``padded_vocab_size``...), so every field is read through
+  its aliases and falls back to the default of the PaddleNLP config class (PaddleNLP 3.0.0b4), because that default is
+  what the model gets;
 * a bare parameter count (``--num_params 7e9``) with :func:`shape_from_num_params`. The count is trusted for the
   model states; the layer shape, which only the activations need, comes from the hints given, and otherwise from
   the common aspect ratio ``hidden = 128 * layers`` (Llama-2 7B and 13B, GPT-3 6.7B and 13B all have it).
 
-Parameter counts follow the PaddleNLP modules exactly (checked against ``sum(p.numel())`` in the tests):
+Parameter counts follow the PaddleNLP modules exactly (checked against ``sum(p.numel())`` in the tests). Each family
+describes its own (``paddle_llm/models/<family>/estimate.py``); the one defined here is
 
-* llama: embedding ``V*h``; per layer q/k/v/o (``h*h + 2*h*h_kv + h*h``), gate/up/down (``3*h*f``), two RMSNorm
-  weights (``2*h``); final RMSNorm ``h``; LM head ``h*V`` unless ``tie_word_embeddings``;
-* chatglm (v1): embedding ``V*h`` shared with the LM head; per layer fused QKV ``h*3h + 3h``, dense ``h*h + h``,
-  MLP ``h*f + f + f*h + h``, two LayerNorms (``4*h``); final LayerNorm ``2*h``;
-* chatglm2: embedding ``V*h``; per layer fused QKV ``h*(a*d + 2*g*d)`` (+bias with ``add_qkv_bias``), dense
-  ``a*d*h``, SwiGLU MLP ``h*2f + f*h``, two RMSNorms; final RMSNorm ``h``; separate output layer ``h*V``;
 * generic (GPT, from ``--num_params``): the Megatron GPT layer of Korthikanti et al. 2022, QKV ``h*3h``, dense
   ``h*h``, MLP ``h*4h + 4h*h`` with biases and two LayerNorms.
 """
@@ -27,6 +23,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
+
+from paddle_llm.models.registry import family_named
 
 GENERIC_FAMILY = "generic"
 
@@ -195,115 +193,6 @@ def _target_matches(target: str, module: LinearModule, layer_module_prefix: str)
         return False
 
 
-def _read(fields: dict, names: tuple[str, ...], default):
-    """The first present alias of a config field, or the PaddleNLP default."""
-    for name in names:
-        if fields.get(name) is not None:
-            return fields[name]
-    return default
-
-
-def _llama_shape(fields: dict) -> ModelShape:
-    # Defaults are LlamaConfig's (paddlenlp/transformers/llama/configuration.py).
-    h = int(_read(fields, ("hidden_size",), 4096))
-    a = int(_read(fields, ("num_attention_heads",), 32))
-    kv = int(_read(fields, ("num_key_value_heads",), a))
-    f = int(_read(fields, ("intermediate_size",), 11008))
-    d = h // a
-    linear = (
-        LinearModule("self_attn.q_proj", h, a * d, False, "column"),
-        LinearModule("self_attn.k_proj", h, kv * d, False, "column"),
-        LinearModule("self_attn.v_proj", h, kv * d, False, "column"),
-        LinearModule("self_attn.o_proj", a * d, h, False, "row"),
-        LinearModule("mlp.gate_proj", h, f, False, "column"),
-        LinearModule("mlp.up_proj", h, f, False, "column"),
-        LinearModule("mlp.down_proj", f, h, False, "row"),
-    )
-    return ModelShape(
-        family="llama",
-        num_layers=int(_read(fields, ("num_hidden_layers", "num_layers"), 32)),
-        hidden_size=h,
-        num_attention_heads=a,
-        num_key_value_heads=kv,
-        head_dim=d,
-        intermediate_size=f,
-        vocab_size=int(_read(fields, ("vocab_size",), 32000)),
-        max_position_embeddings=int(_read(fields, ("max_position_embeddings",), 2048)),
-        tie_word_embeddings=bool(_read(fields, ("tie_word_embeddings",), False)),
-        linear_modules=linear,
-        norm_params_per_layer=2 * h,
-        final_norm_params=h,
-        supports_sequence_parallel=True,
-        layer_module_prefix="llama.layers.{i}",
-    )
-
-
-def _chatglm_shape(fields: dict) -> ModelShape:
-    # Defaults are ChatGLMConfig's (paddlenlp/transformers/chatglm/configuration.py).
-    h = int(_read(fields, ("hidden_size",), 4096))
-    a = int(_read(fields, ("num_attention_heads",), 32))
-    f = int(_read(fields, ("inner_hidden_size",), 4 * h))
-    linear = (
-        LinearModule("attention.query_key_value", h, 3 * h, True, "column"),
-        LinearModule("attention.dense", h, h, True, "row"),
-        LinearModule("mlp.dense_h_to_4h", h, f, True, "column"),
-        LinearModule("mlp.dense_4h_to_h", f, h, True, "row"),
-    )
-    return ModelShape(
-        family="chatglm",
-        num_layers=int(_read(fields, ("num_hidden_layers", "num_layers"), 28)),
-        hidden_size=h,
-        num_attention_heads=a,
-        num_key_value_heads=a,
-        head_dim=h // a,
-        intermediate_size=f,
-        vocab_size=int(_read(fields, ("vocab_size",), 130528)),
-        max_position_embeddings=int(_read(fields, ("max_sequence_length",), 2048)),
-        tie_word_embeddings=True,  # ChatGLMHead reuses word_embeddings.weight
-        linear_modules=linear,
-        norm_params_per_layer=4 * h,  # two LayerNorms, weight and bias
-        final_norm_params=2 * h,
-        supports_sequence_parallel=False,
-        layer_module_prefix="chatglm.transformer.layers.{i}",
-    )
-
-
-def _chatglm2_shape(fields: dict) -> ModelShape:
-    # Defaults are ChatGLMv2Config's (paddlenlp/transformers/chatglm_v2/configuration.py).
-    h = int(_read(fields, ("hidden_size",), 4096))
-    a = int(_read(fields, ("num_attention_heads",), 32))
-    d = int(_read(fields, ("kv_channels",), 128))
-    groups = int(_read(fields, ("multi_query_group_num",), 1))
-    if fields.get("multi_query_attention") is False:
-        groups = a
-    f = int(_read(fields, ("ffn_hidden_size",), 13696))
-    linear_bias = bool(_read(fields, ("add_bias_linear",), False))
-    qkv_bias = linear_bias or bool(_read(fields, ("add_qkv_bias",), False))
-    linear = (
-        LinearModule("self_attention.query_key_value", h, a * d + 2 * groups * d, qkv_bias, "column"),
-        LinearModule("self_attention.dense", a * d, h, linear_bias, "row"),
-        LinearModule("mlp.dense_h_to_4h", h, 2 * f, linear_bias, "column"),
-        LinearModule("mlp.dense_4h_to_h", f, h, linear_bias, "row"),
-    )
-    return ModelShape(
-        family="chatglm2",
-        num_layers=int(_read(fields, ("num_hidden_layers", "num_layers"), 28)),
-        hidden_size=h,
-        num_attention_heads=a,
-        num_key_value_heads=groups,
-        head_dim=d,
-        intermediate_size=f,
-        vocab_size=int(_read(fields, ("vocab_size", "padded_vocab_size"), 65024)),
-        max_position_embeddings=int(_read(fields, ("seq_length", "max_sequence_length"), 2048)),
-        tie_word_embeddings=False,
-        linear_modules=linear,
-        norm_params_per_layer=2 * h,
-        final_norm_params=h if _read(fields, ("post_layer_norm",), True) else 0,
-        supports_sequence_parallel=True,
-        layer_module_prefix="chatglm_v2.encoder.layers.{i}",
-    )
-
-
 def generic_shape(num_layers: int, hidden_size: int, num_attention_heads: int, vocab_size: int) -> ModelShape:
     """The Megatron GPT layer of Korthikanti et al. 2022: MLP width ``4h``, biases, LayerNorm, untied head."""
     h = hidden_size
@@ -332,22 +221,19 @@ def generic_shape(num_layers: int, hidden_size: int, num_attention_heads: int, v
     )
 
 
-_FAMILY_READERS = {"llama": _llama_shape, "chatglm": _chatglm_shape, "chatglm2": _chatglm2_shape}
-
-
 def shape_from_config(fields: dict, family: str) -> ModelShape:
     """Read a model's shape from its config fields.
 
     Args:
         fields: a preset dict or a parsed ``config.json``.
-        family: the model family name from ``paddle_llm.models.registry`` (``llama``, ``chatglm``, ``chatglm2``).
+        family: the model family name from ``paddle_llm.models.registry``; its ``estimate_shape`` reads the fields.
 
     Raises:
         ValueError: the family is unknown, or the heads do not divide the hidden size.
     """
-    if family not in _FAMILY_READERS:
-        raise ValueError(f"no shape reader for model family {family!r}; known families: {', '.join(_FAMILY_READERS)}")
-    shape = _FAMILY_READERS[family](fields)
+    described = dict(family_named(family, "estimate_shape").estimate_shape(fields))
+    described["linear_modules"] = tuple(LinearModule(*module) for module in described["linear_modules"])
+    shape = ModelShape(family=family, **described)
     _check_heads(shape)
     return shape
 

@@ -123,7 +123,7 @@ def _write_step_graph(staging: str, step, family: str, dtype: str, prefix, manif
     """
     import paddle
 
-    from paddle_llm.export.step_graph import save_step_graph, step_family_of
+    from paddle_llm.export.step_graph import save_step_graph, step_spec
 
     save_step_graph(step.layer, family, dtype, step.layout.num_layers, os.path.join(staging, GRAPH_PREFIX))
     manifest.programs = [{"file": PORTABLE_PROGRAM, "needs": program_needs(os.path.join(staging, PORTABLE_PROGRAM))}]
@@ -131,7 +131,7 @@ def _write_step_graph(staging: str, step, family: str, dtype: str, prefix, manif
         manifest.programs.insert(0, _write_avx512_program(staging, step, family, dtype))
     manifest.step_implementation = step.implementation
     manifest.cache = step.layout.to_dict()
-    manifest.glm_positions = step_family_of(family).glm_positions
+    manifest.glm_positions = step_spec(family).glm_positions
     if prefix is not None:
         # Stored stacked over layers: one file, and the runtime splits it per layer.
         keys, values = prefix
@@ -179,13 +179,13 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
         prefix_cache,
         reload_in_dtype,
     )
-    from paddle_llm.export.step_graph import build_step_layer, max_context_length, prepare_for_tracing, step_family_of
+    from paddle_llm.export.step_graph import build_step_layer, max_context_length, prepare_for_tracing, step_spec
 
     request.validate()
     _check_dtype_supported(request)
     source = resolve_model(request.model_name_or_path)
     family = source.family.name
-    step_family_of(family)  # fail on an unsupported family before loading anything
+    step_spec(family)  # fail on an unsupported family before loading anything
     tokenizer = load_checkpoint_tokenizer(source)
     log(f"loading {family} checkpoint {request.model_name_or_path}" + (f" + LoRA {request.lora_path}" if request.lora_path else ""))
     model = load_model(source, request.lora_path, merge_lora=True)

@@ -27,7 +27,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 # Which code a step graph was traced from (``step_graph.build_step_layer``).
 STEP_PADDLENLP = "paddlenlp"  # PaddleNLP's own forward, wrapped in KVCacheStep
-STEP_LLAMA_INFERENCE = "llama_inference"  # export.llama_step.LlamaInferenceStep
+STEP_LLAMA_INFERENCE = "llama_inference"  # models.llama.inference_step.LlamaInferenceStep
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ import paddle
 
 from paddle_llm.config.validation import GPU_ONLY_FLAGS
 from paddle_llm.export.manifest import CacheLayout
-from paddle_llm.export.step_graph import step_family_of
+from paddle_llm.export.step_graph import step_spec
 from paddle_llm.models.registry import ModelSource, build_config, build_model, load_tokenizer
-from paddle_llm.peft.lora import load_lora, merge_lora as merge_into_model
+from paddle_llm.peft.lora import load_lora
+from paddle_llm.peft.lora import merge_lora as merge_into_model
 from paddle_llm.peft.prefix import apply_prefix
 
 
@@ -49,6 +50,7 @@ def load_model(source: ModelSource, lora_path: str | None = None, merge_lora: bo
         overrides.update({name: False for name in GPU_ONLY_FLAGS if name.startswith("use_")})
     model = build_model(source, build_config(source, **overrides), load_weights=True)
     if lora_path:
+
         lora_model = load_lora(model, lora_path)
         model = merge_into_model(lora_model) if merge_lora else lora_model
     model.eval()
@@ -61,6 +63,7 @@ def load_prefix_model(model, family_name: str, prefix_path: str):
     Raises:
         FileNotFoundError: ``prefix_path`` has no ``prefix_config.json``.
     """
+
     prefix_model = apply_prefix(model, family_name, num_prefix_tokens=0, prefix_path=prefix_path)
     prefix_model.eval()
     return prefix_model
@@ -68,10 +71,11 @@ def load_prefix_model(model, family_name: str, prefix_path: str):
 
 def prefix_cache(prefix_model, family_name: str, layout: CacheLayout) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
     """The prefix encoder's past for one row, per layer, in the step graph's cache layout."""
+
     with paddle.no_grad():
         per_layer = prefix_model._get_past_key_values(1)
     # PaddleNLP's past is in its model's own cache layout (heads at axis 2); move each axis where ``layout`` has it.
-    paddlenlp_axes = step_family_of(family_name)
+    paddlenlp_axes = step_spec(family_name)
     source_axes = {layout.batch_axis: paddlenlp_axes.batch_axis, layout.seq_axis: paddlenlp_axes.seq_axis,
                    layout.head_axis: 2, 3: 3}
     permutation = [source_axes[axis] for axis in range(4)]

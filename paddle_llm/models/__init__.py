@@ -1,4 +1,5 @@
-"""Model families (llama, chatglm, chatglm2) built from PaddleNLP's classes, resolved from presets or local dirs."""
+"""Model families built from PaddleNLP's classes, one package each (``llama/``, ``chatglm/``, ``chatglm2/``) listed in
+``registry.py``, and models resolved from presets or local directories."""
 
 from paddle_llm.models.registry import (
     FAMILIES,

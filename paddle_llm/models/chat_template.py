@@ -5,87 +5,16 @@ same text cut into consecutive pieces flagged ``train_on`` (True only for assist
 prompt tokens. ``"".join(text for text, _ in chat_segments(f, m)) == render_chat(f, m, add_generation_prompt=False)``
 always holds: the two functions share one renderer.
 
-Formats (what each family's reference chat code builds):
-
-- Llama-2 chat: ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s><s>[INST] ...``.
-  ``<s>``/``</s>`` are written as text; Llama tokenizers map them to the BOS/EOS ids, so the reply segment carries
-  the EOS the model must learn to emit.
-- ChatGLM-6B (v1): ``[Round 0]\\n问：{user}\\n答：{assistant}\\n[Round 1]\\n问：...`` (rounds count from 0).
-- ChatGLM2-6B: ``[Round 1]\\n\\n问：{user}\\n\\n答：{assistant}\\n\\n[Round 2]\\n\\n问：...`` (rounds count from 1).
-
-ChatGLM has no system role; a system message becomes a leading paragraph. Its templates have no textual
-terminator, so a trainer appends the EOS token after each reply (``ChatTemplate.append_eos_token``).
+Each family's package holds its template (``ModelFamily.chat_template``, e.g. ``paddle_llm/models/llama``).
+A template without a textual terminator has the trainer append the EOS token after each reply
+(``ChatTemplate.append_eos_token``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from paddle_llm.models.registry import ChatTemplate, family_named
 
 ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """How one family lays out a conversation. All fields are format strings or plain data.
-
-    Attributes:
-        name: the family name (``llama``, ``chatglm``, ``chatglm2``).
-        system_format: how a system message is written (``{content}``).
-        system_inside_first_user: Llama-2 folds the system block into the first user turn; ChatGLM puts it first.
-        user_format: one user turn up to where the reply starts (``{round}``, ``{system}``, ``{content}``).
-        assistant_format: one reply (``{content}``); this whole piece is what fine-tuning trains on.
-        round_separator: text between a reply and the next round (not trained on).
-        first_round: the number of the first ``[Round N]``.
-        append_eos_token: True when the text has no terminator and a trainer must add the EOS token after a reply.
-        stop_strings: text that means the model started a new round; a server stops there by default.
-    """
-
-    name: str
-    system_format: str
-    system_inside_first_user: bool
-    user_format: str
-    assistant_format: str
-    round_separator: str
-    first_round: int
-    append_eos_token: bool
-    stop_strings: tuple[str, ...]
-
-
-CHAT_TEMPLATES: dict[str, ChatTemplate] = {
-    "llama": ChatTemplate(
-        name="llama",
-        system_format="<<SYS>>\n{content}\n<</SYS>>\n\n",
-        system_inside_first_user=True,
-        user_format="<s>[INST] {system}{content} [/INST]",
-        assistant_format=" {content} </s>",
-        round_separator="",
-        first_round=0,
-        append_eos_token=False,
-        stop_strings=(),
-    ),
-    "chatglm": ChatTemplate(
-        name="chatglm",
-        system_format="{content}\n",
-        system_inside_first_user=False,
-        user_format="[Round {round}]\n问：{content}\n答：",
-        assistant_format="{content}",
-        round_separator="\n",
-        first_round=0,
-        append_eos_token=True,
-        stop_strings=("[Round ",),
-    ),
-    "chatglm2": ChatTemplate(
-        name="chatglm2",
-        system_format="{content}\n\n",
-        system_inside_first_user=False,
-        user_format="[Round {round}]\n\n问：{content}\n\n答：",
-        assistant_format="{content}",
-        round_separator="\n\n",
-        first_round=1,
-        append_eos_token=True,
-        stop_strings=("[Round ",),
-    ),
-}
 
 
 def get_chat_template(family_name: str) -> ChatTemplate:
@@ -94,12 +23,7 @@ def get_chat_template(family_name: str) -> ChatTemplate:
     Raises:
         ValueError: no template for that family; the message lists the known ones.
     """
-    try:
-        return CHAT_TEMPLATES[family_name]
-    except KeyError:
-        raise ValueError(
-            f"no chat template for model family {family_name!r}; known families: {', '.join(CHAT_TEMPLATES)}"
-        ) from None
+    return family_named(family_name, "chat_template").chat_template
 
 
 def validate_messages(messages: object, add_generation_prompt: bool) -> list[dict]:
@@ -164,7 +88,7 @@ def render_chat(family_name: str, messages: list[dict], add_generation_prompt: b
     """Render a conversation as the prompt text of a family's chat format.
 
     Args:
-        family_name: ``llama``, ``chatglm`` or ``chatglm2``.
+        family_name: a registered family (``llama``, ``chatglm``...).
         messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
         add_generation_prompt: the text ends where the assistant's reply begins (the last message must be the
             user's). False renders a complete conversation, e.g. for training.

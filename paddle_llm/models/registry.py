@@ -8,6 +8,7 @@ stack trace, or worse, hang on a machine without internet.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,40 +16,83 @@ from typing import Callable
 
 import numpy as np
 
-from paddle_llm.config.presets import PRESETS, preset
+from paddle_llm.config.presets import PRESETS, SHIPPED_TOKENIZER_DIR, preset
+from paddle_llm.models.memory_spec import ActivationTable
+from paddle_llm.models.step import StepSpec
 
 WEIGHT_FILES = ("model_state.pdparams", "model.safetensors", "model_state.pdparams.index.json", "model.safetensors.index.json")
-# The file name each PaddleNLP tokenizer class reads its SentencePiece model from.
-MODEL_FILE_BY_CLASS = {
-    "LlamaTokenizer": "sentencepiece.bpe.model",
-    "ChatGLMTokenizer": "ice_text.model",
-    "ChatGLMv2Tokenizer": "tokenizer.model",
-}
-# The tokenizer the presets use (trained by scripts/, shipped in the package).
-SHIPPED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tokenizer")
 
-
-def _no_extra_inputs(input_ids: np.ndarray) -> dict:
+def no_extra_inputs(input_ids: np.ndarray) -> dict:
+    """A plain causal LM needs nothing but ``input_ids`` (its own causal mask and positions apply)."""
     return {}
 
 
-def _chatglm_v1_inputs(input_ids: np.ndarray) -> dict:
-    """ChatGLM-6B (v1) needs an explicit 4-D mask and 2-D rotary positions; it has no defaults for plain text.
+@dataclass(frozen=True)
+class Deferred:
+    """A family's function that lives in a module importing Paddle, named rather than imported.
 
-    For causal language modelling every token attends to itself and earlier tokens (True = attend), positions
-    count 0..s-1 and the "block" positions (used only after a [gMASK] prompt) stay 0.
+    The registry is read by commands that must start without loading Paddle (``paddle-llm --help``, ``estimate``,
+    ``doctor``; ``tests/unit/test_layers.py`` checks it), so a family's CPU fast paths and export hooks are imported on
+    their first call, never when the family is registered.
     """
-    batch, seq = input_ids.shape
-    causal = np.tril(np.ones((seq, seq), dtype="int64"))
-    attention_mask = np.broadcast_to(causal, (batch, 1, seq, seq)).copy()
-    positions = np.broadcast_to(np.arange(seq, dtype="int64"), (batch, seq))
-    position_ids = np.stack([positions, np.zeros_like(positions)], axis=1)
-    return {"attention_mask": attention_mask, "position_ids": position_ids}
+
+    module: str
+    name: str
+
+    def __call__(self, *args, **kwargs):
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How one family lays out a conversation. All fields are format strings or plain data.
+
+    Attributes:
+        name: the family name (``llama``, ``chatglm``, ``chatglm2``).
+        system_format: how a system message is written (``{content}``).
+        system_inside_first_user: Llama-2 folds the system block into the first user turn; ChatGLM puts it first.
+        user_format: one user turn up to where the reply starts (``{round}``, ``{system}``, ``{content}``).
+        assistant_format: one reply (``{content}``); this whole piece is what fine-tuning trains on.
+        round_separator: text between a reply and the next round (not trained on).
+        first_round: the number of the first ``[Round N]``.
+        append_eos_token: True when the text has no terminator and a trainer must add the EOS token after a reply.
+        stop_strings: text that means the model started a new round; a server stops there by default.
+    """
+
+    name: str
+    system_format: str
+    system_inside_first_user: bool
+    user_format: str
+    assistant_format: str
+    round_separator: str
+    first_round: int
+    append_eos_token: bool
+    stop_strings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PrefixLayout:
+    """What prefix tuning's encoder must produce for one model config (see ``paddle_llm.peft.prefix``).
+
+    Attributes:
+        num_attention_heads, num_hidden_layers, hidden_size: the model's.
+        multi_query_group_num: key/value heads when fewer than the query heads (grouped or multi-query
+            attention), else None.
+        postprocess_name: the function in ``paddlenlp.peft.prefix`` that reshapes the prefix into the family's
+            past-key-value layout.
+    """
+
+    num_attention_heads: int
+    num_hidden_layers: int
+    hidden_size: int
+    multi_query_group_num: int | None
+    postprocess_name: str
 
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """Everything the toolkit needs to know about one architecture, as data.
+    """Everything the toolkit knows about one architecture, as data; each family's package defines one
+    (``paddle_llm/models/<family>/__init__.py``) and the rest of the code asks it instead of testing names.
 
     Attributes:
         name: our family name (``llama``, ``chatglm``, ``chatglm2``).
@@ -61,6 +105,28 @@ class ModelFamily:
         causal_lm_inputs: extra model inputs a plain-text causal-LM batch needs, from ``input_ids`` [batch, seq].
         pipe_model_class: the PaddleNLP pipeline-parallel variant of ``model_class`` (stages of a ``PipelineLayer``),
             built instead when ``pipeline_parallel_degree > 1``; None when PaddleNLP has none for the family.
+        tokenizer_model_file: the file ``tokenizer_class`` reads its SentencePiece model from (``paddle-llm
+            tokenizer train`` writes one under each family's name), or None for a tokenizer that has none.
+        sentencepiece_tokenizer_class: for a family whose own tokenizer is not SentencePiece (``tokenizer_model_file``
+            None), the PaddleNLP class that reads a SentencePiece directory in its place: the shipped tokenizer a
+            preset uses, or one ``paddle-llm tokenizer train`` wrote. None: such a directory is read with
+            ``tokenizer_class``.
+        chat_template: the family's built-in conversation format (``paddle_llm.models.chat_template``).
+        lora_target_modules: the linear layers LoRA adapts by default: every attention and MLP projection, as
+            PaddleNLP's ``llm/utils.get_lora_target_modules`` chooses them.
+        prefix_layout: the past-key-value layout prefix tuning must produce, from the model config.
+        prefix_needs_cache: the model reads a past (and so a prefix) only with ``use_cache`` on (ChatGLM2).
+        glm_context: GLM's bidirectional context with 2-D positions after a ``[gMASK]`` prompt (ChatGLM-6B): an SFT
+            sample needs an explicit 4-D mask and positions (``paddle_llm.data.sft``).
+        token_mean_loss: the model's own loss averages over ignored positions too, so fine-tuning swaps in a
+            token-mean criterion (``trainer.finetune_trainer.TokenMeanCrossEntropy``).
+        paddlenlp_module: the PaddleNLP module prefix of the family's layers; a model (or a wrapper such as a LoRA
+            model) is recognised by the first sublayer from it.
+        cpu_fast_paths: swaps in the CPU implementations of the family's hot composites on one model instance and
+            returns what it replaced (``paddle_llm.models.cpu_fast``); None when the family has none.
+        step: how one KV-cache decoding step runs (``paddle_llm.models.step.StepSpec``), for export and serving.
+        estimate_shape: the estimator's ``ModelShape`` fields from a config dict (``paddle_llm.models.memory_spec``).
+        activations: the tensors the family's forward keeps for backward (``memory_spec.ActivationTable``).
     """
 
     name: str
@@ -70,8 +136,21 @@ class ModelFamily:
     tokenizer_class: str
     max_positions_field: str
     field_aliases: dict = field(default_factory=dict)
-    causal_lm_inputs: Callable[[np.ndarray], dict] = field(default=_no_extra_inputs)
+    causal_lm_inputs: Callable[[np.ndarray], dict] = field(default=no_extra_inputs)
     pipe_model_class: str | None = None
+    tokenizer_model_file: str | None = None
+    sentencepiece_tokenizer_class: str | None = None
+    chat_template: ChatTemplate | None = None
+    lora_target_modules: tuple[str, ...] = ()
+    prefix_layout: Callable[[object], PrefixLayout] | None = None
+    prefix_needs_cache: bool = False
+    glm_context: bool = False
+    token_mean_loss: bool = False
+    paddlenlp_module: str = ""
+    cpu_fast_paths: Callable[[object], list[str]] | None = None
+    step: StepSpec | None = None
+    estimate_shape: Callable[[dict], dict] | None = None
+    activations: ActivationTable | None = None
 
     def canonical_fields(self, config_fields: dict) -> dict:
         """Rename alias keys to the names the config constructor takes (an explicit canonical key wins)."""
@@ -91,46 +170,22 @@ class ModelFamily:
             getattr(transformers, self.tokenizer_class),
         )
 
+    def max_context_length(self, config) -> int:
+        """The number of positions the model's config covers (its rotary tables or position embeddings)."""
+        return int(getattr(config, self.max_positions_field))
 
-FAMILIES: dict[str, ModelFamily] = {
-    "llama": ModelFamily(
-        name="llama",
-        model_types=("llama",),
-        config_class="LlamaConfig",
-        model_class="LlamaForCausalLM",
-        tokenizer_class="LlamaTokenizer",
-        max_positions_field="max_position_embeddings",
-        field_aliases={
-            "n_positions": "max_position_embeddings",
-            "n_embd": "hidden_size",
-            "n_layer": "num_hidden_layers",
-            "n_head": "num_attention_heads",
-            "n_inner": "intermediate_size",
-            "activation_function": "hidden_act",
-        },
-        pipe_model_class="LlamaForCausalLMPipe",
-    ),
-    "chatglm": ModelFamily(
-        name="chatglm",
-        model_types=("chatglm",),
-        config_class="ChatGLMConfig",
-        model_class="ChatGLMForCausalLM",
-        tokenizer_class="ChatGLMTokenizer",
-        max_positions_field="max_sequence_length",
-        field_aliases={"num_layers": "num_hidden_layers"},
-        causal_lm_inputs=_chatglm_v1_inputs,
-    ),
-    "chatglm2": ModelFamily(
-        name="chatglm2",
-        model_types=("chatglm_v2", "chatglm2"),
-        config_class="ChatGLMv2Config",
-        model_class="ChatGLMv2ForCausalLM",
-        tokenizer_class="ChatGLMv2Tokenizer",
-        max_positions_field="max_sequence_length",
-        field_aliases={"num_layers": "num_hidden_layers", "padded_vocab_size": "vocab_size", "seq_length": "max_sequence_length"},
-        pipe_model_class="ChatGLMv2ForCausalLMPipe",
-    ),
-}
+
+def family_named(name: str, feature: str = "") -> ModelFamily:
+    """The family called ``name``; with ``feature`` (a ``ModelFamily`` field), one that has it set.
+
+    Raises:
+        ValueError: no such family, or it lacks ``feature``; the message lists the families that have it.
+    """
+    having = [f.name for f in FAMILIES.values() if not feature or getattr(f, feature) is not None]
+    if name not in having:
+        missing = f"no {feature.replace('_', ' ')} for" if feature else "no"
+        raise ValueError(f"{missing} model family {name!r}; known families: {', '.join(having)}")
+    return FAMILIES[name]
 
 
 def family_of(config_fields: dict) -> ModelFamily:
@@ -247,11 +302,34 @@ def load_tokenizer(name_or_path: str, family: ModelFamily | None = None):
             f"tokenizer {name_or_path!r} is not a local directory or preset. paddle_llm never downloads: pass a "
             "directory written by `paddle-llm tokenizer train` or saved with a model"
         )
-    if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer_config.json", *MODEL_FILE_BY_CLASS.values())):
+    if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer_config.json", *tokenizer_model_files())):
         raise FileNotFoundError(
             f"{directory} has no tokenizer files (tokenizer_config.json or a SentencePiece model); pass "
             "--tokenizer_name_or_path with a tokenizer directory"
         )
     if family is None:
         return transformers.AutoTokenizer.from_pretrained(directory)
-    return getattr(transformers, family.tokenizer_class).from_pretrained(directory)
+    class_name = family.tokenizer_class
+    if family.sentencepiece_tokenizer_class and any(os.path.exists(os.path.join(directory, f)) for f in tokenizer_model_files()):
+        class_name = family.sentencepiece_tokenizer_class
+    return getattr(transformers, class_name).from_pretrained(directory)
+
+
+def tokenizer_model_files() -> tuple[str, ...]:
+    """Every SentencePiece file name a family's tokenizer reads, each once."""
+    return tuple(dict.fromkeys(f.tokenizer_model_file for f in FAMILIES.values() if f.tokenizer_model_file))
+
+
+# The families, one line each: the package under paddle_llm/models/ whose ``FAMILY`` describes it. They are imported
+# here, after everything above, because each package builds its ``FAMILY`` from the classes above; and as names, so
+# that adding a family is one line. ``paddle_llm.models`` imports this module first, so whichever module a program
+# imports first, a family package finds this one's classes defined.
+FAMILY_PACKAGES = (
+    "llama",
+    "chatglm",
+    "chatglm2",
+    "qwen2",
+)
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family for family in (importlib.import_module(f"paddle_llm.models.{package}").FAMILY for package in FAMILY_PACKAGES)
+}

@@ -1,4 +1,4 @@
-"""LoRA through PaddleNLP's ``LoRAModel``, with per-family target layers and a merge back into a plain model."""
+"""LoRA through PaddleNLP's ``LoRAModel``, with each family's default target layers and a merge back into a plain model."""
 
 from __future__ import annotations
 
@@ -6,15 +6,9 @@ import os
 import re
 
 from paddle_llm.config.parser import ArgumentError
+from paddle_llm.models.registry import family_named
 from paddle_llm.peft.quantize import recorded_quantization
 
-# The linear layers LoRA adapts by default, per family: every attention and MLP projection, as PaddleNLP's
-# llm/utils.get_lora_target_modules chooses them (module names as the PaddleNLP model classes spell them).
-LORA_TARGET_MODULES: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "chatglm": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-    "chatglm2": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-}
 _REGEX_CHARACTERS = set(".*+?[](){}|^$\\")
 
 
@@ -66,7 +60,7 @@ def apply_lora(model, family_name: str, rank: int, alpha: int | None = None, tar
 
     Args:
         model: a PaddleNLP causal LM.
-        family_name: picks the default targets (``LORA_TARGET_MODULES``).
+        family_name: picks the default targets (the family's ``lora_target_modules``).
         rank: LoRA rank r.
         alpha: scaling numerator; None means ``default_lora_alpha(rank)``.
         target_modules: layer names or regexes overriding the family default.
@@ -79,7 +73,7 @@ def apply_lora(model, family_name: str, rank: int, alpha: int | None = None, tar
     """
     from paddlenlp.peft import LoRAConfig, LoRAModel
 
-    names = list(target_modules or LORA_TARGET_MODULES[family_name])
+    names = list(target_modules or family_named(family_name).lora_target_modules)
     patterns = target_patterns(names)
     linear = _linear_layer_names(model)
     if not any(re.fullmatch(p, name) for p in patterns for name in linear):

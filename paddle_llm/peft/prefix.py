@@ -1,43 +1,15 @@
 """Prefix tuning through PaddleNLP's ``PrefixModelForCausalLM``, with each family's past-key-value layout.
 
 A prefix is a trained per-layer past (keys and values for ``num_prefix_tokens`` virtual tokens). Families keep their
-cache differently, so the prefix encoder's output is reshaped per family, as PaddleNLP's llm/utils does:
-
-- Llama: batch-first ``[batch, prefix, heads, head_dim]`` (``llama_postprocess_past_key_value``);
-- ChatGLM and ChatGLM2: sequence-first ``[prefix, batch, heads, head_dim]``
-  (``chatglm_postprocess_past_key_value``); ChatGLM2 has one key/value per *query group*
-  (``multi_query_group_num``), so its prefix is that many heads wide, not ``num_attention_heads``.
+cache differently, so the prefix encoder's output is reshaped per family (``ModelFamily.prefix_layout``), as
+PaddleNLP's llm/utils does.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class PrefixLayout:
-    """What the prefix encoder must produce for one family."""
-
-    num_attention_heads: int
-    num_hidden_layers: int
-    hidden_size: int
-    multi_query_group_num: int | None
-    postprocess_name: str  # a function in paddlenlp.peft.prefix
-
-
-def prefix_layout(family_name: str, config) -> PrefixLayout:
-    """Read the prefix shape of a family from its model config."""
-    if family_name == "llama":
-        kv_heads = getattr(config, "num_key_value_heads", None)
-        groups = kv_heads if kv_heads and kv_heads != config.num_attention_heads else None  # grouped-query attention
-        return PrefixLayout(config.num_attention_heads, config.num_hidden_layers, config.hidden_size, groups, "llama_postprocess_past_key_value")
-    if family_name == "chatglm":
-        return PrefixLayout(config.num_attention_heads, config.num_hidden_layers, config.hidden_size, None, "chatglm_postprocess_past_key_value")
-    if family_name == "chatglm2":
-        groups = config.multi_query_group_num if getattr(config, "multi_query_attention", False) else None
-        return PrefixLayout(config.num_attention_heads, config.num_hidden_layers, config.hidden_size, groups, "chatglm_postprocess_past_key_value")
-    raise ValueError(f"prefix tuning has no past-key-value layout for model family {family_name!r}")
+from paddle_llm.models.registry import family_named
 
 
 def apply_prefix(model, family_name: str, num_prefix_tokens: int, prefix_path: str | None = None, prefix_projection: bool = False):
@@ -55,14 +27,15 @@ def apply_prefix(model, family_name: str, num_prefix_tokens: int, prefix_path: s
 
     Raises:
         FileNotFoundError: ``prefix_path`` is not a saved prefix.
+        ValueError: the family has no prefix layout.
     """
     import paddlenlp.peft.prefix as prefix_module
     from paddlenlp.peft import PrefixConfig, PrefixModelForCausalLM
 
-    layout = prefix_layout(family_name, model.config)
+    family = family_named(family_name, "prefix_layout")
+    layout = family.prefix_layout(model.config)
     postprocess = getattr(prefix_module, layout.postprocess_name)
-    if family_name == "chatglm2":
-        # ChatGLM2's attention prepends a past to its keys only when use_cache is on; off, the prefix is ignored.
+    if family.prefix_needs_cache:
         model.config.use_cache = True
     if prefix_path:
         if not os.path.isfile(os.path.join(prefix_path, "prefix_config.json")):

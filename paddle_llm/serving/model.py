@@ -95,7 +95,7 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
 
     from paddle_llm.export.peft_loading import load_checkpoint_tokenizer, load_model
     from paddle_llm.export.runtime import DygraphStepRunner, StepDecoder
-    from paddle_llm.export.step_graph import build_step_layer, max_context_length, step_family_of
+    from paddle_llm.export.step_graph import build_step_layer, max_context_length, step_spec
 
     paddle.set_device(device)
     source = resolve_model(model_dir)
@@ -108,7 +108,7 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
         DygraphStepRunner(step.layer),
         step.layout,
         "float32",
-        step_family_of(family).glm_positions,
+        step_spec(family).glm_positions,
         int(generation.get("pad_token_id") or getattr(model.config, "pad_token_id", 0) or 0),
     )
     tokenizer = load_checkpoint_tokenizer(source)

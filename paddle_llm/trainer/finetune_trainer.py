@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import paddle
 
 from paddle_llm.data.sft import IGNORE_INDEX
-from paddle_llm.models.cpu_fast import CausalLMLoss
+from paddle_llm.models.cpu_ops import CausalLMLoss
+from paddle_llm.models.registry import family_named
 from paddle_llm.peft.lomo import LomoOptimizer
 from paddle_llm.trainer.callbacks import MetricsFileCallback
 from paddle_llm.trainer.generation import exact_match
@@ -42,17 +43,13 @@ class TokenMeanCrossEntropy(paddle.nn.Layer):
         return self.loss(logits, labels)
 
 
-# Families whose built-in loss averages over ignored positions (see TokenMeanCrossEntropy).
-FAMILIES_NEEDING_TOKEN_MEAN_LOSS = ("chatglm",)
-
-
 def criterion_for(family_name: str, tensor_parallel_degree: int):
     """The criterion the Trainer should use, or None for the model's own loss.
 
     With tensor parallelism ChatGLM's head filters the ignored labels itself (and its logits are vocabulary-split,
     which a plain cross-entropy cannot read), so its own loss is kept there.
     """
-    if family_name in FAMILIES_NEEDING_TOKEN_MEAN_LOSS and tensor_parallel_degree <= 1:
+    if family_named(family_name).token_mean_loss and tensor_parallel_degree <= 1:
         return TokenMeanCrossEntropy()
     return None
 

@@ -12,7 +12,7 @@ from paddle_llm.export.command import main as export_main
 from paddle_llm.export.manifest import load_manifest
 from tests.integration.tiny_checkpoint import make_checkpoint, make_lora_adapter, make_prefix_adapter
 
-FAMILIES = {"llama": "tiny-llama", "chatglm": "tiny-chatglm", "chatglm2": "tiny-chatglm2"}
+FAMILIES = {"llama": "tiny-llama", "chatglm": "tiny-chatglm", "chatglm2": "tiny-chatglm2", "qwen2": "tiny-qwen2"}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,26 @@ def test_export_passes_parity_and_writes_serving_files(exports, family):
     assert generation["eos_token_id"] in (manifest.eos_token_ids[0], manifest.eos_token_ids)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_export_and_checkpoint_serve_a_chat_prompt_with_the_same_greedy_tokens(checkpoints, exports, family):
+    """Serving, per family: the exported graph under Paddle Inference and the checkpoint under the dygraph engine
+    answer a prompt framed by the family's chat template, token for token alike."""
+    from paddle_llm.data.sft import prompt_ids_as_trained
+    from paddle_llm.serving.model import open_checkpoint, open_export
+    from paddle_llm.serving.sampling import SamplingParams
+
+    served = [open_export(exports[family][1], num_threads=1, max_batch_size=2), open_checkpoint(checkpoints[family], max_batch_size=2)]
+    try:
+        assert [model.chat_template for model in served] == [family, family]
+        prompt = prompt_ids_as_trained(family, served[0].tokenizer, [{"role": "user", "content": "The quick brown fox"}], templated=True)
+        replies = [model.engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0)) for model in served]
+        assert replies[0].error is None and len(replies[0].token_ids) == 8
+        assert replies[0].token_ids == replies[1].token_ids
+    finally:
+        for model in served:
+            model.engine.shutdown()
+
+
 def test_check_only_runs_alone(exports):
     _, output = exports["llama"]
     assert export_main(["--check_only", output, "--check_tokens", "4"]) == 0
@@ -70,7 +90,7 @@ def test_check_fails_against_a_different_checkpoint(exports, checkpoints, workdi
     assert export_main(["--check_only", output, "--model_name_or_path", checkpoints["llama"]]) == 0
 
 
-@pytest.mark.parametrize("family", ["llama", pytest.param("chatglm2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["llama", pytest.param("chatglm2", marks=pytest.mark.slow), "qwen2"])
 def test_lora_is_merged_and_matches_unmerged_adapter(checkpoints, exports, workdir, family):
     from paddle_llm.export.runtime import open_export_decoder
 
@@ -88,7 +108,7 @@ def test_lora_is_merged_and_matches_unmerged_adapter(checkpoints, exports, workd
 
 
 @pytest.mark.parametrize(
-    "family", ["llama", pytest.param("chatglm", marks=pytest.mark.slow), pytest.param("chatglm2", marks=pytest.mark.slow)])
+    "family", ["llama", pytest.param("chatglm", marks=pytest.mark.slow), pytest.param("chatglm2", marks=pytest.mark.slow), "qwen2"])
 def test_prefix_becomes_part_of_the_past(checkpoints, workdir, family):
     prefix = make_prefix_adapter(checkpoints[family], str(workdir / f"prefix-{family}"))
     output = str(workdir / f"export-prefix-{family}")
@@ -111,7 +131,7 @@ def test_fastdeploy_format_writes_safetensors_checkpoint(checkpoints, workdir):
     assert os.path.isfile(os.path.join(output, "tokenizer_config.json"))
 
 
-@pytest.mark.parametrize("family", ["llama", "chatglm2"])
+@pytest.mark.parametrize("family", ["llama", "chatglm2", "qwen2"])
 def test_a_checkpoint_trained_with_gpu_kernel_switches_exports_on_cpu(checkpoints, workdir, family):
     """A GPU run saves --use_fused_rms_norm, --use_flash_attention and --use_fused_rope into config.json; the CPU has
     none of those kernels, so export (and its parity reference) must run without them. The input stays untouched."""

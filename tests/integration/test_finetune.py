@@ -14,7 +14,7 @@ from tests.conftest import ROOT, read_metrics, run_script, subprocess_env
 FINETUNE = os.path.join(ROOT, "finetune_generation.py")
 CONTRACT = os.path.join(ROOT, "tests", "integration", "finetune_contract.py")
 ASSETS = os.path.join(ROOT, "tests", "assets")
-FAMILIES = ("llama", "chatglm", "chatglm2")
+FAMILIES = ("llama", "chatglm", "chatglm2", "qwen2")
 METHODS = ("full", "lora", "prefix", "lomo")
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 

@@ -40,7 +40,7 @@ def pretrain_flags(data: str, output_dir: str, model: str = "tiny-llama", **over
     return [str(token) for name, value in flags.items() for token in (f"--{name}", value)]
 
 
-@pytest.mark.parametrize("family", ["llama", "chatglm", "chatglm2"])
+@pytest.mark.parametrize("family", ["llama", "chatglm", "chatglm2", "qwen2"])
 def test_twenty_steps_per_family_learn_and_write_every_artifact(demo_data, tmp_path, family):
     output = str(tmp_path / family)
     run_script([RUN_PRETRAIN] + pretrain_flags(demo_data, output, model=f"tiny-{family}", do_eval=1, report_to="visualdl"))

@@ -2,7 +2,10 @@
 
 import pytest
 
-from paddle_llm.models.chat_template import CHAT_TEMPLATES, chat_segments, render_chat
+from paddle_llm.models.chat_template import chat_segments, render_chat
+from paddle_llm.models.registry import FAMILIES
+
+CHAT_FAMILIES = sorted(name for name, family in FAMILIES.items() if family.chat_template)
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -36,7 +39,16 @@ def test_chatglm_system_becomes_leading_paragraph():
     assert render_chat("chatglm2", CONVERSATION[:2]) == "Be brief.\n\n[Round 1]\n\n问：Hi\n\n答："
 
 
-@pytest.mark.parametrize("family", sorted(CHAT_TEMPLATES))
+def test_qwen2_chatml_every_message_framed_and_the_reply_trained_through_im_end():
+    assert render_chat("qwen2", CONVERSATION) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nName a fox.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    replies = [text for text, train_on in chat_segments("qwen2", CONVERSATION[:3]) if train_on]
+    assert replies == ["Hello!<|im_end|>"]
+
+
+@pytest.mark.parametrize("family", CHAT_FAMILIES)
 def test_segments_join_to_rendering_and_flag_only_replies(family):
     conversation = CONVERSATION + [{"role": "assistant", "content": "Reynard."}]
     segments = chat_segments(family, conversation)
@@ -48,7 +60,7 @@ def test_segments_join_to_rendering_and_flag_only_replies(family):
 
 
 def test_generation_prompt_is_prefix_of_full_conversation():
-    for family in CHAT_TEMPLATES:
+    for family in CHAT_FAMILIES:
         full = render_chat(family, CONVERSATION + [{"role": "assistant", "content": "Reynard."}], add_generation_prompt=False)
         assert full.startswith(render_chat(family, CONVERSATION))
 

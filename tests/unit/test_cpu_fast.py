@@ -18,17 +18,19 @@ import paddle.nn.functional as F
 import pytest
 from paddlenlp.transformers.chatglm import modeling as chatglm_modeling
 from paddlenlp.transformers.chatglm_v2 import modeling as chatglm2_modeling
+from paddlenlp.transformers.qwen2 import modeling as qwen2_modeling
 from paddlenlp.transformers.llama import modeling as llama_modeling
 
 from paddle_llm.config.threads import OPENMP_BLOCKTIME_MS
-from paddle_llm.models import cpu_fast, cpu_kernels
-from paddle_llm.models.cpu_fast import CausalLMLoss, apply_cpu_fast_paths, tanh_gelu, to_static_for_cpu_training
+from paddle_llm.models import cpu_fast, cpu_kernels, cpu_ops
+from paddle_llm.models.cpu_fast import apply_cpu_fast_paths, to_static_for_cpu_training
+from paddle_llm.models.cpu_ops import CausalLMLoss, tanh_gelu
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 from tests.conftest import ROOT, run_script, subprocess_env
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 BATCH, SEQ = 2, 16
-PRESET_OF_FAMILY = {"llama": "tiny-llama", "chatglm": "tiny-chatglm", "chatglm2": "tiny-chatglm2"}
+PRESET_OF_FAMILY = {"llama": "tiny-llama", "chatglm": "tiny-chatglm", "chatglm2": "tiny-chatglm2", "qwen2": "tiny-qwen2"}
 
 
 # Passed under the config classes' own names: ChatGLM's and ChatGLM2's config __init__ defaults (28 layers, 65024
@@ -112,8 +114,9 @@ def _original_forward(layer):
         ("chatglm", lambda model: model.chatglm.transformer.layers[0].input_layernorm),
         ("chatglm", lambda model: model.chatglm.transformer.final_layernorm),
         ("chatglm2", lambda model: model.chatglm_v2.encoder.layers[0].post_attention_layernorm),
+        ("qwen2", lambda model: model.qwen2.layers[0].input_layernorm),
     ],
-    ids=["llama-rms_norm", "llama-final_rms_norm", "chatglm-layer_norm", "chatglm-final_layer_norm", "chatglm2-rms_norm"],
+    ids=["llama-rms_norm", "llama-final_rms_norm", "chatglm-layer_norm", "chatglm-final_layer_norm", "chatglm2-rms_norm", "qwen2-rms_norm"],
 )
 def test_norm_matches_paddlenlp(composites, fast_models, family, find_norm):
     norm = find_norm(fast_models[family])
@@ -127,7 +130,8 @@ def test_norm_matches_paddlenlp(composites, fast_models, family, find_norm):
 @pytest.mark.parametrize("family, find_mlp", [
     ("llama", lambda model: model.llama.layers[1].mlp),
     ("chatglm2", lambda model: model.chatglm_v2.encoder.layers[1].mlp),
-], ids=["llama-swiglu_mlp", "chatglm2-swiglu_mlp"])
+    ("qwen2", lambda model: model.qwen2.layers[1].mlp),
+], ids=["llama-swiglu_mlp", "chatglm2-swiglu_mlp", "qwen2-swiglu_mlp"])
 def test_swiglu_mlp_matches_paddlenlp(composites, fast_models, family, find_mlp):
     mlp = find_mlp(fast_models[family])
     hidden = fast_models[family].config.hidden_size
@@ -148,12 +152,15 @@ def test_chatglm_gelu_mlp_matches_paddlenlp(fast_models):
 # ----- attention: rotary embedding and causal mask -----
 
 
-def test_llama_attention_matches_paddlenlp(composites, fast_models):
-    model = fast_models["llama"]
-    attention = model.llama.layers[1].self_attn
+# Qwen2 is built like Llama (its base model is ``model.qwen2``) and takes Llama's fast attention.
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_attention_matches_paddlenlp(composites, fast_models, family):
+    model = fast_models[family]
+    base = getattr(model, family)
+    attention = base.layers[1].self_attn
     padding = np.ones([BATCH, SEQ], dtype=bool)
     padding[1, :3] = False  # left padding in the second row: the causal mask and the padding mask both apply
-    mask = model.llama._prepare_decoder_attention_mask(paddle.to_tensor(padding), (BATCH, SEQ), 0, paddle.float32)
+    mask = base._prepare_decoder_attention_mask(paddle.to_tensor(padding), (BATCH, SEQ), 0, paddle.float32)
     position_ids = paddle.arange(SEQ, dtype="int64").expand([BATCH, SEQ]) + paddle.to_tensor([[0], [5]])
 
     def run(forward, hidden_states):
@@ -163,10 +170,11 @@ def test_llama_attention_matches_paddlenlp(composites, fast_models):
     assert_same_values_and_grads(partial(run, _original_forward(attention)), partial(run, attention.forward), inputs, attention.parameters())
 
 
-def test_llama_attention_without_mask_or_positions_matches_paddlenlp(composites, fast_models):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_attention_without_mask_or_positions_matches_paddlenlp(composites, fast_models, family):
     """PaddleNLP's pipeline path: no position ids, no mask (its upper-triangle default)."""
-    model = fast_models["llama"]
-    attention = model.llama.layers[0].self_attn
+    model = fast_models[family]
+    attention = getattr(model, family).layers[0].self_attn
     inputs = [_random([BATCH, SEQ, model.config.hidden_size], 6)]
     assert_same_values_and_grads(_original_forward(attention), attention.forward, inputs, attention.parameters())
 
@@ -224,10 +232,12 @@ def test_chatglm2_attention_with_pair_rotary_and_multi_query_matches_paddlenlp(c
 
 
 # No ("chatglm2", "all"): PaddleNLP's ChatGLM2 loss is 0/0 = NaN there, and ours keeps that rule.
-@pytest.mark.parametrize("family, ignored", [("llama", "some"), ("llama", "all"), ("chatglm2", "some")])
+@pytest.mark.parametrize("family, ignored", [("llama", "some"), ("llama", "all"), ("chatglm2", "some"), ("qwen2", "some"), ("qwen2", "all")])
 def test_loss_matches_paddlenlp(composites, fast_models, family, ignored):
     model = fast_models[family]
-    reference = (llama_modeling.LlamaPretrainingCriterion if family == "llama" else chatglm2_modeling.ChatGLMv2PretrainingCriterion)(model.config)
+    criteria = {"llama": llama_modeling.LlamaPretrainingCriterion, "chatglm2": chatglm2_modeling.ChatGLMv2PretrainingCriterion,
+                "qwen2": qwen2_modeling.Qwen2PretrainingCriterion}
+    reference = criteria[family](model.config)
     assert isinstance(model.criterion, CausalLMLoss)
     vocab = model.config.vocab_size
     labels = np.random.default_rng(9).integers(0, vocab, size=(BATCH, SEQ)).astype("int64")
@@ -312,7 +322,7 @@ def test_fast_paths_were_verified_against_the_installed_paddle_and_paddlenlp():
     import paddlenlp
 
     installed = {"paddlepaddle": paddle.__version__, "paddlenlp": paddlenlp.__version__}
-    assert installed == cpu_fast.VERIFIED_VERSIONS
+    assert installed == cpu_ops.VERIFIED_VERSIONS
 
 
 def test_apply_is_a_noop_when_the_model_is_not_on_cpu(monkeypatch):

@@ -145,7 +145,7 @@ def _attention_values_and_grads(attention, arrays, mask, cotangent):
 def test_attention_kernel_equals_the_composite_it_replaces(kernels, case, monkeypatch):
     """Forward, probabilities and the three gradients, for grouped heads, a longer cached key sequence, every mask
     broadcast and ChatGLM's sequence-first layout."""
-    from paddle_llm.models.cpu_fast import attention_in_projection_layout
+    from paddle_llm.models.cpu_ops import attention_in_projection_layout
 
     arrays, mask, cotangent, sequence_first = _attention_case(case)
     got = _attention_values_and_grads(
@@ -164,7 +164,7 @@ from paddle_llm.config.threads import configure_cpu_runtime
 configure_cpu_runtime(2, device="cpu")
 import numpy as np
 from paddle_llm.models import cpu_kernels
-from paddle_llm.models.cpu_fast import attention_in_projection_layout
+from paddle_llm.models.cpu_ops import attention_in_projection_layout
 from tests.unit.test_cpu_kernels import _attention_case, _attention_values_and_grads
 kernels = cpu_kernels.load()
 arrays, mask, cotangent, _ = _attention_case("llama")

@@ -113,7 +113,7 @@ def test_incremental_detokenizer_matches_full_decode_with_shipped_tokenizer():
     assert "" in pieces  # a multi-byte character arrived over several byte tokens and was held back until complete
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-chatglm", "tiny-chatglm2"])
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-chatglm", "tiny-chatglm2", "tiny-qwen2"])
 def test_text_decoder_equals_tokenizer_decode(preset):
     from paddle_llm.models.registry import load_tokenizer, resolve_model
     from paddle_llm.serving.text_stream import text_decoder
@@ -313,7 +313,7 @@ def test_prompt_filling_context_is_refused():
 
 @pytest.mark.parametrize("implementation", ["paddlenlp", "llama_inference"])
 def test_real_model_rows_batched_match_rows_alone(implementation):
-    from paddle_llm.export.llama_step import LlamaInferenceStep
+    from paddle_llm.models.llama.inference_step import LlamaInferenceStep
     from paddle_llm.export.runtime import DygraphStepRunner
     from paddle_llm.export.step_graph import KVCacheStep, cache_layout
     from paddle_llm.models.registry import build_config, build_model, resolve_model

@@ -33,6 +33,8 @@ CHATGLM_6B = {"model_type": "chatglm", "hidden_size": 4096, "inner_hidden_size":
 CHATGLM2_6B = {"model_type": "chatglm_v2", "hidden_size": 4096, "ffn_hidden_size": 13696, "num_layers": 28,
                "num_attention_heads": 32, "kv_channels": 128, "multi_query_attention": True,
                "multi_query_group_num": 2, "padded_vocab_size": 65024, "add_qkv_bias": True, "seq_length": 32768}
+QWEN2_5_0_5B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
 
 
 # --- DeepSpeed compatibility: the seed's numbers, to the printed digit -----------------------------------------
@@ -112,6 +114,8 @@ def test_generic_table_is_korthikanti_table_2(t, sp, recompute, expected):
         (LLAMA_2_7B, 6_738_415_616),  # Llama-2-7B
         (CHATGLM_6B, 6_173_286_400),  # ChatGLM-6B
         (CHATGLM2_6B, 6_243_584_000),  # ChatGLM2-6B
+        (preset("tiny-qwen2"), 500_864),  # sum(p.numel()) of PaddleNLP's Qwen2ForCausalLM (tied head, q/k/v biases)
+        (QWEN2_5_0_5B, 494_032_768),  # Qwen2.5-0.5B
     ],
 )
 def test_parameter_counts_match_the_published_models(fields, expected):

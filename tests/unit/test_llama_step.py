@@ -7,7 +7,7 @@ import pytest
 
 from paddle_llm.config import cpu_features
 from paddle_llm.config.cpu_features import fused_rms_norm_allowed
-from paddle_llm.export.llama_step import LlamaInferenceStep
+from paddle_llm.models.llama.inference_step import LlamaInferenceStep
 from paddle_llm.export.manifest import STEP_LLAMA_INFERENCE, STEP_PADDLENLP
 from paddle_llm.export.step_graph import KVCacheStep, build_step_layer
 from paddle_llm.models.registry import build_config, build_model, resolve_model

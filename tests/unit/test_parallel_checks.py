@@ -62,6 +62,10 @@ RULES = {
     "layers over virtual stages": (
         {"pipeline_parallel_degree": 2, "virtual_pp_degree": 2, "gradient_accumulation_steps": 2}, LLAMA, 2, True, "virtual_pp_degree = 4"
     ),
+    "pipeline with a tied embedding": (
+        {"pipeline_parallel_degree": 2, "gradient_accumulation_steps": 2}, dict(LLAMA, tie_word_embeddings=True), 2, True,
+        "--pipeline_parallel_degree 2 with tie_word_embeddings=true: PaddleNLP's pipeline keeps the tied embedding on the first and the last stage",
+    ),
     "virtual stages without a pipeline": ({"virtual_pp_degree": 2}, LLAMA, 2, True, "--virtual_pp_degree 2 interleaves pipeline stages: it needs --pipeline_parallel_degree 2"),
     "fewer micro-batches than stages": (
         {"pipeline_parallel_degree": 2, "gradient_accumulation_steps": 1}, LLAMA, 2, True,

@@ -10,7 +10,7 @@ layer computes the same function with fewer, larger ops, all decided once at exp
 - RMSNorm is Paddle's fused kernel, one op instead of five, where asked: its only CPU kernel needs AVX-512, so a
   graph that must run on any x86-64 CPU composes it (``config.cpu_features`` decides);
 - rotary embedding rotates q and k together, with rotate-half as a ``roll`` against a sign-folded sin table
-  (``models.cpu_fast``'s formulation), and the cos/sin rows are gathered once per step, not per layer;
+  (``models.cpu_ops``' formulation), and the cos/sin rows are gathered once per step, not per layer;
 - the boolean mask becomes one additive bias per step, shared by every layer, and the rotary rows and the bias are
   expanded once per step to full shape (broadcasting multiplies and adds are slow on CPU);
 - the cache is head-major (``[b, kv_heads, positions, head_dim]`` per layer), the layout attention multiplies in,
@@ -32,7 +32,7 @@ import paddle.nn.functional as F
 from paddle import nn
 from paddle.incubate.nn.functional import fused_rms_norm as paddle_fused_rms_norm
 
-from paddle_llm.models.cpu_fast import llama_attention_unsupported, llama_rotary_tables
+from paddle_llm.models.llama.cpu_fast import llama_attention_unsupported, llama_rotary_tables
 
 # Added to masked scores: exp() of it underflows to exactly 0 in float32, as PaddleNLP's finfo.min does.
 _MASKED_SCORE = -1e30
@@ -150,3 +150,11 @@ class LlamaInferenceStep(nn.Layer):
             values.append(value)
         logits = paddle.matmul(self._normalized(hidden[:, -1, :], self.final_norm), self.lm_head)
         return (logits, *keys, *values)
+
+
+def build(model: nn.Layer, dtype: str, fused_rms_norm: bool) -> tuple[LlamaInferenceStep | None, str]:
+    """``StepSpec.inference_step`` for Llama: this layer for ``model``, or None and why PaddleNLP's forward is kept."""
+    reason = llama_step_unsupported(model, dtype)
+    if reason is not None:
+        return None, reason
+    return LlamaInferenceStep(model, fused_rms_norm), ""

@@ -1,0 +1,86 @@
+"""Llama for the estimator: its shape from a config, and the tensors its PaddleNLP forward keeps for backward.
+
+Parameters: embedding ``V*h``; per layer q/k/v/o (``h*h + 2*h*h_kv + h*h``), gate/up/down (``3*h*f``), two
+RMSNorm weights (``2*h``); final RMSNorm ``h``; LM head ``h*V`` unless ``tie_word_embeddings``.
+"""
+
+from __future__ import annotations
+
+from paddle_llm.models.memory_spec import (
+    COMPUTE,
+    DOWNCAST,
+    FP32,
+    INT64,
+    ActivationTable,
+    SavedTensor,
+    linear,
+    read_field,
+    rms_norm_input_side,
+    rms_norm_kept,
+)
+
+ROTARY_KEPT = (
+    SavedTensor("q and rotate_half(q) (kept by the rotary products)", "hidden", 2, COMPUTE, "attention", True),
+    SavedTensor("k and rotate_half(k)", "kv_hidden", 2, COMPUTE, "attention", True),
+    SavedTensor("cos and sin gathered by position_ids", "head_dim", 2, FP32, "attention"),
+)
+
+ACTIVATIONS = ActivationTable(
+    layer=(
+        *rms_norm_kept(2, COMPUTE),
+        *ROTARY_KEPT,
+        SavedTensor("q / sqrt(d) (kept by Q @ K^T)", "hidden", 1, COMPUTE, "attention", True, "eager"),
+        SavedTensor("k and v repeated to every head (kept by the two matmuls)", "hidden", 2, COMPUTE, "attention", True, "eager", True),
+        SavedTensor("q (kept by flash attention)", "hidden", 1, COMPUTE, "attention", True, "flash"),
+        SavedTensor("k and v (kept by flash attention, no head repeat)", "kv_hidden", 2, COMPUTE, "attention", True, "flash", True),
+        SavedTensor("flash attention log-sum-exp", "heads", 1, FP32, "attention", True, "flash"),
+        SavedTensor("attention output (kept by o_proj)", "hidden", 1, COMPUTE, "attention", True),
+        SavedTensor("softmax probabilities in fp32", "scores", 1, FP32, "core_attention", True, "eager", True),
+        SavedTensor("probabilities cast back for P @ V", "scores", 1, DOWNCAST, "core_attention", True, "eager", True),
+        SavedTensor("gate and up projections (kept by swiglu)", "ffn", 2, COMPUTE, "mlp", True),
+        SavedTensor("swiglu output (kept by down_proj)", "ffn", 1, COMPUTE, "mlp", True),
+    ),
+    first_stage=(),
+    last_stage=(
+        *rms_norm_kept(1, COMPUTE),
+        SavedTensor("cross-entropy softmax over the vocabulary", "vocab", 1, FP32, tensor_parallel=True),
+        SavedTensor("labels copy", "one", 1, INT64),
+    ),
+    frozen_input_savings=rms_norm_input_side(1, COMPUTE),
+    frozen_query_key_savings=ROTARY_KEPT,
+    rotary_cache_per_layer=True,
+)
+
+
+
+def shape(fields: dict) -> dict:
+    """The estimator's ``ModelShape`` fields for a Llama config; defaults are LlamaConfig's (PaddleNLP 3.0.0b4)."""
+    h = int(read_field(fields, ("hidden_size",), 4096))
+    a = int(read_field(fields, ("num_attention_heads",), 32))
+    kv = int(read_field(fields, ("num_key_value_heads",), a))
+    f = int(read_field(fields, ("intermediate_size",), 11008))
+    d = h // a
+    return dict(
+        num_layers=int(read_field(fields, ("num_hidden_layers", "num_layers"), 32)),
+        hidden_size=h,
+        num_attention_heads=a,
+        num_key_value_heads=kv,
+        head_dim=d,
+        intermediate_size=f,
+        vocab_size=int(read_field(fields, ("vocab_size",), 32000)),
+        max_position_embeddings=int(read_field(fields, ("max_position_embeddings",), 2048)),
+        tie_word_embeddings=bool(read_field(fields, ("tie_word_embeddings",), False)),
+        linear_modules=(
+            linear("self_attn.q_proj", h, a * d, False, "column"),
+            linear("self_attn.k_proj", h, kv * d, False, "column"),
+            linear("self_attn.v_proj", h, kv * d, False, "column"),
+            linear("self_attn.o_proj", a * d, h, False, "row"),
+            linear("mlp.gate_proj", h, f, False, "column"),
+            linear("mlp.up_proj", h, f, False, "column"),
+            linear("mlp.down_proj", f, h, False, "row"),
+        ),
+        norm_params_per_layer=2 * h,
+        final_norm_params=h,
+        supports_sequence_parallel=True,
+        layer_module_prefix="llama.layers.{i}",
+    )
