@@ -1,6 +1,7 @@
 """Model registry: presets, local directories, and hub names refused without a download."""
 
 import json
+import logging
 
 import pytest
 
@@ -46,7 +47,24 @@ def test_every_preset_fits_the_shipped_tokenizer():
         assert len(tokenizer) <= source.config_fields["vocab_size"]
 
 
-def test_a_model_from_scratch_grows_to_its_tokenizer_and_trained_weights_refuse_a_larger_one(tmp_path, saved_tiny_models, capsys):
+@pytest.fixture
+def our_log_lines():
+    """The messages our ``paddle_llm`` logger emits during a test. It does not propagate to the root logger, and its
+    stderr handler exists only once an entry point has run ``configure_output``, so pytest's capture alone would
+    depend on which test ran first."""
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("paddle_llm")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_a_model_from_scratch_grows_to_its_tokenizer_and_trained_weights_refuse_a_larger_one(tmp_path, saved_tiny_models, our_log_lines):
     """PaddleNLP's run_pretrain.py rule, for presets and config-only directories: the vocabulary grows to the
     tokenizer rounded up to a multiple of 128, with one log line; trained weights keep their rows."""
     from paddle_llm.data.jsonl import DataError
@@ -56,14 +74,13 @@ def test_a_model_from_scratch_grows_to_its_tokenizer_and_trained_weights_refuse_
     config_only = resolve_model(str(tmp_path))
     assert embedding_rows(resolve_model("tiny-llama"), 1000, "tok", continuing=False) == 1024
     assert embedding_rows(config_only, 1920, "tok", continuing=False) == 2000
-    assert capsys.readouterr().err == ""  # nothing grew, nothing said
+    assert our_log_lines == []  # nothing grew, nothing said
     assert embedding_rows(config_only, 1999, "tok", continuing=False) == 2048  # PaddleNLP rounds up even when it fits
     assert embedding_rows(resolve_model("tiny-llama"), 1025, "tok", continuing=False) == 1152
-    lines = capsys.readouterr().err.splitlines()
-    assert lines == [
-        f"[paddle_llm] vocab size 2000 -> 2048: {tmp_path} starts from random weights and the tokenizer tok has 1999 tokens "
+    assert our_log_lines == [
+        f"vocab size 2000 -> 2048: {tmp_path} starts from random weights and the tokenizer tok has 1999 tokens "
         "(rounded up to a multiple of 128, as PaddleNLP's run_pretrain.py does)",
-        "[paddle_llm] vocab size 1024 -> 1152: preset tiny-llama starts from random weights and the tokenizer tok has 1025 tokens "
+        "vocab size 1024 -> 1152: preset tiny-llama starts from random weights and the tokenizer tok has 1025 tokens "
         "(rounded up to a multiple of 128, as PaddleNLP's run_pretrain.py does)",
     ]
     trained = resolve_model(saved_tiny_models["llama"])
