@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Callable
 
 import numpy as np
 
 from paddle_llm.config.presets import PRESETS, preset
+from paddle_llm.models import hf_checkpoint
+from paddle_llm.models.llama import hf as llama_hf
 
 WEIGHT_FILES = ("model_state.pdparams", "model.safetensors", "model_state.pdparams.index.json", "model.safetensors.index.json")
 
@@ -53,6 +56,9 @@ class ModelFamily:
         causal_lm_inputs: extra model inputs a plain-text causal-LM batch needs, from ``input_ids`` [batch, seq].
         pipe_model_class: the PaddleNLP pipeline-parallel variant of ``model_class`` (stages of a ``PipelineLayer``),
             built instead when ``pipeline_parallel_degree > 1``; None when PaddleNLP has none for the family.
+        hf: the family's Hugging Face mapping module (``models/<family>/hf.py``: names, layouts, config.json both
+            ways); None when Hugging Face checkpoints of the family are refused.
+        hf_refusal: why, when ``hf`` is None.
     """
 
     name: str
@@ -64,6 +70,8 @@ class ModelFamily:
     field_aliases: dict = field(default_factory=dict)
     causal_lm_inputs: Callable[[np.ndarray], dict] = field(default=_no_extra_inputs)
     pipe_model_class: str | None = None
+    hf: ModuleType | None = None
+    hf_refusal: str = "paddle_llm has no Hugging Face mapping for this family"
 
     def canonical_fields(self, config_fields: dict) -> dict:
         """Rename alias keys to the names the config constructor takes (an explicit canonical key wins)."""
@@ -84,6 +92,14 @@ class ModelFamily:
         )
 
 
+# transformers has no ChatGLM class: THUDM's checkpoints run their own modelling code (trust_remote_code), whose
+# tensor names and fused layouts are not a transformers contract.
+CHATGLM_HF_REFUSAL = (
+    "ChatGLM / ChatGLM2 / ChatGLM3 exist in transformers only as remote code (trust_remote_code), so their Hugging "
+    "Face checkpoints are not loaded; convert one with PaddleNLP on a machine with the weights "
+    "(ChatGLMv2ForCausalLM.from_pretrained(dir, convert_from_torch=True).save_pretrained(new_dir)) and pass new_dir"
+)
+
 FAMILIES: dict[str, ModelFamily] = {
     "llama": ModelFamily(
         name="llama",
@@ -101,6 +117,7 @@ FAMILIES: dict[str, ModelFamily] = {
             "activation_function": "hidden_act",
         },
         pipe_model_class="LlamaForCausalLMPipe",
+        hf=llama_hf,
     ),
     "chatglm": ModelFamily(
         name="chatglm",
@@ -111,6 +128,7 @@ FAMILIES: dict[str, ModelFamily] = {
         max_positions_field="max_sequence_length",
         field_aliases={"num_layers": "num_hidden_layers"},
         causal_lm_inputs=_chatglm_v1_inputs,
+        hf_refusal=CHATGLM_HF_REFUSAL,
     ),
     "chatglm2": ModelFamily(
         name="chatglm2",
@@ -121,6 +139,7 @@ FAMILIES: dict[str, ModelFamily] = {
         max_positions_field="max_sequence_length",
         field_aliases={"num_layers": "num_hidden_layers", "padded_vocab_size": "vocab_size", "seq_length": "max_sequence_length"},
         pipe_model_class="ChatGLMv2ForCausalLMPipe",
+        hf_refusal=CHATGLM_HF_REFUSAL,
     ),
 }
 
@@ -152,6 +171,7 @@ class ModelSource:
     config_fields: dict
     directory: str | None  # None for presets
     has_weights: bool
+    hf_weights: hf_checkpoint.HFWeights | None = None  # set when the directory holds a Hugging Face checkpoint
 
 
 def resolve_model(name_or_path: str) -> ModelSource:
@@ -172,9 +192,15 @@ def resolve_model(name_or_path: str) -> ModelSource:
                 fields = json.load(f)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{config_path}: line {err.lineno}: not valid JSON ({err.msg})") from None
-        has_weights = any(os.path.exists(os.path.join(name_or_path, w)) for w in WEIGHT_FILES)
         family = family_of(fields)
-        return ModelSource(name_or_path, family, family.canonical_fields(fields), name_or_path, has_weights)
+        hf_weights = hf_checkpoint.find_hf_weights(name_or_path)
+        if hf_weights is not None:
+            if family.hf is None:
+                raise ValueError(f"{name_or_path} holds a Hugging Face checkpoint ({', '.join(hf_weights.files)}) of "
+                                 f"model_type {fields.get('model_type')!r}: {family.hf_refusal}")
+            fields = family.hf.config_from_hf(fields, config_path)
+        has_weights = hf_weights is not None or any(os.path.exists(os.path.join(name_or_path, w)) for w in WEIGHT_FILES)
+        return ModelSource(name_or_path, family, family.canonical_fields(fields), name_or_path, has_weights, hf_weights)
     presets = ", ".join(PRESETS)
     if os.path.isdir(name_or_path):
         raise FileNotFoundError(f"{name_or_path} is a directory but has no config.json; a model directory needs one")
@@ -213,8 +239,25 @@ def build_model(source: ModelSource, config, load_weights: bool):
                 f"--continue_training needs weights, but {where} has none of {', '.join(WEIGHT_FILES)}; "
                 "pass a directory saved by a previous run, or drop --continue_training to train from scratch"
             )
+        if source.hf_weights is not None:
+            return _build_from_hf(source, config, model_class)
         return model_class.from_pretrained(source.directory, config=config)
     return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+
+
+def _build_from_hf(source: ModelSource, config, model_class):
+    """Build the model and load a Hugging Face checkpoint into it in memory; nothing is written anywhere."""
+    split = {name: getattr(config, name, 1) for name in ("tensor_parallel_degree", "pipeline_parallel_degree")}
+    if any(degree > 1 for degree in split.values()):
+        flags = " ".join(f"--{name} {degree}" for name, degree in split.items() if degree > 1)
+        raise ValueError(
+            f"{source.directory} is a Hugging Face checkpoint, which loads unsplit only, so {flags} cannot start "
+            "from it; train once with degree 1 (its output directory is in PaddleNLP's layout, which loads split) "
+            "and continue from that"
+        )
+    model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+    hf_checkpoint.load_hf_weights(model, source.hf_weights, source.family.hf, source.config_fields)
+    return model
 
 
 def load_tokenizer(name_or_path: str, family: ModelFamily | None = None):
