@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from paddle_llm.config.presets import PRESETS, preset
-from paddle_llm.models import hf_checkpoint
+from paddle_llm.models import hf_checkpoint, hf_tokenizer
 from paddle_llm.models.llama import hf as llama_hf
 
 WEIGHT_FILES = ("model_state.pdparams", "model.safetensors", "model_state.pdparams.index.json", "model.safetensors.index.json")
@@ -284,11 +284,17 @@ def load_tokenizer(name_or_path: str, family: ModelFamily | None = None):
             f"tokenizer {name_or_path!r} is not a local directory or preset. paddle_llm never downloads: pass a "
             "directory written by `paddle-llm tokenizer train` or saved with a model"
         )
-    if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer_config.json", *MODEL_FILE_BY_CLASS.values())):
+    if not any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer_config.json", "tokenizer.json", *MODEL_FILE_BY_CLASS.values())):
         raise FileNotFoundError(
             f"{directory} has no tokenizer files (tokenizer_config.json or a SentencePiece model); pass "
             "--tokenizer_name_or_path with a tokenizer directory"
         )
+    tokenizer_class = family.tokenizer_class if family else hf_tokenizer.configured_class(directory)
+    if hf_tokenizer.needs_loading_here(directory, MODEL_FILE_BY_CLASS.get(tokenizer_class)):
+        # A transformers directory: tokenizer.json, Llama's tokenizer.model, or a Jinja chat template to keep.
+        sentencepiece_class = tokenizer_class if tokenizer_class in MODEL_FILE_BY_CLASS else "LlamaTokenizer"
+        return hf_tokenizer.load_hf_tokenizer(directory, getattr(transformers, sentencepiece_class),
+                                              MODEL_FILE_BY_CLASS[sentencepiece_class])
     if family is None:
         return transformers.AutoTokenizer.from_pretrained(directory)
     return getattr(transformers, family.tokenizer_class).from_pretrained(directory)
