@@ -24,6 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
+from paddle_llm.models import hf_tokenizer
+
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -34,7 +36,7 @@ BIN_SINGLE = "pytorch_model.bin"
 PADDLE_SAFETENSORS_FORMATS = ("np", "pd")
 # transformers refuses safetensors whose metadata format is not one of its frameworks'.
 HF_SAFETENSORS_METADATA = {"format": "pt"}
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -50,6 +52,28 @@ _TORCH_DTYPES = {
     "float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": "bfloat16", "int64": np.int64,
     "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
 }
+
+
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` / ``500MB`` / ``40KB`` / ``1024`` -> bytes (decimal units, as transformers' ``max_shard_size``).
+
+    Raises:
+        ValueError: not a number with an optional unit.
+    """
+    value = str(text).strip().upper()
+    for unit in sorted(_SIZE_UNITS, key=len, reverse=True):
+        if value.endswith(unit):
+            number = value[: -len(unit)].strip()
+            break
+    else:
+        unit, number = "B", value
+    try:
+        return int(float(number) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise ValueError(f"size {text!r} is not a number with an optional unit (KB, MB, GB)") from None
 
 
 class CheckpointError(ValueError):
@@ -204,41 +228,82 @@ def iter_tensors(weights: HFWeights) -> Iterator[tuple[str, str, np.ndarray]]:
             yield path, tensor_name, array
 
 
-def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[list[str]]:
+def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int, itemsize: int | None) -> list[list[str]]:
     """Group tensor names into shards of at most ``max_shard_bytes`` (a bigger tensor gets a shard of its own)."""
     shards: list[list[str]] = [[]]
     size = 0
     for name, array in tensors.items():
-        if shards[-1] and size + array.nbytes > max_shard_bytes:
+        nbytes = array.size * (itemsize or array.itemsize)
+        if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += array.nbytes
+        size += nbytes
     return shards
 
 
-def write_safetensors(tensors: dict[str, np.ndarray], directory: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+def _float32_to_bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """Round float32 to the nearest bfloat16 (ties to even), as torch's ``.to(torch.bfloat16)`` does."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = bits + (0x7FFF + ((bits >> 16) & 1))
+    return (rounded >> 16).astype(np.uint16)
+
+
+def _encode(array: np.ndarray, dtype: str | None) -> tuple[str, bytes]:
+    if dtype == "bfloat16":
+        return "BF16", _float32_to_bfloat16_bits(array).tobytes()
+    if dtype is not None:
+        array = array.astype(dtype)
+    names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+    return names[array.dtype], np.ascontiguousarray(array).tobytes()
+
+
+def _write_one_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str | None) -> int:
+    """The safetensors format: an 8-byte header length, a JSON header padded to 8 bytes, then the raw data.
+
+    Returns:
+        The bytes of tensor data written.
+    """
+    header: dict = {"__metadata__": HF_SAFETENSORS_METADATA}
+    chunks, offset = [], 0
+    for name, array in tensors.items():
+        code, data = _encode(array, dtype)
+        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for data in chunks:
+            f.write(data)
+    return offset
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], directory: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      dtype: str | None = None) -> list[str]:
     """Write tensors as Hugging Face safetensors into an existing directory: one ``model.safetensors``, or
     ``model-0000N-of-0000M.safetensors`` shards plus ``model.safetensors.index.json`` when over ``max_shard_bytes``.
+
+    Args:
+        dtype: cast floating tensors to this (``float16``, ``bfloat16``...); None keeps each array's dtype.
 
     Returns:
         The file names written.
     """
-    from safetensors.numpy import save_file
-
-    shards = _shards(tensors, max_shard_bytes)
+    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}.get(dtype) if dtype else None
+    shards = _shards(tensors, max_shard_bytes, itemsize)
     if len(shards) == 1:
-        save_file({n: np.ascontiguousarray(tensors[n]) for n in shards[0]}, os.path.join(directory, SAFETENSORS_SINGLE),
-                  metadata=HF_SAFETENSORS_METADATA)
+        _write_one_safetensors(os.path.join(directory, SAFETENSORS_SINGLE), tensors, dtype)
         return [SAFETENSORS_SINGLE]
-    names, weight_map = [], {}
+    names, weight_map, total = [], {}, 0
     for number, shard in enumerate(shards, start=1):
         file_name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: np.ascontiguousarray(tensors[n]) for n in shard}, os.path.join(directory, file_name),
-                  metadata=HF_SAFETENSORS_METADATA)
+        total += _write_one_safetensors(os.path.join(directory, file_name), {n: tensors[n] for n in shard}, dtype)
         weight_map.update({n: file_name for n in shard})
         names.append(file_name)
-    index = {"metadata": {"total_size": int(sum(a.nbytes for a in tensors.values()))}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     with open(os.path.join(directory, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
     return [*names, SAFETENSORS_INDEX]
@@ -298,3 +363,31 @@ def hf_state_dict(model, mapping) -> dict[str, np.ndarray]:
     """A PaddleNLP model's parameters under transformers' names and layout (a tied lm_head once, as HF saves it)."""
     return {mapping.hf_name(name): np.ascontiguousarray(mapping.to_hf_layout(name, parameter.numpy()))
             for name, parameter in model.named_parameters()}
+
+
+def save_hf_directory(model, mapping, tokenizer, directory: str, generation: dict,
+                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str = "float32") -> None:
+    """Write a model as a Hugging Face directory into ``directory`` (an empty staging directory).
+
+    Files: safetensors weights under transformers' names and ``[out, in]`` layout (sharded with an index over
+    ``max_shard_bytes``), transformers' ``config.json``, ``generation_config.json`` (the special ids), and the
+    tokenizer with ``tokenizer_config.json`` naming transformers' class and holding the chat template.
+
+    Args:
+        model: a plain PaddleNLP causal LM in float32 (LoRA already merged).
+        mapping: the family's ``hf`` module.
+        tokenizer: the model's tokenizer, or None to write none.
+        generation: the generation settings; its ``bos/eos/pad_token_id`` go to ``generation_config.json``.
+        dtype: the weights' dtype on disk (``float32``, ``float16``, ``bfloat16``).
+    """
+    write_safetensors(hf_state_dict(model, mapping), directory, max_shard_bytes, dtype)
+    config = mapping.config_to_hf(model.config)
+    config["torch_dtype"] = dtype
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    ids = {name: generation[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id") if generation.get(name) is not None}
+    with open(os.path.join(directory, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump(ids, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+        hf_tokenizer.write_hf_tokenizer_files(directory, getattr(tokenizer, "jinja_chat_template", None))
