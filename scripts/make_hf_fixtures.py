@@ -12,7 +12,8 @@ torch is never a dependency of paddle_llm, so this runs in its own venv outside 
 Each fixture directory is exactly what ``save_pretrained`` writes (config.json, weights, generation_config.json,
 tokenizer files), plus two files the tests read: ``reference.json`` (the fixed inputs, the 3 AdamW steps' losses with
 the optimizer settings that made them, and greedy ``generate`` outputs for 4 prompts) and ``reference_logits.npy``
-(float32 logits of ``reference.json``'s ``logits_input_ids``).
+(float32 logits of ``reference.json``'s ``logits_input_ids``). Fixtures with a chat template also store the ids
+``apply_chat_template`` gives a 2-round conversation, whole and up to its last reply.
 
 Fixtures:
     llama2          Llama-2 shape: multi-head attention, untied lm_head, SentencePiece tokenizer.model
@@ -51,6 +52,9 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>"
 # "norm" or "bias" get no weight decay, as PaddleNLP's Trainer does.
 OPTIMIZER = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "max_grad_norm": 1.0,
              "no_decay_name_parts": ["norm", "bias"]}
+CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where is Fang?"},
+                {"role": "assistant", "content": "At the river."}, {"role": "user", "content": "And the horse?"},
+                {"role": "assistant", "content": "Happy."}]
 PROMPTS = ["In the evening, Fang went", "The sky was", "Chen asked,", "Together they counted 5 birds"]
 MAX_NEW_TOKENS = 8
 
@@ -129,12 +133,19 @@ def reference(model, tokenizer, vocab_size: int) -> tuple[dict, np.ndarray]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIMIZER["max_grad_norm"])
         optimizer.step()
         losses.append(float(loss))
+    chat = None
+    if tokenizer.chat_template:
+        # What fine-tuning must feed (the whole conversation) and serving must ask with (up to the last reply).
+        chat = {"messages": CONVERSATION,
+                "conversation_ids": tokenizer.apply_chat_template(CONVERSATION, tokenize=True),
+                "prompt_ids": tokenizer.apply_chat_template(CONVERSATION[:-1], tokenize=True, add_generation_prompt=True)}
     data = {
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "logits_input_ids": logits_ids,
         "train": {"input_ids": batch[:, :-1].tolist(), "labels": batch[:, 1:].tolist(), "losses": losses,
                   "optimizer": OPTIMIZER},
         "generate": {"max_new_tokens": MAX_NEW_TOKENS, "eos_token_id": tokenizer.eos_token_id, "prompts": generations},
+        "chat": chat,
     }
     return data, logits
 

@@ -302,10 +302,15 @@ class Round:
     reply: list[int]
 
 
-def _segments(record: Record, family_name: str) -> list[tuple[str, bool]]:
+def _segments(record: Record, family_name: str, tokenizer) -> list[tuple[str, bool]]:
     if record.templated:
-        from paddle_llm.models.chat_template import chat_segments
+        from paddle_llm.models.chat_template import chat_segments, jinja_chat_segments
 
+        # A model directory's own Jinja chat_template (kept on its tokenizer) wins over the family's built-in one.
+        jinja = getattr(tokenizer, "jinja_chat_template", None)
+        if jinja:
+            special = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+            return jinja_chat_segments(jinja, list(record.messages), special)
         return chat_segments(family_name, list(record.messages))
     return [(record.messages[0]["content"], False), (record.messages[1]["content"], True)]
 
@@ -314,9 +319,11 @@ def _rounds(record: Record, layout: FamilyLayout, tokenizer) -> tuple[list[int],
     """Tokenize a record into (prefix, rounds); each reply carries its EOS when the text has no terminator."""
     from paddle_llm.models.chat_template import get_chat_template
 
-    append_eos = not record.templated or get_chat_template(layout.family).append_eos_token
+    # A Jinja template writes each reply's terminator itself.
+    jinja = getattr(tokenizer, "jinja_chat_template", None)
+    append_eos = not record.templated or (not jinja and get_chat_template(layout.family).append_eos_token)
     rounds, prompt = [], []
-    for text, train_on in _segments(record, layout.family):
+    for text, train_on in _segments(record, layout.family, tokenizer):
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
         if not train_on:
             prompt += ids
