@@ -6,14 +6,13 @@ This module only finds the files, yields ``(name, numpy array)`` pairs, and writ
 
 Reading never writes anywhere: PaddleNLP's ``from_pretrained(..., convert_from_torch=True)`` writes a converted
 ``model_state.pdparams`` next to the user's weights (doubling the disk, failing on a read-only mount), so it is not
-used. safetensors files are memory-mapped and each tensor is yielded as a view, so loading holds one converted
-tensor at a time on top of the model's parameters.
+used. Tensors are read one at a time and copied into the model's parameters, so loading holds one converted
+tensor at a time on top of the parameters.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import pickle
 import struct
@@ -36,6 +35,7 @@ BIN_SINGLE = "pytorch_model.bin"
 PADDLE_SAFETENSORS_FORMATS = ("np", "pd")
 # transformers refuses safetensors whose metadata format is not one of its frameworks'.
 HF_SAFETENSORS_METADATA = {"format": "pt"}
+_NUMPY_DTYPE = {"paddle.float32": np.float32, "paddle.float16": np.float16, "paddle.float64": np.float64}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
 
 _SAFETENSORS_DTYPES = {
@@ -108,23 +108,24 @@ def _safetensors_header(path: str) -> tuple[dict, int]:
 
 
 def read_safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield the tensors of one safetensors file as arrays over a read-only memory map."""
+    """Yield the tensors of one safetensors file, each read into its own array when it is reached.
+
+    Not a memory map: the pages of a map count towards the process's resident memory until the whole file is
+    released, so a 5 GB shard would add 5 GB to the peak; read one by one, the peak is the model plus one tensor.
+    """
     header, start = _safetensors_header(path)
     with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if info["dtype"] == "BF16":
-            raw = np.frombuffer(mapped, dtype=np.uint16, count=(end - begin) // 2, offset=start + begin)
-            yield name, _bfloat16_to_float32(raw).reshape(shape)
-        elif info["dtype"] in _SAFETENSORS_DTYPES:
-            dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-            yield name, np.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin).reshape(shape)
-        else:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which paddle_llm cannot read")
+        for name, info in sorted(((n, i) for n, i in header.items() if n != "__metadata__"), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            if info["dtype"] == "BF16":
+                raw = np.fromfile(f, dtype=np.uint16, count=(end - begin) // 2, offset=start + begin - f.tell())
+                yield name, _bfloat16_to_float32(raw).reshape(shape)
+            elif info["dtype"] in _SAFETENSORS_DTYPES:
+                dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+                yield name, np.fromfile(f, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin - f.tell()).reshape(shape)
+            else:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which paddle_llm cannot read")
 
 
 class _StateDictUnpickler(pickle.Unpickler):
@@ -309,6 +310,17 @@ def write_safetensors(tensors: dict[str, np.ndarray], directory: str, max_shard_
     return [*names, SAFETENSORS_INDEX]
 
 
+def _assign(parameter, array: np.ndarray) -> None:
+    """Copy ``array`` into ``parameter``'s existing storage, through at most one extra copy (the contiguous cast),
+    so the peak stays the model plus about two of its largest tensor."""
+    import paddle
+
+    if parameter.dtype == paddle.bfloat16:  # numpy has no bfloat16: cast on the Paddle side
+        parameter.set_value(paddle.to_tensor(np.ascontiguousarray(array, dtype=np.float32)).astype(parameter.dtype))
+    else:
+        parameter.set_value(np.ascontiguousarray(array, dtype=_NUMPY_DTYPE[str(parameter.dtype)]))
+
+
 def load_hf_weights(model, weights: HFWeights, mapping, config_fields: dict) -> None:
     """Load a Hugging Face checkpoint into a built PaddleNLP model, tensor by tensor, checking every name and shape.
 
@@ -322,8 +334,6 @@ def load_hf_weights(model, weights: HFWeights, mapping, config_fields: dict) -> 
         CheckpointError: a tensor the model does not have, one of the wrong shape, a tied copy that differs, or a
             parameter the checkpoint lacks; each named, so nothing is silently left randomly initialised.
     """
-    import paddle
-
     # named_parameters lists a shared (tied) parameter once, under its first name.
     parameters = dict(model.named_parameters())
     aliases = mapping.tied_aliases(config_fields)
@@ -346,7 +356,7 @@ def load_hf_weights(model, weights: HFWeights, mapping, config_fields: dict) -> 
         if list(array.shape) != list(parameter.shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {list(array.shape)}, but config.json makes "
                                   f"{target!r} {list(parameter.shape)} (in Paddle's [in, out] layout)")
-        parameter.set_value(paddle.to_tensor(np.ascontiguousarray(array), dtype=parameter.dtype))
+        _assign(parameter, array)
         loaded[target] = path
     missing = [name for name in parameters if name not in loaded]
     if missing:
