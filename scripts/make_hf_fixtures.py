@@ -21,6 +21,8 @@ Fixtures:
                     byte-level BPE tokenizer.json and a Jinja chat_template in tokenizer_config.json
     llama3-sharded  llama3's weights in several model-0000N-of-0000M.safetensors files with an index
     llama3-bin      llama3's weights as pytorch_model.bin (torch's zip pickle)
+    qwen2           Qwen2.5-0.5B shape: q/k/v biases, grouped-query attention, tied embeddings, byte-level BPE
+                    tokenizer.json and Qwen's ChatML chat_template
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ import sys
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2TokenizerFast,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "tests", "assets", "hf")
@@ -46,6 +55,15 @@ LLAMA3_CHAT_TEMPLATE = (
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
+# Qwen2.5's template without its tool-calling branches: a default system message, then ChatML turns.
+QWEN2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}{% if not (message['role'] == 'system' and loop.first) %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 # The optimizer the 3 reference steps use; the test repeats it with Paddle's AdamW. Parameters whose name holds
@@ -59,14 +77,14 @@ PROMPTS = ["In the evening, Fang went", "The sky was", "Chen asked,", "Together 
 MAX_NEW_TOKENS = 8
 
 
-def byte_level_bpe(vocab_size: int) -> Tokenizer:
+def byte_level_bpe(vocab_size: int, special_tokens: list[str]) -> Tokenizer:
     """A tiny byte-level BPE like Llama-3's and Qwen2's, trained on the shipped demo corpus (no download)."""
     with open(CORPUS, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f][:500]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
@@ -82,7 +100,7 @@ def llama2():
 
 
 def llama3():
-    fast = PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(320), bos_token="<|begin_of_text|>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(320, LLAMA3_SPECIALS), bos_token="<|begin_of_text|>",
                                    eos_token="<|eot_id|>", chat_template=LLAMA3_CHAT_TEMPLATE)
     # Llama-3 prepends <|begin_of_text|> through its post-processor; the tokenizer.json carries it.
     bos = fast.bos_token_id
@@ -95,6 +113,17 @@ def llama3():
                          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
                          bos_token_id=bos, eos_token_id=fast.eos_token_id, pad_token_id=None)
+    return config, fast
+
+
+def qwen2():
+    # Qwen2's tokenizer adds no BOS; its EOS for chat is <|im_end|>, its padding <|endoftext|>.
+    fast = Qwen2TokenizerFast(tokenizer_object=byte_level_bpe(320, QWEN2_SPECIALS), bos_token=None, eos_token="<|im_end|>",
+                              pad_token="<|endoftext|>", unk_token=None, chat_template=QWEN2_CHAT_TEMPLATE)
+    config = Qwen2Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                         rope_theta=1000000.0, tie_word_embeddings=True, initializer_range=0.1, use_sliding_window=False,
+                         bos_token_id=None, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
     return config, fast
 
 
@@ -154,7 +183,7 @@ def write(name: str, config, tokenizer, **save_kwargs) -> None:
     directory = os.path.join(OUT, name)
     shutil.rmtree(directory, ignore_errors=True)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config.do_sample = False
     model.save_pretrained(directory, **save_kwargs)
     tokenizer.save_pretrained(directory)
@@ -173,6 +202,7 @@ def main() -> None:
     write("llama3", config, tokenizer)
     write("llama3-sharded", config, tokenizer, max_shard_size="40KB")
     write("llama3-bin", config, tokenizer, safe_serialization=False)
+    write("qwen2", *qwen2())
 
 
 if __name__ == "__main__":
