@@ -19,7 +19,7 @@ import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -229,12 +229,35 @@ def iter_tensors(weights: HFWeights) -> Iterator[tuple[str, str, np.ndarray]]:
             yield path, tensor_name, array
 
 
-def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int, itemsize: int | None) -> list[list[str]]:
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor whose shape and dtype are known now and whose values are made by ``load()`` when it is written, so
+    writing a model holds one converted tensor at a time, not a second copy of the whole model."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    load: Callable[[], np.ndarray]
+
+
+def _values(tensor) -> np.ndarray:
+    return tensor.load() if isinstance(tensor, LazyTensor) else tensor
+
+
+def _stored(tensor, dtype: str | None) -> tuple[str, int]:
+    """The safetensors dtype code and byte size ``tensor`` is written with (cast to ``dtype`` when given)."""
+    count = int(np.prod(tensor.shape, dtype=np.int64))
+    if dtype == "bfloat16":
+        return "BF16", 2 * count
+    stored = np.dtype(dtype or tensor.dtype)
+    return {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}[stored], stored.itemsize * count
+
+
+def _shards(tensors: dict, max_shard_bytes: int, dtype: str | None) -> list[list[str]]:
     """Group tensor names into shards of at most ``max_shard_bytes`` (a bigger tensor gets a shard of its own)."""
     shards: list[list[str]] = [[]]
     size = 0
-    for name, array in tensors.items():
-        nbytes = array.size * (itemsize or array.itemsize)
+    for name, tensor in tensors.items():
+        nbytes = _stored(tensor, dtype)[1]
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -250,51 +273,51 @@ def _float32_to_bfloat16_bits(array: np.ndarray) -> np.ndarray:
     return (rounded >> 16).astype(np.uint16)
 
 
-def _encode(array: np.ndarray, dtype: str | None) -> tuple[str, bytes]:
+def _encode(array: np.ndarray, dtype: str | None) -> bytes:
     if dtype == "bfloat16":
-        return "BF16", _float32_to_bfloat16_bits(array).tobytes()
-    if dtype is not None:
-        array = array.astype(dtype)
-    names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
-    return names[array.dtype], np.ascontiguousarray(array).tobytes()
+        return _float32_to_bfloat16_bits(array).tobytes()
+    return np.ascontiguousarray(array, dtype=dtype or array.dtype).tobytes()
 
 
-def _write_one_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str | None) -> int:
+def _write_one_safetensors(path: str, tensors: dict, dtype: str | None) -> int:
     """The safetensors format: an 8-byte header length, a JSON header padded to 8 bytes, then the raw data.
+
+    The header comes from shapes alone, so each tensor is converted only when its bytes are written.
 
     Returns:
         The bytes of tensor data written.
     """
     header: dict = {"__metadata__": HF_SAFETENSORS_METADATA}
-    chunks, offset = [], 0
-    for name, array in tensors.items():
-        code, data = _encode(array, dtype)
-        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
+    offset = 0
+    for name, tensor in tensors.items():
+        code, nbytes = _stored(tensor, dtype)
+        header[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for data in chunks:
+        for name, tensor in tensors.items():
+            data = _encode(_values(tensor), dtype)
+            assert len(data) == header[name]["data_offsets"][1] - header[name]["data_offsets"][0], name
             f.write(data)
     return offset
 
 
-def write_safetensors(tensors: dict[str, np.ndarray], directory: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+def write_safetensors(tensors: dict, directory: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                       dtype: str | None = None) -> list[str]:
     """Write tensors as Hugging Face safetensors into an existing directory: one ``model.safetensors``, or
     ``model-0000N-of-0000M.safetensors`` shards plus ``model.safetensors.index.json`` when over ``max_shard_bytes``.
 
     Args:
-        dtype: cast floating tensors to this (``float16``, ``bfloat16``...); None keeps each array's dtype.
+        tensors: name -> numpy array or ``LazyTensor``.
+        dtype: cast the tensors to this (``float16``, ``bfloat16``...); None keeps each one's dtype.
 
     Returns:
         The file names written.
     """
-    itemsize = {"bfloat16": 2, "float16": 2, "float32": 4}.get(dtype) if dtype else None
-    shards = _shards(tensors, max_shard_bytes, itemsize)
+    shards = _shards(tensors, max_shard_bytes, dtype)
     if len(shards) == 1:
         _write_one_safetensors(os.path.join(directory, SAFETENSORS_SINGLE), tensors, dtype)
         return [SAFETENSORS_SINGLE]
@@ -369,10 +392,17 @@ def load_hf_weights(model, weights: HFWeights, mapping, config_fields: dict) -> 
                                   "set tie_word_embeddings to false in config.json")
 
 
-def hf_state_dict(model, mapping) -> dict[str, np.ndarray]:
-    """A PaddleNLP model's parameters under transformers' names and layout (a tied lm_head once, as HF saves it)."""
-    return {mapping.hf_name(name): np.ascontiguousarray(mapping.to_hf_layout(name, parameter.numpy()))
-            for name, parameter in model.named_parameters()}
+def hf_state_dict(model, mapping) -> dict[str, LazyTensor]:
+    """A PaddleNLP model's parameters under transformers' names and layout (a tied lm_head once, as HF saves it),
+    each converted only when read."""
+    state = {}
+    for name, parameter in model.named_parameters():
+        # The layout change applied to a zero-strided view gives the shape without touching the values.
+        dtype = _NUMPY_DTYPE[str(parameter.dtype)]
+        shape = mapping.to_hf_layout(name, np.broadcast_to(np.zeros((), dtype), tuple(parameter.shape))).shape
+        load = (lambda n, p: lambda: mapping.to_hf_layout(n, p.numpy()))(name, parameter)
+        state[mapping.hf_name(name)] = LazyTensor(tuple(shape), np.dtype(dtype), load)
+    return state
 
 
 def save_hf_directory(model, mapping, tokenizer, directory: str, generation: dict,

@@ -191,3 +191,20 @@ def test_bfloat16_is_widened_exactly(tmp_path):
         f.write(len(header).to_bytes(8, "little") + header + raw.tobytes())
     ((name, array),) = hf_checkpoint.read_safetensors(path)
     assert name == "w" and np.array_equal(array, values)
+
+
+def test_written_bfloat16_rounds_to_nearest_even_as_torch(tmp_path):
+    # 1 + 2^-8 lies halfway between bfloat16 1.0 and 1.0078125 (ties to even: 1.0); 1 + 3 * 2^-8 halfway between
+    # 1.0078125 and 1.015625 (ties to even: 1.015625); 1 + 2^-7 + 2^-9 is below halfway (1.0078125).
+    values = np.array([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-7 + 2**-9, -2.5], dtype="float32")
+    names = hf_checkpoint.write_safetensors({"w": values}, str(tmp_path), dtype="bfloat16")
+    ((name, array),) = hf_checkpoint.read_safetensors(str(tmp_path / names[0]))
+    np.testing.assert_array_equal(array, np.array([1.0, 1.015625, 1.0078125, -2.5], dtype="float32"))
+
+
+def test_tensors_over_the_threshold_are_sharded_with_an_index(tmp_path):
+    tensors = {f"t{i}": np.full((10, 10), i, dtype="float32") for i in range(5)}  # 400 bytes each
+    names = hf_checkpoint.write_safetensors(tensors, str(tmp_path), max_shard_bytes=900)
+    assert names[-1] == hf_checkpoint.SAFETENSORS_INDEX and len(names) == 4  # 2 + 2 + 1 tensors, then the index
+    loaded = {name: array for _, name, array in hf_checkpoint.iter_tensors(hf_checkpoint.find_hf_weights(str(tmp_path)))}
+    assert all(np.array_equal(loaded[k], v) for k, v in tensors.items()) and loaded.keys() == tensors.keys()
