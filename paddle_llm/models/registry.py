@@ -245,16 +245,27 @@ def build_model(source: ModelSource, config, load_weights: bool):
     return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
 
 
+def hf_split_errors(source: ModelSource, degrees) -> list[str]:
+    """Why a Hugging Face checkpoint cannot load into a split model (tensor or pipeline parallel), if it is one.
+
+    Args:
+        degrees: the run's flags (a dict), or a model config (attributes), holding the parallel degrees.
+    """
+    read = degrees.get if isinstance(degrees, dict) else lambda name, default: getattr(degrees, name, default)
+    split = {name: read(name, 1) or 1 for name in ("tensor_parallel_degree", "pipeline_parallel_degree")}
+    flags = " ".join(f"--{name} {degree}" for name, degree in split.items() if degree > 1)
+    if source.hf_weights is None or not flags:
+        return []
+    return [f"{source.directory} is a Hugging Face checkpoint, which loads unsplit only, so {flags} cannot start from "
+            "it; train once with degree 1 (its output directory is in PaddleNLP's layout, which loads split) and "
+            "continue from that"]
+
+
 def _build_from_hf(source: ModelSource, config, model_class):
     """Build the model and load a Hugging Face checkpoint into it in memory; nothing is written anywhere."""
-    split = {name: getattr(config, name, 1) for name in ("tensor_parallel_degree", "pipeline_parallel_degree")}
-    if any(degree > 1 for degree in split.values()):
-        flags = " ".join(f"--{name} {degree}" for name, degree in split.items() if degree > 1)
-        raise ValueError(
-            f"{source.directory} is a Hugging Face checkpoint, which loads unsplit only, so {flags} cannot start "
-            "from it; train once with degree 1 (its output directory is in PaddleNLP's layout, which loads split) "
-            "and continue from that"
-        )
+    errors = hf_split_errors(source, config)
+    if errors:
+        raise ValueError(errors[0])
     from paddlenlp.transformers.model_utils import no_init_weights
 
     # PaddleNLP's own switch for loading (as its from_pretrained uses it): its normal re-initialisation of every

@@ -19,7 +19,7 @@ from typing import Mapping
 
 from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision
-from paddle_llm.models.registry import ModelSource, resolve_model
+from paddle_llm.models.registry import ModelSource, hf_split_errors, resolve_model
 from paddle_llm.trainer.pretrain import _world_size, log, train_save_evaluate, warn
 
 TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
@@ -122,6 +122,7 @@ def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSo
     errors += check_device(values, paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
     errors += check_precision(values, explicit)
     errors += check_parallel(values, model_fields, _world_size(), pipeline_supported=source.family.pipe_model_class is not None)
+    errors += hf_split_errors(source, dict(values))
     return errors
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision, check_split
 from paddle_llm.data.jsonl import DataError
-from paddle_llm.models.registry import ModelSource, resolve_model
+from paddle_llm.models.registry import ModelSource, hf_split_errors, resolve_model
 
 EXIT_BAD_CONFIG = 2
 HELP_USAGE = """usage: run_pretrain.py [ARGS.json] --flag value ...   (or: paddle-llm pretrain ...)
@@ -87,6 +87,7 @@ def setup(argv: list[str]) -> PretrainSetup:
     errors += check_device(values, paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
     errors += check_precision(values, parsed.explicit)
     errors += check_parallel(values, model_fields, _world_size(), pipeline_supported=source.family.pipe_model_class is not None)
+    errors += hf_split_errors(source, dict(values))
     errors += check_split(values["split"])
     if values.get("continue_training") and not source.has_weights:
         errors.append(f"--continue_training needs weights, but {values['model_name_or_path']} has none: pass a directory saved by a previous run")

@@ -208,3 +208,12 @@ def test_tensors_over_the_threshold_are_sharded_with_an_index(tmp_path):
     assert names[-1] == hf_checkpoint.SAFETENSORS_INDEX and len(names) == 4  # 2 + 2 + 1 tensors, then the index
     loaded = {name: array for _, name, array in hf_checkpoint.iter_tensors(hf_checkpoint.find_hf_weights(str(tmp_path)))}
     assert all(np.array_equal(loaded[k], v) for k, v in tensors.items()) and loaded.keys() == tensors.keys()
+
+
+def test_split_loading_of_an_hf_dir_is_refused_before_any_process_starts():
+    from paddle_llm.models.registry import hf_split_errors
+
+    source = resolve_model(fixture_dir("llama2"))
+    assert hf_split_errors(source, {"tensor_parallel_degree": 2}) and "--tensor_parallel_degree 2" in hf_split_errors(source, {"tensor_parallel_degree": 2})[0]
+    assert hf_split_errors(source, {"tensor_parallel_degree": 1, "pipeline_parallel_degree": 1}) == []
+    assert hf_split_errors(resolve_model("tiny-llama"), {"tensor_parallel_degree": 2}) == []
