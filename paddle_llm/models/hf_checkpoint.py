@@ -411,7 +411,8 @@ def save_hf_directory(model, mapping, tokenizer, directory: str, generation: dic
 
     Files: safetensors weights under transformers' names and ``[out, in]`` layout (sharded with an index over
     ``max_shard_bytes``), transformers' ``config.json``, ``generation_config.json`` (the special ids), and the
-    tokenizer with ``tokenizer_config.json`` naming transformers' class and holding the chat template.
+    tokenizer with ``tokenizer_config.json`` naming transformers' class and holding the chat template (the source
+    directory's, else the family's built-in format as Jinja: ``mapping.CHAT_TEMPLATE``).
 
     Args:
         model: a plain PaddleNLP causal LM in float32 (LoRA already merged).
@@ -430,4 +431,5 @@ def save_hf_directory(model, mapping, tokenizer, directory: str, generation: dic
         json.dump(ids, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-        hf_tokenizer.write_hf_tokenizer_files(directory, getattr(tokenizer, "jinja_chat_template", None))
+        template = getattr(tokenizer, "jinja_chat_template", None) or mapping.CHAT_TEMPLATE
+        hf_tokenizer.write_hf_tokenizer_files(directory, template)

@@ -64,3 +64,19 @@ def test_template_that_rewrites_earlier_turns_is_refused():
                 {"role": "assistant", "content": "d"}]
     with pytest.raises(ValueError, match=r"renders messages\[:\d\] differently"):
         jinja_chat_segments(rewriting, messages, {})
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": "c"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "d"}],
+])
+def test_llama_jinja_template_written_on_export_renders_the_built_in_format(messages):
+    from paddle_llm.models.chat_template import render_chat, render_jinja_chat
+    from paddle_llm.models.llama import hf as llama_hf
+
+    asks = messages[-1]["role"] == "user"
+    assert render_jinja_chat(llama_hf.CHAT_TEMPLATE, messages, asks, {}) == render_chat("llama", messages, add_generation_prompt=asks)

@@ -26,6 +26,18 @@ _HF_ONLY_FIELDS = ("torch_dtype", "transformers_version", "_name_or_path", "head
 _ROPE_TYPES = {"linear": "linear", "dynamic": "dynamic_ntk"}
 
 
+# The built-in Llama-2 chat format (models/chat_template.py, "llama") as the Jinja template an exported directory
+# carries when its source had none, so transformers and vLLM frame conversations as fine-tuning here did.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = '<<SYS>>\n' + messages[0]['content'] + '\n<</SYS>>\n\n' %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}{% if message['role'] == 'user' %}"
+    "{{ '<s>[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + ' </s>' }}{% endif %}{% endfor %}"
+)
+
+
 def _is_linear(paddle_name: str) -> bool:
     return paddle_name.endswith("_proj.weight") or paddle_name == "lm_head.weight"
 
