@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -197,9 +200,6 @@ def chat_segments(family_name: str, messages: list[dict]) -> list[tuple[str, boo
 
 
 def _jinja_environment():
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     # As transformers renders chat templates: sandboxed, trimmed blocks, and a raise_exception helper they call.
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -218,8 +218,6 @@ def render_jinja_chat(template: str, messages: list[dict], add_generation_prompt
     Raises:
         ValueError: a malformed conversation, or the template refused it (its own ``raise_exception``).
     """
-    import jinja2
-
     checked = validate_messages(messages, add_generation_prompt)
     try:
         return _jinja_environment().from_string(template).render(

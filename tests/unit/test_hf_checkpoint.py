@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import zipfile
 
 import numpy as np
 import paddle
@@ -166,9 +168,6 @@ def test_chatglm_hf_checkpoint_is_refused_with_the_reason(tmp_path):
 
 
 def test_pickle_with_code_is_refused(tmp_path):
-    import pickle
-    import zipfile
-
     path = str(tmp_path / "pytorch_model.bin")
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", pickle.dumps(os.system))
