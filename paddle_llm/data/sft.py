@@ -26,7 +26,7 @@ import numpy as np
 
 from paddle_llm.data.jsonl import DataError, read_jsonl_records
 from paddle_llm.data.packing import pack_best_fit_decreasing, packing_stats
-from paddle_llm.models.chat_template import chat_segments, get_chat_template, validate_messages
+from paddle_llm.models.chat_template import chat_segments, get_chat_template, jinja_chat_segments, validate_messages
 from paddle_llm.models.registry import family_named
 
 IGNORE_INDEX = -100  # PaddleNLP's criteria skip this label
@@ -274,17 +274,24 @@ class Round:
     reply: list[int]
 
 
-def _segments(record: Record, family_name: str) -> list[tuple[str, bool]]:
+def _segments(record: Record, family_name: str, tokenizer) -> list[tuple[str, bool]]:
     if record.templated:
+        # A model directory's own Jinja chat_template (kept on its tokenizer) wins over the family's built-in one.
+        jinja = getattr(tokenizer, "jinja_chat_template", None)
+        if jinja:
+            special = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+            return jinja_chat_segments(jinja, list(record.messages), special)
         return chat_segments(family_name, list(record.messages))
     return [(record.messages[0]["content"], False), (record.messages[1]["content"], True)]
 
 
 def _rounds(record: Record, layout: FamilyLayout, tokenizer) -> tuple[list[int], list[Round]]:
     """Tokenize a record into (prefix, rounds); each reply carries its EOS when the text has no terminator."""
-    append_eos = not record.templated or get_chat_template(layout.family).append_eos_token
+    # A Jinja template writes each reply's terminator itself.
+    jinja = getattr(tokenizer, "jinja_chat_template", None)
+    append_eos = not record.templated or (not jinja and get_chat_template(layout.family).append_eos_token)
     rounds, prompt = [], []
-    for text, train_on in _segments(record, layout.family):
+    for text, train_on in _segments(record, layout.family, tokenizer):
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
         if not train_on:
             prompt += ids

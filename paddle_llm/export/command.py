@@ -5,6 +5,7 @@ Examples::
     paddle-llm export --model_name_or_path out/ckpt --output_path out/export
     paddle-llm export --model_name_or_path out/base --lora_path out/lora --output_path out/export
     paddle-llm export --model_name_or_path out/ckpt --output_path out/fd --format fastdeploy
+    paddle-llm export --model_name_or_path out/base --lora_path out/lora --output_path out/hf --format hf
     paddle-llm export --check_only out/export          # re-run the parity check on an existing export
 
 Exit codes: 0 done (parity passed or skipped), 1 parity failed, 2 bad flags or inputs.
@@ -16,7 +17,8 @@ import argparse
 import sys
 
 from paddle_llm.export.exporter import ExportRequest, export_checkpoint
-from paddle_llm.export.manifest import DTYPES, FORMAT_FASTDEPLOY, FORMAT_STATIC, load_manifest
+from paddle_llm.export.manifest import DTYPES, FORMAT_FASTDEPLOY, FORMAT_HF, FORMAT_STATIC, load_manifest
+from paddle_llm.models.hf_checkpoint import parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora_path", help="LoRA adapter directory; merged into the weights before export")
     parser.add_argument("--prefix_path", help="prefix-tuning directory; exported as a ready-made past")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter and cache dtype")
-    parser.add_argument("--format", default=FORMAT_STATIC, choices=(FORMAT_STATIC, FORMAT_FASTDEPLOY),
-                        help="paddle: step graph for our engine; fastdeploy: safetensors for FastDeploy 2.x (GPU)")
+    parser.add_argument("--format", default=FORMAT_STATIC, choices=(FORMAT_STATIC, FORMAT_FASTDEPLOY, FORMAT_HF),
+                        help="paddle: step graph for our engine; fastdeploy: safetensors for FastDeploy 2.x (GPU); "
+                        "hf: a Hugging Face model directory (transformers, vLLM)")
+    parser.add_argument("--max_shard_size", type=parse_size, default="5GB",
+                        help="--format hf: largest safetensors file before sharding with an index (e.g. 5GB, 500MB)")
     parser.add_argument("--check_only", metavar="EXPORT_DIR",
                         help="only run the parity check on this export (checkpoint defaults to the one it came from)")
     parser.add_argument("--skip_check", action="store_true", help="do not run the parity check after export")
@@ -79,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             format=args.format,
             lora_path=args.lora_path,
             prefix_path=args.prefix_path,
+            max_shard_bytes=args.max_shard_size,
         )
         export_checkpoint(request, log=log)
-        if args.skip_check or args.format == FORMAT_FASTDEPLOY:
+        if args.skip_check or args.format in (FORMAT_FASTDEPLOY, FORMAT_HF):
             return 0
         return _run_check(args.output_path, args, log)
     except (ValueError, FileNotFoundError) as err:

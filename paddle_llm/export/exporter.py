@@ -13,6 +13,9 @@
 
 ``--format fastdeploy`` directory: ``model.safetensors`` + ``config.json`` + tokenizer + ``generation_config.json``
 (the checkpoint layout FastDeploy 2.x loads), plus ``paddle_llm_export.json``.
+
+``--format hf`` directory: what transformers' ``save_pretrained`` writes (see
+``paddle_llm.models.hf_checkpoint.save_hf_directory``), nothing else.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from paddle_llm.export.manifest import (
     AVX512_PROGRAM,
     DTYPES,
     FORMAT_FASTDEPLOY,
+    FORMAT_HF,
     FORMAT_STATIC,
     GRAPH_PREFIX,
     PARAMS_FILE,
@@ -37,6 +41,7 @@ from paddle_llm.export.manifest import (
     program_needs,
 )
 from paddle_llm.files import replace_directory_atomically
+from paddle_llm.models.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, save_hf_directory
 from paddle_llm.models.registry import resolve_model
 
 DEFAULT_GENERATION = {"max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
@@ -52,17 +57,20 @@ class ExportRequest:
     format: str = FORMAT_STATIC
     lora_path: str | None = None
     prefix_path: str | None = None
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES  # --format hf: safetensors shards of at most this size
 
     def validate(self) -> None:
         """Raises: ValueError naming the flag to change."""
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.format not in (FORMAT_STATIC, FORMAT_FASTDEPLOY):
-            raise ValueError(f"--format must be {FORMAT_STATIC!r} or {FORMAT_FASTDEPLOY!r}, got {self.format!r}")
+        if self.format not in (FORMAT_STATIC, FORMAT_FASTDEPLOY, FORMAT_HF):
+            raise ValueError(f"--format must be {FORMAT_STATIC!r}, {FORMAT_FASTDEPLOY!r} or {FORMAT_HF!r}, got {self.format!r}")
         if self.lora_path and self.prefix_path:
             raise ValueError("--lora_path and --prefix_path are exclusive: a checkpoint is tuned one way")
-        if self.format == FORMAT_FASTDEPLOY and self.prefix_path:
-            raise ValueError("--format fastdeploy cannot carry a prefix (FastDeploy loads plain weights); use --format paddle")
+        if self.format in (FORMAT_FASTDEPLOY, FORMAT_HF) and self.prefix_path:
+            raise ValueError(f"--format {self.format} cannot carry a prefix (it holds plain weights); use --format paddle")
+        if self.max_shard_bytes < 1:
+            raise ValueError(f"--max_shard_size must be positive, got {self.max_shard_bytes} bytes")
         if os.path.abspath(self.output_path) == os.path.abspath(self.model_name_or_path):
             raise ValueError("--output_path must differ from --model_name_or_path: export writes a new directory")
 
@@ -159,7 +167,25 @@ def _write_avx512_program(staging: str, step, family: str, dtype: str) -> dict:
     return {"file": AVX512_PROGRAM, "needs": program_needs(program)}
 
 
-def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
+def _export_hf(request: ExportRequest, source, log) -> None:
+    """``--format hf``: the merged float32 model, cast on write, as a Hugging Face directory."""
+    from paddle_llm.export.peft_loading import load_checkpoint_tokenizer, load_model
+
+    if source.family.hf is None:
+        raise ValueError(f"--format hf is not available for {source.family.name}: {source.family.hf_refusal}")
+    tokenizer = load_checkpoint_tokenizer(source)
+    log(f"loading {source.family.name} checkpoint {request.model_name_or_path}" + (f" + LoRA {request.lora_path}" if request.lora_path else ""))
+    model = load_model(source, request.lora_path, merge_lora=True)
+    generation = _generation_config(source, model.config)
+    replace_directory_atomically(
+        request.output_path,
+        lambda staging: save_hf_directory(model, source.family.hf, tokenizer, staging, generation, request.max_shard_bytes, request.dtype),
+        prefix=".export-",
+    )
+    log(f"wrote {request.output_path} (Hugging Face layout, {request.dtype})")
+
+
+def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest | None:
     """Export a checkpoint. The output directory is replaced only once everything is written.
 
     Args:
@@ -167,7 +193,8 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
         log: progress lines go here.
 
     Returns:
-        The manifest written (parity not yet filled in; see ``paddle_llm.export.parity``).
+        The manifest written (parity not yet filled in; see ``paddle_llm.export.parity``); None for ``--format hf``,
+        which writes no manifest.
 
     Raises:
         ValueError, FileNotFoundError: bad flags or inputs, named in the message.
@@ -185,6 +212,8 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest:
     _check_dtype_supported(request)
     source = resolve_model(request.model_name_or_path)
     family = source.family.name
+    if request.format == FORMAT_HF:
+        return _export_hf(request, source, log)
     step_spec(family)  # fail on an unsupported family before loading anything
     tokenizer = load_checkpoint_tokenizer(source)
     log(f"loading {family} checkpoint {request.model_name_or_path}" + (f" + LoRA {request.lora_path}" if request.lora_path else ""))

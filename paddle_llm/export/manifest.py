@@ -22,6 +22,7 @@ AVX512_PROGRAM = GRAPH_PREFIX + ".avx512f.json"
 PREFIX_CACHE_FILE = "prefix_cache.pdparams"
 FORMAT_STATIC = "paddle"
 FORMAT_FASTDEPLOY = "fastdeploy"
+FORMAT_HF = "hf"  # a Hugging Face model directory (transformers, vLLM, FastDeploy 2.x load it)
 DTYPES = ("float32", "float16", "bfloat16")
 
 

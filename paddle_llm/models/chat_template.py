@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from paddle_llm.models.registry import ChatTemplate, family_named
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -115,3 +118,61 @@ def chat_segments(family_name: str, messages: list[dict]) -> list[tuple[str, boo
     template = get_chat_template(family_name)
     checked = validate_messages(messages, add_generation_prompt=False)
     return _render_segments(template, checked)
+
+
+# ----- Jinja chat templates (a model directory's tokenizer_config.json "chat_template") -----
+
+
+def _jinja_environment():
+    # As transformers renders chat templates: sandboxed, trimmed blocks, and a raise_exception helper they call.
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    return environment
+
+
+def render_jinja_chat(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict) -> str:
+    """Render a conversation with a Jinja ``chat_template`` as transformers' ``apply_chat_template(tokenize=False)``.
+
+    Args:
+        special_tokens: ``bos_token`` / ``eos_token`` text the template may write.
+
+    Raises:
+        ValueError: a malformed conversation, or the template refused it (its own ``raise_exception``).
+    """
+    checked = validate_messages(messages, add_generation_prompt)
+    try:
+        return _jinja_environment().from_string(template).render(
+            messages=checked, add_generation_prompt=add_generation_prompt, **special_tokens)
+    except jinja2.exceptions.TemplateError as err:
+        raise ValueError(f"the model's chat_template refused the conversation: {err}") from None
+
+
+def jinja_chat_segments(template: str, messages: list[dict], special_tokens: dict) -> list[tuple[str, bool]]:
+    """``chat_segments`` for a Jinja template: the rendered conversation cut before and after each reply.
+
+    A reply's text is what rendering through that reply adds to rendering up to its generation prompt; the text
+    between replies is the rest. This needs a template whose rendering of the first messages is a prefix of the
+    rendering of more (true of Llama-3's and Qwen2's); one that is not is refused, because replies could not be
+    told apart from prompts.
+
+    Raises:
+        ValueError: a malformed conversation, or a template that rewrites earlier turns as the conversation grows.
+    """
+    checked = validate_messages(messages, add_generation_prompt=False)
+    segments, done = [], ""
+    for index, message in enumerate(checked):
+        if message["role"] != "assistant":
+            continue
+        prompt = render_jinja_chat(template, checked[:index], True, special_tokens)
+        full = render_jinja_chat(template, checked[: index + 1], False, special_tokens)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError(
+                f"the model's chat_template renders messages[:{index}] differently once messages[{index}] follows, so "
+                "replies cannot be marked for training; fine-tune without it (remove chat_template from "
+                "tokenizer_config.json to use the built-in template)")
+        segments += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    return segments

@@ -102,8 +102,15 @@ def merge_lora(lora_model):
     from paddle_llm.peft.qlora import dequantize_lora_base
 
     dequantize_lora_base(lora_model)
+
+    # PaddleNLP 3.0.0b4's restore builds each nn.Linear with a fresh zero bias even where the base layer had none
+    # (Llama's projections), so a merged model would save extra ``*.bias`` tensors and lose the bias-free export
+    # step. Remember which adapted layers had no bias, and take the made-up ones away again.
+    bias_free = [name for name, layer in lora_model.model.named_sublayers() if hasattr(layer, "lora_A") and layer.bias is None]
     lora_model.merge()
     model = lora_model.restore_original_model()
+    for name in bias_free:
+        model.get_sublayer(name).bias = None
     for parameter in model.parameters():
         parameter.stop_gradient = False
     return model

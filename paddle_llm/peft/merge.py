@@ -13,9 +13,12 @@ import sys
 import numpy as np
 
 from paddle_llm.files import replace_directory_atomically
+from paddle_llm.models.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, parse_size, save_hf_directory
 from paddle_llm.models.registry import build_config, build_model, load_tokenizer, resolve_model
 from paddle_llm.peft.lora import load_lora, merge_lora
 from paddle_llm.peft.quantize import recorded_quantization
+
+FORMATS = ("paddle", "hf")
 
 PROBE_LENGTH = 16
 
@@ -44,11 +47,16 @@ def probe_logits(model, family, vocab_size: int) -> np.ndarray:
     return logits.astype("float32").numpy()
 
 
-def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: str) -> float:
+def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: str, output_format: str = "paddle",
+                          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> float:
     """Load base + adapter, merge, save; return the largest logit difference between the two on a probe sequence.
 
     A QLoRA adapter is compared against, and merged into, its quantized base (``load_lora`` quantizes it as the
     adapter records), so the difference measures the merge, not the quantization.
+
+    Args:
+        output_format: ``paddle`` (PaddleNLP's layout) or ``hf`` (a Hugging Face directory, sharded over
+            ``max_shard_bytes``).
 
     Raises:
         FileNotFoundError: the base has no weights, or ``lora_path`` is not an adapter directory.
@@ -56,6 +64,8 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
     source = resolve_model(model_name_or_path)
     if not source.has_weights:
         raise FileNotFoundError(f"--model_name_or_path {model_name_or_path!r} has no weights to merge into; pass the base model directory the adapter was trained on")
+    if output_format == "hf" and source.family.hf is None:
+        raise ValueError(f"--format hf is not available for {source.family.name}: {source.family.hf_refusal}")
     base = build_model(source, build_config(source, dtype="float32"), load_weights=True)
     lora_model = load_lora(base, lora_path)
     vocab = int(base.config.vocab_size)
@@ -66,7 +76,13 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
         tokenizer = load_tokenizer(source.directory, source.family)
     except (FileNotFoundError, OSError, ValueError):
         tokenizer = None  # a model directory without a tokenizer: the merged one has none either
-    save_model_atomically(merged, tokenizer, output_path)
+    if output_format == "hf":
+        ids = {name: getattr(merged.config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        replace_directory_atomically(
+            output_path, lambda staging: save_hf_directory(merged, source.family.hf, tokenizer, staging, ids, max_shard_bytes),
+            prefix=".merge-")
+    else:
+        save_model_atomically(merged, tokenizer, output_path)
     return difference
 
 
@@ -80,12 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora_path", required=True, help="the adapter directory a LoRA run saved (lora_config.json)")
     parser.add_argument("--output_path", required=True, help="where the merged model goes (replaced atomically)")
     parser.add_argument("--device", default="cpu", help="device to merge on (default: cpu; merging is cheap)")
+    parser.add_argument("--format", default="paddle", choices=FORMATS,
+                        help="paddle: PaddleNLP's layout; hf: a Hugging Face directory (as `export --format hf`)")
+    parser.add_argument("--max_shard_size", type=parse_size, default="5GB",
+                        help="--format hf: largest safetensors file before sharding with an index")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     import paddle
 
     paddle.set_device(args.device)
     try:
-        difference = merge_lora_checkpoint(args.model_name_or_path, args.lora_path, args.output_path)
+        difference = merge_lora_checkpoint(args.model_name_or_path, args.lora_path, args.output_path, args.format, args.max_shard_size)
     except (FileNotFoundError, ValueError) as err:
         print(f"paddle-llm merge-lora: error: {err}", file=sys.stderr)
         return 2

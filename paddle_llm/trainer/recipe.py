@@ -27,7 +27,7 @@ from paddle_llm.estimator.flags import setup_from_flags
 from paddle_llm.estimator.memory import shape_of
 from paddle_llm.estimator.planner import startup_report
 from paddle_llm.models import cpu_kernels
-from paddle_llm.models.registry import ModelSource, build_config, build_model, load_tokenizer, resolve_model
+from paddle_llm.models.registry import ModelSource, build_config, build_model, hf_split_errors, load_tokenizer, resolve_model
 from paddle_llm.peft.lora import apply_lora, load_lora
 from paddle_llm.peft.prefix import apply_prefix
 from paddle_llm.peft.quantize import QuantSpec
@@ -86,6 +86,7 @@ def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSo
     errors += check_device(values, paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
     errors += check_precision(values, explicit)
     errors += check_parallel(values, model_fields, world_size(), pipeline_supported=source.family.pipe_model_class is not None)
+    errors += hf_split_errors(source, dict(values))
     return errors
 
 

@@ -195,6 +195,9 @@ def _prepare_scratch(scratch) -> None:
     (scratch / "paddle_llm").mkdir()
     os.symlink(os.path.join(ROOT, "paddle_llm", "assets"), scratch / "paddle_llm" / "assets")
     os.symlink(sys.prefix, scratch / ".venv")  # the README's `source .venv/bin/activate`
+    # "Bring your own model" runs on the Hugging Face fixtures transformers wrote.
+    (scratch / "tests" / "assets").mkdir(parents=True)
+    os.symlink(os.path.join(ROOT, "tests", "assets", "hf"), scratch / "tests" / "assets" / "hf")
     (scratch / "llama-2-7b").mkdir()
     (scratch / "llama-2-7b" / "config.json").write_text(json.dumps(LLAMA_2_7B_CONFIG))
     for link, target in DEMO_STAND_INS.items():

@@ -13,6 +13,14 @@ from paddle_llm.models.chatglm import estimate
 from paddle_llm.models.registry import ChatTemplate, Deferred, ModelFamily, PrefixLayout
 from paddle_llm.models.step import StepSpec
 
+# transformers has no ChatGLM class: THUDM's checkpoints run their own modelling code (trust_remote_code), whose
+# tensor names and fused layouts are not a transformers contract.
+HF_REFUSAL = (
+    "ChatGLM / ChatGLM2 / ChatGLM3 exist in transformers only as remote code (trust_remote_code), so their Hugging "
+    "Face checkpoints are not loaded; convert one with PaddleNLP on a machine with the weights "
+    "(ChatGLMv2ForCausalLM.from_pretrained(dir, convert_from_torch=True).save_pretrained(new_dir)) and pass new_dir"
+)
+
 
 def cache_call(model, input_ids, position_ids, attention_mask, past):
     # ChatGLM v1 returns (logits, (caches,)) and names its cache argument ``cache``.
@@ -95,4 +103,5 @@ FAMILY = ModelFamily(
     ),
     estimate_shape=estimate.shape,
     activations=estimate.ACTIVATIONS,
+    hf_refusal=HF_REFUSAL,
 )

@@ -7,6 +7,7 @@ activation table in ``estimate.py``.
 
 from __future__ import annotations
 
+from paddle_llm.models.chatglm import HF_REFUSAL
 from paddle_llm.models.chatglm2 import estimate
 from paddle_llm.models.registry import ChatTemplate, Deferred, ModelFamily, PrefixLayout
 from paddle_llm.models.step import StepSpec, past_key_values_call
@@ -63,4 +64,5 @@ FAMILY = ModelFamily(
     step=StepSpec(call=past_key_values_call, batch_axis=1, seq_axis=0, glm_positions=False, kv_geometry=kv_geometry),
     estimate_shape=estimate.shape,
     activations=estimate.ACTIVATIONS,
+    hf_refusal=HF_REFUSAL,
 )

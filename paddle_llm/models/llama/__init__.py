@@ -1,12 +1,13 @@
 """Llama (Llama-2 MHA, Llama-3 GQA) through PaddleNLP's ``LlamaForCausalLM``: everything the toolkit knows about it.
 
 Config fields, tokenizer and chat template here; the CPU fast paths in ``cpu_fast.py``, the decoding step of our own
-in ``inference_step.py``, the estimator's shape and activation table in ``estimate.py``.
+in ``inference_step.py``, the estimator's shape and activation table in ``estimate.py``, the Hugging Face checkpoint
+mapping in ``hf.py``.
 """
 
 from __future__ import annotations
 
-from paddle_llm.models.llama import estimate
+from paddle_llm.models.llama import estimate, hf
 from paddle_llm.models.registry import ChatTemplate, Deferred, ModelFamily, PrefixLayout
 from paddle_llm.models.step import StepSpec, past_key_values_call
 
@@ -70,4 +71,5 @@ FAMILY = ModelFamily(
     ),
     estimate_shape=estimate.shape,
     activations=estimate.ACTIVATIONS,
+    hf=hf,
 )

@@ -1,0 +1,209 @@
+"""Write the tiny Hugging Face checkpoints in tests/assets/hf/ with transformers itself, and their reference data.
+
+Pinned versions (the reference numbers below depend on them):
+    torch==2.13.0  transformers==4.46.3  safetensors==0.8.0  tokenizers==0.20.3  sentencepiece==0.2.3
+
+torch is never a dependency of paddle_llm, so this runs in its own venv outside the repository:
+
+    python3 -m venv /work/torchvenv
+    /work/torchvenv/bin/pip install torch==2.13.0 transformers==4.46.3 safetensors sentencepiece protobuf
+    /work/torchvenv/bin/python scripts/make_hf_fixtures.py            # rewrites tests/assets/hf/
+
+Each fixture directory is exactly what ``save_pretrained`` writes (config.json, weights, generation_config.json,
+tokenizer files), plus two files the tests read: ``reference.json`` (the fixed inputs, the 3 AdamW steps' losses with
+the optimizer settings that made them, and greedy ``generate`` outputs for 4 prompts) and ``reference_logits.npy``
+(float32 logits of ``reference.json``'s ``logits_input_ids``). Fixtures with a chat template also store the ids
+``apply_chat_template`` gives a 2-round conversation, whole and up to its last reply.
+
+Fixtures:
+    llama2          Llama-2 shape: multi-head attention, untied lm_head, SentencePiece tokenizer.model
+    llama3          Llama-3.2 shape: grouped-query attention, rope_scaling of type llama3, tied embeddings,
+                    byte-level BPE tokenizer.json and a Jinja chat_template in tokenizer_config.json
+    llama3-sharded  llama3's weights in several model-0000N-of-0000M.safetensors files with an index
+    llama3-bin      llama3's weights as pytorch_model.bin (torch's zip pickle)
+    qwen2           Qwen2.5-0.5B shape: q/k/v biases, grouped-query attention, tied embeddings, byte-level BPE
+                    tokenizer.json and Qwen's ChatML chat_template
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2TokenizerFast,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(REPO, "tests", "assets", "hf")
+CORPUS = os.path.join(REPO, "paddle_llm", "assets", "demo_corpus.jsonl")
+SENTENCEPIECE_MODEL = os.path.join(REPO, "paddle_llm", "assets", "tokenizer", "tokenizer.model")
+
+# Llama-3's chat template, shortened only by dropping its tool-calling branches.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Qwen2.5's template without its tool-calling branches: a default system message, then ChatML turns.
+QWEN2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}{% if not (message['role'] == 'system' and loop.first) %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+# The optimizer the 3 reference steps use; the test repeats it with Paddle's AdamW. Parameters whose name holds
+# "norm" or "bias" get no weight decay, as PaddleNLP's Trainer does.
+OPTIMIZER = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "max_grad_norm": 1.0,
+             "no_decay_name_parts": ["norm", "bias"]}
+CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where is Fang?"},
+                {"role": "assistant", "content": "At the river."}, {"role": "user", "content": "And the horse?"},
+                {"role": "assistant", "content": "Happy."}]
+PROMPTS = ["In the evening, Fang went", "The sky was", "Chen asked,", "Together they counted 5 birds"]
+MAX_NEW_TOKENS = 8
+
+
+def byte_level_bpe(vocab_size: int, special_tokens: list[str]) -> Tokenizer:
+    """A tiny byte-level BPE like Llama-3's and Qwen2's, trained on the shipped demo corpus (no download)."""
+    with open(CORPUS, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f][:500]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def llama2():
+    tokenizer = LlamaTokenizer(vocab_file=SENTENCEPIECE_MODEL, legacy=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5,
+                         rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.1,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
+    return config, tokenizer
+
+
+def llama3():
+    fast = PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(320, LLAMA3_SPECIALS), bos_token="<|begin_of_text|>",
+                                   eos_token="<|eot_id|>", chat_template=LLAMA3_CHAT_TEMPLATE)
+    # Llama-3 prepends <|begin_of_text|> through its post-processor; the tokenizer.json carries it.
+    bos = fast.bos_token_id
+    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                         rope_theta=500000.0, tie_word_embeddings=True, initializer_range=0.1,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                         bos_token_id=bos, eos_token_id=fast.eos_token_id, pad_token_id=None)
+    return config, fast
+
+
+def qwen2():
+    # Qwen2's tokenizer adds no BOS; its EOS for chat is <|im_end|>, its padding <|endoftext|>.
+    fast = Qwen2TokenizerFast(tokenizer_object=byte_level_bpe(320, QWEN2_SPECIALS), bos_token=None, eos_token="<|im_end|>",
+                              pad_token="<|endoftext|>", unk_token=None, chat_template=QWEN2_CHAT_TEMPLATE)
+    config = Qwen2Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                         rope_theta=1000000.0, tie_word_embeddings=True, initializer_range=0.1, use_sliding_window=False,
+                         bos_token_id=None, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    return config, fast
+
+
+def reference(model, tokenizer, vocab_size: int) -> tuple[dict, np.ndarray]:
+    generator = np.random.default_rng(0)
+    logits_ids = generator.integers(0, vocab_size, size=(2, 8)).tolist()
+    batch = torch.tensor(generator.integers(0, vocab_size, size=(2, 9)))
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.tensor(logits_ids)).logits.float().numpy()
+
+    # Generation before training, so it uses the saved weights.
+    generations = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        generations.append({"prompt": prompt, "prompt_ids": ids[0].tolist(), "new_ids": new,
+                            "text": tokenizer.decode(new, skip_special_tokens=True)})
+
+    # 3 AdamW steps on one fixed batch: inputs are batch[:, :-1], labels batch[:, 1:] (the shift done by the data
+    # pipeline on our side), loss the mean token cross entropy.
+    model.train()
+    decay = [p for n, p in model.named_parameters() if not any(s in n for s in OPTIMIZER["no_decay_name_parts"])]
+    no_decay = [p for n, p in model.named_parameters() if any(s in n for s in OPTIMIZER["no_decay_name_parts"])]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIMIZER["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=OPTIMIZER["lr"], betas=tuple(OPTIMIZER["betas"]), eps=OPTIMIZER["eps"])
+    losses = []
+    for _ in range(3):
+        logits_train = model(batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits_train.reshape(-1, logits_train.shape[-1]), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIMIZER["max_grad_norm"])
+        optimizer.step()
+        losses.append(float(loss))
+    chat = None
+    if tokenizer.chat_template:
+        # What fine-tuning must feed (the whole conversation) and serving must ask with (up to the last reply).
+        chat = {"messages": CONVERSATION,
+                "conversation_ids": tokenizer.apply_chat_template(CONVERSATION, tokenize=True),
+                "prompt_ids": tokenizer.apply_chat_template(CONVERSATION[:-1], tokenize=True, add_generation_prompt=True)}
+    data = {
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "logits_input_ids": logits_ids,
+        "train": {"input_ids": batch[:, :-1].tolist(), "labels": batch[:, 1:].tolist(), "losses": losses,
+                  "optimizer": OPTIMIZER},
+        "generate": {"max_new_tokens": MAX_NEW_TOKENS, "eos_token_id": tokenizer.eos_token_id, "prompts": generations},
+        "chat": chat,
+    }
+    return data, logits
+
+
+def write(name: str, config, tokenizer, **save_kwargs) -> None:
+    directory = os.path.join(OUT, name)
+    shutil.rmtree(directory, ignore_errors=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.do_sample = False
+    model.save_pretrained(directory, **save_kwargs)
+    tokenizer.save_pretrained(directory)
+    data, logits = reference(model, tokenizer, config.vocab_size)
+    with open(os.path.join(directory, "reference.json"), "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    np.save(os.path.join(directory, "reference_logits.npy"), logits)
+    print(f"{name}: {sorted(os.listdir(directory))} losses={data['train']['losses']}", file=sys.stderr)
+
+
+def main() -> None:
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    write("llama2", *llama2())
+    config, tokenizer = llama3()
+    write("llama3", config, tokenizer)
+    write("llama3-sharded", config, tokenizer, max_shard_size="40KB")
+    write("llama3-bin", config, tokenizer, safe_serialization=False)
+    write("qwen2", *qwen2())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""A model directory's Jinja chat_template frames fine-tuning and serving exactly as transformers'
+``apply_chat_template`` does (ids stored by scripts/make_hf_fixtures.py), replies alone are trained on, and a
+directory without one keeps the family's built-in template."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from paddle_llm.data.sft import IGNORE_INDEX, Limits, Record, TruncationReport, family_layout, prompt_ids_as_trained, tokenize_record
+from paddle_llm.models.chat_template import jinja_chat_segments
+from paddle_llm.models.registry import load_tokenizer, resolve_model
+from tests.conftest import ROOT
+
+LLAMA3 = os.path.join(ROOT, "tests", "assets", "hf", "llama3")
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    with open(os.path.join(LLAMA3, "reference.json"), encoding="utf-8") as f:
+        chat = json.load(f)["chat"]
+    return load_tokenizer(LLAMA3, resolve_model(LLAMA3).family), chat
+
+
+def test_serving_prompt_ids_equal_apply_chat_template(llama3):
+    tokenizer, chat = llama3
+    assert prompt_ids_as_trained("llama", tokenizer, chat["messages"][:-1], templated=True) == chat["prompt_ids"]
+
+
+def test_fine_tuning_sample_is_the_templated_conversation_and_trains_only_replies(llama3):
+    tokenizer, chat = llama3
+    record = Record(tuple(chat["messages"]), True, "test:1")
+    sample = tokenize_record(record, family_layout("llama", tokenizer), tokenizer, Limits(512, 512), TruncationReport())
+    assert list(sample.input_ids) + [int(sample.labels[-1])] == chat["conversation_ids"]
+    trained = [int(t) for t in sample.labels if t != IGNORE_INDEX]
+    replies = [tokenizer(m["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for m in chat["messages"] if m["role"] == "assistant"]
+    assert trained == replies[0] + replies[1]
+
+
+def test_template_is_kept_when_the_tokenizer_is_saved(llama3, tmp_path):
+    tokenizer, _ = llama3
+    tokenizer.save_pretrained(str(tmp_path))
+    reloaded = load_tokenizer(str(tmp_path), resolve_model(LLAMA3).family)
+    assert reloaded.jinja_chat_template == tokenizer.jinja_chat_template
+    with open(tmp_path / "tokenizer_config.json") as f:
+        assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers' name, so it loads there
+
+
+def test_directory_without_template_keeps_the_built_in_one():
+    tokenizer = load_tokenizer(os.path.join(ROOT, "tests", "assets", "hf", "llama2"), resolve_model("tiny-llama").family)
+    assert tokenizer.jinja_chat_template is None
+    messages = [{"role": "user", "content": "Hi"}]
+    ids = prompt_ids_as_trained("llama", tokenizer, messages, templated=True)
+    assert tokenizer.decode(ids).strip().endswith("[INST] Hi [/INST]")  # Llama-2's format, from render_chat
+
+
+def test_template_that_rewrites_earlier_turns_is_refused():
+    rewriting = "{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}{% endfor %}"
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                {"role": "assistant", "content": "d"}]
+    with pytest.raises(ValueError, match=r"renders messages\[:\d\] differently"):
+        jinja_chat_segments(rewriting, messages, {})
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": "c"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "d"}],
+])
+def test_llama_jinja_template_written_on_export_renders_the_built_in_format(messages):
+    from paddle_llm.models.chat_template import render_chat, render_jinja_chat
+    from paddle_llm.models.llama import hf as llama_hf
+
+    asks = messages[-1]["role"] == "user"
+    assert render_jinja_chat(llama_hf.CHAT_TEMPLATE, messages, asks, {}) == render_chat("llama", messages, add_generation_prompt=asks)
