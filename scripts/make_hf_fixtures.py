@@ -117,13 +117,15 @@ def llama3():
 
 
 def qwen2():
-    # Qwen2's tokenizer adds no BOS; its EOS for chat is <|im_end|>, its padding <|endoftext|>.
+    # Qwen2's tokenizer adds no BOS; its EOS for chat is <|im_end|>, its padding <|endoftext|>. Its config names no
+    # pad_token_id, as Qwen2.5's does not: with one, transformers' embedding never updates that row (padding_idx)
+    # while PaddleNLP's does, and the training reference would measure that instead of the model.
     fast = Qwen2TokenizerFast(tokenizer_object=byte_level_bpe(320, QWEN2_SPECIALS), bos_token=None, eos_token="<|im_end|>",
                               pad_token="<|endoftext|>", unk_token=None, chat_template=QWEN2_CHAT_TEMPLATE)
     config = Qwen2Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
                          rope_theta=1000000.0, tie_word_embeddings=True, initializer_range=0.1, use_sliding_window=False,
-                         bos_token_id=None, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+                         bos_token_id=None, eos_token_id=fast.eos_token_id, pad_token_id=None)
     return config, fast
 
 

@@ -69,7 +69,7 @@ def finetune_lora(model_dir: str, output_dir: str, *extra: str) -> subprocess.Co
                        "--src_length", "32", "--tgt_length", "16", *extra])
 
 
-@pytest.fixture(scope="module", params=["llama2", "llama3"])
+@pytest.fixture(scope="module", params=["llama2", "llama3", "qwen2"])
 def lora_run(request, tmp_path_factory):
     """A LoRA fine-tune (with --merge_weights) of a fixture directory, and the directory's snapshot before it."""
     name = request.param
@@ -105,7 +105,7 @@ def test_every_command_reads_an_hf_dir_and_leaves_it_byte_for_byte(lora_run, dem
     assert snapshot(model_dir) == before
 
 
-@pytest.mark.parametrize("name", ["llama2", "llama3", "llama3-sharded", "llama3-bin"])
+@pytest.mark.parametrize("name", ["llama2", "llama3", "llama3-sharded", "llama3-bin", "qwen2"])
 def test_export_hf_then_reload_is_bit_identical(name, tmp_path):
     out = str(tmp_path / "hf")
     run_script(["-m", "paddle_llm", "export", "--format", "hf", "--model_name_or_path", fixture_dir(name),
@@ -138,7 +138,8 @@ def test_lora_merged_hf_export_equals_base_plus_adapter(lora_run, tmp_path):
     with paddle.no_grad():
         expected = adapted(input_ids=paddle.to_tensor(ids), return_dict=True).logits.numpy()
     np.testing.assert_allclose(logits_of(load(out), ids), expected, atol=1e-5, rtol=0)
-    assert not any(name.endswith(".bias") for name in hf_tensors(out))  # merging adds no biases Llama lacks
+    biases = sorted(key for key in hf_tensors(out) if key.endswith(".bias"))
+    assert biases == sorted(key for key in hf_tensors(fixture_dir(name)) if key.endswith(".bias"))  # merging adds no biases (Llama has none, Qwen2 q/k/v)
 
 
 def test_merge_lora_writes_the_hf_format(lora_run, tmp_path):
@@ -167,18 +168,20 @@ def test_exported_hf_dir_loads_in_transformers_without_weight_warnings_when_torc
     assert report["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     assert "not used" not in report["log"] and "newly initialized" not in report["log"], report["log"]
     np.testing.assert_allclose(np.array(report["logits"]), logits_of(load(out), ids), atol=1e-4, rtol=0)
-    with open(os.path.join(fixture_dir(name), "tokenizer_config.json")) as f:
-        template = json.load(f).get("chat_template")
     # The source's template, or (llama2 has none) the built-in Llama-2 format written as Jinja.
-    expected_chat = "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n" if template else "<s>[INST] Hi [/INST]"
-    assert report["chat"].endswith(expected_chat)
+    expected_chat = {
+        "llama2": "<s>[INST] Hi [/INST]",
+        "llama3": "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "qwen2": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    }
+    assert report["chat"].endswith(expected_chat[name])
 
 
-@pytest.mark.parametrize("name", ["llama2", "llama3"])
+@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"])
 def test_served_greedy_tokens_equal_transformers_generate(name, tmp_path):
     """``serve --engine dygraph`` on the fixture directory itself: each completion's prompt is encoded to
     transformers' ids and the 8 greedy tokens are transformers' ``generate`` tokens (the engine, in process, gives
-    the ids; the HTTP server the same text and token counts)."""
+    the ids; the HTTP server, on the directory ``export --format hf`` writes, the same text and token counts)."""
     from paddle_llm.data.sft import prompt_ids_as_trained
     from paddle_llm.serving.model import open_checkpoint
     from paddle_llm.serving.sampling import SamplingParams
@@ -199,7 +202,10 @@ def test_served_greedy_tokens_equal_transformers_generate(name, tmp_path):
 
     import openai
 
-    process = ServerProcess(["--model", fixture_dir(name), "--engine", "dygraph"], str(tmp_path / "serve.log")).start()
+    # The HTTP server runs on what `export --format hf` wrote from the fixture: what leaves paddle_llm answers the same.
+    exported = str(tmp_path / "hf")
+    run_script(["-m", "paddle_llm", "export", "--format", "hf", "--model_name_or_path", fixture_dir(name), "--output_path", exported])
+    process = ServerProcess(["--model", exported, "--engine", "dygraph"], str(tmp_path / "serve.log")).start()
     try:
         client = openai.OpenAI(base_url=process.url + "/v1", api_key="unused", max_retries=0)
         model = client.models.list().data[0].id

@@ -21,6 +21,7 @@ from tests.conftest import ROOT
 
 HF_ASSETS = os.path.join(ROOT, "tests", "assets", "hf")
 LLAMA_FIXTURES = ["llama2", "llama3", "llama3-sharded", "llama3-bin"]
+FIXTURES = LLAMA_FIXTURES + ["qwen2"]
 
 
 def fixture_dir(name: str) -> str:
@@ -62,7 +63,7 @@ def rewrite_weights(directory: str, change) -> None:
 
 
 @pytest.mark.parametrize("fast_paths", ["paddlenlp", "cpu_fast_kernels", "cpu_fast_pure_paddle"])
-@pytest.mark.parametrize("name", LLAMA_FIXTURES)
+@pytest.mark.parametrize("name", FIXTURES)
 def test_logits_equal_transformers(name, fast_paths, monkeypatch):
     if fast_paths == "cpu_fast_pure_paddle":
         monkeypatch.setattr(cpu_kernels, "load", lambda: None)
@@ -74,7 +75,7 @@ def test_logits_equal_transformers(name, fast_paths, monkeypatch):
 
 
 @pytest.mark.parametrize("fast_paths", [False, True])
-@pytest.mark.parametrize("name", ["llama2", "llama3"])
+@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"])
 def test_three_adamw_steps_reproduce_transformers_losses(name, fast_paths):
     ref = reference(name)["train"]
     settings = ref["optimizer"]

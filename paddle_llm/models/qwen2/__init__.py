@@ -11,7 +11,7 @@ traceable. The estimator's shape is in ``estimate.py``.
 from __future__ import annotations
 
 from paddle_llm.models import llama
-from paddle_llm.models.qwen2 import estimate
+from paddle_llm.models.qwen2 import estimate, hf
 from paddle_llm.models.registry import ChatTemplate, Deferred, ModelFamily
 from paddle_llm.models.step import StepSpec, past_key_values_call
 
@@ -57,4 +57,5 @@ FAMILY = ModelFamily(
     ),
     estimate_shape=estimate.shape,
     activations=estimate.ACTIVATIONS,
+    hf=hf,
 )
