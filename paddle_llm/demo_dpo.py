@@ -11,12 +11,12 @@ reward starts at exactly 0. Run with the flags PaddleNLP's run_dpo.py takes (``-
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
+from paddle_llm.demo_finetune import stage_main
 from paddle_llm.trainer import dpo
 
 PREFERENCES_DIR = os.path.join(os.path.dirname(__file__), "assets", "preferences")
@@ -82,16 +82,7 @@ def print_report(result: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m paddle_llm.demo_dpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_dir", required=True, help="the pretrained demo model (paddle-llm demo's OUTPUT/pretrain)")
-    parser.add_argument("--output_dir", default="demo_output/dpo", help="where the adapter goes (default: demo_output/dpo)")
-    parser.add_argument("--max_steps", type=int, default=100, help="LoRA-DPO steps (default: 100)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if not print_report(run_dpo_demo(args.model_dir, args.output_dir, args.max_steps)):
-        print("DPO demo FAILED: held-out reward accuracy below target", file=sys.stderr)
-        return 1
-    print("DPO demo OK")
-    return 0
+    return stage_main(argv, "python -m paddle_llm.demo_dpo", __doc__, "dpo", "DPO", run_dpo_demo, print_report, max_steps=100)
 
 
 if __name__ == "__main__":

@@ -97,17 +97,27 @@ def print_report(result: dict) -> bool:
     return result["accuracy_after"] >= result["target"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m paddle_llm.demo_finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def stage_main(argv: list[str] | None, prog: str, description: str, stage: str, title: str, run, report, max_steps: int) -> int:
+    """The command line of one demo stage on the pretrained demo model: run it, print its report, exit 1 below target.
+
+    Args:
+        stage: the stage's name in the default output directory (``finetune``, ``dpo``); title: in the messages.
+        run: ``(model_dir, output_dir, max_steps) -> result``; report: ``result -> reached the target``.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", required=True, help="the pretrained demo model (paddle-llm demo's OUTPUT/pretrain)")
-    parser.add_argument("--output_dir", default="demo_output/finetune", help="where the adapter goes (default: demo_output/finetune)")
-    parser.add_argument("--max_steps", type=int, default=400, help="LoRA steps (default: 400)")
+    parser.add_argument("--output_dir", default=f"demo_output/{stage}", help=f"where the adapter goes (default: demo_output/{stage})")
+    parser.add_argument("--max_steps", type=int, default=max_steps, help=f"training steps (default: {max_steps})")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if not print_report(run_finetune_demo(args.model_dir, args.output_dir, args.max_steps)):
-        print("fine-tuning demo FAILED: held-out accuracy below target", file=sys.stderr)
+    if not report(run(args.model_dir, args.output_dir, args.max_steps)):
+        print(f"{title} demo FAILED: held-out accuracy below target", file=sys.stderr)
         return 1
-    print("fine-tuning demo OK")
+    print(f"{title} demo OK")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(argv, "python -m paddle_llm.demo_finetune", __doc__, "finetune", "fine-tuning", run_finetune_demo, print_report, max_steps=400)
 
 
 if __name__ == "__main__":
