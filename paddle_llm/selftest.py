@@ -61,7 +61,7 @@ from paddle_llm.trainer.pretrain import _dataclass_types
 
 STEPS = 5
 SAVE_STEP = 3  # the round trip resumes here and trains to STEPS
-MICRO_BATCH = 2
+GLOBAL_BATCH = 4  # sequences per step in every layout (as tests/integration/test_parallel_equivalence.py)
 DEFAULT_DIRECTORY = "selftest_output"
 PRETRAIN = "-m paddle_llm pretrain"
 # The planned run's flags that shape the layout, precision and kernels; everything else (model, data, schedule,
@@ -108,6 +108,11 @@ class Plan:
     @property
     def tolerance(self) -> float:
         return TOLERANCE[(self.device, self.dtype)]
+
+    @property
+    def micro_batch(self) -> int:
+        """Sequences per rank per micro-step: the global batch split over the data-parallel ranks."""
+        return max(1, GLOBAL_BATCH // self.data_degree)
 
     @property
     def data_degree(self) -> int:
@@ -236,7 +241,7 @@ def reference_run(plan: Plan, micro_batch: int) -> Run:
 
 
 def planned_flags(plan: Plan) -> list[str]:
-    flags = dict(plan.layout, per_device_train_batch_size=MICRO_BATCH)
+    flags = dict(plan.layout, per_device_train_batch_size=plan.micro_batch)
     if int(flags.get("pipeline_parallel_degree") or 1) > 1:  # a pipeline needs a micro-batch per stage
         flags["gradient_accumulation_steps"] = max(int(flags.get("gradient_accumulation_steps") or 1), int(flags["pipeline_parallel_degree"]))
     return [str(token) for name, value in flags.items() for token in (f"--{name}", value)]
@@ -263,7 +268,7 @@ def training_rows(plan: Plan, planned: str, reference: str, records: str) -> lis
             check, f"{comparison.worst:.1e} rel" if not comparison.missing else f"steps {list(comparison.missing)} missing",
             f"{comparison.tolerance:.0e}", comparison.passed,
             fix="" if comparison.passed else TRAINING_FIX,
-            detail="" if comparison.passed else f"{comparison.describe()}; first disagreeing rank: {attribution}",
+            detail="" if comparison.passed else f"{comparison.describe()}\nfirst disagreeing rank: {attribution}",
         ))
     return rows
 
@@ -277,9 +282,11 @@ def corrupt_last_model_shard(checkpoint: str) -> None:
     save_file(tensors, path, metadata={"format": "np"})
 
 
-def round_trip_row(plan: Plan, planned: str, reference: str, micro_batch: int, fault: str | None) -> tuple[Row, str | None]:
-    """Merge the planned layout's step-3 checkpoint, resume it on one process to step 5, compare with the reference.
-    Returns the row and the resumed run's directory (None when it could not run)."""
+def round_trip_row(plan: Plan, planned: str, micro_batch: int, fault: str | None) -> tuple[Row, str | None]:
+    """Merge the planned layout's step-3 checkpoint, resume it on one fp32 device to step 5, and compare with the
+    planned run's own steps 4-5: a checkpoint must continue as the run that saved it did (so this row isolates
+    saving and loading from the training rows). Returns the row and the resumed run's directory (None when it
+    could not run)."""
     checkpoint = os.path.join(planned, f"checkpoint-{SAVE_STEP}")
     merged = os.path.join(plan.directory, f"checkpoint-{SAVE_STEP}-single")
     resumed = os.path.join(plan.directory, "round_trip")
@@ -297,7 +304,7 @@ def round_trip_row(plan: Plan, planned: str, reference: str, micro_batch: int, f
     code = _run(command_line(run, resumed, base_flags(prepare_inputs(plan), resumed, plan.layout["device"])), log_path, standalone_environment())
     if code != 0:
         return Row(check, f"exit {code}", "-", False, fix=fix, detail=f"see {log_path}:\n{_log_tail(log_path)}"), None
-    comparisons = compare_runs(resumed, reference, range(SAVE_STEP + 1, STEPS + 1), plan.tolerance)
+    comparisons = compare_runs(resumed, planned, range(SAVE_STEP + 1, STEPS + 1), plan.tolerance)
     worst = max(comparison.worst for comparison in comparisons)
     passed = all(comparison.passed for comparison in comparisons)
     detail = "" if passed else "; ".join(comparison.describe() for comparison in comparisons)
@@ -350,12 +357,14 @@ def write_atomically(path: str, text: str) -> None:
 
 def format_table(plan: Plan, rows: list[Row]) -> str:
     width = max(len(row.check) for row in rows)
+    shown = set()  # a fix or attribution shared by several rows is printed under the first
     lines = [f"paddle-llm selftest: {plan.describe()}", f"{'check'.ljust(width)}  {'measured':>13}  {'tolerance':>9}  result"]
     for row in rows:
         lines.append(f"{row.check.ljust(width)}  {row.measured:>13}  {row.tolerance:>9}  {'PASS' if row.passed else 'FAIL'}")
-        lines += [f"    {line}" for line in row.detail.splitlines() if line.strip()]
-        if row.fix:
-            lines.append(f"    {row.fix}")
+        for line in [*row.detail.splitlines(), row.fix]:
+            if line.strip() and line not in shown:
+                lines.append(f"    {line}")
+                shown.add(line)
     failed = sum(not row.passed for row in rows)
     lines.append(f"selftest {'FAILED' if failed else 'PASSED'}: {len(rows) - failed}/{len(rows)} checks pass; logs and runs in {plan.directory}")
     return "\n".join(lines)
@@ -389,14 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         return 0
     reference = os.path.join(plan.directory, "reference")
-    micro_batch = MICRO_BATCH * plan.data_degree
+    micro_batch = plan.micro_batch * plan.data_degree
     reference_log = os.path.join(plan.directory, "logs", "reference.log")
     code = _run(command_line(reference_run(plan, micro_batch), reference, base_flags(inputs, reference, plan.layout["device"])), reference_log, standalone_environment())
     if code != 0:
         print(f"paddle-llm selftest: the one-device reference run failed (exit {code}); {reference_log} ends:\n{_log_tail(reference_log)}", file=sys.stderr)
         return 1
     rows = training_rows(plan, planned, reference, records)
-    row, resumed = round_trip_row(plan, planned, reference, micro_batch, fault)
+    row, resumed = round_trip_row(plan, planned, micro_batch, fault)
     rows += [row, *kernel_rows(plan, fault), export_row(plan, resumed)]
     table = format_table(plan, rows)
     print(table)
