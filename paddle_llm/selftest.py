@@ -366,7 +366,7 @@ def format_table(plan: Plan, rows: list[Row]) -> str:
                 lines.append(f"    {line}")
                 shown.add(line)
     failed = sum(not row.passed for row in rows)
-    lines.append(f"selftest {'FAILED' if failed else 'PASSED'}: {len(rows) - failed}/{len(rows)} checks pass; logs and runs in {plan.directory}")
+    lines.append(f"selftest {'FAILED' if failed else 'PASSED'}: {len(rows) - failed}/{len(rows)} checks pass; logs and runs in {os.path.relpath(plan.directory)}")
     return "\n".join(lines)
 
 
