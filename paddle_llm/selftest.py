@@ -6,7 +6,8 @@
 
 (Paddle's launcher starts ``python -u SCRIPT``, so it takes the repository's ``selftest.py``, not ``-m``.)
 
-Every launched rank runs this. It builds a tiny model of the planned model's family, trains it 5 steps on the
+Every launched rank runs this. It builds a tiny model of the planned model's family (its key/value head ratio kept, heads enough for the
+tensor-parallel degree), trains it 5 steps on the
 shipped corpus under the planned layout and precision (each rank starts its part of that run as a child process
 that inherits its launch variables, so the child is that rank of the job), then rank 0 runs the reference (one
 device, fp32, no fused kernels) on the same data and weights and prints one table:
@@ -27,6 +28,7 @@ Test-only: ``PADDLE_LLM_SELFTEST_FAULT`` (``trainer.equivalence.FAULTS``) inject
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -58,6 +60,7 @@ from paddle_llm.trainer.equivalence import (
     steps,
 )
 from paddle_llm.trainer.pretrain import _dataclass_types
+from paddle_llm.trainer.pretrain import setup as pretrain_setup
 
 STEPS = 5
 SAVE_STEP = 3  # the round trip resumes here and trains to STEPS
@@ -77,6 +80,8 @@ PLANNED_FLAGS = (
 TOLERANCE = {("cpu", "float32"): 1e-5, ("gpu", "float32"): 1e-4, ("gpu", "float16"): 1e-2, ("gpu", "bfloat16"): 3e-2}
 # Where a family keeps its key/value head count, so the tiny model keeps the planned grouping ratio.
 KV_HEADS_FIELD = {"llama": "num_key_value_heads", "qwen2": "num_key_value_heads", "chatglm2": "multi_query_group_num"}
+# The presets' width fields (hidden and MLP), widened with the heads when the tensor-parallel degree needs more heads.
+WIDTH_FIELDS = ("hidden_size", "intermediate_size", "ffn_hidden_size", "inner_hidden_size")
 PARITY_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
 WAIT_SECONDS = 600
 
@@ -98,7 +103,7 @@ class Plan:
     """What the selftest will run, derived from the planned run's flags."""
 
     family: str
-    kv_heads: int | None
+    overrides: dict  # the tiny preset's config fields changed to fit the planned model and layout
     layout: dict
     device: str
     dtype: str
@@ -125,6 +130,25 @@ class Plan:
         return f"{self.family} family (tiny), {self.world_size} process(es), {layout}, {self.dtype} on {self.device}, {STEPS} steps"
 
 
+def tiny_shape(family: str, planned: dict, tensor_parallel: int) -> dict:
+    """Overrides of the family's tiny preset: as many heads as the tensor-parallel degree needs (widths grow with
+    them, head size kept), and the planned model's query-to-key/value head ratio where the layout allows it."""
+    tiny = resolve_model(f"tiny-{family}").config_fields
+    heads = tiny["num_attention_heads"]
+    widened = math.lcm(heads, tensor_parallel)
+    overrides = {}
+    if widened != heads:
+        overrides = {"num_attention_heads": widened, **{name: tiny[name] * widened // heads for name in WIDTH_FIELDS if name in tiny}}
+    kv_field = KV_HEADS_FIELD.get(family)
+    if kv_field and planned.get(kv_field) and planned.get("num_attention_heads"):
+        group = max(1, planned["num_attention_heads"] // planned[kv_field])
+        kv_heads = max(tensor_parallel, widened // group)
+        overrides[kv_field] = kv_heads if widened % kv_heads == 0 else widened
+    elif kv_field and widened != heads:
+        overrides[kv_field] = max(tensor_parallel, tiny[kv_field])
+    return overrides
+
+
 def make_plan(argv: list[str]) -> Plan:
     """Read the planned run's flags (PaddleNLP's run_pretrain.py flags; a JSON args file may come first).
 
@@ -143,18 +167,12 @@ def make_plan(argv: list[str]) -> Plan:
     except (ValueError, FileNotFoundError) as err:
         raise ArgumentError(f"--model_name_or_path: {err}") from err
     family = source.family.name
-    planned = source.config_fields
-    kv_field = KV_HEADS_FIELD.get(family)
-    kv_heads = None
-    tiny_heads = resolve_model(f"tiny-{family}").config_fields.get("num_attention_heads")
-    if kv_field and planned.get(kv_field) and planned.get("num_attention_heads") and tiny_heads:
-        group = max(1, planned["num_attention_heads"] // planned[kv_field])
-        kv_heads = max(int(values.get("tensor_parallel_degree") or 1), tiny_heads // group)
+    overrides = tiny_shape(family, source.config_fields, int(values.get("tensor_parallel_degree") or 1))
     device = "cpu" if str(values.get("device") or "gpu").startswith("cpu") else "gpu"
     dtype = "float32" if device == "cpu" else "bfloat16" if values.get("bf16") else "float16" if values.get("fp16") else "float32"
     layout = {name: values[name] for name in PLANNED_FLAGS if name in parsed.explicit}
     layout["device"] = values.get("device") or "gpu"
-    return Plan(family, kv_heads, layout, device, dtype, launched_processes(), os.path.abspath(directory))
+    return Plan(family, overrides, layout, device, dtype, launched_processes(), os.path.abspath(directory))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,7 +190,7 @@ def prepare_inputs(plan: Plan) -> str:
     The first rank of each node writes them (to a temporary name, renamed whole); the other ranks wait for the
     directory, so every rank reads the same files.
     """
-    name = f"inputs-{plan.family}" + (f"-kv{plan.kv_heads}" if plan.kv_heads else "")
+    name = "-".join([f"inputs-{plan.family}", *(f"{field}{value}" for field, value in sorted(plan.overrides.items()))])
     inputs = os.path.join(plan.directory, name)
     if os.environ.get("PADDLE_RANK_IN_NODE", "0") != "0":
         deadline = time.monotonic() + WAIT_SECONDS
@@ -186,9 +204,8 @@ def prepare_inputs(plan: Plan) -> str:
     staging = f"{inputs}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     tiny = resolve_model(f"tiny-{plan.family}")
-    overrides = {KV_HEADS_FIELD[plan.family]: plan.kv_heads} if plan.kv_heads else {}
     paddle.seed(0)
-    model = build_model(tiny, build_config(tiny, **overrides), load_weights=False)
+    model = build_model(tiny, build_config(tiny, **plan.overrides), load_weights=False)
     model.save_pretrained(os.path.join(staging, "model"))
     load_tokenizer(f"tiny-{plan.family}").save_pretrained(os.path.join(staging, "model"))
     preprocess(DEMO_CORPUS, os.path.join(staging, "data", "corpus"), os.path.join(staging, "model"), append_eos=True, show_progress=False)
@@ -384,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     rank = _rank()
     inputs = prepare_inputs(plan)
     planned = os.path.join(plan.directory, "planned")
+    try:  # the planned layout's own checks (degrees against heads and world size...), before any child starts
+        pretrain_setup([*base_flags(inputs, planned, plan.layout["device"]), *planned_flags(plan)])
+    except ArgumentError as err:
+        for line in str(err).splitlines():
+            print(f"paddle-llm selftest: error: {line}", file=sys.stderr)
+        return 2
     records = os.path.join(plan.directory, "rank_records")
     os.makedirs(records, exist_ok=True)
     record_path = os.path.join(records, f"rank{rank}.jsonl")

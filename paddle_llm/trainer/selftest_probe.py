@@ -23,8 +23,9 @@ GRADIENT_FAULT_OFFSET = 0.05
 def _replica() -> tuple[dict, bool]:
     """This rank's part of the model (tensor, pipeline and sharding coordinates) and whether it holds whole
     gradients (data parallel alone)."""
-    hcg = getattr(fleet.fleet, "_hcg", None)
-    if hcg is None:
+    try:
+        hcg = fleet.get_hybrid_communicate_group()
+    except AssertionError:  # fleet's public getter asserts when fleet.init never ran (one process)
         return {}, True
     replica = {
         "tensor": hcg.get_model_parallel_rank(),
