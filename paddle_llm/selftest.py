@@ -6,15 +6,15 @@
 
 (Paddle's launcher starts ``python -u SCRIPT``, so it takes the repository's ``selftest.py``, not ``-m``.)
 
-Every launched rank runs this. It builds a tiny model of the planned model's family (its key/value head ratio kept, heads enough for the
-tensor-parallel degree), trains it 5 steps on the
-shipped corpus under the planned layout and precision (each rank starts its part of that run as a child process
-that inherits its launch variables, so the child is that rank of the job), then rank 0 runs the reference (one
-device, fp32, no fused kernels) on the same data and weights and prints one table:
+Every launched rank runs this. It builds a tiny model of the planned model's family (its key/value head ratio
+kept, heads enough for the tensor-parallel degree), trains it 5 steps on the shipped corpus under the planned
+layout and precision (each rank starts its part of that run as a child process that inherits its launch variables,
+so the child is that rank of the job), then rank 0 runs the reference (one device, fp32, no fused kernels) on the
+same data and weights and prints one table:
 
   * loss curve and gradient norm: every step against the reference, within the precision's tolerance;
   * checkpoint round trip: the step-3 checkpoint saved under the planned layout, merged into one process and
-    resumed there, must continue as the reference does;
+    resumed there, must continue as the run that saved it did;
   * fused kernels: each kernel the flags ask for (on CPU: the compiled CPU kernels) against its composed ops;
   * export parity: the round-tripped model exported in the planned precision decodes like its checkpoint.
 
