@@ -74,6 +74,7 @@ PLANNED_FLAGS = (
     "gradient_accumulation_steps", "fp16", "bf16", "fp16_opt_level", "amp_master_grad", "use_flash_attention",
     "use_fused_rms_norm", "use_fused_rope", "recompute", "sequence_parallel", "pipeline_parallel_config",
 )
+PRECISION_FLAGS = ("fp16", "bf16", "fp16_opt_level", "amp_master_grad")
 # Relative tolerance of the loss curve and gradient norm against the fp32 reference, per precision. fp32 layouts
 # reorder sums only (measured under 1e-6 on CPU; GPU reductions are less deterministic); half precision rounds
 # every activation, so five steps drift by about its precision.
@@ -300,7 +301,7 @@ def corrupt_last_model_shard(checkpoint: str) -> None:
 
 
 def round_trip_row(plan: Plan, planned: str, micro_batch: int, fault: str | None) -> tuple[Row, str | None]:
-    """Merge the planned layout's step-3 checkpoint, resume it on one fp32 device to step 5, and compare with the
+    """Merge the planned layout's step-3 checkpoint, resume it on one device to step 5, and compare with the
     planned run's own steps 4-5: a checkpoint must continue as the run that saved it did (so this row isolates
     saving and loading from the training rows). Returns the row and the resumed run's directory (None when it
     could not run)."""
@@ -316,7 +317,9 @@ def round_trip_row(plan: Plan, planned: str, micro_batch: int, fault: str | None
     shutil.rmtree(merged, ignore_errors=True)
     merge_unified_checkpoint(checkpoint, merged)
     run = reference_run(plan, micro_batch)
-    run = Run(run.script, 1, {**run.flags, "resume_from_checkpoint": merged, "save_steps": 100})
+    # in the planned precision, so a half-precision checkpoint's master weights are read as the run saved them
+    precision = {name: value for name, value in plan.layout.items() if name in PRECISION_FLAGS}
+    run = Run(run.script, 1, {**run.flags, **precision, "resume_from_checkpoint": merged, "save_steps": 100})
     log_path = os.path.join(plan.directory, "logs", "round_trip.log")
     code = _run(command_line(run, resumed, base_flags(prepare_inputs(plan), resumed, plan.layout["device"])), log_path, standalone_environment())
     if code != 0:
