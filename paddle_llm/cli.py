@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "estimate": ("paddle_llm.estimator.command:main", "memory estimate and layout planner"),
     "export": ("paddle_llm.export.command:main", "export a checkpoint to a static inference graph (or FastDeploy layout)"),
     "serve": ("paddle_llm.serving.command:main", "serve a model: OpenAI-compatible REST and gRPC"),
+    "selftest": ("paddle_llm.selftest:main", "before a long run: train a tiny twin under its layout and precision, compare with one device"),
     "doctor": ("paddle_llm.doctor:main", "check versions, CPU, GPU, disk and RAM for a run; a fix for each failure"),
     "report": ("paddle_llm.trainer.report:main", "write OUTPUT_DIR/report.html: loss, learning rate, eval, tokens/s, config, memory"),
 }

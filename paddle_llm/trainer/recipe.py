@@ -294,11 +294,15 @@ def start(plan: RecipeSetup, dataclass_types, titles: tuple[str, ...]) -> Starte
 
 def add_run_callbacks(trainer, metrics_callback, **health_options) -> None:
     """The callbacks every run gets besides the report: ``metrics.jsonl`` and the numerical-health watch
-    (``health_options`` go to ``NumericalHealthCallback``)."""
+    (``health_options`` go to ``NumericalHealthCallback``), and ``paddle-llm selftest``'s per-rank records in the
+    runs it starts."""
     from paddle_llm.trainer.health import NumericalHealthCallback
+    from paddle_llm.trainer.selftest_probe import selftest_callbacks
 
     trainer.add_callback(metrics_callback)
     trainer.add_callback(NumericalHealthCallback(**health_options))
+    for callback in selftest_callbacks():
+        trainer.add_callback(callback)
 
 
 def train_save_evaluate(trainer, tokenizer, parsed: ParsedArgs, resume_from: str | None, tokens_per_row: float) -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import textwrap
-from dataclasses import dataclass, field
 
 import pytest
 
-from tests.conftest import RUN_PRETRAIN, ROOT, read_metrics, run_script
+from paddle_llm.trainer.equivalence import Run, command_line, compare_runs, steps
+from tests.conftest import RUN_PRETRAIN, ROOT, run_script
 from tests.integration.test_pretrain import pretrain_flags
 
 FINETUNE = os.path.join(ROOT, "finetune_generation.py")
@@ -27,35 +27,15 @@ RESUME_STEP = 3  # reshard tests save here and resume to STEPS
 TOLERANCE = 1e-5
 
 
-@dataclass(frozen=True)
-class Run:
-    """One training run: the script, its process count and flags."""
-
-    script: str
-    processes: int
-    flags: dict = field(default_factory=dict)
-
-
 def launch(run: Run, output_dir: str, base_flags: list[str]) -> str:
     """Run ``run`` (under ``paddle.distributed.launch`` when it has several processes); return its output dir."""
-    flags = base_flags + [str(token) for name, value in run.flags.items() for token in (f"--{name}", value)]
-    prefix = []
-    if run.processes > 1:
-        prefix = ["-m", "paddle.distributed.launch", "--nproc_per_node", str(run.processes), "--log_dir", os.path.join(output_dir, "launch_log")]
-    run_script(prefix + [run.script] + flags, timeout=900)
+    run_script(command_line(run, output_dir, base_flags), timeout=900)
     return output_dir
 
 
-def steps(output_dir: str) -> dict[int, dict]:
-    return {row["step"]: row for row in read_metrics(output_dir) if "loss" in row}
-
-
 def assert_same_training(actual_dir: str, expected_dir: str, expected_steps=range(1, STEPS + 1)):
-    actual, expected = steps(actual_dir), steps(expected_dir)
-    assert sorted(actual) == list(expected_steps), sorted(actual)
-    for step in expected_steps:
-        assert actual[step]["loss"] == pytest.approx(expected[step]["loss"], rel=TOLERANCE), ("loss", step)
-        assert actual[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=TOLERANCE), ("grad_norm", step)
+    for comparison in compare_runs(actual_dir, expected_dir, expected_steps, TOLERANCE):
+        assert comparison.passed, comparison.describe()
 
 
 class Runs:

@@ -66,6 +66,8 @@ REWRITES = (
             "the optional key is left out, so the README's client (api_key=\"unused\") is let in"),
     Rewrite("paddle-llm check --gpus 0,1,2,3,4,5,6,7", (("--device gpu", "--device cpu"),),
             "this Paddle build has no CUDA; check still validates the 8-rank layout (it starts no processes)"),
+    Rewrite("selftest.py --model_name_or_path ./llama-2-7b", (("--gpus 0,1", "--nproc_per_node 2"), ("--device gpu", "--device cpu")),
+            "no GPU here: the same selftest on 2 CPU processes (--bf16 and --use_flash_attention fall back with a warning each)"),
 )
 
 # The README's fixed ports may be taken on a shared machine: each `paddle-llm serve` gets free ports instead, and
@@ -85,7 +87,7 @@ LLAMA_2_7B_CONFIG = {
 }
 
 # Linked into the scratch directory so the README's relative paths resolve as they do in a checkout.
-CHECKOUT_FILES = ("run_pretrain.py", "finetune_generation.py", "run_dpo.py", "constraints.txt", "requirements.txt",
+CHECKOUT_FILES = ("run_pretrain.py", "finetune_generation.py", "run_dpo.py", "selftest.py", "constraints.txt", "requirements.txt",
                   "requirements-dev.txt")
 
 FENCE = re.compile(r"^```(\S*)\s*$")

@@ -46,7 +46,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("trainer", ("paddle_llm.trainer",)),
     ("export", ("paddle_llm.export",)),
     ("serving", ("paddle_llm.serving",)),
-    ("commands", ("paddle_llm.cli", "paddle_llm.__main__", "paddle_llm.doctor", "paddle_llm.demo", "paddle_llm.demo_finetune", "paddle_llm.demo_dpo")),
+    ("commands", ("paddle_llm.cli", "paddle_llm.__main__", "paddle_llm.doctor", "paddle_llm.demo", "paddle_llm.demo_finetune", "paddle_llm.demo_dpo", "paddle_llm.selftest")),
 ]
 LAYER_OF_UNIT = {unit: index for index, (_, units) in enumerate(LAYERS) for unit in units}
 ORDER = " -> ".join("/".join(unit.split(".")[-1] for unit in units) for _, units in LAYERS)

@@ -1,0 +1,45 @@
+"""What ``paddle-llm selftest`` takes from the planned run's flags: the family, layout, precision and tiny shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from paddle_llm.config.parser import ArgumentError
+from paddle_llm.selftest import TOLERANCE, make_plan, tiny_shape
+
+
+def test_layout_precision_and_kernel_flags_are_kept_and_the_rest_is_the_selftests(tmp_path):
+    plan = make_plan([
+        "--model_name_or_path", "tiny-qwen2", "--output_dir", "out/real", "--max_steps", "100000",
+        "--tensor_parallel_degree", "2", "--sharding", "stage2", "--bf16", "1", "--fp16_opt_level", "O2",
+        "--use_flash_attention", "1", "--learning_rate", "1e-4", "--device", "gpu", "--selftest_dir", str(tmp_path),
+    ])
+    assert plan.family == "qwen2"
+    assert plan.layout == {"device": "gpu", "tensor_parallel_degree": 2, "sharding": "stage2", "bf16": True, "fp16_opt_level": "O2", "use_flash_attention": True}
+    assert (plan.dtype, plan.tolerance) == ("bfloat16", TOLERANCE[("gpu", "bfloat16")])
+    assert plan.directory == str(tmp_path)
+
+
+def test_cpu_runs_compare_in_float32_and_an_args_file_comes_first(tmp_path):
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"model_name_or_path": "tiny-chatglm2", "output_dir": "out", "fp16": True, "device": "cpu"}))
+    plan = make_plan([str(args), "--sharding", "stage2"])
+    assert (plan.family, plan.device, plan.dtype, plan.tolerance) == ("chatglm2", "cpu", "float32", 1e-5)
+    assert plan.layout["sharding"] == "stage2" and plan.layout["fp16"] is True  # the CPU fallback warns in the run
+
+
+def test_a_hub_name_is_refused_with_what_to_pass():
+    with pytest.raises(ArgumentError, match="--model_name_or_path: .*local directory"):
+        make_plan(["--model_name_or_path", "meta-llama/Llama-2-7b"])
+
+
+def test_the_tiny_shape_keeps_the_head_ratio_and_fits_the_tensor_parallel_degree():
+    # Llama-2-70B-like: 64 query heads share 8 key/value heads; TP8 needs 8 heads, each its own KV head
+    assert tiny_shape("llama", {"num_attention_heads": 64, "num_key_value_heads": 8}, 8) == {
+        "num_attention_heads": 8, "hidden_size": 256, "intermediate_size": 704, "num_key_value_heads": 8,
+    }
+    # grouped 4:1 on one device: the tiny model's 4 heads share one key/value head
+    assert tiny_shape("llama", {"num_attention_heads": 32, "num_key_value_heads": 8}, 1) == {"num_key_value_heads": 1}
+    assert tiny_shape("chatglm", {"num_attention_heads": 32}, 8) == {"num_attention_heads": 8, "hidden_size": 256, "inner_hidden_size": 1024}
