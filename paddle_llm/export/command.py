@@ -1,4 +1,4 @@
-"""``paddle-llm export``: checkpoint -> step graph (or FastDeploy layout), then a parity check.
+"""``paddle-llm export``: checkpoint -> step graph (or FastDeploy layout) with a parity check, or a Hugging Face directory.
 
 Examples::
 
