@@ -13,7 +13,6 @@ Everything else is here, in the order a run meets it:
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from paddle_llm.peft.lora import apply_lora, load_lora
 from paddle_llm.peft.prefix import apply_prefix
 from paddle_llm.peft.quantize import QuantSpec
 from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
-from paddle_llm.trainer.console import log, logger, warn
+from paddle_llm.trainer.console import log, warn
 from paddle_llm.trainer.process_exit import end_launched_run
 
 EXIT_BAD_CONFIG = 2

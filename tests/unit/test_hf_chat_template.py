@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 
 from paddle_llm.data.sft import IGNORE_INDEX, Limits, Record, TruncationReport, family_layout, prompt_ids_as_trained, tokenize_record

@@ -22,7 +22,6 @@ from paddle_llm.models.cpu_ops import (
     is_replaced,
     pair_swap_matrix,
     parallel_reason,
-    rms_norm,
     rms_norm_forward,
     swap_pairs,
     swiglu,

@@ -25,7 +25,6 @@ from paddle_llm.models.cpu_ops import (
     is_float32,
     is_replaced,
     parallel_reason,
-    rms_norm,
     rms_norm_forward,
     sign_folded_sin_halves,
     swap_halves,
