@@ -5,10 +5,10 @@ Works under ``python -m paddle.distributed.launch`` exactly like PaddleNLP's fin
 
 import sys
 
-from paddle_llm.config.output import configure_output
+from paddle_llm.console import configure_output
 
 if __name__ == "__main__":
     configure_output()  # before the recipe imports Paddle, whose C++ logging reads its level as it loads
-    from paddle_llm.trainer.finetune import main
+    from paddle_llm.recipes import script_main
 
-    sys.exit(main())
+    sys.exit(script_main(__file__))

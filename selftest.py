@@ -6,10 +6,10 @@
 
 import sys
 
-from paddle_llm.config.output import configure_output
+from paddle_llm.console import configure_output
 
 if __name__ == "__main__":
     configure_output()  # before the selftest imports Paddle, whose C++ logging reads its level as it loads
-    from paddle_llm.selftest import main
+    from paddle_llm.tools.selftest import main
 
     sys.exit(main())

@@ -8,8 +8,8 @@ the ratio of the fastest steps (the least disturbed by other processes); the JSO
 Variants, each training ``LlamaForCausalLM`` fp32 with AdamW on one fixed batch of random tokens (8 x 128, vocab
 2000), OMP_NUM_THREADS=2 exported for all:
 
-- ``ours``: PaddleNLP's model + ``configure_cpu_runtime()`` + ``apply_cpu_fast_paths(model)``, which runs the
-  compiled CPU kernels (``paddle_llm/models/cpu_kernels.cc``; the JSON records that they were used).
+- ``ours``: PaddleNLP's model + ``configure_cpu_runtime()`` + ``apply_cpu_fast_paths(model, llama)``, which runs the
+  compiled CPU kernels (``paddle_llm/cpu/kernels.cc``; the JSON records that they were used).
 - ``paddlenlp``: PaddleNLP's model as a user gets it.
 - ``runtime only`` (ablation, ``--ablation``): PaddleNLP's model + ``configure_cpu_runtime()`` alone, to show what
   the process settings give without the composites.
@@ -115,7 +115,7 @@ def paddle_worker(variant: str, shape: str, min_seconds: float, min_steps: int, 
     if variant == "ours_composites":
         os.environ["PADDLE_LLM_CPU_KERNELS"] = "0"
     if variant != "paddlenlp":
-        from paddle_llm.config.threads import configure_cpu_runtime
+        from paddle_llm.cpu.threads import configure_cpu_runtime
 
         runtime_summary = configure_cpu_runtime(device="cpu").summary()
     import paddle
@@ -135,10 +135,11 @@ def paddle_worker(variant: str, shape: str, min_seconds: float, min_steps: int, 
     )
     model = LlamaForCausalLM(config)
     if variant in ("ours", "ours_composites", "ours_static"):
-        from paddle_llm.models import cpu_kernels
-        from paddle_llm.models.cpu_fast import apply_cpu_fast_paths
+        from paddle_llm.cpu import kernels as cpu_kernels
+        from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+        from paddle_llm.models.registry import family_of_model
 
-        replacements, kernels = apply_cpu_fast_paths(model), cpu_kernels.describe()
+        replacements, kernels = apply_cpu_fast_paths(model, family_of_model(model)), cpu_kernels.describe()
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-3, parameters=model.parameters())
     tokens = paddle.to_tensor(_fixed_batch())
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
@@ -147,7 +148,7 @@ def paddle_worker(variant: str, shape: str, min_seconds: float, min_steps: int, 
         return model(input_ids=input_ids, labels=label_ids)[0]
 
     if variant == "ours_static":
-        from paddle_llm.models.cpu_fast import to_static_for_cpu_training
+        from paddle_llm.cpu.fast_paths import to_static_for_cpu_training
 
         compute_loss = to_static_for_cpu_training(compute_loss)
 
@@ -207,7 +208,7 @@ def gemm_worker(framework: str, size: int = 2048, repeats: int = 10) -> dict:
         a, b = torch.randn(size, size), torch.randn(size, size)
         matmul = torch.matmul
     else:
-        from paddle_llm.config.threads import configure_cpu_runtime
+        from paddle_llm.cpu.threads import configure_cpu_runtime
 
         configure_cpu_runtime(device="cpu")
         import paddle

@@ -59,7 +59,7 @@ import json, resource, sys
 import paddle
 from paddlenlp.peft.lora.lora_layers import LoRALinear
 from paddle_llm.peft.qlora import quantized_bytes
-from paddle_llm.trainer import finetune
+from paddle_llm.recipes import finetune
 
 def rss_mb():
     with open("/proc/self/status") as f:
@@ -99,7 +99,8 @@ print("MEMORY " + json.dumps({
 DPO_DRIVER = r"""
 import json, sys
 import paddle
-from paddle_llm.trainer import dpo, finetune
+from paddle_llm.recipes import dpo
+from paddle_llm.recipes import finetune
 
 recipe = {"dpo": dpo, "finetune": finetune}[sys.argv[1]]
 plan = recipe.setup(sys.argv[2:])

@@ -27,7 +27,7 @@ from benchmarks._common import print_table, run, write_json  # noqa: E402
 # llama-20M (as benchmarks/train_throughput.py): big enough that, as in real models, the matrix multiplies and not the
 # attention scores dominate a step, so the measurement is about padding rather than tiny-model quirks.
 MODEL = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 8}
-# The process-wide CPU settings paddle_llm.config.threads describes (MKL's AVX2 kernels, freed tensors kept in the
+# The process-wide CPU settings paddle_llm.cpu.threads describes (MKL's AVX2 kernels, freed tensors kept in the
 # heap instead of unmapped), given to both runs through the environment: without them a step's time grows faster
 # than its token count, which would measure glibc's allocator instead of padding.
 CPU_ENVIRONMENT = {"MKL_DEBUG_CPU_TYPE": "5", "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}

@@ -49,7 +49,7 @@ def parse_args(argv=None):
 
 def setup(args, workdir: str):
     """Configure the CPU runtime, build and save the model, export it. Returns (checkpoint, export_dir, parity)."""
-    from paddle_llm.config.threads import configure_cpu_runtime
+    from paddle_llm.cpu.threads import configure_cpu_runtime
 
     configure_cpu_runtime(requested_threads=args.threads, device="cpu")
     import paddle
@@ -115,7 +115,7 @@ def engine_single(engine, args) -> dict:
 def paddlenlp_generate(checkpoint: str, args) -> dict:
     import paddle
 
-    from paddle_llm.export.peft_loading import load_model
+    from paddle_llm.inference.load import load_model
     from paddle_llm.models.registry import resolve_model
 
     model = load_model(resolve_model(checkpoint))

@@ -9,27 +9,35 @@ from __future__ import annotations
 import difflib
 import importlib
 import sys
+from typing import Callable
 
 from paddle_llm import __version__
-from paddle_llm.config.output import configure_output
+from paddle_llm.console import configure_output
+from paddle_llm.recipes import RECIPES
 
-# name -> (module:function taking argv and returning an exit code, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("paddle_llm.demo:main", "tiny end-to-end demo on CPU: preprocess, pretrain, generate"),
+# name -> (module:function taking argv and returning an exit code, one-line help); the training recipes join them
+# from their own records (``recipes.RECIPES``), after preprocess.
+STEPS_BEFORE_TRAINING: dict[str, tuple[str, str]] = {
+    "demo": ("paddle_llm.tools.demo:main", "tiny end-to-end demo on CPU: preprocess, pretrain, generate"),
     "tokenizer": ("paddle_llm.data.tokenizer:main", "train a SentencePiece tokenizer: tokenizer train --input ..."),
     "preprocess": ("paddle_llm.data.preprocess:main", "tokenize jsonl into PaddleNLP's mmap .bin/.idx format"),
-    "pretrain": ("paddle_llm.trainer.pretrain:main", "pretrain or continue-pretrain (same flags as run_pretrain.py)"),
-    "finetune": ("paddle_llm.trainer.finetune:main", "fine-tune: full, LoRA, QLoRA, prefix or LOMO (same flags as finetune_generation.py)"),
-    "dpo": ("paddle_llm.trainer.dpo:main", "align with preference pairs: DPO, full or LoRA (same flags as PaddleNLP's run_dpo.py)"),
+}
+STEPS_AFTER_TRAINING: dict[str, tuple[str, str]] = {
     "merge-lora": ("paddle_llm.peft.merge:main", "fold a LoRA adapter into its base model: merge-lora --model_name_or_path --lora_path --output_path"),
-    "check": ("paddle_llm.trainer.check:main", "run every pre-launch check: check [--nproc_per_node N] SCRIPT FLAGS..."),
+    "check": ("paddle_llm.tools.check:main", "run every pre-launch check: check [--nproc_per_node N] SCRIPT FLAGS..."),
     "convert-checkpoint": ("paddle_llm.parallel.convert:main", "merge a multi-rank unified checkpoint so one device can resume it"),
     "estimate": ("paddle_llm.estimator.command:main", "memory estimate and layout planner"),
     "export": ("paddle_llm.export.command:main", "export a checkpoint: static inference graph, FastDeploy layout, or a Hugging Face directory (--format hf)"),
     "serve": ("paddle_llm.serving.command:main", "serve a model: OpenAI-compatible REST and gRPC"),
-    "selftest": ("paddle_llm.selftest:main", "before a long run: train a tiny twin under its layout and precision, compare with one device"),
-    "doctor": ("paddle_llm.doctor:main", "check versions, CPU, GPU, disk and RAM for a run; a fix for each failure"),
+    "selftest": ("paddle_llm.tools.selftest:main", "before a long run: train a tiny twin under its layout and precision, compare with one device"),
+    "doctor": ("paddle_llm.tools.doctor:main", "check versions, CPU, GPU, disk and RAM for a run; a fix for each failure"),
     "report": ("paddle_llm.trainer.report:main", "write OUTPUT_DIR/report.html: loss, learning rate, eval, tokens/s, config, memory"),
+}
+# name -> (the function taking argv and returning an exit code, or where to import it from; one-line help)
+SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int] | str, str]] = {
+    **STEPS_BEFORE_TRAINING,
+    **{recipe.name: (recipe.main, recipe.summary) for recipe in RECIPES},
+    **STEPS_AFTER_TRAINING,
 }
 
 
@@ -59,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     configure_output()  # before the subcommand imports Paddle, whose C++ logging reads its level as it loads
-    module_name, function_name = SUBCOMMANDS[name][0].split(":")
-    entry = getattr(importlib.import_module(module_name), function_name)
+    entry = SUBCOMMANDS[name][0]
+    if isinstance(entry, str):
+        module_name, function_name = entry.split(":")
+        entry = getattr(importlib.import_module(module_name), function_name)
     return int(entry(rest) or 0)
 
 

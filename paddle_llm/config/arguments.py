@@ -207,46 +207,8 @@ class FinetuneArguments(CpuRuntimeArguments):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# DPO (``run_dpo.py`` / ``paddle-llm dpo``): PaddleNLP's llm/alignment/dpo/dpo_argument.py field names. LoRA takes
-# ``PeftArguments`` (``--lora``, ``--lora_rank``, ``--lora_path``, ``--lora_alpha``); the model ``ModelArguments``.
-
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "orpo", "or")
-
-
-@dataclass
-class DPODataArguments:
-    """Where the preference data is and how long a pair may be."""
-
-    train_dataset_path: str = field(default="./data/train.jsonl", metadata={"help": "training preferences (jsonl)"})
-    dev_dataset_path: str = field(default="./data/dev.jsonl", metadata={"help": "held-out preferences (jsonl)"})
-    max_seq_len: int = field(default=4096, metadata={"help": "most tokens of prompt and both replies together"})
-    max_prompt_len: int = field(default=2048, metadata={"help": "a prompt keeps its last this many tokens when a pair is too long"})
-    skip_bad_lines: bool = field(
-        default=False, metadata={"help": "skip malformed records (each is reported) instead of stopping at the first"}
-    )
-    greedy_zero_padding: bool = field(default=False, metadata={"help": "PaddleNLP's packing; not supported here (pairs are padded)"})
-    lazy: bool = field(default=False, metadata={"help": "PaddleNLP's streaming dataset; not supported here (files are read whole)"})
-
-    @property
-    def max_seq_length(self) -> int:
-        """The longest row the model sees: a prompt with one reply is at most ``max_seq_len``."""
-        return self.max_seq_len
-
-
-@dataclass
-class DPOArguments:
-    """The preference loss (PaddleNLP's ``DPOConfig``)."""
-
-    beta: float = field(default=0.1, metadata={"help": "how far the policy may move from the reference (the DPO beta)"})
-    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "assumed fraction of flipped preferences (sigmoid, simpo)"})
-    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid, hinge, ipo, simpo or orpo (= or with sft_loss_ratio 1)"})
-    pref_loss_ratio: float = field(default=1.0, metadata={"help": "weight of the preference loss"})
-    sft_loss_ratio: float = field(default=0.0, metadata={"help": "weight of the chosen replies' language-model loss"})
-    reference_free: bool = field(default=False, metadata={"help": "no reference model: its log-probabilities count as 0"})
-    dpop_lambda: float = field(default=50, metadata={"help": "PaddleNLP's dpop loss; not supported here"})
-    ref_model_update_steps: int = field(default=-1, metadata={"help": "PaddleNLP's reference refresh; not supported here (-1)"})
-    flash_mask: bool = field(default=False, metadata={"help": "PaddleNLP's GPU flash-mask kernel; not supported here"})
+# DPO's training arguments (its data and loss arguments are its own, in ``recipes/dpo.py``): a TrainingArguments
+# subclass loads PaddleNLP, which the recipe modules leave out at import so that ``paddle-llm --help`` stays instant.
 
 
 @dataclass

@@ -15,9 +15,11 @@ from __future__ import annotations
 import copy
 import os
 
+from paddle_llm import ASSETS_DIR
+
 TINY_VOCAB_SIZE = 1024
 # The tokenizer every preset's vocabulary is laid out for (see the module docstring).
-SHIPPED_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tokenizer")
+SHIPPED_TOKENIZER_DIR = os.path.join(ASSETS_DIR, "tokenizer")
 
 PRESETS: dict[str, dict] = {
     # Llama shape scaled down: 4 heads of 32, SwiGLU width ~ 8/3 * hidden rounded to a multiple of 32.

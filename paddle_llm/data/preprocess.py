@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from tqdm import tqdm
 
-from paddle_llm.config.output import configure_output
+from paddle_llm.console import configure_output
 from paddle_llm.data.indexed import IndexedDatasetWriter, token_dtype
 from paddle_llm.data.jsonl import DataError
 from paddle_llm.models.registry import load_tokenizer

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from paddle_llm.config.output import captured_output
+from paddle_llm.console import captured_output
 from paddle_llm.data.indexed import read_indexed_dataset
 from paddle_llm.data.jsonl import DataError
 

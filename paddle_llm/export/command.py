@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from paddle_llm.export.exporter import ExportRequest, export_checkpoint
-from paddle_llm.export.manifest import DTYPES, FORMAT_FASTDEPLOY, FORMAT_HF, FORMAT_STATIC, load_manifest
+from paddle_llm.inference.manifest import DTYPES, FORMAT_FASTDEPLOY, FORMAT_HF, FORMAT_STATIC, load_manifest
 from paddle_llm.models.hf_checkpoint import parse_size
 
 

@@ -25,8 +25,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from paddle_llm.config import cpu_features
-from paddle_llm.export.manifest import (
+from paddle_llm.cpu import features as cpu_features
+from paddle_llm.inference.manifest import (
     AVX512_PROGRAM,
     DTYPES,
     FORMAT_FASTDEPLOY,
@@ -131,7 +131,7 @@ def _write_step_graph(staging: str, step, family: str, dtype: str, prefix, manif
     """
     import paddle
 
-    from paddle_llm.export.step_graph import save_step_graph, step_spec
+    from paddle_llm.inference.step_graph import save_step_graph, step_spec
 
     save_step_graph(step.layer, family, dtype, step.layout.num_layers, os.path.join(staging, GRAPH_PREFIX))
     manifest.programs = [{"file": PORTABLE_PROGRAM, "needs": program_needs(os.path.join(staging, PORTABLE_PROGRAM))}]
@@ -151,7 +151,7 @@ def _write_step_graph(staging: str, step, family: str, dtype: str, prefix, manif
 def _write_avx512_program(staging: str, step, family: str, dtype: str) -> dict:
     """Trace the fused-RMSNorm variant of ``step`` and keep only its program: the same layer's buffers save to the
     same parameter file, which is checked byte for byte rather than assumed."""
-    from paddle_llm.export.step_graph import save_step_graph
+    from paddle_llm.inference.step_graph import save_step_graph
 
     variant_prefix = os.path.join(staging, "avx512f-variant")
     step.layer.fused_rms_norm = True
@@ -169,7 +169,7 @@ def _write_avx512_program(staging: str, step, family: str, dtype: str) -> dict:
 
 def _export_hf(request: ExportRequest, source, log) -> None:
     """``--format hf``: the merged float32 model, cast on write, as a Hugging Face directory."""
-    from paddle_llm.export.peft_loading import load_checkpoint_tokenizer, load_model
+    from paddle_llm.inference.load import load_checkpoint_tokenizer, load_model
 
     if source.family.hf is None:
         raise ValueError(f"--format hf is not available for {source.family.name}: {source.family.hf_refusal}")
@@ -199,14 +199,14 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest | Non
     Raises:
         ValueError, FileNotFoundError: bad flags or inputs, named in the message.
     """
-    from paddle_llm.export.peft_loading import (
+    from paddle_llm.inference.load import (
         load_checkpoint_tokenizer,
         load_model,
         load_prefix_model,
         prefix_cache,
         reload_in_dtype,
     )
-    from paddle_llm.export.step_graph import build_step_layer, max_context_length, prepare_for_tracing, step_spec
+    from paddle_llm.inference.step_graph import build_step_layer, max_context_length, prepare_for_tracing, step_spec
 
     request.validate()
     _check_dtype_supported(request)

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import paddle
 
-from paddle_llm.config import cpu_features
-from paddle_llm.export.manifest import FORMAT_STATIC, load_manifest
-from paddle_llm.export.peft_loading import load_checkpoint_tokenizer, load_model, load_prefix_model
-from paddle_llm.export.runtime import best_program, open_export_decoder, runnable_programs
+from paddle_llm.cpu import features as cpu_features
+from paddle_llm.inference.manifest import FORMAT_STATIC, load_manifest
+from paddle_llm.inference.load import load_checkpoint_tokenizer, load_model, load_prefix_model
+from paddle_llm.inference.runtime import best_program, open_export_decoder, runnable_programs
 from paddle_llm.models.registry import resolve_model
 
 DEFAULT_PROMPTS = (

@@ -125,7 +125,7 @@ class ModelFamily:
         paddlenlp_module: the PaddleNLP module prefix of the family's layers; a model (or a wrapper such as a LoRA
             model) is recognised by the first sublayer from it.
         cpu_fast_paths: swaps in the CPU implementations of the family's hot composites on one model instance and
-            returns what it replaced (``paddle_llm.models.cpu_fast``); None when the family has none.
+            returns what it replaced (``paddle_llm.cpu.fast_paths``); None when the family has none.
         step: how one KV-cache decoding step runs (``paddle_llm.models.step.StepSpec``), for export and serving.
         estimate_shape: the estimator's ``ModelShape`` fields from a config dict (``paddle_llm.models.memory_spec``).
         activations: the tensors the family's forward keeps for backward (``memory_spec.ActivationTable``).
@@ -387,3 +387,14 @@ FAMILY_PACKAGES = (
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family for family in (importlib.import_module(f"paddle_llm.models.{package}").FAMILY for package in FAMILY_PACKAGES)
 }
+
+
+def family_of_model(model) -> ModelFamily | None:
+    """The family of the first layer that comes from a family's PaddleNLP module, so wrappers such as a LoRA model
+    are recognised through the model they wrap; None for a model of no known family."""
+    for layer in model.sublayers(include_self=True):
+        module = type(layer).__module__ + "."
+        for family in FAMILIES.values():
+            if family.paddlenlp_module and module.startswith(family.paddlenlp_module):
+                return family
+    return None

@@ -1,6 +1,6 @@
 """How a family runs one KV-cache decoding step, as data the exporter and the server read (``ModelFamily.step``).
 
-``paddle_llm.export.step_graph`` drives every family through one signature (see there); a ``StepSpec`` says how to
+``paddle_llm.inference.step_graph`` drives every family through one signature (see there); a ``StepSpec`` says how to
 call the family's PaddleNLP model for it, where its cache keeps batch and sequence, and what a traced graph needs.
 """
 

@@ -21,8 +21,8 @@ import sys
 
 import uvicorn
 
-from paddle_llm.config.threads import configure_cpu_runtime
-from paddle_llm.export.manifest import FORMAT_FASTDEPLOY, load_manifest
+from paddle_llm.cpu.threads import configure_cpu_runtime
+from paddle_llm.inference.manifest import FORMAT_FASTDEPLOY, load_manifest
 from paddle_llm.serving.fastdeploy import FastDeployBackend, FastDeployServer, find_fastdeploy
 from paddle_llm.serving.grpc_server import start_grpc_server, stop_grpc_server
 from paddle_llm.serving.metrics import ServingMetrics

@@ -157,7 +157,7 @@ class EngineStats:
 
 
 class Engine:
-    """Continuous-batching generation over a ``StepDecoder`` (graph or dygraph, see ``paddle_llm.export.runtime``)."""
+    """Continuous-batching generation over a ``StepDecoder`` (graph or dygraph, see ``paddle_llm.inference.runtime``)."""
 
     def __init__(
         self,

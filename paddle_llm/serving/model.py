@@ -10,8 +10,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from paddle_llm.config import cpu_features
-from paddle_llm.export.manifest import load_manifest
+from paddle_llm.cpu import features as cpu_features
+from paddle_llm.inference.manifest import load_manifest
 from paddle_llm.models.registry import FAMILIES, load_tokenizer, resolve_model
 from paddle_llm.serving.engine import Engine
 
@@ -65,7 +65,7 @@ def open_export(model_dir: str, num_threads: int, max_batch_size: int, enable_mk
     Raises:
         FileNotFoundError, ValueError: not a step-graph export; the message says what to run.
     """
-    from paddle_llm.export.runtime import open_export_decoder
+    from paddle_llm.inference.runtime import open_export_decoder
 
     manifest = load_manifest(model_dir)
     decoder = open_export_decoder(model_dir, manifest, num_threads=num_threads, enable_mkldnn=enable_mkldnn,
@@ -86,16 +86,16 @@ def open_export(model_dir: str, num_threads: int, max_batch_size: int, enable_mk
 def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") -> ServedModel:
     """Serve a checkpoint directly in dygraph (``--engine dygraph``): no export step.
 
-    Math threads are process-wide in dygraph; set them first (``paddle_llm.config.threads.configure_cpu_runtime``).
+    Math threads are process-wide in dygraph; set them first (``paddle_llm.cpu.threads.configure_cpu_runtime``).
 
     Raises:
         FileNotFoundError, ValueError: not a checkpoint with weights.
     """
     import paddle
 
-    from paddle_llm.export.peft_loading import load_checkpoint_tokenizer, load_model
-    from paddle_llm.export.runtime import DygraphStepRunner, StepDecoder
-    from paddle_llm.export.step_graph import build_step_layer, max_context_length, step_spec
+    from paddle_llm.inference.load import load_checkpoint_tokenizer, load_model
+    from paddle_llm.inference.runtime import DygraphStepRunner, StepDecoder
+    from paddle_llm.inference.step_graph import build_step_layer, max_context_length, step_spec
 
     paddle.set_device(device)
     source = resolve_model(model_dir)

@@ -26,7 +26,6 @@ import paddle.nn.functional as F
 from paddle_llm.data.sft import IGNORE_INDEX
 from paddle_llm.trainer.trainer import LLMTrainer
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "or")
 AVERAGED_LOSS_TYPES = ("ipo", "or", "simpo")  # these compare per-token averages, not sums
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -61,6 +60,42 @@ def sequence_log_probs(logits: paddle.Tensor, labels: paddle.Tensor) -> tuple[pa
     return (token_log_probs * mask).sum(axis=-1), mask.sum(axis=-1)
 
 
+def _sigmoid_loss(logits, policy_chosen, policy_rejected, settings):
+    """DPO's: the log-sigmoid of the scaled margin, with ``label_smoothing`` of assumed flipped preferences."""
+    beta, smoothing = settings.beta, settings.label_smoothing
+    return -F.log_sigmoid(beta * logits) * (1 - smoothing) - F.log_sigmoid(-beta * logits) * smoothing
+
+
+def _hinge_loss(logits, policy_chosen, policy_rejected, settings):
+    return F.relu(1 - settings.beta * logits)
+
+
+def _ipo_loss(logits, policy_chosen, policy_rejected, settings):
+    return (logits - 1 / (2 * settings.beta)) ** 2
+
+
+def _simpo_loss(logits, policy_chosen, policy_rejected, settings):
+    """SimPO: the sigmoid loss with a target margin ``simpo_gamma`` (its log-probabilities are averages)."""
+    return _sigmoid_loss(logits - settings.simpo_gamma / settings.beta, policy_chosen, policy_rejected, settings)
+
+
+def _odds_ratio_loss(logits, policy_chosen, policy_rejected, settings):
+    """ORPO's odds-ratio term, from the policy alone (``or``; run_dpo.py's ``orpo`` adds the SFT loss)."""
+    log_odds = (policy_chosen - policy_rejected) - (paddle.log1p(-paddle.exp(policy_chosen)) - paddle.log1p(-paddle.exp(policy_rejected)))
+    return -F.log_sigmoid(log_odds)
+
+
+# --loss_type -> per-pair loss of (logits: the policy's chosen-minus-rejected margin less the reference's, the
+# policy's chosen and rejected log-probabilities, PreferenceLoss). A new loss is one function and one line here.
+LOSSES = {
+    "sigmoid": _sigmoid_loss,
+    "hinge": _hinge_loss,
+    "ipo": _ipo_loss,
+    "simpo": _simpo_loss,
+    "or": _odds_ratio_loss,
+}
+
+
 def preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, settings: PreferenceLoss):
     """The pair-wise loss (mean over pairs, times ``pref_loss_ratio``) and each pair's chosen/rejected rewards.
 
@@ -69,23 +104,12 @@ def preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_
     Returns:
         ``(loss, chosen_rewards, rejected_rewards)``; a reward is ``beta * (policy - reference)``.
     """
-    beta = settings.beta
+    if settings.loss_type not in LOSSES:
+        raise ValueError(f"unknown loss type {settings.loss_type!r}; use one of {', '.join(LOSSES)}")
     logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
-    if settings.loss_type == "simpo":
-        logits = logits - settings.simpo_gamma / beta
-    if settings.loss_type in ("sigmoid", "simpo"):
-        losses = -F.log_sigmoid(beta * logits) * (1 - settings.label_smoothing) - F.log_sigmoid(-beta * logits) * settings.label_smoothing
-    elif settings.loss_type == "hinge":
-        losses = F.relu(1 - beta * logits)
-    elif settings.loss_type == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
-    elif settings.loss_type == "or":
-        log_odds = (policy_chosen - policy_rejected) - (paddle.log1p(-paddle.exp(policy_chosen)) - paddle.log1p(-paddle.exp(policy_rejected)))
-        losses = -F.log_sigmoid(log_odds)
-    else:
-        raise ValueError(f"unknown loss type {settings.loss_type!r}; use one of {', '.join(LOSS_TYPES)}")
-    chosen_rewards = beta * (policy_chosen - reference_chosen)
-    rejected_rewards = beta * (policy_rejected - reference_rejected)
+    losses = LOSSES[settings.loss_type](logits, policy_chosen, policy_rejected, settings)
+    chosen_rewards = settings.beta * (policy_chosen - reference_chosen)
+    rejected_rewards = settings.beta * (policy_rejected - reference_rejected)
     return losses.mean() * settings.pref_loss_ratio, chosen_rewards, rejected_rewards
 
 

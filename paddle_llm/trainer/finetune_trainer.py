@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import paddle
 
 from paddle_llm.data.sft import IGNORE_INDEX
-from paddle_llm.models.cpu_ops import CausalLMLoss
+from paddle_llm.cpu.ops import CausalLMLoss
 from paddle_llm.models.registry import family_named
 from paddle_llm.peft.lomo import LomoOptimizer
 from paddle_llm.trainer.callbacks import MetricsFileCallback

@@ -20,8 +20,8 @@ import atexit
 import os
 import sys
 
-from paddle_llm.config.threads import launched_processes
-from paddle_llm.trainer.console import log
+from paddle_llm.cpu.threads import launched_processes
+from paddle_llm.console import log
 
 
 def paddle_native_teardown_hooks() -> list:

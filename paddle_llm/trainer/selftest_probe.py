@@ -1,6 +1,6 @@
 """What a training run started by ``paddle-llm selftest`` records per rank, and the test-only gradient fault.
 
-``add_run_callbacks`` adds ``RankRecordCallback`` only when the selftest set ``equivalence.RECORDS_VARIABLE`` in the
+``add_run_callbacks`` adds ``RankRecordCallback`` only when the selftest set ``rank_records.RECORDS_VARIABLE`` in the
 run's environment, so other runs never pay for it.
 """
 
@@ -14,9 +14,9 @@ from paddle.distributed import fleet
 from paddlenlp.trainer import TrainerCallback
 
 from paddle_llm.trainer.callbacks import global_grad_norm
-from paddle_llm.trainer.equivalence import RECORDS_VARIABLE, injected_fault, rank_records_path
+from paddle_llm.trainer.rank_records import RECORDS_VARIABLE, injected_fault, rank_records_path
 
-# equivalence.FAULTS["allreduce"]: an offset, not a scale, because Adam's update ignores a gradient's scale.
+# rank_records.FAULTS["allreduce"]: an offset, not a scale, because Adam's update ignores a gradient's scale.
 GRADIENT_FAULT_OFFSET = 0.05
 
 

@@ -60,7 +60,7 @@ def reload(method, family, model_dir, output_dir):
 def run(family, model_dir, data_dir, output_root, method):
     from paddle_llm.data.sft import SftCollator, family_layout
     from paddle_llm.peft.lora import merge_lora
-    from paddle_llm.trainer import finetune
+    from paddle_llm.recipes import finetune
 
     output_dir = os.path.join(output_root, method)
     plan = finetune.setup(flags(model_dir, data_dir, output_dir, method))

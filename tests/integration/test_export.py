@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from paddle_llm.export.command import main as export_main
-from paddle_llm.export.manifest import load_manifest
+from paddle_llm.inference.manifest import load_manifest
 from tests.integration.tiny_checkpoint import make_checkpoint, make_lora_adapter, make_prefix_adapter
 
 FAMILIES = {"llama": "tiny-llama", "chatglm": "tiny-chatglm", "chatglm2": "tiny-chatglm2", "qwen2": "tiny-qwen2"}
@@ -92,7 +92,7 @@ def test_check_fails_against_a_different_checkpoint(exports, checkpoints, workdi
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("chatglm2", marks=pytest.mark.slow), "qwen2"])
 def test_lora_is_merged_and_matches_unmerged_adapter(checkpoints, exports, workdir, family):
-    from paddle_llm.export.runtime import open_export_decoder
+    from paddle_llm.inference.runtime import open_export_decoder
 
     lora = make_lora_adapter(checkpoints[family], str(workdir / f"lora-{family}"))
     output = str(workdir / f"export-lora-{family}")
@@ -150,8 +150,8 @@ def test_a_checkpoint_trained_with_gpu_kernel_switches_exports_on_cpu(checkpoint
 
 
 def test_exported_programs_record_what_they_need_and_model_json_runs_anywhere(exports):
-    from paddle_llm.config import cpu_features
-    from paddle_llm.export.manifest import program_needs
+    from paddle_llm.cpu import features as cpu_features
+    from paddle_llm.inference.manifest import program_needs
 
     for family, (_, output) in exports.items():
         programs = load_manifest(output).programs

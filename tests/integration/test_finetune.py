@@ -322,5 +322,5 @@ def test_bad_record_is_a_one_line_error_naming_file_line_and_field(tmp_path):
 def test_demo_fine_tuning_reaches_the_accuracy_target(tmp_path):
     """The demo's pretraining, then its LoRA stage: held-out exact match goes from ~0 to >= 90%."""
     run_script(["-m", "paddle_llm", "demo", "--output_dir", str(tmp_path), "--max_steps", "200", "--disable_tqdm"], timeout=1200)
-    result = run_script(["-m", "paddle_llm.demo_finetune", "--model_dir", str(tmp_path / "pretrain"), "--output_dir", str(tmp_path / "finetune")], timeout=1200)
+    result = run_script(["-m", "paddle_llm.tools.demo_finetune", "--model_dir", str(tmp_path / "pretrain"), "--output_dir", str(tmp_path / "finetune")], timeout=1200)
     assert "fine-tuning demo OK" in result.stdout

@@ -1,4 +1,4 @@
-"""What a person reads (``paddle_llm.config.output``): real commands print our lines, progress bars and warnings
+"""What a person reads (``paddle_llm.console``): real commands print our lines, progress bars and warnings
 that need action, and none of Paddle's or PaddleNLP's chatter; ``PADDLE_LLM_VERBOSE=1`` brings the chatter back.
 
 Run as from a user's shell: Python warnings on (``run_script`` turns them off) and ``OMP_NUM_THREADS`` above 1.
@@ -7,7 +7,7 @@ Run as from a user's shell: Python warnings on (``run_script`` turns them off) a
 import httpx
 import pytest
 
-from paddle_llm.config.output import VERBOSE_VARIABLE
+from paddle_llm.console import VERBOSE_VARIABLE
 from paddle_llm.serving.process import ServerProcess
 from tests.conftest import RUN_PRETRAIN, run_script, subprocess_env
 from tests.integration.test_pretrain import pretrain_flags

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from paddle_llm.trainer.equivalence import Run, command_line, compare_runs, steps
+from paddle_llm.tools.equivalence import Run, command_line, compare_runs, steps
 from tests.conftest import RUN_PRETRAIN, ROOT, run_script
 from tests.integration.test_pretrain import pretrain_flags
 

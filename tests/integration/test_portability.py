@@ -17,8 +17,8 @@ import sys
 import httpx
 import pytest
 
-from paddle_llm.config import cpu_features
-from paddle_llm.export.manifest import load_manifest
+from paddle_llm.cpu import features as cpu_features
+from paddle_llm.inference.manifest import load_manifest
 from tests.conftest import ROOT, RUN_PRETRAIN, subprocess_env
 from tests.integration.server_process import ServerProcess
 from tests.integration.tiny_checkpoint import make_checkpoint

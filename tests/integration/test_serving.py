@@ -161,7 +161,7 @@ def test_grpc_wrong_key(server):
 
 @pytest.fixture(scope="module")
 def context_length(model_dirs):
-    from paddle_llm.export.manifest import load_manifest
+    from paddle_llm.inference.manifest import load_manifest
 
     return load_manifest(model_dirs[2]).max_context_length
 

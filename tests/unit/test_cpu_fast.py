@@ -2,7 +2,7 @@
 
 Component tests call a layer's PaddleNLP class ``forward`` and the fast ``forward`` bound on the same instance, so
 both see the same weights. Whole-model tests train a PaddleNLP model and a copy with the fast paths side by side.
-Both run twice: on the compiled kernels (``cpu_kernels.cc``) and on the pure-Paddle composites they fall back to.
+Both run twice: on the compiled kernels (``cpu/kernels.cc``) and on the pure-Paddle composites they fall back to.
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ from paddlenlp.transformers.chatglm_v2 import modeling as chatglm2_modeling
 from paddlenlp.transformers.qwen2 import modeling as qwen2_modeling
 from paddlenlp.transformers.llama import modeling as llama_modeling
 
-from paddle_llm.config.threads import OPENMP_BLOCKTIME_MS
-from paddle_llm.models import cpu_fast, cpu_kernels, cpu_ops
-from paddle_llm.models.cpu_fast import apply_cpu_fast_paths, to_static_for_cpu_training
-from paddle_llm.models.cpu_ops import CausalLMLoss, tanh_gelu
+from paddle_llm.cpu.threads import OPENMP_BLOCKTIME_MS
+from paddle_llm.cpu import fast_paths as cpu_fast
+from paddle_llm.cpu import kernels as cpu_kernels
+from paddle_llm.cpu import ops as cpu_ops
+from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths, to_static_for_cpu_training
+from paddle_llm.models.registry import family_of_model
+from paddle_llm.cpu.ops import CausalLMLoss, tanh_gelu
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 from tests.conftest import ROOT, run_script, subprocess_env
 
@@ -62,7 +65,7 @@ def fast_models():
     models = {}
     for family in PRESET_OF_FAMILY:
         _, model = _tiny_model(family)
-        assert apply_cpu_fast_paths(model)
+        assert apply_cpu_fast_paths(model, family_of_model(model))
         models[family] = model
     return models
 
@@ -279,7 +282,7 @@ def _reference_and_fast_copy(family: str):
 @pytest.mark.parametrize("family", list(PRESET_OF_FAMILY))
 def test_ten_adamw_steps_give_paddlenlp_losses(composites, family):
     source, reference, fast = _reference_and_fast_copy(family)
-    replacements = apply_cpu_fast_paths(fast)
+    replacements = apply_cpu_fast_paths(fast, family_of_model(fast))
     assert {entry.split(" ")[0] for entry in replacements} >= {f"{family}.attention_rotary_mask"}
     expected = _train_losses(reference, source, steps=10)
     actual = _train_losses(fast, source, steps=10)
@@ -288,7 +291,7 @@ def test_ten_adamw_steps_give_paddlenlp_losses(composites, family):
 
 def test_to_static_training_step_gives_dygraph_losses():
     source, reference, fast = _reference_and_fast_copy("llama")
-    apply_cpu_fast_paths(fast)
+    apply_cpu_fast_paths(fast, family_of_model(fast))
     expected = _train_losses(reference, source, steps=3)
     actual = _train_losses(fast, source, steps=3, compile_step=True)
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
@@ -298,8 +301,8 @@ def test_to_static_training_step_gives_dygraph_losses():
 def test_state_dict_is_unchanged_and_applying_twice_changes_nothing(family):
     _, model = _tiny_model(family)
     before = {name: value.numpy().copy() for name, value in model.state_dict().items()}
-    assert apply_cpu_fast_paths(model)
-    assert apply_cpu_fast_paths(model) == []
+    assert apply_cpu_fast_paths(model, family_of_model(model))
+    assert apply_cpu_fast_paths(model, family_of_model(model)) == []
     after = model.state_dict()
     assert list(after) == list(before)
     for name, value in after.items():
@@ -308,7 +311,7 @@ def test_state_dict_is_unchanged_and_applying_twice_changes_nothing(family):
 
 def test_replacements_are_named_per_family_component():
     _, model = _tiny_model("llama")
-    assert sorted(apply_cpu_fast_paths(model)) == [
+    assert sorted(apply_cpu_fast_paths(model, family_of_model(model))) == [
         "llama.attention_rotary_mask x2",
         "llama.loss x1",
         "llama.mlp_swiglu x2",
@@ -328,7 +331,7 @@ def test_fast_paths_were_verified_against_the_installed_paddle_and_paddlenlp():
 def test_apply_is_a_noop_when_the_model_is_not_on_cpu(monkeypatch):
     monkeypatch.setattr(cpu_fast, "model_is_on_cpu", lambda model: False)
     _, model = _tiny_model("llama")
-    assert apply_cpu_fast_paths(model) == []
+    assert apply_cpu_fast_paths(model, family_of_model(model)) == []
     assert not any("forward" in vars(layer) for layer in model.sublayers(include_self=True))
     assert type(model.criterion) is llama_modeling.LlamaPretrainingCriterion
 
@@ -338,7 +341,7 @@ def test_configure_cpu_runtime_sets_threads_and_cpu_settings_in_a_fresh_process(
     code = """
 import ctypes, json, os
 import paddle
-from paddle_llm.config.threads import available_cores, configure_cpu_runtime, configure_threads
+from paddle_llm.cpu.threads import available_cores, configure_cpu_runtime, configure_threads
 runtime = configure_cpu_runtime(requested_threads=2, device="cpu")
 libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
 openmp = ctypes.CDLL(os.path.join(libs, "libiomp5.so"), mode=os.RTLD_NOLOAD)
@@ -367,7 +370,7 @@ print(json.dumps({
 
 
 def test_default_threads_use_every_core_when_the_user_set_none():
-    code = "from paddle_llm.config.threads import available_cores, configure_threads; print(configure_threads() == available_cores())"
+    code = "from paddle_llm.cpu.threads import available_cores, configure_threads; print(configure_threads() == available_cores())"
     env = {k: v for k, v in subprocess_env().items() if k != "OMP_NUM_THREADS"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.stdout.strip().splitlines()[-1] == "True", result.stderr[-2000:]

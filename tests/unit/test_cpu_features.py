@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from paddle_llm.config import cpu_features
-from paddle_llm.config.cpu_features import (
+from paddle_llm.cpu import features as cpu_features
+from paddle_llm.cpu.features import (
     CpuFeatures,
     fused_rms_norm_allowed,
     inference_passes_to_delete,
@@ -69,7 +69,7 @@ def test_detect_reads_cpuid_through_numpy():
 
 
 def test_kernel_cache_key_and_flags_follow_the_cpu(monkeypatch):
-    from paddle_llm.models import cpu_kernels
+    from paddle_llm.cpu import kernels as cpu_kernels
 
     directories, flags = {}, {}
     for name, machine in (("avx2", AVX2_MACHINE), ("avx512", AVX512_MACHINE)):
@@ -86,7 +86,7 @@ def write_program(path, ops):
 
 
 def manifest_with(programs):
-    from paddle_llm.export.manifest import ExportManifest
+    from paddle_llm.inference.manifest import ExportManifest
 
     return ExportManifest(format="paddle", family="llama", chat_template="llama", dtype="float32", vocab_size=8,
                           max_context_length=8, eos_token_ids=[2], pad_token_id=0, programs=programs,
@@ -94,7 +94,7 @@ def manifest_with(programs):
 
 
 def test_serving_picks_the_best_program_the_cpu_runs(tmp_path, monkeypatch):
-    from paddle_llm.export.runtime import best_program, runnable_programs
+    from paddle_llm.inference.runtime import best_program, runnable_programs
 
     programs = [{"file": "model.avx512f.json", "needs": ["avx512f"]}, {"file": "model.json", "needs": []}]
     manifest = manifest_with(programs)
@@ -107,7 +107,7 @@ def test_serving_picks_the_best_program_the_cpu_runs(tmp_path, monkeypatch):
 def test_an_older_export_is_read_for_its_needs_and_refused_clearly(tmp_path, monkeypatch):
     """An export from before ``programs`` holds model.json only, maybe with the fused RMSNorm: on a CPU without
     AVX-512 that is a message saying to re-export, not a SIGILL."""
-    from paddle_llm.export.runtime import best_program, runnable_programs
+    from paddle_llm.inference.runtime import best_program, runnable_programs
 
     write_program(tmp_path / "model.json", ["embedding", "fused_rms_norm_quant", "matmul"])
     older = manifest_with(None)

@@ -13,8 +13,9 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from paddle_llm.models import cpu_kernels
-from paddle_llm.models.cpu_fast import apply_cpu_fast_paths
+from paddle_llm.cpu import kernels as cpu_kernels
+from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+from paddle_llm.models.registry import family_of_model
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 from tests.conftest import ROOT, run_script, subprocess_env
 
@@ -60,7 +61,7 @@ def test_a_llama_training_step_runs_every_kernel(kernels, monkeypatch, hidden, e
     monkeypatch.setattr(cpu_kernels, "load", lambda: recording)
     source = resolve_model("tiny-llama")
     model = build_model(source, build_config(source, num_hidden_layers=2, vocab_size=1024), load_weights=False)
-    apply_cpu_fast_paths(model)
+    apply_cpu_fast_paths(model, family_of_model(model))
     tokens = paddle.to_tensor(np.random.default_rng(0).integers(0, 1024, size=(2, 17)).astype("int64"))
     loss = model(input_ids=tokens[:, :-1], labels=tokens[:, 1:])[0]
     loss.backward()
@@ -145,7 +146,7 @@ def _attention_values_and_grads(attention, arrays, mask, cotangent):
 def test_attention_kernel_equals_the_composite_it_replaces(kernels, case, monkeypatch):
     """Forward, probabilities and the three gradients, for grouped heads, a longer cached key sequence, every mask
     broadcast and ChatGLM's sequence-first layout."""
-    from paddle_llm.models.cpu_ops import attention_in_projection_layout
+    from paddle_llm.cpu.ops import attention_in_projection_layout
 
     arrays, mask, cotangent, sequence_first = _attention_case(case)
     got = _attention_values_and_grads(
@@ -160,11 +161,11 @@ def test_attention_kernel_equals_the_composite_it_replaces(kernels, case, monkey
 
 _ATTENTION_WITH_THREADS = """
 import sys
-from paddle_llm.config.threads import configure_cpu_runtime
+from paddle_llm.cpu.threads import configure_cpu_runtime
 configure_cpu_runtime(2, device="cpu")
 import numpy as np
-from paddle_llm.models import cpu_kernels
-from paddle_llm.models.cpu_ops import attention_in_projection_layout
+from paddle_llm.cpu import kernels as cpu_kernels
+from paddle_llm.cpu.ops import attention_in_projection_layout
 from tests.unit.test_cpu_kernels import _attention_case, _attention_values_and_grads
 kernels = cpu_kernels.load()
 arrays, mask, cotangent, _ = _attention_case("llama")
@@ -207,13 +208,14 @@ _DESCRIBE_AND_TRAIN = """
 import logging, math, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s %(message)s")
 import numpy as np, paddle
-from paddle_llm.models import cpu_kernels
-from paddle_llm.models.cpu_fast import apply_cpu_fast_paths
+from paddle_llm.cpu import kernels as cpu_kernels
+from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+from paddle_llm.models.registry import family_of_model
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 source = resolve_model("tiny-llama")
 paddle.seed(0)
 model = build_model(source, build_config(source, num_hidden_layers=2, vocab_size=1024), load_weights=False)
-apply_cpu_fast_paths(model)
+apply_cpu_fast_paths(model, family_of_model(model))
 tokens = paddle.to_tensor(np.random.default_rng(0).integers(0, 1024, size=(2, 17)).astype("int64"))
 loss = model(input_ids=tokens[:, :-1], labels=tokens[:, 1:])[0]
 loss.backward()
@@ -249,7 +251,7 @@ def test_processes_starting_together_compile_once_and_share_the_library(tmp_path
     outputs = [process.communicate(timeout=600)[0] for process in processes]
     assert [process.returncode for process in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert [_lines(output, "DESCRIBE") for output in outputs] == [["compiled CPU kernels"]] * 2
-    compiles = sum(len(_lines(output, "paddle_llm.models.cpu_kernels compiling")) for output in outputs)
+    compiles = sum(len(_lines(output, "paddle_llm.cpu.kernels compiling")) for output in outputs)
     assert compiles == 1
     assert _lines(outputs[0], "LOSS") == _lines(outputs[1], "LOSS")
     assert len(list(tmp_path.glob("*/paddle_llm_cpu_kernels/paddle_llm_cpu_kernels.so"))) == 1

@@ -8,9 +8,10 @@ from dataclasses import replace
 
 import pytest
 
-from paddle_llm import cli, doctor
+from paddle_llm import cli
+from paddle_llm.tools import doctor
 from paddle_llm.estimator.flags import estimate_for_flags
-from paddle_llm.doctor import (
+from paddle_llm.tools.doctor import (
     EnvironmentFacts,
     GpuFacts,
     PaddleFacts,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from paddle_llm.config.parser import parse_flags
-from paddle_llm.trainer.dpo import _dataclass_types, adjust_like_run_dpo, check_dpo
+from paddle_llm.recipes.dpo import _dataclass_types, adjust_like_run_dpo, check_dpo
 
 
 def values(*flags: str) -> dict:
@@ -41,7 +41,7 @@ def test_parallel_layouts_dpo_cannot_run_are_refused_before_launch():
 
 
 def test_paddle_llm_check_runs_the_dpo_recipes_own_checks(capsys, monkeypatch):
-    from paddle_llm.trainer.check import main
+    from paddle_llm.tools.check import main
 
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "1")  # check sets it for the recipe; restored after the test
 
@@ -59,7 +59,7 @@ def test_paddlenlp_llama_dpo_args_file_parses_and_names_what_to_change_for_cpu(t
     import pytest
 
     from paddle_llm.config.parser import ArgumentError
-    from paddle_llm.trainer.dpo import setup
+    from paddle_llm.recipes.dpo import setup
 
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "1")
     paddlenlp_file = {

@@ -12,8 +12,8 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_llm.export.runtime import StepDecoder, step_attention_mask
-from paddle_llm.export.manifest import CacheLayout
+from paddle_llm.inference.runtime import StepDecoder, step_attention_mask
+from paddle_llm.inference.manifest import CacheLayout
 from paddle_llm.serving.engine import Engine, EngineClosedError
 from paddle_llm.serving.sampling import (
     SamplingParams,
@@ -314,8 +314,8 @@ def test_prompt_filling_context_is_refused():
 @pytest.mark.parametrize("implementation", ["paddlenlp", "llama_inference"])
 def test_real_model_rows_batched_match_rows_alone(implementation):
     from paddle_llm.models.llama.inference_step import LlamaInferenceStep
-    from paddle_llm.export.runtime import DygraphStepRunner
-    from paddle_llm.export.step_graph import KVCacheStep, cache_layout
+    from paddle_llm.inference.runtime import DygraphStepRunner
+    from paddle_llm.inference.step_graph import KVCacheStep, cache_layout
     from paddle_llm.models.registry import build_config, build_model, resolve_model
 
     paddle.seed(0)

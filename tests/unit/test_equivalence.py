@@ -6,15 +6,13 @@ import json
 
 import pytest
 
-from paddle_llm.trainer.equivalence import (
-    FAULT_VARIABLE,
+from paddle_llm.trainer.rank_records import FAULT_VARIABLE, injected_fault, rank_records_path
+from paddle_llm.tools.equivalence import (
     Run,
     command_line,
     compare_metric,
     compare_runs,
     first_disagreeing_ranks,
-    injected_fault,
-    rank_records_path,
     read_rank_records,
     standalone_environment,
 )

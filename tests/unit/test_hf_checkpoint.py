@@ -14,8 +14,10 @@ import paddle
 import pytest
 from safetensors.numpy import save_file
 
-from paddle_llm.models import cpu_kernels, hf_checkpoint
-from paddle_llm.models.cpu_fast import apply_cpu_fast_paths
+from paddle_llm.cpu import kernels as cpu_kernels
+from paddle_llm.models import hf_checkpoint
+from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+from paddle_llm.models.registry import family_of_model
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 from tests.conftest import ROOT
 
@@ -69,7 +71,7 @@ def test_logits_equal_transformers(name, fast_paths, monkeypatch):
         monkeypatch.setattr(cpu_kernels, "load", lambda: None)
     model = load(fixture_dir(name))
     if fast_paths != "paddlenlp":
-        assert "attention_rotary_mask" in " ".join(apply_cpu_fast_paths(model))
+        assert "attention_rotary_mask" in " ".join(apply_cpu_fast_paths(model, family_of_model(model)))
     expected = np.load(os.path.join(fixture_dir(name), "reference_logits.npy"))
     np.testing.assert_allclose(logits_of(model, reference(name)["logits_input_ids"]), expected, atol=1e-4, rtol=0)
 
@@ -81,7 +83,7 @@ def test_three_adamw_steps_reproduce_transformers_losses(name, fast_paths):
     settings = ref["optimizer"]
     model = load(fixture_dir(name))
     if fast_paths:
-        assert apply_cpu_fast_paths(model)
+        assert apply_cpu_fast_paths(model, family_of_model(model))
     model.train()
     # As the fixture's torch param groups (and PaddleNLP's Trainer): no decay for norms and biases.
     decayed = {p.name for n, p in model.named_parameters() if not any(s in n for s in settings["no_decay_name_parts"])}

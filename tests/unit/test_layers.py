@@ -2,17 +2,20 @@
 
 Layers, lowest first; a module may import its own layer and the layers below it, never one above::
 
-    0 foundation   paddle_llm (the package root), config, files
-    1 components   data, models, peft, parallel, estimator
-    2 trainer      trainer
-    3 export       export
-    4 serving      serving
-    5 commands     cli, __main__, doctor, demo, demo_finetune
+    0 foundation   paddle_llm (the package root), console, config, files
+    1 cpu          cpu (what the processor can do, and the kernels and fast paths chosen from it)
+    2 components   data, models, peft, parallel, estimator
+    3 inference    inference (the step graph, the decoder, loading a checkpoint and adapter to run it)
+    4 trainer      trainer (Trainer classes, callbacks, checkpoints, health, report)
+    5 recipes      recipes (the spine and one module per recipe: pretrain, finetune, dpo)
+    6 delivery     export, serving (both stand on inference; neither imports the other)
+    7 commands     tools (check, doctor, selftest, demo), cli, __main__
 
-``estimator`` is pure maths over model configs, so it sits beside ``models`` (whose registry it reads). ``doctor``
-and ``demo`` drive every layer below them, like ``cli``. Inside a layer any direction is allowed as long as no
+``cpu`` sits under the families because each family's fast path (``models/<family>/cpu_fast.py``) is built from
+its ops. ``estimator`` is pure maths over model configs, so it sits beside ``models`` (whose registry it reads).
+The tools drive every layer below them, like ``cli``. Inside a layer any direction is allowed as long as no
 two packages import each other (``data`` asks ``models`` for tokenizers and chat templates, so ``models`` never
-imports ``data``), and no two modules import each other at all.
+imports ``data``; ``serving`` and ``export`` never import each other), and no two modules import each other at all.
 
 Every import counts, at module level or inside a function: an import inside a function is still an edge, it only
 runs later. Such a "lazy" import is allowed for one reason only: it keeps a heavy dependency out of a module that
@@ -41,12 +44,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PACKAGE = "paddle_llm"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("paddle_llm", "paddle_llm.config", "paddle_llm.files")),
+    ("foundation", ("paddle_llm", "paddle_llm.console", "paddle_llm.config", "paddle_llm.files")),
+    ("cpu", ("paddle_llm.cpu",)),
     ("components", ("paddle_llm.data", "paddle_llm.models", "paddle_llm.peft", "paddle_llm.parallel", "paddle_llm.estimator")),
+    ("inference", ("paddle_llm.inference",)),
     ("trainer", ("paddle_llm.trainer",)),
-    ("export", ("paddle_llm.export",)),
-    ("serving", ("paddle_llm.serving",)),
-    ("commands", ("paddle_llm.cli", "paddle_llm.__main__", "paddle_llm.doctor", "paddle_llm.demo", "paddle_llm.demo_finetune", "paddle_llm.demo_dpo", "paddle_llm.selftest")),
+    ("recipes", ("paddle_llm.recipes",)),
+    ("delivery", ("paddle_llm.export", "paddle_llm.serving")),
+    ("commands", ("paddle_llm.tools", "paddle_llm.cli", "paddle_llm.__main__")),
 ]
 LAYER_OF_UNIT = {unit: index for index, (_, units) in enumerate(LAYERS) for unit in units}
 ORDER = " -> ".join("/".join(unit.split(".")[-1] for unit in units) for _, units in LAYERS)
@@ -124,7 +129,7 @@ INTERNAL = [imp for imp in IMPORTS if imp.target == PACKAGE or imp.target.starts
 
 
 def unit_of(module: str) -> str:
-    """The package (``paddle_llm.data``) or top-level module (``paddle_llm.doctor``) a module belongs to."""
+    """The package (``paddle_llm.data``) or top-level module (``paddle_llm.tools.doctor``) a module belongs to."""
     return ".".join(module.split(".")[:2])
 
 
@@ -285,7 +290,7 @@ def test_help_estimate_and_doctor_import_do_not_load_paddle():
         "from paddle_llm.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    codes = [main(['--help']), main(['estimate', '--model_name_or_path', 'tiny-llama'])]\n"
-        "import paddle_llm.doctor\n"
+        "import paddle_llm.tools.doctor\n"
         "print(json.dumps([codes, sorted(m for m in ('paddle', 'paddlenlp') if m in sys.modules)]))\n"
     )
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}

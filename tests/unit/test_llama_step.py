@@ -5,11 +5,11 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_llm.config import cpu_features
-from paddle_llm.config.cpu_features import fused_rms_norm_allowed
+from paddle_llm.cpu import features as cpu_features
+from paddle_llm.cpu.features import fused_rms_norm_allowed
 from paddle_llm.models.llama.inference_step import LlamaInferenceStep
-from paddle_llm.export.manifest import STEP_LLAMA_INFERENCE, STEP_PADDLENLP
-from paddle_llm.export.step_graph import KVCacheStep, build_step_layer
+from paddle_llm.inference.manifest import STEP_LLAMA_INFERENCE, STEP_PADDLENLP
+from paddle_llm.inference.step_graph import KVCacheStep, build_step_layer
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 
 TOLERANCE = 1e-5
@@ -95,8 +95,8 @@ def test_build_step_layer_keeps_paddlenlp_where_the_step_differs(overrides, dtyp
 
 
 def test_the_default_step_graph_has_no_kernel_a_cpu_may_lack(tmp_path):
-    from paddle_llm.export.manifest import program_needs, program_op_types
-    from paddle_llm.export.step_graph import save_step_graph
+    from paddle_llm.inference.manifest import program_needs, program_op_types
+    from paddle_llm.inference.step_graph import save_step_graph
 
     model = tiny_llama()
     step = build_step_layer(model, "llama", "float32")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from paddle_llm.config import output
+from paddle_llm import console as output
 
 
 def paddlenlp_record(level: int, message: str) -> logging.LogRecord:

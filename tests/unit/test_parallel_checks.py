@@ -9,7 +9,7 @@ import pytest
 from paddle_llm.config.presets import preset
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_parallel
 from paddle_llm.parallel import convert
-from paddle_llm.trainer import check
+from paddle_llm.tools import check
 from tests.conftest import run_script
 
 LLAMA = preset("tiny-llama")  # 4 heads, 4 KV heads, MLP 352, 2 layers, vocabulary 1024
@@ -135,7 +135,7 @@ def test_pipeline_on_cpu_switches_to_isend_irecv_once():
 )
 def test_check_splits_launcher_flags_from_recipe_flags(argv, environ, recipe, world_size, rest):
     request = check.split_command(argv, environ)
-    assert (request.recipe, request.world_size, request.recipe_argv) == (recipe, world_size, rest)
+    assert (request.recipe.name, request.world_size, request.recipe_argv) == (recipe, world_size, rest)
 
 
 def test_check_refuses_bad_launcher_values():

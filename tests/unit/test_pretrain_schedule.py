@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from paddle_llm.trainer.pretrain import pretraining_lr_scheduler
+from paddle_llm.recipes.pretrain import pretraining_lr_scheduler
 
 
 def schedule(**flags):

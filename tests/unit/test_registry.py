@@ -68,7 +68,7 @@ def test_a_model_from_scratch_grows_to_its_tokenizer_and_trained_weights_refuse_
     """PaddleNLP's run_pretrain.py rule, for presets and config-only directories: the vocabulary grows to the
     tokenizer rounded up to a multiple of 128, with one log line; trained weights keep their rows."""
     from paddle_llm.data.jsonl import DataError
-    from paddle_llm.trainer.recipe import embedding_rows
+    from paddle_llm.recipes.spine import embedding_rows
 
     (tmp_path / "config.json").write_text(json.dumps({**PRESETS["tiny-chatglm2"], "vocab_size": 2000}))
     config_only = resolve_model(str(tmp_path))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from paddle_llm.config.parser import ArgumentError
-from paddle_llm.selftest import TOLERANCE, make_plan, tiny_shape
+from paddle_llm.tools.selftest import TOLERANCE, make_plan, tiny_shape
 
 
 def test_layout_precision_and_kernel_flags_are_kept_and_the_rest_is_the_selftests(tmp_path):

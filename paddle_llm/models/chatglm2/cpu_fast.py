@@ -1,7 +1,7 @@
 """CPU fast paths of PaddleNLP's ChatGLM2: RMSNorm, SwiGLU, attention with pair rotary and multi-query groups, the loss.
 
-The building blocks and why they are faster are in ``paddle_llm.models.cpu_ops``; ``apply`` swaps them into one
-model instance (``paddle_llm.models.cpu_fast.apply_cpu_fast_paths`` calls it).
+The building blocks and why they are faster are in ``paddle_llm.cpu.ops``; ``apply`` swaps them into one
+model instance (``paddle_llm.cpu.fast_paths.apply_cpu_fast_paths`` calls it).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from functools import partial
 import paddle
 from paddle import nn
 
-from paddle_llm.models.cpu_ops import (
+from paddle_llm.cpu.ops import (
     REPLACED_MARK,
     CausalLMLoss,
     Replacements,

@@ -1,7 +1,7 @@
 """CPU fast paths of PaddleNLP's Llama: RMSNorm, SwiGLU, attention with rotary, mask and grouped heads, and the loss.
 
-The building blocks and why they are faster are in ``paddle_llm.models.cpu_ops``; ``apply`` swaps them into one
-model instance (``paddle_llm.models.cpu_fast.apply_cpu_fast_paths`` calls it). ``apply_llama_shaped`` does the same
+The building blocks and why they are faster are in ``paddle_llm.cpu.ops``; ``apply`` swaps them into one
+model instance (``paddle_llm.cpu.fast_paths.apply_cpu_fast_paths`` calls it). ``apply_llama_shaped`` does the same
 for another family's PaddleNLP model built like Llama.
 """
 
@@ -14,7 +14,7 @@ from typing import Callable
 import paddle
 from paddle import nn
 
-from paddle_llm.models.cpu_ops import (
+from paddle_llm.cpu.ops import (
     CausalLMLoss,
     Replacements,
     RotaryTables,

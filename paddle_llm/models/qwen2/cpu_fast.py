@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from paddle import nn
 
-from paddle_llm.models.cpu_ops import parallel_reason
+from paddle_llm.cpu.ops import parallel_reason
 from paddle_llm.models.llama.cpu_fast import LlamaShapedLayers, apply_llama_shaped
 
 

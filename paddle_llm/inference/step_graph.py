@@ -21,7 +21,7 @@ import paddle
 from paddle import nn
 from paddle.static import InputSpec
 
-from paddle_llm.export.manifest import STEP_LLAMA_INFERENCE, STEP_PADDLENLP, CacheLayout
+from paddle_llm.inference.manifest import STEP_LLAMA_INFERENCE, STEP_PADDLENLP, CacheLayout
 from paddle_llm.models.registry import family_named
 from paddle_llm.models.step import StepSpec
 

@@ -23,27 +23,18 @@ from dataclasses import dataclass
 from paddle_llm.config.parser import ArgumentError
 from paddle_llm.config.validation import sharding_stages
 from paddle_llm.parallel.convert import single_device_resume_problem
-from paddle_llm.trainer import dpo, finetune, pretrain
+from paddle_llm.recipes import RECIPES, recipe_named
+from paddle_llm.recipes.spine import Recipe
 
 EXIT_BAD_CONFIG = 2
 # launcher flag -> takes a value; these belong to `paddle.distributed.launch`, never to a recipe
 LAUNCHER_FLAGS = ("nproc_per_node", "nnodes", "world_size", "gpus", "devices", "log_dir", "master", "rank", "ips", "job_id")
-RECIPES = {
-    "run_pretrain.py": "pretrain",
-    "pretrain": "pretrain",
-    "finetune_generation.py": "finetune",
-    "finetune": "finetune",
-    "run_dpo.py": "dpo",
-    "dpo": "dpo",
-}
-FINETUNE_ONLY_FLAGS = ("--dataset_name_or_path", "--lora", "--prefix_tuning", "--src_length", "--lora_path", "--prefix_path")
-
 
 @dataclass(frozen=True)
 class CheckRequest:
     """A check command line split into its parts."""
 
-    recipe: str
+    recipe: Recipe
     world_size: int
     recipe_argv: list[str]
 
@@ -69,12 +60,14 @@ def split_command(argv: list[str], environ=os.environ) -> CheckRequest:
             if not inline and not tokens:
                 raise ValueError(f"--{name} needs a value")
             launcher[name] = inline or tokens.pop(0)
-        elif recipe is None and not rest and os.path.basename(token) in RECIPES:
-            recipe = RECIPES[os.path.basename(token)]
+        elif recipe is None and not rest and recipe_named(token) is not None:
+            recipe = recipe_named(token)
         else:
             rest.append(token)
     if recipe is None:
-        recipe = "finetune" if any(t.split("=")[0] in FINETUNE_ONLY_FLAGS for t in rest) else "pretrain"
+        # No script named: the recipe whose own flags appear, else the first one (pretraining).
+        flags = {token.split("=")[0] for token in rest}
+        recipe = next((r for r in RECIPES if flags & set(r.own_flags)), RECIPES[0])
     try:
         if "world_size" in launcher:
             world_size = int(launcher["world_size"])
@@ -111,10 +104,6 @@ def describe_layout(values, world_size: int) -> str:
     )
 
 
-def _recipe_setup(recipe: str):
-    return {"finetune": finetune.setup, "dpo": dpo.setup}.get(recipe, pretrain.setup)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in (["-h"], ["--help"]):
@@ -130,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[str] = []
     plan = None
     try:
-        plan = _recipe_setup(request.recipe)(request.recipe_argv)
+        plan = request.recipe.setup(request.recipe_argv)
     except ArgumentError as err:
         errors += str(err).splitlines()
     if plan is not None:
@@ -144,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
     for warning in plan.warnings:
         print(f"warning: {warning}")
-    print(f"OK ({request.recipe}): {describe_layout(values, request.world_size)}")
+    print(f"OK ({request.recipe.name}): {describe_layout(values, request.world_size)}")
     return 0
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import paddle
 from paddle import inference
 
-from paddle_llm.config import cpu_features
-from paddle_llm.export.manifest import PARAMS_FILE, PORTABLE_PROGRAM, CacheLayout, load_manifest, program_needs
+from paddle_llm.cpu import features as cpu_features
+from paddle_llm.inference.manifest import PARAMS_FILE, PORTABLE_PROGRAM, CacheLayout, load_manifest, program_needs
 
 logger = logging.getLogger(__name__)
 

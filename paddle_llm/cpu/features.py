@@ -6,7 +6,7 @@ kernels a run may use are decided here from the CPU's feature bits, never assume
 
 - ``PADDLE_CPU_KERNEL_NEEDS``: the Paddle ops whose CPU kernel needs an instruction set extension, with the feature;
   our graphs and layers use such an op only where ``missing_features`` is empty;
-- ``kernel_compile_flags``: the ``-m`` flags for ``models/cpu_kernels.cc`` (never ``-march=native``: under an
+- ``kernel_compile_flags``: the ``-m`` flags for ``cpu/kernels.cc`` (never ``-march=native``: under an
   emulator, or a home directory shared by two machines, the compiler's idea of "native" is another CPU's);
 - ``inference_passes_to_delete``: Paddle Inference passes that would fuse a graph into such a kernel.
 

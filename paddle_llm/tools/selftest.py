@@ -22,7 +22,7 @@ A failed row carries a ``fix:`` line and the exit code is 1. Each rank also reco
 so a failing run says which rank disagreed first; under ``--nnodes`` that needs ``--selftest_dir`` on storage every
 node sees (the default is ``./selftest_output``).
 
-Test-only: ``PADDLE_LLM_SELFTEST_FAULT`` (``trainer.equivalence.FAULTS``) injects a fault the table must catch.
+Test-only: ``PADDLE_LLM_SELFTEST_FAULT`` (``trainer.rank_records.FAULTS``) injects a fault the table must catch.
 """
 
 from __future__ import annotations
@@ -40,27 +40,26 @@ import paddle
 from safetensors.numpy import load_file, save_file
 
 from paddle_llm.config.parser import ArgumentError, parse_flags
-from paddle_llm.config.threads import launched_processes
+from paddle_llm.cpu.threads import launched_processes
 from paddle_llm.data.preprocess import preprocess
-from paddle_llm.demo import DEMO_CORPUS
+from paddle_llm.tools.demo import DEMO_CORPUS
 from paddle_llm.export.exporter import ExportRequest, export_checkpoint
 from paddle_llm.export.parity import check_export
-from paddle_llm.models import kernel_agreement
+from paddle_llm.cpu import agreement as kernel_agreement
 from paddle_llm.models.registry import build_config, build_model, load_tokenizer, resolve_model
 from paddle_llm.parallel.convert import merge_unified_checkpoint, shard_files
-from paddle_llm.trainer.equivalence import (
-    RECORDS_VARIABLE,
+from paddle_llm.trainer.rank_records import RECORDS_VARIABLE, injected_fault
+from paddle_llm.tools.equivalence import (
     Run,
     command_line,
     compare_runs,
     first_disagreeing_ranks,
-    injected_fault,
     read_rank_records,
     standalone_environment,
     steps,
 )
-from paddle_llm.trainer.pretrain import _dataclass_types
-from paddle_llm.trainer.pretrain import setup as pretrain_setup
+from paddle_llm.recipes.pretrain import _dataclass_types
+from paddle_llm.recipes.pretrain import setup as pretrain_setup
 
 STEPS = 5
 SAVE_STEP = 3  # the round trip resumes here and trains to STEPS

@@ -3,6 +3,8 @@
 A recipe file holds only what is its own: its argument dataclasses, its checks, its data and its trainer subclass.
 Everything else is here, in the order a run meets it:
 
+0. ``Recipe``: the record each recipe module declares (``RECIPE``), read by the CLI, ``check`` and the root
+   scripts.
 1. ``run_recipe``: help, parse and validate (``check_model_and_runtime`` and the recipe's own checks, before any
    process group exists), warnings, then fit; errors become one line each and an exit code, never a traceback.
 2. ``start``: collectives, the arguments (fleet.init), device, seed, math threads, the resume checkpoint.
@@ -16,22 +18,22 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 from paddle_llm.config.parser import ArgumentError, ParsedArgs
-from paddle_llm.config.threads import configure_cpu_runtime, launched_processes
+from paddle_llm.cpu.threads import configure_cpu_runtime, launched_processes
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision
 from paddle_llm.data.jsonl import DataError
 from paddle_llm.estimator.flags import setup_from_flags
 from paddle_llm.estimator.memory import shape_of
 from paddle_llm.estimator.planner import startup_report
-from paddle_llm.models import cpu_kernels
-from paddle_llm.models.registry import ModelSource, build_config, build_model, hf_split_errors, load_tokenizer, resolve_model
+from paddle_llm.cpu import kernels as cpu_kernels
+from paddle_llm.models.registry import ModelFamily, ModelSource, build_config, build_model, hf_split_errors, load_tokenizer, resolve_model
 from paddle_llm.peft.lora import apply_lora, load_lora
 from paddle_llm.peft.prefix import apply_prefix
 from paddle_llm.peft.quantize import QuantSpec
 from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
-from paddle_llm.trainer.console import log, warn
+from paddle_llm.console import log, warn
 from paddle_llm.trainer.process_exit import end_launched_run
 
 EXIT_BAD_CONFIG = 2
@@ -243,16 +245,16 @@ def configure_runtime(training_args) -> str:
     return runtime.summary()
 
 
-def log_cpu_fast_paths(model, training_args) -> None:
+def log_cpu_fast_paths(model, family: ModelFamily, training_args) -> None:
     """On CPU, swap PaddleNLP's slow composites for numerically equal fast ones (a no-op on GPU), unless
     ``--cpu_fast_paths False`` asks to keep PaddleNLP's."""
-    from paddle_llm.models.cpu_fast import apply_cpu_fast_paths, model_is_on_cpu
+    from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths, model_is_on_cpu
 
     if not training_args.cpu_fast_paths:
         if model_is_on_cpu(model):
             log("cpu fast paths off (--cpu_fast_paths False): PaddleNLP's own RMSNorm, rotary, attention, MLP and loss")
         return
-    replaced = apply_cpu_fast_paths(model)
+    replaced = apply_cpu_fast_paths(model, family)
     if replaced:
         log(f"cpu fast paths on {cpu_kernels.describe()}: " + ", ".join(replaced))
 
@@ -327,7 +329,35 @@ def train_save_evaluate(trainer, tokenizer, parsed: ParsedArgs, resume_from: str
         trainer.save_metrics("eval", metrics)
 
 
-def run_recipe(argv: list[str], program: str, setup_fn, fit_fn, help_text, announce=None) -> int:
+@dataclass(frozen=True)
+class Recipe:
+    """One training recipe, declared once in its own module as ``RECIPE`` and listed in ``recipes.RECIPES``.
+
+    ``paddle-llm <name>``, ``paddle-llm check SCRIPT ...`` and the PaddleNLP-style root scripts (``run_dpo.py``)
+    all read this record, so a new recipe adds its module, its data reader and one line in ``recipes/__init__.py``.
+    """
+
+    name: str  # the subcommand, ``paddle-llm <name>``
+    scripts: tuple[str, ...]  # PaddleNLP's script names for it, which ``check`` and the root scripts accept
+    summary: str  # its line in ``paddle-llm --help``
+    arguments: Callable[[], tuple[type, ...]]  # its argument dataclasses, training arguments last (they load PaddleNLP)
+    setup: Callable[[list[str]], RecipeSetup]  # parse and validate, nothing distributed (raises ArgumentError)
+    fit: Callable[[RecipeSetup], int]  # run it; returns an exit code
+    help: Callable[[], str]  # the ``--help`` text
+    announce: Callable[[RecipeSetup], None] | None = None  # after the warnings, before fitting (the memory estimate)
+    # Flags only this recipe takes: ``check`` picks the recipe by them when the command line names no script.
+    own_flags: tuple[str, ...] = ()
+
+    @property
+    def program(self) -> str:
+        return f"paddle-llm {self.name}"
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """``paddle-llm <name>`` and its root script: run the recipe on ``argv`` (default: the command line)."""
+        return run_recipe(list(sys.argv[1:] if argv is None else argv), self)
+
+
+def run_recipe(argv: list[str], recipe: Recipe) -> int:
     """The shared command-line flow of the training recipes: help, parse and validate, announce, fit.
 
     Configuration and data problems end with one line per problem and exit code 2, numerical-health failures with
@@ -336,29 +366,26 @@ def run_recipe(argv: list[str], program: str, setup_fn, fit_fn, help_text, annou
 
     Args:
         argv: the flags (a JSON args file may come first).
-        program: the name errors are printed under (``paddle-llm pretrain``).
-        setup_fn: ``argv -> plan`` (raises ArgumentError); the plan has ``warnings``.
-        fit_fn: ``plan -> exit code``.
-        help_text: ``() -> str`` for ``--help``.
-        announce: ``plan -> None``, run after the warnings and before fitting (e.g. the memory estimate).
+        recipe: what to run; errors are printed under its ``program`` name.
     """
     from paddle_llm.trainer.health import NumericalHealthError, print_health_error
 
+    program = recipe.program
     if any(flag in argv for flag in ("-h", "--help")):
-        print(help_text())
+        print(recipe.help())
         return 0
     try:
-        plan = setup_fn(argv)
+        plan = recipe.setup(argv)
     except ArgumentError as err:
         for line in str(err).splitlines():
             print(f"{program}: error: {line}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     for warning in plan.warnings:
         warn(warning)
-    if announce is not None:
-        announce(plan)
+    if recipe.announce is not None:
+        recipe.announce(plan)
     try:
-        exit_code = fit_fn(plan)
+        exit_code = recipe.fit(plan)
     except (DataError, FileNotFoundError, ArgumentError) as err:
         print(f"{program}: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG

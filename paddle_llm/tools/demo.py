@@ -8,11 +8,11 @@
    official ``openai`` client and one through gRPC, print both answers, and stop the server.
 
 With ``--dpo``, a preference-alignment stage runs after step 3: LoRA-DPO of the pretrained model on the shipped
-preference task, printing held-out reward accuracy before and after (see ``paddle_llm.demo_dpo``).
+preference task, printing held-out reward accuracy before and after (see ``paddle_llm.tools.demo_dpo``).
 
 Targets: the final pretraining eval loss below ``LOSS_TARGET`` nats, far under ln(vocab) ≈ 6.93 for a random
 model (measured: 6.95 at step 1, 0.48 after 200 steps, ~65 s of training on 2 cores); held-out exact match of
-the fine-tuned model at least 90% (see ``paddle_llm.demo_finetune``).
+the fine-tuned model at least 90% (see ``paddle_llm.tools.demo_finetune``).
 """
 
 from __future__ import annotations
@@ -28,19 +28,19 @@ import time
 import grpc
 import numpy as np
 
-from paddle_llm import demo_dpo
-from paddle_llm.config.output import verbose
+from paddle_llm import ASSETS_DIR
+from paddle_llm.tools import demo_dpo
+from paddle_llm.console import verbose
 from paddle_llm.data.preprocess import preprocess
-from paddle_llm.demo_finetune import print_report, run_finetune_demo
+from paddle_llm.tools.demo_finetune import print_report, run_finetune_demo
 from paddle_llm.export.command import main as export_main
 from paddle_llm.models.registry import build_config, build_model, load_tokenizer, resolve_model
 from paddle_llm.serving import generation_pb2, generation_pb2_grpc
 from paddle_llm.serving.process import ServerProcess
-from paddle_llm.trainer import pretrain
-from paddle_llm.trainer.console import logger as recipe_logger
+from paddle_llm.recipes import pretrain
+from paddle_llm.console import recipe_logger
 
-ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-DEMO_CORPUS = os.path.join(ASSETS, "demo_corpus.jsonl")
+DEMO_CORPUS = os.path.join(ASSETS_DIR, "demo_corpus.jsonl")
 LOSS_TARGET = 1.0
 PROMPT = "In the morning, Ada went to"
 # A held-out question of the shipped instruction task (dev.json), answered "the forest".
@@ -96,7 +96,7 @@ def pretrain_stage(output_dir: str, max_steps: int, show_progress: bool) -> dict
         "--eval_steps", str(max_steps), "--save_steps", str(max_steps), "--do_train", "--do_eval",
         "--disable_tqdm", str(not show_progress), "--report_to", "none", "--seed", "42",
     ]
-    code = pretrain.main(flags)
+    code = pretrain.RECIPE.main(flags)
     if code:
         raise SystemExit(code)
     with open(os.path.join(model_dir, "metrics.jsonl"), encoding="utf-8") as f:

@@ -7,12 +7,11 @@ fit:   the .bin/.idx datasets and an ``LLMTrainer`` on the shared spine (``train
 
 from __future__ import annotations
 
-import sys
 
 from paddle_llm.config.parser import ArgumentError, format_help, parse_flags
 from paddle_llm.config.validation import check_split
 from paddle_llm.data.pretraining import CausalLMCollator, build_pretraining_datasets, check_data_prefixes, resolve_data_prefixes
-from paddle_llm.trainer.recipe import (
+from paddle_llm.recipes.spine import (
     RecipeSetup,
     add_run_callbacks,
     apply_fallbacks,
@@ -22,7 +21,7 @@ from paddle_llm.trainer.recipe import (
     log_cpu_fast_paths,
     log_memory_estimate,
     resolve_source,
-    run_recipe,
+    Recipe,
     start,
     train_save_evaluate,
 )
@@ -104,17 +103,6 @@ def pretraining_lr_scheduler(training_args):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_recipe(
-        list(sys.argv[1:] if argv is None else argv),
-        "paddle-llm pretrain",
-        setup,
-        fit,
-        lambda: format_help(_dataclass_types(), HELP_USAGE, HELP_EPILOG),
-        announce=lambda plan: log_memory_estimate(plan.source.config_fields, plan.parsed.as_dict(), "run_pretrain.py"),
-    )
-
-
 def fit(plan: RecipeSetup) -> int:
     from paddle_llm.trainer.callbacks import MetricsFileCallback
     from paddle_llm.trainer.trainer import LLMTrainer
@@ -122,7 +110,7 @@ def fit(plan: RecipeSetup) -> int:
     started = start(plan, _dataclass_types(), ("Model", "Data"))
     model_args, data_args, training_args = started.arguments
     model, tokenizer, config = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
-    log_cpu_fast_paths(model, training_args)
+    log_cpu_fast_paths(model, plan.source.family, training_args)
     data_prefix = resolve_data_prefixes(data_args.input_dir)
     for prefix, (documents, tokens) in check_data_prefixes(data_prefix, config.vocab_size).items():
         log(f"data: {prefix}: {documents} documents, {tokens} tokens")
@@ -153,5 +141,13 @@ def fit(plan: RecipeSetup) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+RECIPE = Recipe(
+    name="pretrain",
+    scripts=("run_pretrain.py",),
+    summary="pretrain or continue-pretrain (same flags as run_pretrain.py)",
+    arguments=_dataclass_types,
+    setup=setup,
+    fit=fit,
+    help=lambda: format_help(_dataclass_types(), HELP_USAGE, HELP_EPILOG),
+    announce=lambda plan: log_memory_estimate(plan.source.config_fields, plan.parsed.as_dict(), "run_pretrain.py"),
+)

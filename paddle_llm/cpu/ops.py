@@ -23,14 +23,14 @@ So each composite is re-expressed with ops Paddle runs fast on CPU (square, same
 matmul), and where autograd would pick a slow grad kernel, a ``PyLayer`` carries a hand-written backward.
 
 Even the fast ops are one pass over memory each, on one thread. So RMSNorm, SwiGLU, the halves-swap rotary, the
-masked attention softmax and the token cross entropy also exist as fused C++ kernels (``cpu_kernels.cc``: one
+masked attention softmax and the token cross entropy also exist as fused C++ kernels (``cpu/kernels.cc``: one
 vectorised, multi-threaded pass per forward and per backward), compiled on first use. They are used whenever they
 could be built; otherwise, or with ``PADDLE_LLM_CPU_KERNELS=0``, the pure-Paddle composites above run instead.
 Alternating steps in one process on 2 cores, the kernels took a 64/2 Llama step from 42.6 to 37.7 ms and a 256/4
 step from 232 to 185 ms. ChatGLM-6B's LayerNorm and GELU and ChatGLM2's pair rotary have no kernel.
 
 Each family's package puts these together for its layers (``<family>/cpu_fast.py``), and
-``paddle_llm.models.cpu_fast.apply_cpu_fast_paths(model)`` applies them: it swaps bound ``forward`` methods and
+``paddle_llm.cpu.fast_paths.apply_cpu_fast_paths(model)`` applies them: it swaps bound ``forward`` methods and
 sub-layers on one model instance: PaddleNLP's
 classes and module globals are never touched, so a GPU model, or a second model in the same process, keeps
 PaddleNLP's code. It does nothing unless the model's parameters live on CPU, and each replacement is made only for
@@ -44,7 +44,7 @@ maths as plain ops and Paddle's static autograd writes the backward. Compiling p
 ``to_static_for_cpu_training``).
 
 Process-wide CPU settings (threads, MKL's code path, the heap, Paddle's strided views) are not here: they live in
-``paddle_llm.config.threads.configure_cpu_runtime`` because they must run before the first matrix multiply.
+``paddle_llm.cpu.threads.configure_cpu_runtime`` because they must run before the first matrix multiply.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ import paddle.nn.functional as F
 from paddle import nn
 from paddle.autograd import PyLayer
 
-from paddle_llm.models import cpu_kernels
+from paddle_llm.cpu import kernels as cpu_kernels
 
 logger = logging.getLogger(__name__)
 

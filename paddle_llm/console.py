@@ -10,7 +10,7 @@ inherit the variable (and ``GLOG_minloglevel``) with the environment.
   Paddle's internals, never about the user's input. ``GLOG_minloglevel=2`` keeps glog's errors. glog reads it when
   Paddle's library loads, so it must be set before ``import paddle``; a user's own value wins.
 - Paddle's "OMP_NUM_THREADS set to N, not 1 ... PLEASE USE OMP_NUM_THREADS WISELY", printed by ``import paddle``
-  whenever the variable is above 1: a thread count above 1 is what ``config.threads`` chooses on purpose.
+  whenever the variable is above 1: a thread count above 1 is what ``cpu.threads`` chooses on purpose.
 - Python warnings from third-party code, listed in ``_NOISY_WARNINGS`` with the reason for each. They are dropped
   where they would be printed (``warnings.showwarning``) rather than by a filter, because importing Paddle installs
   ``simplefilter("always", Warning)`` in front of every filter installed before it.
@@ -24,7 +24,8 @@ inherit the variable (and ``GLOG_minloglevel``) with the environment.
 - What third-party steps print to stdout and stderr directly (PaddleNLP's sample-index builder, Paddle's compiler
   run for our kernels): ``captured_output`` holds it and shows it only if the step fails.
 
-Our own messages go through the ``paddle_llm`` logger, printed as ``[paddle_llm] ...`` at INFO in both modes.
+Our own messages go through the ``paddle_llm`` logger, printed as ``[paddle_llm] ...`` at INFO in both modes;
+``log`` and ``warn`` are how the training recipes and everything they run print them, from rank 0 only.
 """
 
 from __future__ import annotations
@@ -191,3 +192,18 @@ def captured_output():
             if failed:
                 held.seek(0)
                 os.write(2, held.read())
+
+
+# Printed as "[paddle_llm] ..."; the demo turns its INFO lines off to fit on one screen.
+recipe_logger = logging.getLogger("paddle_llm.trainer")
+
+
+def log(message: str, level: int = logging.INFO) -> None:
+    """A line for the user, from rank 0 only: every rank would print the same."""
+    if int(os.environ.get("PADDLE_TRAINER_ID", "0")) == 0:
+        recipe_logger.log(level, message)
+
+
+def warn(message: str) -> None:
+    """A warning the user should act on (kept when the demo turns the INFO lines off)."""
+    log(message, logging.WARNING)

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from paddle_llm.config.parser import ArgumentError, parse_flags
 from paddle_llm.data.preference import PreferenceCollator, PreferenceLimits, build_preference_split
 from paddle_llm.data.sft import family_layout
-from paddle_llm.trainer.recipe import (
+from paddle_llm.recipes.spine import (
     RecipeSetup,
     add_run_callbacks,
     apply_fallbacks,
@@ -35,7 +34,7 @@ from paddle_llm.trainer.recipe import (
     log_cpu_fast_paths,
     random_base_warning,
     resolve_source,
-    run_recipe,
+    Recipe,
     start,
     train_save_evaluate,
     warn,
@@ -43,6 +42,7 @@ from paddle_llm.trainer.recipe import (
 
 MAX_SKIPPED_SHOWN = 5
 REFERENCE_FREE_LOSSES = ("or", "simpo")  # run_dpo.py turns reference_free on for these
+ORPO = "orpo"  # run_dpo.py's name for the "or" loss plus the SFT loss, reference-free
 REFERENCE_DESCRIPTIONS = {
     "free": "none (--reference_free)",
     "adapters_off": "the same weights with the LoRA adapters off",
@@ -50,19 +50,60 @@ REFERENCE_DESCRIPTIONS = {
 }
 
 
+# PaddleNLP's llm/alignment/dpo/dpo_argument.py field names. LoRA takes ``PeftArguments`` (``--lora``, ``--lora_rank``,
+# ``--lora_path``, ``--lora_alpha``), the model ``ModelArguments``, training ``DPOTrainingArguments`` (config.arguments).
+
+
+@dataclass
+class DPODataArguments:
+    """Where the preference data is and how long a pair may be."""
+
+    train_dataset_path: str = field(default="./data/train.jsonl", metadata={"help": "training preferences (jsonl)"})
+    dev_dataset_path: str = field(default="./data/dev.jsonl", metadata={"help": "held-out preferences (jsonl)"})
+    max_seq_len: int = field(default=4096, metadata={"help": "most tokens of prompt and both replies together"})
+    max_prompt_len: int = field(default=2048, metadata={"help": "a prompt keeps its last this many tokens when a pair is too long"})
+    skip_bad_lines: bool = field(
+        default=False, metadata={"help": "skip malformed records (each is reported) instead of stopping at the first"}
+    )
+    greedy_zero_padding: bool = field(default=False, metadata={"help": "PaddleNLP's packing; not supported here (pairs are padded)"})
+    lazy: bool = field(default=False, metadata={"help": "PaddleNLP's streaming dataset; not supported here (files are read whole)"})
+
+    @property
+    def max_seq_length(self) -> int:
+        """The longest row the model sees: a prompt with one reply is at most ``max_seq_len``."""
+        return self.max_seq_len
+
+
+@dataclass
+class DPOArguments:
+    """The preference loss (PaddleNLP's ``DPOConfig``)."""
+
+    beta: float = field(default=0.1, metadata={"help": "how far the policy may move from the reference (the DPO beta)"})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "assumed fraction of flipped preferences (sigmoid, simpo)"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid, hinge, ipo, simpo or orpo (= or with sft_loss_ratio 1)"})
+    pref_loss_ratio: float = field(default=1.0, metadata={"help": "weight of the preference loss"})
+    sft_loss_ratio: float = field(default=0.0, metadata={"help": "weight of the chosen replies' language-model loss"})
+    reference_free: bool = field(default=False, metadata={"help": "no reference model: its log-probabilities count as 0"})
+    dpop_lambda: float = field(default=50, metadata={"help": "PaddleNLP's dpop loss; not supported here"})
+    ref_model_update_steps: int = field(default=-1, metadata={"help": "PaddleNLP's reference refresh; not supported here (-1)"})
+    flash_mask: bool = field(default=False, metadata={"help": "PaddleNLP's GPU flash-mask kernel; not supported here"})
+
+
 def _dataclass_types():
-    from paddle_llm.config.arguments import DPOArguments, DPODataArguments, DPOTrainingArguments, ModelArguments, PeftArguments
+    from paddle_llm.config.arguments import DPOTrainingArguments, ModelArguments, PeftArguments
 
     return ModelArguments, DPODataArguments, PeftArguments, DPOArguments, DPOTrainingArguments
 
 
 def check_dpo(values: Mapping) -> list[str]:
     """The DPO rules: a pure function of the flag values, every problem reported."""
-    from paddle_llm.config.arguments import DPO_LOSS_TYPES
+    from paddle_llm.trainer.dpo_trainer import LOSSES
 
     errors = []
-    if values.get("loss_type") not in DPO_LOSS_TYPES:
-        errors.append(f"--loss_type {values.get('loss_type')!r} must be one of {', '.join(DPO_LOSS_TYPES)}")
+    loss_types = (*LOSSES, ORPO)
+    if values.get("loss_type") not in loss_types:
+        errors.append(f"--loss_type {values.get('loss_type')!r} must be one of {', '.join(loss_types)}")
     if float(values.get("beta") or 0) <= 0:
         errors.append(f"--beta {values.get('beta')}: must be positive (0.1 is PaddleNLP's default)")
     if not 0 <= float(values.get("label_smoothing") or 0) < 0.5:
@@ -110,7 +151,7 @@ def adjust_like_run_dpo(values: dict) -> list[str]:
     """run_dpo.py's own adjustments, said out loud: ``orpo`` is the ``or`` loss with reference_free and
     sft_loss_ratio 1; ``or`` and ``simpo`` need no reference. PaddleNLP's ``--lora_alpha -1`` means 2 x rank."""
     warnings = []
-    if values["loss_type"] == "orpo":
+    if values["loss_type"] == ORPO:
         values.update(loss_type="or", reference_free=True, sft_loss_ratio=1.0)
         log("--loss_type orpo: the 'or' loss plus the SFT loss (sft_loss_ratio 1), reference-free, as PaddleNLP's run_dpo.py")
     if values["loss_type"] in REFERENCE_FREE_LOSSES and not values["reference_free"]:
@@ -140,16 +181,6 @@ def setup(argv: list[str]) -> RecipeSetup:
     if not source.has_weights:
         warnings.append(random_base_warning(source, "aligns"))
     return RecipeSetup(parsed, source, warnings)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_recipe(
-        list(sys.argv[1:] if argv is None else argv),
-        "paddle-llm dpo",
-        setup,
-        fit,
-        lambda: __doc__ + "\nFlags are PaddleNLP's llm/alignment/dpo/run_dpo.py flags; see README 'DPO'.",
-    )
 
 
 def reference_for(model, dpo_args, peft_args) -> tuple[str, object]:
@@ -210,7 +241,7 @@ def prepare(plan: RecipeSetup) -> DPORun:
     family = plan.source.family
     model_args.continue_training = plan.source.has_weights  # DPO starts from the model's weights, as fine-tuning does
     model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
-    log_cpu_fast_paths(model, training_args)
+    log_cpu_fast_paths(model, family, training_args)
     reference, reference_model = reference_for(model, dpo_args, peft_args)
     model = apply_peft(model, family.name, peft_args)
     log(f"reference model: {REFERENCE_DESCRIPTIONS[reference]}")
@@ -243,5 +274,12 @@ def fit(plan: RecipeSetup) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+RECIPE = Recipe(
+    name="dpo",
+    scripts=("run_dpo.py",),
+    summary="align with preference pairs: DPO, full or LoRA (same flags as PaddleNLP's run_dpo.py)",
+    arguments=_dataclass_types,
+    setup=setup,
+    fit=fit,
+    help=lambda: __doc__ + "\nFlags are PaddleNLP's llm/alignment/dpo/run_dpo.py flags; see docs/dpo.md.",
+)

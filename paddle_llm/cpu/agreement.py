@@ -17,7 +17,8 @@ import paddle.nn.functional as F
 from paddle.incubate.nn.functional import fused_rms_norm, fused_rotary_position_embedding
 from paddle.nn.functional.flash_attention import flash_attention
 
-from paddle_llm.models import cpu_kernels, cpu_ops
+from paddle_llm.cpu import kernels as cpu_kernels
+from paddle_llm.cpu import ops as cpu_ops
 
 EPSILON = 1e-6
 BATCH, SEQUENCE, HEADS, HEAD_DIM = 2, 16, 4, 16

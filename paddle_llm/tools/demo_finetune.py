@@ -19,9 +19,10 @@ import os
 import sys
 import time
 
-from paddle_llm.trainer import finetune
+from paddle_llm import ASSETS_DIR
+from paddle_llm.recipes import finetune
 
-INSTRUCTIONS_DIR = os.path.join(os.path.dirname(__file__), "assets", "instructions")
+INSTRUCTIONS_DIR = os.path.join(ASSETS_DIR, "instructions")
 ACCURACY_TARGET = 0.9
 SHOWN_EXAMPLES = 4
 
@@ -62,7 +63,7 @@ def run_finetune_demo(model_dir: str, output_dir: str, max_steps: int = 400, sho
     """
     started = time.perf_counter()
     before_dir = os.path.join(output_dir, "before")
-    code = finetune.main(_flags(model_dir, before_dir, show_progress))
+    code = finetune.RECIPE.main(_flags(model_dir, before_dir, show_progress))
     if code:
         raise SystemExit(code)
     accuracy_before, _ = _exact_match(before_dir)
@@ -73,7 +74,7 @@ def run_finetune_demo(model_dir: str, output_dir: str, max_steps: int = 400, sho
         "--warmup_steps", "20", "--max_steps", str(max_steps), "--per_device_train_batch_size", "16",
         "--logging_steps", "50", "--save_steps", str(max_steps), "--eval_steps", str(max_steps), "--weight_decay", "0.0",
     ]
-    code = finetune.main(_flags(model_dir, adapter_dir, show_progress) + training)
+    code = finetune.RECIPE.main(_flags(model_dir, adapter_dir, show_progress) + training)
     if code:
         raise SystemExit(code)
     accuracy_after, predictions = _exact_match(adapter_dir)
@@ -117,7 +118,7 @@ def stage_main(argv: list[str] | None, prog: str, description: str, stage: str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(argv, "python -m paddle_llm.demo_finetune", __doc__, "finetune", "fine-tuning", run_finetune_demo, print_report, max_steps=400)
+    return stage_main(argv, "python -m paddle_llm.tools.demo_finetune", __doc__, "finetune", "fine-tuning", run_finetune_demo, print_report, max_steps=400)
 
 
 if __name__ == "__main__":

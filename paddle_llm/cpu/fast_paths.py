@@ -1,8 +1,8 @@
 """CPU fast paths: each family's hot composites re-expressed with ops Paddle runs fast on CPU, on one model instance.
 
-The building blocks, and the measurements that say why, are in ``paddle_llm.models.cpu_ops``; each family's
+The building blocks, and the measurements that say why, are in ``paddle_llm.cpu.ops``; each family's
 replacements are in its package (``<family>/cpu_fast.py``, named by ``ModelFamily.cpu_fast_paths``). This module
-finds a model's family and applies them.
+applies a family's to one model; ``models.registry.family_of_model`` finds the family of a model at hand.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import logging
 import paddle
 from paddle import nn
 
-from paddle_llm.models import cpu_kernels
-from paddle_llm.models.registry import FAMILIES, ModelFamily
+from paddle_llm.cpu import kernels as cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -24,17 +23,6 @@ def model_is_on_cpu(model: nn.Layer) -> bool:
     if parameters:
         return parameters[0].place.is_cpu_place()
     return paddle.device.get_device() == "cpu"
-
-
-def family_of_model(model: nn.Layer) -> ModelFamily | None:
-    """The family of the first layer that comes from a family's PaddleNLP module, so wrappers such as a LoRA model
-    are recognised through the model they wrap; None for a model of no known family."""
-    for layer in model.sublayers(include_self=True):
-        module = type(layer).__module__ + "."
-        for family in FAMILIES.values():
-            if family.paddlenlp_module and module.startswith(family.paddlenlp_module):
-                return family
-    return None
 
 
 def to_static_for_cpu_training(model_or_function):
@@ -57,7 +45,7 @@ def to_static_for_cpu_training(model_or_function):
     return paddle.jit.to_static(model_or_function, full_graph=True)
 
 
-def apply_cpu_fast_paths(model: nn.Layer) -> list[str]:
+def apply_cpu_fast_paths(model: nn.Layer, family) -> list[str]:
     """Swap in the CPU implementations of a PaddleNLP model's hot composites (its family's ``cpu_fast_paths``).
 
     Call it once after building (or loading) the model and before training or ``paddle.jit.to_static``. It changes
@@ -65,6 +53,7 @@ def apply_cpu_fast_paths(model: nn.Layer) -> list[str]:
 
     Args:
         model: a PaddleNLP causal LM of a registered family (or its base model, or a PEFT wrapper of it).
+        family: its ``models.registry.ModelFamily`` (None for a model of no known family).
 
     Returns:
         The replacements made, e.g. ``["llama.rms_norm x9", "llama.attention_rotary_mask x4", ...]``; empty when
@@ -73,10 +62,9 @@ def apply_cpu_fast_paths(model: nn.Layer) -> list[str]:
     """
     if not model_is_on_cpu(model):
         return []
-    family = family_of_model(model)
     if family is None or family.cpu_fast_paths is None:
-        with_paths = "/".join(f.name for f in FAMILIES.values() if f.cpu_fast_paths is not None)
-        logger.info("cpu fast paths: %s is not a %s model; left unchanged", type(model).__name__, with_paths)
+        what = "a model of no known family" if family is None else f"a {family.name} model, a family without them"
+        logger.info("cpu fast paths: %s is %s; left unchanged", type(model).__name__, what)
         return []
     cpu_kernels.load()  # compile now (once per machine) rather than inside the first training step
     return family.cpu_fast_paths(model)

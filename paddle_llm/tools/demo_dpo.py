@@ -16,10 +16,11 @@ import os
 import sys
 import time
 
-from paddle_llm.demo_finetune import stage_main
-from paddle_llm.trainer import dpo
+from paddle_llm import ASSETS_DIR
+from paddle_llm.tools.demo_finetune import stage_main
+from paddle_llm.recipes import dpo
 
-PREFERENCES_DIR = os.path.join(os.path.dirname(__file__), "assets", "preferences")
+PREFERENCES_DIR = os.path.join(ASSETS_DIR, "preferences")
 ACCURACY_TARGET = 0.9
 
 
@@ -50,7 +51,7 @@ def run_dpo_demo(model_dir: str, output_dir: str, max_steps: int = 100, show_pro
 
     started = time.perf_counter()
     before_dir = os.path.join(output_dir, "before")
-    code = dpo.main(_flags(model_dir, before_dir, show_progress) + ["--reference_free", "True"])
+    code = dpo.RECIPE.main(_flags(model_dir, before_dir, show_progress) + ["--reference_free", "True"])
     if code:
         raise SystemExit(code)
     adapter_dir = os.path.join(output_dir, "lora")
@@ -59,7 +60,7 @@ def run_dpo_demo(model_dir: str, output_dir: str, max_steps: int = 100, show_pro
         "--warmup_steps", "10", "--max_steps", str(max_steps), "--per_device_train_batch_size", "8",
         "--logging_steps", "20", "--save_steps", str(max_steps), "--eval_steps", str(max_steps),
     ]
-    code = dpo.main(_flags(model_dir, adapter_dir, show_progress) + training)
+    code = dpo.RECIPE.main(_flags(model_dir, adapter_dir, show_progress) + training)
     if code:
         raise SystemExit(code)
     after = _eval_results(adapter_dir)
@@ -82,7 +83,7 @@ def print_report(result: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(argv, "python -m paddle_llm.demo_dpo", __doc__, "dpo", "DPO", run_dpo_demo, print_report, max_steps=100)
+    return stage_main(argv, "python -m paddle_llm.tools.demo_dpo", __doc__, "dpo", "DPO", run_dpo_demo, print_report, max_steps=100)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Build and load ``cpu_kernels.cc``, the fused fp32 CPU kernels behind ``cpu_fast``'s composites.
+"""Build and load ``kernels.cc``, the fused fp32 CPU kernels behind ``cpu_fast``'s composites.
 
 The source is compiled once per CPU instruction set level (``config.cpu_features``), Python, Paddle version and
 source text, with Paddle's own JIT extension builder (it needs a C++ compiler, ~20 s), into
@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from paddle_llm.config import cpu_features
-from paddle_llm.config.output import captured_output
+from paddle_llm.cpu import features as cpu_features
+from paddle_llm.console import captured_output
 
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+SOURCE = Path(__file__).with_name("kernels.cc")
 MODULE_NAME = "paddle_llm_cpu_kernels"
 SWITCH_VARIABLE = "PADDLE_LLM_CPU_KERNELS"
 CACHE_VARIABLE = "PADDLE_LLM_KERNEL_CACHE"

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
-from paddle_llm.config.cpu_features import PADDLE_CPU_KERNEL_NEEDS
+from paddle_llm.cpu.features import PADDLE_CPU_KERNEL_NEEDS
 
 MANIFEST_FILE = "paddle_llm_export.json"
 GRAPH_PREFIX = "model"  # model.json + model.pdiparams: the step graph that runs on any x86-64 CPU

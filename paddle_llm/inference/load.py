@@ -13,8 +13,8 @@ import tempfile
 import paddle
 
 from paddle_llm.config.validation import GPU_ONLY_FLAGS
-from paddle_llm.export.manifest import CacheLayout
-from paddle_llm.export.step_graph import step_spec
+from paddle_llm.inference.manifest import CacheLayout
+from paddle_llm.inference.step_graph import step_spec
 from paddle_llm.models.registry import ModelSource, build_config, build_model, load_tokenizer
 from paddle_llm.peft.lora import load_lora
 from paddle_llm.peft.lora import merge_lora as merge_into_model

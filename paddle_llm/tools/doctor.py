@@ -45,7 +45,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from paddle_llm.config import cpu_features
+from paddle_llm.cpu import features as cpu_features
 from paddle_llm.config.parser import FALSE_WORDS, TRUE_WORDS
 from paddle_llm.config.validation import (
     FLASH_ATTENTION_MIN_CAPABILITY,
@@ -588,7 +588,7 @@ def find_constraints_file() -> Path | None:
     packaged = files("paddle_llm").joinpath(CONSTRAINTS_FILE)
     if packaged.is_file():
         return Path(str(packaged))
-    checkout = Path(__file__).resolve().parent.parent / CONSTRAINTS_FILE
+    checkout = Path(__file__).resolve().parents[2] / CONSTRAINTS_FILE
     return checkout if checkout.is_file() else None
 
 
@@ -597,7 +597,7 @@ def _python_requirement() -> str | None:
         return importlib.metadata.metadata("paddle_llm").get("Requires-Python")
     except importlib.metadata.PackageNotFoundError:
         pass
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     if pyproject.is_file():
         return tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {}).get("requires-python")
     return None

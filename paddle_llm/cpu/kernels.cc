@@ -3,7 +3,7 @@
 // Why: Paddle 3.3.1's CPU kernels for these composites are one op per elementwise step, single-threaded, with
 // slow broadcast and transcendental paths (sigmoid: 1.5 ns per value, softmax over a 2000-wide row: 2.2 ns per
 // value). Each kernel here does its composite in one pass over memory, vectorised (glibc's vector expf) and split
-// over the OpenMP threads the process was given. paddle_llm/models/cpu_kernels.py compiles this file on first use
+// over the OpenMP threads the process was given. paddle_llm/cpu/kernels.py compiles this file on first use
 // and falls back to the pure-Paddle composites in cpu_fast.py when it cannot.
 //
 // Every backward is registered with its forward, so Paddle's autograd calls it as it would a built-in op's.

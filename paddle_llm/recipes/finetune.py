@@ -13,7 +13,6 @@ Example (the seed's single-device LoRA command, on CPU):
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -22,7 +21,7 @@ from paddle_llm.config.validation import check_quantization
 from paddle_llm.data.sft import Limits, SftCollator, build_split, family_layout, generation_prompt
 from paddle_llm.peft.lora import merge_lora
 from paddle_llm.peft.merge import save_model_atomically
-from paddle_llm.trainer.recipe import (
+from paddle_llm.recipes.spine import (
     RecipeSetup,
     add_run_callbacks,
     apply_fallbacks,
@@ -33,7 +32,7 @@ from paddle_llm.trainer.recipe import (
     log_cpu_fast_paths,
     random_base_warning,
     resolve_source,
-    run_recipe,
+    Recipe,
     start,
     train_save_evaluate,
     warn,
@@ -143,16 +142,6 @@ def setup(argv: list[str]) -> RecipeSetup:
     return RecipeSetup(parsed, source, warnings)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_recipe(
-        list(sys.argv[1:] if argv is None else argv),
-        "paddle-llm finetune",
-        setup,
-        fit,
-        lambda: __doc__ + "\nFlags are PaddleNLP's finetune_generation.py flags; see README 'Fine-tuning'.",
-    )
-
-
 def load_splits(layout, tokenizer, data_args, training_args):
     """Train and dev splits (whichever the run needs), with a summary line each."""
 
@@ -218,7 +207,7 @@ def prepare(plan: RecipeSetup) -> FinetuneRun:
     # Fine-tuning starts from the model's weights; a preset (or a config without weights) starts from random ones.
     model_args.continue_training = plan.source.has_weights
     model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
-    log_cpu_fast_paths(model, training_args)
+    log_cpu_fast_paths(model, family, training_args)
     model = apply_peft(model, family.name, peft_args)
 
     layout = family_layout(family.name, tokenizer)
@@ -252,5 +241,13 @@ def fit(plan: RecipeSetup) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+RECIPE = Recipe(
+    name="finetune",
+    scripts=("finetune_generation.py",),
+    summary="fine-tune: full, LoRA, QLoRA, prefix or LOMO (same flags as finetune_generation.py)",
+    arguments=_dataclass_types,
+    setup=setup,
+    fit=fit,
+    help=lambda: __doc__ + "\nFlags are PaddleNLP's finetune_generation.py flags; see docs/finetune.md.",
+    own_flags=("--dataset_name_or_path", "--lora", "--prefix_tuning", "--src_length", "--lora_path", "--prefix_path"),
+)
