@@ -13,7 +13,7 @@ from typing import Callable
 
 from paddle_llm import __version__
 from paddle_llm.console import configure_output
-from paddle_llm.recipes import RECIPES
+from paddle_llm import recipes
 
 # name -> (module:function taking argv and returning an exit code, one-line help); the training recipes join them
 # from their own records (``recipes.RECIPES``), after preprocess.
@@ -33,17 +33,22 @@ STEPS_AFTER_TRAINING: dict[str, tuple[str, str]] = {
     "doctor": ("paddle_llm.tools.doctor:main", "check versions, CPU, GPU, disk and RAM for a run; a fix for each failure"),
     "report": ("paddle_llm.trainer.report:main", "write OUTPUT_DIR/report.html: loss, learning rate, eval, tokens/s, config, memory"),
 }
-# name -> (the function taking argv and returning an exit code, or where to import it from; one-line help)
-SUBCOMMANDS: dict[str, tuple[Callable[[list[str]], int] | str, str]] = {
-    **STEPS_BEFORE_TRAINING,
-    **{recipe.name: (recipe.main, recipe.summary) for recipe in RECIPES},
-    **STEPS_AFTER_TRAINING,
-}
+
+
+def subcommands() -> dict[str, tuple[Callable[[list[str]], int] | str, str]]:
+    """name -> (the function taking argv and returning an exit code, or where to import it from; one-line help),
+    in the order ``--help`` lists them."""
+    return {
+        **STEPS_BEFORE_TRAINING,
+        **{recipe.name: (recipe.main, recipe.summary) for recipe in recipes.RECIPES},
+        **STEPS_AFTER_TRAINING,
+    }
 
 
 def _usage() -> str:
-    width = max(len(name) for name in SUBCOMMANDS)
-    rows = "\n".join(f"  {name.ljust(width)}  {text}" for name, (_, text) in SUBCOMMANDS.items())
+    known = subcommands()
+    width = max(len(name) for name in known)
+    rows = "\n".join(f"  {name.ljust(width)}  {text}" for name, (_, text) in known.items())
     return (
         "usage: paddle-llm <subcommand> [flags]\n\n"
         f"subcommands:\n{rows}\n\n"
@@ -60,14 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+    known = subcommands()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         print(f"paddle-llm: unknown subcommand {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
 
     configure_output()  # before the subcommand imports Paddle, whose C++ logging reads its level as it loads
-    entry = SUBCOMMANDS[name][0]
+    entry = known[name][0]
     if isinstance(entry, str):
         module_name, function_name = entry.split(":")
         entry = getattr(importlib.import_module(module_name), function_name)

@@ -238,7 +238,7 @@ def check_device(values: Mapping, cuda_available: bool) -> list[str]:
     if device.startswith("gpu") and not cuda_available:
         return [
             f"--device {device} but this Paddle build has no CUDA support (a CPU build, or no GPU visible): pass "
-            "--device cpu, or install paddlepaddle-gpu 3.x (see README, 'GPU install')"
+            "--device cpu, or install paddlepaddle-gpu 3.x (see docs/install.md, 'GPU install')"
         ]
     if device.split(":")[0] not in ("gpu", "cpu", "xpu", "npu"):
         return [f"--device {device!r} is not one of gpu, cpu, xpu, npu"]

@@ -26,8 +26,8 @@ import numpy as np
 
 from paddle_llm.data.jsonl import DataError, read_jsonl_records
 from paddle_llm.data.packing import pack_best_fit_decreasing, packing_stats
-from paddle_llm.models.chat_template import chat_segments, get_chat_template, jinja_chat_segments, validate_messages
-from paddle_llm.models.registry import family_named
+from paddle_llm.models.chat_template import chat_segments, jinja_chat_segments, validate_messages
+from paddle_llm.models.registry import ModelFamily
 
 IGNORE_INDEX = -100  # PaddleNLP's criteria skip this label
 RECORD_FORMATS = ("src_tgt", "alpaca", "chat", "sharegpt")
@@ -213,7 +213,7 @@ class FamilyLayout:
         glm_context: bidirectional context and 2-D positions (see the module docstring).
     """
 
-    family: str
+    family: ModelFamily
     prefix_ids: tuple[int, ...]
     reply_start_ids: tuple[int, ...]
     eos_id: int
@@ -226,19 +226,19 @@ class FamilyLayout:
         return self.glm_context
 
 
-def family_layout(family_name: str, tokenizer) -> FamilyLayout:
+def family_layout(family: ModelFamily, tokenizer) -> FamilyLayout:
     """Read a family's framing tokens from its tokenizer's ``build_inputs_with_special_tokens``."""
     sentinel = -1
     framed = list(tokenizer.build_inputs_with_special_tokens([sentinel]))
     at = framed.index(sentinel)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return FamilyLayout(
-        family=family_name,
+        family=family,
         prefix_ids=tuple(framed[:at]),
         reply_start_ids=tuple(framed[at + 1 :]),
         eos_id=int(tokenizer.eos_token_id),
         pad_id=int(pad_id),
-        glm_context=family_named(family_name).glm_context,
+        glm_context=family.glm_context,
     )
 
 
@@ -274,14 +274,14 @@ class Round:
     reply: list[int]
 
 
-def _segments(record: Record, family_name: str, tokenizer) -> list[tuple[str, bool]]:
+def _segments(record: Record, family: ModelFamily, tokenizer) -> list[tuple[str, bool]]:
     if record.templated:
         # A model directory's own Jinja chat_template (kept on its tokenizer) wins over the family's built-in one.
         jinja = getattr(tokenizer, "jinja_chat_template", None)
         if jinja:
             special = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
             return jinja_chat_segments(jinja, list(record.messages), special)
-        return chat_segments(family_name, list(record.messages))
+        return chat_segments(family.chat_template, list(record.messages))
     return [(record.messages[0]["content"], False), (record.messages[1]["content"], True)]
 
 
@@ -289,7 +289,7 @@ def _rounds(record: Record, layout: FamilyLayout, tokenizer) -> tuple[list[int],
     """Tokenize a record into (prefix, rounds); each reply carries its EOS when the text has no terminator."""
     # A Jinja template writes each reply's terminator itself.
     jinja = getattr(tokenizer, "jinja_chat_template", None)
-    append_eos = not record.templated or (not jinja and get_chat_template(layout.family).append_eos_token)
+    append_eos = not record.templated or (not jinja and layout.family.chat_template.append_eos_token)
     rounds, prompt = [], []
     for text, train_on in _segments(record, layout.family, tokenizer):
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
@@ -370,7 +370,7 @@ def _assemble(prefix: list[int], rounds: list[Round], layout: FamilyLayout, incl
     return tokens, targets, context_length
 
 
-def prompt_ids_as_trained(family_name: str, tokenizer, messages: list[dict], templated: bool) -> list[int]:
+def prompt_ids_as_trained(family: ModelFamily, tokenizer, messages: list[dict], templated: bool) -> list[int]:
     """The ids a model fine-tuned here sees before its reply, for a conversation that ends with a user turn.
 
     Serving encodes requests with this, so a fine-tuned model is asked exactly as it was trained: the same
@@ -378,7 +378,7 @@ def prompt_ids_as_trained(family_name: str, tokenizer, messages: list[dict], tem
     piece differs at segment boundaries, and such a model may answer nothing at all).
 
     Args:
-        family_name: a registered family (``llama``, ``chatglm``...).
+        family: the model's family (``models.registry.ModelFamily``).
         tokenizer: the model's tokenizer.
         messages: the conversation so far; a completion prompt is one user message.
         templated: render with the chat template (chat requests) or as plain text (completion requests).
@@ -386,7 +386,7 @@ def prompt_ids_as_trained(family_name: str, tokenizer, messages: list[dict], tem
     Raises:
         ValueError: a malformed conversation (from the chat template).
     """
-    layout = family_layout(family_name, tokenizer)
+    layout = family_layout(family, tokenizer)
     record = Record(tuple(messages) + ({"role": "assistant", "content": ""},), templated, "request")
     prefix, rounds = _rounds(record, layout, tokenizer)
     tokens, _, _ = _assemble(prefix, rounds, layout, include_last_reply=False)

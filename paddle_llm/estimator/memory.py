@@ -334,7 +334,7 @@ def shape_of(model_config_fields: dict) -> ModelShape:
     Raises:
         ValueError: unsupported ``model_type`` or inconsistent heads.
     """
-    return shape_from_config(model_config_fields, family_of(model_config_fields).name)
+    return shape_from_config(model_config_fields, family_of(model_config_fields))
 
 
 def estimate_training_memory(model_config_fields: dict | ModelShape, **knobs) -> MemoryEstimate:

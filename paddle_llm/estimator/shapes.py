@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
-from paddle_llm.models.registry import family_named
+from paddle_llm.models.registry import FAMILIES, ModelFamily
 
 GENERIC_FAMILY = "generic"
 
@@ -221,19 +221,22 @@ def generic_shape(num_layers: int, hidden_size: int, num_attention_heads: int, v
     )
 
 
-def shape_from_config(fields: dict, family: str) -> ModelShape:
+def shape_from_config(fields: dict, family: ModelFamily) -> ModelShape:
     """Read a model's shape from its config fields.
 
     Args:
         fields: a preset dict or a parsed ``config.json``.
-        family: the model family name from ``paddle_llm.models.registry``; its ``estimate_shape`` reads the fields.
+        family: the model's family (``models.registry.ModelFamily``); its ``estimate_shape`` reads the fields.
 
     Raises:
-        ValueError: the family is unknown, or the heads do not divide the hidden size.
+        ValueError: the family has no estimate, or the heads do not divide the hidden size.
     """
-    described = dict(family_named(family, "estimate_shape").estimate_shape(fields))
+    if family.estimate_shape is None:
+        having = ", ".join(f.name for f in FAMILIES.values() if f.estimate_shape is not None)
+        raise ValueError(f"no estimate shape for model family {family.name!r}; known families: {having}")
+    described = dict(family.estimate_shape(fields))
     described["linear_modules"] = tuple(LinearModule(*module) for module in described["linear_modules"])
-    shape = ModelShape(family=family, **described)
+    shape = ModelShape(family=family.name, **described)
     _check_heads(shape)
     return shape
 

@@ -42,7 +42,7 @@ from paddle_llm.inference.manifest import (
 )
 from paddle_llm.files import replace_directory_atomically
 from paddle_llm.models.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, save_hf_directory
-from paddle_llm.models.registry import resolve_model
+from paddle_llm.models.registry import ModelFamily, resolve_model
 
 DEFAULT_GENERATION = {"max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
@@ -122,7 +122,7 @@ def _check_dtype_supported(request: ExportRequest) -> None:
         )
 
 
-def _write_step_graph(staging: str, step, family: str, dtype: str, prefix, manifest: ExportManifest) -> None:
+def _write_step_graph(staging: str, step, family: ModelFamily, dtype: str, prefix, manifest: ExportManifest) -> None:
     """Trace the one-step graph (a ``step_graph.StepBuild``) into ``staging`` (and the prefix past, if any), and
     record both in the manifest.
 
@@ -148,7 +148,7 @@ def _write_step_graph(staging: str, step, family: str, dtype: str, prefix, manif
         manifest.prefix_cache = PREFIX_CACHE_FILE
 
 
-def _write_avx512_program(staging: str, step, family: str, dtype: str) -> dict:
+def _write_avx512_program(staging: str, step, family: ModelFamily, dtype: str) -> dict:
     """Trace the fused-RMSNorm variant of ``step`` and keep only its program: the same layer's buffers save to the
     same parameter file, which is checked byte for byte rather than assumed."""
     from paddle_llm.inference.step_graph import save_step_graph
@@ -211,12 +211,12 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest | Non
     request.validate()
     _check_dtype_supported(request)
     source = resolve_model(request.model_name_or_path)
-    family = source.family.name
+    family = source.family
     if request.format == FORMAT_HF:
         return _export_hf(request, source, log)
     step_spec(family)  # fail on an unsupported family before loading anything
     tokenizer = load_checkpoint_tokenizer(source)
-    log(f"loading {family} checkpoint {request.model_name_or_path}" + (f" + LoRA {request.lora_path}" if request.lora_path else ""))
+    log(f"loading {family.name} checkpoint {request.model_name_or_path}" + (f" + LoRA {request.lora_path}" if request.lora_path else ""))
     model = load_model(source, request.lora_path, merge_lora=True)
     prefix_model = load_prefix_model(model, family, request.prefix_path) if request.prefix_path else None
     model = reload_in_dtype(model, source, request.dtype)
@@ -232,8 +232,8 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest | Non
     generation = _generation_config(source, config)
     manifest = ExportManifest(
         format=request.format,
-        family=family,
-        chat_template=family,
+        family=family.name,
+        chat_template=family.name,
         dtype=request.dtype,
         vocab_size=int(config.vocab_size),
         max_context_length=max_context_length(family, config),

@@ -15,7 +15,7 @@ import paddle
 from paddle_llm.config.validation import GPU_ONLY_FLAGS
 from paddle_llm.inference.manifest import CacheLayout
 from paddle_llm.inference.step_graph import step_spec
-from paddle_llm.models.registry import ModelSource, build_config, build_model, load_tokenizer
+from paddle_llm.models.registry import ModelFamily, ModelSource, build_config, build_model, load_tokenizer
 from paddle_llm.peft.lora import load_lora
 from paddle_llm.peft.lora import merge_lora as merge_into_model
 from paddle_llm.peft.prefix import apply_prefix
@@ -57,25 +57,25 @@ def load_model(source: ModelSource, lora_path: str | None = None, merge_lora: bo
     return model
 
 
-def load_prefix_model(model, family_name: str, prefix_path: str):
+def load_prefix_model(model, family: ModelFamily, prefix_path: str):
     """Wrap ``model`` with the prefix-tuning adapter saved in ``prefix_path``.
 
     Raises:
         FileNotFoundError: ``prefix_path`` has no ``prefix_config.json``.
     """
 
-    prefix_model = apply_prefix(model, family_name, num_prefix_tokens=0, prefix_path=prefix_path)
+    prefix_model = apply_prefix(model, family, num_prefix_tokens=0, prefix_path=prefix_path)
     prefix_model.eval()
     return prefix_model
 
 
-def prefix_cache(prefix_model, family_name: str, layout: CacheLayout) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
+def prefix_cache(prefix_model, family: ModelFamily, layout: CacheLayout) -> tuple[list[paddle.Tensor], list[paddle.Tensor]]:
     """The prefix encoder's past for one row, per layer, in the step graph's cache layout."""
 
     with paddle.no_grad():
         per_layer = prefix_model._get_past_key_values(1)
     # PaddleNLP's past is in its model's own cache layout (heads at axis 2); move each axis where ``layout`` has it.
-    paddlenlp_axes = step_spec(family_name)
+    paddlenlp_axes = step_spec(family)
     source_axes = {layout.batch_axis: paddlenlp_axes.batch_axis, layout.seq_axis: paddlenlp_axes.seq_axis,
                    layout.head_axis: 2, 3: 3}
     permutation = [source_axes[axis] for axis in range(4)]

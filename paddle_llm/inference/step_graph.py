@@ -22,26 +22,29 @@ from paddle import nn
 from paddle.static import InputSpec
 
 from paddle_llm.inference.manifest import STEP_LLAMA_INFERENCE, STEP_PADDLENLP, CacheLayout
-from paddle_llm.models.registry import family_named
+from paddle_llm.models.registry import FAMILIES, ModelFamily
 from paddle_llm.models.step import StepSpec
 
 
-def step_spec(family_name: str) -> StepSpec:
+def step_spec(family: ModelFamily) -> StepSpec:
     """The family's ``StepSpec``.
 
     Raises:
         ValueError: naming the family when it has no step definition.
     """
-    return family_named(family_name, "step").step
+    if family.step is None:
+        having = ", ".join(f.name for f in FAMILIES.values() if f.step is not None)
+        raise ValueError(f"no step for model family {family.name!r}; known families: {having}")
+    return family.step
 
 
-def cache_layout(family_name: str, config, implementation: str = STEP_PADDLENLP) -> CacheLayout:
+def cache_layout(family: ModelFamily, config, implementation: str = STEP_PADDLENLP) -> CacheLayout:
     """Read the cache geometry from a PaddleNLP config, for the step implementation that will run.
 
     Raises:
         ValueError: the family has no step definition.
     """
-    spec = step_spec(family_name)
+    spec = step_spec(family)
     num_kv_heads, head_dim = spec.kv_geometry(config)
     geometry = dict(num_layers=config.num_hidden_layers, num_kv_heads=num_kv_heads, head_dim=head_dim)
     if implementation == STEP_LLAMA_INFERENCE:
@@ -50,18 +53,18 @@ def cache_layout(family_name: str, config, implementation: str = STEP_PADDLENLP)
     return CacheLayout(**geometry, batch_axis=spec.batch_axis, seq_axis=spec.seq_axis, head_axis=2)
 
 
-def max_context_length(family_name: str, config) -> int:
+def max_context_length(family: ModelFamily, config) -> int:
     """The number of positions the model's rotary tables cover."""
-    return family_named(family_name).max_context_length(config)
+    return family.max_context_length(config)
 
 
 class KVCacheStep(nn.Layer):
     """Wraps a PaddleNLP causal LM as the uniform one-step function described in the module docstring."""
 
-    def __init__(self, model: nn.Layer, family_name: str, num_layers: int):
+    def __init__(self, model: nn.Layer, family: ModelFamily, num_layers: int):
         super().__init__()
         self.model = model
-        self.step_spec = step_spec(family_name)
+        self.step_spec = step_spec(family)
         self.num_layers = num_layers
 
     def forward(self, input_ids, position_ids, attention_mask, caches):
@@ -89,35 +92,35 @@ class StepBuild:
     kept_because: str
 
 
-def build_step_layer(model: nn.Layer, family_name: str, dtype: str, fused_rms_norm: bool = False) -> StepBuild:
+def build_step_layer(model: nn.Layer, family: ModelFamily, dtype: str, fused_rms_norm: bool = False) -> StepBuild:
     """The step for ``model``: the family's own inference step where it reproduces the model (Llama's
     ``LlamaInferenceStep``: the same function in a third of the ops), PaddleNLP's forward inside ``KVCacheStep`` for
     every other model.
 
     ``fused_rms_norm``: Paddle's fused RMSNorm in the inference step, for a CPU that
-    ``config.cpu_features.fused_rms_norm_allowed``; the default step runs on any CPU."""
+    ``cpu.features.fused_rms_norm_allowed``; the default step runs on any CPU."""
     config = model.config
-    spec = step_spec(family_name)
-    kept_because = f"no inference step for {family_name}"
+    spec = step_spec(family)
+    kept_because = f"no inference step for {family.name}"
     if spec.inference_step is not None:
         layer, kept_because = spec.inference_step(model, dtype, fused_rms_norm)
         if layer is not None:
-            return StepBuild(layer, cache_layout(family_name, config, STEP_LLAMA_INFERENCE), STEP_LLAMA_INFERENCE, "")
-    layer = KVCacheStep(model, family_name, config.num_hidden_layers)
-    return StepBuild(layer, cache_layout(family_name, config, STEP_PADDLENLP), STEP_PADDLENLP, kept_because)
+            return StepBuild(layer, cache_layout(family, config, STEP_LLAMA_INFERENCE), STEP_LLAMA_INFERENCE, "")
+    layer = KVCacheStep(model, family, config.num_hidden_layers)
+    return StepBuild(layer, cache_layout(family, config, STEP_PADDLENLP), STEP_PADDLENLP, kept_because)
 
 
-def prepare_for_tracing(model: nn.Layer, family_name: str, config) -> None:
+def prepare_for_tracing(model: nn.Layer, family: ModelFamily, config) -> None:
     """Swap in trace-friendly sublayers where a family needs them (in place; numerics unchanged)."""
-    prepare = step_spec(family_name).prepare_for_tracing
+    prepare = step_spec(family).prepare_for_tracing
     if prepare is not None:
         prepare(model, config)
 
 
-def input_specs(family_name: str, dtype: str, num_layers: int) -> list:
+def input_specs(family: ModelFamily, dtype: str, num_layers: int) -> list:
     """InputSpecs of the step graph: every batch, query and past length is dynamic."""
 
-    glm = step_spec(family_name).glm_positions
+    glm = step_spec(family).glm_positions
     position_shape = [None, 2, None] if glm else [None, None]
     # One list argument: to_static rejects *args, and flattens a list into the graph's trailing inputs.
     caches = [InputSpec([None] * 4, dtype, f"past_{kind}_{layer}") for kind in ("key", "value") for layer in range(num_layers)]
@@ -129,8 +132,8 @@ def input_specs(family_name: str, dtype: str, num_layers: int) -> list:
     ]
 
 
-def save_step_graph(step: nn.Layer, family_name: str, dtype: str, num_layers: int, path_prefix: str) -> None:
+def save_step_graph(step: nn.Layer, family: ModelFamily, dtype: str, num_layers: int, path_prefix: str) -> None:
     """Trace ``step`` with dynamic shapes and write ``{path_prefix}.json`` + ``{path_prefix}.pdiparams``."""
-    specs = input_specs(family_name, dtype, num_layers)
+    specs = input_specs(family, dtype, num_layers)
     static_step = paddle.jit.to_static(step, input_spec=specs, full_graph=True)
     paddle.jit.save(static_step, path_prefix)

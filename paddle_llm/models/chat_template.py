@@ -1,6 +1,7 @@
 """Chat templates, one per model family, as data plus two small functions.
 
-``render_chat`` turns OpenAI-style messages into the prompt text a family was tuned on; ``chat_segments`` gives the
+``render_chat`` turns OpenAI-style messages into the prompt text a family was tuned on (its ``ChatTemplate``,
+``ModelFamily.chat_template``); ``chat_segments`` gives the
 same text cut into consecutive pieces flagged ``train_on`` (True only for assistant replies), so fine-tuning can mask
 prompt tokens. ``"".join(text for text, _ in chat_segments(f, m)) == render_chat(f, m, add_generation_prompt=False)``
 always holds: the two functions share one renderer.
@@ -12,21 +13,12 @@ A template without a textual terminator has the trainer append the EOS token aft
 
 from __future__ import annotations
 
-from paddle_llm.models.registry import ChatTemplate, family_named
+from paddle_llm.models.registry import ChatTemplate
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 ROLES = ("system", "user", "assistant")
-
-
-def get_chat_template(family_name: str) -> ChatTemplate:
-    """Return the chat template of a family.
-
-    Raises:
-        ValueError: no template for that family; the message lists the known ones.
-    """
-    return family_named(family_name, "chat_template").chat_template
 
 
 def validate_messages(messages: object, add_generation_prompt: bool) -> list[dict]:
@@ -87,11 +79,11 @@ def _render_segments(template: ChatTemplate, messages: list[dict]) -> list[tuple
     return segments
 
 
-def render_chat(family_name: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def render_chat(template: ChatTemplate, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """Render a conversation as the prompt text of a family's chat format.
 
     Args:
-        family_name: a registered family (``llama``, ``chatglm``...).
+        template: the family's chat format (``ModelFamily.chat_template``).
         messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
         add_generation_prompt: the text ends where the assistant's reply begins (the last message must be the
             user's). False renders a complete conversation, e.g. for training.
@@ -100,22 +92,20 @@ def render_chat(family_name: str, messages: list[dict], add_generation_prompt: b
         The prompt text.
 
     Raises:
-        ValueError: unknown family, or a malformed conversation (the message names the index and field).
+        ValueError: a malformed conversation (the message names the index and field).
     """
-    template = get_chat_template(family_name)
     checked = validate_messages(messages, add_generation_prompt)
     return "".join(text for text, _ in _render_segments(template, checked))
 
 
-def chat_segments(family_name: str, messages: list[dict]) -> list[tuple[str, bool]]:
+def chat_segments(template: ChatTemplate, messages: list[dict]) -> list[tuple[str, bool]]:
     """Cut a complete conversation into consecutive text pieces, each flagged ``train_on``.
 
     Only assistant replies are flagged True; joining the pieces gives ``render_chat(..., add_generation_prompt=False)``.
 
     Raises:
-        ValueError: unknown family, or a malformed conversation.
+        ValueError: a malformed conversation.
     """
-    template = get_chat_template(family_name)
     checked = validate_messages(messages, add_generation_prompt=False)
     return _render_segments(template, checked)
 

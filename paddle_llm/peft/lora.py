@@ -6,7 +6,7 @@ import os
 import re
 
 from paddle_llm.config.parser import ArgumentError
-from paddle_llm.models.registry import family_named
+from paddle_llm.models.registry import ModelFamily
 from paddle_llm.peft.quantize import recorded_quantization
 
 _REGEX_CHARACTERS = set(".*+?[](){}|^$\\")
@@ -55,12 +55,12 @@ def load_lora(model, lora_path: str):
     return lora_model
 
 
-def apply_lora(model, family_name: str, rank: int, alpha: int | None = None, target_modules=None):
+def apply_lora(model, family: ModelFamily, rank: int, alpha: int | None = None, target_modules=None):
     """Wrap ``model`` with new LoRA adapters; only the adapters train.
 
     Args:
         model: a PaddleNLP causal LM.
-        family_name: picks the default targets (the family's ``lora_target_modules``).
+        family: picks the default targets (the family's ``lora_target_modules``).
         rank: LoRA rank r.
         alpha: scaling numerator; None means ``default_lora_alpha(rank)``.
         target_modules: layer names or regexes overriding the family default.
@@ -73,12 +73,12 @@ def apply_lora(model, family_name: str, rank: int, alpha: int | None = None, tar
     """
     from paddlenlp.peft import LoRAConfig, LoRAModel
 
-    names = list(target_modules or family_named(family_name).lora_target_modules)
+    names = list(target_modules or family.lora_target_modules)
     patterns = target_patterns(names)
     linear = _linear_layer_names(model)
     if not any(re.fullmatch(p, name) for p in patterns for name in linear):
         short = sorted({name.rsplit(".", 1)[-1] for name in linear})
-        raise ArgumentError(f"--lora_target_modules {' '.join(names)} matches no linear layer of this {family_name} model; its layers are: {', '.join(short)}")
+        raise ArgumentError(f"--lora_target_modules {' '.join(names)} matches no linear layer of this {family.name} model; its layers are: {', '.join(short)}")
     config = LoRAConfig(
         target_modules=patterns,
         r=rank,

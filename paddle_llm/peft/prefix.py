@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import os
 
-from paddle_llm.models.registry import family_named
+from paddle_llm.models.registry import FAMILIES, ModelFamily
 
 
-def apply_prefix(model, family_name: str, num_prefix_tokens: int, prefix_path: str | None = None, prefix_projection: bool = False):
+def apply_prefix(model, family: ModelFamily, num_prefix_tokens: int, prefix_path: str | None = None, prefix_projection: bool = False):
     """Wrap ``model`` with a trainable prefix; everything else is frozen.
 
     Args:
         model: a PaddleNLP causal LM (not a pipeline model: PaddleNLP's prefix model refuses those).
-        family_name: selects the past-key-value layout.
+        family: selects the past-key-value layout.
         num_prefix_tokens: virtual tokens in the prefix.
         prefix_path: load this saved prefix instead of creating a new one.
         prefix_projection: produce the prefix through a 2-layer MLP (more parameters, often steadier).
@@ -32,7 +32,9 @@ def apply_prefix(model, family_name: str, num_prefix_tokens: int, prefix_path: s
     import paddlenlp.peft.prefix as prefix_module
     from paddlenlp.peft import PrefixConfig, PrefixModelForCausalLM
 
-    family = family_named(family_name, "prefix_layout")
+    if family.prefix_layout is None:
+        having = ", ".join(f.name for f in FAMILIES.values() if f.prefix_layout is not None)
+        raise ValueError(f"no prefix layout for model family {family.name!r}; known families: {having}")
     layout = family.prefix_layout(model.config)
     postprocess = getattr(prefix_module, layout.postprocess_name)
     if family.prefix_needs_cache:

@@ -243,10 +243,10 @@ def prepare(plan: RecipeSetup) -> DPORun:
     model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
     log_cpu_fast_paths(model, family, training_args)
     reference, reference_model = reference_for(model, dpo_args, peft_args)
-    model = apply_peft(model, family.name, peft_args)
+    model = apply_peft(model, family, peft_args)
     log(f"reference model: {REFERENCE_DESCRIPTIONS[reference]}")
 
-    layout = family_layout(family.name, tokenizer)
+    layout = family_layout(family, tokenizer)
     splits = load_preference_splits(layout, tokenizer, data_args, training_args)
     settings = PreferenceLoss(
         dpo_args.loss_type, dpo_args.beta, dpo_args.simpo_gamma, dpo_args.label_smoothing, dpo_args.pref_loss_ratio, dpo_args.sft_loss_ratio

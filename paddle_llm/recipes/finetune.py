@@ -208,15 +208,15 @@ def prepare(plan: RecipeSetup) -> FinetuneRun:
     model_args.continue_training = plan.source.has_weights
     model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
     log_cpu_fast_paths(model, family, training_args)
-    model = apply_peft(model, family.name, peft_args)
+    model = apply_peft(model, family, peft_args)
 
-    layout = family_layout(family.name, tokenizer)
+    layout = family_layout(family, tokenizer)
     splits = load_splits(layout, tokenizer, data_args, training_args)
     collator = SftCollator(layout, pad_to=data_args.max_seq_length if training_args.pipeline_parallel_degree > 1 else None)
     generation = None
     if data_args.generation_eval and "dev" in splits:
         generation = generation_eval(splits["dev"], layout, tokenizer, data_args, collator)
-    criterion = criterion_for(family.name, training_args.tensor_parallel_degree)
+    criterion = criterion_for(family, training_args.tensor_parallel_degree)
     trainer = FinetuneTrainer(
         model=model,
         args=training_args,

@@ -190,15 +190,15 @@ def build_model_and_tokenizer(source: ModelSource, model_args, data_args, traini
     return model, tokenizer, config
 
 
-def apply_peft(model, family_name: str, peft_args):
+def apply_peft(model, family: ModelFamily, peft_args):
     """Wrap the model for LoRA or prefix tuning (or return it unchanged), and log what trains."""
 
     if peft_args.lora and peft_args.lora_path:
         model = load_lora(model, peft_args.lora_path)
     elif peft_args.lora:
-        model = apply_lora(model, family_name, peft_args.r, peft_args.lora_alpha, peft_args.lora_target_modules)
+        model = apply_lora(model, family, peft_args.r, peft_args.lora_alpha, peft_args.lora_target_modules)
     elif peft_args.prefix_tuning:
-        model = apply_prefix(model, family_name, peft_args.num_prefix_tokens, peft_args.prefix_path, peft_args.prefix_projection)
+        model = apply_prefix(model, family, peft_args.num_prefix_tokens, peft_args.prefix_path, peft_args.prefix_projection)
     if peft_args.weight_quantize_algo:
         from paddle_llm.peft.qlora import quantize_lora_base
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from paddle_llm.cpu import features as cpu_features
 from paddle_llm.inference.manifest import load_manifest
-from paddle_llm.models.registry import FAMILIES, load_tokenizer, resolve_model
+from paddle_llm.models.registry import ModelFamily, family_named, load_tokenizer, resolve_model
 from paddle_llm.serving.engine import Engine
 
 ENGINE_PADDLE = "paddle"
@@ -27,7 +27,7 @@ class ServedModel:
 
     Attributes:
         name: the id clients pass as ``model`` (the directory's base name).
-        family: model family; ``chat_template`` names the chat format.
+        family: the model's family (its chat format is ``family.chat_template``).
         tokenizer: encodes prompts, decodes output.
         engine: the started engine.
         max_context_length: prompt + output positions.
@@ -35,8 +35,7 @@ class ServedModel:
     """
 
     name: str
-    family: str
-    chat_template: str
+    family: ModelFamily
     tokenizer: object
     engine: Engine
     max_context_length: int
@@ -70,12 +69,12 @@ def open_export(model_dir: str, num_threads: int, max_batch_size: int, enable_mk
     manifest = load_manifest(model_dir)
     decoder = open_export_decoder(model_dir, manifest, num_threads=num_threads, enable_mkldnn=enable_mkldnn,
                                   use_gpu=use_gpu)
-    tokenizer = load_tokenizer(model_dir, FAMILIES[manifest.family])
+    family = family_named(manifest.family)
+    tokenizer = load_tokenizer(model_dir, family)
     engine = Engine(decoder, tokenizer, manifest.eos_token_ids, manifest.max_context_length, max_batch_size).start()
     return ServedModel(
         name=os.path.basename(os.path.normpath(model_dir)),
-        family=manifest.family,
-        chat_template=manifest.chat_template,
+        family=family,
         tokenizer=tokenizer,
         engine=engine,
         max_context_length=manifest.max_context_length,
@@ -99,7 +98,7 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
 
     paddle.set_device(device)
     source = resolve_model(model_dir)
-    family = source.family.name
+    family = source.family
     model = load_model(source)
     fused_rms_norm = cpu_features.fused_rms_norm_allowed(cpu_features.detect())
     step = build_step_layer(model, family, "float32", fused_rms_norm=fused_rms_norm)
@@ -118,7 +117,6 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
     return ServedModel(
         name=os.path.basename(os.path.normpath(model_dir)),
         family=family,
-        chat_template=family,
         tokenizer=tokenizer,
         engine=engine,
         max_context_length=context,

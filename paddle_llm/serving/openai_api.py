@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from paddle_llm.data.sft import prompt_ids_as_trained
-from paddle_llm.models.chat_template import get_chat_template, render_chat
+from paddle_llm.models.chat_template import render_chat
+from paddle_llm.models.registry import ModelFamily
 from paddle_llm.serving.engine import FINISH_CANCELLED, FINISH_ERROR, Completion, EngineClosedError, RequestHandle, StreamEvent
 from paddle_llm.serving.sampling import SamplingParams
 
@@ -96,16 +97,16 @@ def _stop_strings(body: dict) -> tuple[str, ...]:
 class OpenAIProtocol:
     """Validates OpenAI-style bodies for one served model and builds responses."""
 
-    def __init__(self, model_name: str, family_template: str, tokenizer, max_context_length: int, limits: ServingLimits):
+    def __init__(self, model_name: str, family: ModelFamily, tokenizer, max_context_length: int, limits: ServingLimits):
         self.model_name = model_name
-        self.template = get_chat_template(family_template)
+        self.family = family
         self.tokenizer = tokenizer
         self.max_context_length = max_context_length
         self.limits = limits
 
     def encode(self, messages: list[dict], templated: bool) -> list[int]:
         """Encode a request exactly as fine-tuning framed its prompts (see ``data.sft.prompt_ids_as_trained``)."""
-        return prompt_ids_as_trained(self.template.name, self.tokenizer, messages, templated)
+        return prompt_ids_as_trained(self.family, self.tokenizer, messages, templated)
 
     def _check_common(self, body: dict) -> None:
         model = body.get("model")
@@ -192,12 +193,12 @@ class OpenAIProtocol:
         if messages is None:
             raise RequestError("messages is required", param="messages")
         try:
-            render_chat(self.template.name, messages, add_generation_prompt=True)  # validates, naming the bad field
+            render_chat(self.family.chat_template, messages, add_generation_prompt=True)  # validates, naming the bad field
             prompt_ids = self.encode(list(messages), templated=True)
         except ValueError as err:
             raise RequestError(str(err), param="messages") from None
         # The template's own round markers end a reply (ChatGLM starts a new "[Round N]" otherwise).
-        params = self._sampling(body, len(prompt_ids), "messages", extra_stop=self.template.stop_strings)
+        params = self._sampling(body, len(prompt_ids), "messages", extra_stop=self.family.chat_template.stop_strings)
         return PreparedRequest("chat", prompt_ids, params, *self._stream_flags(body))
 
     # ---- responses -----------------------------------------------------------------------------------------------
@@ -264,7 +265,7 @@ class LocalBackend:
 
     def __init__(self, served, limits: ServingLimits):
         self.served = served
-        self.protocol = OpenAIProtocol(served.name, served.chat_template, served.tokenizer,
+        self.protocol = OpenAIProtocol(served.name, served.family, served.tokenizer,
                                        served.max_context_length, limits)
 
     @property

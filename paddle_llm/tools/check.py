@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from paddle_llm.config.parser import ArgumentError
 from paddle_llm.config.validation import sharding_stages
 from paddle_llm.parallel.convert import single_device_resume_problem
-from paddle_llm.recipes import RECIPES, recipe_named
+from paddle_llm import recipes
+from paddle_llm.recipes import recipe_named
 from paddle_llm.recipes.spine import Recipe
 
 EXIT_BAD_CONFIG = 2
@@ -67,7 +68,7 @@ def split_command(argv: list[str], environ=os.environ) -> CheckRequest:
     if recipe is None:
         # No script named: the recipe whose own flags appear, else the first one (pretraining).
         flags = {token.split("=")[0] for token in rest}
-        recipe = next((r for r in RECIPES if flags & set(r.own_flags)), RECIPES[0])
+        recipe = next((r for r in recipes.RECIPES if flags & set(r.own_flags)), recipes.RECIPES[0])
     try:
         if "world_size" in launcher:
             world_size = int(launcher["world_size"])

@@ -285,7 +285,7 @@ def check_paddle(facts: EnvironmentFacts, plan: TrainingPlan) -> CheckResult:
     version_wanted = pinned.lstrip("=") if pinned and pinned.startswith("==") else None
     if gpu_build:
         install = f"pip install paddlepaddle-gpu=={version_wanted or '<pinned version>'} -i {PADDLE_GPU_INDEX}"
-        install += " (pick the cuXXX index that matches your driver; README 'GPU install')"
+        install += " (pick the cuXXX index that matches your driver; docs/install.md, 'GPU install')"
     else:
         install = f"pip install paddlepaddle=={version_wanted or '<pinned version>'}"
     if installed is None and paddle.version is None:
@@ -397,7 +397,7 @@ def check_gpu(facts: EnvironmentFacts, plan: TrainingPlan) -> CheckResult:
             return CheckResult(
                 "gpu", Status.FAIL if wants_gpu else Status.WARN,
                 f"the driver lists {len(facts.driver_gpus)} GPU(s) ({facts.driver_gpus[0]}), but Paddle is a CPU build",
-                f"pip install paddlepaddle-gpu from Paddle's index ({PADDLE_GPU_INDEX}; README 'GPU install')",
+                f"pip install paddlepaddle-gpu from Paddle's index ({PADDLE_GPU_INDEX}; docs/install.md, 'GPU install')",
             )
         return CheckResult("gpu", Status.SKIP, "none (CPU build of Paddle, no NVIDIA driver)")
     if not paddle.gpus:

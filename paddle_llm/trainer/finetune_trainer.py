@@ -16,7 +16,7 @@ import paddle
 
 from paddle_llm.data.sft import IGNORE_INDEX
 from paddle_llm.cpu.ops import CausalLMLoss
-from paddle_llm.models.registry import family_named
+from paddle_llm.models.registry import ModelFamily
 from paddle_llm.peft.lomo import LomoOptimizer
 from paddle_llm.trainer.callbacks import MetricsFileCallback
 from paddle_llm.trainer.generation import exact_match
@@ -43,13 +43,13 @@ class TokenMeanCrossEntropy(paddle.nn.Layer):
         return self.loss(logits, labels)
 
 
-def criterion_for(family_name: str, tensor_parallel_degree: int):
+def criterion_for(family: ModelFamily, tensor_parallel_degree: int):
     """The criterion the Trainer should use, or None for the model's own loss.
 
     With tensor parallelism ChatGLM's head filters the ignored labels itself (and its logits are vocabulary-split,
     which a plain cross-entropy cannot read), so its own loss is kept there.
     """
-    if family_named(family_name).token_mean_loss and tensor_parallel_degree <= 1:
+    if family.token_mean_loss and tensor_parallel_degree <= 1:
         return TokenMeanCrossEntropy()
     return None
 

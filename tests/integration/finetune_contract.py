@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from paddle_llm.models.registry import FAMILIES
+
 METHOD_FLAGS = {
     "full": ["--learning_rate", "1e-3"],
     "lora": ["--lora", "True", "--r", "4", "--learning_rate", "3e-3"],
@@ -94,7 +96,8 @@ def run(family, model_dir, data_dir, output_root, method):
 
 
 def main():
-    family, model_dir, data_dir, output_root = sys.argv[1:5]
+    family_name, model_dir, data_dir, output_root = sys.argv[1:5]
+    family = FAMILIES[family_name]
     methods = sys.argv[5:] or list(METHOD_FLAGS)
     for method in methods:
         print("CONTRACT " + json.dumps(run(family, model_dir, data_dir, output_root, method)), flush=True)

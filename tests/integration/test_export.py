@@ -59,8 +59,8 @@ def test_export_and_checkpoint_serve_a_chat_prompt_with_the_same_greedy_tokens(c
 
     served = [open_export(exports[family][1], num_threads=1, max_batch_size=2), open_checkpoint(checkpoints[family], max_batch_size=2)]
     try:
-        assert [model.chat_template for model in served] == [family, family]
-        prompt = prompt_ids_as_trained(family, served[0].tokenizer, [{"role": "user", "content": "The quick brown fox"}], templated=True)
+        assert [model.family.chat_template.name for model in served] == [family, family]
+        prompt = prompt_ids_as_trained(served[0].family, served[0].tokenizer, [{"role": "user", "content": "The quick brown fox"}], templated=True)
         replies = [model.engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0)) for model in served]
         assert replies[0].error is None and len(replies[0].token_ids) == 8
         assert replies[0].token_ids == replies[1].token_ids

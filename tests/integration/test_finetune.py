@@ -72,9 +72,9 @@ from paddle_llm.trainer.finetune_trainer import criterion_for
 family, model_dir, data_file = sys.argv[1:4]
 source = resolve_model(model_dir)
 tokenizer = load_tokenizer(model_dir, source.family)
-layout = family_layout(family, tokenizer)
+layout = family_layout(source.family, tokenizer)
 model = build_model(source, build_config(source), load_weights=True)
-criterion = criterion_for(family, 1)
+criterion = criterion_for(source.family, 1)
 samples = build_split(data_file, layout, tokenizer, Limits(32, 48)).samples[:12]
 collate = SftCollator(layout)
 def loss_and_grads(rows):

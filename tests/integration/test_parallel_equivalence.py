@@ -76,7 +76,7 @@ class Runs:
                 from paddle_llm.peft.lora import apply_lora
                 paddle.seed(0)
                 source = resolve_model({self.models['llama']!r})
-                apply_lora(build_model(source, build_config(source), load_weights=True), "llama", 8).save_pretrained({output!r})
+                apply_lora(build_model(source, build_config(source), load_weights=True), source.family, 8).save_pretrained({output!r})
                 """
             )
             run_script(["-c", script])

@@ -57,7 +57,7 @@ def _load(checkpoint: str):
     from paddle_llm.models.registry import build_config, build_model, resolve_model
 
     source = resolve_model(checkpoint)
-    return source.family.name, build_model(source, build_config(source), load_weights=True)
+    return source.family, build_model(source, build_config(source), load_weights=True)
 
 
 def make_lora_adapter(checkpoint: str, directory: str, seed: int = 1) -> str:

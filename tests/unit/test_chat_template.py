@@ -3,7 +3,7 @@
 import pytest
 
 from paddle_llm.models.chat_template import chat_segments, render_chat
-from paddle_llm.models.registry import FAMILIES
+from paddle_llm.models.registry import FAMILIES, family_named
 
 CHAT_FAMILIES = sorted(name for name, family in FAMILIES.items() if family.chat_template)
 
@@ -16,43 +16,44 @@ CONVERSATION = [
 
 
 def test_llama_two_rounds_with_system():
-    assert render_chat("llama", CONVERSATION) == (
+    assert render_chat(FAMILIES["llama"].chat_template, CONVERSATION) == (
         "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Name a fox. [/INST]"
     )
 
 
 def test_llama_without_system():
-    assert render_chat("llama", [{"role": "user", "content": "Hi"}]) == "<s>[INST] Hi [/INST]"
+    assert render_chat(FAMILIES["llama"].chat_template, [{"role": "user", "content": "Hi"}]) == "<s>[INST] Hi [/INST]"
 
 
 def test_chatglm_v1_rounds_count_from_zero():
-    assert render_chat("chatglm", CONVERSATION[1:]) == "[Round 0]\n问：Hi\n答：Hello!\n[Round 1]\n问：Name a fox.\n答："
+    assert render_chat(FAMILIES["chatglm"].chat_template, CONVERSATION[1:]) == "[Round 0]\n问：Hi\n答：Hello!\n[Round 1]\n问：Name a fox.\n答："
 
 
 def test_chatglm2_rounds_count_from_one_with_blank_lines():
-    assert render_chat("chatglm2", CONVERSATION[1:]) == (
+    assert render_chat(FAMILIES["chatglm2"].chat_template, CONVERSATION[1:]) == (
         "[Round 1]\n\n问：Hi\n\n答：Hello!\n\n[Round 2]\n\n问：Name a fox.\n\n答："
     )
 
 
 def test_chatglm_system_becomes_leading_paragraph():
-    assert render_chat("chatglm2", CONVERSATION[:2]) == "Be brief.\n\n[Round 1]\n\n问：Hi\n\n答："
+    assert render_chat(FAMILIES["chatglm2"].chat_template, CONVERSATION[:2]) == "Be brief.\n\n[Round 1]\n\n问：Hi\n\n答："
 
 
 def test_qwen2_chatml_every_message_framed_and_the_reply_trained_through_im_end():
-    assert render_chat("qwen2", CONVERSATION) == (
+    assert render_chat(FAMILIES["qwen2"].chat_template, CONVERSATION) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
         "<|im_start|>user\nName a fox.<|im_end|>\n<|im_start|>assistant\n"
     )
-    replies = [text for text, train_on in chat_segments("qwen2", CONVERSATION[:3]) if train_on]
+    replies = [text for text, train_on in chat_segments(FAMILIES["qwen2"].chat_template, CONVERSATION[:3]) if train_on]
     assert replies == ["Hello!<|im_end|>"]
 
 
 @pytest.mark.parametrize("family", CHAT_FAMILIES)
 def test_segments_join_to_rendering_and_flag_only_replies(family):
     conversation = CONVERSATION + [{"role": "assistant", "content": "Reynard."}]
-    segments = chat_segments(family, conversation)
-    assert "".join(text for text, _ in segments) == render_chat(family, conversation, add_generation_prompt=False)
+    template = FAMILIES[family].chat_template
+    segments = chat_segments(template, conversation)
+    assert "".join(text for text, _ in segments) == render_chat(template, conversation, add_generation_prompt=False)
     trained = [text for text, train_on in segments if train_on]
     assert len(trained) == 2
     assert "Hello!" in trained[0] and "Reynard." in trained[1]
@@ -61,8 +62,9 @@ def test_segments_join_to_rendering_and_flag_only_replies(family):
 
 def test_generation_prompt_is_prefix_of_full_conversation():
     for family in CHAT_FAMILIES:
-        full = render_chat(family, CONVERSATION + [{"role": "assistant", "content": "Reynard."}], add_generation_prompt=False)
-        assert full.startswith(render_chat(family, CONVERSATION))
+        template = FAMILIES[family].chat_template
+        full = render_chat(template, CONVERSATION + [{"role": "assistant", "content": "Reynard."}], add_generation_prompt=False)
+        assert full.startswith(render_chat(template, CONVERSATION))
 
 
 @pytest.mark.parametrize(
@@ -81,9 +83,9 @@ def test_generation_prompt_is_prefix_of_full_conversation():
 )
 def test_bad_conversations_name_index_and_field(messages, expected):
     with pytest.raises(ValueError, match=expected):
-        render_chat("llama", messages)
+        render_chat(FAMILIES["llama"].chat_template, messages)
 
 
 def test_unknown_family():
     with pytest.raises(ValueError, match="no chat template for model family 'gpt'"):
-        render_chat("gpt", [{"role": "user", "content": "x"}])
+        family_named("gpt", "chat_template")

@@ -10,6 +10,7 @@ import paddle
 import pytest
 
 from paddle_llm.data.sft import IGNORE_INDEX
+from paddle_llm.models.registry import FAMILIES
 from paddle_llm.trainer.dpo_trainer import DPOTrainer, PreferenceLoss, pair_log_probs, preference_loss, sequence_log_probs
 
 RNG = np.random.default_rng(0)
@@ -108,7 +109,7 @@ def test_lora_reference_is_the_base_model_with_adapters_off_and_no_second_copy(t
     base = _tiny_llama()
     batch = _batch()
     base_chosen, base_rejected, _ = pair_log_probs(base, batch, average=False)
-    model = apply_lora(base, "llama", 4)
+    model = apply_lora(base, FAMILIES["llama"], 4)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:  # trained adapters: the policy now differs from the base
             parameter.set_value(paddle.full(parameter.shape, 0.05, parameter.dtype))

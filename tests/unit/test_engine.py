@@ -321,8 +321,8 @@ def test_real_model_rows_batched_match_rows_alone(implementation):
     paddle.seed(0)
     source = resolve_model("tiny-llama")
     model = build_model(source, build_config(source), load_weights=False)
-    layout = cache_layout("llama", model.config, implementation)
-    step = LlamaInferenceStep(model, fused_rms_norm=False) if implementation == "llama_inference" else KVCacheStep(model, "llama", layout.num_layers)
+    layout = cache_layout(source.family, model.config, implementation)
+    step = LlamaInferenceStep(model, fused_rms_norm=False) if implementation == "llama_inference" else KVCacheStep(model, source.family, layout.num_layers)
     decoder = StepDecoder(DygraphStepRunner(step), layout, "float32", False)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
     alone = []

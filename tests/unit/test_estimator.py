@@ -18,6 +18,7 @@ from paddle_llm.estimator.flags import setup_from_flags
 from paddle_llm.estimator.memory import TrainingSetup, estimate, estimate_training_memory, shape_of
 from paddle_llm.estimator.planner import plan_layouts, startup_report
 from paddle_llm.estimator.shapes import generic_shape, parse_count, shape_from_config, shape_from_num_params
+from paddle_llm.models.registry import FAMILIES
 
 # t5-3b, the model of the seed's DeepSpeed example: DeepSpeed prints int(P/1e6), so "2851M total params, 32M largest
 # layer params" are these exact counts (the largest layer is the shared 32128 x 1024 embedding).
@@ -123,7 +124,7 @@ def test_parameter_counts_match_the_published_models(fields, expected):
 
 
 def test_config_aliases_and_paddlenlp_defaults():
-    shape = shape_from_config({"num_layers": 3, "padded_vocab_size": 500}, "chatglm2")
+    shape = shape_from_config({"num_layers": 3, "padded_vocab_size": 500}, FAMILIES["chatglm2"])
     assert (shape.num_layers, shape.vocab_size, shape.hidden_size, shape.num_key_value_heads) == (3, 500, 4096, 1)
 
 
@@ -155,7 +156,7 @@ shapes = st.builds(
     else shape_from_config(
         {"num_hidden_layers": layers, "hidden_size": heads * head_dim, "num_attention_heads": heads,
          "intermediate_size": heads * head_dim * ffn_factor, "vocab_size": vocab},
-        "llama",
+        FAMILIES["llama"],
     ),
     layers=st.integers(2, 48),
     heads=st.sampled_from([4, 8, 16, 32]),

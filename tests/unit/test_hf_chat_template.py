@@ -11,7 +11,7 @@ import pytest
 
 from paddle_llm.data.sft import IGNORE_INDEX, Limits, Record, TruncationReport, family_layout, prompt_ids_as_trained, tokenize_record
 from paddle_llm.models.chat_template import jinja_chat_segments
-from paddle_llm.models.registry import load_tokenizer, resolve_model
+from paddle_llm.models.registry import FAMILIES, load_tokenizer, resolve_model
 from tests.conftest import ROOT
 
 LLAMA3 = os.path.join(ROOT, "tests", "assets", "hf", "llama3")
@@ -26,13 +26,13 @@ def llama3():
 
 def test_serving_prompt_ids_equal_apply_chat_template(llama3):
     tokenizer, chat = llama3
-    assert prompt_ids_as_trained("llama", tokenizer, chat["messages"][:-1], templated=True) == chat["prompt_ids"]
+    assert prompt_ids_as_trained(FAMILIES["llama"], tokenizer, chat["messages"][:-1], templated=True) == chat["prompt_ids"]
 
 
 def test_fine_tuning_sample_is_the_templated_conversation_and_trains_only_replies(llama3):
     tokenizer, chat = llama3
     record = Record(tuple(chat["messages"]), True, "test:1")
-    sample = tokenize_record(record, family_layout("llama", tokenizer), tokenizer, Limits(512, 512), TruncationReport())
+    sample = tokenize_record(record, family_layout(FAMILIES["llama"], tokenizer), tokenizer, Limits(512, 512), TruncationReport())
     assert list(sample.input_ids) + [int(sample.labels[-1])] == chat["conversation_ids"]
     trained = [int(t) for t in sample.labels if t != IGNORE_INDEX]
     replies = [tokenizer(m["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -53,7 +53,7 @@ def test_directory_without_template_keeps_the_built_in_one():
     tokenizer = load_tokenizer(os.path.join(ROOT, "tests", "assets", "hf", "llama2"), resolve_model("tiny-llama").family)
     assert tokenizer.jinja_chat_template is None
     messages = [{"role": "user", "content": "Hi"}]
-    ids = prompt_ids_as_trained("llama", tokenizer, messages, templated=True)
+    ids = prompt_ids_as_trained(FAMILIES["llama"], tokenizer, messages, templated=True)
     assert tokenizer.decode(ids).strip().endswith("[INST] Hi [/INST]")  # Llama-2's format, from render_chat
 
 
@@ -78,4 +78,4 @@ def test_llama_jinja_template_written_on_export_renders_the_built_in_format(mess
     from paddle_llm.models.llama import hf as llama_hf
 
     asks = messages[-1]["role"] == "user"
-    assert render_jinja_chat(llama_hf.CHAT_TEMPLATE, messages, asks, {}) == render_chat("llama", messages, add_generation_prompt=asks)
+    assert render_jinja_chat(llama_hf.CHAT_TEMPLATE, messages, asks, {}) == render_chat(FAMILIES["llama"].chat_template, messages, add_generation_prompt=asks)

@@ -10,7 +10,7 @@ from paddle_llm.cpu.features import fused_rms_norm_allowed
 from paddle_llm.models.llama.inference_step import LlamaInferenceStep
 from paddle_llm.inference.manifest import STEP_LLAMA_INFERENCE, STEP_PADDLENLP
 from paddle_llm.inference.step_graph import KVCacheStep, build_step_layer
-from paddle_llm.models.registry import build_config, build_model, resolve_model
+from paddle_llm.models.registry import FAMILIES, build_config, build_model, resolve_model
 
 TOLERANCE = 1e-5
 
@@ -64,7 +64,7 @@ def head_major(cache):
 ], ids=["composed_rms_norm", "fused_rms_norm"])
 def test_inference_step_equals_paddlenlp(overrides, batch, query, past, fused_rms_norm):
     model = tiny_llama(**overrides)
-    reference = KVCacheStep(model, "llama", model.config.num_hidden_layers)
+    reference = KVCacheStep(model, FAMILIES["llama"], model.config.num_hidden_layers)
     ours = LlamaInferenceStep(model, fused_rms_norm)
     inputs = step_inputs(model.config, batch, query, past)
     with paddle.no_grad():
@@ -77,7 +77,7 @@ def test_inference_step_equals_paddlenlp(overrides, batch, query, past, fused_rm
 
 
 def test_build_step_layer_picks_the_inference_step_for_plain_llama():
-    step = build_step_layer(tiny_llama(), "llama", "float32")
+    step = build_step_layer(tiny_llama(), FAMILIES["llama"], "float32")
     assert isinstance(step.layer, LlamaInferenceStep) and step.implementation == STEP_LLAMA_INFERENCE
     assert step.kept_because == "" and (step.layout.head_axis, step.layout.seq_axis) == (1, 2)
 
@@ -89,7 +89,7 @@ def test_build_step_layer_picks_the_inference_step_for_plain_llama():
     ({}, "float16", "float16"),
 ])
 def test_build_step_layer_keeps_paddlenlp_where_the_step_differs(overrides, dtype, expected_reason):
-    step = build_step_layer(tiny_llama(**overrides), "llama", dtype)
+    step = build_step_layer(tiny_llama(**overrides), FAMILIES["llama"], dtype)
     assert isinstance(step.layer, KVCacheStep) and step.implementation == STEP_PADDLENLP
     assert expected_reason in step.kept_because
 
@@ -99,10 +99,10 @@ def test_the_default_step_graph_has_no_kernel_a_cpu_may_lack(tmp_path):
     from paddle_llm.inference.step_graph import save_step_graph
 
     model = tiny_llama()
-    step = build_step_layer(model, "llama", "float32")
-    save_step_graph(step.layer, "llama", "float32", model.config.num_hidden_layers, str(tmp_path / "portable"))
+    step = build_step_layer(model, FAMILIES["llama"], "float32")
+    save_step_graph(step.layer, FAMILIES["llama"], "float32", model.config.num_hidden_layers, str(tmp_path / "portable"))
     assert program_needs(str(tmp_path / "portable.json")) == []
     step.layer.fused_rms_norm = True
-    save_step_graph(step.layer, "llama", "float32", model.config.num_hidden_layers, str(tmp_path / "fused"))
+    save_step_graph(step.layer, FAMILIES["llama"], "float32", model.config.num_hidden_layers, str(tmp_path / "fused"))
     assert "fused_rms_norm_quant" in program_op_types(str(tmp_path / "fused.json"))
     assert program_needs(str(tmp_path / "fused.json")) == ["avx512f"]

@@ -18,6 +18,7 @@ from paddle_llm.data.preference import (
     tokenize_preference,
 )
 from paddle_llm.data.sft import IGNORE_INDEX, family_layout
+from paddle_llm.models.registry import FAMILIES
 
 PROMPT = "At noon, Kai went to the harbor with a goat. Where did Kai go?"
 
@@ -28,7 +29,7 @@ def llama():
 
     source = resolve_model("tiny-llama")
     tokenizer = load_tokenizer("tiny-llama", source.family)
-    return tokenizer, family_layout("llama", tokenizer)
+    return tokenizer, family_layout(FAMILIES["llama"], tokenizer)
 
 
 def write(path, records) -> str:

@@ -21,6 +21,7 @@ from paddle_llm.data.sft import (
     read_records,
     tokenize_record,
 )
+from paddle_llm.models.registry import FAMILIES as REGISTERED_FAMILIES
 from paddle_llm.models.registry import load_tokenizer
 
 WIDE = Limits(src_length=512, max_length=1024)
@@ -33,7 +34,7 @@ def tokenizers():
 
 
 def layout_of(tokenizers, family):
-    return family_layout(family, tokenizers[family])
+    return family_layout(REGISTERED_FAMILIES[family], tokenizers[family])
 
 
 def write_jsonl(path, rows) -> str:
