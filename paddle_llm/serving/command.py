@@ -25,6 +25,7 @@ from paddle_llm.cpu.threads import configure_cpu_runtime
 from paddle_llm.inference.manifest import FORMAT_FASTDEPLOY, load_manifest
 from paddle_llm.serving.fastdeploy import FastDeployBackend, FastDeployServer, find_fastdeploy
 from paddle_llm.serving.grpc_server import start_grpc_server, stop_grpc_server
+from paddle_llm.serving.local_backend import LocalBackend
 from paddle_llm.serving.metrics import ServingMetrics
 from paddle_llm.serving.model import (
     ENGINE_DYGRAPH,
@@ -34,7 +35,7 @@ from paddle_llm.serving.model import (
     open_checkpoint,
     open_export,
 )
-from paddle_llm.serving.openai_api import LocalBackend, ServingLimits
+from paddle_llm.serving.openai.protocol import ServingLimits
 from paddle_llm.serving.process import free_port
 from paddle_llm.serving.rest import create_app, create_proxy_app
 

@@ -22,7 +22,7 @@ from typing import Iterator
 import httpx
 
 from paddle_llm.serving.engine import StreamEvent
-from paddle_llm.serving.openai_api import RequestError
+from paddle_llm.serving.openai.protocol import RequestError
 
 ENTRYPOINT_PACKAGE = "fastdeploy.entrypoints"
 SERVER_MODULE = "fastdeploy.entrypoints.openai.api_server"

@@ -7,7 +7,6 @@ body as details. With an API key, calls need ``authorization: Bearer <key>`` met
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 from concurrent import futures
@@ -17,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from paddle_llm.serving import generation_pb2, generation_pb2_grpc
 from paddle_llm.serving.metrics import ServingMetrics
-from paddle_llm.serving.openai_api import RequestError, check_finished
+from paddle_llm.serving.openai.protocol import RequestError, bearer_token_matches, check_finished
 
 SERVICE_NAME = "paddle_llm.serving.v1.TextGeneration"
 STATUS_CODES = {
@@ -65,8 +64,7 @@ class TextGenerationService(generation_pb2_grpc.TextGenerationServicer):
         if self.api_key is None:
             return
         metadata = dict(context.invocation_metadata())
-        scheme, _, token = metadata.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        if not bearer_token_matches(metadata.get("authorization", ""), self.api_key):
             raise RequestError("missing or wrong API key; send 'authorization: Bearer <key>' metadata", status=401,
                                error_type="authentication_error")
 

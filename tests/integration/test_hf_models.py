@@ -190,7 +190,7 @@ def test_served_greedy_tokens_equal_transformers_generate(name, tmp_path):
     expected = reference(name)["generate"]["prompts"]
     served = open_checkpoint(fixture_dir(name), max_batch_size=4)
     try:
-        # How the server encodes a completion prompt (OpenAIProtocol.encode).
+        # How the server encodes a completion prompt (EndpointProtocol.encode).
         prompts = [prompt_ids_as_trained(served.family, served.tokenizer, [{"role": "user", "content": case["prompt"]}], False)
                    for case in expected]
         assert prompts == [case["prompt_ids"] for case in expected]

@@ -1,0 +1,72 @@
+"""``LocalBackend``: the OpenAI endpoints' validation over a local ``Engine``, what the REST and gRPC front ends call.
+
+Its ``stream(kind, body)`` and ``model_name`` are the whole interface gRPC needs, which ``fastdeploy.FastDeployBackend``
+provides too; the REST routers also use ``endpoint`` and ``submit`` to stream without a thread per request.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from paddle_llm.serving.engine import FINISH_CANCELLED, EngineClosedError, RequestHandle, StreamEvent
+from paddle_llm.serving.openai.chat.protocol import ChatProtocol
+from paddle_llm.serving.openai.completions.protocol import CompletionsProtocol
+from paddle_llm.serving.openai.protocol import EndpointProtocol, PreparedRequest, RequestError, ServingLimits
+
+
+class LocalBackend:
+    """The endpoint protocols for one served model, plus its engine."""
+
+    def __init__(self, served, limits: ServingLimits):
+        self.served = served
+        self.endpoints: dict[str, EndpointProtocol] = {
+            protocol.kind: protocol(served.name, served.family, served.tokenizer, served.max_context_length, limits)
+            for protocol in (CompletionsProtocol, ChatProtocol)
+        }
+
+    @property
+    def model_name(self) -> str:
+        return self.served.name
+
+    def endpoint(self, kind: str) -> EndpointProtocol:
+        """The protocol of the ``"completion"`` or ``"chat"`` endpoint."""
+        return self.endpoints[kind]
+
+    def prepare(self, kind: str, body: dict) -> PreparedRequest:
+        return self.endpoint(kind).prepare(body)
+
+    def submit(self, prepared: PreparedRequest, listener=None) -> RequestHandle:
+        """Raises: RequestError 503 while shutting down."""
+        try:
+            return self.served.engine.submit(prepared.prompt_ids, prepared.params, listener)
+        except EngineClosedError as err:
+            raise RequestError(str(err), status=503, error_type="server_error") from None
+
+    def stream(self, kind: str, body: dict) -> "EventStream":
+        """Validate and submit; the result yields events (blocking) and can be cancelled from any thread.
+
+        Raises:
+            RequestError: invalid request, before anything is generated.
+        """
+        return EventStream(self.submit(self.prepare(kind, body)))
+
+
+class EventStream:
+    """A request's events as a blocking iterator; leaving the loop early or ``cancel()`` frees its batch slot."""
+
+    def __init__(self, handle: RequestHandle):
+        self.handle = handle
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        finished = False
+        try:
+            for event in self.handle:
+                finished = event.finish_reason is not None
+                if event.finish_reason != FINISH_CANCELLED:
+                    yield event
+        finally:
+            if not finished:
+                self.handle.cancel()

@@ -1,0 +1,1 @@
+"""``/v1/completions``: ``protocol`` (request and response shapes) and ``router`` (the route)."""

@@ -1,0 +1,1 @@
+"""``/v1/models``: ``protocol`` (the list shape) and ``router`` (the route)."""
