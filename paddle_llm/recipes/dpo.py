@@ -101,7 +101,8 @@ def check_dpo(values: Mapping) -> list[str]:
     from paddle_llm.trainer.dpo_trainer import LOSSES
 
     errors = []
-    loss_types = (*LOSSES, ORPO)
+    loss_types = list(LOSSES)
+    loss_types.insert(loss_types.index("or"), ORPO)  # run_dpo.py's name, listed before the loss it builds on
     if values.get("loss_type") not in loss_types:
         errors.append(f"--loss_type {values.get('loss_type')!r} must be one of {', '.join(loss_types)}")
     if float(values.get("beta") or 0) <= 0:
