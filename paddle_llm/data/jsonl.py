@@ -13,6 +13,23 @@ class DataError(ValueError):
     """Bad input data; the message names the file, line and field so the user can fix it."""
 
 
+def numbered_lines(path: str) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, line)`` for every line of a UTF-8 text file, numbered from 1.
+
+    Raises:
+        DataError: a line is not UTF-8; the message names the file, line, column and byte.
+    """
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line number
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                yield line_number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                    "convert the file to UTF-8, e.g. iconv -f GBK -t UTF-8"
+                ) from None
+
+
 def iter_jsonl_texts(path: str, json_key: str) -> Iterator[tuple[int, str]]:
     """Yield ``(line_number, text)`` for every non-blank line of a jsonl file.
 
@@ -22,24 +39,23 @@ def iter_jsonl_texts(path: str, json_key: str) -> Iterator[tuple[int, str]]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     seen_any = False
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            seen_any = True
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_number}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            if json_key not in record:
-                keys = ", ".join(sorted(record)) or "none"
-                raise DataError(f"{path}:{line_number}: missing key {json_key!r} (keys present: {keys}); set --json_key")
-            text = record[json_key]
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{line_number}: field {json_key!r} must be a string, got {type(text).__name__}")
-            yield line_number, text
+    for line_number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        seen_any = True
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line_number}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+        if json_key not in record:
+            keys = ", ".join(sorted(record)) or "none"
+            raise DataError(f"{path}:{line_number}: missing key {json_key!r} (keys present: {keys}); set --json_key")
+        text = record[json_key]
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{line_number}: field {json_key!r} must be a string, got {type(text).__name__}")
+        yield line_number, text
     if not seen_any:
         raise DataError(f"{path}: the file is empty; nothing to read")
 
@@ -62,26 +78,25 @@ def read_jsonl_records(path: str, detect: Callable[[object], str | None], parse:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     records, skipped = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
+    for line_number, line in numbered_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
             try:
-                try:
-                    decoded = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+                decoded = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if record_format is None:
+                record_format = detect(decoded)
                 if record_format is None:
-                    record_format = detect(decoded)
-                    if record_format is None:
-                        keys = ", ".join(sorted(decoded)) if isinstance(decoded, dict) else type(decoded).__name__
-                        raise DataError(f"{where}: cannot tell the record format from fields ({keys}); expected {format_hint}")
-                records.append(parse(decoded, record_format, where))
-            except DataError as err:
-                if not skip_bad_lines:
-                    raise
-                skipped.append(str(err))
+                    keys = ", ".join(sorted(decoded)) if isinstance(decoded, dict) else type(decoded).__name__
+                    raise DataError(f"{where}: cannot tell the record format from fields ({keys}); expected {format_hint}")
+            records.append(parse(decoded, record_format, where))
+        except DataError as err:
+            if not skip_bad_lines:
+                raise
+            skipped.append(str(err))
     if not records and not skipped:
         raise DataError(f"{path}: the file is empty; nothing to train on")
     if not records:

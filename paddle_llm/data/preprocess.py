@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from paddle_llm.console import configure_output
 from paddle_llm.data.indexed import IndexedDatasetWriter, token_dtype
-from paddle_llm.data.jsonl import DataError
+from paddle_llm.data.jsonl import DataError, numbered_lines
 from paddle_llm.models.registry import load_tokenizer
 
 LINES_PER_TASK = 256
@@ -73,17 +73,41 @@ def _encode_lines(task: tuple[str, list[tuple[int, str]]]) -> tuple[int, list]:
     return bytes_read, encoded
 
 
-def _read_tasks(path: str):
-    batch = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+def _read_tasks(paths: list[str]):
+    """Batches of ``LINES_PER_TASK`` non-blank lines, file after file; a batch never spans two files."""
+    for path in paths:
+        batch = []
+        for line_number, line in numbered_lines(path):
             if line.strip():
                 batch.append((line_number, line))
             if len(batch) == LINES_PER_TASK:
                 yield path, batch
                 batch = []
-    if batch:
-        yield path, batch
+        if batch:
+            yield path, batch
+
+
+def input_files(input_path: str) -> list[str]:
+    """The jsonl files ``--input_path`` names: the file itself, or every ``.jsonl`` file under a directory, walked
+    and sorted as PaddleNLP's ``create_pretraining_data.py`` does (it also skips files of other types, saying so).
+
+    Raises:
+        DataError: no such file or directory, an empty file, or a directory without a ``.jsonl`` file.
+    """
+    if os.path.isfile(input_path):
+        if os.path.getsize(input_path) == 0:
+            raise DataError(f"{input_path}: the file is empty; nothing to preprocess")
+        return [input_path]
+    if not os.path.isdir(input_path):
+        raise DataError(f"{input_path}: no such file or directory")
+    found = sorted(os.path.join(root, name) for root, _, names in os.walk(input_path) for name in names)
+    skipped = [path for path in found if not path.endswith(".jsonl")]
+    for path in skipped:
+        print(f"preprocess: skipped {path}: not a .jsonl file", file=sys.stderr)
+    paths = [path for path in found if path.endswith(".jsonl")]
+    if not paths:
+        raise DataError(f"{input_path}: a directory with no .jsonl file in it (or below); nothing to preprocess")
+    return paths
 
 
 def preprocess(
@@ -95,28 +119,26 @@ def preprocess(
     workers: int = 1,
     show_progress: bool = True,
 ) -> dict:
-    """Tokenize ``input_path`` into ``output_prefix.bin/.idx``.
+    """Tokenize ``input_path`` (a jsonl file, or a directory of them) into ``output_prefix.bin/.idx``.
 
     Returns:
         A summary with documents, tokens, seconds, docs/s and tokens/s.
 
     Raises:
-        DataError: missing or empty input, malformed JSON, a missing or non-string field (file and line named).
+        DataError: missing or empty input, text that is not UTF-8, malformed JSON, a missing or non-string field
+            (file and line named).
     """
-    if not os.path.isfile(input_path):
-        raise DataError(f"{input_path}: no such file")
-    if os.path.getsize(input_path) == 0:
-        raise DataError(f"{input_path}: the file is empty; nothing to preprocess")
+    paths = input_files(input_path)
     vocab_size = len(load_tokenizer(tokenizer_name_or_path))
     writer = IndexedDatasetWriter(output_prefix, token_dtype(vocab_size))
     start = time.perf_counter()
     initargs = (tokenizer_name_or_path, json_key, append_eos)
-    progress = tqdm(total=os.path.getsize(input_path), unit="B", unit_scale=True, desc="preprocess", disable=not show_progress)
+    progress = tqdm(total=sum(os.path.getsize(path) for path in paths), unit="B", unit_scale=True, desc="preprocess", disable=not show_progress)
     try:
-        done = _encode_in_pool(input_path, workers, initargs, writer, progress) if workers > 1 else 0
+        done = _encode_in_pool(paths, workers, initargs, writer, progress) if workers > 1 else 0
         if done is not None:  # no pool, or the pool stalled after ``done`` tasks: the rest is encoded here
             _init_worker(*initargs)
-            _drain(map(_encode_lines, itertools.islice(_read_tasks(input_path), done, None)), writer, progress)
+            _drain(map(_encode_lines, itertools.islice(_read_tasks(paths), done, None)), writer, progress)
         if not writer.sizes:
             raise DataError(f"{input_path}: no non-blank lines; nothing to preprocess")
         writer.commit()
@@ -137,7 +159,7 @@ def preprocess(
     }
 
 
-def _encode_in_pool(input_path: str, workers: int, initargs: tuple, writer: IndexedDatasetWriter, progress) -> int | None:
+def _encode_in_pool(paths: list[str], workers: int, initargs: tuple, writer: IndexedDatasetWriter, progress) -> int | None:
     """Encode with spawned worker processes; returns None when done, or the tasks done before the workers stalled.
 
     A spawned worker imports Paddle, and rarely (about one run in twenty on the 2-core CI machines) a signal during
@@ -151,7 +173,7 @@ def _encode_in_pool(input_path: str, workers: int, initargs: tuple, writer: Inde
                                    initializer=_init_worker, initargs=initargs)
     done = None
     try:
-        done = _drain_until_stall(_OrderedResults(executor, _read_tasks(input_path), in_flight=2 * workers), writer, progress)
+        done = _drain_until_stall(_OrderedResults(executor, _read_tasks(paths), in_flight=2 * workers), writer, progress)
         if done is not None:
             print(f"preprocess: a tokenizer worker stopped answering; encoding the remaining lines in this process "
                   f"(after {done} tasks of {LINES_PER_TASK} lines)", file=sys.stderr)
@@ -213,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: paddle-llm preprocess --input_path corpus.jsonl --output_prefix data/corpus "
         "--tokenizer_name_or_path tiny-llama --append_eos --workers 2",
     )
-    parser.add_argument("--input_path", required=True, help="jsonl file, one JSON object per line")
+    parser.add_argument("--input_path", required=True, help="jsonl file, one JSON object per line; or a directory: every .jsonl file in it and below, in sorted order (as PaddleNLP's create_pretraining_data.py)")
     parser.add_argument("--output_prefix", required=True, help="writes OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
     parser.add_argument("--tokenizer_name_or_path", "--tokenizer_name", required=True, help="tokenizer directory or model preset")
     parser.add_argument("--json_key", default="text", help="the field holding each document's text (default: text)")

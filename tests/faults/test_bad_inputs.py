@@ -1,0 +1,104 @@
+"""Bad configs, data and checkpoint files: each ends with one clear message (the file and line, the flag, the field
+or the tensor named, and what to do), a non-zero exit and no traceback, and leaves every input file as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import pytest
+
+from tests.conftest import DEMO_CORPUS, ROOT, run_script
+
+FINETUNE = os.path.join(ROOT, "finetune_generation.py")
+
+
+def hashes(*paths) -> dict[str, str]:
+    """sha256 of every file at or under ``paths``: an input that a command wrote to shows up as a changed hash."""
+    files = []
+    for path in map(str, paths):
+        if os.path.isdir(path):
+            files += [os.path.join(root, name) for root, _, names in os.walk(path) for name in names]
+        else:
+            files.append(path)
+    return {path: hashlib.sha256(open(path, "rb").read()).hexdigest() for path in sorted(files)}
+
+
+def one_error_line(err: str, program: str) -> str:
+    """The single ``paddle-llm <cmd>: error: ...`` line of a failed command's stderr; no traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"{program}: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def write_lines(path, *lines: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+    return str(path)
+
+
+# --- data files --------------------------------------------------------------------------------------------------
+
+def test_preprocess_non_utf8_byte_names_file_line_and_column(tmp_path, capsys):
+    from paddle_llm.data.preprocess import main
+
+    corpus = write_lines(tmp_path / "corpus.jsonl", b'{"text": "fine"}', '{"text": "caf\u00e9"}'.encode("latin-1"))
+    before = hashes(corpus)
+    assert main(["--input_path", corpus, "--output_prefix", str(tmp_path / "out"), "--tokenizer_name_or_path", "tiny-llama", "--disable_tqdm"]) == 1
+    line = one_error_line(capsys.readouterr().err, "paddle-llm preprocess")
+    assert f"{corpus}:2: not UTF-8 text (byte 0xe9 at column 14); convert the file to UTF-8" in line
+    assert hashes(corpus) == before and not os.path.exists(tmp_path / "out.bin")
+
+
+def test_preprocess_walks_a_directory_like_paddlenlp(tmp_path, capsys):
+    """Every .jsonl file in and below the directory, in sorted order; other files are skipped, each named."""
+    from paddle_llm.data.indexed import read_indexed_dataset
+    from paddle_llm.data.preprocess import main
+
+    corpus = tmp_path / "corpus"
+    (corpus / "b").mkdir(parents=True)
+    write_lines(corpus / "b" / "2.jsonl", b'{"text": "second"}', b'{"text": "third"}')
+    write_lines(corpus / "a.jsonl", b'{"text": "first"}')
+    write_lines(corpus / "notes.txt", b"not data")
+    before = hashes(corpus)
+    out = str(tmp_path / "data")
+    assert main(["--input_path", str(corpus), "--output_prefix", out, "--tokenizer_name_or_path", "tiny-llama", "--disable_tqdm"]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out.splitlines()[-1])["documents"] == 3
+    assert f"preprocess: skipped {corpus / 'notes.txt'}: not a .jsonl file" in printed.err
+    single = str(tmp_path / "single")
+    assert main(["--input_path", str(corpus / "a.jsonl"), "--output_prefix", single, "--tokenizer_name_or_path", "tiny-llama", "--disable_tqdm"]) == 0
+    assert list(read_indexed_dataset(out)[0]) == list(read_indexed_dataset(single)[0])  # a.jsonl comes first
+    assert hashes(corpus) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["--input_path", str(empty), "--output_prefix", out, "--tokenizer_name_or_path", "tiny-llama"]) == 1
+    assert "a directory with no .jsonl file in it" in one_error_line(capsys.readouterr().err, "paddle-llm preprocess")
+
+
+def test_dpo_preference_file_non_utf8_byte_names_file_and_line(tmp_path):
+    from paddle_llm.data.jsonl import DataError
+    from paddle_llm.data.preference import read_preferences
+
+    pairs = write_lines(tmp_path / "train.jsonl", b'{"prompt": "q", "chosen": "a", "rejected": "b"}', b'{"prompt": "\xff"}')
+    before = hashes(pairs)
+    with pytest.raises(DataError, match=r"train.jsonl:2: not UTF-8 text \(byte 0xff at column 13\)"):
+        read_preferences(pairs)
+    assert hashes(pairs) == before
+
+
+def test_finetune_non_utf8_record_is_one_line_without_traceback_end_to_end(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_lines(data / "train.json", b'{"src": "1+1=", "tgt": "2"}', '{"src": "2+2=", "tgt": "\u56db"}'.encode("gbk"))
+    write_lines(data / "dev.json", b'{"src": "1+1=", "tgt": "2"}')
+    before = hashes(data)
+    result = run_script([FINETUNE, "--model_name_or_path", "tiny-llama", "--dataset_name_or_path", str(data), "--output_dir",
+                         str(tmp_path / "out"), "--do_train", "--device", "cpu", "--max_steps", "1"], check=False)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr, "paddle-llm finetune")
+    assert f"{data}/train.json:2: not UTF-8 text" in line
+    assert hashes(data) == before
