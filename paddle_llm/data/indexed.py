@@ -103,7 +103,8 @@ def read_indexed_dataset(prefix: str) -> IndexedDataset:
 
     Raises:
         FileNotFoundError: either file is missing (the message names it and how to make it).
-        ValueError: the index is not in this format, or the .bin is shorter than the index says.
+        ValueError: the index is not in this format, its size does not match its counts (truncated or corrupt), or
+            the .bin is shorter than the index says.
     """
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     for path in (idx_path, bin_path):
@@ -118,8 +119,16 @@ def read_indexed_dataset(prefix: str) -> IndexedDataset:
     if version != VERSION or dtype_code not in DTYPE_CODES:
         raise ValueError(f"{idx_path}: unsupported index version {version} or dtype code {dtype_code}")
     dtype = np.dtype(DTYPE_CODES[dtype_code])
-    index = np.memmap(idx_path, mode="r", dtype=np.uint8)
     offset = len(header)
+    # The counts are checked against the file's size before any array is read: a truncated index, or a corrupted
+    # count, would otherwise fail inside numpy without naming the file.
+    needed = offset + num_sequences * (4 + 8) + num_doc_idx * 8
+    if os.path.getsize(idx_path) != needed:
+        raise ValueError(
+            f"{idx_path}: {os.path.getsize(idx_path)} bytes, but its header describes {num_sequences} documents and "
+            f"{num_doc_idx} document indices ({needed} bytes): the index is truncated or corrupt; re-run preprocess"
+        )
+    index = np.memmap(idx_path, mode="r", dtype=np.uint8)
     sizes = np.frombuffer(index, dtype=np.int32, count=num_sequences, offset=offset)
     pointers = np.frombuffer(index, dtype=np.int64, count=num_sequences, offset=offset + sizes.nbytes)
     doc_idx = np.frombuffer(index, dtype=np.int64, count=num_doc_idx, offset=offset + sizes.nbytes + pointers.nbytes)

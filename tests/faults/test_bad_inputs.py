@@ -102,3 +102,38 @@ def test_finetune_non_utf8_record_is_one_line_without_traceback_end_to_end(tmp_p
     line = one_error_line(result.stderr, "paddle-llm finetune")
     assert f"{data}/train.json:2: not UTF-8 text" in line
     assert hashes(data) == before
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> str:
+    """Three documents preprocessed with the shipped tokenizer: a data prefix."""
+    from paddle_llm.data.preprocess import preprocess
+
+    directory = tmp_path_factory.mktemp("small_data")
+    corpus = write_lines(directory / "corpus.jsonl", b'{"text": "one two"}', b'{"text": "three"}', b'{"text": "four five six"}')
+    return preprocess(corpus, str(directory / "data"), "tiny-llama", show_progress=False)["output_prefix"]
+
+
+def damaged_copy(prefix: str, directory, damage) -> str:
+    """A copy of ``prefix``'s .bin and .idx in ``directory``, its .idx bytes passed through ``damage``."""
+    copy = str(directory / "damaged")
+    with open(prefix + ".bin", "rb") as source, open(copy + ".bin", "wb") as target:
+        target.write(source.read())
+    with open(prefix + ".idx", "rb") as source, open(copy + ".idx", "wb") as target:
+        target.write(damage(source.read()))
+    return copy
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda index: index[:-5], id="truncated"),
+    pytest.param(lambda index: index[:18] + (10**6).to_bytes(8, "little") + index[26:], id="corrupted-count"),
+])
+def test_damaged_idx_names_the_file_and_says_re_run_preprocess(small_data, tmp_path, damage):
+    from paddle_llm.data.jsonl import DataError
+    from paddle_llm.data.pretraining import check_data_prefixes
+
+    prefix = damaged_copy(small_data, tmp_path, damage)
+    before = hashes(tmp_path)
+    with pytest.raises(DataError, match=rf"^{prefix}.idx: \d+ bytes, but its header describes .* the index is truncated or corrupt; re-run preprocess$"):
+        check_data_prefixes([prefix], vocab_size=32000)
+    assert hashes(tmp_path) == before
