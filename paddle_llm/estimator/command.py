@@ -56,6 +56,27 @@ notes:
 """
 
 
+def _positive_int(text: str) -> int:
+    """A count or size flag: a memory estimate for 0 GPUs or a negative width is a number with no meaning."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def _boolean(text: str) -> bool:
     value = str(text).strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -80,28 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model (one of --model_name_or_path or --num_params)")
     model.add_argument("--model_name_or_path", help="a built-in preset (tiny-llama...) or a local dir with config.json")
     model.add_argument("--num_params", help="a parameter count instead of a model: 7e9, 7B, 2851M, 2851598336")
-    model.add_argument("--hidden_size", type=int, help="shape hint for --num_params (else guessed as 128 x layers)")
-    model.add_argument("--num_layers", type=int, help="shape hint for --num_params")
-    model.add_argument("--num_attention_heads", type=int, help="shape hint for --num_params (else hidden / 128)")
-    model.add_argument("--vocab_size", type=int, help="shape hint for --num_params (else 32000)")
+    model.add_argument("--hidden_size", type=_positive_int, help="shape hint for --num_params (else guessed as 128 x layers)")
+    model.add_argument("--num_layers", type=_positive_int, help="shape hint for --num_params")
+    model.add_argument("--num_attention_heads", type=_positive_int, help="shape hint for --num_params (else hidden / 128)")
+    model.add_argument("--vocab_size", type=_positive_int, help="shape hint for --num_params (else 32000)")
     model.add_argument("--largest_layer_params", help="parameters of the largest module (ZeRO-3 gathers one at a time)")
 
     method = parser.add_argument_group("method")
     flag(method, "--lora", help="LoRA: train low-rank adapters, freeze the model")
-    method.add_argument("--lora_rank", "--r", dest="lora_rank", type=int, default=8, help="LoRA rank r (default 8)")
+    method.add_argument("--lora_rank", "--r", dest="lora_rank", type=_positive_int, default=8, help="LoRA rank r (default 8)")
     method.add_argument(
         "--lora_target_modules", help="comma-separated module names or PaddleNLP regexes (default: every linear layer)"
     )
     method.add_argument("--weight_quantize_algo", choices=WEIGHT_QUANTIZE_ALGOS,
                         help="QLoRA (with --lora): store the frozen LoRA-targeted weights quantized")
-    method.add_argument("--qlora_weight_blocksize", "--weight_blocksize", dest="qlora_weight_blocksize", type=int,
+    method.add_argument("--qlora_weight_blocksize", "--weight_blocksize", dest="qlora_weight_blocksize", type=_positive_int,
                         default=64, help="nf4/fp4: weights per absmax block (default 64)")
     flag(method, "--qlora_weight_double_quant", "--weight_double_quant", help="nf4/fp4: 8-bit block scales")
-    method.add_argument("--qlora_weight_double_quant_block_size", "--weight_double_quant_block_size", type=int,
+    method.add_argument("--qlora_weight_double_quant_block_size", "--weight_double_quant_block_size", type=_positive_int,
                         dest="qlora_weight_double_quant_block_size", default=256,
                         help="scales per double-quantization block (default 256)")
     flag(method, "--prefix_tuning", help="prefix tuning: train virtual key/value tokens per layer")
-    method.add_argument("--num_prefix_tokens", type=int, default=128, help="prefix tokens (default 128)")
+    method.add_argument("--num_prefix_tokens", type=_positive_int, default=128, help="prefix tokens (default 128)")
     method.add_argument("--optim", choices=OPTIMIZERS, default="adamw", help="adamw (8 B/param of state), sgd (none), "
                         "lomo (none, and only one gradient tensor at a time)")
 
@@ -114,11 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     layout = parser.add_argument_group("layout")
     layout.add_argument("--sharding", default="", help='ZeRO-style sharding: "stage1", "stage2", "stage3", "stage2 offload"')
-    layout.add_argument("--sharding_parallel_degree", "--sharding_degree", dest="sharding_parallel_degree", type=int,
+    layout.add_argument("--sharding_parallel_degree", "--sharding_degree", dest="sharding_parallel_degree", type=_positive_int,
                         default=-1, help="ranks to shard over (default: every data-parallel rank; 1 turns sharding off)")
-    layout.add_argument("--tensor_parallel_degree", type=int, default=1, help="tensor (model) parallel degree")
-    layout.add_argument("--pipeline_parallel_degree", type=int, default=1, help="pipeline stages (1F1B schedule)")
-    layout.add_argument("--virtual_pp_degree", type=int, default=1, help="interleaved virtual stages per device")
+    layout.add_argument("--tensor_parallel_degree", type=_positive_int, default=1, help="tensor (model) parallel degree")
+    layout.add_argument("--pipeline_parallel_degree", type=_positive_int, default=1, help="pipeline stages (1F1B schedule)")
+    layout.add_argument("--virtual_pp_degree", type=_positive_int, default=1, help="interleaved virtual stages per device")
     flag(layout, "--sequence_parallel", help="split norm/dropout activations along the sequence (needs tp > 1)")
 
     memory = parser.add_argument_group("activation memory")
@@ -128,26 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     flag(memory, "--use_flash_attention", help="flash attention: no seq x seq tensors")
 
     batch = parser.add_argument_group("batch")
-    batch.add_argument("--max_seq_length", "--max_length", dest="max_seq_length", type=int, default=2048,
+    batch.add_argument("--max_seq_length", "--max_length", dest="max_seq_length", type=_positive_int, default=2048,
                        help="tokens per sequence (default 2048)")
-    batch.add_argument("--per_device_train_batch_size", type=int, default=1, help="micro-batch size (default 1)")
-    batch.add_argument("--gradient_accumulation_steps", type=int, default=1,
+    batch.add_argument("--per_device_train_batch_size", type=_positive_int, default=1, help="micro-batch size (default 1)")
+    batch.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1,
                        help="micro-batches per step (pipeline micro-batches too)")
 
     hardware = parser.add_argument_group("hardware")
-    hardware.add_argument("--num_gpus", type=int, default=1, help="GPUs per node (default 1)")
-    hardware.add_argument("--num_nodes", type=int, default=1, help="nodes (default 1)")
-    hardware.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
-    hardware.add_argument("--cpu_memory_gb", type=float, help="host RAM per node in GiB (checked when given)")
+    hardware.add_argument("--num_gpus", type=_positive_int, default=1, help="GPUs per node (default 1)")
+    hardware.add_argument("--num_nodes", type=_positive_int, default=1, help="nodes (default 1)")
+    hardware.add_argument("--gpu_memory_gb", type=_positive_float, default=80.0, help="memory per GPU in GiB (default 80)")
+    hardware.add_argument("--cpu_memory_gb", type=_positive_float, help="host RAM per node in GiB (checked when given)")
     hardware.add_argument("--device", choices=DEVICES, default="gpu", help="cpu: train on the host itself")
 
     output = parser.add_argument_group("output")
     flag(output, "--json", help="print one JSON object (all sizes in bytes)")
     flag(output, "--plan", help="list the layouts that fit, fastest first, with the command to paste")
-    output.add_argument("--plan_limit", type=int, default=10, help="layouts to show with --plan (default 10)")
+    output.add_argument("--plan_limit", type=_positive_int, default=10, help="layouts to show with --plan (default 10)")
     output.add_argument("--script", choices=SCRIPTS, help="entry script for --plan commands (default: by method)")
     flag(output, "--model_states_only", help="DeepSpeed compatibility: its ZeRO-2/ZeRO-3 model-states tables")
-    output.add_argument("--zero_stage", type=int, choices=(2, 3), help="with --model_states_only: one table only")
+    output.add_argument("--zero_stage", type=_positive_int, choices=(2, 3), help="with --model_states_only: one table only")
     output.add_argument("--additional_buffer_factor", type=float, default=1.5,
                         help="with --model_states_only: DeepSpeed's safety factor (default 1.5)")
     return parser
@@ -159,8 +180,11 @@ def _shape(args: argparse.Namespace) -> tuple[ModelShape, str]:
         raise ValueError("pass exactly one of --model_name_or_path (a preset or a local dir) and --num_params")
     largest = parse_count(args.largest_layer_params) if args.largest_layer_params else None
     if args.num_params:
+        num_params = parse_count(args.num_params)
+        if num_params <= 0:
+            raise ValueError(f"--num_params {args.num_params}: a model has at least one parameter")
         shape = shape_from_num_params(
-            parse_count(args.num_params),
+            num_params,
             num_layers=args.num_layers,
             hidden_size=args.hidden_size,
             num_attention_heads=args.num_attention_heads,

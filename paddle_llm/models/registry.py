@@ -213,6 +213,43 @@ def family_of(config_fields: dict) -> ModelFamily:
     raise ValueError(f"model_type {model_type!r} is not supported; supported model types: {supported}")
 
 
+# Config fields that size the model (counts and widths, under any family's spelling, Hugging Face's included): each
+# must be a positive integer. Checked before Paddle sees them, which otherwise fails deep inside a layer's
+# constructor (a negative width) or builds a model of the wrong shape (a string it multiplies).
+SIZE_FIELDS = (
+    "vocab_size", "padded_vocab_size", "hidden_size", "intermediate_size", "inner_hidden_size", "ffn_hidden_size",
+    "num_hidden_layers", "num_layers", "num_attention_heads", "num_key_value_heads", "multi_query_group_num",
+    "kv_channels", "head_dim", "max_position_embeddings", "max_sequence_length", "seq_length",
+)
+
+
+def config_errors(fields: dict, where: str) -> list[str]:
+    """What is wrong with a config's sizes, each naming ``where`` (the config.json or the preset) and the field."""
+    errors = []
+    for name in SIZE_FIELDS:
+        value = fields.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            errors.append(f"{where}: {name} is {json.dumps(value)}; it must be a positive integer")
+    if errors:
+        return errors
+    heads, kv_heads, hidden = fields.get("num_attention_heads"), fields.get("num_key_value_heads"), fields.get("hidden_size")
+    # Without an explicit head width (kv_channels, head_dim) a head is hidden_size / num_attention_heads wide.
+    if heads and hidden and not (fields.get("kv_channels") or fields.get("head_dim")) and hidden % heads:
+        errors.append(f"{where}: num_attention_heads {heads} does not divide hidden_size {hidden}; each head is "
+                      "hidden_size / num_attention_heads wide: pick a divisor")
+    if heads and kv_heads and heads % kv_heads:
+        errors.append(f"{where}: num_key_value_heads {kv_heads} does not divide num_attention_heads {heads}; "
+                      "query heads share key/value heads in equal groups: pick a divisor")
+    return errors
+
+
+def _checked(fields: dict, where: str) -> dict:
+    errors = config_errors(fields, where)
+    if errors:
+        raise ValueError("\n".join(errors))
+    return fields
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from: a preset (random init) or a local directory (config, maybe weights)."""
@@ -230,10 +267,11 @@ def resolve_model(name_or_path: str) -> ModelSource:
 
     Raises:
         FileNotFoundError: neither a preset nor a local directory with config.json; the message says what to pass.
-        ValueError: the config names an unsupported model type.
+        ValueError: the config names an unsupported model type, or a size that is not a positive integer or that
+            does not divide another (``config_errors``; every problem, one per line).
     """
     if name_or_path in PRESETS:
-        fields = preset(name_or_path)
+        fields = _checked(preset(name_or_path), f"preset {name_or_path}")
         family = family_of(fields)
         return ModelSource(name_or_path, family, family.canonical_fields(fields), None, False)
     config_path = os.path.join(name_or_path, "config.json")
@@ -244,6 +282,7 @@ def resolve_model(name_or_path: str) -> ModelSource:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{config_path}: line {err.lineno}: not valid JSON ({err.msg})") from None
         family = family_of(fields)
+        _checked(fields, config_path)
         hf_weights = hf_checkpoint.find_hf_weights(name_or_path)
         if hf_weights is not None:
             if family.hf is None:

@@ -137,3 +137,48 @@ def test_damaged_idx_names_the_file_and_says_re_run_preprocess(small_data, tmp_p
     with pytest.raises(DataError, match=rf"^{prefix}.idx: \d+ bytes, but its header describes .* the index is truncated or corrupt; re-run preprocess$"):
         check_data_prefixes([prefix], vocab_size=32000)
     assert hashes(tmp_path) == before
+
+
+# --- model configs -----------------------------------------------------------------------------------------------
+
+def model_dir_with(tmp_path, **fields) -> str:
+    """A copy of tiny-llama's config.json (no weights) with ``fields`` changed."""
+    from paddle_llm.config.presets import preset
+
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({**preset("tiny-llama"), **fields}, indent=2))
+    return str(directory)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"hidden_size": -128}, "hidden_size is -128; it must be a positive integer"),
+    ({"hidden_size": "128"}, 'hidden_size is "128"; it must be a positive integer'),
+    ({"num_attention_heads": 0}, "num_attention_heads is 0; it must be a positive integer"),
+    ({"num_attention_heads": 3, "num_key_value_heads": 3}, "num_attention_heads 3 does not divide hidden_size 128"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads 3 does not divide num_attention_heads 4"),
+], ids=["negative", "string", "zero-heads", "heads-not-dividing", "kv-heads-not-dividing"])
+def test_bad_config_sizes_are_refused_naming_the_config_file_and_field(tmp_path, capsys, fields, message):
+    """Checked in resolve_model, which every command that reads a model goes through: estimate, check (and the
+    training recipes), export, serve and merge-lora."""
+    from paddle_llm.estimator.command import main as estimate
+    from paddle_llm.tools.check import main as check
+
+    model = model_dir_with(tmp_path, **fields)
+    before = hashes(model)
+    assert estimate(["--model_name_or_path", model]) == 2
+    assert f"paddle-llm estimate: error: {model}/config.json: {message}" in one_error_line(capsys.readouterr().err, "paddle-llm estimate")
+    assert check(["run_pretrain.py", "--model_name_or_path", model, "--output_dir", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert f"{model}/config.json: {message}" in one_error_line(capsys.readouterr().err, "paddle-llm check")
+    assert hashes(model) == before
+
+
+@pytest.mark.parametrize("flag, value", [("--num_gpus", "0"), ("--hidden_size", "-128"), ("--per_device_train_batch_size", "0"), ("--gpu_memory_gb", "0")])
+def test_estimate_refuses_sizes_that_are_not_positive(capsys, flag, value):
+    from paddle_llm.estimator.command import main as estimate
+
+    with pytest.raises(SystemExit) as exited:
+        estimate(["--num_params", "7B", flag, value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"paddle-llm estimate: error: argument {flag}: {value} is not a positive" in err and "Traceback" not in err
