@@ -6,6 +6,7 @@ tested table-driven without a process group. Errors say what to change. All erro
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 # GPU-only switches that fall back on CPU: flag -> why it cannot run there
@@ -181,6 +182,46 @@ def check_parallel(values: Mapping, model_fields: Mapping | None, world_size: in
         errors += _check_model_split(values, model_fields)
     errors += _check_micro_batches(values)
     return errors
+
+
+def check_training(values: Mapping) -> list[str]:
+    """The numbers and paths PaddleNLP's Trainer would otherwise reject with a bare assertion or an OSError traceback
+    once training starts: the learning rate, the batch sizes, the checkpoint to resume from and the output directory."""
+    errors = []
+    if (values.get("learning_rate") or 0) < 0:
+        errors.append(f"--learning_rate {values['learning_rate']}: a learning rate cannot be negative (PaddleNLP's default is 5e-05)")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if name in values and values[name] is not None and values[name] < 1:
+            errors.append(f"--{name} {values[name]}: must be 1 or more")
+    resume = values.get("resume_from_checkpoint")
+    if resume is not None and resume is not False:
+        if str(resume).strip() == "":
+            errors.append("--resume_from_checkpoint is empty: pass a checkpoint directory (output_dir/checkpoint-N), or drop "
+                          "the flag to resume from the last complete checkpoint in --output_dir")
+        elif not os.path.isdir(str(resume)):
+            errors.append(f"--resume_from_checkpoint {resume}: no such directory; pass a checkpoint directory "
+                          "(output_dir/checkpoint-N)")
+        elif not os.listdir(str(resume)):
+            errors.append(f"--resume_from_checkpoint {resume}: the directory is empty, so there is nothing to resume; pass "
+                          "a checkpoint directory a run saved (output_dir/checkpoint-N)")
+    return errors + _output_dir_errors(values.get("output_dir"))
+
+
+def _output_dir_errors(output_dir: str | None) -> list[str]:
+    """An output directory must be a directory (or not exist yet) that this user can write, or create."""
+    if not output_dir:
+        return []
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        return [f"--output_dir {output_dir}: is a file, not a directory; pass a directory path (it is created if missing)"]
+    existing = output_dir
+    while not os.path.exists(existing):  # the nearest existing ancestor is where the directory gets created
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing):
+        return [f"--output_dir {output_dir}: {existing} is a file, so the directory cannot be created there; pass another path"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "it is" if existing == output_dir else f"{existing} is"
+        return [f"--output_dir {output_dir}: {where} read-only for this user; pass a directory you can write"]
+    return []
 
 
 def check_precision(values: Mapping, explicit: set[str]) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 
 from paddle_llm.config.parser import ArgumentError, ParsedArgs
 from paddle_llm.cpu.threads import configure_cpu_runtime, launched_processes
-from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision
+from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision, check_training
 from paddle_llm.data.jsonl import DataError
 from paddle_llm.estimator.flags import setup_from_flags
 from paddle_llm.estimator.memory import shape_of
@@ -75,7 +75,7 @@ def apply_fallbacks(parsed: ParsedArgs) -> list[str]:
 
 
 def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSource) -> list[str]:
-    """The checks every recipe makes: model type, device, precision, parallel layout."""
+    """The checks every recipe makes: model type, device, precision, parallel layout, the training numbers and paths."""
     import paddle
 
     errors = []
@@ -88,6 +88,7 @@ def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSo
     errors += check_precision(values, explicit)
     errors += check_parallel(values, model_fields, world_size(), pipeline_supported=source.family.pipe_model_class is not None)
     errors += hf_split_errors(source, dict(values))
+    errors += check_training(values)
     return errors
 
 

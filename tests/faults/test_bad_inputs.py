@@ -15,6 +15,12 @@ from tests.conftest import DEMO_CORPUS, ROOT, run_script
 FINETUNE = os.path.join(ROOT, "finetune_generation.py")
 
 
+@pytest.fixture(autouse=True)
+def launcher_environment(monkeypatch):
+    """``paddle-llm check`` sets PADDLE_TRAINERS_NUM for the recipe it checks; restored after each test."""
+    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "1")
+
+
 def hashes(*paths) -> dict[str, str]:
     """sha256 of every file at or under ``paths``: an input that a command wrote to shows up as a changed hash."""
     files = []
@@ -182,3 +188,59 @@ def test_estimate_refuses_sizes_that_are_not_positive(capsys, flag, value):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert f"paddle-llm estimate: error: argument {flag}: {value} is not a positive" in err and "Traceback" not in err
+
+
+# --- training flags ----------------------------------------------------------------------------------------------
+
+def refused_by_check_and_pretrain(data: str, flags: list[str], capsys) -> tuple[str, str]:
+    """``paddle-llm check run_pretrain.py FLAGS`` and ``paddle-llm pretrain FLAGS``: both exit 2 before anything
+    trains; returns their error lines."""
+    from paddle_llm.recipes.pretrain import RECIPE
+    from paddle_llm.tools.check import main as check
+
+    flags = ["--model_name_or_path", "tiny-llama", "--input_dir", data, "--max_steps", "1", "--device", "cpu", "--do_train", *flags]
+    assert check(["run_pretrain.py", *flags]) == 2
+    checked = one_error_line(capsys.readouterr().err, "paddle-llm check")
+    assert RECIPE.main(flags) == 2
+    err = capsys.readouterr().err
+    assert "model: llama" not in err  # refused before the model was built
+    return checked, one_error_line(err, "paddle-llm pretrain")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--learning_rate", "-1e-4"], "--learning_rate -0.0001: a learning rate cannot be negative"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be 1 or more"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be 1 or more"),
+    (["--resume_from_checkpoint", ""], "--resume_from_checkpoint is empty: pass a checkpoint directory"),
+    (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"], "--resume_from_checkpoint /nonexistent/checkpoint-5: no such directory"),
+], ids=["negative-lr", "batch-0", "accumulation-0", "empty-resume", "missing-resume"])
+def test_bad_training_numbers_are_refused_by_check_and_by_the_recipe(small_data, tmp_path, capsys, flags, message):
+    checked, trained = refused_by_check_and_pretrain(small_data, ["--output_dir", str(tmp_path / "out"), *flags], capsys)
+    assert message in checked and message in trained
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_empty_resume_directory_is_refused(small_data, tmp_path, capsys):
+    empty = tmp_path / "checkpoint-5"
+    empty.mkdir()
+    checked, _ = refused_by_check_and_pretrain(small_data, ["--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", str(empty)], capsys)
+    assert f"--resume_from_checkpoint {empty}: the directory is empty, so there is nothing to resume" in checked
+
+
+def test_output_dir_that_is_a_file_is_refused_and_left_alone(small_data, tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("the user's notes")
+    before = hashes(taken)
+    checked, trained = refused_by_check_and_pretrain(small_data, ["--output_dir", str(taken)], capsys)
+    assert f"--output_dir {taken}: is a file, not a directory" in checked and trained.endswith(checked.split("error: ", 1)[1])
+    _, below = refused_by_check_and_pretrain(small_data, ["--output_dir", str(taken / "run")], capsys)
+    assert f"--output_dir {taken / 'run'}: {taken} is a file, so the directory cannot be created there" in below
+    assert hashes(taken) == before
+
+
+def test_read_only_output_dir_is_refused(small_data, capsys):
+    """/proc/sys is mounted read-only, for root too (the tests may run as root, for whom chmod changes nothing)."""
+    if os.access("/proc/sys", os.W_OK):
+        pytest.skip("/proc/sys is writable here")
+    checked, _ = refused_by_check_and_pretrain(small_data, ["--output_dir", "/proc/sys/paddle_llm_run"], capsys)
+    assert "--output_dir /proc/sys/paddle_llm_run: /proc/sys is read-only for this user; pass a directory you can write" in checked
