@@ -95,15 +95,44 @@ def _bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
 
 
 def _safetensors_header(path: str) -> tuple[dict, int]:
+    """The header of a safetensors file and where its data starts, checked against the file's size first: a
+    corrupt length would otherwise ask for terabytes, and a truncated file fail in a reshape naming no file.
+
+    Raises:
+        CheckpointError: the header or a tensor's data reaches past the end of the file, or the header is not JSON.
+    """
+    file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{path}: too short to be a safetensors file")
         (length,) = struct.unpack("<Q", prefix)
+        if 8 + length > file_size:
+            raise CheckpointError(f"{path}: its header says it is {length} bytes long, but the file has {file_size} "
+                                  "bytes: the file is truncated or not safetensors; copy or download it again")
         try:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    data_size = file_size - 8 - length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(offset) for offset in info["data_offsets"])
+            count = int(np.prod(info["shape"], dtype=np.int64))
+            itemsize = 2 if info["dtype"] == "BF16" else np.dtype(_SAFETENSORS_DTYPES.get(info["dtype"], np.uint8)).itemsize
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: the header entry of tensor {name!r} lacks a dtype, shape or data_offsets") from None
+        if info["dtype"] in _SAFETENSORS_DTYPES or info["dtype"] == "BF16":
+            if not 0 <= begin <= end or end - begin != count * itemsize:
+                raise CheckpointError(f"{path}: tensor {name!r} of shape {info['shape']} ({info['dtype']}) needs "
+                                      f"{count * itemsize} bytes, but its data_offsets span {end - begin}: the header is corrupt")
+        if end > data_size:
+            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {8 + length + end}, past the end of the file "
+                                  f"({file_size} bytes): the file is truncated; copy or download it again")
     return header, 8 + length
 
 

@@ -314,6 +314,7 @@ def build_model(source: ModelSource, config, load_weights: bool):
 
     Raises:
         FileNotFoundError: weights were asked for but the source has none.
+        hf_checkpoint.CheckpointError: a weight file that is truncated, not a checkpoint, or does not fit the config.
     """
     _, model_class, _ = source.family.classes()
     if getattr(config, "pipeline_parallel_degree", 1) > 1:
@@ -331,8 +332,29 @@ def build_model(source: ModelSource, config, load_weights: bool):
             )
         if source.hf_weights is not None:
             return _build_from_hf(source, config, model_class)
-        return model_class.from_pretrained(source.directory, config=config)
+        return _from_pretrained(model_class, source.directory, config)
     return model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
+
+
+def _from_pretrained(model_class, directory: str, config):
+    """PaddleNLP's ``from_pretrained``, with a damaged ``model_state.pdparams`` named instead of failing in unpickling
+    or a reshape. Paddle writes it as one pickle (protocol 2 to 4: a PROTO opcode first, STOP last), so a file cut
+    short or of random bytes is refused before it is read."""
+    import pickle
+
+    path = os.path.join(directory, "model_state.pdparams")
+    damaged = f"{path}: not a readable Paddle state dict, it is truncated or not a checkpoint; save it again (save_pretrained)"
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            first = f.read(1)
+            f.seek(max(0, os.path.getsize(path) - 1))
+            last = f.read(1)
+        if (first, last) != (b"\x80", b"."):
+            raise hf_checkpoint.CheckpointError(damaged)
+    try:
+        return model_class.from_pretrained(directory, config=config)
+    except (pickle.UnpicklingError, EOFError, MemoryError) as err:
+        raise hf_checkpoint.CheckpointError(f"{damaged} ({type(err).__name__}: {err})") from None
 
 
 def hf_split_errors(source: ModelSource, degrees) -> list[str]:

@@ -28,6 +28,7 @@ from paddle_llm.estimator.flags import setup_from_flags
 from paddle_llm.estimator.memory import shape_of
 from paddle_llm.estimator.planner import startup_report
 from paddle_llm.cpu import kernels as cpu_kernels
+from paddle_llm.models.hf_checkpoint import CheckpointError
 from paddle_llm.models.registry import ModelFamily, ModelSource, build_config, build_model, hf_split_errors, load_tokenizer, resolve_model
 from paddle_llm.peft.lora import apply_lora, load_lora
 from paddle_llm.peft.prefix import apply_prefix
@@ -361,7 +362,7 @@ class Recipe:
 def run_recipe(argv: list[str], recipe: Recipe) -> int:
     """The shared command-line flow of the training recipes: help, parse and validate, announce, fit.
 
-    Configuration and data problems end with one line per problem and exit code 2, numerical-health failures with
+    Configuration, data and checkpoint-file problems end with one line per problem and exit code 2, numerical-health failures with
     a diagnosis and exit code 3; neither prints a traceback. A successful rank of a multi-process launch waits for
     its peers and exits here (``process_exit``).
 
@@ -387,7 +388,7 @@ def run_recipe(argv: list[str], recipe: Recipe) -> int:
         recipe.announce(plan)
     try:
         exit_code = recipe.fit(plan)
-    except (DataError, FileNotFoundError, ArgumentError) as err:
+    except (DataError, CheckpointError, FileNotFoundError, ArgumentError) as err:
         print(f"{program}: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except NumericalHealthError as err:

@@ -244,3 +244,92 @@ def test_read_only_output_dir_is_refused(small_data, capsys):
         pytest.skip("/proc/sys is writable here")
     checked, _ = refused_by_check_and_pretrain(small_data, ["--output_dir", "/proc/sys/paddle_llm_run"], capsys)
     assert "--output_dir /proc/sys/paddle_llm_run: /proc/sys is read-only for this user; pass a directory you can write" in checked
+
+
+# --- checkpoint files --------------------------------------------------------------------------------------------
+
+HF_LLAMA3 = os.path.join(ROOT, "tests", "assets", "hf", "llama3")
+
+
+def hf_copy(tmp_path, damage=None, **config_changes) -> str:
+    """A copy of the Hugging Face llama3 fixture, its model.safetensors bytes passed through ``damage`` and its
+    config.json fields changed."""
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    for name in os.listdir(HF_LLAMA3):
+        with open(os.path.join(HF_LLAMA3, name), "rb") as f:
+            data = f.read()
+        if name == "model.safetensors" and damage:
+            data = damage(data)
+        if name == "config.json" and config_changes:
+            data = json.dumps({**json.loads(data), **config_changes}).encode()
+        (directory / name).write_bytes(data)
+    return str(directory)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[: len(data) // 2], "past the end of the file (190088 bytes): the file is truncated"),
+    (lambda data: (2**40).to_bytes(8, "little") + data[8:], "its header says it is 1099511627776 bytes long, but the file has 380176 bytes"),
+], ids=["truncated", "header-length-2**40"])
+def test_damaged_safetensors_is_refused_naming_the_file(tmp_path, capsys, damage, message):
+    """Refused as the model is resolved, so before anything is built, by estimate and check alike."""
+    from paddle_llm.estimator.command import main as estimate
+
+    model = hf_copy(tmp_path, damage)
+    before = hashes(model)
+    assert estimate(["--model_name_or_path", model]) == 2
+    line = one_error_line(capsys.readouterr().err, "paddle-llm estimate")
+    assert f"{model}/model.safetensors: " in line and message in line
+    assert hashes(model) == before
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory) -> str:
+    """tiny-llama with random weights, saved in PaddleNLP's layout (model_state.pdparams)."""
+    import paddle
+
+    from paddle_llm.models.registry import build_config, build_model, load_tokenizer, resolve_model
+
+    paddle.set_device("cpu")
+    directory = str(tmp_path_factory.mktemp("saved") / "llama")
+    source = resolve_model("tiny-llama")
+    model = build_model(source, build_config(source), load_weights=False)
+    model.save_pretrained(directory, safe_serialization=False)
+    load_tokenizer("tiny-llama").save_pretrained(directory)
+    assert os.path.isfile(os.path.join(directory, "model_state.pdparams"))
+    return directory
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda data: data[: len(data) // 2], id="truncated"),
+    pytest.param(lambda data: os.urandom(len(data)), id="random"),
+])
+def test_damaged_pdparams_is_refused_naming_the_file(saved_llama, tmp_path, capsys, damage):
+    from paddle_llm.peft.merge import main as merge_lora
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in os.listdir(saved_llama):
+        data = open(os.path.join(saved_llama, name), "rb").read()
+        (model / name).write_bytes(damage(data) if name == "model_state.pdparams" else data)
+    before = hashes(model)
+    assert merge_lora(["--model_name_or_path", str(model), "--lora_path", str(tmp_path / "lora"), "--output_path", str(tmp_path / "merged")]) == 2
+    line = one_error_line(capsys.readouterr().err, "paddle-llm merge-lora")
+    assert f"{model}/model_state.pdparams: not a readable Paddle state dict, it is truncated or not a checkpoint" in line
+    assert hashes(model) == before and not os.path.exists(tmp_path / "merged")
+
+
+def test_hf_tensor_of_the_wrong_shape_is_one_line_without_traceback_end_to_end(tmp_path):
+    """The recipes' boundary (the spine's run_recipe) prints a checkpoint error as one line, exit code 2."""
+    model = hf_copy(tmp_path, intermediate_size=96)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_lines(data / "train.json", b'{"src": "1+1=", "tgt": "2"}')
+    write_lines(data / "dev.json", b'{"src": "1+1=", "tgt": "2"}')
+    before = hashes(model, data)
+    result = run_script([FINETUNE, "--model_name_or_path", model, "--dataset_name_or_path", str(data), "--output_dir",
+                         str(tmp_path / "out"), "--do_train", "--device", "cpu", "--max_steps", "1"], check=False)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr, "paddle-llm finetune")
+    assert f"{model}/model.safetensors: tensor 'model.layers.0.mlp.down_proj.weight' has shape [128, 64], but config.json makes 'llama.layers.0.mlp.down_proj.weight' [96, 64]" in line
+    assert hashes(model, data) == before
