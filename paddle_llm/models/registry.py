@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Callable
@@ -340,8 +341,6 @@ def _from_pretrained(model_class, directory: str, config):
     """PaddleNLP's ``from_pretrained``, with a damaged ``model_state.pdparams`` named instead of failing in unpickling
     or a reshape. Paddle writes it as one pickle (protocol 2 to 4: a PROTO opcode first, STOP last), so a file cut
     short or of random bytes is refused before it is read."""
-    import pickle
-
     path = os.path.join(directory, "model_state.pdparams")
     damaged = f"{path}: not a readable Paddle state dict, it is truncated or not a checkpoint; save it again (save_pretrained)"
     if os.path.isfile(path):

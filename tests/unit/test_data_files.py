@@ -184,7 +184,7 @@ def test_a_stalled_pool_is_finished_in_process_with_identical_output(tmp_path):
     preprocess(source, str(tmp_path / "expected"), "tiny-llama", workers=1, show_progress=False)
 
     preprocess_module._init_worker("tiny-llama", "text", False)
-    encoded = map(preprocess_module._encode_lines, preprocess_module._read_tasks(source))
+    encoded = map(preprocess_module._encode_lines, preprocess_module._read_tasks([source]))
 
     class StallingPoolResults:
         delivered = 0
@@ -203,7 +203,7 @@ def test_a_stalled_pool_is_finished_in_process_with_identical_output(tmp_path):
     done = preprocess_module._drain_until_stall(StallingPoolResults(), writer, NoProgress())
     assert done == 2
     preprocess_module._drain(map(preprocess_module._encode_lines, itertools.islice(
-        preprocess_module._read_tasks(source), done, None)), writer, NoProgress())
+        preprocess_module._read_tasks([source]), done, None)), writer, NoProgress())
     writer.commit()
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"recovered{suffix}").read_bytes() == (tmp_path / f"expected{suffix}").read_bytes()
