@@ -396,7 +396,8 @@ def load_tokenizer(name_or_path: str, family: ModelFamily | None = None):
         family: use this family's tokenizer class; None lets ``tokenizer_config.json`` (or the preset) decide.
 
     Raises:
-        FileNotFoundError: not a local directory or preset; the message says what to pass.
+        FileNotFoundError: not a local directory or preset, or a file the tokenizer class reads is missing; the
+            message says what to pass.
     """
     import paddlenlp.transformers as transformers
 
@@ -422,11 +423,30 @@ def load_tokenizer(name_or_path: str, family: ModelFamily | None = None):
         sentencepiece_class = tokenizer_class if tokenizer_class in model_file_by_class else "LlamaTokenizer"
         return hf_tokenizer.load_hf_tokenizer(directory, getattr(transformers, sentencepiece_class), model_file_by_class[sentencepiece_class])
     if family is None:
+        _require_tokenizer_files(directory, getattr(transformers, tokenizer_class or "", None))
         return transformers.AutoTokenizer.from_pretrained(directory)
     class_name = family.tokenizer_class
     if family.sentencepiece_tokenizer_class and any(os.path.exists(os.path.join(directory, f)) for f in tokenizer_model_files()):
         class_name = family.sentencepiece_tokenizer_class
+    _require_tokenizer_files(directory, getattr(transformers, class_name))
     return getattr(transformers, class_name).from_pretrained(directory)
+
+
+def _require_tokenizer_files(directory: str, tokenizer_class) -> None:
+    """PaddleNLP's tokenizer classes list the files they read in ``resource_files_names``; without one, the class's
+    constructor fails with a TypeError (a missing ``vocab_file`` argument) that names no file.
+
+    Raises:
+        FileNotFoundError: a file the class reads is not in ``directory``; the message names it.
+    """
+    needed = getattr(tokenizer_class, "resource_files_names", None) or {}
+    missing = [name for name in needed.values() if not os.path.isfile(os.path.join(directory, name))]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory}: the tokenizer is incomplete: missing {', '.join(missing)}, which {tokenizer_class.__name__} "
+            "reads; copy the tokenizer's files from where it came from, or pass --tokenizer_name_or_path with a complete "
+            "tokenizer directory"
+        )
 
 
 def tokenizer_model_files() -> tuple[str, ...]:

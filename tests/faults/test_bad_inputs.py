@@ -333,3 +333,17 @@ def test_hf_tensor_of_the_wrong_shape_is_one_line_without_traceback_end_to_end(t
     line = one_error_line(result.stderr, "paddle-llm finetune")
     assert f"{model}/model.safetensors: tensor 'model.layers.0.mlp.down_proj.weight' has shape [128, 64], but config.json makes 'llama.layers.0.mlp.down_proj.weight' [96, 64]" in line
     assert hashes(model, data) == before
+
+
+def test_tokenizer_directory_without_its_model_file_names_the_missing_file(tmp_path, capsys):
+    from paddle_llm.data.preprocess import main
+
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    corpus = write_lines(tmp_path / "corpus.jsonl", b'{"text": "hello"}')
+    before = hashes(tokenizer, corpus)
+    assert main(["--input_path", corpus, "--output_prefix", str(tmp_path / "out"), "--tokenizer_name_or_path", str(tokenizer)]) == 1
+    line = one_error_line(capsys.readouterr().err, "paddle-llm preprocess")
+    assert f"{tokenizer}: the tokenizer is incomplete: missing sentencepiece.bpe.model, which LlamaTokenizer reads" in line
+    assert hashes(tokenizer, corpus) == before
