@@ -131,6 +131,10 @@ class FinetuneDataArguments:
     skip_bad_lines: bool = field(
         default=False, metadata={"help": "skip malformed records (each is reported) instead of stopping at the first"}
     )
+    strict_data: bool = field(
+        default=False,
+        metadata={"help": "stop with an error on records that read fine but teach nothing (a reply that is empty) instead of counting them in one warning line"},
+    )
     eval_with_do_generation: bool = field(
         default=False, metadata={"help": "evaluation also decodes each dev prompt greedily and reports exact match"}
     )

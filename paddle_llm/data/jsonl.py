@@ -60,6 +60,27 @@ def iter_jsonl_texts(path: str, json_key: str) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path}: the file is empty; nothing to read")
 
 
+def questionable_records(path: str, wheres: list[str], problem: str, strict: bool) -> str | None:
+    """One line about records that read fine but teach nothing, naming the first few as ``file:line``; None when
+    there are none.
+
+    Args:
+        wheres: the records' ``file:line``.
+        problem: what they are, plural (``records with an empty reply``).
+        strict: ``--strict_data``: raise instead of returning the line.
+
+    Raises:
+        DataError: ``strict`` and there are such records.
+    """
+    if not wheres:
+        return None
+    shown = ", ".join(wheres[:MAX_ERRORS_SHOWN]) + (", ..." if len(wheres) > MAX_ERRORS_SHOWN else "")
+    text = f"{path}: {len(wheres)} {problem} ({shown})"
+    if strict:
+        raise DataError(f"{text}; fix or remove them, or drop --strict_data to train with them")
+    return f"{text}; pass --strict_data to make this an error"
+
+
 def read_jsonl_records(path: str, detect: Callable[[object], str | None], parse: Callable[[object, str, str], object], skip_bad_lines: bool, format_hint: str, record_format: str | None = None) -> tuple[list, list[str], str | None]:
     """Read a jsonl file of training records, each parsed by ``parse(decoded, record_format, "path:line")``.
 

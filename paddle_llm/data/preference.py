@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from paddle_llm.data.jsonl import DataError, read_jsonl_records
+from paddle_llm.data.jsonl import DataError, questionable_records, read_jsonl_records
 from paddle_llm.data.sft import (
     FamilyLayout,
     Record,
@@ -140,19 +140,27 @@ class PreferenceRead:
     record_format: str
     records: list[PreferenceRecord]
     skipped: list[str] = field(default_factory=list)
+    questionable: str | None = None  # one line about pairs that teach nothing (``questionable_records``)
 
 
-def read_preferences(path: str, skip_bad_lines: bool = False) -> PreferenceRead:
+def read_preferences(path: str, skip_bad_lines: bool = False, strict_data: bool = False) -> PreferenceRead:
     """Read a jsonl file of preference records (the format is detected from its first record).
 
+    Args:
+        strict_data: fail on pairs whose chosen and rejected replies are the same instead of counting them in
+            ``questionable``.
+
     Raises:
-        DataError: a missing or empty file, a bad record (without ``skip_bad_lines``), or no good record at all.
+        DataError: a missing or empty file, a bad record (without ``skip_bad_lines``), no good record at all, or
+            (with ``strict_data``) a pair whose replies are the same.
     """
     records, skipped, record_format = read_jsonl_records(
         path, detect_preference_format, parse_preference, skip_bad_lines,
         "src/tgt/response/sort (PaddleNLP) or prompt (or messages)/chosen/rejected",
     )
-    return PreferenceRead(path, record_format, records, skipped)
+    same = [r.where for r in records if r.chosen.strip() == r.rejected.strip()]
+    notice = questionable_records(path, same, "pairs whose chosen and rejected replies are the same, which teach no preference", strict_data)
+    return PreferenceRead(path, record_format, records, skipped, notice)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,13 +282,14 @@ class PreferenceSplit:
         return text
 
 
-def build_preference_split(path: str, layout: FamilyLayout, tokenizer, limits: PreferenceLimits, skip_bad_lines: bool = False, shuffle_seed: int | None = None) -> PreferenceSplit:
+def build_preference_split(path: str, layout: FamilyLayout, tokenizer, limits: PreferenceLimits, skip_bad_lines: bool = False,
+                           strict_data: bool = False, shuffle_seed: int | None = None) -> PreferenceSplit:
     """Read, frame, tokenize and truncate one preference file.
 
     Raises:
         DataError: bad records (see ``read_preferences``), or no pair fits the length limits.
     """
-    read = read_preferences(path, skip_bad_lines)
+    read = read_preferences(path, skip_bad_lines, strict_data)
     report = PreferenceTruncation()
     pairs = [p for p in (tokenize_preference(r, layout, tokenizer, limits, report) for r in read.records) if p is not None]
     if not pairs:

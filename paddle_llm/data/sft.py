@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from paddle_llm.data.jsonl import DataError, read_jsonl_records
+from paddle_llm.data.jsonl import DataError, questionable_records, read_jsonl_records
 from paddle_llm.data.packing import pack_best_fit_decreasing, packing_stats
 from paddle_llm.models.chat_template import chat_segments, jinja_chat_segments, validate_messages
 from paddle_llm.models.registry import ModelFamily
@@ -168,9 +168,11 @@ class ReadResult:
     record_format: str
     records: list[Record]
     skipped: list[str] = field(default_factory=list)  # one error message per skipped line
+    questionable: str | None = None  # one line about records that teach nothing (``questionable_records``)
 
 
-def read_records(path: str, data_format: str = "auto", instruction_generation: bool = False, skip_bad_lines: bool = False) -> ReadResult:
+def read_records(path: str, data_format: str = "auto", instruction_generation: bool = False, skip_bad_lines: bool = False,
+                 strict_data: bool = False) -> ReadResult:
     """Read a jsonl file of fine-tuning records.
 
     Args:
@@ -178,12 +180,15 @@ def read_records(path: str, data_format: str = "auto", instruction_generation: b
         data_format: one of ``RECORD_FORMATS``, or ``auto`` to detect it from the file's first record.
         instruction_generation: render single-turn src/tgt records with the chat template.
         skip_bad_lines: skip (and report) malformed records instead of failing on the first one.
+        strict_data: fail on records with an empty reply (they train only the end-of-reply token) instead of
+            counting them in ``questionable``.
 
     Returns:
-        The records, the format used and the skipped lines' errors.
+        The records, the format used, the skipped lines' errors and the records with an empty reply.
 
     Raises:
-        DataError: a missing or empty file, a bad record (without ``skip_bad_lines``), or no good record at all.
+        DataError: a missing or empty file, a bad record (without ``skip_bad_lines``), no good record at all, or
+            (with ``strict_data``) a record with an empty reply.
     """
     records, skipped, record_format = read_jsonl_records(
         path,
@@ -193,7 +198,9 @@ def read_records(path: str, data_format: str = "auto", instruction_generation: b
         "src/tgt, instruction/input/output, messages or conversations (or set --data_format)",
         None if data_format == "auto" else data_format,
     )
-    return ReadResult(path, record_format, records, skipped)
+    empty = [r.where for r in records if any(m["role"] == "assistant" and not m["content"].strip() for m in r.messages)]
+    notice = questionable_records(path, empty, "records with an empty reply, which train only the end-of-reply token", strict_data)
+    return ReadResult(path, record_format, records, skipped, notice)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -562,6 +569,7 @@ def build_split(
     data_format: str = "auto",
     instruction_generation: bool = False,
     skip_bad_lines: bool = False,
+    strict_data: bool = False,
     zero_padding: bool = False,
     shuffle_seed: int | None = None,
 ) -> SftSplit:
@@ -574,7 +582,7 @@ def build_split(
     Raises:
         DataError: bad records (see ``read_records``), or no sample fits the length limits.
     """
-    read = read_records(path, data_format, instruction_generation, skip_bad_lines)
+    read = read_records(path, data_format, instruction_generation, skip_bad_lines, strict_data)
     report = TruncationReport()
     samples = [s for s in (tokenize_record(r, layout, tokenizer, limits, report) for r in read.records) if s is not None]
     if not samples:

@@ -65,6 +65,10 @@ class DPODataArguments:
     skip_bad_lines: bool = field(
         default=False, metadata={"help": "skip malformed records (each is reported) instead of stopping at the first"}
     )
+    strict_data: bool = field(
+        default=False,
+        metadata={"help": "stop with an error on records that read fine but teach nothing (a pair whose chosen and rejected replies are the same) instead of counting them in one warning line"},
+    )
     greedy_zero_padding: bool = field(default=False, metadata={"help": "PaddleNLP's packing; not supported here (pairs are padded)"})
     lazy: bool = field(default=False, metadata={"help": "PaddleNLP's streaming dataset; not supported here (files are read whole)"})
 
@@ -213,10 +217,13 @@ def load_preference_splits(layout, tokenizer, data_args, training_args) -> dict:
     ):
         if not wanted:
             continue
-        split = build_preference_split(path, layout, tokenizer, limits, skip_bad_lines=data_args.skip_bad_lines, shuffle_seed=seed)
+        split = build_preference_split(path, layout, tokenizer, limits, skip_bad_lines=data_args.skip_bad_lines,
+                                       strict_data=data_args.strict_data, shuffle_seed=seed)
         log(f"data: {split.summary()}")
         for message in split.read.skipped[:MAX_SKIPPED_SHOWN]:
             warn(f"skipped {message}")
+        if split.read.questionable:
+            warn(split.read.questionable)
         splits[name] = split
     return splits
 
@@ -282,5 +289,7 @@ RECIPE = Recipe(
     arguments=_dataclass_types,
     setup=setup,
     fit=fit,
-    help=lambda: __doc__ + "\nFlags are PaddleNLP's llm/alignment/dpo/run_dpo.py flags; see docs/dpo.md.",
+    help=lambda: __doc__ + "\nPairs whose chosen and rejected replies are the same teach no preference: they are counted in one\n"
+    "warning line (the first few as file:line); --strict_data makes them an error.\n"
+    "\nFlags are PaddleNLP's llm/alignment/dpo/run_dpo.py flags; see docs/dpo.md.",
 )

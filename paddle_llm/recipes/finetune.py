@@ -158,12 +158,15 @@ def load_splits(layout, tokenizer, data_args, training_args):
             data_format=data_args.data_format,
             instruction_generation=data_args.instruction_generation,
             skip_bad_lines=data_args.skip_bad_lines,
+            strict_data=data_args.strict_data,
             zero_padding=data_args.zero_padding,
             shuffle_seed=seed,
         )
         log(f"data: {split.summary()}")
         for message in split.read.skipped[:MAX_SKIPPED_SHOWN]:
             warn(f"skipped {message}")
+        if split.read.questionable:
+            warn(split.read.questionable)
         splits[name] = split
     return splits
 
@@ -248,6 +251,8 @@ RECIPE = Recipe(
     arguments=_dataclass_types,
     setup=setup,
     fit=fit,
-    help=lambda: __doc__ + "\nFlags are PaddleNLP's finetune_generation.py flags; see docs/finetune.md.",
+    help=lambda: __doc__ + "\nRecords with an empty reply train only the end-of-reply token: they are counted in one warning\n"
+    "line (the first few as file:line); --strict_data makes them an error.\n"
+    "\nFlags are PaddleNLP's finetune_generation.py flags; see docs/finetune.md.",
     own_flags=("--dataset_name_or_path", "--lora", "--prefix_tuning", "--src_length", "--lora_path", "--prefix_path"),
 )

@@ -347,3 +347,46 @@ def test_tokenizer_directory_without_its_model_file_names_the_missing_file(tmp_p
     line = one_error_line(capsys.readouterr().err, "paddle-llm preprocess")
     assert f"{tokenizer}: the tokenizer is incomplete: missing sentencepiece.bpe.model, which LlamaTokenizer reads" in line
     assert hashes(tokenizer, corpus) == before
+
+
+# --- records that read fine but teach nothing --------------------------------------------------------------------
+
+def test_empty_sft_replies_are_counted_in_one_line_and_refused_with_strict_data(tmp_path):
+    from paddle_llm.data.jsonl import DataError
+    from paddle_llm.data.sft import read_records
+
+    rows = [b'{"src": "1+1=", "tgt": "2"}'] + [b'{"src": "q", "tgt": " "}'] * 7
+    path = write_lines(tmp_path / "train.json", *rows)
+    before = hashes(path)
+    read = read_records(path)
+    assert len(read.records) == 8
+    shown = ", ".join(f"{path}:{line}" for line in range(2, 7))
+    assert read.questionable == (f"{path}: 7 records with an empty reply, which train only the end-of-reply token ({shown}, ...); "
+                                 "pass --strict_data to make this an error")
+    with pytest.raises(DataError, match=r"7 records with an empty reply.*; fix or remove them, or drop --strict_data"):
+        read_records(path, strict_data=True)
+    assert read_records(write_lines(tmp_path / "fine.json", rows[0])).questionable is None
+    assert hashes(path) == before
+
+
+def test_dpo_pairs_with_chosen_equal_to_rejected_are_counted_and_refused_with_strict_data(tmp_path):
+    from paddle_llm.data.jsonl import DataError
+    from paddle_llm.data.preference import read_preferences
+
+    path = write_lines(tmp_path / "train.jsonl", b'{"prompt": "q", "chosen": "a", "rejected": "b"}',
+                       b'{"prompt": "q", "chosen": "same", "rejected": "same "}')
+    before = hashes(path)
+    assert read_preferences(path).questionable == (
+        f"{path}: 1 pairs whose chosen and rejected replies are the same, which teach no preference ({path}:2); "
+        "pass --strict_data to make this an error")
+    with pytest.raises(DataError, match=rf"^{path}: 1 pairs whose chosen and rejected .*; fix or remove them"):
+        read_preferences(path, strict_data=True)
+    assert hashes(path) == before
+
+
+@pytest.mark.parametrize("recipe", ["finetune", "dpo"])
+def test_strict_data_is_in_the_recipes_help(capsys, recipe):
+    from paddle_llm.cli import main
+
+    assert main([recipe, "--help"]) == 0
+    assert "--strict_data" in capsys.readouterr().out
