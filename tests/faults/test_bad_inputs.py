@@ -96,6 +96,7 @@ def test_dpo_preference_file_non_utf8_byte_names_file_and_line(tmp_path):
     assert hashes(pairs) == before
 
 
+@pytest.mark.slow  # a training process of its own
 def test_finetune_non_utf8_record_is_one_line_without_traceback_end_to_end(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
@@ -319,6 +320,7 @@ def test_damaged_pdparams_is_refused_naming_the_file(saved_llama, tmp_path, caps
     assert hashes(model) == before and not os.path.exists(tmp_path / "merged")
 
 
+@pytest.mark.slow  # a training process of its own
 def test_hf_tensor_of_the_wrong_shape_is_one_line_without_traceback_end_to_end(tmp_path):
     """The recipes' boundary (the spine's run_recipe) prints a checkpoint error as one line, exit code 2."""
     model = hf_copy(tmp_path, intermediate_size=96)
