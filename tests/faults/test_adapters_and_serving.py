@@ -80,7 +80,7 @@ def assert_names_adapter_and_base(stderr: str, program: str, flag: str, adapter:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter, tensor", [("lora_wide", LORA_WIDE), ("lora_qwen2", LORA_QWEN2)])
+@pytest.mark.parametrize("adapter, tensor", [("lora_wide", LORA_WIDE), ("lora_qwen2", LORA_QWEN2)], ids=["other-shape", "other-targets"])
 def test_merge_lora_refuses_an_adapter_of_another_base(models, tmp_path, adapter, tensor):
     output = str(tmp_path / "merged")
     stderr = run_refused(["-m", "paddle_llm", "merge-lora", "--model_name_or_path", models["base"], "--lora_path",
@@ -110,7 +110,7 @@ def test_export_refuses_a_prefix_of_another_base(models, tmp_path):
 @pytest.mark.parametrize("flags, adapter, tensor", [
     (["--lora", "True", "--lora_path"], "lora_wide", LORA_WIDE),
     (["--prefix_tuning", "True", "--prefix_path"], "prefix_wide", PREFIX_WIDE),
-])
+], ids=["lora", "prefix"])
 def test_finetune_refuses_an_adapter_of_another_base(models, tmp_path, flags, adapter, tensor):
     data = tmp_path / "data"
     data.mkdir()
