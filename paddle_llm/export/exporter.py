@@ -218,7 +218,7 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest | Non
     tokenizer = load_checkpoint_tokenizer(source)
     log(f"loading {family.name} checkpoint {request.model_name_or_path}" + (f" + LoRA {request.lora_path}" if request.lora_path else ""))
     model = load_model(source, request.lora_path, merge_lora=True)
-    prefix_model = load_prefix_model(model, family, request.prefix_path) if request.prefix_path else None
+    prefix_model = load_prefix_model(model, source, request.prefix_path) if request.prefix_path else None
     model = reload_in_dtype(model, source, request.dtype)
     config = model.config
     step = prefix = None  # the FastDeploy layout holds weights only

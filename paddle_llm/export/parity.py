@@ -153,7 +153,7 @@ def check_export(
         raise ValueError(f"{model_name_or_path} is a {source.family.name} model but {export_dir} holds {manifest.family}")
     reference = load_model(source, lora_path, merge_lora=False)
     if prefix_path:
-        reference = load_prefix_model(reference, source.family, prefix_path)
+        reference = load_prefix_model(reference, source, prefix_path)
     programs, not_checked = runnable_programs(export_dir, manifest, cpu_features.detect())
     if not programs:
         best_program(export_dir, manifest)  # raises, naming what each program needs

@@ -41,6 +41,7 @@ def load_model(source: ModelSource, lora_path: str | None = None, merge_lora: bo
 
     Raises:
         FileNotFoundError: no weights, or the LoRA directory is not one.
+        AdapterMismatchError: the adapter was saved for another base (the first mismatching tensor is named).
     """
     _require_weights(source)
     overrides = {"dtype": "float32"}
@@ -50,21 +51,20 @@ def load_model(source: ModelSource, lora_path: str | None = None, merge_lora: bo
         overrides.update({name: False for name in GPU_ONLY_FLAGS if name.startswith("use_")})
     model = build_model(source, build_config(source, **overrides), load_weights=True)
     if lora_path:
-
-        lora_model = load_lora(model, lora_path)
+        lora_model = load_lora(model, lora_path, source.name_or_path)
         model = merge_into_model(lora_model) if merge_lora else lora_model
     model.eval()
     return model
 
 
-def load_prefix_model(model, family: ModelFamily, prefix_path: str):
-    """Wrap ``model`` with the prefix-tuning adapter saved in ``prefix_path``.
+def load_prefix_model(model, source: ModelSource, prefix_path: str):
+    """Wrap ``model`` (loaded from ``source``) with the prefix-tuning adapter saved in ``prefix_path``.
 
     Raises:
-        FileNotFoundError: ``prefix_path`` has no ``prefix_config.json``.
+        FileNotFoundError: ``prefix_path`` has no ``prefix_config.json`` or no weights.
+        AdapterMismatchError: the prefix was saved for another base (its past's shape is named).
     """
-
-    prefix_model = apply_prefix(model, family, num_prefix_tokens=0, prefix_path=prefix_path)
+    prefix_model = apply_prefix(model, source.family, num_prefix_tokens=0, prefix_path=prefix_path, base_path=source.name_or_path)
     prefix_model.eval()
     return prefix_model
 

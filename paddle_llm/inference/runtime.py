@@ -7,6 +7,7 @@ decoding step, and merge or drop rows between steps. It does not sample and does
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -298,19 +299,40 @@ def open_export_decoder(export_dir: str, manifest=None, program: str | None = No
         runner_options: ``InferenceStepRunner`` options (``num_threads``, ``use_gpu``, ``enable_mkldnn``).
 
     Raises:
-        FileNotFoundError, ValueError: not a step-graph export, or none of its programs runs on this CPU (the
-            message says what to run).
+        FileNotFoundError, ValueError: not a step-graph export, none of its programs runs on this CPU, or a graph
+            file is missing, truncated or damaged (the message names the file and says what to run).
     """
     manifest = manifest or load_manifest(export_dir)
     layout = manifest.cache_layout()
     if program is None:
         program = best_program(export_dir, manifest)
-    runner = InferenceStepRunner(os.path.join(export_dir, program), os.path.join(export_dir, PARAMS_FILE), **runner_options)
+    try:
+        runner = InferenceStepRunner(os.path.join(export_dir, program), os.path.join(export_dir, PARAMS_FILE), **runner_options)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise ValueError(f"{_damaged_graph_file(export_dir, program, err)}; export it again "
+                         f"(`paddle-llm export --model_name_or_path {manifest.source.get('model_name_or_path') or 'CHECKPOINT'} "
+                         f"--output_path DIR`) into a new directory") from None
     prefix = None
     if manifest.prefix_cache:
         stored = paddle.load(os.path.join(export_dir, manifest.prefix_cache))  # stacked over layers
         prefix = [*paddle.unbind(stored["key"]), *paddle.unbind(stored["value"])]
     return StepDecoder(runner, layout, manifest.dtype, manifest.glm_positions, manifest.pad_token_id, prefix)
+
+
+def _damaged_graph_file(export_dir: str, program: str, err: Exception) -> str:
+    """Which of the two graph files Paddle Inference could not load, and how: its C++ error (a JSON parser's or a
+    tensor stream's) names neither."""
+    program_path, params_path = os.path.join(export_dir, program), os.path.join(export_dir, PARAMS_FILE)
+    for path in (program_path, params_path):
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+    try:
+        with open(program_path, encoding="utf-8") as f:
+            json.load(f)
+    except (ValueError, UnicodeDecodeError) as bad:
+        return f"{program_path} is truncated or damaged (not valid JSON: {bad})"
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{params_path} is truncated or damaged (Paddle Inference: {first_line})"
 
 
 def best_program(export_dir: str, manifest) -> str:

@@ -7,6 +7,7 @@ import re
 
 from paddle_llm.config.parser import ArgumentError
 from paddle_llm.models.registry import ModelFamily
+from paddle_llm.peft.adapter_match import require_matching, tensor_shapes
 from paddle_llm.peft.quantize import recorded_quantization
 
 _REGEX_CHARACTERS = set(".*+?[](){}|^$\\")
@@ -32,22 +33,37 @@ def _linear_layer_names(model) -> list[str]:
     return [name for name, layer in model.named_sublayers() if isinstance(layer, paddle.nn.Linear)]
 
 
-def load_lora(model, lora_path: str):
+LORA_WEIGHTS = "lora_model_state.pdparams"  # PaddleNLP's LORA_WEIGHTS_NAME
+
+
+def load_lora(model, lora_path: str, base_path: str):
     """Wrap ``model`` with the LoRA adapter saved in ``lora_path`` (its own rank, alpha and targets); only it trains.
 
     A QLoRA adapter records the quantization of the base it was trained on; the base is quantized the same way here,
     so the model computes what training saw.
 
+    Args:
+        base_path: where ``model`` came from (``--model_name_or_path``), named when the adapter does not fit it.
+
     Raises:
-        FileNotFoundError: ``lora_path`` is not a saved adapter.
+        FileNotFoundError: ``lora_path`` is not a saved adapter, or has no weights.
+        AdapterMismatchError: the adapter's tensors are not the ones this base needs (another shape, other targets).
     """
+    import paddle
     from paddlenlp.peft import LoRAModel
 
     from paddle_llm.peft.qlora import quantize_lora_base
 
     if not os.path.isfile(os.path.join(lora_path, "lora_config.json")):
         raise FileNotFoundError(f"--lora_path {lora_path!r} has no lora_config.json; pass the directory a LoRA run saved")
+    weights = os.path.join(lora_path, LORA_WEIGHTS)
+    if not os.path.isfile(weights):
+        # PaddleNLP would log an error and train a fresh adapter instead of the one asked for
+        raise FileNotFoundError(f"--lora_path {lora_path!r} has no {LORA_WEIGHTS}; pass the directory a LoRA run saved")
     lora_model = LoRAModel.from_pretrained(model, lora_path)
+    if getattr(model.config, "tensor_parallel_degree", 1) <= 1:  # under tensor parallelism each rank holds a slice
+        require_matching("--lora_path", lora_path, base_path, tensor_shapes(paddle.load(weights, return_numpy=True)),
+                         tensor_shapes(lora_model.get_trainable_state_dict()))
     lora_model.mark_only_lora_as_trainable()
     spec = recorded_quantization(lora_path)
     if spec is not None:

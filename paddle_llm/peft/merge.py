@@ -47,6 +47,20 @@ def probe_logits(model, family, vocab_size: int) -> np.ndarray:
     return logits.astype("float32").numpy()
 
 
+def require_merge_changed_base(base_logits: np.ndarray, merged_logits: np.ndarray, adapter_is_zero: bool,
+                               lora_path: str) -> None:
+    """Refuse a merge that left every probe logit of the base exactly as it was although the adapter is non-zero:
+    its layers did not take part, and writing the base under a new name would pass for a merged model.
+
+    Raises:
+        ValueError: naming the adapter.
+    """
+    if not adapter_is_zero and np.array_equal(base_logits, merged_logits):
+        raise ValueError(
+            f"--lora_path {lora_path!r}: merging changed no logit of the base although the adapter's weights are "
+            "non-zero, so its layers did not attach to this model; pass the base model the adapter was trained on")
+
+
 def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: str, output_format: str = "paddle",
                           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> float:
     """Load base + adapter, merge, save; return the largest logit difference between the two on a probe sequence.
@@ -60,6 +74,7 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
 
     Raises:
         FileNotFoundError: the base has no weights, or ``lora_path`` is not an adapter directory.
+        ValueError: the adapter does not fit the base (``AdapterMismatchError``), or merging it changed nothing.
     """
     source = resolve_model(model_name_or_path)
     if not source.has_weights:
@@ -67,11 +82,16 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
     if output_format == "hf" and source.family.hf is None:
         raise ValueError(f"--format hf is not available for {source.family.name}: {source.family.hf_refusal}")
     base = build_model(source, build_config(source, dtype="float32"), load_weights=True)
-    lora_model = load_lora(base, lora_path)
     vocab = int(base.config.vocab_size)
+    base_logits = probe_logits(base, source.family, vocab)
+    lora_model = load_lora(base, lora_path, model_name_or_path)
+    adapter_is_zero = not any(np.any(value.numpy() != 0) for name, value in lora_model.get_trainable_state_dict().items()
+                              if "lora_B" in name)
     reference = probe_logits(lora_model, source.family, vocab)
     merged = merge_lora(lora_model)
-    difference = float(np.abs(probe_logits(merged, source.family, vocab) - reference).max())
+    merged_logits = probe_logits(merged, source.family, vocab)
+    require_merge_changed_base(base_logits, merged_logits, adapter_is_zero, lora_path)
+    difference = float(np.abs(merged_logits - reference).max())
     try:
         tokenizer = load_tokenizer(source.directory, source.family)
     except (FileNotFoundError, OSError, ValueError):

@@ -10,9 +10,13 @@ from __future__ import annotations
 import os
 
 from paddle_llm.models.registry import FAMILIES, ModelFamily
+from paddle_llm.peft.adapter_match import prefix_past_shape, require_matching, tensor_shapes
+
+PREFIX_WEIGHTS = "prefix_model_state.pdparams"  # PaddleNLP's PREFIX_WEIGHTS_NAME
 
 
-def apply_prefix(model, family: ModelFamily, num_prefix_tokens: int, prefix_path: str | None = None, prefix_projection: bool = False):
+def apply_prefix(model, family: ModelFamily, num_prefix_tokens: int, prefix_path: str | None = None, prefix_projection: bool = False,
+                 base_path: str | None = None):
     """Wrap ``model`` with a trainable prefix; everything else is frozen.
 
     Args:
@@ -21,12 +25,15 @@ def apply_prefix(model, family: ModelFamily, num_prefix_tokens: int, prefix_path
         num_prefix_tokens: virtual tokens in the prefix.
         prefix_path: load this saved prefix instead of creating a new one.
         prefix_projection: produce the prefix through a 2-layer MLP (more parameters, often steadier).
+        base_path: where ``model`` came from (``--model_name_or_path``), named when a loaded prefix does not fit it.
 
     Returns:
         A ``paddlenlp.peft.PrefixModelForCausalLM``.
 
     Raises:
-        FileNotFoundError: ``prefix_path`` is not a saved prefix.
+        FileNotFoundError: ``prefix_path`` is not a saved prefix, or has no weights.
+        AdapterMismatchError: the saved prefix's past does not fit this base (layers, heads, head size), or its
+            weights are not the ones its own config describes.
         ValueError: the family has no prefix layout.
     """
     import paddlenlp.peft.prefix as prefix_module
@@ -40,9 +47,7 @@ def apply_prefix(model, family: ModelFamily, num_prefix_tokens: int, prefix_path
     if family.prefix_needs_cache:
         model.config.use_cache = True
     if prefix_path:
-        if not os.path.isfile(os.path.join(prefix_path, "prefix_config.json")):
-            raise FileNotFoundError(f"--prefix_path {prefix_path!r} has no prefix_config.json; pass the directory a prefix-tuning run saved")
-        return PrefixModelForCausalLM.from_pretrained(model, prefix_path, postprocess)
+        return _load_prefix(model, layout, prefix_path, postprocess, base_path)
     config = PrefixConfig(
         num_prefix_tokens=num_prefix_tokens,
         num_attention_heads=layout.num_attention_heads,
@@ -55,3 +60,26 @@ def apply_prefix(model, family: ModelFamily, num_prefix_tokens: int, prefix_path
         dtype=getattr(model.config, "dtype", None) or "float32",
     )
     return PrefixModelForCausalLM(model, config, postprocess)
+
+
+def _load_prefix(model, layout, prefix_path: str, postprocess, base_path: str | None):
+    """``PrefixModelForCausalLM.from_pretrained``, refusing a prefix saved for another base before loading it."""
+    import paddle
+    from paddlenlp.peft import PrefixConfig, PrefixModelForCausalLM
+
+    for name in ("prefix_config.json", PREFIX_WEIGHTS):
+        if not os.path.isfile(os.path.join(prefix_path, name)):
+            # without weights PaddleNLP would log an error and start a fresh prefix instead of the one asked for
+            raise FileNotFoundError(f"--prefix_path {prefix_path!r} has no {name}; pass the directory a prefix-tuning run saved")
+    saved = PrefixConfig.from_pretrained(prefix_path)
+    past = "past_key_values [layers, key/value, tokens, heads, head size]"
+    require_matching("--prefix_path", prefix_path, base_path,
+                     {past: prefix_past_shape(saved.num_hidden_layers, saved.num_attention_heads, saved.hidden_size,
+                                              saved.multi_query_group_num, saved.num_prefix_tokens)},
+                     {past: prefix_past_shape(layout.num_hidden_layers, layout.num_attention_heads, layout.hidden_size,
+                                              layout.multi_query_group_num, saved.num_prefix_tokens)})
+    prefix_model = PrefixModelForCausalLM.from_pretrained(model, prefix_path, postprocess)
+    require_matching("--prefix_path", prefix_path, base_path,
+                     tensor_shapes(paddle.load(os.path.join(prefix_path, PREFIX_WEIGHTS), return_numpy=True)),
+                     tensor_shapes(prefix_model.prefix_encoder.state_dict()))
+    return prefix_model

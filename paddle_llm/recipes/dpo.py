@@ -251,7 +251,7 @@ def prepare(plan: RecipeSetup) -> DPORun:
     model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
     log_cpu_fast_paths(model, family, training_args)
     reference, reference_model = reference_for(model, dpo_args, peft_args)
-    model = apply_peft(model, family, peft_args)
+    model = apply_peft(model, family, peft_args, plan.source.name_or_path)
     log(f"reference model: {REFERENCE_DESCRIPTIONS[reference]}")
 
     layout = family_layout(family, tokenizer)

@@ -211,7 +211,7 @@ def prepare(plan: RecipeSetup) -> FinetuneRun:
     model_args.continue_training = plan.source.has_weights
     model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
     log_cpu_fast_paths(model, family, training_args)
-    model = apply_peft(model, family, peft_args)
+    model = apply_peft(model, family, peft_args, plan.source.name_or_path)
 
     layout = family_layout(family, tokenizer)
     splits = load_splits(layout, tokenizer, data_args, training_args)

@@ -192,15 +192,19 @@ def build_model_and_tokenizer(source: ModelSource, model_args, data_args, traini
     return model, tokenizer, config
 
 
-def apply_peft(model, family: ModelFamily, peft_args):
-    """Wrap the model for LoRA or prefix tuning (or return it unchanged), and log what trains."""
+def apply_peft(model, family: ModelFamily, peft_args, base_path: str):
+    """Wrap the model for LoRA or prefix tuning (or return it unchanged), and log what trains.
+
+    ``base_path`` (``--model_name_or_path``) is named when a saved adapter does not fit the model.
+    """
 
     if peft_args.lora and peft_args.lora_path:
-        model = load_lora(model, peft_args.lora_path)
+        model = load_lora(model, peft_args.lora_path, base_path)
     elif peft_args.lora:
         model = apply_lora(model, family, peft_args.r, peft_args.lora_alpha, peft_args.lora_target_modules)
     elif peft_args.prefix_tuning:
-        model = apply_prefix(model, family, peft_args.num_prefix_tokens, peft_args.prefix_path, peft_args.prefix_projection)
+        model = apply_prefix(model, family, peft_args.num_prefix_tokens, peft_args.prefix_path, peft_args.prefix_projection,
+                             base_path)
     if peft_args.weight_quantize_algo:
         from paddle_llm.peft.qlora import quantize_lora_base
 

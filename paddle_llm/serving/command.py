@@ -36,7 +36,7 @@ from paddle_llm.serving.model import (
     open_export,
 )
 from paddle_llm.serving.openai.protocol import ServingLimits
-from paddle_llm.serving.process import free_port
+from paddle_llm.serving.process import free_port, require_port_free
 from paddle_llm.serving.rest import create_app, create_proxy_app
 
 API_KEY_ENV = "PADDLE_LLM_API_KEY"
@@ -132,6 +132,9 @@ def serve(args) -> int:
     """Start everything, block until SIGTERM/SIGINT, then shut down in order (front ends first, engine last)."""
     metrics = ServingMetrics()
     served = fastdeploy_server = grpc_server = None
+    require_port_free(args.host, args.port, "--port")
+    if args.grpc_port is not None:
+        require_port_free(args.host, args.grpc_port, "--grpc_port")
     try:
         if args.engine == ENGINE_FASTDEPLOY:
             fastdeploy_server, backend = _fastdeploy(args)
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_args(args)
         return serve(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:  # RuntimeError: FastDeploy missing, a port in use
-        print(f"paddle-llm serve: {err}", file=sys.stderr)
+        print(f"paddle-llm serve: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -139,8 +139,12 @@ def start_grpc_server(backend, metrics: ServingMetrics, host: str, port: int, ap
     generation_pb2_grpc.add_TextGenerationServicer_to_server(TextGenerationService(backend, metrics, api_key), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise RuntimeError(f"gRPC could not bind {host}:{port}; pick another --grpc_port")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio 1.62 raises "Failed to bind to address" where older releases returned 0
+        bound = 0
+    if bound == 0:
+        raise RuntimeError(f"--grpc_port {port}: gRPC could not bind {host}:{port}; pick another --grpc_port")
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -22,6 +22,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def require_port_free(host: str, port: int, flag: str) -> None:
+    """Fail before anything starts when ``host:port`` is taken: uvicorn would only log the bind error after the
+    model loaded, and grpcio raises its own message (and C-core log lines) instead of naming our flag.
+
+    Raises:
+        RuntimeError: naming ``flag``.
+    """
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT leftover is free
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise RuntimeError(f"{flag} {port}: {host}:{port} is not free ({err.strerror}); pick another {flag}") from None
+
+
 class ServerProcess:
     """``python -m paddle_llm serve ... --port P --grpc_port G`` with its output in a log file.
 

@@ -179,10 +179,10 @@ class DPOTrainer(LLMTrainer):
         if self.settings.sft_loss_ratio:
             summed = policy_chosen * chosen_tokens if self.settings.average_log_prob else policy_chosen
             loss = loss + self.settings.sft_loss_ratio * (-summed.sum() / chosen_tokens.sum())
-        self._accumulate("train" if model.training else "eval", chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        self._accumulate("train" if model.training else "eval", loss, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
         return (loss, {}) if return_outputs else loss  # no outputs to keep: evaluation reads only the loss
 
-    def _accumulate(self, split: str, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> None:
+    def _accumulate(self, split: str, loss, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected) -> None:
         values = {
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
@@ -194,7 +194,12 @@ class DPOTrainer(LLMTrainer):
         sums = self._sums[split]
         for name in METRICS:
             sums[name] = sums.get(name, 0.0) + values[name].detach().astype("float32").sum()
-        sums["pairs"] = sums.get("pairs", 0.0) + float(chosen_rewards.shape[0])
+        pairs = float(chosen_rewards.shape[0])
+        if split == "eval":
+            # PaddleNLP's evaluation loop repeats each batch's loss once per row (2 per pair) and then truncates to
+            # the dataset's length in pairs, so its eval_loss would cover only the first half of the dev set.
+            sums["loss"] = sums.get("loss", 0.0) + loss.detach().astype("float32") * pairs
+        sums["pairs"] = sums.get("pairs", 0.0) + pairs
 
     def _averaged(self, split: str) -> dict:
         """The metrics since the last log, averaged over every pair on every rank (all ranks log together)."""
@@ -202,17 +207,18 @@ class DPOTrainer(LLMTrainer):
         self._sums[split] = {}
         if not sums:
             return {}
-        totals = paddle.stack([paddle.to_tensor(sums[name], dtype="float32").reshape([]) for name in METRICS + ("pairs",)])
+        names = METRICS + (("loss",) if "loss" in sums else ())
+        totals = paddle.stack([paddle.to_tensor(sums[name], dtype="float32").reshape([]) for name in names + ("pairs",)])
         if paddle.distributed.get_world_size() > 1:
             paddle.distributed.all_reduce(totals)
         totals = totals.numpy()
         prefix = "eval_" if split == "eval" else ""
-        return {f"{prefix}{name}": round(float(total / totals[-1]), 6) for name, total in zip(METRICS, totals[:-1])}
+        return {f"{prefix}{name}": round(float(total / totals[-1]), 6) for name, total in zip(names, totals[:-1])}
 
     def log(self, logs: dict, **kwargs) -> None:
         # In place: evaluate() returns the dict it logs, so eval_results.json carries the rewards too.
         if "loss" in logs:
             logs.update(self._averaged("train"))
         elif "eval_loss" in logs:
-            logs.update(self._averaged("eval"))
+            logs.update(self._averaged("eval"))  # eval_loss too: the mean over every dev pair
         super().log(logs, **kwargs)

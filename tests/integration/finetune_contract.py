@@ -55,8 +55,8 @@ def reload(method, family, model_dir, output_dir):
     source = resolve_model(model_dir)
     base = build_model(source, build_config(source), load_weights=True)
     if method == "lora":
-        return load_lora(base, output_dir)
-    return apply_prefix(base, family, num_prefix_tokens=0, prefix_path=output_dir)
+        return load_lora(base, output_dir, model_dir)
+    return apply_prefix(base, family, num_prefix_tokens=0, prefix_path=output_dir, base_path=model_dir)
 
 
 def run(family, model_dir, data_dir, output_root, method):

@@ -119,3 +119,50 @@ def test_bad_preference_line_is_one_error_naming_file_line_and_field(tmp_path):
     assert result.returncode == 2
     assert f"paddle-llm dpo: error: {data}:2: field 'sort': both responses rank 2; give the chosen one the higher number" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+ALL_PAIRS_LOSS = """
+import sys, json
+import numpy as np, paddle
+from paddle_llm.models.registry import resolve_model, build_config, build_model, load_tokenizer
+from paddle_llm.data.sft import family_layout
+from paddle_llm.data.preference import PreferenceCollator, PreferenceLimits, build_preference_split
+model_dir, dev_path, beta = sys.argv[1], sys.argv[2], float(sys.argv[3])
+source = resolve_model(model_dir)
+model = build_model(source, build_config(source), load_weights=True)
+model.eval()
+tokenizer = load_tokenizer(model_dir, source.family)
+layout = family_layout(source.family, tokenizer)
+pairs = build_preference_split(dev_path, layout, tokenizer, PreferenceLimits(128, 96)).dataset
+collate = PreferenceCollator(layout)
+def log_prob(logits, labels):  # numpy: sum over labelled positions of log softmax at the label
+    logits = logits - logits.max(-1, keepdims=True)
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    mask = labels != -100
+    picked = np.take_along_axis(log_softmax, np.where(mask, labels, 0)[..., None], -1)[..., 0]
+    return (picked * mask).sum(-1)
+losses = []
+for index in range(len(pairs)):  # one pair at a time: no batching, no truncation
+    batch = collate([pairs[index]])
+    inputs = {k: paddle.to_tensor(v) for k, v in batch.items() if k != "labels"}
+    with paddle.no_grad():
+        out = model(**inputs)
+    logits = (out[0] if isinstance(out, (tuple, list)) else out.logits).astype("float32").numpy()
+    chosen, rejected = log_prob(logits, np.asarray(batch["labels"]))
+    losses.append(np.logaddexp(0.0, -beta * (chosen - rejected)))  # -log sigmoid(beta * margin), reference-free
+print(json.dumps({"pairs": len(losses), "mean": float(np.mean(losses)), "first_half": float(np.mean(losses[:len(losses) // 2]))}))
+"""
+
+
+@pytest.mark.slow
+def test_eval_loss_is_the_mean_over_every_dev_pair(tmp_path, saved_tiny_models):
+    # 100 dev pairs in batches of 16: 7 batches, the last one partial; PaddleNLP's loop kept the first 50 losses.
+    model = saved_tiny_models["llama"]
+    output_dir, _ = run_dpo(tmp_path, "eval_only", model_name_or_path=model, do_train=False, reference_free=True,
+                            per_device_eval_batch_size=16)
+    with open(os.path.join(output_dir, "eval_results.json")) as f:
+        reported = json.load(f)["eval_loss"]
+    expected = json.loads(run_script(["-c", ALL_PAIRS_LOSS, model, os.path.join(PREFERENCES, "dev.jsonl"), "0.1"]).stdout.splitlines()[-1])
+    assert expected["pairs"] == 100
+    assert abs(expected["mean"] - expected["first_half"]) > 1e-4, "the dev set no longer tells all pairs from the first half"
+    assert reported == pytest.approx(expected["mean"], abs=1e-5), (reported, expected)

@@ -183,7 +183,7 @@ def test_merge_lora_command_writes_a_model_equal_to_base_plus_adapter(saved_tiny
         "    source = resolve_model(path)\n"
         "    return source, build_model(source, build_config(source), load_weights=True)\n"
         "source, model = load(base)\n"
-        "reference = probe_logits(load_lora(model, adapter), source.family, 1024)\n"
+        "reference = probe_logits(load_lora(model, adapter, base), source.family, 1024)\n"
         "_, plain = load(merged)\n"
         "print('DIFF', float(np.abs(probe_logits(plain, source.family, 1024) - reference).max()))\n"
     )

@@ -133,7 +133,7 @@ def test_lora_merged_hf_export_equals_base_plus_adapter(lora_run, tmp_path):
     run_script(["-m", "paddle_llm", "export", "--format", "hf", "--model_name_or_path", fixture_dir(name),
                 "--lora_path", adapter, "--output_path", out])
     ids = reference(name)["logits_input_ids"]
-    adapted = load_lora(load(fixture_dir(name)), adapter)
+    adapted = load_lora(load(fixture_dir(name)), adapter, fixture_dir(name))
     adapted.eval()
     with paddle.no_grad():
         expected = adapted(input_ids=paddle.to_tensor(ids), return_dict=True).logits.numpy()

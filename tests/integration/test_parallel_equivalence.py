@@ -196,7 +196,7 @@ def test_tensor_parallel_lora_matches_one_process_and_its_adapter_loads_on_one_d
         source = resolve_model({runs.models['llama']!r})
         adapters = []
         for path in ({single!r}, {parallel!r}):
-            lora = load_lora(build_model(source, build_config(source), load_weights=True), path)
+            lora = load_lora(build_model(source, build_config(source), load_weights=True), path, source.name_or_path)
             adapters.append({{k: v.numpy() for k, v in lora.state_dict().items() if "lora_" in k}})
         one, two = adapters
         assert sorted(one) == sorted(two) and len(one) > 0, (len(one), len(two))

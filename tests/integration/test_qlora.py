@@ -25,7 +25,7 @@ def load(path):
     source = resolve_model(path)
     return source, build_model(source, build_config(source), load_weights=True)
 source, model = load(base)
-quantized = load_lora(model, adapter)
+quantized = load_lora(model, adapter, base)
 reference = probe_logits(quantized, source.family, 1024)
 dequantize_lora_base(quantized)  # the same adapter on the float base it was loaded from, minus the quantization
 _, float_model = load(base)
