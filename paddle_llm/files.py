@@ -37,7 +37,8 @@ def _inside(path: str, directory: str) -> bool:
     return path.startswith(directory.rstrip(os.sep) + os.sep)
 
 
-def output_overlap(output_flag: str, output_path: str, inputs: Mapping[str, str | None], may_contain: tuple[str, ...] = ()) -> str | None:
+def output_overlap(output_flag: str, output_path: str, inputs: Mapping[str, str | tuple[str, ...] | None],
+                   may_contain: tuple[str, ...] = ()) -> str | None:
     """Why ``output_path`` may not be written given these inputs, or None.
 
     Paths are compared resolved (symlinks followed), and inputs that are not on disk (a preset name, an unset flag)
@@ -45,12 +46,13 @@ def output_overlap(output_flag: str, output_path: str, inputs: Mapping[str, str 
 
     Args:
         output_flag: the output's flag as the user typed it, e.g. ``--output_dir``.
-        inputs: flag -> input path, e.g. ``{"--model_name_or_path": "out/base"}``.
+        inputs: flag -> input path (or paths), e.g. ``{"--model_name_or_path": "out/base"}``.
         may_contain: input flags the output may hold (a training run resumes a checkpoint inside its own
             ``output_dir``); they are still refused when the output equals them or sits inside them.
     """
     output = _real(output_path)
-    for flag, path in inputs.items():
+    pairs = [(flag, path) for flag, paths in inputs.items() for path in ((paths,) if isinstance(paths, str) else paths or ())]
+    for flag, path in pairs:
         if not path or not os.path.exists(path):
             continue
         source = _real(path)
@@ -87,16 +89,19 @@ def write_marker(directory: str, command: str) -> None:
 def existing_output_refusal(output_flag: str, output_path: str, command: str, overwrite_flag: str, overwrite: bool) -> str | None:
     """Why ``output_path`` may not be replaced by ``paddle-llm <command>``, or None.
 
-    A missing or empty directory, or one a previous run of ``command`` marked, may be replaced; any other directory
-    only with ``overwrite_flag``. A file is never replaced by a directory.
+    A missing or empty directory (a lock file aside), or one a previous run of ``command`` marked, may be replaced;
+    any other directory only with ``overwrite_flag``. A file is never replaced by a directory.
     """
     if os.path.isfile(output_path) or (os.path.exists(output_path) and not os.path.isdir(output_path)):
         return f"{output_flag} {output_path} is a file, not a directory: pick a directory path"
-    if not os.path.isdir(output_path) or not os.listdir(output_path) or overwrite or written_by(output_path) == command:
+    if not os.path.isdir(output_path) or overwrite or written_by(output_path) == command:
+        return None
+    others = sorted(set(os.listdir(output_path)) - {LOCK_FILE})
+    if not others:
         return None
     return (
-        f"{output_flag} {output_path} already holds files paddle-llm {command} did not write: pick a new directory, "
-        f"or pass {overwrite_flag} to replace it (everything in it is deleted)"
+        f"{output_flag} {output_path} already holds files paddle-llm {command} did not write ({', '.join(others[:3])}"
+        f"{', ...' if len(others) > 3 else ''}): pick a new directory, or pass {overwrite_flag} if they may be replaced"
     )
 
 
