@@ -41,8 +41,8 @@ def output_overlap(output_flag: str, output_path: str, inputs: Mapping[str, str 
                    may_contain: tuple[str, ...] = ()) -> str | None:
     """Why ``output_path`` may not be written given these inputs, or None.
 
-    Paths are compared resolved (symlinks followed), and inputs that are not on disk (a preset name, an unset flag)
-    are skipped.
+    Paths are compared resolved (symlinks followed). An input that is not on disk (a preset name) is only refused as
+    the output itself.
 
     Args:
         output_flag: the output's flag as the user typed it, e.g. ``--output_dir``.
@@ -53,11 +53,13 @@ def output_overlap(output_flag: str, output_path: str, inputs: Mapping[str, str 
     output = _real(output_path)
     pairs = [(flag, path) for flag, paths in inputs.items() for path in ((paths,) if isinstance(paths, str) else paths or ())]
     for flag, path in pairs:
-        if not path or not os.path.exists(path):
+        if not path:
             continue
         source = _real(path)
         if output == source:
             relation = "is"
+        elif not os.path.exists(path):
+            continue
         elif _inside(source, output) and flag not in may_contain:
             relation = "contains"
         elif _inside(output, source):
