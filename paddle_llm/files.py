@@ -245,8 +245,8 @@ class OutputLock:
         self.held = False
         atexit.unregister(self.release)
         for signum, handler in self._previous_handlers.items():
-            if signal.getsignal(signum) == self._on_signal:
-                signal.signal(signum, handler)
+            if signal.getsignal(signum) == self._on_signal:  # None: a handler set outside Python, not restorable
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         self._previous_handlers.clear()
         try:
             if self._holder().get("pid") == os.getpid():
