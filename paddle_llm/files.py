@@ -94,7 +94,7 @@ def existing_output_refusal(output_flag: str, output_path: str, command: str, ov
     A missing or empty directory (a lock file aside), or one a previous run of ``command`` marked, may be replaced;
     any other directory only with ``overwrite_flag``. A file is never replaced by a directory.
     """
-    if os.path.isfile(output_path) or (os.path.exists(output_path) and not os.path.isdir(output_path)):
+    if os.path.exists(output_path) and not os.path.isdir(output_path):
         return f"{output_flag} {output_path} is a file, not a directory: pick a directory path"
     if not os.path.isdir(output_path) or overwrite or written_by(output_path) == command:
         return None

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from paddle_llm.files import LOCK_FILE, OUTPUT_MARKER, OutputLock, OutputPathError
-from tests.conftest import DEMO_CORPUS, ROOT, subprocess_env
+from tests.conftest import DEMO_CORPUS, ROOT, RUN_PRETRAIN, run_script, subprocess_env
 
 HF_LLAMA = os.path.join(ROOT, "tests", "assets", "hf", "llama3")
 INSTRUCTIONS = os.path.join(ROOT, "paddle_llm", "assets", "instructions")
@@ -265,6 +265,21 @@ def test_pretraining_into_the_data_directory_is_refused(tmp_path, capsys):
     assert f"--output_dir {data} contains the input --input_dir {data / 'corpus.bin'}" in capsys.readouterr().err
 
 
+def test_a_run_resumes_a_checkpoint_inside_its_output_dir_but_never_writes_inside_one(tmp_path, capsys):
+    from paddle_llm.recipes import pretrain
+
+    output = tmp_path / "out"
+    checkpoint = output / "checkpoint-8"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "paddle_llm_complete.json").write_text(json.dumps({"step": 8}))
+    flags = ["--model_name_or_path", "tiny-llama", "--input_dir", DEMO_CORPUS, "--device", "cpu", "--max_steps", "9",
+             "--do_train", "--resume_from_checkpoint", str(checkpoint)]
+    pretrain.setup(flags + ["--output_dir", str(output)])  # the usual resume: accepted
+    with Unchanged(tmp_path):
+        assert pretrain.RECIPE.main(flags + ["--output_dir", str(checkpoint / "next")]) == 2
+    assert f"--output_dir {checkpoint / 'next'} is inside the input --resume_from_checkpoint {checkpoint}" in capsys.readouterr().err
+
+
 def test_check_runs_the_same_refusal_before_a_launch(tmp_path, capsys):
     from paddle_llm.tools import check
 
@@ -370,6 +385,23 @@ def test_only_rank_zero_takes_the_lock(tmp_path, monkeypatch):
         setup(finetune_flags("tiny-llama", str(output)))  # nor does its validation object to rank 0's lock and marker
     finally:
         held.release()
+
+
+@pytest.mark.slow
+def test_a_two_process_launch_locks_on_rank_zero_only_and_releases_at_the_end(demo_data, tmp_path):
+    """Real ``paddle.distributed.launch``: rank 1 validates and trains beside rank 0's lock and marker, the lock is
+    gone when the run ends, and the same command then resumes the run it marked instead of refusing it."""
+    output = tmp_path / "out"
+    command = ["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "log"), RUN_PRETRAIN,
+               "--model_name_or_path", "tiny-llama", "--input_dir", demo_data, "--output_dir", str(output), "--device", "cpu",
+               "--max_steps", "2", "--save_steps", "2", "--max_seq_length", "64", "--per_device_train_batch_size", "2",
+               "--do_train", "--report_to", "none", "--disable_tqdm", "1"]
+    run_script(command, PYTHONPATH=ROOT)
+    assert not (output / LOCK_FILE).exists()
+    assert json.loads((output / OUTPUT_MARKER).read_text())["command"] == "pretrain"
+    run_script(command + ["--max_steps", "3", "--save_steps", "3"], PYTHONPATH=ROOT)
+    assert f"resuming from {output / 'checkpoint-2'}" in (tmp_path / "log" / "workerlog.0").read_text()
+    assert not (output / LOCK_FILE).exists()
 
 
 # -- doctor --------------------------------------------------------------------------------------------------------
