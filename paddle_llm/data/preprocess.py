@@ -22,6 +22,7 @@ from tqdm import tqdm
 from paddle_llm.console import configure_output
 from paddle_llm.data.indexed import IndexedDatasetWriter, token_dtype
 from paddle_llm.data.jsonl import DataError, numbered_lines
+from paddle_llm.files import OutputPathError, output_overlap
 from paddle_llm.models.registry import load_tokenizer
 
 LINES_PER_TASK = 256
@@ -118,8 +119,10 @@ def preprocess(
     append_eos: bool = False,
     workers: int = 1,
     show_progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Tokenize ``input_path`` (a jsonl file, or a directory of them) into ``output_prefix.bin/.idx``.
+    """Tokenize ``input_path`` (a jsonl file, or a directory of them) into ``output_prefix.bin/.idx``; existing ones
+    are replaced only with ``overwrite``.
 
     Returns:
         A summary with documents, tokens, seconds, docs/s and tokens/s.
@@ -127,7 +130,10 @@ def preprocess(
     Raises:
         DataError: missing or empty input, text that is not UTF-8, malformed JSON, a missing or non-string field
             (file and line named).
+        OutputPathError: an output file is an input or sits inside the tokenizer directory, or exists already
+            without ``overwrite``.
     """
+    check_output_prefix(output_prefix, input_path, tokenizer_name_or_path, overwrite)
     paths = input_files(input_path)
     vocab_size = len(load_tokenizer(tokenizer_name_or_path))
     writer = IndexedDatasetWriter(output_prefix, token_dtype(vocab_size))
@@ -157,6 +163,18 @@ def preprocess(
         "tokens_per_second": round(tokens / seconds, 1),
         "output_prefix": output_prefix,
     }
+
+
+def check_output_prefix(output_prefix: str, input_path: str, tokenizer_name_or_path: str, overwrite: bool) -> None:
+    """Raises: OutputPathError: ``OUTPUT_PREFIX.bin/.idx`` would overwrite an input, or a file we may not replace."""
+    inputs = {"--input_path": input_path, "--tokenizer_name_or_path": tokenizer_name_or_path}
+    for output in (output_prefix + ".bin", output_prefix + ".idx"):
+        refusal = output_overlap("--output_prefix", output, inputs)
+        if refusal:
+            raise OutputPathError(refusal)
+        if os.path.exists(output) and not overwrite:
+            raise OutputPathError(f"--output_prefix {output_prefix}: {output} exists already: pick a new "
+                                  "--output_prefix, or pass --overwrite to replace it")
 
 
 def _encode_in_pool(paths: list[str], workers: int, initargs: tuple, writer: IndexedDatasetWriter, progress) -> int | None:
@@ -245,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_format", default="JSON", choices=["JSON"], help="only JSON lines are supported")
     parser.add_argument("--data_impl", default="mmap", choices=["mmap"], help="only the mmap format is written")
     parser.add_argument("--disable_tqdm", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT_PREFIX.bin/.idx "
+                        "(never an input: those are refused anyway)")
     return parser
 
 
@@ -259,8 +279,9 @@ def main(argv: list[str]) -> int:
             append_eos=args.append_eos,
             workers=max(1, args.workers),
             show_progress=not args.disable_tqdm,
+            overwrite=args.overwrite,
         )
-    except (DataError, FileNotFoundError, RuntimeError) as err:
+    except (DataError, OutputPathError, FileNotFoundError, RuntimeError) as err:
         print(f"paddle-llm preprocess: error: {err}", file=sys.stderr)
         return 1
     print(json.dumps(summary))

@@ -17,7 +17,7 @@ import sys
 import sentencepiece as spm
 
 from paddle_llm.data.jsonl import DataError, iter_jsonl_texts
-from paddle_llm.files import replace_directory_atomically
+from paddle_llm.files import check_output_directory, replace_directory_atomically
 from paddle_llm.models.registry import FAMILIES, tokenizer_model_files
 
 # id order is fixed: <unk>=0 <s>=1 </s>=2 <pad>=3, then the user-defined symbols from id 4.
@@ -32,6 +32,8 @@ DEFAULT_CHARACTER_COVERAGE = 0.9995
 MIN_CHARACTER_COVERAGE = 0.98  # SentencePiece's own lower bound
 # SentencePiece refuses a vocabulary with fewer pieces than the characters it must cover, plus its meta pieces;
 # "A vs B" in its message is the asked size vs that minimum.
+TOKENIZER_COMMAND = "tokenizer train"  # the marker its output directories carry
+
 REQUIRED_CHARS_ERROR = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
@@ -44,12 +46,14 @@ def train_tokenizer(
     model_type: str = "bpe",
     max_sentences: int = 2_000_000,
     character_coverage: float = DEFAULT_CHARACTER_COVERAGE,
+    overwrite: bool = False,
 ) -> dict:
     """Train SentencePiece on a jsonl file and write a tokenizer directory.
 
     Args:
         input_path: jsonl file; each line's ``json_key`` is one document.
-        output_dir: written atomically: a crash leaves either the old directory or the new one.
+        output_dir: written atomically: a crash leaves either the old directory or the new one. An existing
+            directory is replaced only if a previous ``tokenizer train`` wrote it, or with ``overwrite``.
         vocab_size: the number of pieces asked for. A corpus too small for it gets fewer (reported back).
         family: which tokenizer class ``AutoTokenizer`` should use (llama, chatglm, chatglm2); every class loads it.
         model_type: SentencePiece algorithm (bpe, like Llama's, or unigram).
@@ -61,6 +65,7 @@ def train_tokenizer(
 
     Raises:
         DataError: bad input lines (file and line named).
+        OutputPathError (a ValueError): ``output_dir`` overlaps ``input_path`` or holds someone else's files.
         ValueError: an unknown family, a coverage outside [0.98, 1], or a vocabulary too small for the special pieces
             or for the characters the coverage needs (the message gives the smallest --vocab_size that works).
     """
@@ -71,6 +76,7 @@ def train_tokenizer(
         raise ValueError(f"--vocab_size {vocab_size} is too small: byte fallback and special pieces take {reserved}")
     if not MIN_CHARACTER_COVERAGE <= character_coverage <= 1:
         raise ValueError(f"--character_coverage {character_coverage} must be between {MIN_CHARACTER_COVERAGE} and 1.0 (SentencePiece's range)")
+    check_output_directory("--output", output_dir, {"--input": input_path}, TOKENIZER_COMMAND, overwrite=overwrite)
     documents = [text for _, text in iter_jsonl_texts(input_path, json_key)]
     model_bytes = io.BytesIO()
     try:
@@ -116,11 +122,11 @@ def train_tokenizer(
         "num_image_tokens": 0,
         "model_max_length": 4096,
     }
-    _write_directory_atomically(output_dir, model_bytes.getvalue(), tokenizer_config)
+    _write_directory_atomically(output_dir, model_bytes.getvalue(), tokenizer_config, overwrite)
     return {"vocab_size": processor.get_piece_size(), "documents": len(documents), "output_dir": output_dir}
 
 
-def _write_directory_atomically(output_dir: str, model_bytes: bytes, tokenizer_config: dict) -> None:
+def _write_directory_atomically(output_dir: str, model_bytes: bytes, tokenizer_config: dict, overwrite: bool) -> None:
     def write(staging: str) -> None:
         for file_name in tokenizer_model_files():
             with open(os.path.join(staging, file_name), "wb") as f:
@@ -128,7 +134,7 @@ def _write_directory_atomically(output_dir: str, model_bytes: bytes, tokenizer_c
         with open(os.path.join(staging, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(tokenizer_config, f, indent=2)
 
-    replace_directory_atomically(output_dir, write, prefix=".tokenizer-")
+    replace_directory_atomically(output_dir, write, TOKENIZER_COMMAND, prefix=".tokenizer-", overwrite=overwrite, output_flag="--output")
 
 
 def main(argv: list[str]) -> int:
@@ -144,7 +150,10 @@ def main(argv: list[str]) -> int:
     )
     train.add_argument("--input", required=True, help="jsonl file, one document per line")
     train.add_argument("--vocab_size", type=int, required=True, help="pieces to learn (a small corpus may give fewer)")
-    train.add_argument("--output", required=True, help="tokenizer directory to write (replaced atomically)")
+    train.add_argument("--output", required=True, help="tokenizer directory to write (replaced atomically); it must not "
+                       "hold --input, and an existing one is replaced only if `tokenizer train` wrote it")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --output directory that "
+                       "`tokenizer train` did not write (everything in it is deleted)")
     train.add_argument("--json_key", default="text", help="the field holding each document (default: text)")
     train.add_argument("--family", default="llama", choices=sorted(SENTENCEPIECE_FAMILIES), help="AutoTokenizer class to record (default: llama)")
     train.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"], help="SentencePiece algorithm (default: bpe)")
@@ -160,7 +169,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         summary = train_tokenizer(
-            args.input, args.output, args.vocab_size, args.json_key, args.family, args.model_type, character_coverage=args.character_coverage
+            args.input, args.output, args.vocab_size, args.json_key, args.family, args.model_type,
+            character_coverage=args.character_coverage, overwrite=args.overwrite,
         )
     except (DataError, ValueError) as err:
         print(f"paddle-llm tokenizer: error: {err}", file=sys.stderr)

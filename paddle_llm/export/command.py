@@ -28,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint layout, and check the graph decodes exactly like the checkpoint.",
     )
     parser.add_argument("--model_name_or_path", help="checkpoint directory (config.json + weights + tokenizer)")
-    parser.add_argument("--output_path", help="export directory to write (replaced atomically)")
+    parser.add_argument("--output_path", help="export directory to write (replaced atomically); it must not hold or sit "
+                        "inside an input, and an existing one is replaced only if export wrote it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output_path that export did not write (everything in it is deleted)")
     parser.add_argument("--lora_path", help="LoRA adapter directory; merged into the weights before export")
     parser.add_argument("--prefix_path", help="prefix-tuning directory; exported as a ready-made past")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter and cache dtype")
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             lora_path=args.lora_path,
             prefix_path=args.prefix_path,
             max_shard_bytes=args.max_shard_size,
+            overwrite=args.overwrite,
         )
         export_checkpoint(request, log=log)
         if args.skip_check or args.format in (FORMAT_FASTDEPLOY, FORMAT_HF):

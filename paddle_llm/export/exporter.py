@@ -16,6 +16,9 @@
 
 ``--format hf`` directory: what transformers' ``save_pretrained`` writes (see
 ``paddle_llm.models.hf_checkpoint.save_hf_directory``), nothing else.
+
+Every format also holds ``.paddle_llm_output.json`` (``paddle_llm.files.OUTPUT_MARKER``): export wrote it, so a
+later export may replace it.
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ from paddle_llm.inference.manifest import (
     ExportManifest,
     program_needs,
 )
-from paddle_llm.files import replace_directory_atomically
+from paddle_llm.files import check_output_directory, replace_directory_atomically
 from paddle_llm.models.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, save_hf_directory
 from paddle_llm.models.registry import ModelFamily, resolve_model
 
+EXPORT_COMMAND = "export"  # the marker its output directories carry
 DEFAULT_GENERATION = {"max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
@@ -58,6 +62,7 @@ class ExportRequest:
     lora_path: str | None = None
     prefix_path: str | None = None
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES  # --format hf: safetensors shards of at most this size
+    overwrite: bool = False  # replace an existing output_path that export did not write
 
     def validate(self) -> None:
         """Raises: ValueError naming the flag to change."""
@@ -71,8 +76,8 @@ class ExportRequest:
             raise ValueError(f"--format {self.format} cannot carry a prefix (it holds plain weights); use --format paddle")
         if self.max_shard_bytes < 1:
             raise ValueError(f"--max_shard_size must be positive, got {self.max_shard_bytes} bytes")
-        if os.path.abspath(self.output_path) == os.path.abspath(self.model_name_or_path):
-            raise ValueError("--output_path must differ from --model_name_or_path: export writes a new directory")
+        inputs = {"--model_name_or_path": self.model_name_or_path, "--lora_path": self.lora_path, "--prefix_path": self.prefix_path}
+        check_output_directory("--output_path", self.output_path, inputs, EXPORT_COMMAND, overwrite=self.overwrite)
 
 
 def _eos_ids(config, generation: dict) -> list[int]:
@@ -180,7 +185,9 @@ def _export_hf(request: ExportRequest, source, log) -> None:
     replace_directory_atomically(
         request.output_path,
         lambda staging: save_hf_directory(model, source.family.hf, tokenizer, staging, generation, request.max_shard_bytes, request.dtype),
+        EXPORT_COMMAND,
         prefix=".export-",
+        overwrite=request.overwrite,
     )
     log(f"wrote {request.output_path} (Hugging Face layout, {request.dtype})")
 
@@ -256,6 +263,6 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest | Non
         _write_side_files(staging, config, tokenizer, generation)
         manifest.save(staging)
 
-    replace_directory_atomically(request.output_path, write, prefix=".export-")
+    replace_directory_atomically(request.output_path, write, EXPORT_COMMAND, prefix=".export-", overwrite=request.overwrite)
     log(f"wrote {request.output_path}")
     return manifest

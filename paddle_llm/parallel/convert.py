@@ -24,6 +24,10 @@ import sys
 
 from safetensors.numpy import load_file, save_file
 
+from paddle_llm.files import OutputPathError, check_output_directory, replace_directory_atomically
+
+CONVERT_COMMAND = "convert-checkpoint"  # the marker its output directories carry
+
 # index file -> prefix of its shard files (PaddleNLP's SAFE_*_INDEX_NAME names)
 SHARDED_KINDS = {
     "model.safetensors.index.json": "model",
@@ -87,34 +91,40 @@ def _merge_kind(source: str, destination: str, index_name: str, prefix: str) -> 
     return merged_name
 
 
-def merge_unified_checkpoint(source: str, destination: str) -> list[str]:
+def merge_unified_checkpoint(source: str, destination: str, overwrite: bool = False) -> list[str]:
     """Write ``source`` (a unified checkpoint) to ``destination`` with one safetensors file per kind.
 
     Args:
         source: a checkpoint directory saved with ``--unified_checkpoint 1`` by any layout.
-        destination: a new directory (created); must differ from ``source``.
+        destination: a new directory (written atomically); it must not overlap ``source``, and an existing one is
+            replaced only if convert-checkpoint wrote it, or with ``overwrite``.
 
     Returns:
         The merged files written, e.g. ``["model-00001-of-00001.safetensors", ...]``.
 
     Raises:
         ConversionError: ``source`` has no unified-checkpoint index, a shard is missing, or shards overlap.
+        OutputPathError: ``destination`` overlaps ``source`` or holds files convert-checkpoint did not write.
     """
-    if os.path.abspath(source) == os.path.abspath(destination):
-        raise ConversionError("--output_dir must differ from the checkpoint directory: the shards are read while writing")
+    check_output_directory("--output_dir", destination, {"CHECKPOINT": source}, CONVERT_COMMAND, overwrite=overwrite)
     kinds = {name: prefix for name, prefix in SHARDED_KINDS.items() if os.path.isfile(os.path.join(source, name))}
     if not kinds:
         raise ConversionError(
             f"{source} has no {' / '.join(SHARDED_KINDS)}: it is not a unified checkpoint (save with --unified_checkpoint 1)"
         )
-    os.makedirs(destination, exist_ok=True)
     merged_away = {name for files in shard_files(source).values() for name in files} | set(kinds)
-    written = [_merge_kind(source, destination, index_name, prefix) for index_name, prefix in kinds.items()]
-    for name in os.listdir(source):
-        if name in merged_away:
-            continue
-        path = os.path.join(source, name)
-        (shutil.copytree if os.path.isdir(path) else shutil.copy2)(path, os.path.join(destination, name))
+    written = []
+
+    def write(staging: str) -> None:
+        written.extend(_merge_kind(source, staging, index_name, prefix) for index_name, prefix in kinds.items())
+        for name in os.listdir(source):
+            if name in merged_away:
+                continue
+            path = os.path.join(source, name)
+            (shutil.copytree if os.path.isdir(path) else shutil.copy2)(path, os.path.join(staging, name))
+
+    replace_directory_atomically(destination, write, CONVERT_COMMAND, prefix=".convert-", overwrite=overwrite,
+                                 output_flag="--output_dir")
     return written
 
 
@@ -124,12 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         description="Merge a unified checkpoint saved by several ranks into one file per kind, so one device loads it.",
     )
     parser.add_argument("checkpoint", help="a checkpoint directory saved with --unified_checkpoint 1")
-    parser.add_argument("--output_dir", help="where to write the merged checkpoint (default: CHECKPOINT-single)")
+    parser.add_argument("--output_dir", help="where to write the merged checkpoint (default: CHECKPOINT-single); it must "
+                        "not hold or sit inside CHECKPOINT, and an existing one is replaced only if convert-checkpoint wrote it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output_dir that convert-checkpoint did not write (everything in it is deleted)")
     args = parser.parse_args(argv)
     destination = args.output_dir or args.checkpoint.rstrip("/") + "-single"
     try:
-        written = merge_unified_checkpoint(args.checkpoint, destination)
-    except (ConversionError, OSError) as err:
+        written = merge_unified_checkpoint(args.checkpoint, destination, args.overwrite)
+    except (ConversionError, OutputPathError, OSError) as err:
         print(f"paddle-llm convert-checkpoint: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {destination}: {', '.join(written)}; resume with --resume_from_checkpoint {destination}")

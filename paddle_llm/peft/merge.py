@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from paddle_llm.files import replace_directory_atomically
+from paddle_llm.files import check_output_directory, replace_directory_atomically
 from paddle_llm.models.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, parse_size, save_hf_directory
 from paddle_llm.models.registry import build_config, build_model, load_tokenizer, resolve_model
 from paddle_llm.peft.lora import load_lora, merge_lora
@@ -21,17 +21,19 @@ from paddle_llm.peft.quantize import recorded_quantization
 FORMATS = ("paddle", "hf")
 
 PROBE_LENGTH = 16
+MERGE_COMMAND = "merge-lora"  # the marker its output directories carry
 
 
-def save_model_atomically(model, tokenizer, output_path: str) -> None:
-    """Save ``model`` (and ``tokenizer``, if given) to ``output_path``, replacing it only once fully written."""
+def save_model_atomically(model, tokenizer, output_path: str, overwrite: bool = False) -> None:
+    """Save ``model`` (and ``tokenizer``, if given) to ``output_path``, replacing it only once fully written, and
+    only if ``merge-lora`` wrote it (or ``overwrite``)."""
 
     def write(staging: str) -> None:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
 
-    replace_directory_atomically(output_path, write, prefix=".merge-")
+    replace_directory_atomically(output_path, write, MERGE_COMMAND, prefix=".merge-", overwrite=overwrite)
 
 
 def probe_logits(model, family, vocab_size: int) -> np.ndarray:
@@ -62,7 +64,7 @@ def require_merge_changed_base(base_logits: np.ndarray, merged_logits: np.ndarra
 
 
 def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: str, output_format: str = "paddle",
-                          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> float:
+                          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> float:
     """Load base + adapter, merge, save; return the largest logit difference between the two on a probe sequence.
 
     A QLoRA adapter is compared against, and merged into, its quantized base (``load_lora`` quantizes it as the
@@ -71,12 +73,16 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
     Args:
         output_format: ``paddle`` (PaddleNLP's layout) or ``hf`` (a Hugging Face directory, sharded over
             ``max_shard_bytes``).
+        overwrite: replace an existing ``output_path`` that ``merge-lora`` did not write.
 
     Raises:
         FileNotFoundError: the base has no weights, or ``lora_path`` is not an adapter directory.
         ValueError: the adapter does not fit the base (``AdapterMismatchError``), or merging it changed nothing.
+        OutputPathError (a ValueError): ``output_path`` overlaps the base or the adapter, or holds other files.
     """
     source = resolve_model(model_name_or_path)
+    check_output_directory("--output_path", output_path, {"--model_name_or_path": source.directory, "--lora_path": lora_path},
+                           MERGE_COMMAND, overwrite=overwrite)
     if not source.has_weights:
         raise FileNotFoundError(f"--model_name_or_path {model_name_or_path!r} has no weights to merge into; pass the base model directory the adapter was trained on")
     if output_format == "hf" and source.family.hf is None:
@@ -100,9 +106,9 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
         ids = {name: getattr(merged.config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
         replace_directory_atomically(
             output_path, lambda staging: save_hf_directory(merged, source.family.hf, tokenizer, staging, ids, max_shard_bytes),
-            prefix=".merge-")
+            MERGE_COMMAND, prefix=".merge-", overwrite=overwrite)
     else:
-        save_model_atomically(merged, tokenizer, output_path)
+        save_model_atomically(merged, tokenizer, output_path, overwrite)
     return difference
 
 
@@ -114,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model_name_or_path", required=True, help="the base model directory (config.json + weights)")
     parser.add_argument("--lora_path", required=True, help="the adapter directory a LoRA run saved (lora_config.json)")
-    parser.add_argument("--output_path", required=True, help="where the merged model goes (replaced atomically)")
+    parser.add_argument("--output_path", required=True, help="where the merged model goes (replaced atomically); it must "
+                        "not hold or sit inside the base or the adapter, and an existing one is replaced only if merge-lora wrote it")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output_path that merge-lora did not write (everything in it is deleted)")
     parser.add_argument("--device", default="cpu", help="device to merge on (default: cpu; merging is cheap)")
     parser.add_argument("--format", default="paddle", choices=FORMATS,
                         help="paddle: PaddleNLP's layout; hf: a Hugging Face directory (as `export --format hf`)")
@@ -125,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
     paddle.set_device(args.device)
     try:
-        difference = merge_lora_checkpoint(args.model_name_or_path, args.lora_path, args.output_path, args.format, args.max_shard_size)
-    except (FileNotFoundError, ValueError) as err:
+        difference = merge_lora_checkpoint(args.model_name_or_path, args.lora_path, args.output_path, args.format, args.max_shard_size,
+                                           args.overwrite)
+    except (FileNotFoundError, ValueError) as err:  # OutputPathError is a ValueError
         print(f"paddle-llm merge-lora: error: {err}", file=sys.stderr)
         return 2
     spec = recorded_quantization(args.lora_path)

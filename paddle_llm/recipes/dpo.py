@@ -38,6 +38,7 @@ from paddle_llm.recipes.spine import (
     start,
     train_save_evaluate,
     warn,
+    output_dir_errors,
 )
 
 MAX_SKIPPED_SHOWN = 5
@@ -176,7 +177,7 @@ def setup(argv: list[str]) -> RecipeSetup:
     parsed = parse_flags(argv, _dataclass_types())
     values = parsed.as_dict()
     source = resolve_source(values)
-    errors = check_model_and_runtime(values, parsed.explicit, source) + check_dpo(values)
+    errors = check_model_and_runtime(values, parsed.explicit, source) + output_dir_errors(values, "dpo") + check_dpo(values)
     if errors:
         raise ArgumentError("\n".join(errors))
     warnings = adjust_like_run_dpo(values)

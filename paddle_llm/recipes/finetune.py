@@ -37,6 +37,7 @@ from paddle_llm.recipes.spine import (
     train_save_evaluate,
     warn,
     world_size,
+    output_dir_errors,
 )
 
 TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
@@ -128,7 +129,7 @@ def setup(argv: list[str]) -> RecipeSetup:
     parsed = parse_flags(argv, _dataclass_types())
     values = parsed.as_dict()
     source = resolve_source(values)
-    errors = check_model_and_runtime(values, parsed.explicit, source)
+    errors = check_model_and_runtime(values, parsed.explicit, source) + output_dir_errors(values, "finetune")
     errors += check_finetune(values, world_size())
     errors += check_dataset_files(values)
     errors += check_quantization(values, source.config_fields)

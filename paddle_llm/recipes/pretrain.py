@@ -24,6 +24,7 @@ from paddle_llm.recipes.spine import (
     Recipe,
     start,
     train_save_evaluate,
+    output_dir_errors,
 )
 
 HELP_USAGE = """usage: run_pretrain.py [ARGS.json] --flag value ...   (or: paddle-llm pretrain ...)
@@ -53,7 +54,7 @@ def setup(argv: list[str]) -> RecipeSetup:
     parsed = parse_flags(argv, _dataclass_types())
     values = parsed.as_dict()
     source = resolve_source(values)
-    errors = check_model_and_runtime(values, parsed.explicit, source)
+    errors = check_model_and_runtime(values, parsed.explicit, source) + output_dir_errors(values, "pretrain")
     errors += check_split(values["split"])
     if values.get("continue_training") and not source.has_weights:
         errors.append(f"--continue_training needs weights, but {values['model_name_or_path']} has none: pass a directory saved by a previous run")

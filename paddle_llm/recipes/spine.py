@@ -28,6 +28,7 @@ from paddle_llm.estimator.flags import setup_from_flags
 from paddle_llm.estimator.memory import shape_of
 from paddle_llm.estimator.planner import startup_report
 from paddle_llm.cpu import kernels as cpu_kernels
+from paddle_llm.files import OutputLock, OutputPathError, existing_output_refusal, output_overlap, write_marker
 from paddle_llm.models.hf_checkpoint import CheckpointError
 from paddle_llm.models.registry import ModelFamily, ModelSource, build_config, build_model, hf_split_errors, load_tokenizer, resolve_model
 from paddle_llm.peft.lora import apply_lora, load_lora
@@ -91,6 +92,56 @@ def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSo
     errors += hf_split_errors(source, dict(values))
     errors += check_training(values)
     return errors
+
+
+# The flags whose paths a training run reads: its --output_dir may not equal, hold or sit inside any of them, except
+# that a run resumes checkpoints inside its own output directory.
+TRAINING_INPUT_FLAGS = ("model_name_or_path", "tokenizer_name_or_path", "input_dir", "dataset_name_or_path",
+                        "train_dataset_path", "dev_dataset_path", "lora_path", "prefix_path", "resume_from_checkpoint")
+
+
+def _input_paths(flag: str, value) -> tuple[str, ...]:
+    """The paths on disk a flag's value names: ``--input_dir`` is a directory, a prefix (its .bin and .idx) or a
+    blend ``weight prefix weight prefix ...``."""
+    if not value:
+        return ()
+    if flag != "input_dir":
+        return (str(value),)
+    words = str(value).split()
+    prefixes = words[1::2] if len(words) > 1 else words
+    return tuple(path for prefix in prefixes for path in ((prefix,) if os.path.isdir(prefix) else (prefix + ".bin", prefix + ".idx")))
+
+
+def output_dir_errors(values: Mapping, command: str) -> list[str]:
+    """``--output_dir`` must not overlap an input (even with ``--overwrite_output_dir``: full fine-tuning into the
+    model's directory would overwrite the base weights), and may hold only an earlier run of ``command`` (which this
+    run resumes) unless ``--overwrite_output_dir``."""
+    output_dir = values.get("output_dir")
+    if not output_dir:
+        return []
+    inputs = {f"--{flag}": _input_paths(flag, values.get(flag)) for flag in TRAINING_INPUT_FLAGS}
+    refusal = output_overlap("--output_dir", output_dir, inputs, may_contain=("--resume_from_checkpoint",))
+    if refusal is None and not (os.path.isdir(output_dir) and latest_complete_checkpoint(output_dir)):  # a checkpoint of
+        # ours from before output directories were marked
+        refusal = existing_output_refusal("--output_dir", output_dir, command, "--overwrite_output_dir",
+                                          bool(values.get("overwrite_output_dir")))
+    return [refusal] if refusal else []
+
+
+def hold_output_dir(plan: RecipeSetup, command: str) -> OutputLock | None:
+    """On rank 0 (the only rank that does), lock ``--output_dir`` against a second run and mark it as ``command``'s,
+    before anything is written there.
+
+    Raises:
+        OutputPathError: another live run holds it (its pid, host and start time named).
+    """
+    output_dir = plan.parsed.as_dict().get("output_dir")
+    if not output_dir or os.environ.get("PADDLE_TRAINER_ID", "0") != "0":
+        return None
+    lock = OutputLock(output_dir)
+    lock.acquire(warn)
+    write_marker(output_dir, command)
+    return lock
 
 
 def random_base_warning(source: ModelSource, doing: str = "fine-tunes") -> str:
@@ -391,10 +442,18 @@ def run_recipe(argv: list[str], recipe: Recipe) -> int:
     if recipe.announce is not None:
         recipe.announce(plan)
     try:
+        lock = hold_output_dir(plan, recipe.name)
+    except OutputPathError as err:
+        print(f"{program}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
         exit_code = recipe.fit(plan)
     except (DataError, CheckpointError, FileNotFoundError, ArgumentError) as err:
         print(f"{program}: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except NumericalHealthError as err:
         return print_health_error(err, program)
+    finally:
+        if lock is not None:
+            lock.release()
     return end_launched_run(exit_code)

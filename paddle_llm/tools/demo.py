@@ -82,7 +82,8 @@ def greedy_sample(model_dir: str, prompt: str, max_new_tokens: int = 40) -> str:
 def pretrain_stage(output_dir: str, max_steps: int, show_progress: bool) -> dict:
     _banner("1/4 preprocess the shipped corpus")
     data_prefix = os.path.join(output_dir, "data", "demo_corpus")
-    summary = preprocess(DEMO_CORPUS, data_prefix, "tiny-llama", append_eos=True, show_progress=show_progress)
+    summary = preprocess(DEMO_CORPUS, data_prefix, "tiny-llama", append_eos=True, show_progress=show_progress,
+                         overwrite=True)  # the demo's own output directory, rerun by `make demo`
     print(json.dumps(summary))
 
     _banner(f"2/4 pretrain tiny-llama for {max_steps} steps on CPU")

@@ -19,7 +19,7 @@ What is checked, and why:
 * flash attention: its kernels need Ampere (compute capability 8.0) or newer; on older GPUs the loss falls to
   0.00x within a few steps instead of failing (reported by users of PaddleNLP's llama scripts on V100/T4).
 * fused ops (``--use_fused_rms_norm``, ``--use_fused_rope``): CUDA-only kernels.
-* free disk in ``--output_dir`` against the checkpoints the run will write, and RAM (and GPU memory) against the
+* ``--output_dir`` can be written (not a file, not read-only), and its free disk against the checkpoints the run will write, and RAM (and GPU memory) against the
   memory estimator's figure for the plan.
 
 Exit code 0 when nothing blocks training (warnings allowed), 1 when a check failed.
@@ -36,6 +36,7 @@ import platform
 import re
 import shutil
 import sys
+import tempfile
 import tomllib
 from dataclasses import asdict, dataclass, replace
 from importlib.resources import files
@@ -148,6 +149,7 @@ class EnvironmentFacts:
         paddle: what Paddle reports.
         output_dir: the directory checked for free space.
         free_disk_bytes: free bytes there (at its nearest existing parent), or None.
+        output_dir_problem: why a run could not write ``output_dir`` (a file, read-only), or None.
         total_ram_bytes, available_ram_bytes: host memory, limited by the container's cgroup when it has one.
     """
 
@@ -167,6 +169,7 @@ class EnvironmentFacts:
     free_disk_bytes: int | None
     total_ram_bytes: int | None
     available_ram_bytes: int | None
+    output_dir_problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -477,6 +480,13 @@ def checkpoint_bytes(estimate: MemoryEstimate) -> int:
     return per_rank * estimate.setup.world_size
 
 
+def check_output_dir(facts: EnvironmentFacts, plan: TrainingPlan) -> CheckResult:
+    if facts.output_dir_problem:
+        return CheckResult("output dir", Status.FAIL, facts.output_dir_problem,
+                           "pass an --output_dir you can write to (a new directory on a writable disk)")
+    return CheckResult("output dir", Status.OK, f"{facts.output_dir}: writable")
+
+
 def check_disk(facts: EnvironmentFacts, plan: TrainingPlan) -> CheckResult:
     if facts.free_disk_bytes is None:
         return CheckResult("disk", Status.SKIP, f"{facts.output_dir}: free space unknown")
@@ -542,6 +552,7 @@ CHECKS = (
     check_nccl,
     check_flash_attention,
     check_fused_ops,
+    check_output_dir,
     check_disk,
     check_ram,
     check_gpu_memory,
@@ -662,10 +673,31 @@ def _memory() -> tuple[int | None, int | None]:
     return total, available
 
 
-def _free_disk(path: str) -> int | None:
+def _nearest_existing(path: str) -> str:
     directory = os.path.abspath(path)
     while not os.path.exists(directory) and os.path.dirname(directory) != directory:
         directory = os.path.dirname(directory)
+    return directory
+
+
+def _output_dir_problem(path: str) -> str | None:
+    """Why a run could not write ``path``: it is a file, or it (or the nearest parent it would be made in) does not
+    take a new file. A real file is written, since permission bits do not stop root but a read-only mount does."""
+    directory = _nearest_existing(path)
+    if not os.path.isdir(directory):
+        return f"{directory} is a file, not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        return f"{directory} is not writable ({err.strerror or err})"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"{directory} is not writable (permissions)"
+    return None
+
+
+def _free_disk(path: str) -> int | None:
+    directory = _nearest_existing(path)
     try:
         return shutil.disk_usage(directory).free
     except OSError:
@@ -762,6 +794,7 @@ def gather_facts(output_dir: str) -> EnvironmentFacts:
         free_disk_bytes=_free_disk(output_dir),
         total_ram_bytes=total_ram,
         available_ram_bytes=available_ram,
+        output_dir_problem=_output_dir_problem(output_dir),
     )
 
 
@@ -785,7 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,  # a pasted flag we do not know must not be taken for one of ours by prefix
         description="Check this machine for the run you intend; paste your training flags (others are ignored).",
     )
-    parser.add_argument("--output_dir", default=".", help="where the run will write (free disk is checked here)")
+    parser.add_argument("--output_dir", default=".", help="where the run will write (checked: writable, free disk)")
     parser.add_argument("--model_name_or_path", default=None, help="preset or model directory, for the memory estimate")
     parser.add_argument("--device", default=None, help="gpu, cpu...; default: what training would pick")
     parser.add_argument("--nproc_per_node", type=int, default=None, help="training processes on this host")

@@ -88,7 +88,7 @@ def test_healthy_cpu_machine_with_faked_environment_is_ready():
     assert not blocks_training(results)
     assert {r.name: r.status for r in results if r.status is not Status.SKIP} == {
         "python": Status.OK, "paddle": Status.OK, "paddlenlp": Status.OK, "other pins": Status.OK,
-        "cpu instructions": Status.OK, "cpu kernel paths": Status.OK, "device": Status.OK, "disk": Status.OK,
+        "cpu instructions": Status.OK, "cpu kernel paths": Status.OK, "device": Status.OK, "output dir": Status.OK, "disk": Status.OK,
     }
 
 

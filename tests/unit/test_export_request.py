@@ -10,7 +10,7 @@ from paddle_llm.export.exporter import ExportRequest
     ({"lora_path": "out/lora", "prefix_path": "out/prefix"}, "--lora_path and --prefix_path are exclusive"),
     ({"dtype": "int8"}, "--dtype must be one of"),
     ({"format": "onnx"}, "--format must be"),
-    ({"output_path": "out/ckpt"}, "--output_path must differ from --model_name_or_path"),
+    ({"output_path": "out/ckpt"}, "--output_path out/ckpt is the input --model_name_or_path out/ckpt"),
 ], ids=["fastdeploy_prefix", "lora_and_prefix", "dtype", "format", "same_directory"])
 def test_export_refuses_what_it_cannot_honour(fields, message):
     request = ExportRequest(**{"model_name_or_path": "out/ckpt", "output_path": "out/export", **fields})

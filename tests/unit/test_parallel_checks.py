@@ -8,6 +8,7 @@ import pytest
 
 from paddle_llm.config.presets import preset
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_parallel
+from paddle_llm.files import OUTPUT_MARKER
 from paddle_llm.parallel import convert
 from paddle_llm.tools import check
 from tests.conftest import run_script
@@ -235,7 +236,8 @@ def test_convert_merges_each_kind_into_one_file_and_copies_the_rest(tmp_path):
     written = convert.merge_unified_checkpoint(source, destination)
     assert written == ["model-00001-of-00001.safetensors", "optimizer-00001-of-00001.safetensors"]
     assert sorted(os.listdir(destination)) == sorted(
-        written + ["model.safetensors.index.json", "optimizer.safetensors.index.json", "trainer_state.json", "paddle_llm_complete.json"]
+        written + ["model.safetensors.index.json", "optimizer.safetensors.index.json", "trainer_state.json", "paddle_llm_complete.json",
+                   OUTPUT_MARKER]
     )
     merged = {**load_file(os.path.join(destination, written[0])), **load_file(os.path.join(destination, written[1]))}
     assert sorted(merged) == sorted(tensors)
@@ -247,7 +249,6 @@ def test_convert_merges_each_kind_into_one_file_and_copies_the_rest(tmp_path):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        ("same_directory", "--output_dir must differ"),
         ("missing_shard", "which is missing from"),
         ("not_unified", "it is not a unified checkpoint"),
     ],
@@ -256,9 +257,7 @@ def test_convert_errors_say_what_is_wrong(tmp_path, damage, message):
     source = str(tmp_path / "checkpoint-3")
     _write_unified_checkpoint(source, shards=2)
     destination = str(tmp_path / "out")
-    if damage == "same_directory":
-        destination = source
-    elif damage == "missing_shard":
+    if damage == "missing_shard":
         os.remove(os.path.join(source, "model-00002-of-00002.safetensors"))
     else:
         for name in os.listdir(source):
