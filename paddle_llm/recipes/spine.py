@@ -121,8 +121,9 @@ def output_dir_errors(values: Mapping, command: str) -> list[str]:
         return []
     inputs = {f"--{flag}": _input_paths(flag, values.get(flag)) for flag in TRAINING_INPUT_FLAGS}
     refusal = output_overlap("--output_dir", output_dir, inputs, may_contain=("--resume_from_checkpoint",))
-    if refusal is None and not (os.path.isdir(output_dir) and latest_complete_checkpoint(output_dir)):  # a checkpoint of
-        # ours from before output directories were marked
+    # A file where the directory should be is config.validation's to report; a checkpoint of ours from before
+    # output directories were marked is resumed as before.
+    if refusal is None and os.path.isdir(output_dir) and not latest_complete_checkpoint(output_dir):
         refusal = existing_output_refusal("--output_dir", output_dir, command, "--overwrite_output_dir",
                                           bool(values.get("overwrite_output_dir")))
     return [refusal] if refusal else []
