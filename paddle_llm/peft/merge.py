@@ -13,7 +13,13 @@ import sys
 import numpy as np
 
 from paddle_llm.files import replace_directory_atomically
-from paddle_llm.models.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, parse_size, save_hf_directory
+from paddle_llm.models.hf_checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    WRITABLE_DTYPES,
+    default_write_dtype,
+    parse_size,
+    save_hf_directory,
+)
 from paddle_llm.models.registry import build_config, build_model, load_tokenizer, resolve_model
 from paddle_llm.peft.lora import load_lora, merge_lora
 from paddle_llm.peft.quantize import recorded_quantization
@@ -48,7 +54,7 @@ def probe_logits(model, family, vocab_size: int) -> np.ndarray:
 
 
 def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: str, output_format: str = "paddle",
-                          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> float:
+                          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str | None = None) -> float:
     """Load base + adapter, merge, save; return the largest logit difference between the two on a probe sequence.
 
     A QLoRA adapter is compared against, and merged into, its quantized base (``load_lora`` quantizes it as the
@@ -57,6 +63,7 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
     Args:
         output_format: ``paddle`` (PaddleNLP's layout) or ``hf`` (a Hugging Face directory, sharded over
             ``max_shard_bytes``).
+        dtype: ``hf`` only: the weights' dtype on disk; None writes the base checkpoint's stored dtype.
 
     Raises:
         FileNotFoundError: the base has no weights, or ``lora_path`` is not an adapter directory.
@@ -66,6 +73,9 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
         raise FileNotFoundError(f"--model_name_or_path {model_name_or_path!r} has no weights to merge into; pass the base model directory the adapter was trained on")
     if output_format == "hf" and source.family.hf is None:
         raise ValueError(f"--format hf is not available for {source.family.name}: {source.family.hf_refusal}")
+    if dtype is not None and output_format != "hf":
+        raise ValueError(f"--dtype {dtype} applies to --format hf only; --format {output_format} saves the merged "
+                         "model in float32 (drop --dtype, or add --format hf)")
     base = build_model(source, build_config(source, dtype="float32"), load_weights=True)
     lora_model = load_lora(base, lora_path)
     vocab = int(base.config.vocab_size)
@@ -79,7 +89,8 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
     if output_format == "hf":
         ids = {name: getattr(merged.config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
         replace_directory_atomically(
-            output_path, lambda staging: save_hf_directory(merged, source.family.hf, tokenizer, staging, ids, max_shard_bytes),
+            output_path, lambda staging: save_hf_directory(merged, source.family.hf, tokenizer, staging, ids, max_shard_bytes,
+                                                           dtype or default_write_dtype(source.stored_dtype)),
             prefix=".merge-")
     else:
         save_model_atomically(merged, tokenizer, output_path)
@@ -100,12 +111,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="paddle: PaddleNLP's layout; hf: a Hugging Face directory (as `export --format hf`)")
     parser.add_argument("--max_shard_size", type=parse_size, default="5GB",
                         help="--format hf: largest safetensors file before sharding with an index")
+    parser.add_argument("--dtype", choices=WRITABLE_DTYPES,
+                        help="--format hf: the weights' dtype on disk (default: the dtype the base's config.json names)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     import paddle
 
     paddle.set_device(args.device)
     try:
-        difference = merge_lora_checkpoint(args.model_name_or_path, args.lora_path, args.output_path, args.format, args.max_shard_size)
+        difference = merge_lora_checkpoint(args.model_name_or_path, args.lora_path, args.output_path, args.format, args.max_shard_size,
+                                            args.dtype)
     except (FileNotFoundError, ValueError) as err:
         print(f"paddle-llm merge-lora: error: {err}", file=sys.stderr)
         return 2
