@@ -100,13 +100,15 @@ def test_transformers5_fixture_keeps_its_theta_and_chat_template():
     assert prompt_ids_as_trained(source.family, tokenizer, chat["messages"][:-1], True) == chat["prompt_ids"]
 
 
-@pytest.mark.parametrize("name", ["llama3-bf16", "qwen2-fp16"])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COMMAND_FIXTURES)
 def test_check_accepts_what_runs_from_half_precision_checkpoints(name):
     result = run_script(["-m", "paddle_llm", "check", "finetune_generation.py", "--model_name_or_path", fixture_dir(name),
                          "--dataset_name_or_path", INSTRUCTIONS, "--lora", "True", "--output_dir", "unused", "--device", "cpu"])
     assert result.stdout.startswith("OK (finetune)"), result.stdout
 
 
+@pytest.mark.slow
 def test_check_and_export_refuse_an_unknown_rope_key_by_name(tmp_path):
     directory = tmp_path / "model"
     directory.mkdir()
