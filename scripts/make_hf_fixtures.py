@@ -7,7 +7,13 @@ torch is never a dependency of paddle_llm, so this runs in its own venv outside 
 
     python3 -m venv /work/torchvenv
     /work/torchvenv/bin/pip install torch==2.13.0 transformers==4.46.3 safetensors sentencepiece protobuf
-    /work/torchvenv/bin/python scripts/make_hf_fixtures.py            # rewrites tests/assets/hf/
+    /work/torchvenv/bin/python scripts/make_hf_fixtures.py            # rewrites tests/assets/hf/ but qwen2-tf5
+
+The transformers 5 fixture comes from a second venv (transformers 5 writes another config layout):
+
+    python3 -m venv /work/torchvenv5
+    /work/torchvenv5/bin/pip install torch==2.13.0 "transformers>=5" safetensors sentencepiece protobuf
+    /work/torchvenv5/bin/python scripts/make_hf_fixtures.py           # rewrites tests/assets/hf/qwen2-tf5 only
 
 Each fixture directory is exactly what ``save_pretrained`` writes (config.json, weights, generation_config.json,
 tokenizer files), plus two files the tests read: ``reference.json`` (the fixed inputs, the 3 AdamW steps' losses with
@@ -23,6 +29,13 @@ Fixtures:
     llama3-bin      llama3's weights as pytorch_model.bin (torch's zip pickle)
     qwen2           Qwen2.5-0.5B shape: q/k/v biases, grouped-query attention, tied embeddings, byte-level BPE
                     tokenizer.json and Qwen's ChatML chat_template
+    llama3-bf16, llama3-fp16, qwen2-bf16, qwen2-fp16
+                    llama3 and qwen2 stored in bfloat16 / float16, as real Llama-3 and Qwen2 checkpoints are, with
+                    random norm scales and biases (not transformers' ones and zeros) so a tensor loaded into the
+                    wrong place shows; their references are computed in float32 from the stored (rounded) weights,
+                    the precision paddle_llm loads them in on CPU
+    qwen2-tf5       qwen2-bf16's shape written by transformers 5: rope_parameters (theta 1e6) instead of
+                    rope_theta, dtype instead of torch_dtype
 """
 
 from __future__ import annotations
@@ -75,6 +88,7 @@ CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user
                 {"role": "assistant", "content": "Happy."}]
 PROMPTS = ["In the evening, Fang went", "The sky was", "Chen asked,", "Together they counted 5 birds"]
 MAX_NEW_TOKENS = 8
+TRANSFORMERS_5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
 
 
 def byte_level_bpe(vocab_size: int, special_tokens: list[str]) -> Tokenizer:
@@ -129,6 +143,23 @@ def qwen2():
     return config, fast
 
 
+def randomize_norms_and_biases(model) -> None:
+    """Random norm scales around 1 and biases around 0, where transformers initialises exact ones and zeros."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if "norm" in name:
+                parameter.copy_(1.0 + 0.2 * noise)
+            elif name.endswith(".bias"):
+                parameter.copy_(0.1 * noise)
+
+
+def chat_ids(tokenizer, messages, **kwargs) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(ids["input_ids"]) if isinstance(ids, dict) or hasattr(ids, "keys") else list(ids)
+
+
 def reference(model, tokenizer, vocab_size: int) -> tuple[dict, np.ndarray]:
     generator = np.random.default_rng(0)
     logits_ids = generator.integers(0, vocab_size, size=(2, 8)).tolist()
@@ -168,8 +199,8 @@ def reference(model, tokenizer, vocab_size: int) -> tuple[dict, np.ndarray]:
     if tokenizer.chat_template:
         # What fine-tuning must feed (the whole conversation) and serving must ask with (up to the last reply).
         chat = {"messages": CONVERSATION,
-                "conversation_ids": tokenizer.apply_chat_template(CONVERSATION, tokenize=True),
-                "prompt_ids": tokenizer.apply_chat_template(CONVERSATION[:-1], tokenize=True, add_generation_prompt=True)}
+                "conversation_ids": chat_ids(tokenizer, CONVERSATION),
+                "prompt_ids": chat_ids(tokenizer, CONVERSATION[:-1], add_generation_prompt=True)}
     data = {
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         "logits_input_ids": logits_ids,
@@ -181,14 +212,23 @@ def reference(model, tokenizer, vocab_size: int) -> tuple[dict, np.ndarray]:
     return data, logits
 
 
-def write(name: str, config, tokenizer, **save_kwargs) -> None:
+def write(name: str, config, tokenizer, dtype: torch.dtype | None = None, **save_kwargs) -> None:
+    """Save a fixture; with ``dtype``, its norms and biases randomised and its weights stored in ``dtype``, and the
+    reference computed in float32 from those stored weights."""
     directory = os.path.join(OUT, name)
     shutil.rmtree(directory, ignore_errors=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.do_sample = False
+    if dtype is not None:
+        randomize_norms_and_biases(model)
+        model = model.to(dtype)
     model.save_pretrained(directory, **save_kwargs)
     tokenizer.save_pretrained(directory)
+    if dtype is not None:
+        # Reloaded rather than cast back: a cast would keep the RoPE frequencies the half-precision cast rounded.
+        model = AutoModelForCausalLM.from_pretrained(directory, **{"dtype" if TRANSFORMERS_5 else "torch_dtype": torch.float32})
+        model.generation_config.do_sample = False
     data, logits = reference(model, tokenizer, config.vocab_size)
     with open(os.path.join(directory, "reference.json"), "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
@@ -199,12 +239,19 @@ def write(name: str, config, tokenizer, **save_kwargs) -> None:
 def main() -> None:
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
+    if TRANSFORMERS_5:
+        write("qwen2-tf5", *qwen2(), dtype=torch.bfloat16)
+        return
     write("llama2", *llama2())
     config, tokenizer = llama3()
     write("llama3", config, tokenizer)
     write("llama3-sharded", config, tokenizer, max_shard_size="40KB")
     write("llama3-bin", config, tokenizer, safe_serialization=False)
+    write("llama3-bf16", config, tokenizer, dtype=torch.bfloat16)
+    write("llama3-fp16", config, tokenizer, dtype=torch.float16)
     write("qwen2", *qwen2())
+    write("qwen2-bf16", *qwen2(), dtype=torch.bfloat16)
+    write("qwen2-fp16", *qwen2(), dtype=torch.float16)
 
 
 if __name__ == "__main__":

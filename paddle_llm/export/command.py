@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace an existing --output_path that export did not write (everything in it is deleted)")
     parser.add_argument("--lora_path", help="LoRA adapter directory; merged into the weights before export")
     parser.add_argument("--prefix_path", help="prefix-tuning directory; exported as a ready-made past")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter and cache dtype")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="parameter and cache dtype (default float32; for --format hf, the dtype the checkpoint's "
+                        "config.json names, so a bf16 checkpoint exports as bf16)")
     parser.add_argument("--format", default=FORMAT_STATIC, choices=(FORMAT_STATIC, FORMAT_FASTDEPLOY, FORMAT_HF),
                         help="paddle: step graph for our engine; fastdeploy: safetensors for FastDeploy 2.x (GPU); "
                         "hf: a Hugging Face model directory (transformers, vLLM)")

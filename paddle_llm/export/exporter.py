@@ -26,7 +26,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from paddle_llm.cpu import features as cpu_features
 from paddle_llm.inference.manifest import (
@@ -44,7 +44,7 @@ from paddle_llm.inference.manifest import (
     program_needs,
 )
 from paddle_llm.files import check_output_directory, replace_directory_atomically
-from paddle_llm.models.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, save_hf_directory
+from paddle_llm.models.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, default_write_dtype, save_hf_directory
 from paddle_llm.models.registry import ModelFamily, resolve_model
 
 EXPORT_COMMAND = "export"  # the marker its output directories carry
@@ -57,7 +57,7 @@ class ExportRequest:
 
     model_name_or_path: str
     output_path: str
-    dtype: str = "float32"
+    dtype: str | None = None  # None: float32, or for --format hf the source checkpoint's stored dtype
     format: str = FORMAT_STATIC
     lora_path: str | None = None
     prefix_path: str | None = None
@@ -66,7 +66,7 @@ class ExportRequest:
 
     def validate(self) -> None:
         """Raises: ValueError naming the flag to change."""
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.format not in (FORMAT_STATIC, FORMAT_FASTDEPLOY, FORMAT_HF):
             raise ValueError(f"--format must be {FORMAT_STATIC!r}, {FORMAT_FASTDEPLOY!r} or {FORMAT_HF!r}, got {self.format!r}")
@@ -216,8 +216,11 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest | Non
     from paddle_llm.inference.step_graph import build_step_layer, max_context_length, prepare_for_tracing, step_spec
 
     request.validate()
-    _check_dtype_supported(request)
     source = resolve_model(request.model_name_or_path)
+    if request.dtype is None:
+        default = default_write_dtype(source.stored_dtype) if request.format == FORMAT_HF else "float32"
+        request = replace(request, dtype=default)
+    _check_dtype_supported(request)
     family = source.family
     if request.format == FORMAT_HF:
         return _export_hf(request, source, log)

@@ -37,6 +37,8 @@ PADDLE_SAFETENSORS_FORMATS = ("np", "pd")
 HF_SAFETENSORS_METADATA = {"format": "pt"}
 _NUMPY_DTYPE = {"paddle.float32": np.float32, "paddle.float16": np.float16, "paddle.float64": np.float64}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
+# The dtypes a Hugging Face directory is written in.
+WRITABLE_DTYPES = ("float32", "float16", "bfloat16")
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -360,6 +362,12 @@ def write_safetensors(tensors: dict, directory: str, max_shard_bytes: int = DEFA
     with open(os.path.join(directory, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
     return [*names, SAFETENSORS_INDEX]
+
+
+def default_write_dtype(stored_dtype: str | None) -> str:
+    """The dtype a Hugging Face directory is written in when the command names none: the source checkpoint's (a
+    bf16 checkpoint exports as bf16), or float32 when it names none this writes."""
+    return stored_dtype if stored_dtype in WRITABLE_DTYPES else "float32"
 
 
 def _assign(parameter, array: np.ndarray) -> None:

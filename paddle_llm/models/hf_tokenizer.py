@@ -153,12 +153,17 @@ def write_hf_tokenizer_files(directory: str, chat_template: str | None) -> None:
 
 
 def chat_template_of(directory: str | None) -> str | None:
-    """The Jinja ``chat_template`` of a model directory's ``tokenizer_config.json`` (or ``chat_template.json``)."""
+    """The Jinja ``chat_template`` of a model directory's ``tokenizer_config.json``, ``chat_template.json``, or the
+    ``chat_template.jinja`` file transformers 5 (and 4.5x) writes instead."""
     if not directory:
         return None
     template = _read_json(os.path.join(directory, TOKENIZER_CONFIG)).get("chat_template")
     if template is None:
         template = _read_json(os.path.join(directory, "chat_template.json")).get("chat_template")
+    jinja_path = os.path.join(directory, "chat_template.jinja")
+    if template is None and os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            template = f.read()
     if isinstance(template, list):  # transformers' named templates: [{"name": "default", "template": ...}, ...]
         named = {entry.get("name"): entry.get("template") for entry in template}
         template = named.get("default")

@@ -261,6 +261,9 @@ class ModelSource:
     directory: str | None  # None for presets
     has_weights: bool
     hf_weights: hf_checkpoint.HFWeights | None = None  # set when the directory holds a Hugging Face checkpoint
+    # The dtype config.json says the weights are stored in (transformers 4's torch_dtype, 5's and Paddle's dtype):
+    # what `export --format hf` writes by default. The model itself loads in the dtype the command asks for.
+    stored_dtype: str | None = None
 
 
 def resolve_model(name_or_path: str) -> ModelSource:
@@ -284,6 +287,7 @@ def resolve_model(name_or_path: str) -> ModelSource:
                 raise ValueError(f"{config_path}: line {err.lineno}: not valid JSON ({err.msg})") from None
         family = family_of(fields)
         _checked(fields, config_path)
+        stored_dtype = fields.get("dtype") or fields.get("torch_dtype")
         hf_weights = hf_checkpoint.find_hf_weights(name_or_path)
         if hf_weights is not None:
             if family.hf is None:
@@ -291,7 +295,8 @@ def resolve_model(name_or_path: str) -> ModelSource:
                                  f"model_type {fields.get('model_type')!r}: {family.hf_refusal}")
             fields = family.hf.config_from_hf(fields, config_path)
         has_weights = hf_weights is not None or any(os.path.exists(os.path.join(name_or_path, w)) for w in WEIGHT_FILES)
-        return ModelSource(name_or_path, family, family.canonical_fields(fields), name_or_path, has_weights, hf_weights)
+        return ModelSource(name_or_path, family, family.canonical_fields(fields), name_or_path, has_weights, hf_weights,
+                           stored_dtype)
     presets = ", ".join(PRESETS)
     if os.path.isdir(name_or_path):
         raise FileNotFoundError(f"{name_or_path} is a directory but has no config.json; a model directory needs one")

@@ -13,7 +13,13 @@ import sys
 import numpy as np
 
 from paddle_llm.files import check_output_directory, replace_directory_atomically
-from paddle_llm.models.hf_checkpoint import DEFAULT_MAX_SHARD_BYTES, parse_size, save_hf_directory
+from paddle_llm.models.hf_checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    WRITABLE_DTYPES,
+    default_write_dtype,
+    parse_size,
+    save_hf_directory,
+)
 from paddle_llm.models.registry import build_config, build_model, load_tokenizer, resolve_model
 from paddle_llm.peft.lora import load_lora, merge_lora
 from paddle_llm.peft.quantize import recorded_quantization
@@ -64,7 +70,8 @@ def require_merge_changed_base(base_logits: np.ndarray, merged_logits: np.ndarra
 
 
 def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: str, output_format: str = "paddle",
-                          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> float:
+                          max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                          dtype: str | None = None) -> float:
     """Load base + adapter, merge, save; return the largest logit difference between the two on a probe sequence.
 
     A QLoRA adapter is compared against, and merged into, its quantized base (``load_lora`` quantizes it as the
@@ -74,6 +81,7 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
         output_format: ``paddle`` (PaddleNLP's layout) or ``hf`` (a Hugging Face directory, sharded over
             ``max_shard_bytes``).
         overwrite: replace an existing ``output_path`` that ``merge-lora`` did not write.
+        dtype: ``hf`` only: the weights' dtype on disk; None writes the base checkpoint's stored dtype.
 
     Raises:
         FileNotFoundError: the base has no weights, or ``lora_path`` is not an adapter directory.
@@ -87,6 +95,9 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
         raise FileNotFoundError(f"--model_name_or_path {model_name_or_path!r} has no weights to merge into; pass the base model directory the adapter was trained on")
     if output_format == "hf" and source.family.hf is None:
         raise ValueError(f"--format hf is not available for {source.family.name}: {source.family.hf_refusal}")
+    if dtype is not None and output_format != "hf":
+        raise ValueError(f"--dtype {dtype} applies to --format hf only; --format {output_format} saves the merged "
+                         "model in float32 (drop --dtype, or add --format hf)")
     base = build_model(source, build_config(source, dtype="float32"), load_weights=True)
     vocab = int(base.config.vocab_size)
     base_logits = probe_logits(base, source.family, vocab)
@@ -105,7 +116,8 @@ def merge_lora_checkpoint(model_name_or_path: str, lora_path: str, output_path: 
     if output_format == "hf":
         ids = {name: getattr(merged.config, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
         replace_directory_atomically(
-            output_path, lambda staging: save_hf_directory(merged, source.family.hf, tokenizer, staging, ids, max_shard_bytes),
+            output_path, lambda staging: save_hf_directory(merged, source.family.hf, tokenizer, staging, ids, max_shard_bytes,
+                                                           dtype or default_write_dtype(source.stored_dtype)),
             MERGE_COMMAND, prefix=".merge-", overwrite=overwrite)
     else:
         save_model_atomically(merged, tokenizer, output_path, overwrite)
@@ -129,13 +141,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="paddle: PaddleNLP's layout; hf: a Hugging Face directory (as `export --format hf`)")
     parser.add_argument("--max_shard_size", type=parse_size, default="5GB",
                         help="--format hf: largest safetensors file before sharding with an index")
+    parser.add_argument("--dtype", choices=WRITABLE_DTYPES,
+                        help="--format hf: the weights' dtype on disk (default: the dtype the base's config.json names)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     import paddle
 
     paddle.set_device(args.device)
     try:
         difference = merge_lora_checkpoint(args.model_name_or_path, args.lora_path, args.output_path, args.format, args.max_shard_size,
-                                           args.overwrite)
+                                            args.overwrite, args.dtype)
     except (FileNotFoundError, ValueError) as err:  # OutputPathError is a ValueError
         print(f"paddle-llm merge-lora: error: {err}", file=sys.stderr)
         return 2

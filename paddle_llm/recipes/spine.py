@@ -235,6 +235,9 @@ def build_model_and_tokenizer(source: ModelSource, model_args, data_args, traini
     for name in ("fuse_attention_qkv", "fuse_attention_ffn"):
         if getattr(model_args, name) is not None:
             setattr(config, name, getattr(model_args, name))
+    # The flags decide the dtype, never the checkpoint's config (a bf16 Hugging Face checkpoint trains in float32 on
+    # CPU, where bf16 matmul has no kernel), as PaddleNLP's run_pretrain.py passes its own dtype to from_pretrained.
+    config.dtype = "float32"
     if training_args.fp16_opt_level == "O2" and (training_args.fp16 or training_args.bf16):
         config.dtype = "float16" if training_args.fp16 else "bfloat16"
     model = build_model(source, config, load_weights=bool(model_args.continue_training))

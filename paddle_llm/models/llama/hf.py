@@ -6,7 +6,12 @@ Both have the same modules; they differ in three ways:
   is transposed;
 - the config: transformers names ``rope_scaling`` by ``rope_type`` (or, before 4.43, ``type``), has ``head_dim``,
   ``attention_bias``, ``mlp_bias`` and ``torch_dtype``. PaddleNLP reads ``rope_scaling`` only for ``llama3``, and
-  linear scaling from ``rope_scaling_type`` / ``rope_scaling_factor``.
+  linear scaling from ``rope_scaling_type`` / ``rope_scaling_factor``. transformers 5 writes ``rope_parameters``
+  (the theta and the scaling in one dict) and ``dtype``; both layouts are read (``rope_settings``), and a RoPE or
+  attention key neither names is refused rather than left to a default.
+
+The checkpoint's dtype is not the model's: weights load in the dtype the run's flags ask for (float32 on CPU), as
+PaddleNLP's ``from_pretrained(dtype=...)`` does, so ``dtype`` / ``torch_dtype`` only describe the file.
 
 A config feature PaddleNLP's Llama does not build (biases, a ``head_dim`` other than hidden/heads, sliced
 ``pretraining_tp`` projections, other RoPE scalings) is refused here, because the weights would load into a
@@ -20,10 +25,23 @@ PADDLE_PREFIX = "llama."
 # Older checkpoints store each layer's rotary frequencies; both sides compute them from the config.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # HF config fields that describe the file, not the model.
-_HF_ONLY_FIELDS = ("torch_dtype", "transformers_version", "_name_or_path", "head_dim", "attention_bias", "mlp_bias",
-                   "pretraining_tp", "rope_scaling", "auto_map")
+_HF_ONLY_FIELDS = ("torch_dtype", "dtype", "transformers_version", "_name_or_path", "head_dim", "attention_bias", "mlp_bias",
+                   "pretraining_tp", "rope_scaling", "rope_parameters", "layer_types", "auto_map")
 # Supported HF rope scalings -> PaddleNLP's rope_scaling_type (llama3 is read from rope_scaling itself).
 _ROPE_TYPES = {"linear": "linear", "dynamic": "dynamic_ntk"}
+# What each RoPE type may carry besides ``rope_type`` / ``type`` (and, in transformers 5's rope_parameters,
+# ``rope_theta``); any other key changes the frequencies in a way not built here.
+ROPE_TYPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+# Config keys about RoPE or attention that a family understands; any other key whose name says it is one of those
+# (``ATTENTION_KEY_PARTS``) is refused by name.
+ATTENTION_KEY_PARTS = ("rope", "rotary", "attention", "attn", "window", "layer_types")
+_UNDERSTOOD_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "num_attention_heads", "attention_bias",
+                    "attention_dropout", "layer_types")
 
 
 # The built-in Llama-2 chat format (models/chat_template.py, "llama") as the Jinja template an exported directory
@@ -74,6 +92,40 @@ def tied_aliases(config_fields: dict) -> dict:
     return {"lm_head.weight": "model.embed_tokens.weight"} if config_fields.get("tie_word_embeddings") else {}
 
 
+def rope_settings(fields: dict, understood: tuple[str, ...], rope_types: tuple[str, ...]) -> tuple[float, dict | None, list[str]]:
+    """RoPE theta and scaling from transformers 4's ``rope_theta`` / ``rope_scaling`` or transformers 5's
+    ``rope_parameters``, and the refusals: a RoPE type not in ``rope_types``, a key a type does not take, a
+    ``rope_parameters`` that disagrees with ``rope_theta``, a layer type other than full attention, and any key
+    named like RoPE or attention (``ATTENTION_KEY_PARTS``) outside ``understood``.
+
+    Returns:
+        ``(theta, scaling without rope_theta or None for plain RoPE, refusals)``.
+    """
+    refusals = [f"{key} (a RoPE or attention setting paddle_llm does not read; remove it only if it is the default)"
+                for key in fields if any(part in key for part in ATTENTION_KEY_PARTS) and key not in understood]
+    parameters = fields.get("rope_parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        return 10000.0, None, refusals + [f"rope_parameters {parameters!r} (expected one dict of RoPE settings)"]
+    scaling = dict(parameters or fields.get("rope_scaling") or {})
+    theta = scaling.pop("rope_theta", None)
+    if theta is not None and fields.get("rope_theta") not in (None, theta):
+        refusals.append(f"rope_parameters.rope_theta {theta} and rope_theta {fields['rope_theta']} disagree")
+    theta = float(theta if theta is not None else fields.get("rope_theta", 10000.0))
+    where = "rope_parameters" if parameters is not None else "rope_scaling"
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if rope_type not in rope_types:
+        refusals.append(f"{where} of type {rope_type!r} (supported: {', '.join(rope_types)})")
+        return theta, None, refusals
+    if scaling.get("partial_rotary_factor", 1.0) == 1.0:
+        scaling.pop("partial_rotary_factor", None)
+    refusals += [f"{where}.{key} (not a setting of RoPE type {rope_type!r} that paddle_llm builds)"
+                 for key in scaling if key not in ROPE_TYPE_KEYS[rope_type]]
+    kinds = set(fields.get("layer_types") or ["full_attention"])
+    if kinds != {"full_attention"}:
+        refusals.append(f"layer_types {sorted(kinds)} (only full attention is built)")
+    return theta, (None if rope_type == "default" else {"rope_type": rope_type, **scaling}), refusals
+
+
 def config_from_hf(fields: dict, config_path: str) -> dict:
     """PaddleNLP ``LlamaConfig`` fields from a transformers ``config.json``.
 
@@ -92,19 +144,15 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
     if fields.get("hidden_act", "silu") != "silu":
         refusals.append(f"hidden_act {fields['hidden_act']!r} (PaddleNLP's Llama MLP is SwiGLU: 'silu')")
     converted = {k: v for k, v in fields.items() if k not in _HF_ONLY_FIELDS}
-    scaling = fields.get("rope_scaling")
-    if scaling:
-        rope_type = scaling.get("rope_type", scaling.get("type"))
-        if rope_type == "llama3":
-            converted["rope_scaling"] = {**scaling, "rope_type": "llama3"}
-        elif rope_type in _ROPE_TYPES:
-            converted.update(rope_scaling_type=_ROPE_TYPES[rope_type], rope_scaling_factor=scaling["factor"])
-        else:
-            refusals.append(f"rope_scaling of type {rope_type!r} (supported: llama3, {', '.join(_ROPE_TYPES)})")
+    theta, scaling, rope_refusals = rope_settings(fields, _UNDERSTOOD_KEYS, tuple(ROPE_TYPE_KEYS))
+    refusals += rope_refusals
+    converted["rope_theta"] = theta
+    if scaling and scaling["rope_type"] == "llama3":
+        converted["rope_scaling"] = scaling
+    elif scaling:
+        converted.update(rope_scaling_type=_ROPE_TYPES[scaling["rope_type"]], rope_scaling_factor=scaling["factor"])
     if refusals:
         raise ValueError(f"{config_path}: this Llama checkpoint cannot be built by PaddleNLP's Llama: " + "; ".join(refusals))
-    if fields.get("torch_dtype"):
-        converted["dtype"] = fields["torch_dtype"]
     converted.setdefault("tie_word_embeddings", False)
     converted["architectures"] = ["LlamaForCausalLM"]
     return converted

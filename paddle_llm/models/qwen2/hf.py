@@ -3,7 +3,9 @@
 The tensors are Llama's plus a bias on each of q/k/v, so names and layouts are Llama's mapping (``llama/hf.py``) with
 PaddleNLP's base-model prefix ``qwen2.`` instead of ``llama.``; biases are vectors and keep their layout. The config
 differs in what PaddleNLP's Qwen2 can build: sliding-window attention is refused, because PaddleNLP's CPU attention
-has no window and would attend further back than the checkpoint was trained to.
+has no window and would attend further back than the checkpoint was trained to, and so is any RoPE scaling.
+Both transformers 4's and 5's config layouts are read (``llama_hf.rope_settings``); ``dtype`` / ``torch_dtype``
+describe the file only (weights load in the run's dtype).
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from paddle_llm.models.llama import hf as llama_hf
 HF_PREFIX = llama_hf.HF_PREFIX
 PADDLE_PREFIX = "qwen2."
 # HF config fields that describe the file (or a feature refused below), not the model PaddleNLP builds.
-_HF_ONLY_FIELDS = ("torch_dtype", "transformers_version", "_name_or_path", "rope_scaling", "use_sliding_window", "auto_map")
+_HF_ONLY_FIELDS = ("torch_dtype", "dtype", "transformers_version", "_name_or_path", "rope_scaling", "rope_parameters",
+                   "layer_types", "use_sliding_window", "auto_map")
+# RoPE and attention keys of transformers' Qwen2Config (4.x and 5.x); the window is refused when switched on.
+_UNDERSTOOD_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "num_attention_heads", "attention_dropout",
+                    "layer_types", "use_sliding_window", "sliding_window", "max_window_layers")
 
 # ChatML, the built-in template (``qwen2/__init__.py``) as Jinja, for an exported directory whose source had none.
 CHAT_TEMPLATE = (
@@ -50,15 +56,14 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
     refusals = []
     if fields.get("use_sliding_window"):
         refusals.append("use_sliding_window: true (PaddleNLP's Qwen2 attends over the whole context on CPU)")
-    if fields.get("rope_scaling"):
-        refusals.append(f"rope_scaling {fields['rope_scaling']!r} (only plain RoPE is built for Qwen2)")
+    theta, _, rope_refusals = llama_hf.rope_settings(fields, _UNDERSTOOD_KEYS, rope_types=("default",))
+    refusals += rope_refusals
     if fields.get("hidden_act", "silu") != "silu":
         refusals.append(f"hidden_act {fields['hidden_act']!r} (PaddleNLP's Qwen2 MLP is SwiGLU: 'silu')")
     if refusals:
         raise ValueError(f"{config_path}: this Qwen2 checkpoint cannot be built by PaddleNLP's Qwen2: " + "; ".join(refusals))
     converted = {k: v for k, v in fields.items() if k not in _HF_ONLY_FIELDS}
-    if fields.get("torch_dtype"):
-        converted["dtype"] = fields["torch_dtype"]
+    converted["rope_theta"] = theta
     converted.setdefault("tie_word_embeddings", False)
     converted["architectures"] = ["Qwen2ForCausalLM"]
     return converted
