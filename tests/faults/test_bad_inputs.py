@@ -81,7 +81,7 @@ def test_preprocess_walks_a_directory_like_paddlenlp(tmp_path, capsys):
     assert hashes(corpus) == before
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["--input_path", str(empty), "--output_prefix", out, "--tokenizer_name_or_path", "tiny-llama"]) == 1
+    assert main(["--input_path", str(empty), "--output_prefix", str(tmp_path / "nothing"), "--tokenizer_name_or_path", "tiny-llama"]) == 1
     assert "a directory with no .jsonl file in it" in one_error_line(capsys.readouterr().err, "paddle-llm preprocess")
 
 
