@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+MAX_TEMPERATURE = 2.0  # OpenAI's bound; beyond it sampling is close to uniform noise
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -38,8 +39,8 @@ class SamplingParams:
         """Raises: ValueError naming the field and its allowed range."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:

@@ -20,8 +20,41 @@ from paddle_llm.serving.engine import FINISH_ERROR, Completion, StreamEvent
 from paddle_llm.serving.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4
-# OpenAI fields we accept but that only have one supported value here.
-SINGLE_VALUE_FIELDS = {"n": 1, "best_of": 1, "echo": False}
+
+# The fields both generate endpoints honour; each endpoint adds its own (``EndpointProtocol.own_fields``). A field in
+# neither is refused with a 400 naming it, so nothing a client asks for is ever silently ignored.
+COMMON_FIELDS = {
+    "model": "must be the served model's id (404 otherwise)",
+    "max_tokens": "most new tokens, up to --max_tokens_limit",
+    "temperature": "0 (greedy) to 2",
+    "top_p": "nucleus sampling, (0, 1]",
+    "top_k": "keep the k most likely tokens (0 = all); not in OpenAI's API",
+    "repetition_penalty": "CTRL-style penalty, (0, 10]; not in OpenAI's API",
+    "stop": "up to 4 strings",
+    "seed": "reproducible sampling",
+    "stream": "server-sent events",
+    "stream_options": "include_usage only",
+}
+# Fields OpenAI defines that this server does not implement, refused by name with what to do instead. A null value
+# counts as absent, as OpenAI treats it.
+REFUSED_FIELDS = {
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported",
+    "response_format": "structured output (json_object, json_schema) is not supported",
+    "suffix": "suffix (fill in the middle) is not supported",
+    "logprobs": "logprobs are not supported",
+    "top_logprobs": "logprobs are not supported",
+    "echo": "echo is not supported",
+    "n": "only one choice per request is supported",
+    "best_of": "best_of is not supported",
+    "presence_penalty": "presence_penalty is not supported; use repetition_penalty",
+    "frequency_penalty": "frequency_penalty is not supported; use repetition_penalty",
+    "logit_bias": "logit_bias is not supported",
+}
+STREAM_OPTIONS = ("include_usage",)
 
 
 class RequestError(Exception):
@@ -119,6 +152,7 @@ class EndpointProtocol:
     everything else (the model check, sampling fields, limits, the response envelope, usage) is shared here.
     """
 
+    own_fields: dict[str, str]  # the fields this endpoint honours besides COMMON_FIELDS, and what they do
     kind: str  # "completion" or "chat": how gRPC and the backend pick an endpoint
     path: str  # the REST route, also the ``endpoint`` label of the request metrics
     prompt_param: str  # the field a too-long prompt is blamed on
@@ -137,7 +171,8 @@ class EndpointProtocol:
 
     def prepare(self, body: dict) -> PreparedRequest:
         """Validate a request body. Raises: RequestError naming the bad field."""
-        self._check_common(body)
+        self._check_fields(body)
+        self._check_model(body)
         prompt_ids = self._prompt_ids(body)
         params = self._sampling(body, len(prompt_ids), self._extra_stop())
         return PreparedRequest(self.kind, prompt_ids, params, *self._stream_flags(body))
@@ -154,21 +189,29 @@ class EndpointProtocol:
         """Encode a request exactly as fine-tuning framed its prompts (see ``data.sft.prompt_ids_as_trained``)."""
         return prompt_ids_as_trained(self.family, self.tokenizer, messages, templated)
 
-    def _check_common(self, body: dict) -> None:
+    @classmethod
+    def fields(cls) -> dict[str, str]:
+        """Every field this endpoint honours, and what it does: the table a request is checked against."""
+        return {**COMMON_FIELDS, **cls.own_fields}
+
+    def _check_fields(self, body: dict) -> None:
+        """Raises: RequestError naming the first field this endpoint does not honour."""
+        accepted = self.fields()
+        for name, value in body.items():
+            if name in accepted or value is None:
+                continue
+            if name in REFUSED_FIELDS:
+                raise RequestError(f"{name}: {REFUSED_FIELDS[name]}", param=name, code="unsupported_field")
+            raise RequestError(f"{name} is not a field {self.path} takes; it takes {', '.join(accepted)}",
+                               param=name, code="unknown_field")
+        if not isinstance(body.get("stream", False), bool):
+            raise RequestError("stream must be true or false", param="stream")
+
+    def _check_model(self, body: dict) -> None:
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise RequestError(f"model {model!r} is not served here; this server serves {self.model_name!r}",
                                param="model", status=404, code="model_not_found")
-        for name, only in SINGLE_VALUE_FIELDS.items():
-            if body.get(name) not in (None, only):
-                raise RequestError(f"{name} must be {json.dumps(only)} (the only supported value)", param=name)
-        for name in ("frequency_penalty", "presence_penalty"):
-            if body.get(name) not in (None, 0, 0.0):
-                raise RequestError(f"{name} is not supported; use repetition_penalty", param=name)
-        if body.get("logprobs") not in (None, False, 0):
-            raise RequestError("logprobs is not supported", param="logprobs")
-        if not isinstance(body.get("stream", False), bool):
-            raise RequestError("stream must be true or false", param="stream")
 
     def _sampling(self, body: dict, prompt_tokens: int, extra_stop: tuple[str, ...]) -> SamplingParams:
         prompt_param = self.prompt_param
@@ -217,6 +260,10 @@ class EndpointProtocol:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise RequestError("stream_options must be an object", param="stream_options")
+        for name in options:
+            if name not in STREAM_OPTIONS:
+                raise RequestError(f"stream_options.{name} is not supported; it takes {', '.join(STREAM_OPTIONS)}",
+                                   param=f"stream_options.{name}")
         return bool(body.get("stream", False)), bool(options.get("include_usage", False))
 
     # ---- responses -----------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ from paddle_llm.serving.openai.protocol import EndpointProtocol, RequestError
 
 
 class ChatProtocol(EndpointProtocol):
+    own_fields = {"messages": "system, user and assistant turns, rendered with the model's chat template",
+                  "max_completion_tokens": "the same as max_tokens"}
     kind = "chat"
     path = "/v1/chat/completions"
     prompt_param = "messages"

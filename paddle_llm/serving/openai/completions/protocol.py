@@ -6,6 +6,7 @@ from paddle_llm.serving.openai.protocol import EndpointProtocol, RequestError
 
 
 class CompletionsProtocol(EndpointProtocol):
+    own_fields = {"prompt": "one string"}
     kind = "completion"
     path = "/v1/completions"
     prompt_param = "prompt"
