@@ -99,3 +99,184 @@ def test_out_of_range_value_is_refused(server, field, value):
 def test_temperature_two_is_accepted(server):
     response = post(server, "/v1/completions", {"prompt": "The", "max_tokens": 2, "temperature": 2, "seed": 1})
     assert response.status_code == 200, response.text
+
+
+# ---- item 3: logprobs, echo, token-id and batched prompts, n, penalties, chat content parts --------------------
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """The served weights loaded here, for log-probabilities computed directly from the model's logits."""
+    import numpy as np
+    import paddle
+
+    from paddle_llm.inference.load import load_checkpoint_tokenizer
+    from paddle_llm.models.registry import resolve_model
+    from tests.integration.tiny_checkpoint import _load
+
+    family, model = _load(checkpoint[1])
+    model.eval()
+    vocab = len(load_checkpoint_tokenizer(resolve_model(checkpoint[1])))
+
+    def log_probs(ids: list[int]) -> np.ndarray:
+        """``[len(ids), vocab]``: row i is the distribution of the token after ids[:i + 1]."""
+        input_ids = np.asarray([ids], dtype="int64")
+        extra = {k: paddle.to_tensor(v) for k, v in family.causal_lm_inputs(input_ids).items()}
+        with paddle.no_grad():
+            outputs = model(input_ids=paddle.to_tensor(input_ids), return_dict=False, **extra)
+        logits = (outputs[0] if isinstance(outputs, (tuple, list)) else outputs)[0].astype("float64").numpy()[:, :vocab]
+        shifted = logits - logits.max(-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+    return log_probs
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(server):
+    """A prompt as token ids, sent as they are (lm-eval's default)."""
+    return post(server, "/tokenize", {"prompt": "The quick brown fox jumps"}).json()["tokens"]
+
+
+def test_completion_echo_logprobs_match_the_models_own_logits(server, reference, prompt_ids):
+    PROMPT_IDS = prompt_ids
+    body = {"prompt": PROMPT_IDS, "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 3}
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 200, response.text
+    logprobs = response.json()["choices"][0]["logprobs"]
+    token_logprobs = logprobs["token_logprobs"]
+    assert len(token_logprobs) == len(PROMPT_IDS) + 4 and token_logprobs[0] is None
+    expected = reference(PROMPT_IDS)
+    for position in range(1, len(PROMPT_IDS)):  # prompt tokens: P(ids[i] | ids[:i])
+        assert token_logprobs[position] == pytest.approx(expected[position - 1, PROMPT_IDS[position]], abs=2e-3)
+    # Greedy continuation: each generated token is the argmax, its logprob the max of the reference row.
+    ids = list(PROMPT_IDS)
+    for step in range(4):
+        row = reference(ids)[-1]
+        assert token_logprobs[len(PROMPT_IDS) + step] == pytest.approx(row.max(), abs=2e-3)
+        ids.append(int(row.argmax()))
+        top = logprobs["top_logprobs"][len(PROMPT_IDS) + step]
+        assert len(top) == 3 and max(top.values()) == pytest.approx(row.max(), abs=2e-3)
+    assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
+    assert response.json()["choices"][0]["text"].endswith("".join(logprobs["tokens"][len(PROMPT_IDS):]))
+
+
+def test_chat_logprobs_in_openai_shape(client, reference):
+    reply = client.chat.completions.create(model="ckpt", messages=MESSAGES, max_tokens=4, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert "".join(entry.token for entry in content) == reply.choices[0].message.content
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-6)
+        assert bytes(entry.bytes).decode() == entry.token
+
+
+def test_streamed_logprobs_equal_plain_ones(client):
+    kwargs = dict(model="ckpt", prompt="The quick brown", max_tokens=6, temperature=0, logprobs=1)
+    plain = client.completions.create(**kwargs).choices[0].logprobs.token_logprobs
+    streamed = [lp for chunk in client.completions.create(stream=True, **kwargs) if chunk.choices[0].logprobs
+                for lp in chunk.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(plain)
+
+
+def test_batch_of_prompts_and_n_number_choices_prompt_by_prompt(client):
+    prompts = ["The quick brown", "Paddle serves"]
+    reply = client.completions.create(model="ckpt", prompt=prompts, max_tokens=5, temperature=0.8, seed=3, n=2)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    single = [client.completions.create(model="ckpt", prompt=p, max_tokens=5, temperature=0.8, seed=3 + i)
+              .choices[0].text for p in prompts for i in range(2)]
+    assert [c.text for c in sorted(reply.choices, key=lambda c: c.index)] == single
+    assert reply.usage.completion_tokens == sum(
+        client.completions.create(model="ckpt", prompt=p, max_tokens=5, temperature=0).usage.completion_tokens
+        for p in prompts) * 2
+
+
+def test_token_id_prompt_equals_its_text(client, server):
+    ids = post(server, "/tokenize", {"prompt": "The quick brown"}).json()["tokens"]
+    kwargs = dict(model="ckpt", max_tokens=5, temperature=0)
+    assert client.completions.create(prompt=ids, **kwargs).choices[0].text == \
+        client.completions.create(prompt="The quick brown", **kwargs).choices[0].text
+    batch = client.completions.create(prompt=[ids, ids[:-1]], **kwargs)
+    assert batch.choices[0].text == client.completions.create(prompt=ids, **kwargs).choices[0].text
+    assert batch.usage.prompt_tokens == 2 * len(ids) - 1
+
+
+def test_streamed_n_choices_each_finish(server):
+    body = {"prompt": "The", "max_tokens": 3, "temperature": 1, "n": 3, "stream": True, "seed": 5}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    finished = sorted(c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"])
+    assert finished == [0, 1, 2]
+
+
+def test_logit_bias_forces_a_token(client, server):
+    forced = post(server, "/tokenize", {"prompt": "The quick"}).json()["tokens"][-1]
+    piece = post(server, "/detokenize", {"tokens": [forced]}).json()["prompt"]
+    reply = client.completions.create(model="ckpt", prompt="Paddle", max_tokens=4, temperature=0,
+                                      logit_bias={str(forced): 100}, logprobs=0)
+    assert [token.strip() for token in reply.choices[0].logprobs.tokens] == [piece.strip()] * 4
+
+
+def test_frequency_penalty_changes_greedy_text(client):
+    kwargs = dict(model="ckpt", prompt="The quick brown fox jumps over the lazy dog.", max_tokens=MAX_TOKENS_LIMIT,
+                  temperature=0)
+    plain = client.completions.create(**kwargs).choices[0].text
+    penalised = client.completions.create(frequency_penalty=2, presence_penalty=2, **kwargs).choices[0].text
+    assert penalised != plain
+    assert len(set(penalised.split())) >= len(set(plain.split()))
+
+
+def test_chat_text_parts_and_developer_role(client):
+    plain = client.chat.completions.create(model="ckpt", max_tokens=6, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox"}])
+    parts = client.chat.completions.create(model="ckpt", max_tokens=6, temperature=0, messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "The quick "}, {"type": "text", "text": "brown fox"}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/completions", {"prompt": "The", "logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"prompt": "The", "n": 2, "best_of": 3}, "best_of"),
+    ("/v1/completions", {"prompt": "The", "n": 0}, "n"),
+    ("/v1/completions", {"prompt": "The", "n": 65}, "n"),
+    ("/v1/completions", {"prompt": [1, 10 ** 9]}, "prompt"),
+    ("/v1/completions", {"prompt": []}, "prompt"),
+    ("/v1/completions", {"prompt": ["ok", ""]}, "prompt"),
+    ("/v1/completions", {"prompt": "The", "presence_penalty": 2.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "The", "frequency_penalty": -3}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "The", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "The", "logit_bias": {"5": 101}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "The", "echo": "yes"}, "echo"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "echo": True}, "echo"),
+], ids=["image-part", "top-logprobs-without-logprobs", "top-logprobs-21", "logprobs-6", "best-of-not-n", "n-0",
+        "n-65", "token-id-out-of-vocab", "empty-prompt-list", "empty-string-in-batch", "presence-out-of-range",
+        "frequency-out-of-range", "logit-bias-key", "logit-bias-value", "echo-not-bool", "echo-on-chat"])
+def test_bad_values_of_new_fields_are_refused(server, path, body, param):
+    assert_refused(post(server, path, {**body, "max_tokens": 2}), param)
+
+
+def test_tokenize_detokenize_and_model_by_id(server, client):
+    tokens = post(server, "/tokenize", {"prompt": "The quick brown"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] > tokens["count"]
+    usage = client.completions.create(model="ckpt", prompt="The quick brown", max_tokens=1).usage
+    assert usage.prompt_tokens == tokens["count"]  # the same encoding the generate endpoint bills
+    chat = post(server, "/tokenize", {"messages": MESSAGES}).json()
+    assert chat["count"] == client.chat.completions.create(model="ckpt", messages=MESSAGES, max_tokens=1).usage.prompt_tokens
+    assert "quick brown" in post(server, "/detokenize", {"tokens": tokens["tokens"]}).json()["prompt"]
+    assert client.models.retrieve("ckpt").id == "ckpt"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/tokenize", {"prompt": "x", "add_special_tokens": False}, "add_special_tokens"),
+    ("/tokenize", {}, "prompt"),
+    ("/detokenize", {"tokens": [-1]}, "tokens"),
+    ("/detokenize", {"tokens": "abc"}, "tokens"),
+])
+def test_tokenize_refuses_what_it_does_not_take(server, path, body, param):
+    assert_refused(post(server, path, body), param)
