@@ -25,6 +25,7 @@ from paddle_llm.cpu.threads import configure_cpu_runtime
 from paddle_llm.inference.manifest import FORMAT_FASTDEPLOY, load_manifest
 from paddle_llm.serving.fastdeploy import FastDeployBackend, FastDeployServer, find_fastdeploy
 from paddle_llm.serving.grpc_server import start_grpc_server, stop_grpc_server
+from paddle_llm.serving.http_limits import header_timeout_protocol
 from paddle_llm.serving.local_backend import LocalBackend
 from paddle_llm.serving.metrics import ServingMetrics
 from paddle_llm.serving.model import (
@@ -38,6 +39,7 @@ from paddle_llm.serving.model import (
 from paddle_llm.serving.openai.protocol import ServingLimits
 from paddle_llm.serving.process import free_port
 from paddle_llm.serving.rest import create_app, create_proxy_app
+from paddle_llm.serving.rest_common import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_REQUEST_BYTES
 
 API_KEY_ENV = "PADDLE_LLM_API_KEY"
 
@@ -62,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where --engine paddle/dygraph runs (gpu needs a CUDA build of Paddle)")
     parser.add_argument("--mkldnn", action="store_true",
                         help="use oneDNN kernels in Paddle Inference (measured slower here: decode shapes change every step)")
+    parser.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="larger request bodies get a 413 before they are read in full")
+    parser.add_argument("--body_timeout_seconds", type=float, default=DEFAULT_BODY_TIMEOUT_SECONDS,
+                        help="a request body not received within this gets a 408")
+    parser.add_argument("--header_timeout_seconds", type=float, default=10.0,
+                        help="a new connection whose request headers take longer is closed")
+    parser.add_argument("--timeout_keep_alive", type=int, default=5,
+                        help="seconds an idle keep-alive connection stays open")
+    parser.add_argument("--limit_concurrency", type=int, default=256,
+                        help="open connections at most; more get a 503 at once instead of a slot")
+    parser.add_argument("--max_header_bytes", type=int, default=64 * 1024,
+                        help="largest request line plus headers; more closes the connection")
     parser.add_argument("--graceful_shutdown_seconds", type=float, default=30.0,
                         help="how long in-flight requests may run after SIGTERM")
     parser.add_argument("--fastdeploy_port", type=int, help="port for the FastDeploy subprocess (default: a free one)")
@@ -77,9 +91,13 @@ def validate_args(args) -> None:
             raise ValueError(f"--{flag} must be in 1..65535, got {value}")
     if args.grpc_port is not None and args.grpc_port == args.port:
         raise ValueError("--grpc_port must differ from --port")
-    for flag in ("max_tokens_limit", "max_batch_size", "num_threads"):
+    for flag in ("max_tokens_limit", "max_batch_size", "num_threads", "max_request_bytes", "timeout_keep_alive",
+                 "limit_concurrency", "max_header_bytes"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("body_timeout_seconds", "header_timeout_seconds"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ValueError(f"--max_prompt_tokens must be at least 1, got {args.max_prompt_tokens}")
     if not os.path.isdir(args.model):
@@ -139,7 +157,7 @@ def serve(args) -> int:
             name = backend.model_name
         else:
             served, backend = _local_backend(args)
-            app = create_app(backend, metrics, args.api_key)
+            app = create_app(backend, metrics, args.api_key, args.max_request_bytes, args.body_timeout_seconds)
             engine = served.engine
             metrics.add_gauge("running_requests", "Requests decoding now.", lambda: engine.stats().running)
             metrics.add_gauge("waiting_requests", "Requests waiting for a batch slot.", lambda: engine.stats().waiting)
@@ -147,7 +165,10 @@ def serve(args) -> int:
         if args.grpc_port is not None:
             grpc_server = start_grpc_server(backend, metrics, args.host, args.grpc_port, args.api_key)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=args.graceful_shutdown_seconds)
+                                timeout_graceful_shutdown=args.graceful_shutdown_seconds,
+                                http=header_timeout_protocol(args.header_timeout_seconds),
+                                timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency,
+                                h11_max_incomplete_event_size=args.max_header_bytes)
         grpc_note = f", gRPC on {args.host}:{args.grpc_port}" if grpc_server else ""
         print(f"serving {name!r} ({args.engine}) on http://{args.host}:{args.port}{grpc_note}", flush=True)
         _keep_process_alive_after_uvicorn()

@@ -21,7 +21,13 @@ from paddle_llm.serving.openai.completions import router as completions
 from paddle_llm.serving.openai.models import router as models
 from paddle_llm.serving.openai.tokenize import router as tokenize
 from paddle_llm.serving.openai.protocol import RequestError
-from paddle_llm.serving.rest_common import ServingState, check_api_key, error_response
+from paddle_llm.serving.rest_common import (
+    DEFAULT_BODY_TIMEOUT_SECONDS,
+    DEFAULT_MAX_REQUEST_BYTES,
+    ServingState,
+    check_api_key,
+    error_response,
+)
 
 
 async def _request_error(_request: Request, err: RequestError):
@@ -37,15 +43,18 @@ def _base_app(title: str, state: ServingState) -> FastAPI:
     return app
 
 
-def create_app(backend: LocalBackend, metrics: ServingMetrics, api_key: str | None = None) -> FastAPI:
+def create_app(backend: LocalBackend, metrics: ServingMetrics, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS) -> FastAPI:
     """The REST app over a local engine.
 
     Args:
         backend: validation and the engine (see ``local_backend.LocalBackend``).
         metrics: where requests, tokens and latencies are counted.
         api_key: require this Bearer token on ``/v1/*`` (None: open).
+        max_request_bytes, body_timeout_seconds: see ``rest_common.ServingState``.
     """
-    app = _base_app("paddle_llm", ServingState(metrics, api_key, backend))
+    app = _base_app("paddle_llm", ServingState(metrics, api_key, backend, max_request_bytes, body_timeout_seconds))
     for endpoint in (models, completions, chat, tokenize):
         app.include_router(endpoint.router)
     return app

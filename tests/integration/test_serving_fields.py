@@ -5,6 +5,8 @@ test process can load the same weights and compute the model's own logits to che
 """
 
 import json
+import socket
+import time
 
 import httpx
 import openai
@@ -13,7 +15,11 @@ import pytest
 from tests.integration.server_process import ServerProcess
 from tests.integration.tiny_checkpoint import make_checkpoint
 
-MAX_TOKENS_LIMIT = 32
+MAX_TOKENS_LIMIT = 1500  # long enough that a dropped request left running would show
+MAX_REQUEST_BYTES = 1_000_000
+HEADER_TIMEOUT_SECONDS = 2
+BODY_TIMEOUT_SECONDS = 2
+LIMIT_CONCURRENCY = 24
 MESSAGES = [{"role": "user", "content": "The quick brown fox"}]
 
 
@@ -27,7 +33,10 @@ def checkpoint(tmp_path_factory):
 def server(checkpoint):
     root, path = checkpoint
     process = ServerProcess(["--model", path, "--engine", "dygraph", "--max_tokens_limit", str(MAX_TOKENS_LIMIT),
-                             "--num_threads", "1"], str(root / "server.log")).start()
+                             "--num_threads", "1", "--max_request_bytes", str(MAX_REQUEST_BYTES),
+                             "--header_timeout_seconds", str(HEADER_TIMEOUT_SECONDS),
+                             "--body_timeout_seconds", str(BODY_TIMEOUT_SECONDS),
+                             "--limit_concurrency", str(LIMIT_CONCURRENCY)], str(root / "server.log")).start()
     yield process
     assert process.stop() == 0, process.log_tail()
 
@@ -217,7 +226,7 @@ def test_logit_bias_forces_a_token(client, server):
 
 
 def test_frequency_penalty_changes_greedy_text(client):
-    kwargs = dict(model="ckpt", prompt="The quick brown fox jumps over the lazy dog.", max_tokens=MAX_TOKENS_LIMIT,
+    kwargs = dict(model="ckpt", prompt="The quick brown fox jumps over the lazy dog.", max_tokens=32,
                   temperature=0)
     plain = client.completions.create(**kwargs).choices[0].text
     penalised = client.completions.create(frequency_penalty=2, presence_penalty=2, **kwargs).choices[0].text
@@ -280,3 +289,73 @@ def test_tokenize_detokenize_and_model_by_id(server, client):
 ])
 def test_tokenize_refuses_what_it_does_not_take(server, path, body, param):
     assert_refused(post(server, path, body), param)
+
+
+# ---- item 4: faults ---------------------------------------------------------------------------------------------
+
+def metric(server, name: str, labels: str = "") -> float:
+    for line in httpx.get(server.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + labels + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_for(condition, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not condition():
+        time.sleep(0.2)
+
+
+GONE = '{protocol="http",endpoint="/v1/completions",status="499"}'
+
+
+def test_client_giving_up_on_a_plain_request_cancels_it(server, client):
+    gone_before = metric(server, "paddle_llm_requests_total", GONE)
+    for _ in range(4):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", timeout=0.5,
+                       json={"prompt": "The", "max_tokens": MAX_TOKENS_LIMIT, "temperature": 0})
+    # Left running, 4 x 1500 tokens would take far longer than the wait below, and end as 200s, not 499s.
+    wait_for(lambda: metric(server, "paddle_llm_requests_total", GONE) == gone_before + 4)
+    assert metric(server, "paddle_llm_requests_total", GONE) == gone_before + 4
+    assert metric(server, "paddle_llm_running_requests") == 0
+
+
+def test_body_over_the_limit_gets_413(server):
+    response = httpx.post(server.url + "/v1/completions", timeout=60,
+                          content=json.dumps({"prompt": "x" * (MAX_REQUEST_BYTES + 10)}))
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert "--max_request_bytes" in response.json()["error"]["message"]
+
+
+def test_prompt_no_context_could_hold_is_refused_before_tokenizing(server):
+    for path, body in (("/v1/completions", {"prompt": "fox " * 200_000}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "fox " * 200_000}]})):
+        response = post(server, path, body)
+        assert response.status_code == 400 and "characters" in response.json()["error"]["message"], response.text
+        assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_slow_headers_are_cut_off(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and then nothing more
+        assert sock.recv(1024) == b""  # the server closed it (a recv that timed out would raise)
+
+
+def test_slow_body_gets_408(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"prompt\":")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 408")
+
+
+def test_connections_over_the_limit_get_503(server):
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in range(LIMIT_CONCURRENCY)]
+    try:
+        time.sleep(0.5)  # let the server accept them all
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 503
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: httpx.get(server.url + "/health", timeout=30).status_code == 200)
+    assert httpx.get(server.url + "/health", timeout=30).status_code == 200

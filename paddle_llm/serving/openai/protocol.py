@@ -209,6 +209,7 @@ class EndpointProtocol:
         self.max_context_length = max_context_length
         self.limits = limits
         self._decode_text = None
+        self._longest_token_chars: int | None = None
 
     # ---- requests ------------------------------------------------------------------------------------------------
 
@@ -236,6 +237,17 @@ class EndpointProtocol:
 
     def _echo(self, body: dict) -> bool:
         return False
+
+    def check_text_length(self, characters: int) -> None:
+        """Refuse, before tokenizing it, a prompt longer than ``max_prompt_tokens`` tokens could ever spell (a
+        megabyte prompt takes seconds to tokenize, only to be refused). Raises: RequestError."""
+        if self._longest_token_chars is None:
+            self._longest_token_chars = max((len(piece) for piece in self.tokenizer.get_vocab()), default=1)
+        most = self.limits.max_prompt_tokens * self._longest_token_chars
+        if characters > most:
+            raise RequestError(f"the prompt has {characters} characters; this server accepts at most "
+                               f"{self.limits.max_prompt_tokens} tokens, which no text over {most} characters fits",
+                               param=self.prompt_param, code="context_length_exceeded")
 
     def check_token_ids(self, ids, param: str) -> list[int]:
         """Raises: RequestError unless ``ids`` is a non-empty list of this tokenizer's token ids."""

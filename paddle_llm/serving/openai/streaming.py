@@ -27,12 +27,9 @@ from paddle_llm.serving.openai.protocol import (
     PreparedRequest,
     RequestError,
     check_finished,
-    parse_json_body,
 )
-from paddle_llm.serving.rest_common import check_api_key, error_response, serving_state
+from paddle_llm.serving.rest_common import check_api_key, error_response, read_json_body, serving_state
 
-# How often a non-streamed request checks whether its client is still there.
-DISCONNECT_POLL_SECONDS = 0.5
 CLIENT_GONE = 499  # nginx's "client closed request": no response reached anyone
 # Proxies must pass each event on at once rather than buffer the stream.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -49,7 +46,8 @@ async def generate(request: Request, endpoint: type[EndpointProtocol]) -> Respon
     try:
         check_api_key(request)
         protocol = state.backend.endpoint(endpoint.kind)
-        prepared = protocol.prepare(parse_json_body(await request.body()))
+        # Tokenizing a long prompt takes a while: off the event loop, so other requests and /health go on meanwhile.
+        prepared = await asyncio.to_thread(protocol.prepare, await read_json_body(request))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, StreamEvent]] = asyncio.Queue()
 
@@ -110,17 +108,16 @@ class _Generation:
                                        time.perf_counter() - created, min(firsts) - created if firsts else None)
 
     async def whole(self, request: Request) -> Response:
-        """The non-streamed answer; polls for a client that hung up, since nothing is written until the end."""
+        """The non-streamed answer. Nothing is written until the end, so a watcher reads the connection meanwhile:
+        a client that hangs up cancels the request at the engine's next step."""
+        watcher = asyncio.ensure_future(self._watch_disconnect(request))
         try:
             while self.unfinished:
-                try:
-                    index, event = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_SECONDS)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        self._cancel_all()
-                        self._record_status(CLIENT_GONE)
-                        return Response(status_code=CLIENT_GONE)
-                    continue
+                index, event = await self.events.get()
+                if event is None:  # the watcher saw the client go
+                    self._cancel_all()
+                    self._record_status(CLIENT_GONE)
+                    return Response(status_code=CLIENT_GONE)
                 try:
                     check_finished(event)
                 except RequestError as err:
@@ -131,8 +128,18 @@ class _Generation:
         except asyncio.CancelledError:
             self._cancel_all()
             raise
+        finally:
+            watcher.cancel()
         self._record_success()
         return JSONResponse(self.protocol.response(self.request_id, self.prepared, self.choices))
+
+    async def _watch_disconnect(self, request: Request) -> None:
+        # Waiting on receive() keeps the server reading the socket, so a closed connection is seen at once (polling
+        # ``is_disconnected`` did not resume reading, and a dropped request decoded on to max_tokens).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self._cancel_all()
+        self.events.put_nowait((None, None))
 
     async def event_stream(self):
         """The SSE body; closing it early (the client went away) cancels the request."""

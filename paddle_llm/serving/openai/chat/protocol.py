@@ -25,6 +25,9 @@ class ChatProtocol(EndpointProtocol):
         if messages is None:
             raise RequestError("messages is required", param="messages")
         messages = _plain_messages(messages)
+        if isinstance(messages, list):
+            self.check_text_length(sum(len(m.get("content")) for m in messages
+                                       if isinstance(m, dict) and isinstance(m.get("content"), str)))
         try:
             render_chat(self.family.chat_template, messages, add_generation_prompt=True)  # validates, naming the bad field
             return [Prompt(self.encode(messages, templated=True))]

@@ -34,6 +34,7 @@ class CompletionsProtocol(EndpointProtocol):
         if isinstance(item, str):
             if not item:
                 raise RequestError(f"{where} must not be empty", param="prompt")
+            self.check_text_length(len(item))
             return Prompt(self.encode([{"role": "user", "content": item}], templated=False), item)
         try:
             return Prompt(self.check_token_ids(item, "prompt"))
