@@ -8,7 +8,8 @@ Examples::
     paddle-llm serve --model out/fd --engine fastdeploy --port 8000         # GPU: FastDeploy 2.x behind our front end
 
 SIGTERM or Ctrl-C shuts down gracefully: no new connections, in-flight requests finish (up to
-``--graceful_shutdown_seconds``), then the engine stops. Exit codes: 0 after a clean shutdown, 2 bad flags or model.
+``--graceful_shutdown_seconds``; those still running then get an error answer), then the engine stops. Exit codes:
+0 after a clean shutdown, 2 bad flags or model, 3 the drain period ended with requests unfinished.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from paddle_llm.serving.openai.protocol import ServingLimits
 from paddle_llm.serving.process import free_port
 from paddle_llm.serving.rest import create_app, create_proxy_app
 from paddle_llm.serving.rest_common import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_REQUEST_BYTES
+from paddle_llm.serving.shutdown import EXIT_DRAIN_CUT_SHORT, DrainingServer, drain_config_seconds
 
 API_KEY_ENV = "PADDLE_LLM_API_KEY"
 
@@ -77,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_header_bytes", type=int, default=64 * 1024,
                         help="largest request line plus headers; more closes the connection")
     parser.add_argument("--graceful_shutdown_seconds", type=float, default=30.0,
-                        help="how long in-flight requests may run after SIGTERM")
+                        help="how long in-flight requests may run after SIGTERM; those still running then get an "
+                             "error answer and serve exits 3")
     parser.add_argument("--fastdeploy_port", type=int, help="port for the FastDeploy subprocess (default: a free one)")
     parser.add_argument("--fastdeploy_args", default="", help="extra FastDeploy server flags, as one string")
     return parser
@@ -165,15 +168,16 @@ def serve(args) -> int:
         if args.grpc_port is not None:
             grpc_server = start_grpc_server(backend, metrics, args.host, args.grpc_port, args.api_key)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=args.graceful_shutdown_seconds,
+                                timeout_graceful_shutdown=drain_config_seconds(args.graceful_shutdown_seconds),
                                 http=header_timeout_protocol(args.header_timeout_seconds),
                                 timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency,
                                 h11_max_incomplete_event_size=args.max_header_bytes)
         grpc_note = f", gRPC on {args.host}:{args.grpc_port}" if grpc_server else ""
         print(f"serving {name!r} ({args.engine}) on http://{args.host}:{args.port}{grpc_note}", flush=True)
         _keep_process_alive_after_uvicorn()
-        uvicorn.Server(config).run()
-        return 0
+        server = DrainingServer(config, args.graceful_shutdown_seconds, None if served is None else served.engine)
+        server.run()
+        return EXIT_DRAIN_CUT_SHORT if server.drain_cut_short else 0
     finally:
         if grpc_server is not None:
             stop_grpc_server(*grpc_server, grace_seconds=args.graceful_shutdown_seconds)

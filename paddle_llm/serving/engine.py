@@ -216,6 +216,7 @@ class Engine:
         self._running: list[_Sequence] = []  # same order as the rows of self._batch
         self._batch = None
         self._closing = False
+        self._abort_reason: str | None = None
         self._stats = EngineStats()
         self._thread: threading.Thread | None = None
 
@@ -280,6 +281,13 @@ class Engine:
             snapshot.running, snapshot.waiting = len(self._running), len(self._waiting)
         return snapshot
 
+    def abort_all(self, reason: str) -> None:
+        """Fail every submitted request at the next step with ``finish_reason="error"`` and ``reason`` (safe from
+        any thread): how a shutdown whose drain period ran out still answers each request."""
+        with self._condition:
+            self._abort_reason = reason
+            self._condition.notify()
+
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop taking requests, finish the ones already submitted, then stop the thread.
 
@@ -299,12 +307,21 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._condition:
-                while not self._waiting and not self._running and not self._closing:
+                while not self._waiting and not self._running and not self._closing and self._abort_reason is None:
                     self._condition.wait()
-                if self._closing and not self._waiting and not self._running:
+                abort_reason, self._abort_reason = self._abort_reason, None
+                if abort_reason is not None:
+                    aborted, self._waiting = self._waiting + self._running, []
+                elif self._closing and not self._waiting and not self._running:
                     return
                 free = self.max_batch_size - len(self._running)
                 admitted, self._waiting = self._waiting[:free], self._waiting[free:]
+            if abort_reason is not None:
+                for sequence in aborted:  # _finish takes the lock itself
+                    if not sequence.finished:
+                        self._finish(sequence, FINISH_ERROR, error=abort_reason)
+                self._running, self._batch = [], None
+                continue
             admitted = [s for s in admitted if not self._finish_if_cancelled(s)]
             if admitted:
                 self._guarded(admitted, lambda: self._prefill(admitted))

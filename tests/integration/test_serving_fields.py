@@ -359,3 +359,48 @@ def test_connections_over_the_limit_get_503(server):
             sock.close()
     wait_for(lambda: httpx.get(server.url + "/health", timeout=30).status_code == 200)
     assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+
+
+def test_cancelled_grpc_stream_is_counted(server):
+    import grpc
+
+    from paddle_llm.serving import generation_pb2, generation_pb2_grpc
+
+    label = '{protocol="grpc",endpoint="GenerateStream",status="499"}'
+    before = metric(server, "paddle_llm_requests_total", label)
+    stub = generation_pb2_grpc.TextGenerationStub(grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}"))
+    call = stub.GenerateStream(generation_pb2.GenerateRequest(prompt="The", max_tokens=MAX_TOKENS_LIMIT, temperature=0),
+                               timeout=60)
+    next(call)
+    call.cancel()
+    wait_for(lambda: metric(server, "paddle_llm_requests_total", label) == before + 1)
+    assert metric(server, "paddle_llm_requests_total", label) == before + 1
+    wait_for(lambda: metric(server, "paddle_llm_running_requests") == 0)
+    assert metric(server, "paddle_llm_running_requests") == 0
+
+
+@pytest.mark.slow
+def test_drain_cut_short_answers_and_exits_3(checkpoint):
+    import concurrent.futures
+
+    root, path = checkpoint
+    process = ServerProcess(["--model", path, "--engine", "dygraph", "--max_tokens_limit", "2000",
+                             "--graceful_shutdown_seconds", "1", "--num_threads", "1"], str(root / "drain.log")).start()
+    long = {"prompt": "The", "max_tokens": 2000, "temperature": 0}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            plain = pool.submit(httpx.post, process.url + "/v1/completions", json=long, timeout=120)
+            with httpx.stream("POST", process.url + "/v1/completions", json={**long, "stream": True},
+                              timeout=120) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")
+                wait_for(lambda: metric(process, "paddle_llm_running_requests") == 2)
+                process.terminate()  # SIGTERM with both requests far from done
+                rest = [line for line in lines if line]
+            answer = plain.result()
+        assert answer.status_code == 500 and answer.headers["content-type"] == "application/json", answer.text
+        assert "--graceful_shutdown_seconds" in answer.json()["error"]["message"]
+        assert any("--graceful_shutdown_seconds" in line for line in rest if line.startswith('data: {"error"'))
+    finally:
+        code = process.stop()
+    assert code == 3, process.log_tail()

@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from paddle_llm.serving.engine import RequestHandle, StreamEvent
-from paddle_llm.serving.metrics import ServingMetrics
+from paddle_llm.serving.metrics import CLIENT_GONE, ServingMetrics
 from paddle_llm.serving.openai.protocol import (
     ChoiceOutput,
     EndpointProtocol,
@@ -30,7 +30,6 @@ from paddle_llm.serving.openai.protocol import (
 )
 from paddle_llm.serving.rest_common import check_api_key, error_response, read_json_body, serving_state
 
-CLIENT_GONE = 499  # nginx's "client closed request": no response reached anyone
 # Proxies must pass each event on at once rather than buffer the stream.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
