@@ -67,17 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mkldnn", action="store_true",
                         help="use oneDNN kernels in Paddle Inference (measured slower here: decode shapes change every step)")
     parser.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                        help="larger request bodies get a 413 before they are read in full")
+                        help="larger request bodies get a 413 before they are read in full (default: %(default)s)")
     parser.add_argument("--body_timeout_seconds", type=float, default=DEFAULT_BODY_TIMEOUT_SECONDS,
-                        help="a request body not received within this gets a 408")
+                        help="a request body not received within this many seconds gets a 408 (default: %(default)s)")
     parser.add_argument("--header_timeout_seconds", type=float, default=10.0,
-                        help="a new connection whose request headers take longer is closed")
+                        help="a new connection whose request headers take longer (seconds) is closed (default: %(default)s)")
     parser.add_argument("--timeout_keep_alive", type=int, default=5,
-                        help="seconds an idle keep-alive connection stays open")
+                        help="seconds an idle keep-alive connection stays open (default: %(default)s)")
     parser.add_argument("--limit_concurrency", type=int, default=256,
-                        help="open connections at most; more get a 503 at once instead of a slot")
+                        help="open connections at most; more get a 503 at once instead of a slot (default: %(default)s)")
     parser.add_argument("--max_header_bytes", type=int, default=64 * 1024,
-                        help="largest request line plus headers; more closes the connection")
+                        help="largest request line plus headers in bytes; more closes the connection (default: %(default)s)")
     parser.add_argument("--graceful_shutdown_seconds", type=float, default=30.0,
                         help="how long in-flight requests may run after SIGTERM; those still running then get an "
                              "error answer and serve exits 3")

@@ -1,7 +1,8 @@
 """What every OpenAI endpoint shares, for the REST and gRPC front ends alike (no web imports).
 
-Requests are checked field by field, so a bad one gets a 400 whose message names the field (``param``), in
-OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``. ``EndpointProtocol`` holds the checks and
+Requests are checked field by field against each endpoint's table of the fields it honours (``COMMON_FIELDS`` plus
+its own), so an unknown or unsupported field, or a bad value, gets a 400 whose message names the field (``param``),
+in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``. ``EndpointProtocol`` holds the checks and
 response envelopes both generate endpoints use; ``completions.protocol`` and ``chat.protocol`` say only where the two
 differ (how the prompt is read, how a choice is shaped), so REST and gRPC, completions and chat, cannot drift apart.
 """
@@ -190,8 +191,9 @@ def check_fields(body: dict, accepted: dict[str, str], path: str) -> None:
 class EndpointProtocol:
     """One generate endpoint's contract for one served model: validating a body, building responses and chunks.
 
-    A subclass names its endpoint (the class attributes below) and supplies ``_prompt_ids`` and ``_content``;
-    everything else (the model check, sampling fields, limits, the response envelope, usage) is shared here.
+    A subclass names its endpoint and its own fields (the class attributes below) and supplies ``prompts``,
+    ``_logprobs``, ``_content`` and ``_choice_logprobs``; everything else (the field table check, the model check,
+    sampling fields, limits, choices, the response envelope, usage) is shared here.
     """
 
     own_fields: dict[str, str]  # the fields this endpoint honours besides COMMON_FIELDS, and what they do
