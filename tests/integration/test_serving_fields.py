@@ -404,3 +404,17 @@ def test_drain_cut_short_answers_and_exits_3(checkpoint):
     finally:
         code = process.stop()
     assert code == 3, process.log_tail()
+
+
+def test_streamed_chat_n_and_streamed_echo_match_plain(client):
+    kwargs = dict(model="ckpt", messages=MESSAGES, max_tokens=5, temperature=0.9, seed=7, n=2)
+    plain = client.chat.completions.create(**kwargs)
+    texts = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == {c.index: c.message.content for c in plain.choices}
+    echo = dict(model="ckpt", prompt="The quick", max_tokens=4, temperature=0, echo=True)
+    whole = client.completions.create(**echo).choices[0].text
+    assert whole.startswith("The quick")
+    assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **echo)) == whole
