@@ -8,7 +8,8 @@ Examples::
     paddle-llm serve --model out/fd --engine fastdeploy --port 8000         # GPU: FastDeploy 2.x behind our front end
 
 SIGTERM or Ctrl-C shuts down gracefully: no new connections, in-flight requests finish (up to
-``--graceful_shutdown_seconds``), then the engine stops. Exit codes: 0 after a clean shutdown, 2 bad flags or model.
+``--graceful_shutdown_seconds``; those still running then get an error answer), then the engine stops. Exit codes:
+0 after a clean shutdown, 2 bad flags or model, 3 the drain period ended with requests unfinished.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from paddle_llm.cpu.threads import configure_cpu_runtime
 from paddle_llm.inference.manifest import FORMAT_FASTDEPLOY, load_manifest
 from paddle_llm.serving.fastdeploy import FastDeployBackend, FastDeployServer, find_fastdeploy
 from paddle_llm.serving.grpc_server import start_grpc_server, stop_grpc_server
+from paddle_llm.serving.http_limits import header_timeout_protocol
 from paddle_llm.serving.local_backend import LocalBackend
 from paddle_llm.serving.metrics import ServingMetrics
 from paddle_llm.serving.model import (
@@ -38,6 +40,8 @@ from paddle_llm.serving.model import (
 from paddle_llm.serving.openai.protocol import ServingLimits
 from paddle_llm.serving.process import free_port, require_port_free
 from paddle_llm.serving.rest import create_app, create_proxy_app
+from paddle_llm.serving.rest_common import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_REQUEST_BYTES
+from paddle_llm.serving.shutdown import EXIT_DRAIN_CUT_SHORT, DrainingServer, drain_config_seconds
 
 API_KEY_ENV = "PADDLE_LLM_API_KEY"
 
@@ -62,8 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where --engine paddle/dygraph runs (gpu needs a CUDA build of Paddle)")
     parser.add_argument("--mkldnn", action="store_true",
                         help="use oneDNN kernels in Paddle Inference (measured slower here: decode shapes change every step)")
+    parser.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="larger request bodies get a 413 before they are read in full (default: %(default)s)")
+    parser.add_argument("--body_timeout_seconds", type=float, default=DEFAULT_BODY_TIMEOUT_SECONDS,
+                        help="a request body not received within this many seconds gets a 408 (default: %(default)s)")
+    parser.add_argument("--header_timeout_seconds", type=float, default=10.0,
+                        help="a new connection whose request headers take longer (seconds) is closed (default: %(default)s)")
+    parser.add_argument("--timeout_keep_alive", type=int, default=5,
+                        help="seconds an idle keep-alive connection stays open (default: %(default)s)")
+    parser.add_argument("--limit_concurrency", type=int, default=256,
+                        help="open connections at most; more get a 503 at once instead of a slot (default: %(default)s)")
+    parser.add_argument("--max_header_bytes", type=int, default=64 * 1024,
+                        help="largest request line plus headers in bytes; more closes the connection (default: %(default)s)")
     parser.add_argument("--graceful_shutdown_seconds", type=float, default=30.0,
-                        help="how long in-flight requests may run after SIGTERM")
+                        help="how long in-flight requests may run after SIGTERM; those still running then get an "
+                             "error answer and serve exits 3")
     parser.add_argument("--fastdeploy_port", type=int, help="port for the FastDeploy subprocess (default: a free one)")
     parser.add_argument("--fastdeploy_args", default="", help="extra FastDeploy server flags, as one string")
     return parser
@@ -77,9 +94,13 @@ def validate_args(args) -> None:
             raise ValueError(f"--{flag} must be in 1..65535, got {value}")
     if args.grpc_port is not None and args.grpc_port == args.port:
         raise ValueError("--grpc_port must differ from --port")
-    for flag in ("max_tokens_limit", "max_batch_size", "num_threads"):
+    for flag in ("max_tokens_limit", "max_batch_size", "num_threads", "max_request_bytes", "timeout_keep_alive",
+                 "limit_concurrency", "max_header_bytes"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("body_timeout_seconds", "header_timeout_seconds"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ValueError(f"--max_prompt_tokens must be at least 1, got {args.max_prompt_tokens}")
     if not os.path.isdir(args.model):
@@ -142,7 +163,7 @@ def serve(args) -> int:
             name = backend.model_name
         else:
             served, backend = _local_backend(args)
-            app = create_app(backend, metrics, args.api_key)
+            app = create_app(backend, metrics, args.api_key, args.max_request_bytes, args.body_timeout_seconds)
             engine = served.engine
             metrics.add_gauge("running_requests", "Requests decoding now.", lambda: engine.stats().running)
             metrics.add_gauge("waiting_requests", "Requests waiting for a batch slot.", lambda: engine.stats().waiting)
@@ -150,12 +171,16 @@ def serve(args) -> int:
         if args.grpc_port is not None:
             grpc_server = start_grpc_server(backend, metrics, args.host, args.grpc_port, args.api_key)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=args.graceful_shutdown_seconds)
+                                timeout_graceful_shutdown=drain_config_seconds(args.graceful_shutdown_seconds),
+                                http=header_timeout_protocol(args.header_timeout_seconds),
+                                timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency,
+                                h11_max_incomplete_event_size=args.max_header_bytes)
         grpc_note = f", gRPC on {args.host}:{args.grpc_port}" if grpc_server else ""
         print(f"serving {name!r} ({args.engine}) on http://{args.host}:{args.port}{grpc_note}", flush=True)
         _keep_process_alive_after_uvicorn()
-        uvicorn.Server(config).run()
-        return 0
+        server = DrainingServer(config, args.graceful_shutdown_seconds, None if served is None else served.engine)
+        server.run()
+        return EXIT_DRAIN_CUT_SHORT if server.drain_cut_short else 0
     finally:
         if grpc_server is not None:
             stop_grpc_server(*grpc_server, grace_seconds=args.graceful_shutdown_seconds)

@@ -20,18 +20,34 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from paddle_llm.serving.sampling import SamplingParams, sample_token
+from paddle_llm.serving.sampling import NO_TOKENS, SamplingParams, log_softmax, sample_token
 from paddle_llm.serving.text_stream import IncrementalDetokenizer, StopStringFilter, text_decoder
 
 FINISH_STOP = "stop"  # EOS token or a stop string
 FINISH_LENGTH = "length"  # max_tokens or the context ran out
 FINISH_CANCELLED = "cancelled"  # the client went away
 FINISH_ERROR = "error"  # the model step raised; ``StreamEvent.error`` says why
-NO_TOKENS = np.zeros(0, dtype="int64")
 
 
 class EngineClosedError(RuntimeError):
     """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (raw logits: before bias, penalties and temperature), and the most
+    likely alternatives at its position, best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token_id: int, top: int) -> TokenLogprob:
+    """``token_id``'s log-probability in one row of logits, with the ``top`` most likely ids."""
+    logprobs = log_softmax(logits)
+    best = np.argsort(-logprobs, kind="stable")[:top] if top else ()
+    return TokenLogprob(int(token_id), float(logprobs[token_id]), tuple((int(i), float(logprobs[i])) for i in best))
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,7 @@ class StreamEvent:
         finish_reason: None until the last event; then ``stop``, ``length``, ``cancelled`` or ``error``.
         prompt_tokens, completion_tokens: usage so far.
         error: what went wrong when ``finish_reason == "error"``.
+        logprobs: one per id in ``token_ids`` when the request asked for logprobs (``SamplingParams.logprobs``).
     """
 
     text: str
@@ -52,6 +69,7 @@ class StreamEvent:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,8 @@ class RequestHandle:
         self.created = time.perf_counter()
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
+        # With ``SamplingParams.prompt_logprobs``: one per prompt token after the first, set before the first event.
+        self.prompt_logprobs: tuple[TokenLogprob, ...] = ()
         self._events: queue.Queue | None = None if listener else queue.Queue()
         self._listener = listener or self._events.put
         self._cancelled = threading.Event()
@@ -141,6 +161,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     last_token: int = -1
     finished: bool = False
+    last_logprob: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -195,6 +216,7 @@ class Engine:
         self._running: list[_Sequence] = []  # same order as the rows of self._batch
         self._batch = None
         self._closing = False
+        self._abort_reason: str | None = None
         self._stats = EngineStats()
         self._thread: threading.Thread | None = None
 
@@ -259,6 +281,13 @@ class Engine:
             snapshot.running, snapshot.waiting = len(self._running), len(self._waiting)
         return snapshot
 
+    def abort_all(self, reason: str) -> None:
+        """Fail every submitted request at the next step with ``finish_reason="error"`` and ``reason`` (safe from
+        any thread): how a shutdown whose drain period ran out still answers each request."""
+        with self._condition:
+            self._abort_reason = reason
+            self._condition.notify()
+
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop taking requests, finish the ones already submitted, then stop the thread.
 
@@ -278,12 +307,21 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._condition:
-                while not self._waiting and not self._running and not self._closing:
+                while not self._waiting and not self._running and not self._closing and self._abort_reason is None:
                     self._condition.wait()
-                if self._closing and not self._waiting and not self._running:
+                abort_reason, self._abort_reason = self._abort_reason, None
+                if abort_reason is not None:
+                    aborted, self._waiting = self._waiting + self._running, []
+                elif self._closing and not self._waiting and not self._running:
                     return
                 free = self.max_batch_size - len(self._running)
                 admitted, self._waiting = self._waiting[:free], self._waiting[free:]
+            if abort_reason is not None:
+                for sequence in aborted:  # _finish takes the lock itself
+                    if not sequence.finished:
+                        self._finish(sequence, FINISH_ERROR, error=abort_reason)
+                self._running, self._batch = [], None
+                continue
             admitted = [s for s in admitted if not self._finish_if_cancelled(s)]
             if admitted:
                 self._guarded(admitted, lambda: self._prefill(admitted))
@@ -306,6 +344,9 @@ class Engine:
             self._running, self._batch = [], None
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
+        for sequence in admitted:
+            if sequence.params.prompt_logprobs:
+                sequence.handle.prompt_logprobs = self._score_prompt(sequence)
         logits, new_batch = self.decoder.prefill([s.prompt_ids for s in admitted])
         with self._condition:
             self._stats.prefill_batches += 1
@@ -313,6 +354,22 @@ class Engine:
         if survivors:
             self._batch = self.decoder.merge(self._batch, self.decoder.select(new_batch, survivors))
             self._running.extend(admitted[row] for row in survivors)
+
+    def _score_prompt(self, sequence: _Sequence) -> tuple[TokenLogprob, ...]:
+        """Each prompt token's log-probability given the tokens before it.
+
+        The step graph returns only the last position's logits, so the prompt is fed one token at a time through
+        its own one-row cache: as many steps as the prompt is long, paid only by requests that ask (``echo`` with
+        ``logprobs``).
+        """
+        prompt, top = sequence.prompt_ids, sequence.params.logprobs or 0
+        logits, batch = self.decoder.prefill([prompt[:1]])
+        scored = []
+        for position in range(1, len(prompt)):
+            scored.append(token_logprob(logits[0][: self.sampled_vocab_size], prompt[position], top))
+            if position + 1 < len(prompt):
+                logits, batch = self.decoder.decode(batch, [prompt[position]])
+        return tuple(scored)
 
     def _decode_step(self) -> None:
         logits, batch = self.decoder.decode(self._batch, [s.last_token for s in self._running])
@@ -338,10 +395,17 @@ class Engine:
         if sequence.handle.cancelled:
             self._finish(sequence, FINISH_CANCELLED)
             return True
-        # The history array is only needed (and only worth building) when a repetition penalty applies.
-        seen = np.asarray(sequence.seen_ids, dtype="int64") if sequence.params.repetition_penalty != 1.0 else NO_TOKENS
-        token = sample_token(logits[: self.sampled_vocab_size], sequence.params, sequence.rng, seen)
+        params = sequence.params
+        # The history arrays are only needed (and only worth building) when a penalty applies.
+        seen = np.asarray(sequence.seen_ids, dtype="int64") if params.repetition_penalty != 1.0 else NO_TOKENS
+        penalised = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        generated = np.asarray(sequence.generated, dtype="int64") if penalised else NO_TOKENS
+        logits = logits[: self.sampled_vocab_size]
+        token = sample_token(logits, params, sequence.rng, seen, generated)
+        if params.logprobs is not None:
+            sequence.last_logprob = (token_logprob(logits, token, params.logprobs),)
         if token in self.eos_token_ids:
+            sequence.last_logprob = ()  # EOS is no part of the text, so it gets no logprob entry (as OpenAI's)
             self._finish(sequence, FINISH_STOP, token_ids=(token,))
             return True
         sequence.generated.append(token)
@@ -372,4 +436,5 @@ class Engine:
 
     @staticmethod
     def _event(sequence: _Sequence, text: str, token_ids: tuple, reason: str | None, error: str | None = None):
-        return StreamEvent(text, token_ids, reason, len(sequence.prompt_ids), len(sequence.generated), error)
+        logprobs = sequence.last_logprob if token_ids else ()
+        return StreamEvent(text, token_ids, reason, len(sequence.prompt_ids), len(sequence.generated), error, logprobs)

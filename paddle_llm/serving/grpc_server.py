@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from paddle_llm.serving import generation_pb2, generation_pb2_grpc
-from paddle_llm.serving.metrics import ServingMetrics
+from paddle_llm.serving.metrics import CLIENT_GONE, ServingMetrics
 from paddle_llm.serving.openai.protocol import RequestError, bearer_token_matches, check_finished
 
 SERVICE_NAME = "paddle_llm.serving.v1.TextGeneration"
@@ -104,7 +104,7 @@ class TextGenerationService(generation_pb2_grpc.TextGenerationServicer):
                 first_token = time.perf_counter()
             pieces.append(last.text)
         if last is None or last.finish_reason is None:  # the client cancelled; the engine dropped the request
-            self.metrics.record_request("grpc", "Generate", 499)
+            self.metrics.record_request("grpc", "Generate", CLIENT_GONE)
             context.abort(grpc.StatusCode.CANCELLED, "request cancelled")
         self._finish("Generate", last, started, first_token, context)
         return generation_pb2.GenerateResponse(text="".join(pieces), finish_reason=last.finish_reason,
@@ -113,16 +113,23 @@ class TextGenerationService(generation_pb2_grpc.TextGenerationServicer):
     def GenerateStream(self, request, context):
         started, first_token = time.perf_counter(), None
         stream = self._open(request, context, "GenerateStream")
-        for event in stream:
-            if first_token is None and (event.text or event.token_ids):
-                first_token = time.perf_counter()
-            if event.finish_reason is not None:
-                self._finish("GenerateStream", event, started, first_token, context)
-                yield generation_pb2.GenerateResponse(text=event.text, finish_reason=event.finish_reason,
-                                                      usage=self._usage(event))
-                return
-            if event.text:
-                yield generation_pb2.GenerateResponse(text=event.text, usage=self._usage(event))
+        finished = False
+        try:
+            for event in stream:
+                if first_token is None and (event.text or event.token_ids):
+                    first_token = time.perf_counter()
+                if event.finish_reason is not None:
+                    finished = True
+                    self._finish("GenerateStream", event, started, first_token, context)
+                    yield generation_pb2.GenerateResponse(text=event.text, finish_reason=event.finish_reason,
+                                                          usage=self._usage(event))
+                    return
+                if event.text:
+                    yield generation_pb2.GenerateResponse(text=event.text, usage=self._usage(event))
+        finally:
+            # The client cancelled (the stream ended without a finish, or gRPC closed this generator at a yield).
+            if not finished:
+                self.metrics.record_request("grpc", "GenerateStream", CLIENT_GONE)
 
 
 def start_grpc_server(backend, metrics: ServingMetrics, host: str, port: int, api_key: str | None = None,

@@ -35,12 +35,25 @@ class LocalBackend:
     def prepare(self, kind: str, body: dict) -> PreparedRequest:
         return self.endpoint(kind).prepare(body)
 
-    def submit(self, prepared: PreparedRequest, listener=None) -> RequestHandle:
-        """Raises: RequestError 503 while shutting down."""
+    def submit(self, prepared: PreparedRequest, listener_for=None) -> list[RequestHandle]:
+        """Submit every choice of a request (``n`` per prompt), in choice-index order.
+
+        Args:
+            listener_for: ``index -> listener`` for each choice's events (None: iterable handles).
+
+        Raises:
+            RequestError: 503 while shutting down (choices already submitted are cancelled).
+        """
+        handles = []
         try:
-            return self.served.engine.submit(prepared.prompt_ids, prepared.params, listener)
+            for index, (prompt, params) in enumerate(prepared.choices()):
+                listener = None if listener_for is None else listener_for(index)
+                handles.append(self.served.engine.submit(prompt.ids, params, listener))
         except EngineClosedError as err:
+            for handle in handles:
+                handle.cancel()
             raise RequestError(str(err), status=503, error_type="server_error") from None
+        return handles
 
     def stream(self, kind: str, body: dict) -> "EventStream":
         """Validate and submit; the result yields events (blocking) and can be cancelled from any thread.
@@ -48,7 +61,10 @@ class LocalBackend:
         Raises:
             RequestError: invalid request, before anything is generated.
         """
-        return EventStream(self.submit(self.prepare(kind, body)))
+        prepared = self.prepare(kind, body)
+        if len(prepared.choices()) != 1:  # gRPC's GenerateRequest has one prompt and no n
+            raise RequestError("this front end returns one choice per request", param="n")
+        return EventStream(self.submit(prepared)[0])
 
 
 class EventStream:

@@ -12,6 +12,9 @@ from typing import Callable
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 PREFIX = "paddle_llm_"
+# The status a request is counted with when its client went away first (nginx's "client closed request"), REST
+# and gRPC alike.
+CLIENT_GONE = 499
 
 
 class _Histogram:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible REST server (FastAPI + uvicorn): assembling the app from its routers.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (plain JSON, or SSE with ``"stream": true``),
-``GET /v1/models`` (each in ``openai/<endpoint>/router.py``), ``GET /health`` and ``GET /metrics`` (``health``).
+``GET /v1/models`` and ``/v1/models/{id}``, ``POST /tokenize`` and ``/detokenize`` (each in
+``openai/<endpoint>/router.py``), ``GET /health`` and ``GET /metrics`` (``health``).
 With an API key, ``/v1/*`` needs ``Authorization: Bearer <key>``; ``/health`` and ``/metrics`` stay open for probes.
 """
 
@@ -18,8 +19,15 @@ from paddle_llm.serving.metrics import ServingMetrics
 from paddle_llm.serving.openai.chat import router as chat
 from paddle_llm.serving.openai.completions import router as completions
 from paddle_llm.serving.openai.models import router as models
+from paddle_llm.serving.openai.tokenize import router as tokenize
 from paddle_llm.serving.openai.protocol import RequestError
-from paddle_llm.serving.rest_common import ServingState, check_api_key, error_response
+from paddle_llm.serving.rest_common import (
+    DEFAULT_BODY_TIMEOUT_SECONDS,
+    DEFAULT_MAX_REQUEST_BYTES,
+    ServingState,
+    check_api_key,
+    error_response,
+)
 
 
 async def _request_error(_request: Request, err: RequestError):
@@ -35,16 +43,19 @@ def _base_app(title: str, state: ServingState) -> FastAPI:
     return app
 
 
-def create_app(backend: LocalBackend, metrics: ServingMetrics, api_key: str | None = None) -> FastAPI:
+def create_app(backend: LocalBackend, metrics: ServingMetrics, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               body_timeout_seconds: float = DEFAULT_BODY_TIMEOUT_SECONDS) -> FastAPI:
     """The REST app over a local engine.
 
     Args:
         backend: validation and the engine (see ``local_backend.LocalBackend``).
         metrics: where requests, tokens and latencies are counted.
         api_key: require this Bearer token on ``/v1/*`` (None: open).
+        max_request_bytes, body_timeout_seconds: see ``rest_common.ServingState``.
     """
-    app = _base_app("paddle_llm", ServingState(metrics, api_key, backend))
-    for endpoint in (models, completions, chat):
+    app = _base_app("paddle_llm", ServingState(metrics, api_key, backend, max_request_bytes, body_timeout_seconds))
+    for endpoint in (models, completions, chat, tokenize):
         app.include_router(endpoint.router)
     return app
 

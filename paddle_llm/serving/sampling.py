@@ -1,7 +1,9 @@
-"""Per-request sampling on one row of logits: repetition penalty, temperature, top-k, top-p, then a draw.
+"""Per-request sampling on one row of logits: logit bias, penalties, temperature, top-k, top-p, then a draw.
 
 Pure numpy, so every function is unit-tested without a model. The order matches Hugging Face / PaddleNLP logits
-processors: penalty on raw logits, then temperature, then top-k, then top-p over what is left.
+processors: bias and penalties on raw logits, then temperature, then top-k, then top-p over what is left. The
+presence and frequency penalties are OpenAI's: ``logit - frequency_penalty * count - presence_penalty * (count > 0)``
+over the tokens generated so far (not the prompt's).
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+MAX_TEMPERATURE = 2.0  # OpenAI's bound; beyond it sampling is close to uniform noise
+MAX_PENALTY = 2.0  # OpenAI's bound on presence_penalty and frequency_penalty, either sign
+MAX_LOGIT_BIAS = 100.0  # OpenAI's: -100 bans a token, 100 forces it
+MAX_TOP_LOGPROBS = 20
+NO_TOKENS = np.zeros(0, dtype="int64")
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -24,6 +31,10 @@ class SamplingParams:
             divided by it, negative ones multiplied).
         stop: strings that end the output; the stop string itself is not returned.
         seed: makes sampling reproducible per request; None draws from fresh entropy.
+        presence_penalty, frequency_penalty: OpenAI's penalties in [-2, 2] on tokens already generated.
+        logit_bias: ``(token_id, bias)`` pairs added to the raw logits, bias in [-100, 100].
+        logprobs: return each sampled token's log-probability and this many top alternatives (None: none).
+        prompt_logprobs: also return the log-probability of every prompt token after the first.
     """
 
     max_tokens: int = 64
@@ -33,13 +44,18 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = field(default=())
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
     def validate(self) -> None:
         """Raises: ValueError naming the field and its allowed range."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
@@ -50,6 +66,17 @@ class SamplingParams:
             raise ValueError("stop must hold non-empty strings")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)!r}")
+        for token_id, bias in self.logit_bias:
+            if not isinstance(token_id, int) or token_id < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token_id!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                 f"got {bias!r} for token {token_id}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -64,6 +91,27 @@ def apply_repetition_penalty(logits: np.ndarray, seen_token_ids: np.ndarray, pen
     seen = np.unique(seen_token_ids)
     values = logits[seen]
     logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def apply_logit_bias(logits: np.ndarray, logit_bias: tuple[tuple[int, float], ...]) -> np.ndarray:
+    """Add each ``(token_id, bias)`` to its logit (ids past the row are the caller's to refuse)."""
+    if not logit_bias:
+        return logits
+    logits = logits.copy()
+    for token_id, bias in logit_bias:
+        logits[token_id] += bias
+    return logits
+
+
+def apply_presence_frequency_penalty(logits: np.ndarray, generated_token_ids: np.ndarray, presence: float,
+                                     frequency: float) -> np.ndarray:
+    """OpenAI's penalties: each generated token's logit loses ``frequency * count + presence``."""
+    if (presence == 0.0 and frequency == 0.0) or generated_token_ids.size == 0:
+        return logits
+    logits = logits.copy()
+    tokens, counts = np.unique(generated_token_ids, return_counts=True)
+    logits[tokens] -= frequency * counts + presence
     return logits
 
 
@@ -94,7 +142,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return weights / weights.sum()
 
 
-def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen_token_ids: np.ndarray) -> int:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - np.max(logits)
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen_token_ids: np.ndarray,
+                 generated_token_ids: np.ndarray = NO_TOKENS) -> int:
     """Pick the next token from one row of logits.
 
     Args:
@@ -102,8 +156,12 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
         params: the request's sampling settings.
         rng: the request's own generator (seeded from ``params.seed``).
         seen_token_ids: prompt and generated ids, for the repetition penalty.
+        generated_token_ids: generated ids only, for the presence and frequency penalties.
     """
-    logits = apply_repetition_penalty(logits.astype(np.float64), seen_token_ids, params.repetition_penalty)
+    logits = apply_logit_bias(logits.astype(np.float64), params.logit_bias)
+    logits = apply_repetition_penalty(logits, seen_token_ids, params.repetition_penalty)
+    logits = apply_presence_frequency_penalty(logits, generated_token_ids, params.presence_penalty,
+                                              params.frequency_penalty)
     if params.greedy:
         return int(np.argmax(logits))
     logits = logits / params.temperature

@@ -42,6 +42,13 @@ def text_decoder(tokenizer) -> Callable[[list[int]], str]:
     return direct
 
 
+def token_piece(decode: Callable[[list[int]], str], context: Sequence[int], token_id: int) -> str:
+    """The text ``token_id`` adds after ``context`` (its last few ids), as logprobs name a token."""
+    window = list(context[-CONTEXT_TOKENS:])
+    before, after = decode(window), decode(window + [token_id])
+    return after[len(before):] if after.startswith(before) else decode([token_id])
+
+
 class IncrementalDetokenizer:
     """Decodes one token at a time, returning only the new text (vLLM's prefix/read offset scheme).
 

@@ -342,3 +342,32 @@ def test_real_model_rows_batched_match_rows_alone(implementation):
     logits, _ = decoder.decode(kept, [7])
     _, alone_batch = decoder.prefill([prompts[1] + [42]])
     np.testing.assert_allclose(logits[0], decoder.decode(alone_batch, [7])[0][0], atol=1e-4)
+
+
+def test_abort_all_fails_running_and_waiting_requests_with_the_reason():
+    engine, _ = toy_engine(max_batch_size=1, delay=0.01)
+    try:
+        running = engine.submit([3], SamplingParams(max_tokens=150, temperature=0))
+        waiting = engine.submit([4], SamplingParams(max_tokens=150, temperature=0))
+        engine.abort_all("drain over")
+        for handle in (running, waiting):
+            result = handle.result()
+            assert result.finish_reason == "error" and result.error == "drain over"
+        assert engine.generate([5], SamplingParams(max_tokens=3, temperature=0)).finish_reason == "length"
+    finally:
+        engine.shutdown()
+
+
+def test_logprobs_are_the_raw_rows_log_softmax_and_prompt_is_scored():
+    engine, _ = toy_engine()
+    try:
+        params = SamplingParams(max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=True)
+        handle = engine.submit([9, 1, 2], params)
+        events = list(handle)
+        entries = [entry for event in events for entry in event.logprobs]
+        assert [e.token_id for e in entries] == expected_tokens([9, 1, 2], 3)
+        for entry in entries:  # greedy: the sampled token is the most likely one
+            assert len(entry.top) == 2 and entry.top[0] == (entry.token_id, entry.logprob) and entry.logprob <= 0
+        assert [e.token_id for e in handle.prompt_logprobs] == [1, 2]
+    finally:
+        engine.shutdown()

@@ -1,0 +1,1 @@
+"""``/tokenize`` and ``/detokenize`` (vLLM's shapes): ``protocol`` (request and response shapes) and ``router``."""
