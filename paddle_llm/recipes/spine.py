@@ -32,7 +32,12 @@ from paddle_llm.models.registry import ModelFamily, ModelSource, build_config, b
 from paddle_llm.peft.lora import apply_lora, load_lora
 from paddle_llm.peft.prefix import apply_prefix
 from paddle_llm.peft.quantize import QuantSpec
-from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
+from paddle_llm.trainer.checkpoint import (
+    EXIT_CHECKPOINT_NOT_SAVED,
+    CheckpointNotSaved,
+    latest_complete_checkpoint,     remove_incomplete_checkpoints,
+    set_aside_damaged_checkpoints,
+)
 from paddle_llm.console import log, warn
 from paddle_llm.trainer.process_exit import end_launched_run
 
@@ -219,7 +224,8 @@ def install_collectives_when_distributed(device: str) -> None:
 
 def resume_checkpoint(training_args) -> str | None:
     """The checkpoint to resume from: ``--resume_from_checkpoint``, else the last complete one in ``output_dir``
-    (unless ``--overwrite_output_dir``); half-written checkpoints a crash left are removed first."""
+    (unless ``--overwrite_output_dir``) whose files match the sizes and checksums its marker recorded.
+    Half-written checkpoints a crash left are removed first; damaged marked ones are moved aside, never deleted."""
     import paddle
 
 
@@ -228,6 +234,8 @@ def resume_checkpoint(training_args) -> str | None:
         if training_args.process_index == 0:
             for path in remove_incomplete_checkpoints(training_args.output_dir):
                 log(f"removed {path}: its save never finished (crash mid-save)")
+            for path, moved_to, problems in set_aside_damaged_checkpoints(training_args.output_dir):
+                warn(f"{path} is damaged ({'; '.join(problems)}): moved to {moved_to} and not resumed from; the previous complete checkpoint is used")
         if paddle.distributed.get_world_size() > 1:
             paddle.distributed.barrier()
         resume_from = latest_complete_checkpoint(training_args.output_dir)
@@ -309,12 +317,18 @@ def add_run_callbacks(trainer, metrics_callback, **health_options) -> None:
 def train_save_evaluate(trainer, tokenizer, parsed: ParsedArgs, resume_from: str | None, tokens_per_row: float) -> None:
     """Every recipe's tail: train (resuming), save the model and tokenizer, evaluate, and write the metrics files,
     with ``report.html`` and ``run_summary.json`` (``ReportCallback``) for every run."""
+    from paddle_llm.trainer.preemption import PreemptionCallback
     from paddle_llm.trainer.report import ReportCallback
 
     training_args = trainer.args
     trainer.add_callback(ReportCallback(parsed.as_dict(), parsed.explicit))
+    preemption = PreemptionCallback()
+    trainer.add_callback(preemption)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
+        preempted = preemption.preempted(training_args.output_dir)
+        if preempted:
+            raise preempted
         metrics = dict(result.metrics)
         metrics["train_tokens_per_second"] = round(metrics.get("train_samples_per_second", 0.0) * tokens_per_row, 2)
         trainer.save_model()
@@ -361,7 +375,9 @@ def run_recipe(argv: list[str], recipe: Recipe) -> int:
     """The shared command-line flow of the training recipes: help, parse and validate, announce, fit.
 
     Configuration and data problems end with one line per problem and exit code 2, numerical-health failures with
-    a diagnosis and exit code 3; neither prints a traceback. A successful rank of a multi-process launch waits for
+    a diagnosis and exit code 3, a disk that filled during a checkpoint with what was and was not saved and exit
+    code 4, SIGTERM/SIGINT with a checkpoint and the command that resumes and exit code 75 (``preemption``); none
+    prints a traceback. A successful rank of a multi-process launch waits for
     its peers and exits here (``process_exit``).
 
     Args:
@@ -369,6 +385,7 @@ def run_recipe(argv: list[str], recipe: Recipe) -> int:
         recipe: what to run; errors are printed under its ``program`` name.
     """
     from paddle_llm.trainer.health import NumericalHealthError, print_health_error
+    from paddle_llm.trainer.preemption import EXIT_PREEMPTED, RunPreempted, resume_command
 
     program = recipe.program
     if any(flag in argv for flag in ("-h", "--help")):
@@ -391,4 +408,11 @@ def run_recipe(argv: list[str], recipe: Recipe) -> int:
         return EXIT_BAD_CONFIG
     except NumericalHealthError as err:
         return print_health_error(err, program)
+    except CheckpointNotSaved as err:
+        print(f"{program}: error: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT_NOT_SAVED
+    except RunPreempted as stopped:
+        if int(os.environ.get("PADDLE_TRAINER_ID", "0")) == 0:
+            print(f"{program}: stopped: {stopped}; exit code {EXIT_PREEMPTED}. Rerun the same command to resume from it: {resume_command()}", file=sys.stderr)
+        return end_launched_run(EXIT_PREEMPTED, ranks_agree=True)
     return end_launched_run(exit_code)

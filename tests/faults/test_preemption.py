@@ -1,0 +1,77 @@
+"""Preemption: SIGTERM/SIGINT during training saves a checkpoint at the step boundary, exits 75 and resumes to the
+loss curve of an uninterrupted run; a second signal exits at once; kill -9 during a save resumes from the previous
+checkpoint. Real training runs of tiny-llama on the demo data, one process and two under Paddle's launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import RUN_PRETRAIN, ROOT, read_metrics, run_script, subprocess_env, train_losses
+from tests.integration.test_pretrain import pretrain_flags
+
+EXIT_PREEMPTED = 75
+COMMON = dict(max_steps=24, save_steps=100, logging_steps=1, eval_steps=1000)
+
+
+def start(command: list[str], log_path: str) -> subprocess.Popen:
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable] + command, cwd=ROOT, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_step(process: subprocess.Popen, output_dir: str, step: int) -> None:
+    """Until metrics.jsonl records ``step`` (the run is inside its training loop)."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    while process.poll() is None:
+        if os.path.exists(path) and any(row.get("step", 0) >= step for row in read_metrics(output_dir)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended (exit {process.returncode}) before step {step}")
+
+
+def marked_checkpoints(output_dir: str) -> list[int]:
+    return sorted(
+        int(name.split("-")[1])
+        for name in os.listdir(output_dir)
+        if name.startswith("checkpoint-") and os.path.exists(os.path.join(output_dir, name, "paddle_llm_complete.json"))
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_losses(demo_data, tmp_path_factory) -> dict[int, float]:
+    reference = str(tmp_path_factory.mktemp("reference"))
+    run_script([RUN_PRETRAIN] + pretrain_flags(demo_data, reference, **COMMON))
+    return train_losses(reference)
+
+
+def assert_same_curve(resumed: dict[int, float], reference: dict[int, float]) -> None:
+    assert sorted(resumed) == sorted(reference)  # no step missing, none twice
+    for step, loss in reference.items():
+        assert resumed[step] == pytest.approx(loss, abs=1e-6), step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_at_the_step_boundary_and_the_rerun_continues_the_curve(demo_data, tmp_path, reference_losses, sent):
+    output = str(tmp_path / "run")
+    command = [RUN_PRETRAIN] + pretrain_flags(demo_data, output, **COMMON)
+    process = start(command, str(tmp_path / "log"))
+    wait_for_step(process, output, 3)
+    process.send_signal(sent)
+    assert process.wait(timeout=300) == EXIT_PREEMPTED
+    log = (tmp_path / "log").read_text()
+    [stopped] = marked_checkpoints(output)
+    assert 3 <= stopped < COMMON["max_steps"]
+    assert max(train_losses(output)) == stopped  # it stopped at the boundary it saved, nothing trained after
+    assert f"checkpoint-{stopped} (step {stopped}); exit code 75. Rerun the same command to resume from it: python {RUN_PRETRAIN} --model_name_or_path tiny-llama" in log
+    assert "Traceback" not in log
+
+    resumed = run_script(command)
+    assert f"resuming from {os.path.join(output, f'checkpoint-{stopped}')}" in resumed.stderr
+    assert_same_curve(train_losses(output), reference_losses)
