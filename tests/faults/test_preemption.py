@@ -75,3 +75,46 @@ def test_a_signal_saves_at_the_step_boundary_and_the_rerun_continues_the_curve(d
     resumed = run_script(command)
     assert f"resuming from {os.path.join(output, f'checkpoint-{stopped}')}" in resumed.stderr
     assert_same_curve(train_losses(output), reference_losses)
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """Rank -> pid of the workers Paddle's launcher started."""
+    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    ranks = {}
+    for pid in children:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        if b"PADDLE_TRAINER_ID" in env:
+            ranks[int(env[b"PADDLE_TRAINER_ID"])] = pid
+    return ranks
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_step_when_one_rank_is_signalled(demo_data, tmp_path):
+    reference = str(tmp_path / "reference")
+    output = str(tmp_path / "run")
+
+    def launch(output_dir: str, log_dir: str) -> list[str]:
+        return ["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", log_dir, RUN_PRETRAIN] + pretrain_flags(
+            demo_data, output_dir, **COMMON, per_device_train_batch_size=2
+        )
+
+    run_script(launch(reference, str(tmp_path / "reference_log")))
+    command = launch(output, str(tmp_path / "log"))
+    launcher = start(command, str(tmp_path / "launcher.log"))
+    wait_for_step(launcher, output, 3)
+    os.kill(worker_pids(launcher.pid)[1], signal.SIGTERM)  # a scheduler that reached one worker only
+    assert launcher.wait(timeout=300) == EXIT_PREEMPTED
+    rank_0_log = (tmp_path / "log" / "workerlog.0").read_text()
+    rank_1_log = (tmp_path / "log" / "workerlog.1").read_text()
+    [stopped] = marked_checkpoints(output)
+    assert max(train_losses(output)) == stopped
+    assert "received SIGTERM" in rank_1_log and "received SIGTERM" not in rank_0_log
+    assert f"another rank was signalled: saved {os.path.join(output, f'checkpoint-{stopped}')} (step {stopped}); exit code 75" in rank_0_log
+    assert "python -m paddle.distributed.launch --nproc_per_node 2 " + RUN_PRETRAIN in rank_0_log
+    assert "all 2 ranks finished" in rank_0_log
+
+    run_script(command)
+    assert "resuming from" in (tmp_path / "log" / "workerlog.0").read_text()
+    assert_same_curve(train_losses(output), train_losses(reference))
