@@ -44,11 +44,11 @@ def disk_full_message(checkpoint_dir: str, step: int, parameter_bytes: int) -> s
         kept = "there is no earlier complete checkpoint"
     free = shutil.disk_usage(output_dir).free
     return (
-        f"disk full while saving {checkpoint_dir} (step {step}): written {', '.join(written) or 'nothing'} "
-        f"({sum(os.path.getsize(os.path.join(checkpoint_dir, name)) for name in written) / 2**20:.1f} MiB); not saved: "
-        f"the rest of it and its completion marker, so it is never resumed (the next run removes it); {kept}. "
-        f"{free / 2**20:.1f} MiB free on {output_dir}, a checkpoint needs about {needed / 2**20:.1f} MiB ({basis}): "
-        "free that much (or pass another --output_dir) and rerun the same command"
+        f"disk full while saving {checkpoint_dir} (step {step}): on disk {', '.join(written) or 'nothing'} "
+        f"({sum(os.path.getsize(os.path.join(checkpoint_dir, name)) for name in written) / 2**20:.1f} MiB, one of them "
+        "cut short); not saved: whatever did not fit and the completion marker, so this checkpoint is never "
+        f"resumed (the next run removes it); {kept}. {free / 2**20:.1f} MiB free on {output_dir}, a checkpoint needs "
+        f"about {needed / 2**20:.1f} MiB ({basis}): free that much (or pass another --output_dir) and rerun the same command"
     )
 
 

@@ -67,3 +67,28 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(d
     assert {name: open(os.path.join(set_aside, name), "rb").read() for name in os.listdir(set_aside)} == damaged_files
     assert marked_checkpoints(output) == [8, 12]
     assert_same_curve(train_losses(output), train_losses(finished_run))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MiB tmpfs: room for one tiny-llama checkpoint (8 MiB with its optimizer state), not two."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    yield str(mount_point)
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_says_what_was_saved_and_what_is_needed(demo_data, small_disk):
+    output = os.path.join(small_disk, "run")
+    result = run_script([RUN_PRETRAIN] + pretrain_flags(demo_data, output, **{**COMMON, "save_total_limit": 5}), check=False)
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    [message] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert message.startswith(f"paddle-llm pretrain: error: disk full while saving {os.path.join(output, 'checkpoint-8')} (step 8): on disk ")
+    assert f"the last complete checkpoint {os.path.join(output, 'checkpoint-4')} is intact and a rerun resumes from it" in message
+    assert f"a checkpoint needs about 7.9 MiB (the size of {os.path.join(output, 'checkpoint-4')})" in message, message
+    assert marked_checkpoints(output) == [4]
