@@ -118,3 +118,65 @@ def test_two_processes_agree_on_the_step_when_one_rank_is_signalled(demo_data, t
     run_script(command)
     assert "resuming from" in (tmp_path / "log" / "workerlog.0").read_text()
     assert_same_curve(train_losses(output), train_losses(reference))
+
+
+def wait_for_text(process: subprocess.Popen, log_path: str, text: str) -> None:
+    while text not in open(log_path).read():
+        assert process.poll() is None, f"the run ended (exit {process.returncode}) before printing {text!r}"
+        time.sleep(0.001)
+
+
+def assert_marked_checkpoints_verify(output_dir: str) -> None:
+    from paddle_llm.trainer.checkpoint import checkpoint_problems
+
+    for step in marked_checkpoints(output_dir):
+        assert checkpoint_problems(os.path.join(output_dir, f"checkpoint-{step}")) == [], step
+
+
+@pytest.mark.slow
+def test_a_second_signal_exits_at_once_and_the_previous_checkpoint_is_resumed(demo_data, tmp_path, reference_losses):
+    output, log_path = str(tmp_path / "run"), str(tmp_path / "log")
+    command = [RUN_PRETRAIN] + pretrain_flags(demo_data, output, **{**COMMON, "save_steps": 2})
+    process = start(command, log_path)
+    wait_for_step(process, output, 3)
+    # Freeze the run between the signals so the second one arrives before the first is served.
+    process.send_signal(signal.SIGSTOP)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
+    wait_for_text(process, log_path, "received SIGTERM: saving a checkpoint after this step")
+    process.send_signal(signal.SIGSTOP)
+    time.sleep(1.5)  # past the window in which the launcher's repeats count as the first signal
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
+    assert process.wait(timeout=300) == -signal.SIGTERM
+    assert "received SIGTERM again: exiting now" in open(log_path).read()
+    assert_marked_checkpoints_verify(output)
+    latest = max(marked_checkpoints(output))
+
+    resumed = run_script(command)
+    assert f"resuming from {os.path.join(output, f'checkpoint-{latest}')}" in resumed.stderr
+    assert_same_curve(train_losses(output), reference_losses)
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(demo_data, tmp_path, reference_losses):
+    output = str(tmp_path / "run")
+    command = [RUN_PRETRAIN] + pretrain_flags(demo_data, output, **{**COMMON, "save_steps": 2})
+    process = start(command, str(tmp_path / "log"))
+    for step in range(4, COMMON["max_steps"], 2):  # the first save after step 2 that is caught before its marker
+        checkpoint = os.path.join(output, f"checkpoint-{step}")
+        while not os.path.isdir(checkpoint):
+            assert process.poll() is None, "the run ended before a save was caught in progress"
+            time.sleep(0.001)
+        process.send_signal(signal.SIGSTOP)
+        if not os.path.exists(os.path.join(checkpoint, "paddle_llm_complete.json")):
+            break
+        process.send_signal(signal.SIGCONT)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert os.path.isdir(checkpoint) and not os.path.exists(os.path.join(checkpoint, "paddle_llm_complete.json"))
+
+    resumed = run_script(command)
+    assert f"removed {checkpoint}: its save never finished" in resumed.stderr
+    assert f"resuming from {os.path.join(output, f'checkpoint-{step - 2}')}" in resumed.stderr
+    assert_same_curve(train_losses(output), reference_losses)
