@@ -24,6 +24,7 @@ from paddle_llm.config.parser import ArgumentError, parse_flags
 from paddle_llm.data.preference import PreferenceCollator, PreferenceLimits, build_preference_split
 from paddle_llm.data.sft import family_layout
 from paddle_llm.recipes.spine import (
+    RESUMING_HELP,
     RecipeSetup,
     add_run_callbacks,
     apply_fallbacks,
@@ -282,5 +283,5 @@ RECIPE = Recipe(
     arguments=_dataclass_types,
     setup=setup,
     fit=fit,
-    help=lambda: __doc__ + "\nFlags are PaddleNLP's llm/alignment/dpo/run_dpo.py flags; see docs/dpo.md.",
+    help=lambda: __doc__ + "\nFlags are PaddleNLP's llm/alignment/dpo/run_dpo.py flags; see docs/dpo.md.\n" + RESUMING_HELP,
 )

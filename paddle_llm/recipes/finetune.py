@@ -22,6 +22,7 @@ from paddle_llm.data.sft import Limits, SftCollator, build_split, family_layout,
 from paddle_llm.peft.lora import merge_lora
 from paddle_llm.peft.merge import save_model_atomically
 from paddle_llm.recipes.spine import (
+    RESUMING_HELP,
     RecipeSetup,
     add_run_callbacks,
     apply_fallbacks,
@@ -248,6 +249,6 @@ RECIPE = Recipe(
     arguments=_dataclass_types,
     setup=setup,
     fit=fit,
-    help=lambda: __doc__ + "\nFlags are PaddleNLP's finetune_generation.py flags; see docs/finetune.md.",
+    help=lambda: __doc__ + "\nFlags are PaddleNLP's finetune_generation.py flags; see docs/finetune.md.\n" + RESUMING_HELP,
     own_flags=("--dataset_name_or_path", "--lora", "--prefix_tuning", "--src_length", "--lora_path", "--prefix_path"),
 )

@@ -34,6 +34,7 @@ from paddle_llm.peft.prefix import apply_prefix
 from paddle_llm.peft.quantize import QuantSpec
 from paddle_llm.trainer.checkpoint import (
     EXIT_CHECKPOINT_NOT_SAVED,
+    EXIT_PREEMPTED,
     CheckpointNotSaved,
     latest_complete_checkpoint,     remove_incomplete_checkpoints,
     set_aside_damaged_checkpoints,
@@ -42,6 +43,10 @@ from paddle_llm.console import log, warn
 from paddle_llm.trainer.process_exit import end_launched_run
 
 EXIT_BAD_CONFIG = 2
+RESUMING_HELP = (
+    "Rerunning the same command after a crash resumes from the last complete checkpoint that verifies.\n"
+    f"SIGTERM or Ctrl-C saves a checkpoint after the current step and exits {EXIT_PREEMPTED}; a second signal exits at once."
+)
 
 def world_size() -> int:
     """Processes in this launch (1 when not launched); readable before any process group exists."""
@@ -385,7 +390,7 @@ def run_recipe(argv: list[str], recipe: Recipe) -> int:
         recipe: what to run; errors are printed under its ``program`` name.
     """
     from paddle_llm.trainer.health import NumericalHealthError, print_health_error
-    from paddle_llm.trainer.preemption import EXIT_PREEMPTED, RunPreempted, resume_command
+    from paddle_llm.trainer.preemption import RunPreempted, resume_command
 
     program = recipe.program
     if any(flag in argv for flag in ("-h", "--help")):

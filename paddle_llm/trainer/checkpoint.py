@@ -19,7 +19,8 @@ import re
 import shutil
 import zlib
 
-EXIT_CHECKPOINT_NOT_SAVED = 4
+EXIT_CHECKPOINT_NOT_SAVED = 4  # a disk filled during a save
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped on a signal after a checkpoint; the same command continues
 COMPLETE_MARKER = "paddle_llm_complete.json"
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 DAMAGED_PREFIX = "damaged-"

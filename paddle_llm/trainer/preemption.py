@@ -1,5 +1,5 @@
 """Preemption: SIGTERM or SIGINT during training saves a complete checkpoint at the next step boundary and exits
-with ``EXIT_PREEMPTED``; rerunning the same command resumes from it.
+with ``checkpoint.EXIT_PREEMPTED`` (75); rerunning the same command resumes from it.
 
 Followed Megatron-LM's ``--exit-signal-handler`` (``megatron/training/dist_signal_handler.py``): the handler only
 records the signal, and at each step boundary the ranks combine their flags with one collective, so every rank
@@ -27,7 +27,6 @@ from paddlenlp.trainer import TrainerCallback
 
 from paddle_llm.cpu.threads import launched_processes
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure; rerunning the same command continues the run
 REPEAT_WINDOW_SECONDS = 1.0
 WATCHED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
