@@ -90,18 +90,18 @@ def worker_pids(launcher_pid: int) -> dict[int, int]:
     return ranks
 
 
+def launch(demo_data: str, output_dir: str, log_dir: str) -> list[str]:
+    return ["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", log_dir, RUN_PRETRAIN] + pretrain_flags(
+        demo_data, output_dir, **COMMON, per_device_train_batch_size=2
+    )
+
+
 @pytest.mark.slow
 def test_two_processes_agree_on_the_step_when_one_rank_is_signalled(demo_data, tmp_path):
     reference = str(tmp_path / "reference")
     output = str(tmp_path / "run")
-
-    def launch(output_dir: str, log_dir: str) -> list[str]:
-        return ["-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", log_dir, RUN_PRETRAIN] + pretrain_flags(
-            demo_data, output_dir, **COMMON, per_device_train_batch_size=2
-        )
-
-    run_script(launch(reference, str(tmp_path / "reference_log")))
-    command = launch(output, str(tmp_path / "log"))
+    run_script(launch(demo_data, reference, str(tmp_path / "reference_log")))
+    command = launch(demo_data, output, str(tmp_path / "log"))
     launcher = start(command, str(tmp_path / "launcher.log"))
     wait_for_step(launcher, output, 3)
     os.kill(worker_pids(launcher.pid)[1], signal.SIGTERM)  # a scheduler that reached one worker only
@@ -180,3 +180,21 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(demo_data, tm
     assert f"removed {checkpoint}: its save never finished" in resumed.stderr
     assert f"resuming from {os.path.join(output, f'checkpoint-{step - 2}')}" in resumed.stderr
     assert_same_curve(train_losses(output), reference_losses)
+
+
+@pytest.mark.slow
+def test_a_signalled_launcher_forwards_it_and_both_ranks_save_the_same_step(demo_data, tmp_path):
+    """Paddle's launcher, signalled itself, sends SIGTERM to each worker up to three times 0.2 s apart and exits
+    with the signal's number (15) once they ended: its repeats must not count as a second signal."""
+    output = str(tmp_path / "run")
+    launcher = start(launch(demo_data, output, str(tmp_path / "log")), str(tmp_path / "launcher.log"))
+    wait_for_step(launcher, output, 3)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=300) == signal.SIGTERM
+    [stopped] = marked_checkpoints(output)
+    assert_marked_checkpoints_verify(output)
+    for rank in (0, 1):
+        rank_log = (tmp_path / "log" / f"workerlog.{rank}").read_text()
+        assert "received SIGTERM: saving a checkpoint after this step" in rank_log
+        assert "received SIGTERM again" not in rank_log
+    assert f"saved {os.path.join(output, f'checkpoint-{stopped}')} (step {stopped}); exit code 75" in (tmp_path / "log" / "workerlog.0").read_text()
