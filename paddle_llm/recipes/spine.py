@@ -36,7 +36,10 @@ from paddle_llm.trainer.checkpoint import (
     EXIT_CHECKPOINT_NOT_SAVED,
     EXIT_PREEMPTED,
     CheckpointNotSaved,
-    latest_complete_checkpoint,     remove_incomplete_checkpoints,
+    checkpoint_problems,
+    is_complete,
+    latest_complete_checkpoint,
+    remove_incomplete_checkpoints,
     set_aside_damaged_checkpoints,
 )
 from paddle_llm.console import log, warn
@@ -230,17 +233,27 @@ def install_collectives_when_distributed(device: str) -> None:
 def resume_checkpoint(training_args) -> str | None:
     """The checkpoint to resume from: ``--resume_from_checkpoint``, else the last complete one in ``output_dir``
     (unless ``--overwrite_output_dir``) whose files match the sizes and checksums its marker recorded.
-    Half-written checkpoints a crash left are removed first; damaged marked ones are moved aside, never deleted."""
+    Half-written checkpoints a crash left are removed first; damaged marked ones are moved aside, never deleted.
+
+    Raises:
+        ArgumentError: ``--resume_from_checkpoint`` names a marked checkpoint whose files no longer match it.
+    """
     import paddle
 
 
     resume_from = training_args.resume_from_checkpoint
+    if resume_from and os.path.isdir(resume_from) and is_complete(resume_from):
+        problems = checkpoint_problems(resume_from)
+        if problems:
+            raise ArgumentError(
+                f"--resume_from_checkpoint {resume_from}: damaged ({'; '.join(problems)}); pass an earlier checkpoint"
+            )
     if training_args.do_train and not training_args.overwrite_output_dir and resume_from is None:
         if training_args.process_index == 0:
             for path in remove_incomplete_checkpoints(training_args.output_dir):
                 log(f"removed {path}: its save never finished (crash mid-save)")
             for path, moved_to, problems in set_aside_damaged_checkpoints(training_args.output_dir):
-                warn(f"{path} is damaged ({'; '.join(problems)}): moved to {moved_to} and not resumed from; the previous complete checkpoint is used")
+                warn(f"{path} is damaged ({'; '.join(problems)}): moved to {moved_to} and not resumed from (an earlier complete one is, if there is one)")
         if paddle.distributed.get_world_size() > 1:
             paddle.distributed.barrier()
         resume_from = latest_complete_checkpoint(training_args.output_dir)
@@ -382,8 +395,8 @@ def run_recipe(argv: list[str], recipe: Recipe) -> int:
     Configuration and data problems end with one line per problem and exit code 2, numerical-health failures with
     a diagnosis and exit code 3, a disk that filled during a checkpoint with what was and was not saved and exit
     code 4, SIGTERM/SIGINT with a checkpoint and the command that resumes and exit code 75 (``preemption``); none
-    prints a traceback. A successful rank of a multi-process launch waits for
-    its peers and exits here (``process_exit``).
+    prints a traceback. A successful or preempted rank of a multi-process launch waits for its peers and exits here
+    (``process_exit``).
 
     Args:
         argv: the flags (a JSON args file may come first).

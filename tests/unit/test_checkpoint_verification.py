@@ -62,3 +62,19 @@ def test_damaged_newest_checkpoints_are_moved_aside_down_to_one_that_verifies(tm
     ]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "damaged-checkpoint-12", "damaged-checkpoint-12.1", "damaged-checkpoint-8"]
     assert set_aside_damaged_checkpoints(str(tmp_path)) == []
+
+
+def test_an_explicit_resume_from_a_damaged_checkpoint_is_refused_with_what_is_wrong(tmp_path):
+    import types
+
+    import pytest
+
+    from paddle_llm.config.parser import ArgumentError
+    from paddle_llm.recipes.spine import resume_checkpoint
+
+    path = saved_checkpoint(tmp_path, 4)
+    with open(os.path.join(path, "model_state.pdparams"), "r+b") as f:
+        f.truncate(10)
+    arguments = types.SimpleNamespace(resume_from_checkpoint=path, do_train=True, overwrite_output_dir=False, output_dir=str(tmp_path))
+    with pytest.raises(ArgumentError, match=r"--resume_from_checkpoint .*checkpoint-4: damaged \(model_state.pdparams has 10 bytes, 10000 were saved\); pass an earlier checkpoint"):
+        resume_checkpoint(arguments)
