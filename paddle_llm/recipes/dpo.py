@@ -24,6 +24,7 @@ from paddle_llm.config.parser import ArgumentError, parse_flags
 from paddle_llm.data.preference import PreferenceCollator, PreferenceLimits, build_preference_split
 from paddle_llm.data.sft import family_layout
 from paddle_llm.recipes.spine import (
+    RESUMING_HELP,
     RecipeSetup,
     add_run_callbacks,
     apply_fallbacks,
@@ -292,5 +293,5 @@ RECIPE = Recipe(
     fit=fit,
     help=lambda: __doc__ + "\nPairs whose chosen and rejected replies are the same teach no preference: they are counted in one\n"
     "warning line (the first few as file:line); --strict_data makes them an error.\n"
-    "\nFlags are PaddleNLP's llm/alignment/dpo/run_dpo.py flags; see docs/dpo.md.",
+    "\nFlags are PaddleNLP's llm/alignment/dpo/run_dpo.py flags; see docs/dpo.md.\n" + RESUMING_HELP,
 )

@@ -22,6 +22,7 @@ from paddle_llm.data.sft import Limits, SftCollator, build_split, family_layout,
 from paddle_llm.peft.lora import merge_lora
 from paddle_llm.peft.merge import save_model_atomically
 from paddle_llm.recipes.spine import (
+    RESUMING_HELP,
     RecipeSetup,
     add_run_callbacks,
     apply_fallbacks,
@@ -254,6 +255,6 @@ RECIPE = Recipe(
     fit=fit,
     help=lambda: __doc__ + "\nRecords with an empty reply train only the end-of-reply token: they are counted in one warning\n"
     "line (the first few as file:line); --strict_data makes them an error.\n"
-    "\nFlags are PaddleNLP's finetune_generation.py flags; see docs/finetune.md.",
+    "\nFlags are PaddleNLP's finetune_generation.py flags; see docs/finetune.md.\n" + RESUMING_HELP,
     own_flags=("--dataset_name_or_path", "--lora", "--prefix_tuning", "--src_length", "--lora_path", "--prefix_path"),
 )

@@ -12,6 +12,7 @@ from paddle_llm.config.parser import ArgumentError, format_help, parse_flags
 from paddle_llm.config.validation import check_split
 from paddle_llm.data.pretraining import CausalLMCollator, build_pretraining_datasets, check_data_prefixes, resolve_data_prefixes
 from paddle_llm.recipes.spine import (
+    RESUMING_HELP,
     RecipeSetup,
     add_run_callbacks,
     apply_fallbacks,
@@ -36,7 +37,7 @@ HELP_EPILOG = """examples:
   run_pretrain.py --model_name_or_path tiny-llama --input_dir data/demo --output_dir out --max_steps 100 \\
       --max_seq_length 128 --do_train --do_eval --device cpu
   python -m paddle.distributed.launch --nproc_per_node 2 run_pretrain.py args.json --device cpu
-Rerunning the same command after a crash resumes from the last complete checkpoint."""
+""" + RESUMING_HELP
 
 
 def _dataclass_types():

@@ -34,11 +34,24 @@ from paddle_llm.models.registry import ModelFamily, ModelSource, build_config, b
 from paddle_llm.peft.lora import apply_lora, load_lora
 from paddle_llm.peft.prefix import apply_prefix
 from paddle_llm.peft.quantize import QuantSpec
-from paddle_llm.trainer.checkpoint import latest_complete_checkpoint, remove_incomplete_checkpoints
+from paddle_llm.trainer.checkpoint import (
+    EXIT_CHECKPOINT_NOT_SAVED,
+    EXIT_PREEMPTED,
+    CheckpointNotSaved,
+    checkpoint_problems,
+    is_complete,
+    latest_complete_checkpoint,
+    remove_incomplete_checkpoints,
+    set_aside_damaged_checkpoints,
+)
 from paddle_llm.console import log, warn
 from paddle_llm.trainer.process_exit import end_launched_run
 
 EXIT_BAD_CONFIG = 2
+RESUMING_HELP = (
+    "Rerunning the same command after a crash resumes from the last complete checkpoint that verifies.\n"
+    f"SIGTERM or Ctrl-C saves a checkpoint after the current step and exits {EXIT_PREEMPTED}; a second signal exits at once."
+)
 
 def world_size() -> int:
     """Processes in this launch (1 when not launched); readable before any process group exists."""
@@ -280,15 +293,28 @@ def install_collectives_when_distributed(device: str) -> None:
 
 def resume_checkpoint(training_args) -> str | None:
     """The checkpoint to resume from: ``--resume_from_checkpoint``, else the last complete one in ``output_dir``
-    (unless ``--overwrite_output_dir``); half-written checkpoints a crash left are removed first."""
+    (unless ``--overwrite_output_dir``) whose files match the sizes and checksums its marker recorded.
+    Half-written checkpoints a crash left are removed first; damaged marked ones are moved aside, never deleted.
+
+    Raises:
+        ArgumentError: ``--resume_from_checkpoint`` names a marked checkpoint whose files no longer match it.
+    """
     import paddle
 
 
     resume_from = training_args.resume_from_checkpoint
+    if resume_from and os.path.isdir(resume_from) and is_complete(resume_from):
+        problems = checkpoint_problems(resume_from)
+        if problems:
+            raise ArgumentError(
+                f"--resume_from_checkpoint {resume_from}: damaged ({'; '.join(problems)}); pass an earlier checkpoint"
+            )
     if training_args.do_train and not training_args.overwrite_output_dir and resume_from is None:
         if training_args.process_index == 0:
             for path in remove_incomplete_checkpoints(training_args.output_dir):
                 log(f"removed {path}: its save never finished (crash mid-save)")
+            for path, moved_to, problems in set_aside_damaged_checkpoints(training_args.output_dir):
+                warn(f"{path} is damaged ({'; '.join(problems)}): moved to {moved_to} and not resumed from (an earlier complete one is, if there is one)")
         if paddle.distributed.get_world_size() > 1:
             paddle.distributed.barrier()
         resume_from = latest_complete_checkpoint(training_args.output_dir)
@@ -370,12 +396,18 @@ def add_run_callbacks(trainer, metrics_callback, **health_options) -> None:
 def train_save_evaluate(trainer, tokenizer, parsed: ParsedArgs, resume_from: str | None, tokens_per_row: float) -> None:
     """Every recipe's tail: train (resuming), save the model and tokenizer, evaluate, and write the metrics files,
     with ``report.html`` and ``run_summary.json`` (``ReportCallback``) for every run."""
+    from paddle_llm.trainer.preemption import PreemptionCallback
     from paddle_llm.trainer.report import ReportCallback
 
     training_args = trainer.args
     trainer.add_callback(ReportCallback(parsed.as_dict(), parsed.explicit))
+    preemption = PreemptionCallback()
+    trainer.add_callback(preemption)
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=resume_from)
+        preempted = preemption.preempted(training_args.output_dir)
+        if preempted:
+            raise preempted
         metrics = dict(result.metrics)
         metrics["train_tokens_per_second"] = round(metrics.get("train_samples_per_second", 0.0) * tokens_per_row, 2)
         trainer.save_model()
@@ -421,15 +453,18 @@ class Recipe:
 def run_recipe(argv: list[str], recipe: Recipe) -> int:
     """The shared command-line flow of the training recipes: help, parse and validate, announce, fit.
 
-    Configuration, data and checkpoint-file problems end with one line per problem and exit code 2, numerical-health failures with
-    a diagnosis and exit code 3; neither prints a traceback. A successful rank of a multi-process launch waits for
-    its peers and exits here (``process_exit``).
+    Configuration, data and checkpoint-file problems end with one line per problem and exit code 2, numerical-health
+    failures with a diagnosis and exit code 3, a disk that filled during a checkpoint with what was and was not saved
+    and exit code 4, SIGTERM/SIGINT with a checkpoint and the command that resumes and exit code 75 (``preemption``);
+    none prints a traceback. Rank 0 holds ``--output_dir``'s lock from before ``fit`` until the run ends. A successful
+    or preempted rank of a multi-process launch waits for its peers and exits here (``process_exit``).
 
     Args:
         argv: the flags (a JSON args file may come first).
         recipe: what to run; errors are printed under its ``program`` name.
     """
     from paddle_llm.trainer.health import NumericalHealthError, print_health_error
+    from paddle_llm.trainer.preemption import RunPreempted, resume_command
 
     program = recipe.program
     if any(flag in argv for flag in ("-h", "--help")):
@@ -450,6 +485,7 @@ def run_recipe(argv: list[str], recipe: Recipe) -> int:
     except OutputPathError as err:
         print(f"{program}: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    preempted = False
     try:
         exit_code = recipe.fit(plan)
     except (DataError, CheckpointError, FileNotFoundError, ArgumentError) as err:
@@ -457,7 +493,15 @@ def run_recipe(argv: list[str], recipe: Recipe) -> int:
         return EXIT_BAD_CONFIG
     except NumericalHealthError as err:
         return print_health_error(err, program)
+    except CheckpointNotSaved as err:
+        print(f"{program}: error: {err}", file=sys.stderr)
+        return EXIT_CHECKPOINT_NOT_SAVED
+    except RunPreempted as stopped:
+        if int(os.environ.get("PADDLE_TRAINER_ID", "0")) == 0:
+            print(f"{program}: stopped: {stopped}; exit code {EXIT_PREEMPTED}. Rerun the same command to resume from it: {resume_command()}", file=sys.stderr)
+        exit_code, preempted = EXIT_PREEMPTED, True
     finally:
         if lock is not None:
             lock.release()
-    return end_launched_run(exit_code)
+    # Preempted ranks all stopped after the same checkpoint, so they leave together as successful ones do.
+    return end_launched_run(exit_code, ranks_agree=True if preempted else None)

@@ -37,16 +37,22 @@ def paddle_native_teardown_hooks() -> list:
     ]
 
 
-def end_launched_run(exit_code: int) -> int:
-    """Return ``exit_code`` unchanged, except in a multi-process launch whose run succeeded: there, wait for every
-    rank, say so on rank 0, and exit the process with code 0 now.
+def end_launched_run(exit_code: int, ranks_agree: bool | None = None) -> int:
+    """Return ``exit_code`` unchanged, except in a multi-process launch whose ranks all end the same way (a run
+    that succeeded, or one every rank stopped after the same preemption checkpoint): there, wait for every rank,
+    say so on rank 0, and exit the process with ``exit_code`` now.
 
     A failed rank returns its code and exits normally: the launcher stops its peers, so waiting for them could
     only hang.
+
+    Args:
+        ranks_agree: every rank reaches this point with this code (default: when ``exit_code`` is 0).
     """
     import paddle.distributed as dist
 
-    if exit_code != 0 or launched_processes() <= 1 or not dist.is_initialized():
+    if ranks_agree is None:
+        ranks_agree = exit_code == 0
+    if not ranks_agree or launched_processes() <= 1 or not dist.is_initialized():
         return exit_code
     dist.barrier()
     log(f"all {dist.get_world_size()} ranks finished; exiting without native teardown")

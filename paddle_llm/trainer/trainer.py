@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import time
@@ -11,14 +12,15 @@ from paddlenlp.trainer import Trainer
 from paddlenlp.trainer.trainer_utils import speed_metrics
 from paddlenlp.utils.batch_sampler import DistributedBatchSampler
 
-from paddle_llm.trainer.checkpoint import mark_complete
+from paddle_llm.trainer.checkpoint import CheckpointNotSaved, disk_full_message, mark_complete
 
 
 class LLMTrainer(Trainer):
     """PaddleNLP's Trainer, changed where a long unattended run needs it.
 
     * A checkpoint counts only once every rank finished writing it (see ``trainer.checkpoint``); older ones are
-      rotated out only after that, so a crash mid-save always leaves a usable checkpoint behind.
+      rotated out only after that, so a crash mid-save always leaves a usable checkpoint behind. A disk that fills
+      during a save ends the run with one message (``CheckpointNotSaved``) instead of a traceback.
     * Evaluation reads at most ``args.eval_iters`` batches and reports perplexity next to the loss.
     * Samplers keep the dataset's order: pretraining datasets are already shuffled by their sample index, and a
       fixed order is what makes a resumed run replay exactly the batches an uninterrupted one would see.
@@ -37,16 +39,22 @@ class LLMTrainer(Trainer):
         super()._rotate_checkpoints(use_mtime=use_mtime, output_dir=output_dir)
 
     def _save_checkpoint(self, model, metrics=None):
+        checkpoint_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         self._rotation_deferred = True
         try:
             super()._save_checkpoint(model, metrics=metrics)
+            if paddle.distributed.get_world_size() > 1:
+                paddle.distributed.barrier()
+            if self.args.process_index == 0:
+                mark_complete(checkpoint_dir, self.state.global_step)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            parameter_bytes = sum(p.numel().item() * p.element_size() for p in self.model.parameters())
+            raise CheckpointNotSaved(disk_full_message(checkpoint_dir, self.state.global_step, parameter_bytes)) from None
         finally:
             self._rotation_deferred = False
-        if paddle.distributed.get_world_size() > 1:
-            paddle.distributed.barrier()
-        checkpoint_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         if self.args.process_index == 0:
-            mark_complete(checkpoint_dir, self.state.global_step)
             self._rotate_checkpoints(use_mtime=False, output_dir=self.args.output_dir)
 
     def _get_train_sampler(self):
