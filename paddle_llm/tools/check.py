@@ -16,6 +16,7 @@ Prints ``OK`` and the resolved layout, or every error; exits 2 on errors.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -105,6 +106,21 @@ def describe_layout(values, world_size: int) -> str:
     )
 
 
+@contextlib.contextmanager
+def _launcher_world_size(world_size: int):
+    """The recipes read the world size from the launcher's variable: set it while their checks run, then put back
+    what was there, so a process that calls ``check`` (a notebook, a test) does not later launch as that world."""
+    before = os.environ.get("PADDLE_TRAINERS_NUM")
+    os.environ["PADDLE_TRAINERS_NUM"] = str(world_size)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PADDLE_TRAINERS_NUM"]
+        else:
+            os.environ["PADDLE_TRAINERS_NUM"] = before
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv in (["-h"], ["--help"]):
@@ -115,12 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"paddle-llm check: error: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    # The recipes read the world size from the launcher's variable; this process is the only one that sees it.
-    os.environ["PADDLE_TRAINERS_NUM"] = str(request.world_size)
     errors: list[str] = []
     plan = None
     try:
-        plan = request.recipe.setup(request.recipe_argv)
+        with _launcher_world_size(request.world_size):
+            plan = request.recipe.setup(request.recipe_argv)
     except ArgumentError as err:
         errors += str(err).splitlines()
     if plan is not None:

@@ -6,6 +6,7 @@ a new recipe touches its module, its data reader and one line in ``recipes/__ini
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -87,8 +88,11 @@ def test_a_registered_recipes_errors_are_one_line_each_and_exit_2(registered, ca
 
 
 def test_check_takes_a_registered_recipes_script_name(registered, capsys):
+    world_before = os.environ.get("PADDLE_TRAINERS_NUM")
     assert check.main(["--nproc_per_node", "2", "run_echo.py", "--words", "2"]) == 0
     assert capsys.readouterr().out.startswith("OK (echo): 2 processes")
+    # check tells the recipe the world size only while it checks: a later run from this process is not a 2-rank one
+    assert os.environ.get("PADDLE_TRAINERS_NUM") == world_before
     assert check.main(["run_echo.py", "--words", "0"]) == check.EXIT_BAD_CONFIG
     assert "paddle-llm check: error: --words 0: must be at least 1" in capsys.readouterr().err
 
