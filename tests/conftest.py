@@ -35,6 +35,28 @@ def run_script(args: list[str], timeout: int = 600, check: bool = True, **env) -
     return result
 
 
+@pytest.fixture
+def refused(capsys, monkeypatch):
+    """``refused(recipe, argv)``: run ``recipe``'s command-line flow (``Recipe.main``: parse, validate, one line per
+    problem, exit code) in this process on a configuration it must refuse, as one process (not launched); return the
+    exit code and what it printed to stderr. Nothing is built or trained: a configuration that gets past validation
+    fails the test instead of starting a run. The validation is what the root scripts run; tests that need the
+    script itself (``run_script``) keep a fresh interpreter."""
+    import dataclasses
+
+    monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
+
+    def refuse(recipe, argv: list[str]) -> tuple[int, str]:
+        def fit(plan):
+            raise AssertionError(f"{recipe.program} accepted {argv}: the test expected it to refuse the configuration")
+
+        capsys.readouterr()
+        exit_code = dataclasses.replace(recipe, fit=fit, announce=None).main([str(token) for token in argv])
+        return exit_code, capsys.readouterr().err
+
+    return refuse
+
+
 def _worker_log_tails(args: list[str], characters: int = 3000) -> str:
     """The end of each worker's log of a ``paddle.distributed.launch`` command: the launcher's own stderr only
     says which rank failed, the rank's log says why."""

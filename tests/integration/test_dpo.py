@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from paddle_llm.recipes.dpo import RECIPE as DPO_RECIPE
 from tests.conftest import ROOT, read_metrics, run_script
 
 RUN_DPO = os.path.join(ROOT, "run_dpo.py")
@@ -104,15 +105,18 @@ def test_lora_dpo_learns_against_the_base_with_adapters_off(tmp_path, saved_tiny
         ({"train_dataset_path": "/nonexistent/train.jsonl"}, ["--train_dataset_path /nonexistent/train.jsonl: no such file"]),
     ],
 )
-def test_configuration_errors_fail_before_any_model_is_built(tmp_path, overrides, messages):
-    _, result = run_dpo(tmp_path, "bad", check=False, **overrides)
-    assert result.returncode == 2, result.stderr[-2000:]
+def test_configuration_errors_fail_before_any_model_is_built(refused, tmp_path, overrides, messages):
+    args_file = tmp_path / "bad.json"
+    args_file.write_text(json.dumps(paddlenlp_args(str(tmp_path / "bad"), **overrides)))
+    exit_code, stderr = refused(DPO_RECIPE, [args_file])
+    assert exit_code == 2, stderr[-2000:]
     for message in messages:
-        assert f"paddle-llm dpo: error: {message}" in result.stderr
-    assert "Traceback" not in result.stderr and "model:" not in result.stderr
+        assert f"paddle-llm dpo: error: {message}" in stderr
+    assert "Traceback" not in stderr and "model:" not in stderr
 
 
 def test_bad_preference_line_is_one_error_naming_file_line_and_field(tmp_path):
+    """Through the script itself: run_dpo.py exits 2 with the one-line message, no traceback."""
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"src": ["q"], "tgt": [], "response": ["a", "b"], "sort": [1, 0]}) + "\n" + json.dumps({"src": ["q"], "tgt": [], "response": ["a", "b"], "sort": [2, 2]}) + "\n")
     _, result = run_dpo(tmp_path, "bad_data", check=False, train_dataset_path=str(data), do_eval=False)

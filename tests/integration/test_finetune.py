@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from paddle_llm.recipes.finetune import RECIPE as FINETUNE_RECIPE
 from tests.conftest import ROOT, read_metrics, run_script, subprocess_env
 
 FINETUNE = os.path.join(ROOT, "finetune_generation.py")
@@ -297,25 +298,30 @@ def test_fine_tuning_weights_with_a_larger_tokenizer_is_refused_with_what_to_do(
         (["--src_length", "64", "--max_length", "64"], ["leaves no room for a reply"]),
     ],
 )
-def test_configuration_errors_fail_before_any_model_is_built(sum_data, tmp_path, flags, messages):
-    result = run_script([FINETUNE, "--model_name_or_path", "tiny-llama", "--dataset_name_or_path", sum_data, "--output_dir", str(tmp_path),
-                         "--do_train", "--device", "cpu"] + flags, check=False)
-    assert result.returncode == 2, result.stderr[-2000:]
+def test_configuration_errors_fail_before_any_model_is_built(refused, sum_data, tmp_path, flags, messages):
+    exit_code, stderr = refused(FINETUNE_RECIPE, ["--model_name_or_path", "tiny-llama", "--dataset_name_or_path", sum_data, "--output_dir", tmp_path,
+                                                  "--do_train", "--device", "cpu"] + flags)
+    assert exit_code == 2, stderr[-2000:]
     for message in messages:
-        assert message in result.stderr, message
-    assert "Traceback" not in result.stderr and "model: llama" not in result.stderr
+        assert message in stderr, message
+    assert "Traceback" not in stderr and "model: llama" not in stderr
 
 
 def test_bad_record_is_a_one_line_error_naming_file_line_and_field(tmp_path):
+    """Through the script itself: finetune_generation.py exits 2 with the one-line message, no traceback."""
     data = write_records(tmp_path / "bad", {"train.json": [{"src": "a", "tgt": "b"}, {"src": "c", "answer": "d"}]})
     result = run_script([FINETUNE, "--model_name_or_path", "tiny-llama", "--dataset_name_or_path", data, "--output_dir", str(tmp_path / "o"),
                          "--do_train", "--device", "cpu"], check=False)
     assert result.returncode == 2
     assert f"{data}/train.json:2: missing field 'tgt' (fields present: answer, src)" in result.stderr
     assert "Traceback" not in result.stderr
-    missing = run_script([FINETUNE, "--model_name_or_path", "tiny-llama", "--dataset_name_or_path", data, "--output_dir", str(tmp_path / "o"),
-                          "--do_eval", "--device", "cpu"], check=False)
-    assert missing.returncode == 2 and f"{data}/dev.json: missing (needed by --do_eval)" in missing.stderr
+
+
+def test_missing_split_file_names_the_flag_that_needs_it(refused, tmp_path):
+    data = write_records(tmp_path / "bad", {"train.json": [{"src": "a", "tgt": "b"}]})
+    exit_code, stderr = refused(FINETUNE_RECIPE, ["--model_name_or_path", "tiny-llama", "--dataset_name_or_path", data, "--output_dir", tmp_path / "o",
+                                                  "--do_eval", "--device", "cpu"])
+    assert exit_code == 2 and f"paddle-llm finetune: error: {data}/dev.json: missing (needed by --do_eval)" in stderr
 
 
 @pytest.mark.slow

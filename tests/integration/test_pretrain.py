@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from paddle_llm.recipes.pretrain import RECIPE as PRETRAIN_RECIPE
 from tests.conftest import ROOT, RUN_PRETRAIN, read_metrics, run_script, subprocess_env, train_losses
 from tests.unit.test_parser import seed_pretrain_args
 
@@ -135,28 +136,29 @@ def test_continuing_with_a_larger_tokenizer_is_refused_with_what_to_do(chinese_d
     ) in result.stderr
 
 
-def test_hub_name_is_a_clear_error_not_a_download(tmp_path):
-    result = run_script([RUN_PRETRAIN, "--model_name_or_path", "facebook/llama-7b", "--output_dir", str(tmp_path), "--device", "cpu"], check=False)
-    assert result.returncode == 2
-    assert "never downloads" in result.stderr and "Traceback" not in result.stderr
+def test_hub_name_is_a_clear_error_not_a_download(refused, tmp_path):
+    exit_code, stderr = refused(PRETRAIN_RECIPE, ["--model_name_or_path", "facebook/llama-7b", "--output_dir", tmp_path, "--device", "cpu"])
+    assert exit_code == 2
+    assert "never downloads" in stderr and "Traceback" not in stderr
 
 
-def test_config_errors_are_all_reported_before_training(demo_data, tmp_path):
+def test_config_errors_are_all_reported_before_training(refused, demo_data, tmp_path):
     args = pretrain_flags(demo_data, str(tmp_path), tensor_parallel_degree=3, fp16_opt_level="O2", split="a,b") + ["--device", "gpu"]
-    result = run_script([RUN_PRETRAIN] + args, check=False)
-    assert result.returncode == 2
+    exit_code, stderr = refused(PRETRAIN_RECIPE, args)
+    assert exit_code == 2
     for message in ("does not divide num_attention_heads=4", "--fp16_opt_level O2 needs --fp16 or --bf16", "--split 'a,b'", "--device gpu but this Paddle build has no CUDA"):
-        assert message in result.stderr, message
-    assert "Traceback" not in result.stderr
+        assert message in stderr, message
+    assert "Traceback" not in stderr
 
 
-def test_continue_training_beyond_trained_positions_is_refused(demo_data, saved_tiny_models, tmp_path):
+def test_continue_training_beyond_trained_positions_is_refused(refused, demo_data, saved_tiny_models, tmp_path):
     args = pretrain_flags(demo_data, str(tmp_path), model=saved_tiny_models["llama"], continue_training=1, max_seq_length=4096)
-    result = run_script([RUN_PRETRAIN] + args, check=False)
-    assert result.returncode == 2 and "exceeds the model's max_position_embeddings=2048" in result.stderr
+    exit_code, stderr = refused(PRETRAIN_RECIPE, args)
+    assert exit_code == 2 and "exceeds the model's max_position_embeddings=2048" in stderr
 
 
 def test_wrong_data_path_names_the_file(tmp_path):
+    """Through the script itself: run_pretrain.py exits 2 with the one-line message."""
     result = run_script([RUN_PRETRAIN] + pretrain_flags(str(tmp_path / "nope"), str(tmp_path / "o")), check=False)
     assert result.returncode == 2 and f"{tmp_path / 'nope'}.idx: missing" in result.stderr
 
