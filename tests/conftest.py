@@ -141,3 +141,15 @@ def saved_tiny_models(tmp_path_factory) -> dict[str, str]:
         args += [f"tiny-{family}", path]
     run_script(["-c", script] + args)
     return targets
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
+    """``paddle-llm demo --dpo`` run once, as a user's shell runs it (the README's first command): (its output
+    directory, the finished process). ``test_demo`` checks what it printed; the fine-tuning demo's own entry point
+    starts from the model it pretrained (``OUTPUT/pretrain``) instead of pretraining again."""
+    from tests.integration.test_output import USER_SHELL
+
+    output_dir = str(tmp_path_factory.mktemp("demo") / "demo")
+    result = run_script(["-m", "paddle_llm", "demo", "--output_dir", output_dir, "--disable_tqdm", "--dpo"], timeout=900, check=False, **USER_SHELL)
+    return output_dir, result
