@@ -254,6 +254,7 @@ def test_training_falls_back_to_the_pure_paddle_composites_with_the_reason(envir
     assert np.isfinite(float(loss)) and float(loss) > 0
 
 
+@pytest.mark.slow  # two processes on a fresh kernel cache, one compiling: ~20 s
 def test_processes_starting_together_compile_once_and_share_the_library(tmp_path):
     """A fresh cache and two processes at once (a 2-process launch on a new machine): one compiles, one waits."""
     environment = subprocess_env(PADDLE_LLM_KERNEL_CACHE=str(tmp_path))
