@@ -19,6 +19,9 @@ def subprocess_env(**extra) -> dict:
     env.setdefault("OMP_NUM_THREADS", "1")  # tests run side by side on 2 cores
     env["PYTHONWARNINGS"] = "ignore"
     env["PYTHONFAULTHANDLER"] = "1"  # a crash (SIGABRT, SIGSEGV) prints every thread's Python stack to its log
+    # This checkout's paddle_llm, also for scripts outside the root (tests/integration/finetune_contract.py), whose
+    # sys.path starts at their own directory: a .venv shared between checkouts has its editable install elsewhere.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
