@@ -61,6 +61,7 @@ def last_eval(output_dir: str) -> dict:
     return [row for row in read_metrics(output_dir) if "eval_loss" in row][-1]
 
 
+@pytest.mark.slow  # two DPO runs
 def test_paddlenlp_args_file_trains_and_held_out_reward_accuracy_rises_from_chance_to_90_percent(tmp_path):
     # Before training: how often the starting model already prefers the chosen reply (reference-free rewards are
     # the model's own log-probabilities; with a reference every reward starts at exactly 0, a tie).
@@ -87,6 +88,7 @@ def test_paddlenlp_args_file_trains_and_held_out_reward_accuracy_rises_from_chan
     assert any(name.startswith("model") and name.endswith((".safetensors", ".pdparams")) for name in os.listdir(after))
 
 
+@pytest.mark.slow  # a DPO run
 def test_lora_dpo_learns_against_the_base_with_adapters_off(tmp_path, saved_tiny_models):
     output_dir, result = run_dpo(
         tmp_path, "lora", entry=("-m", "paddle_llm", "dpo"), model_name_or_path=saved_tiny_models["llama"], lora=True, learning_rate=3e-3

@@ -17,6 +17,9 @@ from paddle_llm.peft.lora import load_lora
 from tests.conftest import ROOT, run_script
 from tests.integration.server_process import ServerProcess
 
+# Every test fine-tunes, exports or serves the Hugging Face fixtures in fresh processes.
+pytestmark = pytest.mark.slow
+
 HF_ASSETS = os.path.join(ROOT, "tests", "assets", "hf")
 FINETUNE = os.path.join(ROOT, "finetune_generation.py")
 RUN_PRETRAIN = os.path.join(ROOT, "run_pretrain.py")

@@ -41,6 +41,7 @@ def pretrain_flags(data: str, output_dir: str, model: str = "tiny-llama", **over
     return [str(token) for name, value in flags.items() for token in (f"--{name}", value)]
 
 
+@pytest.mark.slow  # four 20-step trainings
 @pytest.mark.parametrize("family", ["llama", "chatglm", "chatglm2", "qwen2"])
 def test_twenty_steps_per_family_learn_and_write_every_artifact(demo_data, tmp_path, family):
     output = str(tmp_path / family)
@@ -63,6 +64,7 @@ def test_twenty_steps_per_family_learn_and_write_every_artifact(demo_data, tmp_p
     assert any(name.startswith("vdlrecords") for _, _, files in os.walk(os.path.join(output, "runs")) for name in files)
 
 
+@pytest.mark.slow  # two 10-step trainings
 def test_cpu_fast_paths_off_keeps_paddlenlps_composites_on_the_same_loss_curve(demo_data, tmp_path):
     """``--cpu_fast_paths False`` is the way to rule our CPU implementations out: the run says so, and its losses
     are the default run's (they are numerically equal); ``--num_threads`` is honoured and reported in both."""
@@ -82,6 +84,7 @@ def test_cpu_fast_paths_off_keeps_paddlenlps_composites_on_the_same_loss_curve(d
         assert off_losses[step] == pytest.approx(loss, rel=1e-4), step
 
 
+@pytest.mark.slow  # a training run
 def test_seed_pretrain_command_runs_unchanged_on_cpu(demo_data, saved_tiny_models, tmp_path):
     """The seed's 8-GPU command with only model, tokenizer, data and device swapped (plus a short run)."""
     swaps = {"facebook/llama-7b": saved_tiny_models["llama"], "./data": demo_data, "gpu": "cpu", "output/$task_name": str(tmp_path / "seed")}
@@ -107,6 +110,7 @@ def seed_args_with(**values) -> list[str]:
     return args
 
 
+@pytest.mark.slow  # a training run
 def test_seed_pretrain_command_from_scratch_grows_the_vocabulary_to_a_chinese_tokenizer(chinese_data, tmp_path):
     """The seed's command on a preset with a 3,000-piece tokenizer of a Chinese corpus: as PaddleNLP's run_pretrain.py
     does when not continuing, the model grows to hold it (rounded up to 3072) and the log says so once. Swapped:
@@ -163,6 +167,7 @@ def test_wrong_data_path_names_the_file(tmp_path):
     assert result.returncode == 2 and f"{tmp_path / 'nope'}.idx: missing" in result.stderr
 
 
+@pytest.mark.slow  # three training runs
 def test_kill_and_resume_gives_the_uninterrupted_loss_curve(demo_data, tmp_path):
     common = dict(max_steps=16, save_steps=4, logging_steps=1, eval_steps=100)
     reference = str(tmp_path / "reference")
@@ -192,6 +197,7 @@ def test_kill_and_resume_gives_the_uninterrupted_loss_curve(demo_data, tmp_path)
         assert resumed_losses[step] == pytest.approx(loss, abs=1e-6), step
 
 
+@pytest.mark.slow  # a two-process launch
 def test_data_parallel_two_processes_match_one_process(demo_data, tmp_path):
     single = str(tmp_path / "single")
     run_script([RUN_PRETRAIN] + pretrain_flags(demo_data, single, max_steps=5, logging_steps=1, per_device_train_batch_size=4))

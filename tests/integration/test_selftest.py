@@ -17,6 +17,9 @@ import pytest
 
 from tests.conftest import ROOT, run_script, subprocess_env
 
+# Every test launches two or more processes that build and train models.
+pytestmark = pytest.mark.slow
+
 SELFTEST = os.path.join(ROOT, "selftest.py")
 LAYOUTS = {
     "data_parallel": [],
