@@ -21,9 +21,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/paddle-llm demo
 
-# Every test this machine can run (CI runs this); `make test-quick` leaves out the slow multi-process and emulated-CPU
-# cases for a local loop. One math thread per process: the integration tests run several training processes side by
-# side on 2 cores.
+# Every test this machine can run (CI runs this). `make test-quick` is the local loop: unit tests plus the fast
+# integration tests (validation and error paths, export and serving on tiny checkpoints); it leaves out every test
+# marked slow (training runs, multi-process launches, emulated CPUs, the demo, the README walk-through). One math
+# thread per process: the integration tests run several training processes side by side on 2 cores.
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not gpu" -q
 

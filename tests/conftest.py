@@ -14,11 +14,25 @@ RUN_PRETRAIN = os.path.join(ROOT, "run_pretrain.py")
 DEMO_CORPUS = os.path.join(ROOT, "paddle_llm", "assets", "demo_corpus.jsonl")
 
 
+# Slow tests whose module another change owns: marked here until the mark can live beside the test.
+SLOW_ELSEWHERE = {"tests/integration/test_readme_commands.py::test_every_readme_command_runs"}  # every README command, the demo included
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("[")[0] in SLOW_ELSEWHERE:
+            item.add_marker(pytest.mark.slow)
+
+
 def subprocess_env(**extra) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # tests run side by side on 2 cores
     env["PYTHONWARNINGS"] = "ignore"
     env["PYTHONFAULTHANDLER"] = "1"  # a crash (SIGABRT, SIGSEGV) prints every thread's Python stack to its log
+    # This checkout's paddle_llm, also for scripts outside the root (tests/integration/finetune_contract.py), whose
+    # sys.path starts at their own directory: a .venv shared between checkouts has its editable install elsewhere.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -33,6 +47,28 @@ def run_script(args: list[str], timeout: int = 600, check: bool = True, **env) -
             f"exit {result.returncode}: {' '.join(args)}\n--- stderr tail ---\n{result.stderr[-4000:]}{_worker_log_tails(args)}"
         )
     return result
+
+
+@pytest.fixture
+def refused(capsys, monkeypatch):
+    """``refused(recipe, argv)``: run ``recipe``'s command-line flow (``Recipe.main``: parse, validate, one line per
+    problem, exit code) in this process on a configuration it must refuse, as one process (not launched); return the
+    exit code and what it printed to stderr. Nothing is built or trained: a configuration that gets past validation
+    fails the test instead of starting a run. The validation is what the root scripts run; tests that need the
+    script itself (``run_script``) keep a fresh interpreter."""
+    import dataclasses
+
+    monkeypatch.delenv("PADDLE_TRAINERS_NUM", raising=False)
+
+    def refuse(recipe, argv: list[str]) -> tuple[int, str]:
+        def fit(plan):
+            raise AssertionError(f"{recipe.program} accepted {argv}: the test expected it to refuse the configuration")
+
+        capsys.readouterr()
+        exit_code = dataclasses.replace(recipe, fit=fit, announce=None).main([str(token) for token in argv])
+        return exit_code, capsys.readouterr().err
+
+    return refuse
 
 
 def _worker_log_tails(args: list[str], characters: int = 3000) -> str:
@@ -119,3 +155,15 @@ def saved_tiny_models(tmp_path_factory) -> dict[str, str]:
         args += [f"tiny-{family}", path]
     run_script(["-c", script] + args)
     return targets
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
+    """``paddle-llm demo --dpo`` run once, as a user's shell runs it (the README's first command): (its output
+    directory, the finished process). ``test_demo`` checks what it printed; the fine-tuning demo's own entry point
+    starts from the model it pretrained (``OUTPUT/pretrain``) instead of pretraining again."""
+    from tests.integration.test_output import USER_SHELL
+
+    output_dir = str(tmp_path_factory.mktemp("demo") / "demo")
+    result = run_script(["-m", "paddle_llm", "demo", "--output_dir", output_dir, "--disable_tqdm", "--dpo"], timeout=900, check=False, **USER_SHELL)
+    return output_dir, result

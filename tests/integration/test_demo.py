@@ -3,14 +3,17 @@ one screen."""
 
 import re
 
-from tests.conftest import run_script
-from tests.integration.test_output import USER_SHELL, assert_quiet
+import pytest
+
+from tests.integration.test_output import assert_quiet
 
 SCREEN_LINES = 40
 
 
-def test_demo_pretrains_finetunes_aligns_exports_and_serves(tmp_path):
-    result = run_script(["-m", "paddle_llm", "demo", "--output_dir", str(tmp_path / "demo"), "--disable_tqdm", "--dpo"], timeout=900, **USER_SHELL)
+@pytest.mark.slow
+def test_demo_pretrains_finetunes_aligns_exports_and_serves(demo_run):
+    _, result = demo_run
+    assert result.returncode == 0, f"exit {result.returncode}\n--- stderr tail ---\n{result.stderr[-4000:]}"
     printed = result.stdout + result.stderr
     assert_quiet(printed)
     assert len(printed.splitlines()) <= SCREEN_LINES, printed

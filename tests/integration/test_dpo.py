@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from paddle_llm.recipes.dpo import RECIPE as DPO_RECIPE
 from tests.conftest import ROOT, read_metrics, run_script
 
 RUN_DPO = os.path.join(ROOT, "run_dpo.py")
@@ -60,6 +61,7 @@ def last_eval(output_dir: str) -> dict:
     return [row for row in read_metrics(output_dir) if "eval_loss" in row][-1]
 
 
+@pytest.mark.slow  # two DPO runs
 def test_paddlenlp_args_file_trains_and_held_out_reward_accuracy_rises_from_chance_to_90_percent(tmp_path):
     # Before training: how often the starting model already prefers the chosen reply (reference-free rewards are
     # the model's own log-probabilities; with a reference every reward starts at exactly 0, a tie).
@@ -86,6 +88,7 @@ def test_paddlenlp_args_file_trains_and_held_out_reward_accuracy_rises_from_chan
     assert any(name.startswith("model") and name.endswith((".safetensors", ".pdparams")) for name in os.listdir(after))
 
 
+@pytest.mark.slow  # a DPO run
 def test_lora_dpo_learns_against_the_base_with_adapters_off(tmp_path, saved_tiny_models):
     output_dir, result = run_dpo(
         tmp_path, "lora", entry=("-m", "paddle_llm", "dpo"), model_name_or_path=saved_tiny_models["llama"], lora=True, learning_rate=3e-3
@@ -104,15 +107,18 @@ def test_lora_dpo_learns_against_the_base_with_adapters_off(tmp_path, saved_tiny
         ({"train_dataset_path": "/nonexistent/train.jsonl"}, ["--train_dataset_path /nonexistent/train.jsonl: no such file"]),
     ],
 )
-def test_configuration_errors_fail_before_any_model_is_built(tmp_path, overrides, messages):
-    _, result = run_dpo(tmp_path, "bad", check=False, **overrides)
-    assert result.returncode == 2, result.stderr[-2000:]
+def test_configuration_errors_fail_before_any_model_is_built(refused, tmp_path, overrides, messages):
+    args_file = tmp_path / "bad.json"
+    args_file.write_text(json.dumps(paddlenlp_args(str(tmp_path / "bad"), **overrides)))
+    exit_code, stderr = refused(DPO_RECIPE, [args_file])
+    assert exit_code == 2, stderr[-2000:]
     for message in messages:
-        assert f"paddle-llm dpo: error: {message}" in result.stderr
-    assert "Traceback" not in result.stderr and "model:" not in result.stderr
+        assert f"paddle-llm dpo: error: {message}" in stderr
+    assert "Traceback" not in stderr and "model:" not in stderr
 
 
 def test_bad_preference_line_is_one_error_naming_file_line_and_field(tmp_path):
+    """Through the script itself: run_dpo.py exits 2 with the one-line message, no traceback."""
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"src": ["q"], "tgt": [], "response": ["a", "b"], "sort": [1, 0]}) + "\n" + json.dumps({"src": ["q"], "tgt": [], "response": ["a", "b"], "sort": [2, 2]}) + "\n")
     _, result = run_dpo(tmp_path, "bad_data", check=False, train_dataset_path=str(data), do_eval=False)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from paddle_llm.recipes.finetune import RECIPE as FINETUNE_RECIPE
 from tests.conftest import ROOT, read_metrics, run_script, subprocess_env
 
 FINETUNE = os.path.join(ROOT, "finetune_generation.py")
@@ -41,6 +42,7 @@ def contract_results(family, model_dir, data_dir, output_dir) -> dict:
     return {row["method"]: row for row in rows}
 
 
+@pytest.mark.slow  # four methods trained per family
 @pytest.mark.parametrize("family", FAMILIES)
 def test_contract_table_every_method_learns_trains_only_its_parameters_and_round_trips(saved_tiny_models, sum_data, tmp_path, family):
     results = contract_results(family, saved_tiny_models[family], sum_data, tmp_path)
@@ -98,6 +100,7 @@ print("PACKING " + json.dumps({
 """
 
 
+@pytest.mark.slow  # a model per family in a fresh process
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_batch_equals_padded_batch_loss_and_gradients(saved_tiny_models, sum_data, family):
     result = run_script(["-c", PACKING_CHECK, family, saved_tiny_models[family], os.path.join(sum_data, "train.json")])
@@ -134,6 +137,7 @@ print("LOMO " + json.dumps({
 """
 
 
+@pytest.mark.slow  # two models trained side by side
 def test_lomo_equals_clipped_sgd_and_keeps_no_gradients():
     result = run_script(["-c", LOMO_CHECK])
     row = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("LOMO "))[len("LOMO ") :])
@@ -148,6 +152,7 @@ def seed_command(name: str) -> list[str]:
     return tokens[tokens.index("finetune_generation.py") + 1 :]
 
 
+@pytest.mark.slow  # a fine-tuning run
 @pytest.mark.parametrize("script, adapter_file", [("seed_finetune_lora.sh", "lora_config.json"), ("seed_finetune_prefix.sh", "prefix_config.json")])
 def test_seed_single_device_commands_run_on_cpu(saved_tiny_models, sum_data, tmp_path, script, adapter_file):
     """The seed's command with only the model, the dataset and the device swapped, plus a step limit; run from a
@@ -164,6 +169,7 @@ def test_seed_single_device_commands_run_on_cpu(saved_tiny_models, sum_data, tmp
     assert [r["step"] for r in read_metrics(str(output)) if "eval_loss" in r] == [3]  # --do_eval: one evaluation at the end
 
 
+@pytest.mark.slow  # fine-tune, merge and compare in three processes
 def test_merge_lora_command_writes_a_model_equal_to_base_plus_adapter(saved_tiny_models, sum_data, tmp_path):
     adapter = str(tmp_path / "adapter")
     base = saved_tiny_models["llama"]
@@ -192,6 +198,7 @@ def test_merge_lora_command_writes_a_model_equal_to_base_plus_adapter(saved_tiny
     assert os.path.isfile(os.path.join(merged, "tokenizer_config.json")) and not any(n.startswith(".merge-") for n in os.listdir(tmp_path))
 
 
+@pytest.mark.slow  # a fine-tuning run
 def test_instruction_tuning_end_to_end_chat_data_packed_with_generation_eval_and_merge(saved_tiny_models, tmp_path):
     """Chat and ShareGPT records, multi-turn, packed, LoRA, exact-match evaluation and --merge_weights, in one run."""
     conversations = []
@@ -224,6 +231,7 @@ def test_instruction_tuning_end_to_end_chat_data_packed_with_generation_eval_and
     assert "<h2>Curves</h2>" in report and "eval_loss" in report
 
 
+@pytest.mark.slow  # two fine-tuning runs
 def test_lora_run_resumes_from_its_last_checkpoint_on_the_same_loss_curve(saved_tiny_models, sum_data, tmp_path):
     """A crash after checkpoint-3 (simulated by deleting what came later): the same command resumes there and
     replays steps 4-6 exactly, adapter weights and optimizer state restored."""
@@ -242,6 +250,7 @@ def test_lora_run_resumes_from_its_last_checkpoint_on_the_same_loss_curve(saved_
         assert resumed[step] == pytest.approx(reference[step], abs=1e-6), step
 
 
+@pytest.mark.slow  # a fine-tuning run
 def test_finetune_takes_the_cpu_runtime_switches(saved_tiny_models, sum_data, tmp_path):
     command = [FINETUNE, "--model_name_or_path", saved_tiny_models["llama"], "--dataset_name_or_path", sum_data, "--output_dir", str(tmp_path),
                "--do_train", "--lora", "True", "--r", "4", "--max_steps", "2", "--logging_steps", "1", "--report_to", "none",
@@ -259,6 +268,7 @@ def finetune_preset(data: str, output: str, *flags: str) -> str:
                        "--src_length", "16", "--tgt_length", "8", *flags]).stderr
 
 
+@pytest.mark.slow  # a fine-tuning run
 def test_fine_tuning_a_preset_warns_first_that_its_base_is_random(sum_data, tmp_path):
     """Said once, before anything is built, with what to pass instead (merge-lora refuses the base afterwards)."""
     log = finetune_preset(sum_data, str(tmp_path))
@@ -268,6 +278,7 @@ def test_fine_tuning_a_preset_warns_first_that_its_base_is_random(sum_data, tmp_
     assert log.index(warning) < log.index("cpu runtime:")  # at the start, not after the set-up
 
 
+@pytest.mark.slow  # a fine-tuning run
 def test_fine_tuning_a_preset_grows_the_vocabulary_to_its_tokenizer(chinese_data, sum_data, tmp_path):
     """From scratch, fine-tuning follows pretraining's rule (PaddleNLP's run_pretrain.py), through the same builder."""
     log = finetune_preset(sum_data, str(tmp_path), "--tokenizer_name_or_path", chinese_data[0])
@@ -297,30 +308,39 @@ def test_fine_tuning_weights_with_a_larger_tokenizer_is_refused_with_what_to_do(
         (["--src_length", "64", "--max_length", "64"], ["leaves no room for a reply"]),
     ],
 )
-def test_configuration_errors_fail_before_any_model_is_built(sum_data, tmp_path, flags, messages):
-    result = run_script([FINETUNE, "--model_name_or_path", "tiny-llama", "--dataset_name_or_path", sum_data, "--output_dir", str(tmp_path),
-                         "--do_train", "--device", "cpu"] + flags, check=False)
-    assert result.returncode == 2, result.stderr[-2000:]
+def test_configuration_errors_fail_before_any_model_is_built(refused, sum_data, tmp_path, flags, messages):
+    exit_code, stderr = refused(FINETUNE_RECIPE, ["--model_name_or_path", "tiny-llama", "--dataset_name_or_path", sum_data, "--output_dir", tmp_path,
+                                                  "--do_train", "--device", "cpu"] + flags)
+    assert exit_code == 2, stderr[-2000:]
     for message in messages:
-        assert message in result.stderr, message
-    assert "Traceback" not in result.stderr and "model: llama" not in result.stderr
+        assert message in stderr, message
+    assert "Traceback" not in stderr and "model: llama" not in stderr
 
 
 def test_bad_record_is_a_one_line_error_naming_file_line_and_field(tmp_path):
+    """Through the script itself: finetune_generation.py exits 2 with the one-line message, no traceback."""
     data = write_records(tmp_path / "bad", {"train.json": [{"src": "a", "tgt": "b"}, {"src": "c", "answer": "d"}]})
     result = run_script([FINETUNE, "--model_name_or_path", "tiny-llama", "--dataset_name_or_path", data, "--output_dir", str(tmp_path / "o"),
                          "--do_train", "--device", "cpu"], check=False)
     assert result.returncode == 2
     assert f"{data}/train.json:2: missing field 'tgt' (fields present: answer, src)" in result.stderr
     assert "Traceback" not in result.stderr
-    missing = run_script([FINETUNE, "--model_name_or_path", "tiny-llama", "--dataset_name_or_path", data, "--output_dir", str(tmp_path / "o"),
-                          "--do_eval", "--device", "cpu"], check=False)
-    assert missing.returncode == 2 and f"{data}/dev.json: missing (needed by --do_eval)" in missing.stderr
+
+
+def test_missing_split_file_names_the_flag_that_needs_it(refused, tmp_path):
+    data = write_records(tmp_path / "bad", {"train.json": [{"src": "a", "tgt": "b"}]})
+    exit_code, stderr = refused(FINETUNE_RECIPE, ["--model_name_or_path", "tiny-llama", "--dataset_name_or_path", data, "--output_dir", tmp_path / "o",
+                                                  "--do_eval", "--device", "cpu"])
+    assert exit_code == 2 and f"paddle-llm finetune: error: {data}/dev.json: missing (needed by --do_eval)" in stderr
 
 
 @pytest.mark.slow
-def test_demo_fine_tuning_reaches_the_accuracy_target(tmp_path):
-    """The demo's pretraining, then its LoRA stage: held-out exact match goes from ~0 to >= 90%."""
-    run_script(["-m", "paddle_llm", "demo", "--output_dir", str(tmp_path), "--max_steps", "200", "--disable_tqdm"], timeout=1200)
-    result = run_script(["-m", "paddle_llm.tools.demo_finetune", "--model_dir", str(tmp_path / "pretrain"), "--output_dir", str(tmp_path / "finetune")], timeout=1200)
+@pytest.mark.timeout(2100)  # the shared demo run (when this test is the first to ask for it), then this stage
+def test_demo_fine_tuning_reaches_the_accuracy_target(demo_run, tmp_path):
+    """The demo's pretraining (the one ``test_demo`` checks), then its LoRA stage by its own entry point: held-out
+    exact match goes from ~0 to >= 90%."""
+    demo_output, _ = demo_run
+    pretrained = os.path.join(demo_output, "pretrain")
+    assert os.path.isfile(os.path.join(pretrained, "config.json")), f"the demo wrote no pretrained model in {pretrained}"
+    result = run_script(["-m", "paddle_llm.tools.demo_finetune", "--model_dir", pretrained, "--output_dir", str(tmp_path / "finetune")], timeout=1200)
     assert "fine-tuning demo OK" in result.stdout

@@ -9,7 +9,6 @@ import os
 import subprocess
 
 import numpy as np
-import paddle
 import pytest
 
 from paddle_llm.models import hf_checkpoint
@@ -17,6 +16,9 @@ from paddle_llm.models.registry import build_config, build_model, resolve_model
 from paddle_llm.peft.lora import load_lora
 from tests.conftest import ROOT, run_script
 from tests.integration.server_process import ServerProcess
+
+# Every test fine-tunes, exports or serves the Hugging Face fixtures in fresh processes.
+pytestmark = pytest.mark.slow
 
 HF_ASSETS = os.path.join(ROOT, "tests", "assets", "hf")
 FINETUNE = os.path.join(ROOT, "finetune_generation.py")
@@ -53,6 +55,8 @@ def load(directory: str):
 
 
 def logits_of(model, input_ids) -> np.ndarray:
+    import paddle
+
     with paddle.no_grad():
         return model(paddle.to_tensor(input_ids), return_dict=True).logits.numpy()
 
@@ -128,6 +132,8 @@ def test_export_hf_then_reload_is_bit_identical(name, tmp_path):
 
 
 def test_lora_merged_hf_export_equals_base_plus_adapter(lora_run, tmp_path):
+    import paddle
+
     name, adapter, _ = lora_run
     out = str(tmp_path / "hf")
     run_script(["-m", "paddle_llm", "export", "--format", "hf", "--model_name_or_path", fixture_dir(name),

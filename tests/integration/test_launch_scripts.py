@@ -84,6 +84,7 @@ def pretrain_twin(demo_data, tmp_path_factory) -> str:
     return output
 
 
+@pytest.mark.slow  # a two-process launch
 def test_pretrain_twin_runs_the_seed_command_with_sharding_stage2_on_two_processes(pretrain_twin):
     assert_trained(pretrain_twin)
     assert os.path.isfile(os.path.join(pretrain_twin, "checkpoint-3", "paddle_llm_complete.json"))
@@ -97,6 +98,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow  # two-process launches
 def test_pretrain_twin_spans_two_nodes_like_one(pretrain_twin, demo_data, tmp_path):
     """Two "machines" of one process each (the launcher's --master/--nnodes/--rank), on this one machine."""
     output = str(tmp_path / "two_nodes")
@@ -119,6 +121,7 @@ def test_pretrain_twin_spans_two_nodes_like_one(pretrain_twin, demo_data, tmp_pa
         assert actual == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow  # a multi-process launch
 @pytest.mark.parametrize("twin, outputs", [
     ("cpu/finetune_full_tp4.sh", ("model.safetensors.index.json",)),
     ("cpu/finetune_lora.sh", ("lora_config.json",)),
@@ -133,6 +136,7 @@ def test_finetune_twin_runs(twin, outputs, tmp_path):
         assert os.path.exists(os.path.join(output, name)), (name, sorted(os.listdir(output)))
 
 
+@pytest.mark.slow  # a two-process launch
 def test_pipeline_finetune_twin_runs_on_two_processes(tmp_path):
     output = str(tmp_path / "out")
     result = run_bash("cpu/finetune_pipeline_tp2_pp2.sh", timeout=300, OUTPUT_DIR=output, WORK=str(tmp_path))

@@ -6,6 +6,7 @@ import re
 import sys
 
 import nbformat
+import pytest
 from ipykernel.kernelspec import install as install_kernelspec
 from nbclient import NotebookClient
 
@@ -31,6 +32,7 @@ def test_stored_without_outputs():
             assert previous.cell_type == "markdown" and "next cell" in previous.source
 
 
+@pytest.mark.slow  # preprocesses, trains and serves
 def test_quickstart_notebook_runs_on_cpu(tmp_path, monkeypatch):
     # A kernelspec pointing at this interpreter, found through JUPYTER_PATH only: whatever "python3" kernel the
     # machine has, the notebook runs in the venv under test.

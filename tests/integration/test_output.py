@@ -12,6 +12,9 @@ from paddle_llm.serving.process import ServerProcess
 from tests.conftest import RUN_PRETRAIN, run_script, subprocess_env
 from tests.integration.test_pretrain import pretrain_flags
 
+# Each test pretrains, exports or serves in fresh processes (a module-scoped 20-step pretraining first).
+pytestmark = pytest.mark.slow
+
 USER_SHELL = {"PYTHONWARNINGS": "", "OMP_NUM_THREADS": "2"}
 VERBOSE = {**USER_SHELL, VERBOSE_VARIABLE: "1"}
 # A fragment of each third-party line the default output must not show (all printed before config.output existed).

@@ -18,6 +18,9 @@ from paddle_llm.tools.equivalence import Run, command_line, compare_runs, steps
 from tests.conftest import RUN_PRETRAIN, ROOT, run_script
 from tests.integration.test_pretrain import pretrain_flags
 
+# Every test launches two or four training processes.
+pytestmark = pytest.mark.slow
+
 FINETUNE = os.path.join(ROOT, "finetune_generation.py")
 RUN_DPO = os.path.join(ROOT, "run_dpo.py")
 INSTRUCTIONS = os.path.join(ROOT, "paddle_llm", "assets", "instructions")

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from paddle_llm.recipes.pretrain import RECIPE as PRETRAIN_RECIPE
 from tests.conftest import ROOT, RUN_PRETRAIN, read_metrics, run_script, subprocess_env, train_losses
 from tests.unit.test_parser import seed_pretrain_args
 
@@ -40,6 +41,7 @@ def pretrain_flags(data: str, output_dir: str, model: str = "tiny-llama", **over
     return [str(token) for name, value in flags.items() for token in (f"--{name}", value)]
 
 
+@pytest.mark.slow  # four 20-step trainings
 @pytest.mark.parametrize("family", ["llama", "chatglm", "chatglm2", "qwen2"])
 def test_twenty_steps_per_family_learn_and_write_every_artifact(demo_data, tmp_path, family):
     output = str(tmp_path / family)
@@ -62,6 +64,7 @@ def test_twenty_steps_per_family_learn_and_write_every_artifact(demo_data, tmp_p
     assert any(name.startswith("vdlrecords") for _, _, files in os.walk(os.path.join(output, "runs")) for name in files)
 
 
+@pytest.mark.slow  # two 10-step trainings
 def test_cpu_fast_paths_off_keeps_paddlenlps_composites_on_the_same_loss_curve(demo_data, tmp_path):
     """``--cpu_fast_paths False`` is the way to rule our CPU implementations out: the run says so, and its losses
     are the default run's (they are numerically equal); ``--num_threads`` is honoured and reported in both."""
@@ -81,6 +84,7 @@ def test_cpu_fast_paths_off_keeps_paddlenlps_composites_on_the_same_loss_curve(d
         assert off_losses[step] == pytest.approx(loss, rel=1e-4), step
 
 
+@pytest.mark.slow  # a training run
 def test_seed_pretrain_command_runs_unchanged_on_cpu(demo_data, saved_tiny_models, tmp_path):
     """The seed's 8-GPU command with only model, tokenizer, data and device swapped (plus a short run)."""
     swaps = {"facebook/llama-7b": saved_tiny_models["llama"], "./data": demo_data, "gpu": "cpu", "output/$task_name": str(tmp_path / "seed")}
@@ -106,6 +110,7 @@ def seed_args_with(**values) -> list[str]:
     return args
 
 
+@pytest.mark.slow  # a training run
 def test_seed_pretrain_command_from_scratch_grows_the_vocabulary_to_a_chinese_tokenizer(chinese_data, tmp_path):
     """The seed's command on a preset with a 3,000-piece tokenizer of a Chinese corpus: as PaddleNLP's run_pretrain.py
     does when not continuing, the model grows to hold it (rounded up to 3072) and the log says so once. Swapped:
@@ -135,32 +140,34 @@ def test_continuing_with_a_larger_tokenizer_is_refused_with_what_to_do(chinese_d
     ) in result.stderr
 
 
-def test_hub_name_is_a_clear_error_not_a_download(tmp_path):
-    result = run_script([RUN_PRETRAIN, "--model_name_or_path", "facebook/llama-7b", "--output_dir", str(tmp_path), "--device", "cpu"], check=False)
-    assert result.returncode == 2
-    assert "never downloads" in result.stderr and "Traceback" not in result.stderr
+def test_hub_name_is_a_clear_error_not_a_download(refused, tmp_path):
+    exit_code, stderr = refused(PRETRAIN_RECIPE, ["--model_name_or_path", "facebook/llama-7b", "--output_dir", tmp_path, "--device", "cpu"])
+    assert exit_code == 2
+    assert "never downloads" in stderr and "Traceback" not in stderr
 
 
-def test_config_errors_are_all_reported_before_training(demo_data, tmp_path):
+def test_config_errors_are_all_reported_before_training(refused, demo_data, tmp_path):
     args = pretrain_flags(demo_data, str(tmp_path), tensor_parallel_degree=3, fp16_opt_level="O2", split="a,b") + ["--device", "gpu"]
-    result = run_script([RUN_PRETRAIN] + args, check=False)
-    assert result.returncode == 2
+    exit_code, stderr = refused(PRETRAIN_RECIPE, args)
+    assert exit_code == 2
     for message in ("does not divide num_attention_heads=4", "--fp16_opt_level O2 needs --fp16 or --bf16", "--split 'a,b'", "--device gpu but this Paddle build has no CUDA"):
-        assert message in result.stderr, message
-    assert "Traceback" not in result.stderr
+        assert message in stderr, message
+    assert "Traceback" not in stderr
 
 
-def test_continue_training_beyond_trained_positions_is_refused(demo_data, saved_tiny_models, tmp_path):
+def test_continue_training_beyond_trained_positions_is_refused(refused, demo_data, saved_tiny_models, tmp_path):
     args = pretrain_flags(demo_data, str(tmp_path), model=saved_tiny_models["llama"], continue_training=1, max_seq_length=4096)
-    result = run_script([RUN_PRETRAIN] + args, check=False)
-    assert result.returncode == 2 and "exceeds the model's max_position_embeddings=2048" in result.stderr
+    exit_code, stderr = refused(PRETRAIN_RECIPE, args)
+    assert exit_code == 2 and "exceeds the model's max_position_embeddings=2048" in stderr
 
 
 def test_wrong_data_path_names_the_file(tmp_path):
+    """Through the script itself: run_pretrain.py exits 2 with the one-line message."""
     result = run_script([RUN_PRETRAIN] + pretrain_flags(str(tmp_path / "nope"), str(tmp_path / "o")), check=False)
     assert result.returncode == 2 and f"{tmp_path / 'nope'}.idx: missing" in result.stderr
 
 
+@pytest.mark.slow  # three training runs
 def test_kill_and_resume_gives_the_uninterrupted_loss_curve(demo_data, tmp_path):
     common = dict(max_steps=16, save_steps=4, logging_steps=1, eval_steps=100)
     reference = str(tmp_path / "reference")
@@ -190,6 +197,7 @@ def test_kill_and_resume_gives_the_uninterrupted_loss_curve(demo_data, tmp_path)
         assert resumed_losses[step] == pytest.approx(loss, abs=1e-6), step
 
 
+@pytest.mark.slow  # a two-process launch
 def test_data_parallel_two_processes_match_one_process(demo_data, tmp_path):
     single = str(tmp_path / "single")
     run_script([RUN_PRETRAIN] + pretrain_flags(demo_data, single, max_steps=5, logging_steps=1, per_device_train_batch_size=4))

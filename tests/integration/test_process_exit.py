@@ -61,6 +61,7 @@ def recorded(out, name: str) -> dict[int, str]:
     return {rank: (out / f"{name}.{rank}").read_text() for rank in (0, 1) if (out / f"{name}.{rank}").exists()}
 
 
+@pytest.mark.slow  # a two-process launch
 def test_successful_ranks_wait_for_each_other_run_exit_hooks_and_skip_teardown(tmp_path):
     _, out = launch_ranks(tmp_path, 0)
     assert recorded(out, "returned") == {}, "a successful launched rank must exit inside end_launched_run"
@@ -71,6 +72,7 @@ def test_successful_ranks_wait_for_each_other_run_exit_hooks_and_skip_teardown(t
     assert float(hooks[1]) >= rank0_reached, "rank 1 left before rank 0 reached the end: no barrier"
 
 
+@pytest.mark.slow  # a two-process launch
 def test_a_failed_rank_returns_its_code_and_exits_normally(tmp_path):
     result, out = launch_ranks(tmp_path, 3)
     assert result.returncode != 0

@@ -14,6 +14,9 @@ from tests.conftest import read_metrics, run_script, subprocess_env
 from tests.integration.server_process import ServerProcess
 from tests.integration.test_finetune import FINETUNE, seed_command, sum_data  # noqa: F401 (sum_data is a fixture)
 
+# Every test fine-tunes (and the seed command also merges, exports and serves) in fresh processes.
+pytestmark = pytest.mark.slow
+
 COMPARE = r"""
 import json, sys, numpy as np
 from paddle_llm.models.registry import build_config, build_model, resolve_model

@@ -16,7 +16,6 @@ import subprocess
 import numpy as np
 import pytest
 
-from paddle_llm.trainer.report import write_report
 from tests.unit.test_report import ALL_PLOTS, write_synthetic_run
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -56,6 +55,8 @@ def run_chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def report_path(tmp_path_factory) -> str:
+    from paddle_llm.trainer.report import write_report
+
     return write_report(write_synthetic_run(tmp_path_factory.mktemp("browser") / "run"))
 
 

@@ -13,10 +13,12 @@ import socket
 import subprocess
 import sys
 
-import paddle
 import pytest
 
 from tests.conftest import ROOT, run_script, subprocess_env
+
+# Every test launches two or more processes that build and train models.
+pytestmark = pytest.mark.slow
 
 SELFTEST = os.path.join(ROOT, "selftest.py")
 LAYOUTS = {
@@ -113,6 +115,8 @@ def test_two_nodes_name_the_rank_that_disagreed(tmp_path):
 
 
 def _cuda_devices() -> int:
+    import paddle
+
     return paddle.device.cuda.device_count() if paddle.device.is_compiled_with_cuda() else 0
 
 

@@ -13,21 +13,11 @@ import sys
 from functools import partial
 
 import numpy as np
-import paddle
-import paddle.nn.functional as F
 import pytest
-from paddlenlp.transformers.chatglm import modeling as chatglm_modeling
-from paddlenlp.transformers.chatglm_v2 import modeling as chatglm2_modeling
-from paddlenlp.transformers.qwen2 import modeling as qwen2_modeling
-from paddlenlp.transformers.llama import modeling as llama_modeling
 
 from paddle_llm.cpu.threads import OPENMP_BLOCKTIME_MS
-from paddle_llm.cpu import fast_paths as cpu_fast
 from paddle_llm.cpu import kernels as cpu_kernels
-from paddle_llm.cpu import ops as cpu_ops
-from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths, to_static_for_cpu_training
 from paddle_llm.models.registry import family_of_model
-from paddle_llm.cpu.ops import CausalLMLoss, tanh_gelu
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 from tests.conftest import ROOT, run_script, subprocess_env
 
@@ -54,6 +44,8 @@ def composites(request, monkeypatch):
 
 def _tiny_model(family: str, seed: int = 0):
     """The family's preset model at 2 layers and 1024 embedding rows."""
+    import paddle
+
     source = resolve_model(PRESET_OF_FAMILY[family])
     paddle.seed(seed)
     return source, build_model(source, build_config(source, **TINY_SIZES), load_weights=False)
@@ -62,6 +54,8 @@ def _tiny_model(family: str, seed: int = 0):
 @pytest.fixture(scope="module")
 def fast_models():
     """One tiny model per family with the fast paths applied (component tests compare per layer instance)."""
+    from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+
     models = {}
     for family in PRESET_OF_FAMILY:
         _, model = _tiny_model(family)
@@ -76,6 +70,8 @@ def _random(shape, seed, scale=1.0) -> np.ndarray:
 
 def _values_and_grads(function, inputs: list[np.ndarray], parameters) -> tuple[np.ndarray, list[np.ndarray]]:
     """Run ``function`` on fresh leaf tensors, backpropagate a fixed random cotangent, return output and grads."""
+    import paddle
+
     leaves = []
     for array in inputs:
         leaf = paddle.to_tensor(array)
@@ -122,6 +118,8 @@ def _original_forward(layer):
     ids=["llama-rms_norm", "llama-final_rms_norm", "chatglm-layer_norm", "chatglm-final_layer_norm", "chatglm2-rms_norm", "qwen2-rms_norm"],
 )
 def test_norm_matches_paddlenlp(composites, fast_models, family, find_norm):
+    import paddle
+
     norm = find_norm(fast_models[family])
     with paddle.no_grad():  # non-trivial weights and biases, so their gradients are tested too
         for parameter in norm.parameters():
@@ -142,6 +140,9 @@ def test_swiglu_mlp_matches_paddlenlp(composites, fast_models, family, find_mlp)
 
 
 def test_chatglm_gelu_mlp_matches_paddlenlp(fast_models):
+    import paddle.nn.functional as F
+    from paddle_llm.cpu.ops import tanh_gelu
+
     mlp = fast_models["chatglm"].chatglm.transformer.layers[1].mlp
     assert mlp.activation is tanh_gelu
 
@@ -158,6 +159,8 @@ def test_chatglm_gelu_mlp_matches_paddlenlp(fast_models):
 # Qwen2 is built like Llama (its base model is ``model.qwen2``) and takes Llama's fast attention.
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_llama_attention_matches_paddlenlp(composites, fast_models, family):
+    import paddle
+
     model = fast_models[family]
     base = getattr(model, family)
     attention = base.layers[1].self_attn
@@ -184,11 +187,16 @@ def test_llama_attention_without_mask_or_positions_matches_paddlenlp(composites,
 
 def _chatglm_additive_mask(seq: int) -> paddle.Tensor:
     """The mask ChatGLM's stack hands its layers: 0 where attending, the dtype's minimum elsewhere."""
+    import paddle
+
     causal = paddle.tril(paddle.ones([BATCH, 1, seq, seq], dtype="bool"))
     return paddle.where(causal, paddle.zeros([1]), paddle.full([1], paddle.finfo(paddle.float32).min))
 
 
 def test_chatglm_attention_with_2d_rotary_matches_paddlenlp(composites, fast_models):
+    import paddle
+    from paddlenlp.transformers.chatglm import modeling as chatglm_modeling
+
     model = fast_models["chatglm"]
     config = model.config
     attention = model.chatglm.transformer.layers[1].attention
@@ -211,6 +219,9 @@ def test_chatglm_attention_with_2d_rotary_matches_paddlenlp(composites, fast_mod
 
 
 def test_chatglm2_attention_with_pair_rotary_and_multi_query_matches_paddlenlp(composites, fast_models):
+    import paddle
+    from paddlenlp.transformers.chatglm_v2 import modeling as chatglm2_modeling
+
     model = fast_models["chatglm2"]
     config = model.config
     attention = model.chatglm_v2.encoder.layers[1].self_attention  # layer 2: query-key layer scaling coefficient 2
@@ -237,6 +248,12 @@ def test_chatglm2_attention_with_pair_rotary_and_multi_query_matches_paddlenlp(c
 # No ("chatglm2", "all"): PaddleNLP's ChatGLM2 loss is 0/0 = NaN there, and ours keeps that rule.
 @pytest.mark.parametrize("family, ignored", [("llama", "some"), ("llama", "all"), ("chatglm2", "some"), ("qwen2", "some"), ("qwen2", "all")])
 def test_loss_matches_paddlenlp(composites, fast_models, family, ignored):
+    import paddle
+    from paddlenlp.transformers.chatglm_v2 import modeling as chatglm2_modeling
+    from paddlenlp.transformers.qwen2 import modeling as qwen2_modeling
+    from paddlenlp.transformers.llama import modeling as llama_modeling
+    from paddle_llm.cpu.ops import CausalLMLoss
+
     model = fast_models[family]
     criteria = {"llama": llama_modeling.LlamaPretrainingCriterion, "chatglm2": chatglm2_modeling.ChatGLMv2PretrainingCriterion,
                 "qwen2": qwen2_modeling.Qwen2PretrainingCriterion}
@@ -257,6 +274,9 @@ def test_loss_matches_paddlenlp(composites, fast_models, family, ignored):
 
 
 def _train_losses(model, source, steps: int, compile_step: bool = False) -> list[float]:
+    import paddle
+    from paddle_llm.cpu.fast_paths import to_static_for_cpu_training
+
     optimizer = paddle.optimizer.AdamW(learning_rate=1e-3, parameters=model.parameters())
     forward = to_static_for_cpu_training(model) if compile_step else model
     rng = np.random.default_rng(11)
@@ -281,6 +301,8 @@ def _reference_and_fast_copy(family: str):
 
 @pytest.mark.parametrize("family", list(PRESET_OF_FAMILY))
 def test_ten_adamw_steps_give_paddlenlp_losses(composites, family):
+    from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+
     source, reference, fast = _reference_and_fast_copy(family)
     replacements = apply_cpu_fast_paths(fast, family_of_model(fast))
     assert {entry.split(" ")[0] for entry in replacements} >= {f"{family}.attention_rotary_mask"}
@@ -290,6 +312,8 @@ def test_ten_adamw_steps_give_paddlenlp_losses(composites, family):
 
 
 def test_to_static_training_step_gives_dygraph_losses():
+    from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+
     source, reference, fast = _reference_and_fast_copy("llama")
     apply_cpu_fast_paths(fast, family_of_model(fast))
     expected = _train_losses(reference, source, steps=3)
@@ -299,6 +323,8 @@ def test_to_static_training_step_gives_dygraph_losses():
 
 @pytest.mark.parametrize("family", list(PRESET_OF_FAMILY))
 def test_state_dict_is_unchanged_and_applying_twice_changes_nothing(family):
+    from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+
     _, model = _tiny_model(family)
     before = {name: value.numpy().copy() for name, value in model.state_dict().items()}
     assert apply_cpu_fast_paths(model, family_of_model(model))
@@ -310,6 +336,8 @@ def test_state_dict_is_unchanged_and_applying_twice_changes_nothing(family):
 
 
 def test_replacements_are_named_per_family_component():
+    from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+
     _, model = _tiny_model("llama")
     assert sorted(apply_cpu_fast_paths(model, family_of_model(model))) == [
         "llama.attention_rotary_mask x2",
@@ -322,6 +350,8 @@ def test_replacements_are_named_per_family_component():
 def test_fast_paths_were_verified_against_the_installed_paddle_and_paddlenlp():
     """The fast forwards restate PaddleNLP 3.0.0b4's; after an upgrade, re-check them (these tests) and then bump
     ``VERIFIED_VERSIONS``."""
+    import paddle
+    from paddle_llm.cpu import ops as cpu_ops
     import paddlenlp
 
     installed = {"paddlepaddle": paddle.__version__, "paddlenlp": paddlenlp.__version__}
@@ -329,6 +359,10 @@ def test_fast_paths_were_verified_against_the_installed_paddle_and_paddlenlp():
 
 
 def test_apply_is_a_noop_when_the_model_is_not_on_cpu(monkeypatch):
+    from paddlenlp.transformers.llama import modeling as llama_modeling
+    from paddle_llm.cpu import fast_paths as cpu_fast
+    from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+
     monkeypatch.setattr(cpu_fast, "model_is_on_cpu", lambda model: False)
     _, model = _tiny_model("llama")
     assert apply_cpu_fast_paths(model, family_of_model(model)) == []

@@ -9,12 +9,9 @@ import subprocess
 import sys
 
 import numpy as np
-import paddle
-import paddle.nn.functional as F
 import pytest
 
 from paddle_llm.cpu import kernels as cpu_kernels
-from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
 from paddle_llm.models.registry import family_of_model
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 from tests.conftest import ROOT, run_script, subprocess_env
@@ -57,6 +54,9 @@ class _RecordingKernels:
     (frozenset({"paddle_llm_attention"}), LLAMA_STEP_KERNELS - {"paddle_llm_attention"} | {"paddle_llm_masked_softmax"}),
 ], ids=["with_mkl", "without_mkl"])
 def test_a_llama_training_step_runs_every_kernel(kernels, monkeypatch, hidden, expected):
+    import paddle
+    from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+
     recording = _RecordingKernels(kernels, hidden)
     monkeypatch.setattr(cpu_kernels, "load", lambda: recording)
     source = resolve_model("tiny-llama")
@@ -70,6 +70,8 @@ def test_a_llama_training_step_runs_every_kernel(kernels, monkeypatch, hidden, e
 
 
 def _leaf(array: np.ndarray) -> paddle.Tensor:
+    import paddle
+
     tensor = paddle.to_tensor(array)
     tensor.stop_gradient = False
     return tensor
@@ -78,6 +80,8 @@ def _leaf(array: np.ndarray) -> paddle.Tensor:
 def test_rms_norm_kernel_reads_a_strided_view(kernels):
     """A transposed tensor is a view with Paddle's stride kernels on (their default); the kernel must not read it
     as if it were dense."""
+    import paddle
+
     rng = np.random.default_rng(1)
     values = rng.standard_normal([6, 4, 32]).astype("float32")
     weight = rng.standard_normal([6]).astype("float32")
@@ -96,6 +100,9 @@ def test_rms_norm_kernel_reads_a_strided_view(kernels):
 
 @pytest.mark.parametrize("mask_shape", [[1, 1, 5, 7], [3, 1, 5, 7], [3, 2, 5, 7], [1, 2, 5, 7]])
 def test_masked_softmax_kernel_reads_each_broadcast_mask_in_place(kernels, mask_shape):
+    import paddle
+    import paddle.nn.functional as F
+
     rng = np.random.default_rng(2)
     scores_array = rng.standard_normal([3, 2, 5, 7]).astype("float32")
     mask_array = np.where(rng.random(mask_shape) < 0.3, np.finfo("float32").min, 0.0).astype("float32")
@@ -136,6 +143,8 @@ def _attention_case(name: str, seed: int = 4):
 
 
 def _attention_values_and_grads(attention, arrays, mask, cotangent):
+    import paddle
+
     inputs = [_leaf(array) for array in arrays]
     context, probabilities = attention(*inputs, paddle.to_tensor(mask))
     (context * paddle.to_tensor(cotangent)).sum().backward()
@@ -186,6 +195,8 @@ def test_attention_kernel_on_two_threads_equals_the_composite_every_time(kernels
 
 
 def test_cross_entropy_kernel_names_a_label_outside_the_vocabulary(kernels):
+    import paddle
+
     logits = paddle.zeros([2, 3, 10])
     labels = paddle.to_tensor([[1, 2, 3], [4, 12, -100]], dtype="int64")
     with pytest.raises(Exception, match="label 12 is outside the vocabulary"):
@@ -193,6 +204,9 @@ def test_cross_entropy_kernel_names_a_label_outside_the_vocabulary(kernels):
 
 
 def test_cross_entropy_kernel_gives_ignored_labels_no_loss_and_no_gradient(kernels):
+    import paddle
+    import paddle.nn.functional as F
+
     rng = np.random.default_rng(3)
     logits = _leaf(rng.standard_normal([2, 3, 10]).astype("float32"))
     labels = paddle.to_tensor([[1, -100, 3], [-100, 9, 0]], dtype="int64")
@@ -240,6 +254,7 @@ def test_training_falls_back_to_the_pure_paddle_composites_with_the_reason(envir
     assert np.isfinite(float(loss)) and float(loss) > 0
 
 
+@pytest.mark.slow  # two processes on a fresh kernel cache, one compiling: ~20 s
 def test_processes_starting_together_compile_once_and_share_the_library(tmp_path):
     """A fresh cache and two processes at once (a 2-process launch on a new machine): one compiles, one waits."""
     environment = subprocess_env(PADDLE_LLM_KERNEL_CACHE=str(tmp_path))

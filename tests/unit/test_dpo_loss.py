@@ -6,12 +6,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import paddle
 import pytest
 
 from paddle_llm.data.sft import IGNORE_INDEX
 from paddle_llm.models.registry import FAMILIES
-from paddle_llm.trainer.dpo_trainer import DPOTrainer, PreferenceLoss, pair_log_probs, preference_loss, sequence_log_probs
 
 RNG = np.random.default_rng(0)
 PAIRS = 16
@@ -54,6 +52,9 @@ CASES = [
 
 @pytest.mark.parametrize("loss_type,beta,label_smoothing,averaged", CASES)
 def test_loss_and_rewards_equal_the_papers_formulas(loss_type, beta, label_smoothing, averaged):
+    import paddle
+    from paddle_llm.trainer.dpo_trainer import PreferenceLoss, preference_loss
+
     pc, pr, rc, rr = AVERAGES if averaged else (POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED)
     if loss_type in ("simpo", "or"):  # reference-free, as run_dpo.py makes them
         rc, rr = np.zeros(PAIRS), np.zeros(PAIRS)
@@ -68,6 +69,9 @@ def test_loss_and_rewards_equal_the_papers_formulas(loss_type, beta, label_smoot
 
 
 def test_a_pair_the_policy_has_not_moved_costs_log_2():
+    import paddle
+    from paddle_llm.trainer.dpo_trainer import PreferenceLoss, preference_loss
+
     zeros = paddle.zeros([4])
     loss, chosen, rejected = preference_loss(zeros - 5, zeros - 7, zeros - 5, zeros - 7, PreferenceLoss())
     assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
@@ -75,6 +79,9 @@ def test_a_pair_the_policy_has_not_moved_costs_log_2():
 
 
 def test_sequence_log_probs_sum_only_the_labelled_positions():
+    import paddle
+    from paddle_llm.trainer.dpo_trainer import sequence_log_probs
+
     logits = RNG.normal(size=(3, 6, 11)).astype("float32")
     labels = RNG.integers(0, 11, size=(3, 6))
     labels[:, :2] = IGNORE_INDEX  # the prompt
@@ -87,6 +94,7 @@ def test_sequence_log_probs_sum_only_the_labelled_positions():
 
 
 def _tiny_llama():
+    import paddle
     from paddle_llm.models.registry import build_config, build_model, resolve_model
 
     paddle.seed(3)
@@ -95,6 +103,8 @@ def _tiny_llama():
 
 
 def _batch():
+    import paddle
+
     ids = RNG.integers(3, 500, size=(4, 12)).astype("int64")
     labels = np.full_like(ids, IGNORE_INDEX)
     labels[:, 6:-1] = ids[:, 7:]
@@ -102,6 +112,8 @@ def _batch():
 
 
 def test_lora_reference_is_the_base_model_with_adapters_off_and_no_second_copy(tmp_path):
+    import paddle
+    from paddle_llm.trainer.dpo_trainer import DPOTrainer, PreferenceLoss, pair_log_probs
     from paddlenlp.trainer import TrainingArguments
 
     from paddle_llm.peft.lora import apply_lora

@@ -9,10 +9,8 @@ import threading
 import time
 
 import numpy as np
-import paddle
 import pytest
 
-from paddle_llm.inference.runtime import StepDecoder, step_attention_mask
 from paddle_llm.inference.manifest import CacheLayout
 from paddle_llm.serving.engine import Engine, EngineClosedError
 from paddle_llm.serving.sampling import (
@@ -150,6 +148,8 @@ class ToyRunner:
         self.batch_sizes = []
 
     def run(self, inputs):
+        import paddle
+
         input_ids, positions, mask, key, value = inputs  # one layer
         if self.fail_on_token is not None and bool((input_ids == self.fail_on_token).any()):
             raise RuntimeError("toy failure")
@@ -183,6 +183,8 @@ class ToyTokenizer:
 
 
 def toy_engine(max_batch_size=8, **runner_options):
+    from paddle_llm.inference.runtime import StepDecoder
+
     runner = ToyRunner(**runner_options)
     decoder = StepDecoder(runner, LAYOUT, "float32", glm_positions=False)
     return Engine(decoder, ToyTokenizer(), [EOS], max_context_length=200, max_batch_size=max_batch_size).start(), runner
@@ -192,6 +194,8 @@ PROMPTS = [[3, 4, 5], [9], [1, 2, 3, 4, 5, 6, 7, 8], [11, 12], [5, 5, 5, 5], [21
 
 
 def test_attention_mask_left_padding_and_causal():
+    from paddle_llm.inference.runtime import step_attention_mask
+
     mask = step_attention_mask(np.array([[False, True]]), np.array([[False, True, True]]))
     assert mask.shape == (1, 1, 3, 5)
     assert mask[0, 0].astype(int).tolist() == [[0, 1, 1, 0, 0], [0, 1, 0, 1, 0], [0, 1, 0, 1, 1]]
@@ -313,6 +317,8 @@ def test_prompt_filling_context_is_refused():
 
 @pytest.mark.parametrize("implementation", ["paddlenlp", "llama_inference"])
 def test_real_model_rows_batched_match_rows_alone(implementation):
+    import paddle
+    from paddle_llm.inference.runtime import StepDecoder
     from paddle_llm.models.llama.inference_step import LlamaInferenceStep
     from paddle_llm.inference.runtime import DygraphStepRunner
     from paddle_llm.inference.step_graph import KVCacheStep, cache_layout

@@ -14,21 +14,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
-from paddlenlp.trainer import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from paddle_llm.trainer.health import (
-    EXIT_NUMERICAL_HEALTH,
-    NumericalHealthCallback,
-    NumericalHealthError,
-    RunContext,
-    diagnose_grad_norm,
-    diagnose_labels,
-    diagnose_loss,
-    diagnose_loss_scale,
-    loss_from_output,
-    print_health_error,
-)
-from paddle_llm.trainer.trainer import LLMTrainer
 
 VOCAB, SEQ = 32, 8
 T4 = (7, 5)  # Turing: no flash attention kernels
@@ -85,6 +71,9 @@ def batches(count: int = 8, masked_labels: bool = False, vocab: int = VOCAB) -> 
 
 def train(model, data, callback, tmp_path, max_steps: int = 3, learning_rate: float = 1e-3, criterion=None):
     """A few real Trainer steps on CPU with the callback (constant learning rate); returns the trainer."""
+    from paddlenlp.trainer import TrainingArguments
+    from paddle_llm.trainer.trainer import LLMTrainer
+
     paddle.set_device("cpu")
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -108,6 +97,8 @@ def train(model, data, callback, tmp_path, max_steps: int = 3, learning_rate: fl
 
 
 def test_all_labels_masked_stops_before_the_forward_pass_with_the_length_flags(tmp_path):
+    from paddle_llm.trainer.health import NumericalHealthCallback, NumericalHealthError
+
     paddle.seed(0)
     with pytest.raises(NumericalHealthError) as raised:
         train(tiny_llama(), batches(masked_labels=True, vocab=1024), NumericalHealthCallback(), tmp_path)
@@ -120,6 +111,8 @@ def test_all_labels_masked_stops_before_the_forward_pass_with_the_length_flags(t
 def test_nan_weights_give_a_nan_gradient_norm_though_the_loss_stays_finite(tmp_path):
     # Paddle 3.3.1's CPU cross entropy returns ln(vocab) for a row of NaN logits (measured, for vocabularies of 32
     # and more), so NaN weights show up as a finite loss and NaN gradients: the gradient check is what catches them.
+    from paddle_llm.trainer.health import NumericalHealthCallback, NumericalHealthError
+
     paddle.seed(0)
     model = tiny_llama()
     with paddle.no_grad():
@@ -134,6 +127,8 @@ def test_nan_weights_give_a_nan_gradient_norm_though_the_loss_stays_finite(tmp_p
 
 
 def test_a_learning_rate_that_blows_up_the_weights_is_diagnosed_as_divergence_after_a_healthy_step(tmp_path):
+    from paddle_llm.trainer.health import NumericalHealthCallback, NumericalHealthError
+
     paddle.seed(0)
     with pytest.raises(NumericalHealthError) as raised:
         train(TinyCausalLM(), batches(), NumericalHealthCallback(), tmp_path, learning_rate=1e30)
@@ -143,6 +138,8 @@ def test_a_learning_rate_that_blows_up_the_weights_is_diagnosed_as_divergence_af
 
 
 def test_loss_exactly_zero_from_attention_that_sees_the_labels_blames_flash_attention_on_a_faked_t4_gpu(tmp_path):
+    from paddle_llm.trainer.health import NumericalHealthCallback, NumericalHealthError, RunContext
+
     paddle.seed(0)
     faked_t4 = RunContext(use_flash_attention=True, gpu_compute_capability=T4)
     with pytest.raises(NumericalHealthError) as raised:
@@ -153,6 +150,8 @@ def test_loss_exactly_zero_from_attention_that_sees_the_labels_blames_flash_atte
 
 
 def test_loss_exactly_zero_on_cpu_points_at_labels_and_masking(tmp_path):
+    from paddle_llm.trainer.health import NumericalHealthCallback, NumericalHealthError
+
     paddle.seed(0)
     with pytest.raises(NumericalHealthError) as raised:
         train(TinyCausalLM(leak_labels=True), batches(), NumericalHealthCallback(), tmp_path)
@@ -177,6 +176,8 @@ class LeakyCriterion(paddle.nn.Layer):
 
 
 def test_a_separate_criterion_passed_as_a_loss_layer_is_checked_too(tmp_path):
+    from paddle_llm.trainer.health import NumericalHealthCallback, NumericalHealthError
+
     paddle.seed(0)
     criterion = LeakyCriterion()
     callback = NumericalHealthCallback(loss_layers=(criterion,))
@@ -185,6 +186,8 @@ def test_a_separate_criterion_passed_as_a_loss_layer_is_checked_too(tmp_path):
 
 
 def test_overflowing_activations_give_a_nan_loss_and_the_fp16_diagnosis_says_bf16(tmp_path):
+    from paddle_llm.trainer.health import NumericalHealthCallback, NumericalHealthError, RunContext
+
     paddle.seed(0)
     fp16_on_a100 = RunContext(fp16=True, gpu_compute_capability=A100, scale_loss=32768)
     with pytest.raises(NumericalHealthError) as raised:
@@ -195,6 +198,8 @@ def test_overflowing_activations_give_a_nan_loss_and_the_fp16_diagnosis_says_bf1
 
 
 def test_healthy_run_trains_through_and_removes_its_hook_after_the_window(tmp_path):
+    from paddle_llm.trainer.health import NumericalHealthCallback
+
     paddle.seed(0)
     model = TinyCausalLM()
     callback = NumericalHealthCallback(check_steps=2)
@@ -204,12 +209,18 @@ def test_healthy_run_trains_through_and_removes_its_hook_after_the_window(tmp_pa
 
 
 def test_check_steps_zero_disables_every_check(tmp_path):
+    from paddle_llm.trainer.health import NumericalHealthCallback
+
     paddle.seed(0)
     train(TinyCausalLM(leak_labels=True), batches(), NumericalHealthCallback(check_steps=0), tmp_path, max_steps=2)
 
 
 def test_a_problem_after_the_window_is_not_reported(tmp_path):
     # The window is the first check_steps steps: a later loss of 0 is the user's business (and VisualDL's).
+    from paddlenlp.trainer import TrainerCallback, TrainingArguments
+    from paddle_llm.trainer.health import NumericalHealthCallback
+    from paddle_llm.trainer.trainer import LLMTrainer
+
     paddle.seed(0)
     model = TinyCausalLM()
     callback = NumericalHealthCallback(check_steps=1)
@@ -241,6 +252,8 @@ class FakedGradScaler:
 
 
 def drive_optimizer_steps(callback, scaler, steps: int):
+    from paddlenlp.trainer import TrainerControl, TrainerState, TrainingArguments
+
     args, state, control = TrainingArguments(output_dir="unused", device="cpu"), TrainerState(), TrainerControl()
     callback.on_train_begin(args, state, control, model=None)
     for _ in range(steps):
@@ -252,6 +265,8 @@ def drive_optimizer_steps(callback, scaler, steps: int):
 
 
 def test_fp16_loss_scale_collapse_with_faked_scaler_stops_after_ten_skipped_steps():
+    from paddle_llm.trainer.health import NumericalHealthCallback, NumericalHealthError, RunContext
+
     context = RunContext(fp16=True, gpu_compute_capability=A100, scale_loss=32768)
     callback = NumericalHealthCallback(context=context)
     with pytest.raises(NumericalHealthError) as raised:
@@ -262,6 +277,8 @@ def test_fp16_loss_scale_collapse_with_faked_scaler_stops_after_ten_skipped_step
 
 
 def test_fp16_loss_scale_below_one_with_faked_scaler_on_a_faked_v100_says_fp32_not_bf16():
+    from paddle_llm.trainer.health import NumericalHealthCallback, NumericalHealthError, RunContext
+
     context = RunContext(fp16=True, gpu_compute_capability=(7, 0), scale_loss=4)
     callback = NumericalHealthCallback(context=context)
     with pytest.raises(NumericalHealthError) as raised:
@@ -285,29 +302,37 @@ def test_paddle_grad_scaler_still_has_the_attributes_the_callback_reads():
 @pytest.mark.parametrize(
     "loss, context, expected_fix",
     [
-        (float("nan"), RunContext(use_flash_attention=True, gpu_compute_capability=T4), "--use_flash_attention 0"),
-        (float("inf"), RunContext(fp16=True, gpu_compute_capability=A100), "--bf16"),
-        (float("nan"), RunContext(fp16=True, gpu_compute_capability=T4), "drop --fp16"),
-        (float("nan"), RunContext(), "--learning_rate"),
-        (0.0, RunContext(use_flash_attention=True, gpu_compute_capability=A100), "--use_flash_attention 0"),
-        (0.004, RunContext(use_flash_attention=True, gpu_compute_capability=T4), "--use_flash_attention 0"),
+        (float("nan"), dict(use_flash_attention=True, gpu_compute_capability=T4), "--use_flash_attention 0"),
+        (float("inf"), dict(fp16=True, gpu_compute_capability=A100), "--bf16"),
+        (float("nan"), dict(fp16=True, gpu_compute_capability=T4), "drop --fp16"),
+        (float("nan"), {}, "--learning_rate"),
+        (0.0, dict(use_flash_attention=True, gpu_compute_capability=A100), "--use_flash_attention 0"),
+        (0.004, dict(use_flash_attention=True, gpu_compute_capability=T4), "--use_flash_attention 0"),
     ],
 )
 def test_loss_diagnosis_names_the_flag(loss, context, expected_fix):
-    assert expected_fix in diagnose_loss(3, loss, context).fix
+    from paddle_llm.trainer.health import RunContext, diagnose_loss
+
+    assert expected_fix in diagnose_loss(3, loss, RunContext(**context)).fix
 
 
 @pytest.mark.parametrize("loss", [6.93, 0.5, 0.011])
 def test_plausible_losses_pass(loss):
+    from paddle_llm.trainer.health import RunContext, diagnose_loss
+
     assert diagnose_loss(1, loss, RunContext()) is None
 
 
 def test_min_plausible_loss_none_checks_only_exact_zero():
+    from paddle_llm.trainer.health import RunContext, diagnose_loss
+
     assert diagnose_loss(1, 0.001, RunContext(), min_plausible_loss=None) is None
     assert diagnose_loss(1, 0.0, RunContext(), min_plausible_loss=None) is not None
 
 
 def test_grad_norm_diagnosis():
+    from paddle_llm.trainer.health import RunContext, diagnose_grad_norm
+
     assert diagnose_grad_norm(1, 12.5, RunContext()) is None
     assert "--use_flash_attention 0" in diagnose_grad_norm(1, math.inf, RunContext(True, T4)).fix
     assert "--model_name_or_path" in diagnose_grad_norm(1, math.inf, RunContext()).fix
@@ -316,6 +341,8 @@ def test_grad_norm_diagnosis():
 
 
 def test_labels_diagnosis_passes_a_batch_with_one_real_label():
+    from paddle_llm.trainer.health import diagnose_labels
+
     labels = np.full((2, 8), -100)
     assert diagnose_labels(1, labels) is not None
     labels[1, 7] = 5
@@ -324,6 +351,8 @@ def test_labels_diagnosis_passes_a_batch_with_one_real_label():
 
 
 def test_loss_scale_diagnosis_thresholds():
+    from paddle_llm.trainer.health import RunContext, diagnose_loss_scale
+
     context = RunContext(fp16=True)
     assert diagnose_loss_scale(5, 1024.0, 9, context) is None
     assert diagnose_loss_scale(5, 1024.0, 10, context) is not None
@@ -332,6 +361,8 @@ def test_loss_scale_diagnosis_thresholds():
 
 
 def test_loss_from_output_reads_tuples_and_model_outputs():
+    from paddle_llm.trainer.health import loss_from_output
+
     loss = paddle.to_tensor(1.5)
     assert loss_from_output((loss, paddle.zeros([1, 2, 3]))) is loss
     assert loss_from_output({"loss": loss, "logits": None}) is loss
@@ -339,6 +370,8 @@ def test_loss_from_output_reads_tuples_and_model_outputs():
 
 
 def test_the_error_prints_without_a_traceback_and_exits_non_zero(capsys):
+    from paddle_llm.trainer.health import EXIT_NUMERICAL_HEALTH, NumericalHealthError, RunContext, diagnose_loss, print_health_error
+
     error = NumericalHealthError(diagnose_loss(2, 0.0, RunContext(True, T4)))
     assert print_health_error(error, "paddle-llm pretrain") == EXIT_NUMERICAL_HEALTH != 0
     printed = capsys.readouterr().err
@@ -347,5 +380,7 @@ def test_the_error_prints_without_a_traceback_and_exits_non_zero(capsys):
 
 
 def test_negative_check_steps_is_refused():
+    from paddle_llm.trainer.health import NumericalHealthCallback
+
     with pytest.raises(ValueError, match="check_steps"):
         NumericalHealthCallback(check_steps=-1)

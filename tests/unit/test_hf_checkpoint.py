@@ -10,13 +10,11 @@ import shutil
 import zipfile
 
 import numpy as np
-import paddle
 import pytest
 from safetensors.numpy import save_file
 
 from paddle_llm.cpu import kernels as cpu_kernels
 from paddle_llm.models import hf_checkpoint
-from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
 from paddle_llm.models.registry import family_of_model
 from paddle_llm.models.registry import build_config, build_model, resolve_model
 from tests.conftest import ROOT
@@ -41,6 +39,8 @@ def load(directory: str):
 
 
 def logits_of(model, input_ids) -> np.ndarray:
+    import paddle
+
     model.eval()
     with paddle.no_grad():
         output = model(paddle.to_tensor(input_ids), return_dict=True)
@@ -67,6 +67,8 @@ def rewrite_weights(directory: str, change) -> None:
 @pytest.mark.parametrize("fast_paths", ["paddlenlp", "cpu_fast_kernels", "cpu_fast_pure_paddle"])
 @pytest.mark.parametrize("name", FIXTURES)
 def test_logits_equal_transformers(name, fast_paths, monkeypatch):
+    from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+
     if fast_paths == "cpu_fast_pure_paddle":
         monkeypatch.setattr(cpu_kernels, "load", lambda: None)
     model = load(fixture_dir(name))
@@ -79,6 +81,9 @@ def test_logits_equal_transformers(name, fast_paths, monkeypatch):
 @pytest.mark.parametrize("fast_paths", [False, True])
 @pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"])
 def test_three_adamw_steps_reproduce_transformers_losses(name, fast_paths):
+    import paddle
+    from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+
     ref = reference(name)["train"]
     settings = ref["optimizer"]
     model = load(fixture_dir(name))

@@ -2,20 +2,19 @@
 accepts, and ``build_step_layer`` keeps PaddleNLP's forward for the ones it does not."""
 
 import numpy as np
-import paddle
 import pytest
 
 from paddle_llm.cpu import features as cpu_features
 from paddle_llm.cpu.features import fused_rms_norm_allowed
-from paddle_llm.models.llama.inference_step import LlamaInferenceStep
 from paddle_llm.inference.manifest import STEP_LLAMA_INFERENCE, STEP_PADDLENLP
-from paddle_llm.inference.step_graph import KVCacheStep, build_step_layer
 from paddle_llm.models.registry import FAMILIES, build_config, build_model, resolve_model
 
 TOLERANCE = 1e-5
 
 
 def tiny_llama(**overrides):
+    import paddle
+
     paddle.seed(0)
     source = resolve_model("tiny-llama")
     config = build_config(source)
@@ -29,6 +28,8 @@ def tiny_llama(**overrides):
 def step_inputs(config, batch: int, query: int, past: int, seed: int = 0):
     """Random ids, per-row positions, a causal mask with left padding in row 1, and a random past per layer in
     PaddleNLP's ``[b, past, kv_heads, dim]`` layout."""
+    import paddle
+
     rng = np.random.default_rng(seed)
     kv_heads = config.num_key_value_heads or config.num_attention_heads
     head_dim = config.hidden_size // config.num_attention_heads
@@ -63,6 +64,10 @@ def head_major(cache):
                                                 reason="Paddle's fused RMSNorm has only an AVX-512 CPU kernel")),
 ], ids=["composed_rms_norm", "fused_rms_norm"])
 def test_inference_step_equals_paddlenlp(overrides, batch, query, past, fused_rms_norm):
+    import paddle
+    from paddle_llm.models.llama.inference_step import LlamaInferenceStep
+    from paddle_llm.inference.step_graph import KVCacheStep
+
     model = tiny_llama(**overrides)
     reference = KVCacheStep(model, FAMILIES["llama"], model.config.num_hidden_layers)
     ours = LlamaInferenceStep(model, fused_rms_norm)
@@ -77,6 +82,9 @@ def test_inference_step_equals_paddlenlp(overrides, batch, query, past, fused_rm
 
 
 def test_build_step_layer_picks_the_inference_step_for_plain_llama():
+    from paddle_llm.models.llama.inference_step import LlamaInferenceStep
+    from paddle_llm.inference.step_graph import build_step_layer
+
     step = build_step_layer(tiny_llama(), FAMILIES["llama"], "float32")
     assert isinstance(step.layer, LlamaInferenceStep) and step.implementation == STEP_LLAMA_INFERENCE
     assert step.kept_because == "" and (step.layout.head_axis, step.layout.seq_axis) == (1, 2)
@@ -89,12 +97,15 @@ def test_build_step_layer_picks_the_inference_step_for_plain_llama():
     ({}, "float16", "float16"),
 ])
 def test_build_step_layer_keeps_paddlenlp_where_the_step_differs(overrides, dtype, expected_reason):
+    from paddle_llm.inference.step_graph import KVCacheStep, build_step_layer
+
     step = build_step_layer(tiny_llama(**overrides), FAMILIES["llama"], dtype)
     assert isinstance(step.layer, KVCacheStep) and step.implementation == STEP_PADDLENLP
     assert expected_reason in step.kept_because
 
 
 def test_the_default_step_graph_has_no_kernel_a_cpu_may_lack(tmp_path):
+    from paddle_llm.inference.step_graph import build_step_layer
     from paddle_llm.inference.manifest import program_needs, program_op_types
     from paddle_llm.inference.step_graph import save_step_graph
 

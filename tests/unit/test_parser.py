@@ -6,10 +6,16 @@ import shlex
 
 import pytest
 
-from paddle_llm.config.arguments import DataArguments, ModelArguments, PretrainingArguments
 from paddle_llm.config.parser import ArgumentError, parse_flags
 
-TYPES = (ModelArguments, DataArguments, PretrainingArguments)
+
+def pretrain_types() -> tuple[type, ...]:
+    """run_pretrain.py's argument dataclasses; imported when a test runs (they load PaddleNLP), not at collection."""
+    from paddle_llm.config.arguments import DataArguments, ModelArguments, PretrainingArguments
+
+    return ModelArguments, DataArguments, PretrainingArguments
+
+
 SEED_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "seed_run_pretrain.sh")
 
 
@@ -23,7 +29,7 @@ def seed_pretrain_args() -> list[str]:
 
 
 def test_seed_command_parses_with_every_flag():
-    parsed = parse_flags(seed_pretrain_args(), TYPES)
+    parsed = parse_flags(seed_pretrain_args(), pretrain_types())
     assert parsed.value("sharding") == "stage2"
     assert parsed.value("fp16") is True and parsed.value("fp16_opt_level") == "O2"
     assert parsed.value("use_flash_attention") is True and parsed.value("use_fused_rms_norm") is False
@@ -38,7 +44,7 @@ def test_seed_command_parses_with_every_flag():
 def test_json_args_file_with_command_line_overrides(tmp_path):
     args_file = tmp_path / "args.json"
     args_file.write_text(json.dumps({"output_dir": "out", "max_steps": 5, "learning_rate": 0.1, "do_train": True}))
-    parsed = parse_flags([str(args_file), "--max_steps", "7"], TYPES)
+    parsed = parse_flags([str(args_file), "--max_steps", "7"], pretrain_types())
     assert parsed.value("max_steps") == 7  # the command line wins
     assert parsed.value("learning_rate") == pytest.approx(0.1)
     assert parsed.value("do_train") is True
@@ -47,16 +53,16 @@ def test_json_args_file_with_command_line_overrides(tmp_path):
 
 @pytest.mark.parametrize("word, expected", [("1", True), ("0", False), ("true", True), ("False", False), ("True", True)])
 def test_boolean_words(word, expected):
-    assert parse_flags(["--output_dir", "o", "--recompute", word], TYPES).value("recompute") is expected
+    assert parse_flags(["--output_dir", "o", "--recompute", word], pretrain_types()).value("recompute") is expected
 
 
 def test_bare_boolean_flag_means_true_and_equals_form():
-    parsed = parse_flags(["--output_dir=o", "--do_train", "--fp16", "--max_steps=3"], TYPES)
+    parsed = parse_flags(["--output_dir=o", "--do_train", "--fp16", "--max_steps=3"], pretrain_types())
     assert parsed.value("do_train") is True and parsed.value("fp16") is True and parsed.value("max_steps") == 3
 
 
 def test_aliases_map_to_paddlenlp_names():
-    parsed = parse_flags(["--output_dir", "o", "--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2", "--sharding_degree", "2"], TYPES)
+    parsed = parse_flags(["--output_dir", "o", "--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2", "--sharding_degree", "2"], pretrain_types())
     assert parsed.value("tensor_parallel_degree") == 2 and parsed.value("pipeline_parallel_degree") == 2
     assert parsed.value("sharding_degree") == 2
 
@@ -74,22 +80,22 @@ def test_aliases_map_to_paddlenlp_names():
 )
 def test_bad_flags_name_the_flag(argv, message):
     with pytest.raises(ArgumentError, match=message.replace("?", r"\?").replace("(", r"\(")):
-        parse_flags(argv, TYPES)
+        parse_flags(argv, pretrain_types())
 
 
 def test_bad_args_file_names_file_and_line(tmp_path):
     args_file = tmp_path / "args.json"
     args_file.write_text('{\n  "output_dir": "o",\n  "max_steps": ,\n}')
     with pytest.raises(ArgumentError, match=rf"{args_file}:3: not valid JSON"):
-        parse_flags([str(args_file)], TYPES)
+        parse_flags([str(args_file)], pretrain_types())
     args_file.write_text('{"output_dir": "o", "max_stpes": 3}')
     with pytest.raises(ArgumentError, match="'max_stpes' is not a known flag; did you mean --max_steps"):
-        parse_flags([str(args_file)], TYPES)
+        parse_flags([str(args_file)], pretrain_types())
 
 
 def test_help_lists_every_flag_with_its_default():
     from paddle_llm.config.parser import format_help
 
-    text = format_help(TYPES, "usage: x")
+    text = format_help(pretrain_types(), "usage: x")
     for flag in ("--input_dir (str, default None)", "--split (str, default 949,50,1)", "--max_steps", "--sharding", "--use_flash_attention"):
         assert flag in text, flag

@@ -5,18 +5,22 @@ import json
 import numpy as np
 import paddle
 import pytest
-from paddlenlp.peft.lora.lora_layers import LoRALinear
 
-from paddle_llm.config.arguments import FinetuneArguments, FinetuneDataArguments, ModelArguments, PeftArguments
 from paddle_llm.config.parser import parse_flags
 from paddle_llm.config.presets import preset
 from paddle_llm.config.validation import check_quantization
 from paddle_llm.estimator.command import main as estimate_main
 from paddle_llm.estimator.memory import quantized_weight_bytes
-from paddle_llm.peft.qlora import QuantizedLoRALinear
 from paddle_llm.peft.quantize import QuantSpec, quantize
 
-TYPES = (ModelArguments, FinetuneDataArguments, PeftArguments, FinetuneArguments)
+
+def finetune_types() -> tuple[type, ...]:
+    """finetune_generation.py's argument dataclasses; imported when a test runs (they load PaddleNLP), not at collection."""
+    from paddle_llm.config.arguments import FinetuneArguments, FinetuneDataArguments, ModelArguments, PeftArguments
+
+    return ModelArguments, FinetuneDataArguments, PeftArguments, FinetuneArguments
+
+
 LLAMA = preset("tiny-llama")
 
 
@@ -25,15 +29,15 @@ LLAMA = preset("tiny-llama")
     ["--weight_blocksize", "128", "--weight_double_quant", "True", "--weight_double_quant_block_size", "64"],  # PaddleNLP 3.0.0b4
 ], ids=["llm-flags", "paddlenlp-3.0.0b4"])
 def test_both_spellings_of_the_qlora_flags_parse_to_one_spec(spelling):
-    parsed = parse_flags(["--output_dir", "o", "--lora", "True", "--weight_quantize_algo", "nf4"] + spelling, TYPES)
-    peft_args = parsed.build(TYPES)[2]
+    parsed = parse_flags(["--output_dir", "o", "--lora", "True", "--weight_quantize_algo", "nf4"] + spelling, finetune_types())
+    peft_args = parsed.build(finetune_types())[2]
     assert QuantSpec.from_arguments(peft_args) == QuantSpec("nf4", 128, True, 64)
 
 
 def test_defaults_are_paddlenlps():
-    peft_args = parse_flags(["--output_dir", "o", "--lora", "True", "--weight_quantize_algo", "fp4"], TYPES).build(TYPES)[2]
+    peft_args = parse_flags(["--output_dir", "o", "--lora", "True", "--weight_quantize_algo", "fp4"], finetune_types()).build(finetune_types())[2]
     assert QuantSpec.from_arguments(peft_args) == QuantSpec("fp4", 64, False, 256)
-    assert QuantSpec.from_arguments(parse_flags(["--output_dir", "o"], TYPES).build(TYPES)[2]) is None
+    assert QuantSpec.from_arguments(parse_flags(["--output_dir", "o"], finetune_types()).build(finetune_types())[2]) is None
 
 
 @pytest.mark.parametrize("values, message", [
@@ -57,7 +61,9 @@ def test_a_valid_qlora_configuration_passes():
     assert check_quantization(values, LLAMA) == [] and check_quantization({}, LLAMA) == []
 
 
-def lora_layer(bias: bool) -> LoRALinear:
+def lora_layer(bias: bool) -> "LoRALinear":
+    from paddlenlp.peft.lora.lora_layers import LoRALinear
+
     paddle.seed(1)
     layer = LoRALinear(64, 96, r=4, lora_alpha=8, bias_attr=None if bias else False)
     layer.lora_B.set_value(paddle.randn([4, 96]) * 0.1)  # a trained adapter, not the zero init
@@ -70,6 +76,8 @@ def lora_layer(bias: bool) -> LoRALinear:
 @pytest.mark.parametrize("spec", [QuantSpec("nf4"), QuantSpec("fp4", double_quant=True, double_quant_blocksize=32), QuantSpec("weight_only_int4")],
                          ids=lambda s: s.describe())
 def test_quantized_layer_computes_dequantized_base_plus_adapter_and_trains_only_the_adapter(spec, bias):
+    from paddle_llm.peft.qlora import QuantizedLoRALinear
+
     plain = lora_layer(bias)
     quantized = QuantizedLoRALinear(plain, spec)
     assert sorted(n for n, _ in quantized.named_parameters()) == (["bias"] if bias else []) + ["lora_A", "lora_B"]
@@ -92,6 +100,8 @@ def test_quantized_layer_computes_dequantized_base_plus_adapter_and_trains_only_
 
 
 def test_back_to_a_float_lora_layer_merges_into_the_dequantized_weight():
+    from paddle_llm.peft.qlora import QuantizedLoRALinear
+
     quantized = QuantizedLoRALinear(lora_layer(bias=False), QuantSpec("nf4"))
     x = paddle.randn([3, 64])
     expected = quantized(x)

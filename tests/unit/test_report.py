@@ -8,24 +8,10 @@ import os
 from html.parser import HTMLParser
 
 import numpy as np
-import paddle
 import pytest
-from paddlenlp.trainer import TrainingArguments
 
 from paddle_llm import cli
 from paddle_llm.estimator.memory import estimate_training_memory
-from paddle_llm.trainer.callbacks import MetricsFileCallback
-from paddle_llm.trainer.report import (
-    EXIT_NO_METRICS,
-    REPORT_FILE,
-    RUN_SUMMARY_FILE,
-    ReportCallback,
-    estimator_flags,
-    load_run,
-    render_report,
-    write_report,
-)
-from paddle_llm.trainer.trainer import LLMTrainer
 
 ALL_PLOTS = ("loss", "eval_ppl", "learning_rate", "tokens_per_second", "grad_norm")
 MEASURED_PEAK = 48 * 2**20
@@ -38,6 +24,7 @@ def synthetic_loss(step: int, offset: float = 0.5) -> float:
 def write_synthetic_run(directory, steps: int = 40, with_summary: bool = True, with_eval: bool = True) -> str:
     """An output directory as a 40-step tiny-llama run leaves it: metrics.jsonl, config.json, results, and the
     run_summary.json of ReportCallback with the real estimator's figure and a measured peak."""
+    from paddle_llm.trainer.report import RUN_SUMMARY_FILE
     from paddle_llm.config.presets import preset
 
     directory = str(directory)
@@ -119,6 +106,8 @@ def parse(html_text: str) -> ReportStructure:
 @pytest.fixture(scope="module")
 def synthetic_report(tmp_path_factory) -> tuple[str, str]:
     """(output directory, report.html text) of the synthetic run, rendered once for the tests that only read it."""
+    from paddle_llm.trainer.report import REPORT_FILE, write_report
+
     directory = write_synthetic_run(tmp_path_factory.mktemp("report") / "run")
     path = write_report(directory)
     assert path == os.path.join(directory, REPORT_FILE)
@@ -146,6 +135,8 @@ def test_the_flags_given_come_first_and_every_value_is_folded(synthetic_report):
 
 
 def test_memory_rows_put_the_estimate_next_to_the_measured_peak(synthetic_report):
+    from paddle_llm.trainer.report import RUN_SUMMARY_FILE
+
     directory, html_text = synthetic_report
     with open(os.path.join(directory, RUN_SUMMARY_FILE), encoding="utf-8") as f:
         estimated = json.load(f)["memory"]["estimate"]["per_device"]["total"]
@@ -160,6 +151,8 @@ def test_report_is_self_contained(synthetic_report):
 
 
 def test_nan_losses_are_left_out_of_the_curves_but_listed(tmp_path):
+    from paddle_llm.trainer.report import load_run, render_report
+
     directory = write_synthetic_run(tmp_path / "run")
     with open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": 45, "loss": float("nan"), "learning_rate": 1e-4, "grad_norm": None, "tokens_per_second": 1500.0}) + "\n")
@@ -171,6 +164,8 @@ def test_nan_losses_are_left_out_of_the_curves_but_listed(tmp_path):
 
 
 def test_dpo_reward_metrics_get_their_own_plots_train_and_eval(tmp_path):
+    from paddle_llm.trainer.report import load_run, render_report
+
     directory = write_synthetic_run(tmp_path / "run")
     with open(os.path.join(directory, "metrics.jsonl"), "a", encoding="utf-8") as f:
         for step in (45, 50):
@@ -185,6 +180,8 @@ def test_dpo_reward_metrics_get_their_own_plots_train_and_eval(tmp_path):
 
 
 def test_paddle_llm_report_command_on_a_run_without_eval_or_summary(tmp_path, capsys):
+    from paddle_llm.trainer.report import REPORT_FILE
+
     directory = write_synthetic_run(tmp_path / "run", with_summary=False, with_eval=False)
     assert cli.main(["report", directory]) == 0
     path = capsys.readouterr().out.strip()
@@ -196,11 +193,15 @@ def test_paddle_llm_report_command_on_a_run_without_eval_or_summary(tmp_path, ca
 
 
 def test_paddle_llm_report_on_a_directory_without_metrics_says_what_to_pass(tmp_path, capsys):
+    from paddle_llm.trainer.report import EXIT_NO_METRICS
+
     assert cli.main(["report", str(tmp_path / "empty")]) == EXIT_NO_METRICS
     assert "metrics.jsonl not found" in capsys.readouterr().err
 
 
 def test_estimator_flags_merge_training_arguments_with_the_run_flags():
+    from paddle_llm.trainer.report import estimator_flags
+
     training_arguments = {"sharding": ["stage2", "offload"], "fp16": False, "world_size": 8, "device": "gpu", "max_seq_length": None}
     flags = estimator_flags(training_arguments, {"max_seq_length": 2048, "fp16": True, "lora": None}, {"seq_length": 64})
     assert flags["sharding"] == "stage2 offload"
@@ -211,6 +212,11 @@ def test_estimator_flags_merge_training_arguments_with_the_run_flags():
 
 
 def test_report_callback_through_the_real_trainer_records_estimate_and_measured_peak(tmp_path):
+    import paddle
+    from paddlenlp.trainer import TrainingArguments
+    from paddle_llm.trainer.callbacks import MetricsFileCallback
+    from paddle_llm.trainer.report import REPORT_FILE, RUN_SUMMARY_FILE, ReportCallback
+    from paddle_llm.trainer.trainer import LLMTrainer
     from paddle_llm.models.registry import build_config, build_model, resolve_model
 
     paddle.set_device("cpu")
@@ -247,6 +253,11 @@ def test_report_callback_through_the_real_trainer_records_estimate_and_measured_
 
 def test_run_shorter_than_logging_steps_still_gets_a_report(tmp_path):
     # The README's 2-process tour command (20 steps, PaddleNLP's default --logging_steps) used to exit 2 here.
+    import paddle
+    from paddlenlp.trainer import TrainingArguments
+    from paddle_llm.trainer.callbacks import MetricsFileCallback
+    from paddle_llm.trainer.report import REPORT_FILE, ReportCallback
+    from paddle_llm.trainer.trainer import LLMTrainer
     from paddle_llm.models.registry import build_config, build_model, resolve_model
 
     paddle.set_device("cpu")

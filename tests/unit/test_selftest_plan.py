@@ -7,10 +7,11 @@ import json
 import pytest
 
 from paddle_llm.config.parser import ArgumentError
-from paddle_llm.tools.selftest import TOLERANCE, make_plan, tiny_shape
 
 
 def test_layout_precision_and_kernel_flags_are_kept_and_the_rest_is_the_selftests(tmp_path):
+    from paddle_llm.tools.selftest import TOLERANCE, make_plan
+
     plan = make_plan([
         "--model_name_or_path", "tiny-qwen2", "--output_dir", "out/real", "--max_steps", "100000",
         "--tensor_parallel_degree", "2", "--sharding", "stage2", "--bf16", "1", "--fp16_opt_level", "O2",
@@ -23,6 +24,8 @@ def test_layout_precision_and_kernel_flags_are_kept_and_the_rest_is_the_selftest
 
 
 def test_cpu_runs_compare_in_float32_and_an_args_file_comes_first(tmp_path):
+    from paddle_llm.tools.selftest import make_plan
+
     args = tmp_path / "args.json"
     args.write_text(json.dumps({"model_name_or_path": "tiny-chatglm2", "output_dir": "out", "fp16": True, "device": "cpu"}))
     plan = make_plan([str(args), "--sharding", "stage2"])
@@ -31,12 +34,16 @@ def test_cpu_runs_compare_in_float32_and_an_args_file_comes_first(tmp_path):
 
 
 def test_a_hub_name_is_refused_with_what_to_pass():
+    from paddle_llm.tools.selftest import make_plan
+
     with pytest.raises(ArgumentError, match="--model_name_or_path: .*local directory"):
         make_plan(["--model_name_or_path", "meta-llama/Llama-2-7b"])
 
 
 def test_the_tiny_shape_keeps_the_head_ratio_and_fits_the_tensor_parallel_degree():
     # Llama-2-70B-like: 64 query heads share 8 key/value heads; TP8 needs 8 heads, each its own KV head
+    from paddle_llm.tools.selftest import tiny_shape
+
     assert tiny_shape("llama", {"num_attention_heads": 64, "num_key_value_heads": 8}, 8) == {
         "num_attention_heads": 8, "hidden_size": 256, "intermediate_size": 704, "num_key_value_heads": 8,
     }
