@@ -14,17 +14,6 @@ RUN_PRETRAIN = os.path.join(ROOT, "run_pretrain.py")
 DEMO_CORPUS = os.path.join(ROOT, "paddle_llm", "assets", "demo_corpus.jsonl")
 
 
-# Slow tests whose module another change owns: marked here until the mark can live beside the test.
-SLOW_ELSEWHERE = {"tests/integration/test_readme_commands.py::test_every_readme_command_runs"}  # every README command, the demo included
-
-
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.nodeid.split("[")[0] in SLOW_ELSEWHERE:
-            item.add_marker(pytest.mark.slow)
-
-
 def subprocess_env(**extra) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # tests run side by side on 2 cores

@@ -460,6 +460,7 @@ def pages(tmp_path_factory) -> PageRuns:
     return PageRuns(tmp_path_factory.mktemp("pages"))
 
 
+@pytest.mark.slow  # every command of the page, with the tour's training and serving before it
 @pytest.mark.parametrize("page", PAGES_WITH_COMMANDS, ids=PAGES_WITH_COMMANDS)
 def test_every_command_on_the_page_runs(page, pages):
     pages.run(page)
