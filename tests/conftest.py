@@ -124,25 +124,24 @@ def demo_data(tmp_path_factory) -> str:
     return prefix
 
 
-@pytest.fixture(scope="session")
-def saved_tiny_models(tmp_path_factory) -> dict[str, str]:
-    """Each tiny preset saved with random weights and the tokenizer: family -> model directory."""
-    directory = tmp_path_factory.mktemp("models")
+def save_tiny_models(directory, shapes: dict[str, dict] | None = None, **env) -> dict[str, str]:
+    """Each tiny preset saved with random weights and the tokenizer, its config fields overridden by
+    ``shapes[family]`` when given: family -> model directory."""
     script = (
-        "import sys, paddle\n"
+        "import json, sys, paddle\n"
         "from paddle_llm.models.registry import resolve_model, build_config, build_model, load_tokenizer\n"
         "paddle.seed(0)\n"
-        "for name, out in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+        "for name, shape, out in zip(sys.argv[1::3], sys.argv[2::3], sys.argv[3::3]):\n"
         "    source = resolve_model(name)\n"
-        "    model = build_model(source, build_config(source), load_weights=False)\n"
+        "    model = build_model(source, build_config(source, **json.loads(shape)), load_weights=False)\n"
         "    model.save_pretrained(out)\n"
         "    load_tokenizer(name).save_pretrained(out)\n"
     )
     targets = {family: str(directory / family) for family in ("llama", "chatglm", "chatglm2", "qwen2")}
     args = []
     for family, path in targets.items():
-        args += [f"tiny-{family}", path]
-    run_script(["-c", script] + args)
+        args += [f"tiny-{family}", json.dumps((shapes or {}).get(family, {})), path]
+    run_script(["-c", script] + args, **env)
     return targets
 
 
@@ -156,3 +155,9 @@ def demo_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
     output_dir = str(tmp_path_factory.mktemp("demo") / "demo")
     result = run_script(["-m", "paddle_llm", "demo", "--output_dir", output_dir, "--disable_tqdm", "--dpo"], timeout=900, check=False, **USER_SHELL)
     return output_dir, result
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_models(tmp_path_factory) -> dict[str, str]:
+    """Each tiny preset saved with random weights and the tokenizer: family -> model directory."""
+    return save_tiny_models(tmp_path_factory.mktemp("models"))

@@ -39,6 +39,9 @@ class ModelArguments:
     use_fast_layer_norm: bool = field(default=False, metadata={"help": "GPU fused layer norm (GPT-style models)"})
     fuse_attention_qkv: Optional[bool] = field(default=None, metadata={"help": "one fused q/k/v projection"})
     fuse_attention_ffn: Optional[bool] = field(default=None, metadata={"help": "one fused gate/up projection"})
+    flash_mask: bool = field(
+        default=False, metadata={"help": "PaddleNLP's GPU flash-mask attention; on CPU attention runs through explicit masks (the same attention)"}
+    )
 
 
 @dataclass
@@ -70,6 +73,10 @@ class CpuRuntimeArguments(TrainingArguments):
     num_threads: Optional[int] = field(
         default=None, metadata={"help": "math-library threads on CPU (default: the cores this process may use)"}
     )
+    # PaddleNLP's llm/ throughput switches, declared so its argument files parse; refused when on
+    # (config.validation.check_paddle_runtime_limits)
+    benchmark: bool = field(default=False, metadata={"help": "PaddleNLP's throughput mode; not supported here"})
+    autotuner_benchmark: bool = field(default=False, metadata={"help": "PaddleNLP's autotuner mode; not supported here"})
     cpu_fast_paths: bool = field(
         default=True,
         metadata={
@@ -128,6 +135,13 @@ class FinetuneDataArguments:
     zero_padding: bool = field(
         default=False, metadata={"help": "pack several samples into each max_length sequence (attention stays within a sample)"}
     )
+    greedy_zero_padding: bool = field(
+        default=False,
+        metadata={"help": "with --zero_padding: pack as PaddleNLP does, in file order 500 samples at a time, each into the pack with the most room (default: best-fit decreasing, less padding)"},
+    )
+    lazy: bool = field(
+        default=False, metadata={"help": "PaddleNLP's streaming dataset; not supported here (data files are read whole), refused when on"}
+    )
     skip_bad_lines: bool = field(
         default=False, metadata={"help": "skip malformed records (each is reported) instead of stopping at the first"}
     )
@@ -180,6 +194,29 @@ class PeftArguments:
     qlora_weight_double_quant_block_size: int = field(
         default=256, metadata={"help": "block scales per 8-bit block of the double quantization (alias --weight_double_quant_block_size)"}
     )
+    # PaddleNLP's LoRA variants, passed through to its LoRAModel (PaddleNLP's definitions: lora_layers.py)
+    rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale the adapter by lora_alpha / sqrt(r) instead of lora_alpha / r"})
+    lora_plus_scale: float = field(
+        default=1.0, metadata={"help": "LoRA+: the B matrices learn this many times faster than the A matrices"}
+    )
+    rslora_plus: bool = field(
+        default=False, metadata={"help": "PaddleNLP's shorthand for --rslora True --lora_plus_scale 4 --lora_alpha 4"}
+    )
+    pissa: bool = field(
+        default=False,
+        metadata={"help": "PiSSA: start the adapter from the base weight's top-r singular vectors (scaling 1); the saved adapter is an ordinary LoRA on the original base"},
+    )
+    # PaddleNLP 3.0.0b4's other PEFT methods: declared so their argument files parse, refused by name
+    # (config.validation.UNCLAIMED_PEFT_METHODS) until they are implemented here.
+    vera: bool = field(default=False, metadata={"help": "VeRA: not supported here"})
+    vera_rank: Optional[int] = field(default=None, metadata={"help": "VeRA's rank: not supported here"})
+    lokr: bool = field(default=False, metadata={"help": "LoKr: not supported here"})
+    lokr_path: Optional[str] = field(default=None, metadata={"help": "LoKr's adapter: not supported here"})
+    lokr_dim: Optional[int] = field(default=None, metadata={"help": "LoKr's rank: not supported here"})
+    use_shift_sparse_attention: bool = field(default=False, metadata={"help": "LongLoRA's shifted sparse attention: not supported here"})
+    use_mora: bool = field(default=False, metadata={"help": "MoRA: not supported here"})
+    lora_use_mixer: bool = field(default=False, metadata={"help": "MosLoRA: not supported here"})
+    reft: bool = field(default=False, metadata={"help": "ReFT: not supported here"})
     prefix_tuning: bool = field(default=False, metadata={"help": "train a prefix (virtual past keys/values) only"})
     prefix_path: Optional[str] = field(default=None, metadata={"help": "start from this saved prefix directory"})
     num_prefix_tokens: int = field(default=128, metadata={"help": "prefix length in tokens"})
@@ -218,9 +255,6 @@ class FinetuneArguments(CpuRuntimeArguments):
 @dataclass
 @llmmetaclass
 class DPOTrainingArguments(CpuRuntimeArguments):
-    """The shared training arguments plus bounded evaluation (and PaddleNLP's DPO benchmark switches, so its args
-    files parse; they are refused when on)."""
+    """The shared training arguments plus bounded evaluation."""
 
     eval_iters: int = field(default=-1, metadata={"help": "batches per evaluation (-1: the whole dev set)"})
-    benchmark: bool = field(default=False, metadata={"help": "PaddleNLP's DPO throughput mode; not supported here"})
-    autotuner_benchmark: bool = field(default=False, metadata={"help": "PaddleNLP's autotuner mode; not supported here"})

@@ -11,6 +11,7 @@ from typing import Mapping
 
 # GPU-only switches that fall back on CPU: flag -> why it cannot run there
 GPU_ONLY_FLAGS = {
+    "flash_mask": "PaddleNLP's flash-mask attention kernel is GPU-only; attention runs through explicit masks (the same attention)",
     "use_flash_attention": "flash attention has no CPU kernel; using the standard attention",
     "use_fused_rms_norm": "the fused RMSNorm is a CUDA op; using the composed RMSNorm",
     "use_fused_rope": "the fused rotary embedding is a CUDA op; using the composed one",
@@ -148,8 +149,12 @@ def _check_micro_batches(values: Mapping) -> list[str]:
     errors = []
     pp, vpp = _degree(values, "pipeline_parallel_degree"), _degree(values, "virtual_pp_degree")
     accumulation = int(values.get("gradient_accumulation_steps") or 1)
-    if vpp > 1 and pp == 1:
-        errors.append(f"--virtual_pp_degree {vpp} interleaves pipeline stages: it needs --pipeline_parallel_degree 2 or more")
+    if vpp > 1 and pp < VIRTUAL_PP_MIN_STAGES:
+        errors.append(
+            f"--virtual_pp_degree {vpp} interleaves pipeline stages, which Paddle runs with {VIRTUAL_PP_MIN_STAGES} or more "
+            f"(its interleaved schedule stops with 'virtual pipeline must run under pp degree > 2'): use "
+            f"--pipeline_parallel_degree {VIRTUAL_PP_MIN_STAGES} or more, or --virtual_pp_degree 1"
+        )
     if pp > 1 and accumulation < pp:
         errors.append(
             f"pipeline parallel with gradient_accumulation_steps={accumulation} < pipeline_parallel_degree={pp} "
@@ -162,6 +167,10 @@ def _check_micro_batches(values: Mapping) -> list[str]:
             f"gradient_accumulation_steps={accumulation} must be a multiple of {pp} (e.g. {multiples})"
         )
     return errors
+
+
+# Paddle's PipelineParallelWithInterleave asserts num_stages > 2.
+VIRTUAL_PP_MIN_STAGES = 3
 
 
 def check_parallel(values: Mapping, model_fields: Mapping | None, world_size: int, pipeline_supported: bool = True) -> list[str]:
@@ -181,6 +190,7 @@ def check_parallel(values: Mapping, model_fields: Mapping | None, world_size: in
     if model_fields:
         errors += _check_model_split(values, model_fields)
     errors += _check_micro_batches(values)
+    errors += check_paddle_runtime_limits(values)
     return errors
 
 
@@ -319,3 +329,79 @@ def apply_cpu_fallbacks(values: dict) -> list[str]:
         values["pipeline_parallel_config"] = " ".join(pipeline_config + ["disable_batch_p2p_comm"])
         warnings.append("pipeline parallel on CPU exchanges activations with isend/irecv: added disable_batch_p2p_comm to --pipeline_parallel_config")
     return warnings
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PaddleNLP's argument files (llm/config/*/*.json): switches Paddle itself refuses on this machine, the LoRA variants'
+# combinations, and PaddleNLP's PEFT methods this toolkit does not implement (each refused by name).
+
+# flag -> (the method it selects, its companion flags); the flags are declared in config.arguments.PeftArguments
+UNCLAIMED_PEFT_METHODS = {
+    "vera": ("VeRA", ("vera_rank",)),
+    "lokr": ("LoKr", ("lokr_path", "lokr_dim")),
+    "use_shift_sparse_attention": ("LongLoRA (shifted sparse attention)", ()),
+    "use_mora": ("MoRA", ()),
+    "lora_use_mixer": ("MosLoRA", ()),
+    "reft": ("ReFT", ()),
+}
+# PaddleNLP's run_finetune.py and run_dpo.py: ``--rslora_plus`` sets these three
+RSLORA_PLUS = {"rslora": True, "lora_plus_scale": 4.0, "lora_alpha": 4}
+# Paddle's sharding offload: "Only support offload strategy while using 'Adam', 'AdamW' and 'Momentum' optimizer with
+# AMP/Pure FP16"
+OFFLOAD_OPTIMIZERS = ("adamw", "adam", "momentum")
+
+
+def check_paddle_runtime_limits(values: Mapping) -> list[str]:
+    """Switches Paddle stops on deep inside the first step, reported before launch: sharding offload without AMP
+    (always so on CPU, where AMP falls back to float32), and PaddleNLP's flash-mask kernel on a GPU (no flash-mask
+    data path here; on CPU it falls back with a warning, ``GPU_ONLY_FLAGS``); and PaddleNLP's benchmark modes."""
+    errors = []
+    stages = sharding_stages(values.get("sharding"))
+    on_cpu = str(values.get("device") or "gpu").startswith("cpu")
+    if "offload" in stages:
+        reason = "Paddle offloads sharded optimizer state only under AMP/pure fp16 with Adam, AdamW or Momentum"
+        if on_cpu:
+            errors.append(f"--sharding {' '.join(stages)}: {reason}, and AMP has no CPU kernels (fp16/bf16 fall back to float32 on CPU): drop offload")
+        elif not (values.get("fp16") or values.get("bf16")):
+            errors.append(f"--sharding {' '.join(stages)}: {reason}: add --bf16 True (or --fp16 True), or drop offload")
+        elif not str(values.get("optim") or "adamw").startswith(OFFLOAD_OPTIMIZERS):
+            errors.append(f"--sharding {' '.join(stages)}: {reason}, not --optim {values.get('optim')}: use adamw, or drop offload")
+    for name in ("benchmark", "autotuner_benchmark"):
+        if values.get(name):
+            errors.append(f"--{name} (PaddleNLP's throughput mode) is not supported here: drop it; measure with benchmarks/ instead")
+    if values.get("flash_mask") and not on_cpu:
+        errors.append("--flash_mask (PaddleNLP's flash-mask attention kernel and its start/end-row data) is not supported on GPU here: drop it; attention masks are explicit tensors")
+    return errors
+
+
+def check_peft_variants(values: Mapping) -> list[str]:
+    """The LoRA variants PaddleNLP's LoRAModel implements (rsLoRA, LoRA+, PiSSA, ``--rslora_plus``), and the PEFT
+    methods refused by name (``UNCLAIMED_PEFT_METHODS``)."""
+    errors = []
+    for flag, (method, companions) in UNCLAIMED_PEFT_METHODS.items():
+        given = [f"--{name}" for name in (flag, *companions) if values.get(name) not in (None, False)]
+        if given:
+            errors.append(f"{' '.join(given)}: {method} is not supported here; use --lora True (LoRA, rsLoRA, LoRA+ or PiSSA) or --prefix_tuning True")
+    plus_scale = float(1.0 if values.get("lora_plus_scale") is None else values["lora_plus_scale"])
+    variants = [f"--{name}" for name in ("rslora", "rslora_plus", "pissa") if values.get(name)]
+    variants += ["--lora_plus_scale"] if plus_scale != 1.0 else []
+    if variants and not values.get("lora"):
+        errors.append(f"{' '.join(variants)} shape a LoRA adapter: add --lora True")
+    elif variants and values.get("lora_path"):
+        errors.append(f"{' '.join(variants)} shape a new adapter, but --lora_path loads one whose lora_config.json sets its own: drop {' '.join(variants)}")
+    if plus_scale <= 0:
+        errors.append(f"--lora_plus_scale {values.get('lora_plus_scale')}: must be positive (the B matrices' learning-rate multiple)")
+    if values.get("rslora_plus"):
+        clashes = [f"--{name} {values.get(name)}" for name, wanted in RSLORA_PLUS.items() if values.get(name) not in (None, False, -1, 1.0, wanted)]
+        if clashes:
+            errors.append(f"--rslora_plus sets --rslora True --lora_plus_scale 4 --lora_alpha 4, which {', '.join(clashes)} contradicts: drop one")
+    if values.get("pissa"):
+        if values.get("rslora") or values.get("rslora_plus"):
+            errors.append("--pissa and --rslora are exclusive: PiSSA's adapter scaling is 1 (PaddleNLP ignores rsLoRA under PiSSA)")
+        if values.get("weight_quantize_algo"):
+            errors.append(f"--pissa rewrites the base weights, which --weight_quantize_algo {values['weight_quantize_algo']} stores quantized: use one of them")
+        if _degree(values, "tensor_parallel_degree") > 1:
+            errors.append("--pissa does not run under tensor parallel (PaddleNLP's parallel LoRA layers refuse it): use --tensor_parallel_degree 1")
+    if plus_scale != 1.0 and str(values.get("optim")) == "lomo":
+        errors.append("--lora_plus_scale sets a per-parameter learning rate, which --optim lomo does not read: use adamw or sgd")
+    return errors

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from paddle_llm.data.jsonl import DataError, questionable_records, read_jsonl_records
-from paddle_llm.data.packing import pack_best_fit_decreasing, packing_stats
+from paddle_llm.data.packing import pack_best_fit_decreasing, pack_greedy, packing_stats
 from paddle_llm.models.chat_template import chat_segments, jinja_chat_segments, validate_messages
 from paddle_llm.models.registry import ModelFamily
 
@@ -572,10 +572,13 @@ def build_split(
     strict_data: bool = False,
     zero_padding: bool = False,
     shuffle_seed: int | None = None,
+    greedy_zero_padding: bool = False,
 ) -> SftSplit:
     """Read, tokenize, truncate and (optionally) pack one file.
 
     Args:
+        greedy_zero_padding: pack with PaddleNLP's greedy packing (``packing.pack_greedy``) instead of best-fit
+            decreasing.
         shuffle_seed: shuffle samples (and packs) with this seed; None keeps file order. The trainer reads rows in
             order, so a resumed run sees exactly the batches an uninterrupted one would.
 
@@ -593,7 +596,7 @@ def build_split(
     stats = None
     if zero_padding:
         lengths = [len(s) for s in samples]
-        packs = pack_best_fit_decreasing(lengths, limits.max_length)
+        packs = (pack_greedy if greedy_zero_padding else pack_best_fit_decreasing)(lengths, limits.max_length)
         stats = packing_stats(lengths, packs, limits.max_length)
         if rng is not None:
             packs = [packs[i] for i in rng.permutation(len(packs))]

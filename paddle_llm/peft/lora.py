@@ -6,6 +6,7 @@ import os
 import re
 
 from paddle_llm.config.parser import ArgumentError
+from paddle_llm.config.validation import RSLORA_PLUS
 from paddle_llm.models.registry import ModelFamily
 from paddle_llm.peft.adapter_match import require_matching, tensor_shapes
 from paddle_llm.peft.quantize import recorded_quantization
@@ -71,8 +72,22 @@ def load_lora(model, lora_path: str, base_path: str):
     return lora_model
 
 
-def apply_lora(model, family: ModelFamily, rank: int, alpha: int | None = None, target_modules=None):
+def lora_variant(peft_args) -> dict:
+    """The LoRA variant flags as ``apply_lora`` takes them, with PaddleNLP's ``--rslora_plus`` shorthand expanded
+    (``RSLORA_PLUS``: rsLoRA, LoRA+ scale 4, alpha 4, as its run_finetune.py and run_dpo.py do)."""
+    variant = {"alpha": peft_args.lora_alpha, "rslora": peft_args.rslora, "lora_plus_scale": peft_args.lora_plus_scale, "pissa": peft_args.pissa}
+    if peft_args.rslora_plus:
+        variant.update(rslora=RSLORA_PLUS["rslora"], lora_plus_scale=RSLORA_PLUS["lora_plus_scale"], alpha=RSLORA_PLUS["lora_alpha"])
+    return variant
+
+
+def apply_lora(model, family: ModelFamily, rank: int, alpha: int | None = None, target_modules=None, rslora: bool = False,
+               lora_plus_scale: float = 1.0, pissa: bool = False):
     """Wrap ``model`` with new LoRA adapters; only the adapters train.
+
+    The variants are PaddleNLP's own (``paddlenlp.peft.lora.LoRALinear``): rsLoRA scales by ``alpha / sqrt(r)``,
+    LoRA+ gives the B matrices ``lora_plus_scale`` times the learning rate (their ``ParamAttr``), PiSSA starts A and
+    B from the top-r singular vectors of each weight (scaling 1) and leaves the residual in the base.
 
     Args:
         model: a PaddleNLP causal LM.
@@ -80,6 +95,7 @@ def apply_lora(model, family: ModelFamily, rank: int, alpha: int | None = None, 
         rank: LoRA rank r.
         alpha: scaling numerator; None means ``default_lora_alpha(rank)``.
         target_modules: layer names or regexes overriding the family default.
+        rslora, lora_plus_scale, pissa: the variants (``lora_variant`` reads them from the flags).
 
     Returns:
         A ``paddlenlp.peft.LoRAModel``.
@@ -103,10 +119,61 @@ def apply_lora(model, family: ModelFamily, rank: int, alpha: int | None = None, 
         tensor_parallel_degree=getattr(model.config, "tensor_parallel_degree", 1),
         dtype=getattr(model.config, "dtype", None) or "float32",
         base_model_name_or_path=getattr(model.config, "_name_or_path", None),
+        rslora=rslora,
+        lora_plus_scale=lora_plus_scale,
+        pissa=pissa,
     )
     lora_model = LoRAModel(model, config)
     lora_model.mark_only_lora_as_trainable()
+    if pissa:
+        _initialise_pissa(lora_model)
     return lora_model
+
+
+def _adapted_layers(lora_model):
+    return [(name, layer) for name, layer in lora_model.model.named_sublayers() if hasattr(layer, "lora_A")]
+
+
+def _initialise_pissa(lora_model) -> None:
+    """Run PaddleNLP's PiSSA initialisation now rather than at the first forward pass (``LoRALinear.forward``
+    does it then), and keep the initial A and B: the saved adapter is expressed against the original weights
+    (``pissa_as_plain_lora``). A resumed run repeats the same SVD of the same weights, then loads its checkpoint."""
+    initial = {}
+    for name, layer in _adapted_layers(lora_model):
+        layer.pissa_init(layer.r)
+        layer.apply_pissa = True
+        initial[name] = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+    lora_model.pissa_initial_adapters = initial
+
+
+def pissa_as_plain_lora(lora_model) -> bool:
+    """Rewrite a trained PiSSA adapter as an ordinary LoRA adapter on the original weights, in place; False when
+    ``lora_model`` is not PiSSA.
+
+    PiSSA trains ``W_res + A B`` with ``W_res = W - A0 B0``. ``W + [A A0] [B; -B0]`` is the same function on the
+    original ``W``, so the saved adapter (rank 2r, scaling 1) loads, merges and exports like any LoRA adapter, on the
+    base model the user has. PaddleNLP 3.0.0b4 saves ``A`` and ``B`` alone with ``pissa: true``, which no base the
+    user has can reproduce.
+    """
+    import paddle
+
+    initial = getattr(lora_model, "pissa_initial_adapters", None)
+    if not initial:
+        return False
+    for name, (initial_a, initial_b) in initial.items():
+        layer = lora_model.model.get_sublayer(name)
+        with paddle.no_grad():
+            layer.weight.set_value(layer.weight + initial_a @ initial_b)
+            stacked = {"lora_A": paddle.concat([layer.lora_A, initial_a], axis=1), "lora_B": paddle.concat([layer.lora_B, -initial_b], axis=0)}
+        for attribute, value in stacked.items():
+            parameter = layer.create_parameter(shape=value.shape, dtype=value.dtype, default_initializer=paddle.nn.initializer.Assign(value))
+            parameter.stop_gradient = False
+            setattr(layer, attribute, parameter)
+        layer.r, layer.pissa = 2 * layer.r, False
+    config = lora_model.lora_config
+    config.r, config.lora_alpha, config.pissa = 2 * config.r, 2 * config.r, False  # alpha / r = 1, PiSSA's scaling
+    del lora_model.pissa_initial_adapters
+    return True
 
 
 def merge_lora(lora_model):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from paddle_llm.config.parser import ArgumentError, parse_flags
+from paddle_llm.config.validation import check_peft_variants
 from paddle_llm.data.preference import PreferenceCollator, PreferenceLimits, build_preference_split
 from paddle_llm.data.sft import family_layout
 from paddle_llm.recipes.spine import (
@@ -93,7 +94,6 @@ class DPOArguments:
     reference_free: bool = field(default=False, metadata={"help": "no reference model: its log-probabilities count as 0"})
     dpop_lambda: float = field(default=50, metadata={"help": "PaddleNLP's dpop loss; not supported here"})
     ref_model_update_steps: int = field(default=-1, metadata={"help": "PaddleNLP's reference refresh; not supported here (-1)"})
-    flash_mask: bool = field(default=False, metadata={"help": "PaddleNLP's GPU flash-mask kernel; not supported here"})
 
 
 def _dataclass_types():
@@ -117,7 +117,12 @@ def check_dpo(values: Mapping) -> list[str]:
         errors.append(f"--label_smoothing {values.get('label_smoothing')}: must be in [0, 0.5)")
     for name in ("tensor_parallel_degree", "pipeline_parallel_degree"):
         if int(values.get(name) or 1) > 1:
-            errors.append(f"--{name} {values[name]}: DPO runs with data parallel and sharding here (it reads whole-vocabulary logits); use --sharding stage1/stage2 or more processes")
+            layout = "tensor parallel" if name.startswith("tensor") else "pipeline parallel"
+            errors.append(
+                f"--{name} {values[name]}: DPO under {layout} is not supported yet (its loss reads each token's "
+                f"whole-vocabulary log-probabilities on one rank); keep the same processes and pass --{name} 1 with --sharding stage1 "
+                "(or stage2) to split the memory instead"
+            )
     if values.get("prefix_tuning"):
         errors.append("--prefix_tuning does not run with DPO: use --lora True, or full DPO")
     if values.get("lora_path") and not values.get("lora"):
@@ -126,6 +131,9 @@ def check_dpo(values: Mapping) -> list[str]:
         errors.append("--merge_weights is not run by DPO: merge afterwards with `paddle-llm merge-lora`")
     if values.get("weight_quantize_algo"):
         errors.append("--weight_quantize_algo (QLoRA) is not supported by DPO yet: run LoRA DPO on the float base, or QLoRA fine-tuning with finetune_generation.py")
+    errors += check_peft_variants(values)
+    if values.get("pissa"):
+        errors.append("--pissa is fine-tuning's (PaddleNLP's DPO has no PiSSA): LoRA DPO's reference is the base with the adapters off, which PiSSA rewrites; use --rslora or --lora_plus_scale")
     if values.get("lora") and int(values.get("r") or 0) < 1:
         errors.append(f"--lora_rank {values.get('r')}: the LoRA rank must be at least 1")
     if str(values.get("optim")) in ("sgd", "lomo"):
@@ -138,9 +146,6 @@ def check_dpo(values: Mapping) -> list[str]:
     for name, why in (
         ("greedy_zero_padding", "pairs are padded, not packed"),
         ("lazy", "preference files are read whole"),
-        ("flash_mask", "attention masks are explicit tensors on every device"),
-        ("benchmark", "measure with benchmarks/ instead"),
-        ("autotuner_benchmark", "measure with benchmarks/ instead"),
     ):
         if values.get(name):
             errors.append(f"--{name} is not supported here ({why}): drop it")

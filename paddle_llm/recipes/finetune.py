@@ -1,4 +1,4 @@
-"""The fine-tuning recipe behind ``finetune_generation.py`` and ``paddle-llm finetune``.
+"""The fine-tuning recipe behind ``finetune_generation.py`` (``run_finetune.py``) and ``paddle-llm finetune``.
 
 setup:   parse PaddleNLP's fine-tune flags, validate everything, apply CPU fallbacks (before any process group exists).
 prepare: build the model (full, LoRA or prefix), the data (padded or packed) and the trainer (AdamW, SGD or LOMO).
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from paddle_llm.config.parser import ArgumentError, parse_flags
-from paddle_llm.config.validation import check_quantization
+from paddle_llm.config.validation import check_peft_variants, check_quantization
 from paddle_llm.data.sft import Limits, SftCollator, build_split, family_layout, generation_prompt
 from paddle_llm.peft.lora import merge_lora
 from paddle_llm.peft.merge import save_model_atomically
@@ -105,6 +105,11 @@ def check_finetune(values: Mapping, processes: int) -> list[str]:
             errors.append(f"--optim lomo updates inside backward and keeps no gradients, so --gradient_accumulation_steps {accumulation} cannot work: use 1 and a larger batch")
         if processes > 1 or tp > 1 or pp > 1:
             errors.append("--optim lomo runs in one process here (its updates happen inside backward, before any all-reduce could); launch a single device")
+    if values.get("greedy_zero_padding") and not values.get("zero_padding"):
+        errors.append("--greedy_zero_padding chooses how --zero_padding packs samples: add --zero_padding True, or drop it")
+    if values.get("lazy"):
+        errors.append("--lazy (streaming the dataset) is not supported here: data files are read and tokenized whole before training; drop it (set it false)")
+    errors += check_peft_variants(values)
     if (values.get("do_train") or values.get("do_eval")) and not values.get("dataset_name_or_path"):
         errors.append(f"--dataset_name_or_path is required with --do_train/--do_eval: a directory holding {TRAIN_FILE} and {DEV_FILE}")
     return errors
@@ -162,6 +167,7 @@ def load_splits(layout, tokenizer, data_args, training_args):
             skip_bad_lines=data_args.skip_bad_lines,
             strict_data=data_args.strict_data,
             zero_padding=data_args.zero_padding,
+            greedy_zero_padding=data_args.greedy_zero_padding,
             shuffle_seed=seed,
         )
         log(f"data: {split.summary()}")
@@ -248,7 +254,7 @@ def fit(plan: RecipeSetup) -> int:
 
 RECIPE = Recipe(
     name="finetune",
-    scripts=("finetune_generation.py",),
+    scripts=("finetune_generation.py", "run_finetune.py"),  # PaddleNLP's old and current llm/ script names
     summary="fine-tune: full, LoRA, QLoRA, prefix or LOMO (same flags as finetune_generation.py)",
     arguments=_dataclass_types,
     setup=setup,

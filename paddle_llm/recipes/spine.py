@@ -31,7 +31,7 @@ from paddle_llm.cpu import kernels as cpu_kernels
 from paddle_llm.files import OutputLock, OutputPathError, existing_output_refusal, output_overlap, write_marker
 from paddle_llm.models.hf_checkpoint import CheckpointError
 from paddle_llm.models.registry import ModelFamily, ModelSource, build_config, build_model, hf_split_errors, load_tokenizer, resolve_model
-from paddle_llm.peft.lora import apply_lora, load_lora
+from paddle_llm.peft.lora import apply_lora, load_lora, lora_variant, pissa_as_plain_lora
 from paddle_llm.peft.prefix import apply_prefix
 from paddle_llm.peft.quantize import QuantSpec
 from paddle_llm.trainer.checkpoint import (
@@ -269,7 +269,7 @@ def apply_peft(model, family: ModelFamily, peft_args, base_path: str):
     if peft_args.lora and peft_args.lora_path:
         model = load_lora(model, peft_args.lora_path, base_path)
     elif peft_args.lora:
-        model = apply_lora(model, family, peft_args.r, peft_args.lora_alpha, peft_args.lora_target_modules)
+        model = apply_lora(model, family, peft_args.r, target_modules=peft_args.lora_target_modules, **lora_variant(peft_args))
     elif peft_args.prefix_tuning:
         model = apply_prefix(model, family, peft_args.num_prefix_tokens, peft_args.prefix_path, peft_args.prefix_projection,
                              base_path)
@@ -410,6 +410,8 @@ def train_save_evaluate(trainer, tokenizer, parsed: ParsedArgs, resume_from: str
             raise preempted
         metrics = dict(result.metrics)
         metrics["train_tokens_per_second"] = round(metrics.get("train_samples_per_second", 0.0) * tokens_per_row, 2)
+        if pissa_as_plain_lora(trainer.model):
+            log("PiSSA adapter saved as an ordinary LoRA adapter (rank 2r, scaling 1) on the original base weights")
         trainer.save_model()
         if training_args.process_index == 0:
             tokenizer.save_pretrained(training_args.output_dir)

@@ -5,9 +5,8 @@ Prefix a launch command with it, keeping the launcher's process count and the sc
     paddle-llm check --nproc_per_node 8 run_pretrain.py --sharding stage2 --model_name_or_path ... --device gpu
     paddle-llm check --gpus 0,1,2,3 finetune_generation.py args.json --tensor_parallel_degree 4
 
-The recipe (``run_pretrain.py``/``pretrain``, ``finetune_generation.py``/``finetune`` or ``run_dpo.py``/``dpo``) is
-named by the script;
-without one, fine-tuning flags (``--dataset_name_or_path``, ``--lora``, ``--prefix_tuning``) select fine-tuning.
+The recipe (``run_pretrain.py``/``pretrain``, ``finetune_generation.py`` or ``run_finetune.py``/``finetune``, or
+``run_dpo.py``/``dpo``) is named by the script; without one, fine-tuning flags (``--dataset_name_or_path``, ``--lora``, ``--prefix_tuning``) select fine-tuning.
 The world size comes from ``--world_size``, else ``--nproc_per_node`` × ``--nnodes`` (or the ``--gpus`` /
 ``--devices`` count), else the launcher's environment, else 1. The recipe's own ``setup`` runs the checks, so this
 command and the run can never disagree; it also refuses resuming a multi-file unified checkpoint on one process.

@@ -106,7 +106,7 @@ LLAMA_2_7B_CONFIG = {
 }
 
 # Linked into each scratch directory so the pages' relative paths resolve as they do in a checkout.
-CHECKOUT_FILES = ("run_pretrain.py", "finetune_generation.py", "run_dpo.py", "selftest.py", "constraints.txt", "requirements.txt",
+CHECKOUT_FILES = ("run_pretrain.py", "finetune_generation.py", "run_finetune.py", "run_dpo.py", "selftest.py", "constraints.txt", "requirements.txt",
                   "requirements-dev.txt")
 
 # What a page's commands read that another page's commands write: each path (in the scratch directory) -> the page

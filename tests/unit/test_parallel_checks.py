@@ -67,14 +67,24 @@ RULES = {
         {"pipeline_parallel_degree": 2, "gradient_accumulation_steps": 2}, dict(LLAMA, tie_word_embeddings=True), 2, True,
         "--pipeline_parallel_degree 2 with tie_word_embeddings=true: PaddleNLP's pipeline keeps the tied embedding on the first and the last stage",
     ),
-    "virtual stages without a pipeline": ({"virtual_pp_degree": 2}, LLAMA, 2, True, "--virtual_pp_degree 2 interleaves pipeline stages: it needs --pipeline_parallel_degree 2"),
+    "virtual stages without a pipeline": ({"virtual_pp_degree": 2}, LLAMA, 2, True, "--virtual_pp_degree 2 interleaves pipeline stages, which Paddle runs with 3 or more"),
+    "virtual stages over two stages (Paddle asserts pp > 2)": (
+        {"pipeline_parallel_degree": 2, "virtual_pp_degree": 2, "gradient_accumulation_steps": 2}, LLAMA, 2, True,
+        "'virtual pipeline must run under pp degree > 2'): use --pipeline_parallel_degree 3 or more, or --virtual_pp_degree 1",
+    ),
+    "sharding offload on CPU (Paddle needs AMP)": (
+        {"sharding": "stage2 offload", "device": "cpu"}, LLAMA, 2, True,
+        "--sharding stage2 offload: Paddle offloads sharded optimizer state only under AMP/pure fp16 with Adam, AdamW or Momentum, and AMP has no CPU kernels",
+    ),
+    "sharding offload on GPU without AMP": ({"sharding": "stage2 offload", "device": "gpu"}, LLAMA, 2, True, "add --bf16 True (or --fp16 True), or drop offload"),
+    "flash-mask kernel on GPU": ({"flash_mask": True, "device": "gpu"}, LLAMA, 1, True, "--flash_mask (PaddleNLP's flash-mask attention kernel"),
     "fewer micro-batches than stages": (
         {"pipeline_parallel_degree": 2, "gradient_accumulation_steps": 1}, LLAMA, 2, True,
         "gradient_accumulation_steps=1 < pipeline_parallel_degree=2 leaves stages idle",
     ),
     "interleaved micro-batches not in rounds of stages": (
-        {"pipeline_parallel_degree": 2, "virtual_pp_degree": 2, "gradient_accumulation_steps": 3}, dict(LLAMA, num_hidden_layers=4), 2, True,
-        "gradient_accumulation_steps=3 must be a multiple of 2 (e.g. 2, 4, 6)",
+        {"pipeline_parallel_degree": 3, "virtual_pp_degree": 2, "gradient_accumulation_steps": 4}, dict(LLAMA, num_hidden_layers=6), 3, True,
+        "gradient_accumulation_steps=4 must be a multiple of 3 (e.g. 3, 6, 9)",
     ),
 }
 
@@ -100,6 +110,7 @@ def test_each_rule_reports_what_to_change(rule):
         ({"pipeline_parallel_degree": 2, "sharding": "stage1", "gradient_accumulation_steps": 4}, 4),
         ({"tensor_parallel_degree": 2, "sequence_parallel": True}, 2),
         ({"pipeline_parallel_degree": 2, "virtual_pp_degree": 1, "gradient_accumulation_steps": 3}, 2),
+        ({"sharding": "stage2 offload", "device": "gpu", "bf16": True}, 8),
     ],
 )
 def test_the_seed_layouts_and_their_cpu_twins_pass(values, world_size):
@@ -127,6 +138,7 @@ def test_pipeline_on_cpu_switches_to_isend_irecv_once():
     [
         (["--nproc_per_node", "4", "run_pretrain.py", "--max_steps", "3"], {}, "pretrain", 4, ["--max_steps", "3"]),
         (["--gpus", "0,1,2,3", "finetune_generation.py", "args.json"], {}, "finetune", 4, ["args.json"]),
+        (["--nproc_per_node", "2", "llm/run_finetune.py", "args.json"], {}, "finetune", 2, ["args.json"]),  # PaddleNLP's current name
         (["--nnodes", "2", "--nproc_per_node=8", "pretrain"], {}, "pretrain", 16, []),
         (["--world_size", "6", "--log_dir", "log", "--tensor_parallel_degree", "2"], {}, "pretrain", 6, ["--tensor_parallel_degree", "2"]),
         (["--lora", "True", "--r", "8"], {}, "finetune", 1, ["--lora", "True", "--r", "8"]),

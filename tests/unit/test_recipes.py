@@ -66,7 +66,7 @@ def registered(monkeypatch):
 def test_the_shipped_recipes_are_records_with_their_paddlenlp_script_names():
     assert [(recipe.name, recipe.scripts) for recipe in recipes.RECIPES] == [
         ("pretrain", ("run_pretrain.py",)),
-        ("finetune", ("finetune_generation.py",)),
+        ("finetune", ("finetune_generation.py", "run_finetune.py")),
         ("dpo", ("run_dpo.py",)),
     ]
     assert recipes.recipe_named("llm/run_dpo.py") is recipes.RECIPES[2]
