@@ -113,7 +113,7 @@ def test_pissa_starts_from_the_top_singular_vectors_and_saves_an_ordinary_adapte
     assert (config["r"], config["lora_alpha"], config["pissa"]) == (2 * RANK, 2 * RANK, False)
 
     base, _ = tiny_llama()  # the same seed: the user's original base model
-    reloaded = load_lora(base, str(tmp_path)).model.get_sublayer(LAYER)
+    reloaded = load_lora(base, str(tmp_path), "tiny-llama").model.get_sublayer(LAYER)
     np.testing.assert_allclose(forward(reloaded, X), trained, rtol=1e-4, atol=1e-3)
 
 
