@@ -1,0 +1,148 @@
+"""`export --format hf` writes a tokenizer.json that gives our ids (issue 23): transformers' own conversion of a
+SentencePiece model drops its NFKC normaliser and whitespace rules, so full-width punctuation, tabs, newlines and
+runs of spaces got other ids than training used."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from paddle_llm.data.tokenizer import train_tokenizer
+from paddle_llm.models.registry import SHIPPED_TOKENIZER_DIR, load_tokenizer
+from paddle_llm.models.sentencepiece_json import sentencepiece_tokenizer
+from tests.conftest import DEMO_CORPUS, ROOT, run_script, subprocess_env, write_chinese_corpus
+
+TEXTS = [
+    "你好，世界！这是一个测试。",  # full-width CJK punctuation (NFKC makes it half-width)
+    "你好,世界!这是一个测试.",  # the same, half-width
+    "「引号」《书名》——破折号…省略号、顿号；分号：冒号？",
+    "ＡＢＣ１２３ｆｕｌｌ　ｗｉｄｔｈ",  # full-width Latin, digits, ideographic space
+    "emoji 😀🎉👩‍👩‍👧 here",
+    "罕见字：龘靐齉爨",  # rare characters: byte fallback
+    "Ω≈ç√∫˜µ≤≥÷ ß İ ﬁ ①②③",
+    "Hello   world    with  runs",
+    "\tTabbed\tline\t",
+    "line one\nline two\n\nthree\r\nfour",
+    "   leading and trailing   ",
+    "x  \t  y \n z",
+    "\u00a0no-break\u3000ideographic\u2003em space",
+    "mixed 中文 English カタカナ 한국어 العربية",
+    "数字 12345 and 3.14159",
+    " ",
+    "a",
+]
+
+
+def _our_ids(tokenizer) -> list[list[int]]:
+    return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizers(tmp_path_factory) -> dict[str, str]:
+    """name -> tokenizer directory: the shipped demo tokenizer and ones `tokenizer train` makes, bpe and unigram,
+    on English and on Chinese text."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    chinese = write_chinese_corpus(str(root / "zh.jsonl"))
+    directories = {"shipped": SHIPPED_TOKENIZER_DIR}
+    for model_type in ("bpe", "unigram"):
+        directories[f"en-{model_type}"] = str(root / f"en-{model_type}")
+        train_tokenizer(DEMO_CORPUS, directories[f"en-{model_type}"], vocab_size=600, model_type=model_type)
+        directories[f"zh-{model_type}"] = str(root / f"zh-{model_type}")
+        train_tokenizer(chinese, directories[f"zh-{model_type}"], vocab_size=3000, model_type=model_type)
+    return directories
+
+
+def test_tokenizer_json_from_the_sentencepiece_proto_gives_our_ids_and_text(sentencepiece_tokenizers):
+    for name, directory in sentencepiece_tokenizers.items():
+        ours = load_tokenizer(directory)
+        rebuilt = sentencepiece_tokenizer(os.path.join(directory, "tokenizer.model"), None, None)
+        for text, ids in zip(TEXTS, _our_ids(ours)):
+            assert rebuilt.encode(text).ids == ids, (name, text)
+            assert rebuilt.decode(ids) == ours.decode(ids), (name, text)
+
+
+def _save_model_with(tokenizer_dirs: dict[str, str], root) -> dict[str, str]:
+    """A tiny Llama saved with each tokenizer: name -> model directory."""
+    script = (
+        "import sys, paddle\n"
+        "from paddle_llm.models.registry import resolve_model, build_config, build_model, load_tokenizer\n"
+        "paddle.seed(0)\n"
+        "source = resolve_model('tiny-llama')\n"
+        "model = build_model(source, build_config(source), load_weights=False)\n"
+        "for tokenizer_dir, out in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+        "    model.save_pretrained(out)\n"
+        "    load_tokenizer(tokenizer_dir).save_pretrained(out)\n"
+    )
+    models = {name: str(root / f"model-{name}") for name in tokenizer_dirs}
+    run_script(["-c", script, *[arg for name in tokenizer_dirs for arg in (tokenizer_dirs[name], models[name])]])
+    return models
+
+
+def _transformers_ids(venv: str, directory: str) -> dict:
+    """AutoTokenizer's ids, decoded text and pad token, fast and slow (and transformers 4's slow LlamaTokenizer,
+    for a directory with tokenizer.model), in the venv's transformers."""
+    script = (
+        "import json, sys, warnings\n"
+        "warnings.filterwarnings('ignore')\n"
+        "from transformers import AutoTokenizer\n"
+        "directory, texts = sys.argv[1], json.loads(sys.argv[2])\n"
+        "result = {}\n"
+        "for use_fast in (True, False):\n"
+        "    tok = AutoTokenizer.from_pretrained(directory, use_fast=use_fast)\n"
+        "    ids = [tok(t, add_special_tokens=False)['input_ids'] for t in texts]\n"
+        "    result['fast' if use_fast else 'slow'] = {'ids': ids, 'text': [tok.decode(i) for i in ids], 'pad': tok.pad_token}\n"
+        "import os, transformers\n"
+        "if transformers.__version__.startswith('4.') and os.path.isfile(os.path.join(directory, 'tokenizer.model')):\n"
+        "    # transformers 4's SentencePiece class, which AutoTokenizer no longer picks (tokenizer_class names the fast one)\n"
+        "    tok = transformers.LlamaTokenizer.from_pretrained(directory)\n"
+        "    ids = [tok(t, add_special_tokens=False)['input_ids'] for t in texts]\n"
+        "    result['LlamaTokenizer'] = {'ids': ids, 'text': [tok.decode(i) for i in ids], 'pad': tok.pad_token}\n"
+        "print(json.dumps(result))\n"
+    )
+    result = subprocess.run([os.path.join(venv, "bin", "python"), "-c", script, directory, json.dumps(TEXTS)],
+                            capture_output=True, text=True, timeout=300, env={**subprocess_env(), "PYTHONPATH": ""}, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_hf_export_tokenizer_gives_our_ids_in_tokenizers_and_transformers(sentencepiece_tokenizers, tmp_path):
+    """Each SentencePiece tokenizer, and an HF fixture's tokenizer.json re-exported unchanged: the exported
+    tokenizer.json (plain `tokenizers`, no torch) and, where the venvs exist, transformers 4 and 5's AutoTokenizer
+    give our ids and our decoded text, with config.json's pad token."""
+    from tokenizers import Tokenizer
+
+    models = _save_model_with({name: sentencepiece_tokenizers[name] for name in ("shipped", "en-unigram", "zh-bpe", "zh-unigram")}, tmp_path)
+    for fixture in ("llama2", "llama3", "qwen2"):  # llama2 ships tokenizer.model, the others tokenizer.json
+        models[f"hf-{fixture}"] = os.path.join(ROOT, "tests", "assets", "hf", fixture)
+    venvs = [venv for venv in ("/work/torchvenv", "/work/torchvenv5") if os.path.isfile(os.path.join(venv, "bin", "python"))]
+    for name, model_dir in models.items():
+        exported = str(tmp_path / f"hf-{name}")
+        run_script(["-m", "paddle_llm", "export", "--format", "hf", "--model_name_or_path", model_dir, "--output_path", exported])
+        ours = load_tokenizer(model_dir)
+        ids = _our_ids(ours)
+        texts = [ours.decode(i) for i in ids]
+        files = set(os.listdir(exported))
+        assert "tokenizer.json" in files, (name, files)
+        if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+            with open(os.path.join(model_dir, "tokenizer.json"), "rb") as f, open(os.path.join(exported, "tokenizer.json"), "rb") as g:
+                assert f.read() == g.read(), "an HF tokenizer.json is re-exported byte for byte"
+        else:
+            assert "tokenizer.model" in files, (name, files)  # for the slow class
+        exported_json = Tokenizer.from_file(os.path.join(exported, "tokenizer.json"))
+        assert [exported_json.encode(t, add_special_tokens=False).ids for t in TEXTS] == ids, name
+        assert [exported_json.decode(i) for i in ids] == texts, name
+        with open(os.path.join(exported, "config.json")) as f:
+            pad_id = json.load(f)["pad_token_id"]
+        pad = ours.convert_ids_to_tokens(pad_id)
+        for file_name in ("tokenizer_config.json", "special_tokens_map.json"):
+            with open(os.path.join(exported, file_name)) as f:
+                assert json.load(f)["pad_token"] == pad, (name, file_name)
+        for venv in venvs:
+            for kind, result in _transformers_ids(venv, exported).items():
+                assert result["ids"] == ids, (venv, kind, name)
+                assert result["text"] == texts, (venv, kind, name)
+                assert result["pad"] == pad, (venv, kind, name)
+    if not venvs:
+        pytest.skip("tokenizers checked; /work/torchvenv and /work/torchvenv5 (transformers 4 and 5) absent, so AutoTokenizer was not")
