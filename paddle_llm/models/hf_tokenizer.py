@@ -161,7 +161,8 @@ def write_fast_tokenizer_files(directory: str, pad_token: str | None) -> None:
     without one, transformers converts the model itself and drops its normaliser. A ``tokenizer.json`` already there
     (an HF tokenizer we loaded) stays as it is. ``pad_token`` (the piece of ``config.json``'s ``pad_token_id``, or
     None) goes into ``tokenizer_config.json`` and ``special_tokens_map.json``. PaddleNLP's ``from_slow`` is dropped:
-    it would make transformers ignore the ``tokenizer.json``.
+    it would make transformers ignore the ``tokenizer.json``. Decoding keeps SentencePiece's spaces
+    (``clean_up_tokenization_spaces`` false, unless the source says otherwise).
     """
     config_path = os.path.join(directory, TOKENIZER_CONFIG)
     config = _read_json(config_path)
@@ -175,6 +176,8 @@ def write_fast_tokenizer_files(directory: str, pad_token: str | None) -> None:
         # normaliser (none); the generic class uses the file whole. The slow class still reads tokenizer.model.
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config.pop("from_slow", None)
+    # SentencePiece's text back, as transformers' own Llama and Qwen2 configs ask (not "a ." made "a.").
+    config.setdefault("clean_up_tokenization_spaces", False)
     special_path = os.path.join(directory, SPECIAL_TOKENS_MAP)
     special = _read_json(special_path)
     if pad_token is not None:

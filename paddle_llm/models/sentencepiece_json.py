@@ -7,10 +7,11 @@ Here every part is read from the model proto and rebuilt with the ``tokenizers``
 
 - normaliser: the precompiled character map (NFKC, or whatever rule the model was trained with), then, as
   SentencePiece does after it, runs of spaces collapsed and the ends' spaces removed (``remove_extra_whitespaces``),
-  the dummy ``▁`` prefix (``add_dummy_prefix``) and spaces escaped to ``▁`` (``escape_whitespaces``);
+  the dummy ``▁`` prefix (``add_dummy_prefix``; see ``_normalizer`` for the one text it differs on) and spaces
+  escaped to ``▁`` (``escape_whitespaces``);
 - model: BPE (merges ordered by the merged piece's score, as SentencePiece picks them) or Unigram (the scores),
   both with byte fallback when the model has it;
-- control pieces (``<s>``, ``</s>``, ``<pad>``) and user-defined symbols as added tokens;
+- ``<unk>``, control pieces (``<s>``, ``</s>``, ``<pad>``) and user-defined symbols as added tokens;
 - decoder: ``▁`` back to spaces, byte pieces back to UTF-8, the dummy prefix's space removed.
 
 The proto is read with a few lines of wire-format decoding: the ``sentencepiece`` wheel's ``sentencepiece_model_pb2``
@@ -19,6 +20,7 @@ needs protobuf 5, and Paddle pins protobuf 4.
 
 from __future__ import annotations
 
+import re
 import struct
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
@@ -112,6 +114,10 @@ def _bpe_merges(pieces: list[dict]) -> list[tuple[str, str]]:
 
 
 def _normalizer(model: dict):
+    """SentencePiece's normalisation. The user-defined symbols are added tokens matched in its output, and
+    ``tokenizers`` normalises their own text too when it loads the file: so the dummy prefix is not put before a
+    text that starts with one, or "<sop>" would be looked for as "▁<sop>" (SentencePiece gives "▁ <sop>" there,
+    the one case that differs)."""
     steps = []
     if model["precompiled_charsmap"]:
         steps.append(normalizers.Precompiled(model["precompiled_charsmap"]))
@@ -120,7 +126,9 @@ def _normalizer(model: dict):
         # would also match around a newline.
         steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex(r"\A | \z"), "")]
     if model["add_dummy_prefix"]:
-        steps.append(normalizers.Prepend(SPACE_SYMBOL if model["escape_whitespaces"] else " "))
+        symbols = [re.escape(p["piece"]) for p in model["pieces"] if p["type"] == USER_DEFINED]
+        not_before = "|".join(symbols + [r"\z"])  # nor before an empty text: SentencePiece gives it no pieces
+        steps.append(normalizers.Replace(Regex(rf"\A(?!{not_before})"), SPACE_SYMBOL if model["escape_whitespaces"] else " "))
     if model["escape_whitespaces"]:
         steps.append(normalizers.Replace(" ", SPACE_SYMBOL))
     return normalizers.Sequence(steps)
@@ -143,8 +151,10 @@ def sentencepiece_tokenizer(path: str, bos_token: str | None, eos_token: str | N
     else:
         vocab = [(p["piece"], p["score"]) for p in pieces]
         tokenizer = Tokenizer(models.Unigram(vocab, unk_id=model["unk_id"], byte_fallback=byte_fallback))
-    tokenizer.add_tokens([AddedToken(p["piece"], normalized=False, special=p["type"] == CONTROL)
-                          for p in pieces if p["type"] in (CONTROL, USER_DEFINED)])
+    # Control pieces and <unk> are special tokens, split off before normalising (as PaddleNLP's tokenizers do).
+    # User-defined symbols SentencePiece matches inside the normalised text: "hi<sop>there" is ▁hi <sop> there.
+    tokenizer.add_tokens([AddedToken(p["piece"], normalized=p["type"] == USER_DEFINED, special=p["type"] != USER_DEFINED)
+                          for p in pieces if p["type"] in (UNKNOWN, CONTROL, USER_DEFINED)])
     tokenizer.normalizer = _normalizer(model)
     steps = [decoders.Replace(SPACE_SYMBOL, " "), decoders.ByteFallback(), decoders.Fuse()]
     if model["add_dummy_prefix"]:

@@ -2,11 +2,14 @@
 SentencePiece model drops its NFKC normaliser and whitespace rules, so full-width punctuation, tabs, newlines and
 runs of spaces got other ids than training used."""
 
+import functools
 import json
 import os
 import subprocess
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from paddle_llm.data.tokenizer import train_tokenizer
 from paddle_llm.models.registry import SHIPPED_TOKENIZER_DIR, load_tokenizer
@@ -31,11 +34,22 @@ TEXTS = [
     "数字 12345 and 3.14159",
     " ",
     "a",
+    "hi<sop>there, a [MASK] b,  <eop>  end",  # user-defined symbols, matched inside the normalised text
 ]
+# Characters the examples are drawn from: each kind the normaliser, the whitespace rules or byte fallback treats
+# in its own way.
+ALPHABET = ("的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会家可下而过天去能对小多然于心学么之都好"
+            "，。！？；：、「」《》（）【】—…·＂＇ＡＢＣａｂｃ１２３　,.!?;:()[]\"'-abcXYZ0123456789 \t\n\r\u00a0\u2003"
+            "😀🎉👍龘靐齉爨鬱カタカナ한국ßİﬁ①Ω")
 
 
 def _our_ids(tokenizer) -> list[list[int]]:
     return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in TEXTS]
+
+
+def _our_text(tokenizer, ids) -> str:
+    """SentencePiece's decoding: PaddleNLP's decode also drops spaces before punctuation unless told not to."""
+    return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +69,35 @@ def sentencepiece_tokenizers(tmp_path_factory) -> dict[str, str]:
 
 def test_tokenizer_json_from_the_sentencepiece_proto_gives_our_ids_and_text(sentencepiece_tokenizers):
     for name, directory in sentencepiece_tokenizers.items():
-        ours = load_tokenizer(directory)
-        rebuilt = sentencepiece_tokenizer(os.path.join(directory, "tokenizer.model"), None, None)
+        ours, rebuilt = _loaded(directory), _rebuilt(directory)
         for text, ids in zip(TEXTS, _our_ids(ours)):
             assert rebuilt.encode(text).ids == ids, (name, text)
-            assert rebuilt.decode(ids) == ours.decode(ids), (name, text)
+            assert rebuilt.decode(ids) == _our_text(ours, ids), (name, text)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=ALPHABET, max_size=40))
+def test_drawn_texts_get_our_ids(sentencepiece_tokenizers, text):
+    for name in ("shipped", "zh-bpe", "zh-unigram"):
+        directory = sentencepiece_tokenizers[name]
+        ours = _loaded(directory)
+        ids = list(ours(text, add_special_tokens=False)["input_ids"])
+        rebuilt = _rebuilt(directory)
+        assert rebuilt.encode(text).ids == ids, name
+        assert rebuilt.decode(ids) == _our_text(ours, ids), name
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(directory: str):
+    return load_tokenizer(directory)
+
+
+@functools.lru_cache(maxsize=None)
+def _rebuilt(directory: str):
+    """The tokenizer as its tokenizer.json loads: ``tokenizers`` normalises added tokens' text only on loading."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(sentencepiece_tokenizer(os.path.join(directory, "tokenizer.model"), None, None).to_str())
 
 
 def _save_model_with(tokenizer_dirs: dict[str, str], root) -> dict[str, str]:
@@ -122,7 +160,7 @@ def test_hf_export_tokenizer_gives_our_ids_in_tokenizers_and_transformers(senten
         run_script(["-m", "paddle_llm", "export", "--format", "hf", "--model_name_or_path", model_dir, "--output_path", exported])
         ours = load_tokenizer(model_dir)
         ids = _our_ids(ours)
-        texts = [ours.decode(i) for i in ids]
+        texts = [_our_text(ours, i) for i in ids]
         files = set(os.listdir(exported))
         assert "tokenizer.json" in files, (name, files)
         if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
