@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from paddle_llm.console import warn
 from paddle_llm.models import hf_tokenizer
 
 
@@ -473,4 +474,10 @@ def save_hf_directory(model, mapping, tokenizer, directory: str, generation: dic
         template = getattr(tokenizer, "jinja_chat_template", None) or mapping.CHAT_TEMPLATE
         hf_tokenizer.write_hf_tokenizer_files(directory, template)
         pad_id = config.get("pad_token_id")
-        hf_tokenizer.write_fast_tokenizer_files(directory, None if pad_id is None else tokenizer.convert_ids_to_tokens(int(pad_id)))
+        pad_token = None if pad_id is None else tokenizer.convert_ids_to_tokens(int(pad_id))
+        forced_class = getattr(mapping, "TRANSFORMERS5_TOKENIZER_CLASS", None)
+        if hf_tokenizer.write_fast_tokenizer_files(directory, pad_token) and forced_class:
+            warn(f"the tokenizer is SentencePiece, and transformers 5's AutoTokenizer loads model_type "
+                 f"{config.get('model_type')!r} with {forced_class} whatever tokenizer_config.json says, which gives "
+                 "other ids: there, load the exported directory with PreTrainedTokenizerFast.from_pretrained (transformers "
+                 "4's AutoTokenizer, and the tokenizers library on its tokenizer.json, give the training ids)")

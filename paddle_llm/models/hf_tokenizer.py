@@ -154,7 +154,7 @@ def write_hf_tokenizer_files(directory: str, chat_template: str | None) -> None:
         json.dump(config, f, indent=2, ensure_ascii=False)
 
 
-def write_fast_tokenizer_files(directory: str, pad_token: str | None) -> None:
+def write_fast_tokenizer_files(directory: str, pad_token: str | None) -> bool:
     """Make a directory ``write_hf_tokenizer_files`` completed load in transformers' fast tokenizer with our ids.
 
     A SentencePiece ``tokenizer.model`` gets the ``tokenizer.json`` that reproduces it (``sentencepiece_json``):
@@ -163,11 +163,15 @@ def write_fast_tokenizer_files(directory: str, pad_token: str | None) -> None:
     None) goes into ``tokenizer_config.json`` and ``special_tokens_map.json``. PaddleNLP's ``from_slow`` is dropped:
     it would make transformers ignore the ``tokenizer.json``. Decoding keeps SentencePiece's spaces
     (``clean_up_tokenization_spaces`` false, unless the source says otherwise).
+
+    Returns:
+        True when the ``tokenizer.json`` was built from a SentencePiece model.
     """
     config_path = os.path.join(directory, TOKENIZER_CONFIG)
     config = _read_json(config_path)
     sentencepiece_path = os.path.join(directory, SENTENCEPIECE_MODEL)
-    if not os.path.isfile(os.path.join(directory, TOKENIZER_JSON)) and os.path.isfile(sentencepiece_path):
+    from_sentencepiece = not os.path.isfile(os.path.join(directory, TOKENIZER_JSON)) and os.path.isfile(sentencepiece_path)
+    if from_sentencepiece:
         tokens, _ = _special_tokens(directory)
         bos = tokens.get("bos_token") if config.get("add_bos_token", True) else None  # Llama's defaults
         eos = tokens.get("eos_token") if config.get("add_eos_token", False) else None
@@ -185,6 +189,7 @@ def write_fast_tokenizer_files(directory: str, pad_token: str | None) -> None:
     for path, content in ((config_path, config), (special_path, special)):
         with open(path, "w", encoding="utf-8") as f:
             json.dump(content, f, indent=2, ensure_ascii=False)
+    return from_sentencepiece
 
 
 def chat_template_of(directory: str | None) -> str | None:
