@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from paddle_llm.console import warn
 from paddle_llm.models import hf_tokenizer
 
 
@@ -449,7 +450,9 @@ def save_hf_directory(model, mapping, tokenizer, directory: str, generation: dic
     Files: safetensors weights under transformers' names and ``[out, in]`` layout (sharded with an index over
     ``max_shard_bytes``), transformers' ``config.json``, ``generation_config.json`` (the special ids), and the
     tokenizer with ``tokenizer_config.json`` naming transformers' class and holding the chat template (the source
-    directory's, else the family's built-in format as Jinja: ``mapping.CHAT_TEMPLATE``).
+    directory's, else the family's built-in format as Jinja: ``mapping.CHAT_TEMPLATE``), a ``tokenizer.json`` giving
+    our ids to transformers' fast tokenizer and the pad token of ``config.json``'s ``pad_token_id``
+    (``hf_tokenizer.write_fast_tokenizer_files``).
 
     Args:
         model: a plain PaddleNLP causal LM in float32 (LoRA already merged).
@@ -470,3 +473,11 @@ def save_hf_directory(model, mapping, tokenizer, directory: str, generation: dic
         tokenizer.save_pretrained(directory)
         template = getattr(tokenizer, "jinja_chat_template", None) or mapping.CHAT_TEMPLATE
         hf_tokenizer.write_hf_tokenizer_files(directory, template)
+        pad_id = config.get("pad_token_id")
+        pad_token = None if pad_id is None else tokenizer.convert_ids_to_tokens(int(pad_id))
+        forced_class = getattr(mapping, "TRANSFORMERS5_TOKENIZER_CLASS", None)
+        if hf_tokenizer.write_fast_tokenizer_files(directory, pad_token) and forced_class:
+            warn(f"the tokenizer is SentencePiece, and transformers 5's AutoTokenizer loads model_type "
+                 f"{config.get('model_type')!r} with {forced_class} whatever tokenizer_config.json says, which gives "
+                 "other ids: there, load the exported directory with PreTrainedTokenizerFast.from_pretrained (transformers "
+                 "4's AutoTokenizer, and the tokenizers library on its tokenizer.json, give the training ids)")

@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 
+from paddle_llm.models.sentencepiece_json import sentencepiece_tokenizer
+
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
 PADDLE_SENTENCEPIECE_MODEL = "sentencepiece.bpe.model"  # PaddleNLP LlamaTokenizer's name for it
@@ -150,6 +152,44 @@ def write_hf_tokenizer_files(directory: str, chat_template: str | None) -> None:
         config["chat_template"] = chat_template
     with open(config_path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+def write_fast_tokenizer_files(directory: str, pad_token: str | None) -> bool:
+    """Make a directory ``write_hf_tokenizer_files`` completed load in transformers' fast tokenizer with our ids.
+
+    A SentencePiece ``tokenizer.model`` gets the ``tokenizer.json`` that reproduces it (``sentencepiece_json``):
+    without one, transformers converts the model itself and drops its normaliser. A ``tokenizer.json`` already there
+    (an HF tokenizer we loaded) stays as it is. ``pad_token`` (the piece of ``config.json``'s ``pad_token_id``, or
+    None) goes into ``tokenizer_config.json`` and ``special_tokens_map.json``. PaddleNLP's ``from_slow`` is dropped:
+    it would make transformers ignore the ``tokenizer.json``. Decoding keeps SentencePiece's spaces
+    (``clean_up_tokenization_spaces`` false, unless the source says otherwise).
+
+    Returns:
+        True when the ``tokenizer.json`` was built from a SentencePiece model.
+    """
+    config_path = os.path.join(directory, TOKENIZER_CONFIG)
+    config = _read_json(config_path)
+    sentencepiece_path = os.path.join(directory, SENTENCEPIECE_MODEL)
+    from_sentencepiece = not os.path.isfile(os.path.join(directory, TOKENIZER_JSON)) and os.path.isfile(sentencepiece_path)
+    if from_sentencepiece:
+        tokens, _ = _special_tokens(directory)
+        bos = tokens.get("bos_token") if config.get("add_bos_token", True) else None  # Llama's defaults
+        eos = tokens.get("eos_token") if config.get("add_eos_token", False) else None
+        sentencepiece_tokenizer(sentencepiece_path, bos, eos).save(os.path.join(directory, TOKENIZER_JSON))
+        # transformers 5's LlamaTokenizer keeps only the vocabulary and merges of a tokenizer.json and sets its own
+        # normaliser (none); the generic class uses the file whole. The slow class still reads tokenizer.model.
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.pop("from_slow", None)
+    # SentencePiece's text back, as transformers' own Llama and Qwen2 configs ask (not "a ." made "a.").
+    config.setdefault("clean_up_tokenization_spaces", False)
+    special_path = os.path.join(directory, SPECIAL_TOKENS_MAP)
+    special = _read_json(special_path)
+    if pad_token is not None:
+        config["pad_token"] = special["pad_token"] = pad_token
+    for path, content in ((config_path, config), (special_path, special)):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, ensure_ascii=False)
+    return from_sentencepiece
 
 
 def chat_template_of(directory: str | None) -> str | None:

@@ -3,6 +3,7 @@ merged, exported and served, answer as transformers does, and are never written 
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -156,6 +157,8 @@ def test_merge_lora_writes_the_hf_format(lora_run, tmp_path):
     exported = str(tmp_path / "export-hf")
     run_script(["-m", "paddle_llm", "export", "--format", "hf", "--model_name_or_path", fixture_dir(name),
                 "--lora_path", adapter, "--output_path", exported])
+    for file_name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # the ids export gives
+        assert filecmp.cmp(os.path.join(out, file_name), os.path.join(exported, file_name), shallow=False), file_name
     merged, reference_tensors = hf_tensors(out), hf_tensors(exported)
     assert merged.keys() == reference_tensors.keys()
     assert all(np.array_equal(merged[k], reference_tensors[k]) for k in merged)

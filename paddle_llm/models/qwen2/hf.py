@@ -27,6 +27,10 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# transformers 5's AutoTokenizer loads model_type qwen2 with this class whatever tokenizer_config.json names, and it
+# rebuilds a byte-level BPE from the vocabulary: a SentencePiece tokenizer.json gets other ids there.
+TRANSFORMERS5_TOKENIZER_CLASS = "Qwen2Tokenizer"
+
 to_paddle_layout = llama_hf.to_paddle_layout
 to_hf_layout = llama_hf.to_hf_layout
 tied_aliases = llama_hf.tied_aliases
