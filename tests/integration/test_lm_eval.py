@@ -72,6 +72,23 @@ def lm_eval(root: str, name: str, model: str, model_args: str) -> tuple[dict, di
     return scores, samples
 
 
+# Each logged (context, continuation) scored by transformers over the tokenizer's rows only, as the server scores it.
+SCORE_OVER_TOKENIZER_ROWS = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+scores = []
+for context, continuation in json.load(sys.stdin):
+    prefix, ids = tokenizer.encode(context), tokenizer.encode(context + continuation)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :, :len(tokenizer)].double()
+    logprobs = torch.log_softmax(logits, -1)
+    scores.append(sum(logprobs[p - 1, ids[p]].item() for p in range(len(prefix), len(ids))))
+print(json.dumps(scores))
+"""
+
+
 def log_likelihoods(sample: dict) -> list[float]:
     """A multiple-choice sample's log-likelihood of each choice, as lm-eval logs it."""
     return [float(choice[0][0]) for choice in sample["resps"]]
@@ -97,5 +114,13 @@ def test_local_completions_against_serve_scores_as_hf_on_the_export(exports):
     assert hf_scores[PLACE_TASK] > 0.5 and hf_scores[OBJECT_TASK] > 0.5, hf_scores
     assert len(differences) == PLACE_CHOICES * len(hf_samples[PLACE_TASK])
     assert -1e-4 <= min(differences) and max(differences) < LOGLIKELIHOOD_TOLERANCE, (min(differences), max(differences))
+    # The difference is all normalization: over the same rows, transformers gives the served numbers.
+    served_rows = list(served_samples[PLACE_TASK].values())
+    pairs = [[request["arg_0"], request["arg_1"]] for row in served_rows for request in row["arguments"].values()]
+    scored = subprocess.run([os.path.join(os.path.dirname(LM_EVAL), "python"), "-c", SCORE_OVER_TOKENIZER_ROWS, hf],
+                            input=json.dumps(pairs), env=subprocess_env(HF_HUB_OFFLINE=1), capture_output=True,
+                            text=True, check=True, timeout=600)
+    served = [ll for row in served_rows for ll in log_likelihoods(row)]
+    assert json.loads(scored.stdout) == pytest.approx(served, abs=1e-4)
     for doc_id, hf_row in hf_samples[OBJECT_TASK].items():
         assert served_samples[OBJECT_TASK][doc_id]["filtered_resps"] == hf_row["filtered_resps"], doc_id
