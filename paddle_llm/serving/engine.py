@@ -403,9 +403,10 @@ class Engine:
         logits = logits[: self.sampled_vocab_size]
         token = sample_token(logits, params, sequence.rng, seen, generated)
         if params.logprobs is not None:
+            # EOS too, although it adds no text (as vLLM): lm-eval's loglikelihood reads the prompt's logprobs as
+            # all but the last entry of an echo with max_tokens=1, so that entry must exist whatever was sampled.
             sequence.last_logprob = (token_logprob(logits, token, params.logprobs),)
         if token in self.eos_token_ids:
-            sequence.last_logprob = ()  # EOS is no part of the text, so it gets no logprob entry (as OpenAI's)
             self._finish(sequence, FINISH_STOP, token_ids=(token,))
             return True
         sequence.generated.append(token)

@@ -5,6 +5,7 @@ test process can load the same weights and compute the model's own logits to che
 """
 
 import json
+import os
 import socket
 import time
 
@@ -166,6 +167,21 @@ def test_completion_echo_logprobs_match_the_models_own_logits(server, reference,
         assert len(top) == 3 and max(top.values()) == pytest.approx(row.max(), abs=2e-3)
     assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
     assert response.json()["choices"][0]["text"].endswith("".join(logprobs["tokens"][len(PROMPT_IDS):]))
+
+
+def test_echo_that_samples_eos_still_lists_its_logprob(server, checkpoint, reference, prompt_ids):
+    """lm-eval's loglikelihood sends echo + max_tokens 1 and takes all but the last entry as the prompt's logprobs:
+    when the one sampled token is EOS, its entry must be there, or the prompt's last token would be dropped."""
+    with open(os.path.join(checkpoint[1], "config.json"), encoding="utf-8") as f:
+        eos = json.load(f)["eos_token_id"]
+    body = {"prompt": prompt_ids, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1,
+            "logit_bias": {str(eos): 100}}  # bias picks EOS; logprobs stay the model's own
+    choice = post(server, "/v1/completions", body).json()["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    token_logprobs = choice["logprobs"]["token_logprobs"]
+    assert len(token_logprobs) == len(prompt_ids) + 1
+    assert token_logprobs[-1] == pytest.approx(reference(prompt_ids)[-1, eos], abs=2e-3)
+    assert choice["logprobs"]["tokens"][-1] == ""  # EOS adds no text
 
 
 def test_chat_logprobs_in_openai_shape(client, reference):
