@@ -88,17 +88,21 @@ def write_marker(directory: str, command: str) -> None:
         json.dump({"command": command, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
 
 
-def existing_output_refusal(output_flag: str, output_path: str, command: str, overwrite_flag: str, overwrite: bool) -> str | None:
+def existing_output_refusal(output_flag: str, output_path: str, command: str, overwrite_flag: str, overwrite: bool,
+                            not_the_users: tuple[str, ...] = ()) -> str | None:
     """Why ``output_path`` may not be replaced by ``paddle-llm <command>``, or None.
 
-    A missing or empty directory (a lock file aside), or one a previous run of ``command`` marked, may be replaced;
-    any other directory only with ``overwrite_flag``. A file is never replaced by a directory.
+    A missing or empty directory (a lock file, and the paths in ``not_the_users`` aside), or one a previous run of
+    ``command`` marked, may be replaced; any other directory only with ``overwrite_flag``. A file is never replaced
+    by a directory.
     """
     if os.path.exists(output_path) and not os.path.isdir(output_path):
         return f"{output_flag} {output_path} is a file, not a directory: pick a directory path"
     if not os.path.isdir(output_path) or overwrite or written_by(output_path) == command:
         return None
-    others = sorted(set(os.listdir(output_path)) - {LOCK_FILE})
+    ignored = {LOCK_FILE} | {os.path.basename(path) for path in not_the_users
+                             if os.path.dirname(os.path.realpath(path)) == os.path.realpath(output_path)}
+    others = sorted(set(os.listdir(output_path)) - ignored)
     if not others:
         return None
     return (

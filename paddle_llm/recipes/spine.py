@@ -137,8 +137,10 @@ def output_dir_errors(values: Mapping, command: str) -> list[str]:
     # A file where the directory should be is config.validation's to report; a checkpoint of ours from before
     # output directories were marked is resumed as before.
     if refusal is None and os.path.isdir(output_dir) and not latest_complete_checkpoint(output_dir):
+        # The launcher's --log_dir (PADDLE_LOG_DIR in its workers) may sit in --output_dir: it wrote that, not the user.
+        launcher_logs = (os.environ["PADDLE_LOG_DIR"],) if os.environ.get("PADDLE_LOG_DIR") else ()
         refusal = existing_output_refusal("--output_dir", output_dir, command, "--overwrite_output_dir",
-                                          bool(values.get("overwrite_output_dir")))
+                                          bool(values.get("overwrite_output_dir")), not_the_users=launcher_logs)
     return [refusal] if refusal else []
 
 

@@ -307,6 +307,25 @@ def test_training_into_someone_elses_directory_needs_overwrite_output_dir(tmp_pa
     finetune.setup(finetune_flags("tiny-llama", str(output)))
 
 
+def test_the_launchers_log_dir_inside_output_dir_is_not_the_users(tmp_path, capsys, monkeypatch):
+    """``python -m paddle.distributed.launch --log_dir OUT/launch_log ... --output_dir OUT``: the launcher writes its
+    logs before any worker starts, and tells the workers where (PADDLE_LOG_DIR); they are no user's files."""
+    from paddle_llm.recipes import finetune
+
+    output = tmp_path / "out"
+    (output / "launch_log").mkdir(parents=True)
+    (output / "launch_log" / "workerlog.0").write_text("launcher")
+    with Unchanged(tmp_path):
+        assert finetune.RECIPE.main(finetune_flags("tiny-llama", str(output))) == 2  # not launched: someone's files
+        assert "did not write (launch_log)" in capsys.readouterr().err
+        monkeypatch.setenv("PADDLE_LOG_DIR", str(output / "launch_log"))
+        finetune.setup(finetune_flags("tiny-llama", str(output)))
+    (output / "NOTES.txt").write_text("mine")
+    with Unchanged(tmp_path):
+        assert finetune.RECIPE.main(finetune_flags("tiny-llama", str(output))) == 2  # the user's own file still counts
+        assert "did not write (NOTES.txt)" in capsys.readouterr().err
+
+
 # -- one writer per output directory -------------------------------------------------------------------------------
 
 
