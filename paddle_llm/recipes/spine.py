@@ -16,6 +16,7 @@ Everything else is here, in the order a run meets it:
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -125,6 +126,23 @@ def _input_paths(flag: str, value) -> tuple[str, ...]:
     return tuple(path for prefix in prefixes for path in ((prefix,) if os.path.isdir(prefix) else (prefix + ".bin", prefix + ".idx")))
 
 
+LAUNCHER_WORKER_LOG = re.compile(r"^workerlog\.\d+$")
+
+
+def launcher_log_dirs(output_dir: str) -> tuple[str, ...]:
+    """The directories in ``output_dir`` that ``paddle.distributed.launch --log_dir`` wrote, not the user: this
+    launch's (``PADDLE_LOG_DIR`` in its workers), and, for the other nodes of a multi-node launch on shared storage,
+    any holding a ``workerlog.N`` or still empty (a launcher that has just made it)."""
+    found = [os.environ["PADDLE_LOG_DIR"]] if os.environ.get("PADDLE_LOG_DIR") else []
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            entries = os.listdir(path)
+            if not entries or any(LAUNCHER_WORKER_LOG.match(entry) for entry in entries):
+                found.append(path)
+    return tuple(found)
+
+
 def output_dir_errors(values: Mapping, command: str) -> list[str]:
     """``--output_dir`` must not overlap an input (even with ``--overwrite_output_dir``: full fine-tuning into the
     model's directory would overwrite the base weights), and may hold only an earlier run of ``command`` (which this
@@ -137,10 +155,8 @@ def output_dir_errors(values: Mapping, command: str) -> list[str]:
     # A file where the directory should be is config.validation's to report; a checkpoint of ours from before
     # output directories were marked is resumed as before.
     if refusal is None and os.path.isdir(output_dir) and not latest_complete_checkpoint(output_dir):
-        # The launcher's --log_dir (PADDLE_LOG_DIR in its workers) may sit in --output_dir: it wrote that, not the user.
-        launcher_logs = (os.environ["PADDLE_LOG_DIR"],) if os.environ.get("PADDLE_LOG_DIR") else ()
         refusal = existing_output_refusal("--output_dir", output_dir, command, "--overwrite_output_dir",
-                                          bool(values.get("overwrite_output_dir")), not_the_users=launcher_logs)
+                                          bool(values.get("overwrite_output_dir")), not_the_users=launcher_log_dirs(output_dir))
     return [refusal] if refusal else []
 
 

@@ -308,17 +308,21 @@ def test_training_into_someone_elses_directory_needs_overwrite_output_dir(tmp_pa
 
 
 def test_the_launchers_log_dir_inside_output_dir_is_not_the_users(tmp_path, capsys, monkeypatch):
-    """``python -m paddle.distributed.launch --log_dir OUT/launch_log ... --output_dir OUT``: the launcher writes its
-    logs before any worker starts, and tells the workers where (PADDLE_LOG_DIR); they are no user's files."""
+    """``python -m paddle.distributed.launch --log_dir OUT/log ... --output_dir OUT``: the launchers (one per node)
+    write their logs before any worker starts; they are no user's files. This launch's is PADDLE_LOG_DIR; another
+    node's holds workerlog.N files, or is still empty."""
     from paddle_llm.recipes import finetune
 
     output = tmp_path / "out"
-    (output / "launch_log").mkdir(parents=True)
-    (output / "launch_log" / "workerlog.0").write_text("launcher")
+    (output / "log_node0").mkdir(parents=True)
+    (output / "log_node0" / "envlog.0").write_text("launcher")
+    (output / "log_node1").mkdir()
+    (output / "log_node1" / "workerlog.1").write_text("launcher")
+    (output / "log_node2").mkdir()
     with Unchanged(tmp_path):
-        assert finetune.RECIPE.main(finetune_flags("tiny-llama", str(output))) == 2  # not launched: someone's files
-        assert "did not write (launch_log)" in capsys.readouterr().err
-        monkeypatch.setenv("PADDLE_LOG_DIR", str(output / "launch_log"))
+        assert finetune.RECIPE.main(finetune_flags("tiny-llama", str(output))) == 2  # log_node0 is not known as a log
+        assert "did not write (log_node0)" in capsys.readouterr().err
+        monkeypatch.setenv("PADDLE_LOG_DIR", str(output / "log_node0"))
         finetune.setup(finetune_flags("tiny-llama", str(output)))
     (output / "NOTES.txt").write_text("mine")
     with Unchanged(tmp_path):
