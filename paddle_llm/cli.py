@@ -25,7 +25,7 @@ STEPS_BEFORE_TRAINING: dict[str, tuple[str, str]] = {
 STEPS_AFTER_TRAINING: dict[str, tuple[str, str]] = {
     "merge-lora": ("paddle_llm.peft.merge:main", "fold a LoRA adapter into its base model: merge-lora --model_name_or_path --lora_path --output_path"),
     "check": ("paddle_llm.tools.check:main", "run every pre-launch check: check [--nproc_per_node N] SCRIPT FLAGS..."),
-    "convert-checkpoint": ("paddle_llm.parallel.convert:main", "merge a multi-rank unified checkpoint so one device can resume it"),
+    "convert-checkpoint": ("paddle_llm.trainer.convert_checkpoint:main", "merge a multi-rank unified checkpoint so one device can resume it"),
     "estimate": ("paddle_llm.estimator.command:main", "memory estimate and layout planner"),
     "export": ("paddle_llm.export.command:main", "export a checkpoint: static inference graph, FastDeploy layout, or a Hugging Face directory (--format hf)"),
     "serve": ("paddle_llm.serving.command:main", "serve a model: OpenAI-compatible REST and gRPC"),

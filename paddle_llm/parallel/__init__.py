@@ -1,6 +1,6 @@
-"""Everything about running one model over several processes: CPU collective fallbacks and checkpoint conversion.
+"""Running one model over several processes on CPU: the gloo collective fallbacks fleet's hybrid parallel needs.
 
-``cpu_collectives`` is the only module in the toolkit that patches Paddle or PaddleNLP internals; ``convert`` is the
-``paddle-llm convert-checkpoint`` command (the pre-launch ``paddle-llm check`` runs the recipes' own setup, so it
-lives with them in ``trainer.check``). Nothing here is imported by model code.
+``cpu_collectives`` is the only module in the toolkit that patches Paddle or PaddleNLP internals. Merging a
+multi-rank checkpoint for one device (``paddle-llm convert-checkpoint``) is ``trainer.convert_checkpoint``, beside
+the checkpoint marker it re-records. Nothing here is imported by model code.
 """

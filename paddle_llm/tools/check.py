@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from paddle_llm.config.parser import ArgumentError
 from paddle_llm.config.validation import sharding_stages
-from paddle_llm.parallel.convert import single_device_resume_problem
+from paddle_llm.trainer.convert_checkpoint import single_device_resume_problem
 from paddle_llm import recipes
 from paddle_llm.recipes import recipe_named
 from paddle_llm.recipes.spine import Recipe

@@ -47,7 +47,7 @@ from paddle_llm.export.exporter import ExportRequest, export_checkpoint
 from paddle_llm.export.parity import check_export
 from paddle_llm.cpu import agreement as kernel_agreement
 from paddle_llm.models.registry import build_config, build_model, load_tokenizer, resolve_model
-from paddle_llm.parallel.convert import merge_unified_checkpoint, shard_files
+from paddle_llm.trainer.convert_checkpoint import merge_unified_checkpoint, shard_files
 from paddle_llm.trainer.rank_records import RECORDS_VARIABLE, injected_fault
 from paddle_llm.tools.equivalence import (
     Run,

@@ -208,7 +208,7 @@ def test_preprocess_refuses_an_output_inside_the_tokenizer_or_over_existing_data
 
 @pytest.mark.parametrize("where", ["checkpoint", "parent"])
 def test_convert_checkpoint_refuses_an_output_overlapping_the_checkpoint(tmp_path, capsys, where):
-    from paddle_llm.parallel import convert
+    from paddle_llm.trainer import convert_checkpoint as convert
 
     checkpoint = tmp_path / "out" / "checkpoint-3"
     checkpoint.mkdir(parents=True)

@@ -9,7 +9,8 @@ import pytest
 from paddle_llm.config.presets import preset
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_parallel
 from paddle_llm.files import OUTPUT_MARKER
-from paddle_llm.parallel import convert
+from paddle_llm.trainer import convert_checkpoint as convert
+from paddle_llm.trainer.checkpoint import checkpoint_problems, is_complete, mark_complete
 from paddle_llm.tools import check
 from tests.conftest import run_script
 
@@ -211,9 +212,9 @@ def _write_unified_checkpoint(directory, shards: int) -> dict:
             save_file({n: tensors[n] for n, s in weight_map.items() if s == shard}, os.path.join(directory, shard), metadata={"format": "np"})
         with open(os.path.join(directory, f"{kind}.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
-    for name in ("trainer_state.json", "paddle_llm_complete.json"):
-        with open(os.path.join(directory, name), "w") as f:
-            f.write("{}")
+    with open(os.path.join(directory, "trainer_state.json"), "w") as f:
+        f.write("{}")
+    mark_complete(directory, 3)  # as every rank's save ends: the marker records each file's size and checksum
     return tensors
 
 
@@ -256,6 +257,7 @@ def test_convert_merges_each_kind_into_one_file_and_copies_the_rest(tmp_path):
     for name, value in tensors.items():
         np.testing.assert_array_equal(merged[name], value)
     assert convert.single_device_resume_problem(destination) is None
+    assert is_complete(destination) and checkpoint_problems(destination) == []  # the merged files, recorded afresh
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ layout can resume it, but the ranks that saved it each wrote their own file (``m
 single-device loader (``load_single_card_checkpoint`` / ``load_single_card_optimizer``) reads only the first
 file of each kind, so a single process resuming a tensor- or sharding-parallel checkpoint would start with half
 of its weights and optimizer moments missing. This command merges each kind into one file, which every layout
-loads, and copies everything else (trainer state, scheduler, RNG, tokenizer, completion marker) unchanged.
+loads, and copies everything else (trainer state, scheduler, RNG, tokenizer) unchanged; a complete checkpoint's
+completion marker is written afresh, recording the merged files' sizes and checksums.
 
     paddle-llm convert-checkpoint OUTPUT/checkpoint-500 [--output_dir OUTPUT/checkpoint-500-single]
 
@@ -25,6 +26,7 @@ import sys
 from safetensors.numpy import load_file, save_file
 
 from paddle_llm.files import OutputPathError, check_output_directory, replace_directory_atomically
+from paddle_llm.trainer.checkpoint import COMPLETE_MARKER, is_complete, mark_complete
 
 CONVERT_COMMAND = "convert-checkpoint"  # the marker its output directories carry
 
@@ -118,10 +120,14 @@ def merge_unified_checkpoint(source: str, destination: str, overwrite: bool = Fa
     def write(staging: str) -> None:
         written.extend(_merge_kind(source, staging, index_name, prefix) for index_name, prefix in kinds.items())
         for name in os.listdir(source):
-            if name in merged_away:
+            if name in merged_away or name == COMPLETE_MARKER:
                 continue
             path = os.path.join(source, name)
             (shutil.copytree if os.path.isdir(path) else shutil.copy2)(path, os.path.join(staging, name))
+        if is_complete(source):
+            # The marker records each file's size and checksum, and these files are new: record them afresh.
+            with open(os.path.join(source, COMPLETE_MARKER), encoding="utf-8") as f:
+                mark_complete(staging, json.load(f)["global_step"])
 
     replace_directory_atomically(destination, write, CONVERT_COMMAND, prefix=".convert-", overwrite=overwrite,
                                  output_flag="--output_dir")
