@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+
+from safetensors import safe_open
 
 from paddle_llm.config.parser import ArgumentError
 from paddle_llm.config.validation import RSLORA_PLUS
@@ -35,6 +38,25 @@ def _linear_layer_names(model) -> list[str]:
 
 
 LORA_WEIGHTS = "lora_model_state.pdparams"  # PaddleNLP's LORA_WEIGHTS_NAME
+LORA_SAFETENSORS_INDEX = "peft_model.safetensors.index.json"  # PaddleNLP's SAFE_PEFT_WEIGHTS_INDEX_NAME (unified checkpoint)
+
+
+def saved_lora_shapes(lora_path: str) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of the adapter tensors ``lora_path`` holds, in either format a LoRA run saves (``--unified_checkpoint``
+    writes safetensors shards and their index); None when it holds neither."""
+    import paddle
+
+    index = os.path.join(lora_path, LORA_SAFETENSORS_INDEX)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shapes = {}
+        for shard in shards:
+            with safe_open(os.path.join(lora_path, shard), framework="np") as tensors:
+                shapes.update({name: tuple(tensors.get_slice(name).get_shape()) for name in tensors.keys()})
+        return shapes
+    weights = os.path.join(lora_path, LORA_WEIGHTS)
+    return tensor_shapes(paddle.load(weights, return_numpy=True)) if os.path.isfile(weights) else None
 
 
 def load_lora(model, lora_path: str, base_path: str):
@@ -57,14 +79,14 @@ def load_lora(model, lora_path: str, base_path: str):
 
     if not os.path.isfile(os.path.join(lora_path, "lora_config.json")):
         raise FileNotFoundError(f"--lora_path {lora_path!r} has no lora_config.json; pass the directory a LoRA run saved")
-    weights = os.path.join(lora_path, LORA_WEIGHTS)
-    if not os.path.isfile(weights):
+    saved = saved_lora_shapes(lora_path)
+    if saved is None:
         # PaddleNLP would log an error and train a fresh adapter instead of the one asked for
-        raise FileNotFoundError(f"--lora_path {lora_path!r} has no {LORA_WEIGHTS}; pass the directory a LoRA run saved")
+        raise FileNotFoundError(f"--lora_path {lora_path!r} has no {LORA_WEIGHTS} (nor {LORA_SAFETENSORS_INDEX}); "
+                                "pass the directory a LoRA run saved")
     lora_model = LoRAModel.from_pretrained(model, lora_path)
     if getattr(model.config, "tensor_parallel_degree", 1) <= 1:  # under tensor parallelism each rank holds a slice
-        require_matching("--lora_path", lora_path, base_path, tensor_shapes(paddle.load(weights, return_numpy=True)),
-                         tensor_shapes(lora_model.get_trainable_state_dict()))
+        require_matching("--lora_path", lora_path, base_path, saved, tensor_shapes(lora_model.get_trainable_state_dict()))
     lora_model.mark_only_lora_as_trainable()
     spec = recorded_quantization(lora_path)
     if spec is not None:
