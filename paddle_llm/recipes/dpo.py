@@ -20,27 +20,25 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from paddle_llm.config.parser import ArgumentError, parse_flags
+from paddle_llm.config.parser import ArgumentError
 from paddle_llm.config.validation import check_peft_variants
 from paddle_llm.data.preference import PreferenceCollator, PreferenceLimits, build_preference_split
 from paddle_llm.data.sft import family_layout
 from paddle_llm.recipes.spine import (
     RESUMING_HELP,
+    Recipe,
     RecipeSetup,
     add_run_callbacks,
     apply_fallbacks,
     apply_peft,
     build_model_and_tokenizer,
-    check_model_and_runtime,
     log,
     log_cpu_fast_paths,
+    parse_and_check,
     random_base_warning,
-    resolve_source,
-    Recipe,
     start,
     train_save_evaluate,
     warn,
-    output_dir_errors,
 )
 
 MAX_SKIPPED_SHOWN = 5
@@ -180,10 +178,8 @@ def setup(argv: list[str]) -> RecipeSetup:
     Raises:
         ArgumentError: bad flags or configuration (every problem found, one per line).
     """
-    parsed = parse_flags(argv, _dataclass_types())
-    values = parsed.as_dict()
-    source = resolve_source(values)
-    errors = check_model_and_runtime(values, parsed.explicit, source) + output_dir_errors(values, "dpo") + check_dpo(values)
+    parsed, values, source, errors = parse_and_check(argv, _dataclass_types(), "dpo")
+    errors += check_dpo(values)
     if errors:
         raise ArgumentError("\n".join(errors))
     warnings = adjust_like_run_dpo(values)

@@ -16,29 +16,27 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from paddle_llm.config.parser import ArgumentError, parse_flags
+from paddle_llm.config.parser import ArgumentError
 from paddle_llm.config.validation import check_peft_variants, check_quantization
 from paddle_llm.data.sft import Limits, SftCollator, build_split, family_layout, generation_prompt
 from paddle_llm.peft.lora import merge_lora
 from paddle_llm.peft.merge import save_model_atomically
 from paddle_llm.recipes.spine import (
     RESUMING_HELP,
+    Recipe,
     RecipeSetup,
     add_run_callbacks,
     apply_fallbacks,
     apply_peft,
     build_model_and_tokenizer,
-    check_model_and_runtime,
     log,
     log_cpu_fast_paths,
+    parse_and_check,
     random_base_warning,
-    resolve_source,
-    Recipe,
     start,
     train_save_evaluate,
     warn,
     world_size,
-    output_dir_errors,
 )
 
 TRAIN_FILE, DEV_FILE = "train.json", "dev.json"
@@ -132,10 +130,7 @@ def setup(argv: list[str]) -> RecipeSetup:
     Raises:
         ArgumentError: bad flags or configuration (every problem found, one per line).
     """
-    parsed = parse_flags(argv, _dataclass_types())
-    values = parsed.as_dict()
-    source = resolve_source(values)
-    errors = check_model_and_runtime(values, parsed.explicit, source) + output_dir_errors(values, "finetune")
+    parsed, values, source, errors = parse_and_check(argv, _dataclass_types(), "finetune")
     errors += check_finetune(values, world_size())
     errors += check_dataset_files(values)
     errors += check_quantization(values, source.config_fields)

@@ -8,24 +8,22 @@ fit:   the .bin/.idx datasets and an ``LLMTrainer`` on the shared spine (``train
 from __future__ import annotations
 
 
-from paddle_llm.config.parser import ArgumentError, format_help, parse_flags
+from paddle_llm.config.parser import ArgumentError, format_help
 from paddle_llm.config.validation import check_split
 from paddle_llm.data.pretraining import CausalLMCollator, build_pretraining_datasets, check_data_prefixes, resolve_data_prefixes
 from paddle_llm.recipes.spine import (
     RESUMING_HELP,
+    Recipe,
     RecipeSetup,
     add_run_callbacks,
     apply_fallbacks,
     build_model_and_tokenizer,
-    check_model_and_runtime,
     log,
     log_cpu_fast_paths,
     log_memory_estimate,
-    resolve_source,
-    Recipe,
+    parse_and_check,
     start,
     train_save_evaluate,
-    output_dir_errors,
 )
 
 HELP_USAGE = """usage: run_pretrain.py [ARGS.json] --flag value ...   (or: paddle-llm pretrain ...)
@@ -52,10 +50,7 @@ def setup(argv: list[str]) -> RecipeSetup:
     Raises:
         ArgumentError: bad flags or configuration (every problem found, one per line).
     """
-    parsed = parse_flags(argv, _dataclass_types())
-    values = parsed.as_dict()
-    source = resolve_source(values)
-    errors = check_model_and_runtime(values, parsed.explicit, source) + output_dir_errors(values, "pretrain")
+    parsed, values, source, errors = parse_and_check(argv, _dataclass_types(), "pretrain")
     errors += check_split(values["split"])
     if values.get("continue_training") and not source.has_weights:
         errors.append(f"--continue_training needs weights, but {values['model_name_or_path']} has none: pass a directory saved by a previous run")

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from paddle_llm.config.parser import ArgumentError, ParsedArgs
+from paddle_llm.config.parser import ArgumentError, ParsedArgs, parse_flags
 from paddle_llm.cpu.threads import configure_cpu_runtime, launched_processes
 from paddle_llm.config.validation import apply_cpu_fallbacks, check_device, check_parallel, check_precision, check_training
 from paddle_llm.data.jsonl import DataError
@@ -158,6 +158,16 @@ def output_dir_errors(values: Mapping, command: str) -> list[str]:
         refusal = existing_output_refusal("--output_dir", output_dir, command, "--overwrite_output_dir",
                                           bool(values.get("overwrite_output_dir")), not_the_users=launcher_log_dirs(output_dir))
     return [refusal] if refusal else []
+
+
+def parse_and_check(argv: list[str], dataclass_types, command: str) -> tuple[ParsedArgs, dict, ModelSource, list[str]]:
+    """The first half of every recipe's ``setup``: parse the flags, resolve the model, and make the checks every
+    recipe makes (model and runtime, the output directory). Returns the parsed flags, their values, the model source
+    and the problems found; the recipe adds its own before raising."""
+    parsed = parse_flags(argv, dataclass_types)
+    values = parsed.as_dict()
+    source = resolve_source(values)
+    return parsed, values, source, check_model_and_runtime(values, parsed.explicit, source) + output_dir_errors(values, command)
 
 
 def hold_output_dir(plan: RecipeSetup, command: str) -> OutputLock | None:
