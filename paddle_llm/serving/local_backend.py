@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from paddle_llm.serving.engine import FINISH_CANCELLED, EngineClosedError, RequestHandle, StreamEvent
+from paddle_llm.serving.grammar import GrammarError, GrammarVocabulary
 from paddle_llm.serving.openai.chat.protocol import ChatProtocol
 from paddle_llm.serving.openai.completions.protocol import CompletionsProtocol
 from paddle_llm.serving.openai.protocol import EndpointProtocol, PreparedRequest, RequestError, ServingLimits
@@ -23,6 +24,7 @@ class LocalBackend:
             protocol.kind: protocol(served.name, served.family, served.tokenizer, served.max_context_length, limits)
             for protocol in (CompletionsProtocol, ChatProtocol)
         }
+        self._grammar_vocabulary: GrammarVocabulary | None = None
 
     @property
     def model_name(self) -> str:
@@ -45,15 +47,33 @@ class LocalBackend:
             RequestError: 503 while shutting down (choices already submitted are cancelled).
         """
         handles = []
+        choices = prepared.choices()
+        processors = [self._grammar_constraints(prepared.grammar) for _ in choices]
         try:
-            for index, (prompt, params) in enumerate(prepared.choices()):
+            for index, (prompt, params) in enumerate(choices):
                 listener = None if listener_for is None else listener_for(index)
-                handles.append(self.served.engine.submit(prompt.ids, params, listener))
+                handles.append(self.served.engine.submit(prompt.ids, params, listener, processors[index]))
         except EngineClosedError as err:
             for handle in handles:
                 handle.cancel()
             raise RequestError(str(err), status=503, error_type="server_error") from None
         return handles
+
+    def _grammar_constraints(self, grammar: str | None) -> tuple:
+        """One choice's own grammar matcher (none for free text).
+
+        Raises:
+            RequestError: the tokenizer cannot be constrained, or the grammar cannot be built over its vocabulary.
+        """
+        if grammar is None:
+            return ()
+        try:
+            if self._grammar_vocabulary is None:  # built on first use: a server that never constrains never pays
+                engine = self.served.engine
+                self._grammar_vocabulary = GrammarVocabulary(self.served.tokenizer, sorted(engine.eos_token_ids))
+            return (self._grammar_vocabulary.constraint(grammar),)
+        except GrammarError as err:
+            raise RequestError(f"response_format: {err}", param="response_format") from None
 
     def stream(self, kind: str, body: dict) -> "EventStream":
         """Validate and submit; the result yields events (blocking) and can be cancelled from any thread.

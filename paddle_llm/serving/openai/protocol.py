@@ -50,7 +50,7 @@ REFUSED_FIELDS = {
     "functions": "function calling is not supported",
     "function_call": "function calling is not supported",
     "parallel_tool_calls": "tool calling is not supported",
-    "response_format": "structured output (json_object, json_schema) is not supported",
+    "response_format": "structured output (json_object, json_schema) is only supported by /v1/chat/completions",
     "suffix": "suffix (fill in the middle) is not supported",
 }
 STREAM_OPTIONS = ("include_usage",)
@@ -126,6 +126,7 @@ class PreparedRequest:
 
     Attributes:
         echo: completions put the prompt in front of each choice's text (and its logprobs).
+        grammar: llguidance's grammar every choice's output must match (``serving.grammar``); None: free text.
     """
 
     kind: str  # "completion" or "chat"
@@ -135,6 +136,7 @@ class PreparedRequest:
     include_usage: bool
     n: int = 1
     echo: bool = False
+    grammar: str | None = None
 
     def choices(self) -> list[tuple[Prompt, SamplingParams]]:
         """Each choice's prompt and sampling, in choice-index order (prompt by prompt, as OpenAI numbers them)."""
@@ -227,7 +229,8 @@ class EndpointProtocol:
             raise RequestError(f"n must be in [1, {MAX_CHOICES}] and prompts x n at most {MAX_CHOICES}; got n={n} "
                                f"for {len(prompts)} prompt(s)", param="n")
         params = self._sampling(body, max(len(p.ids) for p in prompts), self._extra_stop())
-        return PreparedRequest(self.kind, prompts, params, *self._stream_flags(body), n=n, echo=self._echo(body))
+        return PreparedRequest(self.kind, prompts, params, *self._stream_flags(body), n=n, echo=self._echo(body),
+                               grammar=self._grammar(body))
 
     def prompts(self, body: dict) -> list[Prompt]:
         """The request's prompts, encoded. Raises: RequestError naming the prompt field."""
@@ -239,6 +242,10 @@ class EndpointProtocol:
 
     def _echo(self, body: dict) -> bool:
         return False
+
+    def _grammar(self, body: dict) -> str | None:
+        """The grammar the output must match (None: free text)."""
+        return None
 
     def check_text_length(self, characters: int) -> None:
         """Refuse, before tokenizing it, a prompt longer than ``max_prompt_tokens`` tokens could ever spell (a

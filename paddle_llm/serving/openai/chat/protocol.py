@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from paddle_llm.models.chat_template import render_chat
+from paddle_llm.serving.openai.chat.response_format import response_format_grammar
 from paddle_llm.serving.openai.protocol import EndpointProtocol, Prompt, RequestError, number_field
 from paddle_llm.serving.sampling import MAX_TOP_LOGPROBS
 
@@ -12,7 +13,8 @@ class ChatProtocol(EndpointProtocol):
                               "template; content a string or a list of text parts",
                   "max_completion_tokens": "the same as max_tokens",
                   "logprobs": "true: each token's logprob",
-                  "top_logprobs": f"0 to {MAX_TOP_LOGPROBS} most likely alternatives per token (needs logprobs)"}
+                  "top_logprobs": f"0 to {MAX_TOP_LOGPROBS} most likely alternatives per token (needs logprobs)",
+                  "response_format": "text, json_object or json_schema; JSON is enforced by constrained decoding"}
     kind = "chat"
     path = "/v1/chat/completions"
     prompt_param = "messages"
@@ -44,6 +46,9 @@ class ChatProtocol(EndpointProtocol):
         if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
             raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs")
         return (top or 0) if wanted else None
+
+    def _grammar(self, body: dict) -> str | None:
+        return response_format_grammar(body)
 
     def _extra_stop(self) -> tuple[str, ...]:
         # The template's own round markers end a reply (ChatGLM starts a new "[Round N]" otherwise).
