@@ -136,6 +136,19 @@ def json_schema_grammar(schema: dict) -> str:
     return grammar
 
 
+def lark_grammar(lark: str) -> str:
+    """llguidance's grammar for a Lark grammar (which may embed JSON schemas as ``%json {...}``).
+
+    Raises:
+        GrammarError: llguidance cannot compile it; the message says why.
+    """
+    grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        raise GrammarError(f"the grammar cannot be compiled: {messages[0]}")
+    return grammar
+
+
 class GrammarConstraint:
     """One request's grammar state: masks logits before each sample, advances on each sampled token."""
 

@@ -48,7 +48,7 @@ class LocalBackend:
         """
         handles = []
         choices = prepared.choices()
-        processors = [self._grammar_constraints(prepared.grammar) for _ in choices]
+        processors = [self._grammar_constraints(prepared) for _ in choices]
         try:
             for index, (prompt, params) in enumerate(choices):
                 listener = None if listener_for is None else listener_for(index)
@@ -59,21 +59,23 @@ class LocalBackend:
             raise RequestError(str(err), status=503, error_type="server_error") from None
         return handles
 
-    def _grammar_constraints(self, grammar: str | None) -> tuple:
+    def _grammar_constraints(self, prepared: PreparedRequest) -> tuple:
         """One choice's own grammar matcher (none for free text).
 
         Raises:
-            RequestError: the tokenizer cannot be constrained, or the grammar cannot be built over its vocabulary.
+            RequestError: naming response_format or tools: the tokenizer cannot be constrained, or the grammar cannot
+                be built over its vocabulary.
         """
-        if grammar is None:
+        if prepared.grammar is None:
             return ()
         try:
             if self._grammar_vocabulary is None:  # built on first use: a server that never constrains never pays
                 engine = self.served.engine
                 self._grammar_vocabulary = GrammarVocabulary(self.served.tokenizer, sorted(engine.eos_token_ids))
-            return (self._grammar_vocabulary.constraint(grammar),)
+            return (self._grammar_vocabulary.constraint(prepared.grammar),)
         except GrammarError as err:
-            raise RequestError(f"response_format: {err}", param="response_format") from None
+            param = "response_format" if prepared.tools is None else "tools"
+            raise RequestError(f"{param}: {err}", param=param) from None
 
     def stream(self, kind: str, body: dict) -> "EventStream":
         """Validate and submit; the result yields events (blocking) and can be cancelled from any thread.

@@ -45,11 +45,11 @@ COMMON_FIELDS = {
 # Fields OpenAI defines that this server does not implement, refused by name with what to do instead. A null value
 # counts as absent, as OpenAI treats it.
 REFUSED_FIELDS = {
-    "tools": "tool calling is not supported",
-    "tool_choice": "tool calling is not supported",
+    "tools": "tool calling is only supported by /v1/chat/completions",
+    "tool_choice": "tool calling is only supported by /v1/chat/completions",
     "functions": "function calling is not supported",
     "function_call": "function calling is not supported",
-    "parallel_tool_calls": "tool calling is not supported",
+    "parallel_tool_calls": "tool calling is only supported by /v1/chat/completions",
     "response_format": "structured output (json_object, json_schema) is only supported by /v1/chat/completions",
     "suffix": "suffix (fill in the middle) is not supported",
 }
@@ -127,6 +127,7 @@ class PreparedRequest:
     Attributes:
         echo: completions put the prompt in front of each choice's text (and its logprobs).
         grammar: llguidance's grammar every choice's output must match (``serving.grammar``); None: free text.
+        tools: chat's ``ToolRequest`` (``chat.tools``), whose calls are read back out of each reply; None: no tools.
     """
 
     kind: str  # "completion" or "chat"
@@ -137,6 +138,7 @@ class PreparedRequest:
     n: int = 1
     echo: bool = False
     grammar: str | None = None
+    tools: object | None = None
 
     def choices(self) -> list[tuple[Prompt, SamplingParams]]:
         """Each choice's prompt and sampling, in choice-index order (prompt by prompt, as OpenAI numbers them)."""
@@ -437,6 +439,12 @@ class EndpointProtocol:
         context = choice.prompt.ids + choice.token_ids[:len(choice.token_ids) - len(event.token_ids)]
         return self._envelope(self.chunk_object, request_id, [
             self._choice(prepared, choice, event.text, event.logprobs, context, True, first, None, text_offset)])
+
+    def chunks(self, request_id: str, prepared: PreparedRequest, choice: ChoiceOutput, event: StreamEvent | None,
+               first: bool, text_offset: int) -> list[dict]:
+        """What a stream sends for an event (or, ``event=None``, for the finish): ``chunk``'s one chunk here; an
+        endpoint may hold text back or send several."""
+        return [self.chunk(request_id, prepared, choice, event, first, text_offset)]
 
     def usage_chunk(self, request_id: str, prepared: PreparedRequest, choices: list[ChoiceOutput]) -> dict:
         """The extra last chunk asked for with ``stream_options.include_usage``."""
