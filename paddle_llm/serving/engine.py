@@ -360,6 +360,11 @@ class Engine:
         for sequence in admitted:
             if sequence.params.prompt_logprobs:
                 sequence.handle.prompt_logprobs = self._score_prompt(sequence)
+            if sequence.max_new_tokens == 0:  # max_tokens 0: the prompt scored, nothing generated
+                self._finish(sequence, FINISH_LENGTH)
+        admitted = [sequence for sequence in admitted if not sequence.finished]
+        if not admitted:
+            return
         logits, new_batch = self.decoder.prefill([s.prompt_ids for s in admitted])
         with self._condition:
             self._stats.prefill_batches += 1

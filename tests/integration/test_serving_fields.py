@@ -496,3 +496,29 @@ def test_bad_response_format_is_refused(server, response_format, words):
     response = post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2,
                                                       "response_format": response_format})
     assert_refused(response, "response_format", words=words)
+
+
+# ---- max_tokens 0 with echo: the prompt scored, nothing generated (lm-eval, vLLM) ---------------------------------
+
+def test_max_tokens_zero_with_echo_returns_the_prompt_and_its_logprobs(server, client, reference, prompt_ids):
+    body = {"prompt": prompt_ids, "max_tokens": 0, "echo": True, "logprobs": 2}
+    reply = post(server, "/v1/completions", body).json()
+    choice = reply["choices"][0]
+    assert reply["usage"]["completion_tokens"] == 0 and choice["finish_reason"] == "length"
+    assert choice["text"] == post(server, "/detokenize", {"tokens": prompt_ids}).json()["prompt"]
+    token_logprobs = choice["logprobs"]["token_logprobs"]
+    assert len(token_logprobs) == len(prompt_ids) and token_logprobs[0] is None
+    expected = reference(prompt_ids)
+    assert token_logprobs[1:] == pytest.approx([expected[i - 1, prompt_ids[i]] for i in range(1, len(prompt_ids))],
+                                               abs=2e-3)
+    streamed = list(client.completions.create(model="ckpt", prompt="The quick brown", max_tokens=0, echo=True,
+                                              stream=True))
+    assert "".join(chunk.choices[0].text for chunk in streamed) == "The quick brown"
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("path, body", [("/v1/completions", {"prompt": "The", "max_tokens": 0}),
+                                        ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 0})],
+                         ids=["completions-without-echo", "chat"])
+def test_max_tokens_zero_without_echo_is_refused(server, path, body):
+    assert_refused(post(server, path, body), "max_tokens", words=("echo",))

@@ -73,7 +73,7 @@ def test_low_temperature_concentrates():
 
 @pytest.mark.parametrize(
     "fields, name",
-    [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+    [({"max_tokens": -1}, "max_tokens"), ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
      ({"top_k": -2}, "top_k"), ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"stop": ("",)}, "stop"),
      ({"seed": -1}, "seed")],
 )

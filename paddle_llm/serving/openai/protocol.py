@@ -28,7 +28,7 @@ MAX_CHOICES = 64  # prompts x n in one request: each is a batch row
 # neither is refused with a 400 naming it, so nothing a client asks for is ever silently ignored.
 COMMON_FIELDS = {
     "model": "must be the served model's id (404 otherwise)",
-    "max_tokens": "most new tokens, up to --max_tokens_limit",
+    "max_tokens": "most new tokens, up to --max_tokens_limit; 0 only with echo (completions): the prompt scored",
     "temperature": "0 (greedy) to 2",
     "top_p": "nucleus sampling, (0, 1]",
     "top_k": "keep the k most likely tokens (0 = all); not in OpenAI's API",
@@ -302,8 +302,9 @@ class EndpointProtocol:
         if requested is None:
             requested = number_field(body, "max_completion_tokens", int, None)
         if requested is not None:
-            if requested < 1:
-                raise RequestError(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
+            if requested < 1 and not (requested == 0 and self._echo(body)):
+                raise RequestError(f"max_tokens must be at least 1 (0 only with echo: true on /v1/completions, which "
+                                   f"returns the prompt and its logprobs), got {requested}", param="max_tokens")
             if requested > self.limits.max_tokens_limit:
                 raise RequestError(f"max_tokens {requested} is over this server's limit of "
                                    f"{self.limits.max_tokens_limit}", param="max_tokens")
