@@ -24,6 +24,23 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 ROLES = ("system", "user", "assistant")
 
 
+def _roles(messages: object, roles: tuple[str, ...]):
+    """Each message of a conversation with its index and role, once the list, the item and the role are checked.
+
+    Raises:
+        ValueError: naming the index and field.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{index}] must be an object with 'role' and 'content', got {type(message).__name__}")
+        role = message.get("role")
+        if role not in roles:
+            raise ValueError(f"messages[{index}].role {role!r} is not one of {', '.join(roles)}")
+        yield index, message, role
+
+
 def validate_messages(messages: object, add_generation_prompt: bool) -> list[dict]:
     """Check a conversation's shape and return it as a list of ``{"role", "content"}`` dicts.
 
@@ -33,15 +50,8 @@ def validate_messages(messages: object, add_generation_prompt: bool) -> list[dic
     Raises:
         ValueError: the message names the offending index and field, e.g. ``messages[2].role``.
     """
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages must be a non-empty list of {role, content} objects")
     checked = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{index}] must be an object with 'role' and 'content', got {type(message).__name__}")
-        role = message.get("role")
-        if role not in ROLES:
-            raise ValueError(f"messages[{index}].role {role!r} is not one of {', '.join(ROLES)}")
+    for index, message, role in _roles(messages, ROLES):
         content = message.get("content")
         if not isinstance(content, str):
             raise ValueError(f"messages[{index}].content must be a string, got {type(content).__name__}")
@@ -160,15 +170,9 @@ def validate_tool_messages(messages: object) -> list[dict]:
     Raises:
         ValueError: naming the index and field.
     """
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages must be a non-empty list of {role, content} objects")
     checked = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{index}] must be an object with 'role' and 'content', got {type(message).__name__}")
-        role, content = message.get("role"), message.get("content")
-        if role not in (*ROLES, "tool"):
-            raise ValueError(f"messages[{index}].role {role!r} is not one of {', '.join((*ROLES, 'tool'))}")
+    for index, message, role in _roles(messages, (*ROLES, "tool")):
+        content = message.get("content")
         calls = message.get("tool_calls") if role == "assistant" else None
         if not isinstance(content, str) and not (calls and content is None):
             raise ValueError(f"messages[{index}].content must be a string, got {type(content).__name__}")

@@ -39,33 +39,42 @@ def _byte_level_alphabet() -> dict[str, int]:
     return characters
 
 
-def _sentencepiece_bytes(tokenizer, special: frozenset[int]) -> list[bytes]:
-    model = tokenizer.sp_model
+def _sentencepiece_piece(model, token_id: int) -> bytes:
+    piece = model.id_to_piece(token_id)
+    if model.is_byte(token_id):
+        return bytes([int(piece[3:-1], 16)])
+    if model.is_control(token_id) or model.is_unknown(token_id):
+        return b""
+    return piece.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8")
+
+
+def _byte_level_piece(token: str) -> bytes | None:
+    alphabet = _byte_level_alphabet()
+    if not all(character in alphabet for character in token):
+        return None  # not a byte-level vocabulary
+    return bytes(alphabet[character] for character in token)
+
+
+def _spelled_vocabulary(tokenizer, special: frozenset[int]) -> list[bytes] | None:
+    """Each id's bytes: none for special tokens (llguidance allows them only as EOS); an added token that is not
+    special (Qwen2.5's ``<tool_call>``) spells its text, so a grammar writing that text can pick the one token the
+    model was trained to write."""
+    added = {token_id: text for text, token_id in getattr(tokenizer, "added_tokens_encoder", {}).items()}
+    model = getattr(tokenizer, "sp_model", None)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))) if model is None else None
     spelled = []
     for token_id in range(len(tokenizer)):
-        if token_id in special or token_id >= model.get_piece_size():
-            spelled.append(b"")
-            continue
-        piece = model.id_to_piece(token_id)
-        if model.is_byte(token_id):
-            spelled.append(bytes([int(piece[3:-1], 16)]))
-        elif model.is_control(token_id) or model.is_unknown(token_id):
-            spelled.append(b"")
+        if token_id in special:
+            piece = b""
+        elif token_id in added:
+            piece = added[token_id].encode("utf-8")
+        elif model is not None:
+            piece = _sentencepiece_piece(model, token_id) if token_id < model.get_piece_size() else b""
         else:
-            spelled.append(piece.replace(SENTENCEPIECE_SPACE, " ").encode("utf-8"))
-    return spelled
-
-
-def _byte_level_bytes(tokenizer, special: frozenset[int]) -> list[bytes] | None:
-    alphabet = _byte_level_alphabet()
-    spelled = []
-    for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
-        if token_id in special or token is None:
-            spelled.append(b"")
-        elif all(character in alphabet for character in token):
-            spelled.append(bytes(alphabet[character] for character in token))
-        else:
-            return None  # not a byte-level vocabulary
+            piece = _byte_level_piece(tokens[token_id] or "")
+            if piece is None:
+                return None
+        spelled.append(piece)
     return spelled
 
 
@@ -77,12 +86,8 @@ class GrammarVocabulary:
     """
 
     def __init__(self, tokenizer, eos_token_ids: list[int]):
-        special = frozenset(tokenizer.all_special_ids) | frozenset(
-            getattr(tokenizer, "added_tokens_encoder", {}).values())
-        if getattr(tokenizer, "sp_model", None) is not None:
-            spelled = _sentencepiece_bytes(tokenizer, special)
-        else:
-            spelled = _byte_level_bytes(tokenizer, special)
+        special = frozenset(tokenizer.all_special_ids)
+        spelled = _spelled_vocabulary(tokenizer, special)
         if spelled is None:
             raise GrammarError(f"the tokenizer ({type(tokenizer).__name__}) is neither SentencePiece nor byte-level "
                                "BPE, so its tokens cannot be spelled as bytes for constrained decoding")

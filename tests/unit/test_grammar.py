@@ -76,3 +76,15 @@ def test_eos_is_masked_until_the_json_is_complete(vocabulary):
 def test_a_schema_llguidance_cannot_compile_is_a_grammar_error(schema):
     with pytest.raises(GrammarError, match="schema"):
         json_schema_grammar(schema)
+
+
+def test_an_added_token_that_is_not_special_spells_its_text():
+    """Qwen2.5 writes a call's ``<tool_call>`` as one added token: a grammar forcing that text must allow it."""
+    from paddle_llm.models.registry import load_tokenizer
+
+    tokenizer = load_tokenizer(HF_QWEN2)
+    tokenizer.add_tokens(["<tool_call>"])
+    added = tokenizer.convert_tokens_to_ids("<tool_call>")
+    grammar_vocabulary = GrammarVocabulary(tokenizer, [tokenizer.eos_token_id])
+    assert grammar_vocabulary.tokenizer.decode_bytes([added]) == b"<tool_call>"
+    assert grammar_vocabulary.tokenizer.decode_bytes([tokenizer.eos_token_id]) == b""  # special: EOS only
