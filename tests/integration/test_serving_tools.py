@@ -89,9 +89,12 @@ def test_named_function_streams_its_call_as_openai_does(client):
 def test_auto_renders_the_tools_and_the_history_of_calls(client):
     model = model_id(client)
     plain = client.chat.completions.create(model=model, messages=ASK, max_tokens=1, temperature=0)
-    auto = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=8, temperature=0)
+    auto = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=24, temperature=0)
     assert auto.usage.prompt_tokens > plain.usage.prompt_tokens + 50  # the tools' JSON is in the prompt
     assert auto.choices[0].finish_reason in ("stop", "length")  # noise, not a call
+    streamed = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=24, temperature=0,
+                                              stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == auto.choices[0].message.content
     history = ASK + [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather",
                                                           "arguments": '{"city": "Paris", "unit": "C"}'}}]},
