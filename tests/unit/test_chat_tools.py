@@ -96,8 +96,10 @@ def test_a_stream_holds_back_what_may_become_a_call(text, held):
     assert LLAMA3_JSON.held_from(' {"na') == 0 and LLAMA3_JSON.held_from("Sure") == 4
 
 
-@pytest.mark.parametrize("choice, names", [("required", {"get_weather", "get_time"}),
-                                           ({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"})])
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize("choice, names", [("required", {"get_weather", "get_time"}), (NAMED, {"get_weather"})])
 @pytest.mark.parametrize("name", ["qwen2_5_tools.jinja", "llama3_1_tools.jinja"])
 def test_forced_call_grammar_gives_a_valid_call_from_random_logits(choice, names, name):
     from paddle_llm.models.registry import load_tokenizer

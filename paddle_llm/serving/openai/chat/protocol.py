@@ -133,7 +133,7 @@ class ChatProtocol(EndpointProtocol):
             sent = tools.syntax.held_from(text[:len(text) - len(event.text)])
             return [self._delta(request_id, choice, {"content": text[sent:held_from]})] if held_from > sent else []
         out = []
-        content, calls = parse_tool_calls(text, tools) if choice.finish_reason == "stop" else (None, [])
+        _, calls = parse_tool_calls(text, tools) if choice.finish_reason == "stop" else (None, [])  # content: sent
         if calls:
             for number, call in enumerate(calls):
                 function = call["function"]

@@ -45,7 +45,8 @@ def _json_schema(spec) -> dict:
         raise _refused("response_format.json_schema must be an object with name and schema")
     unknown = set(spec) - set(JSON_SCHEMA_KEYS)
     if unknown:
-        raise _refused(f"response_format.json_schema takes {', '.join(JSON_SCHEMA_KEYS)}; got {', '.join(sorted(unknown))}")
+        raise _refused(f"response_format.json_schema takes {', '.join(JSON_SCHEMA_KEYS)}; "
+                       f"got {', '.join(sorted(unknown))}")
     if not isinstance(spec.get("name"), str) or not spec["name"]:
         raise _refused("response_format.json_schema.name is required (a non-empty string)")
     if spec.get("strict") is not None and not isinstance(spec["strict"], bool):

@@ -80,9 +80,9 @@ class ToolRequest:
         if self.choice in ("auto", "none"):
             return None
         schemas = {tool["function"]["name"]: tool["function"].get("parameters") or NO_PARAMETERS for tool in self.tools}
-        call = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, self.syntax.arguments_key: schemas[name]},
-                           "required": ["name", self.syntax.arguments_key], "additionalProperties": False}
-                          for name in self.allowed],
+        key = self.syntax.arguments_key
+        call = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, key: schemas[name]},
+                           "required": ["name", key], "additionalProperties": False} for name in self.allowed],
                 "x-guidance": {"whitespace_flexible": False}}
         pieces = [json.dumps(self.syntax.opening)] if self.syntax.opening else []
         pieces.append("%json " + json.dumps(call))
