@@ -6,6 +6,7 @@ provides too; the REST routers also use ``endpoint`` and ``submit`` to stream wi
 
 from __future__ import annotations
 
+import threading
 from typing import Iterator
 
 from paddle_llm.serving.engine import FINISH_CANCELLED, EngineClosedError, RequestHandle, StreamEvent
@@ -24,7 +25,12 @@ class LocalBackend:
             protocol.kind: protocol(served.name, served.family, served.tokenizer, served.max_context_length, limits)
             for protocol in (CompletionsProtocol, ChatProtocol)
         }
-        self._grammar_vocabulary: GrammarVocabulary | None = None
+        # The vocabulary constrained decoding reads takes up to a second for a 150k-token tokenizer: built here on a
+        # thread of its own, so the first response_format or tools request does not stall the event loop with it.
+        self._grammar_vocabulary: GrammarVocabulary | GrammarError | None = None
+        self._vocabulary_built = threading.Thread(target=self._build_grammar_vocabulary, daemon=True,
+                                                  name="paddle-llm-grammar-vocabulary")
+        self._vocabulary_built.start()
 
     @property
     def model_name(self) -> str:
@@ -68,14 +74,23 @@ class LocalBackend:
         """
         if prepared.grammar is None:
             return ()
+        self._vocabulary_built.join()
         try:
-            if self._grammar_vocabulary is None:  # built on first use: a server that never constrains never pays
-                engine = self.served.engine
-                self._grammar_vocabulary = GrammarVocabulary(self.served.tokenizer, sorted(engine.eos_token_ids))
+            if isinstance(self._grammar_vocabulary, GrammarError):
+                raise self._grammar_vocabulary
             return (self._grammar_vocabulary.constraint(prepared.grammar),)
         except GrammarError as err:
             param = "response_format" if prepared.tools is None else "tools"
             raise RequestError(f"{param}: {err}", param=param) from None
+
+    def _build_grammar_vocabulary(self) -> None:
+        try:
+            self._grammar_vocabulary = GrammarVocabulary(self.served.tokenizer, sorted(self.served.engine.eos_token_ids))
+        except GrammarError as err:  # this tokenizer cannot be constrained: each such request is told why
+            self._grammar_vocabulary = err
+        except Exception as err:  # noqa: BLE001 - nor can it when llguidance fails on it; plain requests go on
+            self._grammar_vocabulary = GrammarError(f"the tokenizer's vocabulary could not be read for constrained "
+                                                    f"decoding: {type(err).__name__}: {err}")
 
     def stream(self, kind: str, body: dict) -> "EventStream":
         """Validate and submit; the result yields events (blocking) and can be cancelled from any thread.
