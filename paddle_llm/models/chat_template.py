@@ -13,12 +13,32 @@ A template without a textual terminator has the trainer append the EOS token aft
 
 from __future__ import annotations
 
+import json
+
 from paddle_llm.models.registry import ChatTemplate
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 ROLES = ("system", "user", "assistant")
+
+
+def _roles(messages: object, roles: tuple[str, ...]):
+    """Each message of a conversation with its index and role, once the list, the item and the role are checked.
+
+    Raises:
+        ValueError: naming the index and field.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{index}] must be an object with 'role' and 'content', got {type(message).__name__}")
+        role = message.get("role")
+        if role not in roles:
+            raise ValueError(f"messages[{index}].role {role!r} is not one of {', '.join(roles)}")
+        yield index, message, role
 
 
 def validate_messages(messages: object, add_generation_prompt: bool) -> list[dict]:
@@ -30,15 +50,8 @@ def validate_messages(messages: object, add_generation_prompt: bool) -> list[dic
     Raises:
         ValueError: the message names the offending index and field, e.g. ``messages[2].role``.
     """
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("messages must be a non-empty list of {role, content} objects")
     checked = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{index}] must be an object with 'role' and 'content', got {type(message).__name__}")
-        role = message.get("role")
-        if role not in ROLES:
-            raise ValueError(f"messages[{index}].role {role!r} is not one of {', '.join(ROLES)}")
+    for index, message, role in _roles(messages, ROLES):
         content = message.get("content")
         if not isinstance(content, str):
             raise ValueError(f"messages[{index}].content must be a string, got {type(content).__name__}")
@@ -118,9 +131,82 @@ def _jinja_environment():
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' own: plain JSON, where Jinja's built-in escapes <, > and & for HTML.
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     environment.globals["raise_exception"] = raise_exception
+    environment.filters["tojson"] = tojson
     return environment
+
+
+def renders_tools(template: str) -> bool:
+    """Whether a Jinja chat_template reads a ``tools`` variable (Qwen2's ChatML-with-tools, Llama 3.1's do)."""
+    return "tools" in jinja2.meta.find_undeclared_variables(_jinja_environment().parse(template))
+
+
+def _tool_call_for_template(call: object, where: str) -> dict:
+    """An OpenAI ``tool_calls`` entry with its ``function.arguments`` JSON string read into an object, as
+    transformers' templates take it (they write ``arguments | tojson``)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ValueError(f"{where} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}")
+    arguments = function.get("arguments", "{}")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}.function.arguments is not a JSON string: {err}") from None
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+def validate_tool_messages(messages: object) -> list[dict]:
+    """Check a conversation that may hold tool calls and tool results, for a template that renders tools.
+
+    Beyond ``validate_messages``'s roles: an assistant turn may carry ``tool_calls`` (its content then may be null)
+    and a ``tool`` turn answers one (``content`` and ``tool_call_id``). The order of turns is the template's to check.
+
+    Raises:
+        ValueError: naming the index and field.
+    """
+    checked = []
+    for index, message, role in _roles(messages, (*ROLES, "tool")):
+        content = message.get("content")
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if not isinstance(content, str) and not (calls and content is None):
+            raise ValueError(f"messages[{index}].content must be a string, got {type(content).__name__}")
+        item = {"role": role, "content": content or ""}
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise ValueError(f"messages[{index}].tool_calls must be a list")
+            item["tool_calls"] = [_tool_call_for_template(call, f"messages[{index}].tool_calls[{number}]")
+                                  for number, call in enumerate(calls)]
+        if role == "tool":
+            if not isinstance(message.get("tool_call_id"), str):
+                raise ValueError(f"messages[{index}].tool_call_id must be the id of the call it answers")
+            item["tool_call_id"] = message["tool_call_id"]
+        checked.append(item)
+    if checked[-1]["role"] not in ("user", "tool"):
+        raise ValueError(f"messages[{len(checked) - 1}].role must be 'user' or 'tool' to ask for a reply, "
+                         f"got {checked[-1]['role']!r}")
+    return checked
+
+
+def render_jinja_tool_chat(template: str, messages: list[dict], tools: list[dict] | None,
+                           special_tokens: dict) -> str:
+    """Render a conversation with tools (OpenAI's ``tools`` list, or None) and a generation prompt, as
+    transformers' ``apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)``.
+
+    Raises:
+        ValueError: a malformed conversation, or the template refused it.
+    """
+    checked = validate_tool_messages(messages)
+    try:
+        return _jinja_environment().from_string(template).render(
+            messages=checked, tools=tools, add_generation_prompt=True, **special_tokens)
+    except jinja2.exceptions.TemplateError as err:
+        raise ValueError(f"the model's chat_template refused the conversation: {err}") from None
 
 
 def render_jinja_chat(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict) -> str:

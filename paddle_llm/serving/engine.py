@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -31,6 +31,15 @@ FINISH_ERROR = "error"  # the model step raised; ``StreamEvent.error`` says why
 
 class EngineClosedError(RuntimeError):
     """The engine is shutting down and takes no new requests."""
+
+
+class LogitsProcessor(Protocol):
+    """Per-request state that shapes each step's logits, such as a grammar (``serving.grammar.GrammarConstraint``):
+    ``process`` runs on the raw row before sampling, ``accept_token`` after, with the token that was sampled."""
+
+    def process(self, logits: np.ndarray) -> np.ndarray: ...
+
+    def accept_token(self, token_id: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,7 @@ class _Sequence:
     last_token: int = -1
     finished: bool = False
     last_logprob: tuple[TokenLogprob, ...] = ()
+    processors: tuple[LogitsProcessor, ...] = ()
 
 
 @dataclass
@@ -234,6 +244,7 @@ class Engine:
         prompt_ids: Sequence[int],
         params: SamplingParams,
         listener: Callable[[StreamEvent], None] | None = None,
+        processors: Sequence[LogitsProcessor] = (),
     ) -> RequestHandle:
         """Queue a request; it joins the running batch at the next step.
 
@@ -241,6 +252,7 @@ class Engine:
             prompt_ids: the encoded prompt (non-empty, shorter than the context).
             params: validated sampling settings.
             listener: called with each ``StreamEvent`` on the engine thread; None gives an iterable handle.
+            processors: this request's own logits processors (each used by this request only), applied in order.
 
         Raises:
             ValueError: empty prompt, prompt filling the context, or invalid params.
@@ -262,6 +274,7 @@ class Engine:
             stop_filter=StopStringFilter(params.stop),
             max_new_tokens=min(params.max_tokens, room),
             seen_ids=list(prompt_ids),
+            processors=tuple(processors),
         )
         with self._condition:
             if self._closing:
@@ -347,6 +360,11 @@ class Engine:
         for sequence in admitted:
             if sequence.params.prompt_logprobs:
                 sequence.handle.prompt_logprobs = self._score_prompt(sequence)
+            if sequence.max_new_tokens == 0:  # max_tokens 0: the prompt scored, nothing generated
+                self._finish(sequence, FINISH_LENGTH)
+        admitted = [sequence for sequence in admitted if not sequence.finished]
+        if not admitted:
+            return
         logits, new_batch = self.decoder.prefill([s.prompt_ids for s in admitted])
         with self._condition:
             self._stats.prefill_batches += 1
@@ -401,7 +419,12 @@ class Engine:
         penalised = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
         generated = np.asarray(sequence.generated, dtype="int64") if penalised else NO_TOKENS
         logits = logits[: self.sampled_vocab_size]
-        token = sample_token(logits, params, sequence.rng, seen, generated)
+        allowed = logits
+        for processor in sequence.processors:
+            allowed = processor.process(allowed)
+        token = sample_token(allowed, params, sequence.rng, seen, generated)
+        for processor in sequence.processors:
+            processor.accept_token(token)
         if params.logprobs is not None:
             # EOS too, although it adds no text (as vLLM): lm-eval's loglikelihood reads the prompt's logprobs as
             # all but the last entry of an echo with max_tokens=1, so that entry must exist whatever was sampled.

@@ -6,9 +6,11 @@ provides too; the REST routers also use ``endpoint`` and ``submit`` to stream wi
 
 from __future__ import annotations
 
+import threading
 from typing import Iterator
 
 from paddle_llm.serving.engine import FINISH_CANCELLED, EngineClosedError, RequestHandle, StreamEvent
+from paddle_llm.serving.grammar import GrammarError, GrammarVocabulary
 from paddle_llm.serving.openai.chat.protocol import ChatProtocol
 from paddle_llm.serving.openai.completions.protocol import CompletionsProtocol
 from paddle_llm.serving.openai.protocol import EndpointProtocol, PreparedRequest, RequestError, ServingLimits
@@ -23,6 +25,12 @@ class LocalBackend:
             protocol.kind: protocol(served.name, served.family, served.tokenizer, served.max_context_length, limits)
             for protocol in (CompletionsProtocol, ChatProtocol)
         }
+        # The vocabulary constrained decoding reads takes up to a second for a 150k-token tokenizer: built here on a
+        # thread of its own, so the first response_format or tools request does not stall the event loop with it.
+        self._grammar_vocabulary: GrammarVocabulary | GrammarError | None = None
+        self._vocabulary_built = threading.Thread(target=self._build_grammar_vocabulary, daemon=True,
+                                                  name="paddle-llm-grammar-vocabulary")
+        self._vocabulary_built.start()
 
     @property
     def model_name(self) -> str:
@@ -45,15 +53,44 @@ class LocalBackend:
             RequestError: 503 while shutting down (choices already submitted are cancelled).
         """
         handles = []
+        choices = prepared.choices()
+        processors = [self._grammar_constraints(prepared) for _ in choices]
         try:
-            for index, (prompt, params) in enumerate(prepared.choices()):
+            for index, (prompt, params) in enumerate(choices):
                 listener = None if listener_for is None else listener_for(index)
-                handles.append(self.served.engine.submit(prompt.ids, params, listener))
+                handles.append(self.served.engine.submit(prompt.ids, params, listener, processors[index]))
         except EngineClosedError as err:
             for handle in handles:
                 handle.cancel()
             raise RequestError(str(err), status=503, error_type="server_error") from None
         return handles
+
+    def _grammar_constraints(self, prepared: PreparedRequest) -> tuple:
+        """One choice's own grammar matcher (none for free text).
+
+        Raises:
+            RequestError: naming response_format or tools: the tokenizer cannot be constrained, or the grammar cannot
+                be built over its vocabulary.
+        """
+        if prepared.grammar is None:
+            return ()
+        self._vocabulary_built.join()
+        try:
+            if isinstance(self._grammar_vocabulary, GrammarError):
+                raise self._grammar_vocabulary
+            return (self._grammar_vocabulary.constraint(prepared.grammar),)
+        except GrammarError as err:
+            param = "response_format" if prepared.tools is None else "tools"
+            raise RequestError(f"{param}: {err}", param=param) from None
+
+    def _build_grammar_vocabulary(self) -> None:
+        try:
+            self._grammar_vocabulary = GrammarVocabulary(self.served.tokenizer, sorted(self.served.engine.eos_token_ids))
+        except GrammarError as err:  # this tokenizer cannot be constrained: each such request is told why
+            self._grammar_vocabulary = err
+        except Exception as err:  # noqa: BLE001 - nor can it when llguidance fails on it; plain requests go on
+            self._grammar_vocabulary = GrammarError(f"the tokenizer's vocabulary could not be read for constrained "
+                                                    f"decoding: {type(err).__name__}: {err}")
 
     def stream(self, kind: str, body: dict) -> "EventStream":
         """Validate and submit; the result yields events (blocking) and can be cancelled from any thread.

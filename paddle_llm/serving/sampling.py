@@ -23,7 +23,7 @@ class SamplingParams:
     """How one request picks its tokens.
 
     Attributes:
-        max_tokens: most new tokens to generate.
+        max_tokens: most new tokens to generate; 0 only scores the prompt (completions' ``echo``, as lm-eval asks).
         temperature: 0 means greedy (argmax); otherwise logits are divided by it.
         top_k: keep the k most likely tokens (0 = all).
         top_p: keep the smallest set of tokens whose probability reaches p (1.0 = all).
@@ -52,8 +52,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raises: ValueError naming the field and its allowed range."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
         if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
             raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:

@@ -66,7 +66,6 @@ def assert_refused(response, param, words=()):
 @pytest.mark.parametrize("field, value", [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
     ("tool_choice", "auto"),
-    ("response_format", {"type": "json_object"}),
     ("suffix", " and then"),
     ("functions", [{"name": "f"}]),
     ("made_up_field", 1),
@@ -74,6 +73,12 @@ def assert_refused(response, param, words=()):
 def test_unsupported_field_is_refused_by_name(server, path, base, field, value):
     response = post(server, path, {**base, "max_tokens": 2, field: value})
     assert_refused(response, field, words=(field,))
+
+
+def test_response_format_is_refused_by_completions(server):
+    response = post(server, "/v1/completions", {"prompt": "The", "max_tokens": 2,
+                                                "response_format": {"type": "json_object"}})
+    assert_refused(response, "response_format", words=("/v1/chat/completions",))
 
 
 def test_unknown_field_lists_what_the_endpoint_takes(server):
@@ -434,3 +439,88 @@ def test_streamed_chat_n_and_streamed_echo_match_plain(client):
     whole = client.completions.create(**echo).choices[0].text
     assert whole.startswith("The quick")
     assert "".join(c.choices[0].text for c in client.completions.create(stream=True, **echo)) == whole
+
+
+# ---- response_format: constrained decoding -----------------------------------------------------------------------
+
+REPLY_SCHEMA = {"type": "object",
+                "properties": {"animal": {"type": "string", "maxLength": 12}, "speed": {"enum": ["slow", "quick"]},
+                               "legs": {"type": "integer", "minimum": 0, "maximum": 8}},
+                "required": ["animal", "speed", "legs"], "additionalProperties": False}
+JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "fox", "schema": REPLY_SCHEMA, "strict": True}}
+
+
+def test_json_schema_reply_validates_where_the_free_reply_is_not_json(client):
+    import jsonschema
+
+    free = client.chat.completions.create(model="ckpt", messages=MESSAGES, max_tokens=40, temperature=0)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free.choices[0].message.content)
+    reply = client.chat.completions.create(model="ckpt", messages=MESSAGES, max_tokens=60, temperature=0,
+                                           response_format=JSON_SCHEMA_FORMAT)
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), REPLY_SCHEMA)
+
+
+def test_json_schema_with_sampling_n_logprobs_streamed_and_plain(client):
+    import jsonschema
+
+    kwargs = dict(model="ckpt", messages=MESSAGES, max_tokens=60, temperature=1.0, seed=11, n=2, logprobs=True,
+                  response_format=JSON_SCHEMA_FORMAT)
+    plain = client.chat.completions.create(**kwargs)
+    streamed = {0: "", 1: ""}
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    for choice in plain.choices:
+        jsonschema.validate(json.loads(choice.message.content), REPLY_SCHEMA)
+        assert streamed[choice.index] == choice.message.content
+        assert "".join(entry.token for entry in choice.logprobs.content) == choice.message.content
+    assert plain.choices[0].message.content != plain.choices[1].message.content  # each choice has its own matcher
+
+
+def test_json_object_reply_is_an_object(client):
+    # Greedy: sampled, this model often opens a key it never closes (any object is allowed), and the reply runs to
+    # max_tokens as cut JSON; the schema tests above bound their strings instead.
+    reply = client.chat.completions.create(model="ckpt", messages=MESSAGES, max_tokens=100, temperature=0,
+                                           response_format={"type": "json_object"})
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+@pytest.mark.parametrize("response_format, words", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}, ("schema",)),
+    ({"type": "json_schema", "json_schema": {"schema": REPLY_SCHEMA}}, ("name",)),
+    ({"type": "xml"}, ("json_object",)),
+    ({"type": "json_object", "schema": {}}, ("schema",)),
+])
+def test_bad_response_format_is_refused(server, response_format, words):
+    response = post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2,
+                                                      "response_format": response_format})
+    assert_refused(response, "response_format", words=words)
+
+
+# ---- max_tokens 0 with echo: the prompt scored, nothing generated (lm-eval, vLLM) ---------------------------------
+
+def test_max_tokens_zero_with_echo_returns_the_prompt_and_its_logprobs(server, client, reference, prompt_ids):
+    body = {"prompt": prompt_ids, "max_tokens": 0, "echo": True, "logprobs": 2}
+    reply = post(server, "/v1/completions", body).json()
+    choice = reply["choices"][0]
+    assert reply["usage"]["completion_tokens"] == 0 and choice["finish_reason"] == "length"
+    assert choice["text"] == post(server, "/detokenize", {"tokens": prompt_ids}).json()["prompt"]
+    token_logprobs = choice["logprobs"]["token_logprobs"]
+    assert len(token_logprobs) == len(prompt_ids) and token_logprobs[0] is None
+    expected = reference(prompt_ids)
+    assert token_logprobs[1:] == pytest.approx([expected[i - 1, prompt_ids[i]] for i in range(1, len(prompt_ids))],
+                                               abs=2e-3)
+    streamed = list(client.completions.create(model="ckpt", prompt="The quick brown", max_tokens=0, echo=True,
+                                              stream=True))
+    assert "".join(chunk.choices[0].text for chunk in streamed) == "The quick brown"
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("path, body", [("/v1/completions", {"prompt": "The", "max_tokens": 0}),
+                                        ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 0})],
+                         ids=["completions-without-echo", "chat"])
+def test_max_tokens_zero_without_echo_is_refused(server, path, body):
+    assert_refused(post(server, path, body), "max_tokens", words=("echo",))

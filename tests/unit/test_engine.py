@@ -73,7 +73,7 @@ def test_low_temperature_concentrates():
 
 @pytest.mark.parametrize(
     "fields, name",
-    [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+    [({"max_tokens": -1}, "max_tokens"), ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
      ({"top_k": -2}, "top_k"), ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"stop": ("",)}, "stop"),
      ({"seed": -1}, "seed")],
 )
@@ -375,5 +375,47 @@ def test_logprobs_are_the_raw_rows_log_softmax_and_prompt_is_scored():
         for entry in entries:  # greedy: the sampled token is the most likely one
             assert len(entry.top) == 2 and entry.top[0] == (entry.token_id, entry.logprob) and entry.logprob <= 0
         assert [e.token_id for e in handle.prompt_logprobs] == [1, 2]
+    finally:
+        engine.shutdown()
+
+
+# ---- the per-request logits hook (a grammar's) and max_tokens 0 ---------------------------------------------------
+
+class OnlyToken:
+    """A processor allowing one token id; records what the engine says was sampled."""
+
+    def __init__(self, token_id: int):
+        self.token_id, self.accepted = token_id, []
+
+    def process(self, logits):
+        allowed = np.full_like(logits, -np.inf)
+        allowed[self.token_id] = logits[self.token_id]
+        return allowed
+
+    def accept_token(self, token_id: int) -> None:
+        self.accepted.append(token_id)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_request_processors_mask_before_sampling_and_see_each_token(temperature):
+    engine, _ = toy_engine()
+    try:
+        forced = OnlyToken(4)
+        constrained = engine.submit([3, 4, 5], SamplingParams(max_tokens=5, temperature=temperature, seed=0),
+                                    processors=[forced])
+        unconstrained = engine.submit([3, 4, 5], SamplingParams(max_tokens=5, temperature=0))
+        assert list(constrained.result().token_ids) == [4] * 5 == forced.accepted
+        assert list(unconstrained.result().token_ids) == expected_tokens([3, 4, 5], 5)  # its neighbour is untouched
+    finally:
+        engine.shutdown()
+
+
+def test_max_tokens_zero_scores_the_prompt_and_generates_nothing():
+    engine, _ = toy_engine()
+    try:
+        handle = engine.submit([3, 4, 5], SamplingParams(max_tokens=0, logprobs=1, prompt_logprobs=True))
+        done = handle.result()
+        assert (done.finish_reason, done.token_ids, done.completion_tokens) == ("length", (), 0)
+        assert [entry.token_id for entry in handle.prompt_logprobs] == [4, 5]
     finally:
         engine.shutdown()

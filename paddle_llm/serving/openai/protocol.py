@@ -28,7 +28,7 @@ MAX_CHOICES = 64  # prompts x n in one request: each is a batch row
 # neither is refused with a 400 naming it, so nothing a client asks for is ever silently ignored.
 COMMON_FIELDS = {
     "model": "must be the served model's id (404 otherwise)",
-    "max_tokens": "most new tokens, up to --max_tokens_limit",
+    "max_tokens": "most new tokens, up to --max_tokens_limit; 0 only with echo (completions): the prompt scored",
     "temperature": "0 (greedy) to 2",
     "top_p": "nucleus sampling, (0, 1]",
     "top_k": "keep the k most likely tokens (0 = all); not in OpenAI's API",
@@ -45,12 +45,12 @@ COMMON_FIELDS = {
 # Fields OpenAI defines that this server does not implement, refused by name with what to do instead. A null value
 # counts as absent, as OpenAI treats it.
 REFUSED_FIELDS = {
-    "tools": "tool calling is not supported",
-    "tool_choice": "tool calling is not supported",
+    "tools": "tool calling is only supported by /v1/chat/completions",
+    "tool_choice": "tool calling is only supported by /v1/chat/completions",
     "functions": "function calling is not supported",
     "function_call": "function calling is not supported",
-    "parallel_tool_calls": "tool calling is not supported",
-    "response_format": "structured output (json_object, json_schema) is not supported",
+    "parallel_tool_calls": "tool calling is only supported by /v1/chat/completions",
+    "response_format": "structured output (json_object, json_schema) is only supported by /v1/chat/completions",
     "suffix": "suffix (fill in the middle) is not supported",
 }
 STREAM_OPTIONS = ("include_usage",)
@@ -126,6 +126,8 @@ class PreparedRequest:
 
     Attributes:
         echo: completions put the prompt in front of each choice's text (and its logprobs).
+        grammar: llguidance's grammar every choice's output must match (``serving.grammar``); None: free text.
+        tools: chat's ``ToolRequest`` (``chat.tools``), whose calls are read back out of each reply; None: no tools.
     """
 
     kind: str  # "completion" or "chat"
@@ -135,6 +137,8 @@ class PreparedRequest:
     include_usage: bool
     n: int = 1
     echo: bool = False
+    grammar: str | None = None
+    tools: object | None = None
 
     def choices(self) -> list[tuple[Prompt, SamplingParams]]:
         """Each choice's prompt and sampling, in choice-index order (prompt by prompt, as OpenAI numbers them)."""
@@ -227,7 +231,8 @@ class EndpointProtocol:
             raise RequestError(f"n must be in [1, {MAX_CHOICES}] and prompts x n at most {MAX_CHOICES}; got n={n} "
                                f"for {len(prompts)} prompt(s)", param="n")
         params = self._sampling(body, max(len(p.ids) for p in prompts), self._extra_stop())
-        return PreparedRequest(self.kind, prompts, params, *self._stream_flags(body), n=n, echo=self._echo(body))
+        return PreparedRequest(self.kind, prompts, params, *self._stream_flags(body), n=n, echo=self._echo(body),
+                               grammar=self._grammar(body))
 
     def prompts(self, body: dict) -> list[Prompt]:
         """The request's prompts, encoded. Raises: RequestError naming the prompt field."""
@@ -239,6 +244,10 @@ class EndpointProtocol:
 
     def _echo(self, body: dict) -> bool:
         return False
+
+    def _grammar(self, body: dict) -> str | None:
+        """The grammar the output must match (None: free text)."""
+        return None
 
     def check_text_length(self, characters: int) -> None:
         """Refuse, before tokenizing it, a prompt longer than ``max_prompt_tokens`` tokens could ever spell (a
@@ -293,8 +302,9 @@ class EndpointProtocol:
         if requested is None:
             requested = number_field(body, "max_completion_tokens", int, None)
         if requested is not None:
-            if requested < 1:
-                raise RequestError(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
+            if requested < 1 and not (requested == 0 and self._echo(body)):
+                raise RequestError(f"max_tokens must be at least 1 (0 only with echo: true on /v1/completions, which "
+                                   f"returns the prompt and its logprobs), got {requested}", param="max_tokens")
             if requested > self.limits.max_tokens_limit:
                 raise RequestError(f"max_tokens {requested} is over this server's limit of "
                                    f"{self.limits.max_tokens_limit}", param="max_tokens")
@@ -430,6 +440,12 @@ class EndpointProtocol:
         context = choice.prompt.ids + choice.token_ids[:len(choice.token_ids) - len(event.token_ids)]
         return self._envelope(self.chunk_object, request_id, [
             self._choice(prepared, choice, event.text, event.logprobs, context, True, first, None, text_offset)])
+
+    def chunks(self, request_id: str, prepared: PreparedRequest, choice: ChoiceOutput, event: StreamEvent | None,
+               first: bool, text_offset: int) -> list[dict]:
+        """What a stream sends for an event (or, ``event=None``, for the finish): ``chunk``'s one chunk here; an
+        endpoint may hold text back or send several."""
+        return [self.chunk(request_id, prepared, choice, event, first, text_offset)]
 
     def usage_chunk(self, request_id: str, prepared: PreparedRequest, choices: list[ChoiceOutput]) -> dict:
         """The extra last chunk asked for with ``stream_options.include_usage``."""

@@ -164,10 +164,13 @@ class _Generation:
                 if event.text or event.logprobs or (prepared.echo and not started[index]):
                     if prepared.echo and started[index]:
                         text_offset += len(protocol.prompt_text(choice.prompt))
-                    yield sse(protocol.chunk(request_id, prepared, choice, event, not started[index], text_offset))
+                    first = not started[index]
+                    for payload in protocol.chunks(request_id, prepared, choice, event, first, text_offset):
+                        yield sse(payload)
                     started[index] = True
                 if choice.finish_reason is not None:
-                    yield sse(protocol.chunk(request_id, prepared, choice, None, False, 0))
+                    for payload in protocol.chunks(request_id, prepared, choice, None, False, 0):
+                        yield sse(payload)
                     if not self.unfinished:
                         if prepared.include_usage:
                             yield sse(protocol.usage_chunk(request_id, prepared, self.choices))

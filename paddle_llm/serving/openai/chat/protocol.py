@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
-from paddle_llm.models.chat_template import render_chat
-from paddle_llm.serving.openai.protocol import EndpointProtocol, Prompt, RequestError, number_field
+from dataclasses import replace
+
+from paddle_llm.models.chat_template import render_chat, render_jinja_tool_chat, renders_tools
+from paddle_llm.serving.openai.chat.response_format import response_format_grammar
+from paddle_llm.serving.openai.chat.tools import ToolRequest, parse_tool_calls, read_tool_request
+from paddle_llm.serving.openai.protocol import (
+    EndpointProtocol,
+    PreparedRequest,
+    Prompt,
+    RequestError,
+    number_field,
+)
 from paddle_llm.serving.sampling import MAX_TOP_LOGPROBS
 
 
@@ -12,13 +22,33 @@ class ChatProtocol(EndpointProtocol):
                               "template; content a string or a list of text parts",
                   "max_completion_tokens": "the same as max_tokens",
                   "logprobs": "true: each token's logprob",
-                  "top_logprobs": f"0 to {MAX_TOP_LOGPROBS} most likely alternatives per token (needs logprobs)"}
+                  "top_logprobs": f"0 to {MAX_TOP_LOGPROBS} most likely alternatives per token (needs logprobs)",
+                  "response_format": "text, json_object or json_schema; JSON is enforced by constrained decoding",
+                  "tools": "functions the model may call, rendered by the model's own chat template",
+                  "tool_choice": "none, auto, required or one named function (the last two by constrained decoding)",
+                  "parallel_tool_calls": "false: at most one call per reply"}
     kind = "chat"
     path = "/v1/chat/completions"
     prompt_param = "messages"
     id_prefix = "chatcmpl-"
     response_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
+
+    def prepare(self, body: dict) -> PreparedRequest:
+        tools = read_tool_request(body, self._tool_template())
+        prepared = super().prepare(body)
+        if tools is None:
+            return prepared
+        if prepared.grammar is not None:
+            raise RequestError("response_format cannot be combined with tools", param="response_format")
+        if prepared.params.logprobs is not None and tools.parses_calls:
+            raise RequestError("logprobs are not supported together with tools", param="logprobs")
+        return replace(prepared, grammar=tools.grammar(), tools=tools)
+
+    def _tool_template(self) -> str | None:
+        """The served model's Jinja chat_template when it renders tools, else None."""
+        template = getattr(self.tokenizer, "jinja_chat_template", None)
+        return template if template and renders_tools(template) else None
 
     def prompts(self, body: dict) -> list[Prompt]:
         messages = body.get("messages")
@@ -28,11 +58,24 @@ class ChatProtocol(EndpointProtocol):
         if isinstance(messages, list):
             self.check_text_length(sum(len(m.get("content")) for m in messages
                                        if isinstance(m, dict) and isinstance(m.get("content"), str)))
+        template = self._tool_template()
+        if template and (body.get("tools") is not None or _has_tool_turns(messages)):
+            return [self._tool_prompt(template, messages, body.get("tools"))]
         try:
             render_chat(self.family.chat_template, messages, add_generation_prompt=True)  # validates, naming the bad field
             return [Prompt(self.encode(messages, templated=True))]
         except ValueError as err:
             raise RequestError(str(err), param="messages") from None
+
+    def _tool_prompt(self, template: str, messages, tools) -> Prompt:
+        """A conversation with tools or tool turns, rendered whole by the model's template (fine-tuning here never
+        saw tools, so there is no trained framing to follow) and tokenized in one piece."""
+        special = {"bos_token": self.tokenizer.bos_token, "eos_token": self.tokenizer.eos_token}
+        try:
+            text = render_jinja_tool_chat(template, messages, tools, special)
+        except ValueError as err:
+            raise RequestError(str(err), param="messages") from None
+        return Prompt(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
 
     def _logprobs(self, body: dict) -> int | None:
         wanted = body.get("logprobs", False)
@@ -44,6 +87,9 @@ class ChatProtocol(EndpointProtocol):
         if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
             raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs")
         return (top or 0) if wanted else None
+
+    def _grammar(self, body: dict) -> str | None:
+        return response_format_grammar(body)
 
     def _extra_stop(self) -> tuple[str, ...]:
         # The template's own round markers end a reply (ChatGLM starts a new "[Round N]" otherwise).
@@ -62,11 +108,59 @@ class ChatProtocol(EndpointProtocol):
                             for entry, piece, top in self._pieces(context, entries)],
                 "refusal": None}
 
+    def response(self, request_id: str, prepared: PreparedRequest, choices) -> dict:
+        body = super().response(request_id, prepared, choices)
+        tools: ToolRequest | None = prepared.tools
+        if tools is None or not tools.parses_calls:
+            return body
+        for payload, choice in zip(body["choices"], choices):
+            content, calls = parse_tool_calls(choice.text, tools) if choice.finish_reason == "stop" else (None, [])
+            if calls:
+                payload["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                payload["finish_reason"] = "tool_calls"
+        return body
+
+    def chunks(self, request_id: str, prepared: PreparedRequest, choice, event, first: bool,
+               text_offset: int) -> list[dict]:
+        """With tools, text that may be the start of a call is held back; at the end a reply that is a call is
+        sent as OpenAI streams one: per call a delta with its id and name, then one with its arguments, then
+        ``finish_reason: "tool_calls"``."""
+        tools: ToolRequest | None = prepared.tools
+        if tools is None or not tools.parses_calls:
+            return super().chunks(request_id, prepared, choice, event, first, text_offset)
+        text, held_from = choice.text, tools.syntax.held_from(choice.text)
+        if event is not None:
+            sent = tools.syntax.held_from(text[:len(text) - len(event.text)])
+            return [self._delta(request_id, choice, {"content": text[sent:held_from]})] if held_from > sent else []
+        out = []
+        _, calls = parse_tool_calls(text, tools) if choice.finish_reason == "stop" else (None, [])  # content: sent
+        if calls:
+            for number, call in enumerate(calls):
+                function = call["function"]
+                out.append(self._delta(request_id, choice, {"tool_calls": [
+                    {"index": number, "id": call["id"], "type": "function",
+                     "function": {"name": function["name"], "arguments": ""}}]}))
+                out.append(self._delta(request_id, choice, {"tool_calls": [
+                    {"index": number, "function": {"arguments": function["arguments"]}}]}))
+            return out + [self._delta(request_id, choice, {}, "tool_calls")]
+        if held_from < len(text):  # held back, but no call after all
+            out.append(self._delta(request_id, choice, {"content": text[held_from:]}))
+        return out + super().chunks(request_id, prepared, choice, event, first, text_offset)
+
+    def _delta(self, request_id: str, choice, delta: dict, finish_reason: str | None = None) -> dict:
+        return self._envelope(self.chunk_object, request_id, [
+            {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+
     def opening_chunk(self, request_id: str, choice) -> dict:
         # OpenAI's stream names the speaker once, in a first chunk with no text yet.
         return self._envelope(self.chunk_object, request_id, [
             {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
              "finish_reason": None}])
+
+
+def _has_tool_turns(messages) -> bool:
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)
 
 
 def _plain_messages(messages) -> list:
