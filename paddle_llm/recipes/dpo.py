@@ -15,7 +15,6 @@ Example (LoRA DPO on CPU, on the shipped preference task):
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -113,14 +112,12 @@ def check_dpo(values: Mapping) -> list[str]:
         errors.append(f"--beta {values.get('beta')}: must be positive (0.1 is PaddleNLP's default)")
     if not 0 <= float(values.get("label_smoothing") or 0) < 0.5:
         errors.append(f"--label_smoothing {values.get('label_smoothing')}: must be in [0, 0.5)")
-    for name in ("tensor_parallel_degree", "pipeline_parallel_degree"):
-        if int(values.get(name) or 1) > 1:
-            layout = "tensor parallel" if name.startswith("tensor") else "pipeline parallel"
-            errors.append(
-                f"--{name} {values[name]}: DPO under {layout} is not supported yet (its loss reads each token's "
-                f"whole-vocabulary log-probabilities on one rank); keep the same processes and pass --{name} 1 with --sharding stage1 "
-                "(or stage2) to split the memory instead"
-            )
+    if int(values.get("pipeline_parallel_degree") or 1) > 1:
+        errors.append(
+            f"--pipeline_parallel_degree {values['pipeline_parallel_degree']}: DPO under pipeline parallel is not supported yet "
+            "(its loss reads each token's log-probabilities on one rank); keep the same processes and pass --pipeline_parallel_degree 1 "
+            "with --tensor_parallel_degree or --sharding stage1 (or stage2) to split the memory instead"
+        )
     if values.get("prefix_tuning"):
         errors.append("--prefix_tuning does not run with DPO: use --lora True, or full DPO")
     if values.get("lora_path") and not values.get("lora"):
@@ -204,7 +201,15 @@ def reference_for(model, dpo_args, peft_args) -> tuple[str, object]:
         return "free", None
     if peft_args.lora:
         return "adapters_off", None
-    reference = copy.deepcopy(model)
+    import paddle
+
+    # A second model of the same class and config, then the weights: a deep copy would copy the tensor-parallel
+    # layers' process groups, which cannot be copied. Building it draws random initial weights; the generator's
+    # state is put back so the run after this point is the run without a reference.
+    rng_state = paddle.get_rng_state()
+    reference = type(model)(model.config)
+    paddle.set_rng_state(rng_state)
+    reference.set_state_dict(model.state_dict())
     reference.eval()
     for parameter in reference.parameters():
         parameter.stop_gradient = True
@@ -254,6 +259,10 @@ def prepare(plan: RecipeSetup) -> DPORun:
     model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
     log_cpu_fast_paths(model, family, training_args)
     reference, reference_model = reference_for(model, dpo_args, peft_args)
+    if reference_model is not None and training_args.cpu_fast_paths:
+        from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+
+        apply_cpu_fast_paths(reference_model, family)  # the policy's kernels, so a reward starts at exactly 0
     model = apply_peft(model, family, peft_args, plan.source.name_or_path)
     log(f"reference model: {REFERENCE_DESCRIPTIONS[reference]}")
 

@@ -46,18 +46,37 @@ class PreferenceLoss:
         return self.loss_type in AVERAGED_LOSS_TYPES
 
 
-def sequence_log_probs(logits: paddle.Tensor, labels: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """Per row: the sum of ``log p(label)`` over the labelled positions, and how many there are.
+def token_log_probs(logits: paddle.Tensor, labels: paddle.Tensor, vocab_split: bool = False) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Per position: ``log p(label)`` (0 where nothing is predicted), and the float mask of labelled positions.
 
     Args:
-        logits: ``[rows, seq, vocab]``.
+        logits: ``[rows, seq, vocab]``, or under tensor parallel ``[rows, seq, vocab / ranks]`` when
+            ``vocab_split``: each rank holds its slice of the vocabulary, and the softmax is taken across the ranks
+            (fleet's ``ParallelCrossEntropy``, as PaddleNLP's ``DPOCriterion`` does), so no rank gathers all the logits.
         labels: ``[rows, seq]``, already shifted; ``IGNORE_INDEX`` where nothing is predicted.
     """
     mask = labels != IGNORE_INDEX
-    safe_labels = paddle.where(mask, labels, paddle.zeros_like(labels))
-    token_log_probs = -F.cross_entropy(logits.astype("float32"), safe_labels.unsqueeze(-1), reduction="none").squeeze(-1)
+    safe_labels = paddle.where(mask, labels, paddle.zeros_like(labels)).unsqueeze(-1)
+    if vocab_split:
+        from paddle.distributed.fleet.meta_parallel import ParallelCrossEntropy
+
+        losses = ParallelCrossEntropy()(logits.astype("float32"), safe_labels)
+    else:
+        losses = F.cross_entropy(logits.astype("float32"), safe_labels, reduction="none")
     mask = mask.astype("float32")
-    return (token_log_probs * mask).sum(axis=-1), mask.sum(axis=-1)
+    return -losses.squeeze(-1) * mask, mask
+
+
+def sequence_log_probs(logits: paddle.Tensor, labels: paddle.Tensor, vocab_split: bool = False) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Per row: the sum of ``log p(label)`` over the labelled positions, and how many there are
+    (``token_log_probs``' arguments)."""
+    log_probs, mask = token_log_probs(logits, labels, vocab_split)
+    return log_probs.sum(axis=-1), mask.sum(axis=-1)
+
+
+def vocab_split(config) -> bool:
+    """Whether a model of ``config`` returns logits split over the tensor-parallel ranks (``tensor_parallel_output``)."""
+    return config.tensor_parallel_degree > 1 and bool(config.tensor_parallel_output)
 
 
 def _sigmoid_loss(logits, policy_chosen, policy_rejected, settings):
@@ -119,11 +138,12 @@ def _logits(outputs) -> paddle.Tensor:
     return outputs.logits if hasattr(outputs, "logits") else outputs
 
 
-def pair_log_probs(model, inputs: dict, average: bool):
+def pair_log_probs(model, inputs: dict, average: bool, split: bool = False):
     """The chosen and rejected replies' log-probabilities under ``model`` for a ``PreferenceCollator`` batch
-    (chosen rows first), summed or averaged over each reply's tokens, and the chosen replies' token counts."""
+    (chosen rows first), summed or averaged over each reply's tokens, and the chosen replies' token counts.
+    ``split``: the logits are split over the tensor-parallel ranks (``vocab_split``)."""
     forward_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-    total, count = sequence_log_probs(_logits(model(**forward_inputs)), inputs["labels"])
+    total, count = sequence_log_probs(_logits(model(**forward_inputs)), inputs["labels"], split)
     if average:
         total = total / count
     pairs = total.shape[0] // 2
@@ -154,6 +174,7 @@ class DPOTrainer(LLMTrainer):
         self.reference = reference
         self.reference_model = reference_model
         self._sums = {"train": {}, "eval": {}}
+        self.vocab_split = vocab_split(self.model.config)
 
     def _reference_log_probs(self, inputs: dict):
         pairs = inputs["input_ids"].shape[0] // 2
@@ -162,18 +183,18 @@ class DPOTrainer(LLMTrainer):
             return zeros, zeros
         with paddle.no_grad():
             if self.reference == "copy":
-                chosen, rejected, _ = pair_log_probs(self.reference_model, inputs, self.settings.average_log_prob)
+                chosen, rejected, _ = pair_log_probs(self.reference_model, inputs, self.settings.average_log_prob, self.vocab_split)
                 return chosen, rejected
             # The same weights with every LoRA adapter bypassed: the model DPO started from.
             self.model.disable_lora()
             try:
-                chosen, rejected, _ = pair_log_probs(self.model, inputs, self.settings.average_log_prob)
+                chosen, rejected, _ = pair_log_probs(self.model, inputs, self.settings.average_log_prob, self.vocab_split)
             finally:
                 self.model.enable_lora()
             return chosen, rejected
 
     def compute_loss(self, model, inputs, return_outputs=False):
-        policy_chosen, policy_rejected, chosen_tokens = pair_log_probs(model, inputs, self.settings.average_log_prob)
+        policy_chosen, policy_rejected, chosen_tokens = pair_log_probs(model, inputs, self.settings.average_log_prob, self.vocab_split)
         reference_chosen, reference_rejected = self._reference_log_probs(inputs)
         loss, chosen_rewards, rejected_rewards = preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.settings)
         if self.settings.sft_loss_ratio:
