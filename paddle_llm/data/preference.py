@@ -39,6 +39,7 @@ from paddle_llm.data.sft import (
 )
 
 PREFERENCE_FORMATS = ("paddlenlp", "pairwise")
+PACKED_LABELS = ("chosen_labels", "rejected_labels")  # a packed batch's labels, PaddleNLP's names
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,56 @@ class PreferenceCollator:
 
     def __call__(self, pairs: list[PreferencePair]) -> dict:
         return self.rows([[pair.chosen] for pair in pairs] + [[pair.rejected] for pair in pairs])
+
+
+def shared_prefix_length(pair: PreferencePair) -> int:
+    """How many leading positions the two samples share exactly (same token, same label): the prompt up to its last
+    token, whose label is already the reply's first token."""
+    chosen, rejected = pair.chosen, pair.rejected
+    length = min(len(chosen), len(rejected))
+    same = (chosen.input_ids[:length] == rejected.input_ids[:length]) & (chosen.labels[:length] == rejected.labels[:length])
+    return int(np.argmin(same)) if not same.all() else length
+
+
+class PackedPairCollator:
+    """A batch of pairs as one row per pair (PaddleNLP's DPO layout, ``--flash_mask``): the shared prompt once, then
+    the chosen reply, then the rejected reply, whose positions restart where the prompt ends.
+
+    The causal 4-D bool mask ``[pairs, 1, seq, seq]`` is cut so the rejected tokens never see the chosen ones, which
+    makes every logit the one its own unpacked row (``PreferenceCollator``) computes, with the prompt run once.
+    ``chosen_labels`` and ``rejected_labels`` each label only their reply. Padding tokens attend only to
+    themselves. Causal families only: a GLM context is bidirectional, so its last prompt token cannot be shared.
+    """
+
+    def __init__(self, layout: FamilyLayout):
+        if layout.glm_context:
+            raise ValueError(f"packed pairs (--flash_mask) need a causal model; {layout.family.name}'s context is bidirectional")
+        self.layout = layout
+
+    def __call__(self, pairs: list[PreferencePair]) -> dict:
+        shared = [shared_prefix_length(pair) for pair in pairs]
+        width = max(len(pair.chosen) + len(pair.rejected) - k for pair, k in zip(pairs, shared))
+        rows = len(pairs)
+        input_ids = np.full((rows, width), self.layout.pad_id, dtype="int64")
+        chosen_labels = np.full((rows, width), IGNORE_INDEX, dtype="int64")
+        rejected_labels = np.full((rows, width), IGNORE_INDEX, dtype="int64")
+        positions = np.zeros((rows, width), dtype="int64")
+        mask = np.zeros((rows, 1, width, width), dtype=bool)
+        for row, (pair, k) in enumerate(zip(pairs, shared)):
+            chosen_end = len(pair.chosen)
+            end = chosen_end + len(pair.rejected) - k
+            input_ids[row, :chosen_end] = pair.chosen.input_ids
+            input_ids[row, chosen_end:end] = pair.rejected.input_ids[k:]
+            chosen_labels[row, :chosen_end] = pair.chosen.labels
+            rejected_labels[row, chosen_end:end] = pair.rejected.labels[k:]
+            positions[row, :chosen_end] = np.arange(chosen_end)
+            positions[row, chosen_end:end] = np.arange(k, len(pair.rejected))
+            mask[row, 0, :end, :end] = np.tril(np.ones((end, end), dtype=bool))
+            mask[row, 0, chosen_end:end, k:chosen_end] = False  # the rejected reply does not see the chosen one
+            padding = np.arange(end, width)
+            mask[row, 0, padding, padding] = True
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions,
+                "chosen_labels": chosen_labels, "rejected_labels": rejected_labels}
 
 
 class PairDataset:

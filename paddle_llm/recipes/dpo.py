@@ -21,7 +21,7 @@ from typing import Mapping
 
 from paddle_llm.config.parser import ArgumentError
 from paddle_llm.config.validation import check_peft_variants
-from paddle_llm.data.preference import PreferenceCollator, PreferenceLimits, build_preference_split
+from paddle_llm.data.preference import PACKED_LABELS, PackedPairCollator, PreferenceCollator, PreferenceLimits, build_preference_split
 from paddle_llm.data.sft import family_layout
 from paddle_llm.recipes.spine import (
     RESUMING_HELP,
@@ -177,12 +177,21 @@ def setup(argv: list[str]) -> RecipeSetup:
     """
     parsed, values, source, errors = parse_and_check(argv, _dataclass_types(), "dpo")
     errors += check_dpo(values)
+    if values.get("flash_mask") and source.family.glm_context:
+        errors.append(f"--flash_mask packs each pair into one row, which needs a causal model; {source.family.name}'s prompt is "
+                      "bidirectional: drop --flash_mask (pairs are then two padded rows)")
     if errors:
         raise ArgumentError("\n".join(errors))
     warnings = adjust_like_run_dpo(values)
     for name in ("loss_type", "reference_free", "sft_loss_ratio", "lora_alpha"):
         parsed.set(name, values[name])
-    warnings += apply_fallbacks(parsed)
+    packed = bool(values.get("flash_mask"))
+    warnings += [w for w in apply_fallbacks(parsed) if not (packed and w.startswith("--flash_mask"))]
+    if packed:
+        # PaddleNLP's DPO layout, kept: the flash-mask kernel is GPU-only, its mask is an explicit tensor here
+        parsed.set("flash_mask", True)
+        log("--flash_mask: each pair is one row (prompt once, then both replies, the rejected one masked from the chosen), "
+            "as PaddleNLP's DPO packs it; on CPU the mask is an explicit tensor")
     if not source.has_weights:
         warnings.append(random_base_warning(source, "aligns"))
     return RecipeSetup(parsed, source, warnings)
@@ -268,13 +277,18 @@ def prepare(plan: RecipeSetup) -> DPORun:
 
     layout = family_layout(family, tokenizer)
     splits = load_preference_splits(layout, tokenizer, data_args, training_args)
+    if model_args.flash_mask:
+        collator = PackedPairCollator(layout)
+        training_args.label_names = list(PACKED_LABELS)  # the evaluation loop computes a loss only when it finds them
+    else:
+        collator = PreferenceCollator(layout)
     settings = PreferenceLoss(
         dpo_args.loss_type, dpo_args.beta, dpo_args.simpo_gamma, dpo_args.label_smoothing, dpo_args.pref_loss_ratio, dpo_args.sft_loss_ratio
     )
     trainer = DPOTrainer(
         model=model,
         args=training_args,
-        data_collator=PreferenceCollator(layout),
+        data_collator=collator,
         train_dataset=splits["train"].dataset if "train" in splits else None,
         eval_dataset=splits["dev"].dataset if "dev" in splits else None,
         tokenizer=tokenizer,

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import paddle
 import paddle.nn.functional as F
+from paddle.distributed.fleet.meta_parallel import ParallelCrossEntropy
 
+from paddle_llm.data.preference import PACKED_LABELS
 from paddle_llm.data.sft import IGNORE_INDEX
 from paddle_llm.trainer.trainer import LLMTrainer
 
@@ -58,8 +60,6 @@ def token_log_probs(logits: paddle.Tensor, labels: paddle.Tensor, vocab_split: b
     mask = labels != IGNORE_INDEX
     safe_labels = paddle.where(mask, labels, paddle.zeros_like(labels)).unsqueeze(-1)
     if vocab_split:
-        from paddle.distributed.fleet.meta_parallel import ParallelCrossEntropy
-
         losses = ParallelCrossEntropy()(logits.astype("float32"), safe_labels)
     else:
         losses = F.cross_entropy(logits.astype("float32"), safe_labels, reduction="none")
@@ -138,22 +138,45 @@ def _logits(outputs) -> paddle.Tensor:
     return outputs.logits if hasattr(outputs, "logits") else outputs
 
 
+LABEL_KEYS = ("labels",) + PACKED_LABELS
+
+
+def pair_count(inputs: dict) -> int:
+    """Pairs in a batch: one per row when packed (``chosen_labels`` present), else half the rows."""
+    rows = inputs["input_ids"].shape[0]
+    return rows if "chosen_labels" in inputs else rows // 2
+
+
 def pair_log_probs(model, inputs: dict, average: bool, split: bool = False):
-    """The chosen and rejected replies' log-probabilities under ``model`` for a ``PreferenceCollator`` batch
-    (chosen rows first), summed or averaged over each reply's tokens, and the chosen replies' token counts.
-    ``split``: the logits are split over the tensor-parallel ranks (``vocab_split``)."""
-    forward_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-    total, count = sequence_log_probs(_logits(model(**forward_inputs)), inputs["labels"], split)
+    """The chosen and rejected replies' log-probabilities under ``model``, summed or averaged over each reply's
+    tokens, and the chosen replies' token counts, for a ``PreferenceCollator`` batch (chosen rows first) or a
+    ``PackedPairCollator`` one (a pair per row, each reply labelled apart). ``split``: the logits are split over
+    the tensor-parallel ranks (``vocab_split``)."""
+    forward_inputs = {key: value for key, value in inputs.items() if key not in LABEL_KEYS}
+    logits = _logits(model(**forward_inputs))
+    if "chosen_labels" in inputs:
+        chosen_labels, rejected_labels = inputs["chosen_labels"], inputs["rejected_labels"]
+        # the replies' positions do not overlap: one pass over the logits reads both
+        labels = paddle.where(chosen_labels != IGNORE_INDEX, chosen_labels, rejected_labels)
+        log_probs, _ = token_log_probs(logits, labels, split)
+        chosen_mask = (chosen_labels != IGNORE_INDEX).astype("float32")
+        rejected_mask = (rejected_labels != IGNORE_INDEX).astype("float32")
+        chosen, rejected = (log_probs * chosen_mask).sum(axis=-1), (log_probs * rejected_mask).sum(axis=-1)
+        chosen_count, rejected_count = chosen_mask.sum(axis=-1), rejected_mask.sum(axis=-1)
+    else:
+        total, count = sequence_log_probs(logits, inputs["labels"], split)
+        pairs = total.shape[0] // 2
+        chosen, rejected, chosen_count, rejected_count = total[:pairs], total[pairs:], count[:pairs], count[pairs:]
     if average:
-        total = total / count
-    pairs = total.shape[0] // 2
-    return total[:pairs], total[pairs:], count[:pairs]
+        chosen, rejected = chosen / chosen_count, rejected / rejected_count
+    return chosen, rejected, chosen_count
 
 
 class DPOTrainer(LLMTrainer):
     """``LLMTrainer`` whose loss is a preference loss over batches from ``PreferenceCollator``.
 
-    A batch holds ``2 x pairs`` rows: the chosen samples, then the rejected ones. The reward metrics of every step
+    A batch holds ``2 x pairs`` rows, the chosen samples then the rejected ones, or (packed, ``--flash_mask``) one
+    row per pair. The reward metrics of every step
     (and of every evaluation, with an ``eval_`` prefix) are averaged over the pairs since the last log, across all
     ranks, and logged next to the loss, so ``metrics.jsonl`` and ``report.html`` carry them.
 
@@ -177,9 +200,8 @@ class DPOTrainer(LLMTrainer):
         self.vocab_split = vocab_split(self.model.config)
 
     def _reference_log_probs(self, inputs: dict):
-        pairs = inputs["input_ids"].shape[0] // 2
         if self.reference == "free":
-            zeros = paddle.zeros([pairs], dtype="float32")
+            zeros = paddle.zeros([pair_count(inputs)], dtype="float32")
             return zeros, zeros
         with paddle.no_grad():
             if self.reference == "copy":

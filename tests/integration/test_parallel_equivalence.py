@@ -217,12 +217,15 @@ DPO_LAYOUTS = {
     "dpo_sharding_stage2": Run(RUN_DPO, 2, {"sharding": "stage2", "per_device_train_batch_size": 2}),
     # every token's log-probability from vocabulary-split logits (a softmax across the ranks); the reference copy split too
     "dpo_tensor_parallel_2": Run(RUN_DPO, 2, {"tensor_parallel_degree": 2, "per_device_train_batch_size": 4}),
+    # PaddleNLP's packed single-row pairs (--flash_mask; an explicit mask on CPU) under tensor parallel
+    "dpo_packed_pairs_tensor_parallel_2": Run(RUN_DPO, 2, {"tensor_parallel_degree": 2, "per_device_train_batch_size": 4, "flash_mask": True}),
 }
+DPO_ONE_PROCESS = Run(RUN_DPO, 1, {"per_device_train_batch_size": 4})
 
 
 @pytest.mark.parametrize("layout", DPO_LAYOUTS)
 def test_dpo_two_process_layout_matches_one_process(runs, layout):
-    single = runs.dpo("dpo_one_process", Run(RUN_DPO, 1, {"per_device_train_batch_size": 4}))
+    single = runs.dpo("dpo_one_process", DPO_ONE_PROCESS)
     parallel = runs.dpo(layout, DPO_LAYOUTS[layout])
     assert_same_training(parallel, single)
     # the reward metrics are averaged over every pair on every rank, so they match too
@@ -235,7 +238,7 @@ def test_dpo_two_process_layout_matches_one_process(runs, layout):
 
 
 def test_dpo_tensor_parallel_final_weights_equal_one_process(runs):
-    single = runs.dpo("dpo_one_process", Run(RUN_DPO, 1, {"per_device_train_batch_size": 4}))
+    single = runs.dpo("dpo_one_process", DPO_ONE_PROCESS)
     parallel = runs.dpo("dpo_tensor_parallel_2", DPO_LAYOUTS["dpo_tensor_parallel_2"])
     compare = textwrap.dedent(
         f"""
