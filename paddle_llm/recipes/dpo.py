@@ -69,8 +69,8 @@ class DPODataArguments:
         default=False,
         metadata={"help": "stop with an error on records that read fine but teach nothing (a pair whose chosen and rejected replies are the same) instead of counting them in one warning line"},
     )
-    greedy_zero_padding: bool = field(default=False, metadata={"help": "PaddleNLP's packing; not supported here (pairs are padded)"})
-    lazy: bool = field(default=False, metadata={"help": "PaddleNLP's streaming dataset; not supported here (files are read whole)"})
+    greedy_zero_padding: bool = field(default=False, metadata={"help": "PaddleNLP's packing of several pairs per row; not supported here (a row holds one pair; --flash_mask packs it into one row)"})
+    lazy: bool = field(default=False, metadata={"help": "read each pair from the file when the trainer asks for it instead of holding them all (the same pairs, order and batches)"})
 
     @property
     def max_seq_length(self) -> int:
@@ -138,12 +138,8 @@ def check_dpo(values: Mapping) -> list[str]:
         errors.append(f"--max_prompt_len {max_prompt_len}: must be at least 1")
     elif max_seq_len < max_prompt_len + 2:
         errors.append(f"--max_seq_len {max_seq_len} leaves no room for two replies after --max_prompt_len {max_prompt_len}: raise --max_seq_len")
-    for name, why in (
-        ("greedy_zero_padding", "pairs are padded, not packed"),
-        ("lazy", "preference files are read whole"),
-    ):
-        if values.get(name):
-            errors.append(f"--{name} is not supported here ({why}): drop it")
+    if values.get("greedy_zero_padding"):
+        errors.append("--greedy_zero_padding is not supported here (a row holds one pair: two padded rows, or one packed row with --flash_mask): drop it")
     if values.get("dpop_lambda") != 50:
         errors.append("--dpop_lambda belongs to PaddleNLP's dpop loss, which is not supported here: drop it")
     if int(values.get("ref_model_update_steps", -1)) != -1:
@@ -235,7 +231,7 @@ def load_preference_splits(layout, tokenizer, data_args, training_args) -> dict:
         if not wanted:
             continue
         split = build_preference_split(path, layout, tokenizer, limits, skip_bad_lines=data_args.skip_bad_lines,
-                                       strict_data=data_args.strict_data, shuffle_seed=seed)
+                                       strict_data=data_args.strict_data, shuffle_seed=seed, lazy=data_args.lazy)
         log(f"data: {split.summary()}")
         for message in split.read.skipped[:MAX_SKIPPED_SHOWN]:
             warn(f"skipped {message}")
