@@ -115,8 +115,9 @@ def check_dpo(values: Mapping) -> list[str]:
     if int(values.get("pipeline_parallel_degree") or 1) > 1:
         errors.append(
             f"--pipeline_parallel_degree {values['pipeline_parallel_degree']}: DPO under pipeline parallel is not supported yet "
-            "(its loss reads each token's log-probabilities on one rank); keep the same processes and pass --pipeline_parallel_degree 1 "
-            "with --tensor_parallel_degree or --sharding stage1 (or stage2) to split the memory instead"
+            "(the pipeline computes the loss per micro-batch on its last stage, and the reference model's log-probabilities would "
+            "need a pipeline pass of their own before it, which is not built here); keep the same processes and pass "
+            "--pipeline_parallel_degree 1 with --tensor_parallel_degree or --sharding stage1 (or stage2) to split the memory instead"
         )
     if values.get("prefix_tuning"):
         errors.append("--prefix_tuning does not run with DPO: use --lora True, or full DPO")
