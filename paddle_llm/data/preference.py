@@ -283,16 +283,21 @@ class PackedPairCollator:
     makes every logit the one its own unpacked row (``PreferenceCollator``) computes, with the prompt run once.
     ``chosen_labels`` and ``rejected_labels`` each label only their reply. Padding tokens attend only to
     themselves. Causal families only: a GLM context is bidirectional, so its last prompt token cannot be shared.
+
+    Args:
+        pad_to: pad every batch to this width (pipeline parallel needs one shape for every micro-batch, see
+            ``SftCollator``).
     """
 
-    def __init__(self, layout: FamilyLayout):
+    def __init__(self, layout: FamilyLayout, pad_to: int | None = None):
         if layout.glm_context:
             raise ValueError(f"packed pairs (--flash_mask) need a causal model; {layout.family.name}'s context is bidirectional")
         self.layout = layout
+        self.pad_to = pad_to
 
     def __call__(self, pairs: list[PreferencePair]) -> dict:
         shared = [shared_prefix_length(pair) for pair in pairs]
-        width = max(len(pair.chosen) + len(pair.rejected) - k for pair, k in zip(pairs, shared))
+        width = max(max(len(pair.chosen) + len(pair.rejected) - k for pair, k in zip(pairs, shared)), self.pad_to or 0)
         rows = len(pairs)
         input_ids = np.full((rows, width), self.layout.pad_id, dtype="int64")
         chosen_labels = np.full((rows, width), IGNORE_INDEX, dtype="int64")

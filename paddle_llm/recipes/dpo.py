@@ -112,13 +112,14 @@ def check_dpo(values: Mapping) -> list[str]:
         errors.append(f"--beta {values.get('beta')}: must be positive (0.1 is PaddleNLP's default)")
     if not 0 <= float(values.get("label_smoothing") or 0) < 0.5:
         errors.append(f"--label_smoothing {values.get('label_smoothing')}: must be in [0, 0.5)")
-    if int(values.get("pipeline_parallel_degree") or 1) > 1:
-        errors.append(
-            f"--pipeline_parallel_degree {values['pipeline_parallel_degree']}: DPO under pipeline parallel is not supported yet "
-            "(the pipeline computes the loss per micro-batch on its last stage, and the reference model's log-probabilities would "
-            "need a pipeline pass of their own before it, which is not built here); keep the same processes and pass "
-            "--pipeline_parallel_degree 1 with --tensor_parallel_degree or --sharding stage1 (or stage2) to split the memory instead"
-        )
+    pp = int(values.get("pipeline_parallel_degree") or 1)
+    if pp > 1:
+        # the pipeline cuts a batch into micro-batches by rows and runs the loss on each: a pair must be one row
+        if not values.get("flash_mask"):
+            errors.append(f"--pipeline_parallel_degree {pp}: DPO's micro-batches are cut by rows, so each pair must be one row: add --flash_mask True (packed pairs)")
+        for flag, why in (("lora", "the reference would be the pipeline with its adapters off"), ("do_eval", "evaluation runs on one pipeline stage's rows")):
+            if values.get(flag):
+                errors.append(f"--{flag} does not run with DPO under --pipeline_parallel_degree {pp} here ({why}): drop it, or use tensor parallel")
     if values.get("prefix_tuning"):
         errors.append("--prefix_tuning does not run with DPO: use --lora True, or full DPO")
     if values.get("lora_path") and not values.get("lora"):
@@ -275,7 +276,7 @@ def prepare(plan: RecipeSetup) -> DPORun:
     layout = family_layout(family, tokenizer)
     splits = load_preference_splits(layout, tokenizer, data_args, training_args)
     if model_args.flash_mask:
-        collator = PackedPairCollator(layout)
+        collator = PackedPairCollator(layout, pad_to=data_args.max_seq_len if training_args.pipeline_parallel_degree > 1 else None)
         training_args.label_names = list(PACKED_LABELS)  # the evaluation loop computes a loss only when it finds them
     else:
         collator = PreferenceCollator(layout)
