@@ -217,10 +217,9 @@ DPO_LAYOUTS = {
     "dpo_sharding_stage2": Run(RUN_DPO, 2, {"sharding": "stage2", "per_device_train_batch_size": 2}),
     # every token's log-probability from vocabulary-split logits (a softmax across the ranks); the reference copy split too
     "dpo_tensor_parallel_2": Run(RUN_DPO, 2, {"tensor_parallel_degree": 2, "per_device_train_batch_size": 4}),
-    # PaddleNLP's packed single-row pairs (--flash_mask; an explicit mask on CPU) under tensor parallel
-    "dpo_packed_pairs_tensor_parallel_2": Run(RUN_DPO, 2, {"tensor_parallel_degree": 2, "per_device_train_batch_size": 4, "flash_mask": True}),
-    # 2 micro-batches of 2 packed pairs (a pair per row, so micro-batches never split one); the reference copy is a
-    # pipeline of its own that scores each micro-batch before the policy's forward and backward
+    # 2 micro-batches of 2 packed pairs (PaddleNLP's single-row pairs, --flash_mask, an explicit mask on CPU: a pair
+    # per row, so micro-batches never split one); the reference copy is a pipeline of its own that scores each
+    # micro-batch before the policy's forward and backward
     "dpo_pipeline_parallel_2": Run(
         RUN_DPO, 2, {"pipeline_parallel_degree": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "flash_mask": True}
     ),
