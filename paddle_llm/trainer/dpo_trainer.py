@@ -133,6 +133,15 @@ def preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_
     return losses.mean() * settings.pref_loss_ratio, chosen_rewards, rejected_rewards
 
 
+def step_loss(policy_chosen, policy_rejected, chosen_tokens, reference_chosen, reference_rejected, settings: PreferenceLoss):
+    """``preference_loss`` plus ``sft_loss_ratio`` times the chosen replies' language-model loss (per token)."""
+    loss, chosen_rewards, rejected_rewards = preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, settings)
+    if settings.sft_loss_ratio:
+        summed = policy_chosen * chosen_tokens if settings.average_log_prob else policy_chosen
+        loss = loss + settings.sft_loss_ratio * (-summed.sum() / chosen_tokens.sum())
+    return loss, chosen_rewards, rejected_rewards
+
+
 def _logits(outputs) -> paddle.Tensor:
     if isinstance(outputs, (tuple, list)):
         return outputs[0]
@@ -159,10 +168,7 @@ def pair_log_probs(model, inputs: dict, average: bool, split: bool = False):
         return packed_log_probs(logits, inputs["chosen_labels"], inputs["rejected_labels"], average, split)
     total, count = sequence_log_probs(logits, inputs["labels"], split)
     pairs = total.shape[0] // 2
-    chosen, rejected, chosen_count, rejected_count = total[:pairs], total[pairs:], count[:pairs], count[pairs:]
-    if average:
-        chosen, rejected = chosen / chosen_count, rejected / rejected_count
-    return chosen, rejected, chosen_count
+    return _per_pair(total[:pairs], total[pairs:], count[:pairs], count[pairs:], average)
 
 
 def packed_log_probs(logits, chosen_labels, rejected_labels, average: bool, split: bool):
@@ -173,7 +179,11 @@ def packed_log_probs(logits, chosen_labels, rejected_labels, average: bool, spli
     chosen_mask = (chosen_labels != IGNORE_INDEX).astype("float32")
     rejected_mask = (rejected_labels != IGNORE_INDEX).astype("float32")
     chosen, rejected = (log_probs * chosen_mask).sum(axis=-1), (log_probs * rejected_mask).sum(axis=-1)
-    chosen_count, rejected_count = chosen_mask.sum(axis=-1), rejected_mask.sum(axis=-1)
+    return _per_pair(chosen, rejected, chosen_mask.sum(axis=-1), rejected_mask.sum(axis=-1), average)
+
+
+def _per_pair(chosen, rejected, chosen_count, rejected_count, average: bool):
+    """(chosen, rejected, chosen token counts): sums, or per-token averages when ``average``."""
     if average:
         chosen, rejected = chosen / chosen_count, rejected / rejected_count
     return chosen, rejected, chosen_count
@@ -212,10 +222,7 @@ class PipelinePairLoss(paddle.nn.Layer):
         if len(labels) == 2:
             self.scored.append((chosen.detach(), rejected.detach()))
             return paddle.zeros([], dtype="float32")
-        loss, chosen_rewards, rejected_rewards = preference_loss(chosen, rejected, labels[2], labels[3], self.settings)
-        if self.settings.sft_loss_ratio:
-            summed = chosen * chosen_tokens if self.settings.average_log_prob else chosen
-            loss = loss + self.settings.sft_loss_ratio * (-summed.sum() / chosen_tokens.sum())
+        loss, chosen_rewards, rejected_rewards = step_loss(chosen, rejected, chosen_tokens, labels[2], labels[3], self.settings)
         if self.on_pairs is not None:
             self.on_pairs(loss, chosen_rewards, rejected_rewards, chosen, rejected)
         return loss
@@ -303,10 +310,7 @@ class DPOTrainer(LLMTrainer):
     def compute_loss(self, model, inputs, return_outputs=False):
         policy_chosen, policy_rejected, chosen_tokens = pair_log_probs(model, inputs, self.settings.average_log_prob, self.vocab_split)
         reference_chosen, reference_rejected = self._reference_log_probs(inputs)
-        loss, chosen_rewards, rejected_rewards = preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.settings)
-        if self.settings.sft_loss_ratio:
-            summed = policy_chosen * chosen_tokens if self.settings.average_log_prob else policy_chosen
-            loss = loss + self.settings.sft_loss_ratio * (-summed.sum() / chosen_tokens.sum())
+        loss, chosen_rewards, rejected_rewards = step_loss(policy_chosen, policy_rejected, chosen_tokens, reference_chosen, reference_rejected, self.settings)
         self._accumulate("train" if model.training else "eval", loss, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
         return (loss, {}) if return_outputs else loss  # no outputs to keep: evaluation reads only the loss
 
