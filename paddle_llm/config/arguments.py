@@ -140,7 +140,7 @@ class FinetuneDataArguments:
         metadata={"help": "with --zero_padding: pack as PaddleNLP does, in file order 500 samples at a time, each into the pack with the most room (default: best-fit decreasing, less padding)"},
     )
     lazy: bool = field(
-        default=False, metadata={"help": "PaddleNLP's streaming dataset; not supported here (data files are read whole), refused when on"}
+        default=False, metadata={"help": "read each sample from the file when the trainer asks for it instead of holding them all (the same samples, order and batches); not with --zero_padding"}
     )
     skip_bad_lines: bool = field(
         default=False, metadata={"help": "skip malformed records (each is reported) instead of stopping at the first"}

@@ -13,21 +13,41 @@ class DataError(ValueError):
     """Bad input data; the message names the file, line and field so the user can fix it."""
 
 
-def numbered_lines(path: str) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_number, line)`` for every line of a UTF-8 text file, numbered from 1.
+def _decoded(raw: bytes, path: str, line_number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+            "convert the file to UTF-8, e.g. iconv -f GBK -t UTF-8"
+        ) from None
+
+
+def numbered_lines_at(path: str) -> Iterator[tuple[int, int, str]]:
+    """Yield ``(line_number, byte_offset, line)`` for every line of a UTF-8 text file, numbered from 1; ``read_line_at``
+    reads a line again from its offset.
 
     Raises:
         DataError: a line is not UTF-8; the message names the file, line, column and byte.
     """
     with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line number
+        offset = 0
         for line_number, raw in enumerate(f, start=1):
-            try:
-                yield line_number, raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{path}:{line_number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                    "convert the file to UTF-8, e.g. iconv -f GBK -t UTF-8"
-                ) from None
+            yield line_number, offset, _decoded(raw, path, line_number)
+            offset += len(raw)
+
+
+def numbered_lines(path: str) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, line)`` for every line of a UTF-8 text file, numbered from 1 (see ``numbered_lines_at``)."""
+    for line_number, _, line in numbered_lines_at(path):
+        yield line_number, line
+
+
+def read_line_at(path: str, offset: int, line_number: int) -> str:
+    """The line of ``path`` that starts at byte ``offset`` (``numbered_lines_at``'s), decoded."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return _decoded(f.readline(), path, line_number)
 
 
 def iter_jsonl_texts(path: str, json_key: str) -> Iterator[tuple[int, str]]:
@@ -81,46 +101,80 @@ def questionable_records(path: str, wheres: list[str], problem: str, strict: boo
     return f"{text}; pass --strict_data to make this an error"
 
 
-def read_jsonl_records(path: str, detect: Callable[[object], str | None], parse: Callable[[object, str, str], object], skip_bad_lines: bool, format_hint: str, record_format: str | None = None) -> tuple[list, list[str], str | None]:
-    """Read a jsonl file of training records, each parsed by ``parse(decoded, record_format, "path:line")``.
+def decode_json_line(line: str, where: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+
+
+def iter_jsonl_records(path: str, detect: Callable[[object], str | None], parse: Callable[[object, str, str], object], skip_bad_lines: bool,
+                       format_hint: str, skipped: list[str], record_format: str | None = None) -> Iterator[tuple[object, str, int, int]]:
+    """Stream a jsonl file of training records, each parsed by ``parse(decoded, record_format, "path:line")``, one
+    line at a time: yield ``(record, record_format, line_number, byte_offset)``.
 
     Args:
         detect: the record format of a decoded line, or None; asked of the first record when ``record_format`` is None.
         parse: raises ``DataError`` naming the line and field.
-        skip_bad_lines: skip (and report) bad lines instead of failing on the first one.
+        skip_bad_lines: skip bad lines (their errors are appended to ``skipped``) instead of failing on the first one.
         format_hint: what the formats' fields are, for a first record whose format cannot be told.
-
-    Returns:
-        ``(records, skipped line errors, record_format)``.
 
     Raises:
         DataError: a missing or empty file, a bad record (without ``skip_bad_lines``), or no good record at all.
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    records, skipped = [], []
-    for line_number, line in numbered_lines(path):
+    good = 0
+    for line_number, offset, line in numbered_lines_at(path):
         if not line.strip():
             continue
         where = f"{path}:{line_number}"
         try:
-            try:
-                decoded = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            decoded = decode_json_line(line, where)
             if record_format is None:
                 record_format = detect(decoded)
                 if record_format is None:
                     keys = ", ".join(sorted(decoded)) if isinstance(decoded, dict) else type(decoded).__name__
                     raise DataError(f"{where}: cannot tell the record format from fields ({keys}); expected {format_hint}")
-            records.append(parse(decoded, record_format, where))
+            record = parse(decoded, record_format, where)
         except DataError as err:
             if not skip_bad_lines:
                 raise
             skipped.append(str(err))
-    if not records and not skipped:
+            continue
+        good += 1
+        yield record, record_format, line_number, offset
+    if not good and not skipped:
         raise DataError(f"{path}: the file is empty; nothing to train on")
-    if not records:
+    if not good:
         shown = "\n  ".join(skipped[:MAX_ERRORS_SHOWN])
         raise DataError(f"{path}: every one of its {len(skipped)} records is bad, e.g.:\n  {shown}")
-    return records, skipped, record_format
+
+
+class LazyJsonlDataset:
+    """A map-style dataset read from a jsonl file one line at a time (``--lazy``): it holds the line number and byte
+    offset of each item's lines and nothing else; asking for an item reads, decodes and converts its lines again.
+
+    Map-style, not iterable: the trainer's sampler keeps its order, data-parallel ranks take their own rows and a
+    resumed run skips exactly the batches it trained on, as with the data read whole.
+
+    Args:
+        items: per item, the ``(line_number, byte_offset)`` of its lines (one, or a pack's several), in the order the
+            trainer reads them.
+        make_item: ``[(decoded JSON, "path:line"), ...] -> item``; the same conversion the first pass made.
+    """
+
+    def __init__(self, path: str, items: list[list[tuple[int, int]]], make_item: Callable[[list[tuple[object, str]]], object]):
+        self.path = path
+        self.items = items
+        self.make_item = make_item
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        lines = []
+        for line_number, offset in self.items[index]:
+            where = f"{self.path}:{line_number}"
+            lines.append((decode_json_line(read_line_at(self.path, offset, line_number), where), where))
+        return self.make_item(lines)

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from paddle_llm.data.jsonl import DataError, questionable_records, read_jsonl_records
+from paddle_llm.data.jsonl import DataError, LazyJsonlDataset, iter_jsonl_records, questionable_records
 from paddle_llm.data.sft import (
     FamilyLayout,
     Record,
@@ -39,6 +40,7 @@ from paddle_llm.data.sft import (
 )
 
 PREFERENCE_FORMATS = ("paddlenlp", "pairwise")
+PACKED_LABELS = ("chosen_labels", "rejected_labels")  # a packed batch's labels, PaddleNLP's names
 
 
 @dataclass(frozen=True)
@@ -138,29 +140,42 @@ def parse_preference(record: object, record_format: str, where: str) -> Preferen
 class PreferenceRead:
     path: str
     record_format: str
-    records: list[PreferenceRecord]
+    records: list[PreferenceRecord]  # empty when read lazily (``read_preferences``' ``keep``)
     skipped: list[str] = field(default_factory=list)
     questionable: str | None = None  # one line about pairs that teach nothing (``questionable_records``)
+    count: int = 0  # good records read
 
 
-def read_preferences(path: str, skip_bad_lines: bool = False, strict_data: bool = False) -> PreferenceRead:
-    """Read a jsonl file of preference records (the format is detected from its first record).
+PREFERENCE_FIELDS_HINT = "src/tgt/response/sort (PaddleNLP) or prompt (or messages)/chosen/rejected"
+
+
+def read_preferences(path: str, skip_bad_lines: bool = False, strict_data: bool = False,
+                     keep: Callable[[PreferenceRecord, int, int], None] | None = None) -> PreferenceRead:
+    """Read a jsonl file of preference records (the format is detected from its first record), one line at a time.
 
     Args:
         strict_data: fail on pairs whose chosen and rejected replies are the same instead of counting them in
             ``questionable``.
+        keep: called with ``(record, line_number, byte_offset)`` for each good record, which is then not kept in
+            ``records`` (``--lazy``).
 
     Raises:
         DataError: a missing or empty file, a bad record (without ``skip_bad_lines``), no good record at all, or
             (with ``strict_data``) a pair whose replies are the same.
     """
-    records, skipped, record_format = read_jsonl_records(
-        path, detect_preference_format, parse_preference, skip_bad_lines,
-        "src/tgt/response/sort (PaddleNLP) or prompt (or messages)/chosen/rejected",
-    )
-    same = [r.where for r in records if r.chosen.strip() == r.rejected.strip()]
+    skipped, records, same, count, record_format = [], [], [], 0, None
+    for record, record_format, line_number, offset in iter_jsonl_records(
+        path, detect_preference_format, parse_preference, skip_bad_lines, PREFERENCE_FIELDS_HINT, skipped
+    ):
+        count += 1
+        if record.chosen.strip() == record.rejected.strip():
+            same.append(record.where)
+        if keep is None:
+            records.append(record)
+        else:
+            keep(record, line_number, offset)
     notice = questionable_records(path, same, "pairs whose chosen and rejected replies are the same, which teach no preference", strict_data)
-    return PreferenceRead(path, record_format, records, skipped, notice)
+    return PreferenceRead(path, record_format, records, skipped, notice, count)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -251,6 +266,61 @@ class PreferenceCollator:
         return self.rows([[pair.chosen] for pair in pairs] + [[pair.rejected] for pair in pairs])
 
 
+def shared_prefix_length(pair: PreferencePair) -> int:
+    """How many leading positions the two samples share exactly (same token, same label): the prompt up to its last
+    token, whose label is already the reply's first token."""
+    chosen, rejected = pair.chosen, pair.rejected
+    length = min(len(chosen), len(rejected))
+    same = (chosen.input_ids[:length] == rejected.input_ids[:length]) & (chosen.labels[:length] == rejected.labels[:length])
+    return int(np.argmin(same)) if not same.all() else length
+
+
+class PackedPairCollator:
+    """A batch of pairs as one row per pair (PaddleNLP's DPO layout, ``--flash_mask``): the shared prompt once, then
+    the chosen reply, then the rejected reply, whose positions restart where the prompt ends.
+
+    The causal 4-D bool mask ``[pairs, 1, seq, seq]`` is cut so the rejected tokens never see the chosen ones, which
+    makes every logit the one its own unpacked row (``PreferenceCollator``) computes, with the prompt run once.
+    ``chosen_labels`` and ``rejected_labels`` each label only their reply. Padding tokens attend only to
+    themselves. Causal families only: a GLM context is bidirectional, so its last prompt token cannot be shared.
+
+    Args:
+        pad_to: pad every batch to this width (pipeline parallel needs one shape for every micro-batch, see
+            ``SftCollator``).
+    """
+
+    def __init__(self, layout: FamilyLayout, pad_to: int | None = None):
+        if layout.glm_context:
+            raise ValueError(f"packed pairs (--flash_mask) need a causal model; {layout.family.name}'s context is bidirectional")
+        self.layout = layout
+        self.pad_to = pad_to
+
+    def __call__(self, pairs: list[PreferencePair]) -> dict:
+        shared = [shared_prefix_length(pair) for pair in pairs]
+        width = max(max(len(pair.chosen) + len(pair.rejected) - k for pair, k in zip(pairs, shared)), self.pad_to or 0)
+        rows = len(pairs)
+        input_ids = np.full((rows, width), self.layout.pad_id, dtype="int64")
+        chosen_labels = np.full((rows, width), IGNORE_INDEX, dtype="int64")
+        rejected_labels = np.full((rows, width), IGNORE_INDEX, dtype="int64")
+        positions = np.zeros((rows, width), dtype="int64")
+        mask = np.zeros((rows, 1, width, width), dtype=bool)
+        for row, (pair, k) in enumerate(zip(pairs, shared)):
+            chosen_end = len(pair.chosen)
+            end = chosen_end + len(pair.rejected) - k
+            input_ids[row, :chosen_end] = pair.chosen.input_ids
+            input_ids[row, chosen_end:end] = pair.rejected.input_ids[k:]
+            chosen_labels[row, :chosen_end] = pair.chosen.labels
+            rejected_labels[row, chosen_end:end] = pair.rejected.labels[k:]
+            positions[row, :chosen_end] = np.arange(chosen_end)
+            positions[row, chosen_end:end] = np.arange(k, len(pair.rejected))
+            mask[row, 0, :end, :end] = np.tril(np.ones((end, end), dtype=bool))
+            mask[row, 0, chosen_end:end, k:chosen_end] = False  # the rejected reply does not see the chosen one
+            padding = np.arange(end, width)
+            mask[row, 0, padding, padding] = True
+        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions,
+                "chosen_labels": chosen_labels, "rejected_labels": rejected_labels}
+
+
 class PairDataset:
     """A map-style dataset of ``PreferencePair``s, in the order the trainer should read them."""
 
@@ -267,33 +337,55 @@ class PairDataset:
 @dataclass
 class PreferenceSplit:
     read: PreferenceRead
-    dataset: PairDataset
+    dataset: PairDataset | LazyJsonlDataset
     report: PreferenceTruncation
+    tokens: int  # in every pair kept, both samples
 
     @property
     def tokens_per_row(self) -> float:
         """Tokens per pair (both samples)."""
-        return sum(len(pair) for pair in self.dataset.pairs) / max(1, len(self.dataset))
+        return self.tokens / max(1, len(self.dataset))
 
     def summary(self) -> str:
-        text = f"{self.read.path}: {len(self.read.records)} records ({self.read.record_format}), {len(self.dataset)} pairs; {self.report.describe()}"
+        text = f"{self.read.path}: {self.read.count} records ({self.read.record_format}), {len(self.dataset)} pairs; {self.report.describe()}"
         if self.read.skipped:
             text += f"; {len(self.read.skipped)} bad lines skipped"
+        if isinstance(self.dataset, LazyJsonlDataset):
+            text += "; read lazily (--lazy: each pair is read from the file when the trainer asks for it)"
         return text
 
 
 def build_preference_split(path: str, layout: FamilyLayout, tokenizer, limits: PreferenceLimits, skip_bad_lines: bool = False,
-                           strict_data: bool = False, shuffle_seed: int | None = None) -> PreferenceSplit:
+                           strict_data: bool = False, shuffle_seed: int | None = None, lazy: bool = False) -> PreferenceSplit:
     """Read, frame, tokenize and truncate one preference file.
+
+    Args:
+        lazy: keep only where each kept pair's line is, and read it again when the trainer asks for it
+            (``LazyJsonlDataset``); the pairs, their order and so every batch are the ones read whole.
 
     Raises:
         DataError: bad records (see ``read_preferences``), or no pair fits the length limits.
     """
-    read = read_preferences(path, skip_bad_lines, strict_data)
     report = PreferenceTruncation()
-    pairs = [p for p in (tokenize_preference(r, layout, tokenizer, limits, report) for r in read.records) if p is not None]
-    if not pairs:
+    kept, tokens = [], 0
+
+    def keep(record: PreferenceRecord, line_number: int, offset: int) -> None:
+        nonlocal tokens
+        pair = tokenize_preference(record, layout, tokenizer, limits, report)
+        if pair is not None:
+            kept.append([(line_number, offset)] if lazy else pair)
+            tokens += len(pair)
+
+    read = read_preferences(path, skip_bad_lines, strict_data, keep)
+    if not kept:
         raise DataError(f"{path}: no pair fits --max_seq_len {limits.max_seq_len} ({report.describe()})")
     if shuffle_seed is not None:
-        pairs = [pairs[i] for i in np.random.default_rng(shuffle_seed).permutation(len(pairs))]
-    return PreferenceSplit(read, PairDataset(pairs), report)
+        kept = [kept[i] for i in np.random.default_rng(shuffle_seed).permutation(len(kept))]
+    if not lazy:
+        return PreferenceSplit(read, PairDataset(kept), report, tokens)
+
+    def make_pair(lines: list[tuple[object, str]]) -> PreferencePair:
+        [(decoded, where)] = lines
+        return tokenize_preference(parse_preference(decoded, read.record_format, where), layout, tokenizer, limits, PreferenceTruncation())
+
+    return PreferenceSplit(read, LazyJsonlDataset(path, kept, make_pair), report, tokens)

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from paddle_llm.data.jsonl import DataError, questionable_records, read_jsonl_records
+from paddle_llm.data.jsonl import DataError, LazyJsonlDataset, iter_jsonl_records, questionable_records
 from paddle_llm.data.packing import pack_best_fit_decreasing, pack_greedy, packing_stats
 from paddle_llm.models.chat_template import chat_segments, jinja_chat_segments, validate_messages
 from paddle_llm.models.registry import ModelFamily
@@ -166,13 +167,14 @@ class ReadResult:
 
     path: str
     record_format: str
-    records: list[Record]
+    records: list[Record]  # empty when read lazily (``read_records``' ``keep``)
     skipped: list[str] = field(default_factory=list)  # one error message per skipped line
     questionable: str | None = None  # one line about records that teach nothing (``questionable_records``)
+    count: int = 0  # good records read
 
 
 def read_records(path: str, data_format: str = "auto", instruction_generation: bool = False, skip_bad_lines: bool = False,
-                 strict_data: bool = False) -> ReadResult:
+                 strict_data: bool = False, keep: Callable[[Record, int, int], None] | None = None) -> ReadResult:
     """Read a jsonl file of fine-tuning records.
 
     Args:
@@ -182,6 +184,8 @@ def read_records(path: str, data_format: str = "auto", instruction_generation: b
         skip_bad_lines: skip (and report) malformed records instead of failing on the first one.
         strict_data: fail on records with an empty reply (they train only the end-of-reply token) instead of
             counting them in ``questionable``.
+        keep: called with ``(record, line_number, byte_offset)`` for each good record, which is then not kept in
+            ``records`` (``--lazy``).
 
     Returns:
         The records, the format used, the skipped lines' errors and the records with an empty reply.
@@ -190,17 +194,26 @@ def read_records(path: str, data_format: str = "auto", instruction_generation: b
         DataError: a missing or empty file, a bad record (without ``skip_bad_lines``), no good record at all, or
             (with ``strict_data``) a record with an empty reply.
     """
-    records, skipped, record_format = read_jsonl_records(
+    skipped, records, empty, count = [], [], [], 0
+    record_format = None if data_format == "auto" else data_format
+    for record, record_format, line_number, offset in iter_jsonl_records(
         path,
         detect_format,
         lambda decoded, found, where: parse_record(decoded, found, where, instruction_generation),
         skip_bad_lines,
         "src/tgt, instruction/input/output, messages or conversations (or set --data_format)",
-        None if data_format == "auto" else data_format,
-    )
-    empty = [r.where for r in records if any(m["role"] == "assistant" and not m["content"].strip() for m in r.messages)]
+        skipped,
+        record_format,
+    ):
+        count += 1
+        if any(m["role"] == "assistant" and not m["content"].strip() for m in record.messages):
+            empty.append(record.where)
+        if keep is None:
+            records.append(record)
+        else:
+            keep(record, line_number, offset)
     notice = questionable_records(path, empty, "records with an empty reply, which train only the end-of-reply token", strict_data)
-    return ReadResult(path, record_format, records, skipped, notice)
+    return ReadResult(path, record_format, records, skipped, notice, count)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -536,19 +549,21 @@ class SftSplit:
     """
 
     read: ReadResult
-    samples: list[SftSample]
-    dataset: RowDataset
+    samples: list[SftSample]  # empty when read lazily
+    dataset: RowDataset | LazyJsonlDataset
     report: TruncationReport
     packing: object | None
+    sample_count: int = 0
+    tokens: int = 0  # in every sample kept
 
     @property
     def tokens_per_row(self) -> float:
-        return sum(len(s) for s in self.samples) / max(1, len(self.dataset))
+        return self.tokens / max(1, len(self.dataset))
 
     def summary(self) -> str:
         read = self.read
         text = (
-            f"{read.path}: {len(read.records)} records ({read.record_format}), {len(self.samples)} samples; "
+            f"{read.path}: {read.count} records ({read.record_format}), {self.sample_count} samples; "
             f"{self.report.describe()}"
         )
         if read.skipped:
@@ -558,6 +573,8 @@ class SftSplit:
                 f"; packed into {self.packing.sequences} sequences of <= {self.packing.capacity} tokens "
                 f"({self.packing.padding_fraction:.1%} padding)"
             )
+        if isinstance(self.dataset, LazyJsonlDataset):
+            text += "; read lazily (--lazy: each row is read from the file when the trainer asks for it)"
         return text
 
 
@@ -573,6 +590,7 @@ def build_split(
     zero_padding: bool = False,
     shuffle_seed: int | None = None,
     greedy_zero_padding: bool = False,
+    lazy: bool = False,
 ) -> SftSplit:
     """Read, tokenize, truncate and (optionally) pack one file.
 
@@ -581,26 +599,46 @@ def build_split(
             decreasing.
         shuffle_seed: shuffle samples (and packs) with this seed; None keeps file order. The trainer reads rows in
             order, so a resumed run sees exactly the batches an uninterrupted one would.
+        lazy: keep only where each kept sample's line is (and its length, for packing), and read it again when the
+            trainer asks for its row (``LazyJsonlDataset``); the rows, their order and so every batch are the ones
+            read whole.
 
     Raises:
         DataError: bad records (see ``read_records``), or no sample fits the length limits.
     """
-    read = read_records(path, data_format, instruction_generation, skip_bad_lines, strict_data)
     report = TruncationReport()
-    samples = [s for s in (tokenize_record(r, layout, tokenizer, limits, report) for r in read.records) if s is not None]
-    if not samples:
+    kept, lengths, tokens = [], [], 0
+
+    def keep(record: Record, line_number: int, offset: int) -> None:
+        nonlocal tokens
+        sample = tokenize_record(record, layout, tokenizer, limits, report)
+        if sample is not None:
+            kept.append((line_number, offset) if lazy else sample)
+            lengths.append(len(sample))
+            tokens += len(sample)
+
+    read = read_records(path, data_format, instruction_generation, skip_bad_lines, strict_data, keep)
+    if not kept:
         raise DataError(f"{path}: no record fits --max_length {limits.max_length} ({report.describe()})")
     rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
     if rng is not None:
-        samples = [samples[i] for i in rng.permutation(len(samples))]
+        order = rng.permutation(len(kept))
+        kept, lengths = [kept[i] for i in order], [lengths[i] for i in order]
     stats = None
     if zero_padding:
-        lengths = [len(s) for s in samples]
         packs = (pack_greedy if greedy_zero_padding else pack_best_fit_decreasing)(lengths, limits.max_length)
         stats = packing_stats(lengths, packs, limits.max_length)
         if rng is not None:
             packs = [packs[i] for i in rng.permutation(len(packs))]
-        rows = [[samples[i] for i in pack] for pack in packs]
+        rows = [[kept[i] for i in pack] for pack in packs]
     else:
-        rows = [[s] for s in samples]
-    return SftSplit(read, samples, RowDataset(rows), report, stats)
+        rows = [[item] for item in kept]
+    if lazy:
+
+        def make_row(lines: list[tuple[object, str]]) -> list[SftSample]:
+            return [tokenize_record(parse_record(decoded, read.record_format, where, instruction_generation), layout, tokenizer, limits, TruncationReport())
+                    for decoded, where in lines]
+
+        return SftSplit(read, [], LazyJsonlDataset(path, rows, make_row), report, stats, len(kept), tokens)
+    samples = kept
+    return SftSplit(read, samples, RowDataset(rows), report, stats, len(samples), tokens)

@@ -15,14 +15,13 @@ Example (LoRA DPO on CPU, on the shipped preference task):
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from paddle_llm.config.parser import ArgumentError
 from paddle_llm.config.validation import check_peft_variants
-from paddle_llm.data.preference import PreferenceCollator, PreferenceLimits, build_preference_split
+from paddle_llm.data.preference import PACKED_LABELS, PackedPairCollator, PreferenceCollator, PreferenceLimits, build_preference_split
 from paddle_llm.data.sft import family_layout
 from paddle_llm.recipes.spine import (
     RESUMING_HELP,
@@ -70,8 +69,8 @@ class DPODataArguments:
         default=False,
         metadata={"help": "stop with an error on records that read fine but teach nothing (a pair whose chosen and rejected replies are the same) instead of counting them in one warning line"},
     )
-    greedy_zero_padding: bool = field(default=False, metadata={"help": "PaddleNLP's packing; not supported here (pairs are padded)"})
-    lazy: bool = field(default=False, metadata={"help": "PaddleNLP's streaming dataset; not supported here (files are read whole)"})
+    greedy_zero_padding: bool = field(default=False, metadata={"help": "PaddleNLP's packing of several pairs per row; not supported here (a row holds one pair; --flash_mask packs it into one row)"})
+    lazy: bool = field(default=False, metadata={"help": "read each pair from the file when the trainer asks for it instead of holding them all (the same pairs, order and batches)"})
 
     @property
     def max_seq_length(self) -> int:
@@ -113,14 +112,14 @@ def check_dpo(values: Mapping) -> list[str]:
         errors.append(f"--beta {values.get('beta')}: must be positive (0.1 is PaddleNLP's default)")
     if not 0 <= float(values.get("label_smoothing") or 0) < 0.5:
         errors.append(f"--label_smoothing {values.get('label_smoothing')}: must be in [0, 0.5)")
-    for name in ("tensor_parallel_degree", "pipeline_parallel_degree"):
-        if int(values.get(name) or 1) > 1:
-            layout = "tensor parallel" if name.startswith("tensor") else "pipeline parallel"
-            errors.append(
-                f"--{name} {values[name]}: DPO under {layout} is not supported yet (its loss reads each token's "
-                f"whole-vocabulary log-probabilities on one rank); keep the same processes and pass --{name} 1 with --sharding stage1 "
-                "(or stage2) to split the memory instead"
-            )
+    pp = int(values.get("pipeline_parallel_degree") or 1)
+    if pp > 1:
+        # the pipeline cuts a batch into micro-batches by rows and runs the loss on each: a pair must be one row
+        if not values.get("flash_mask"):
+            errors.append(f"--pipeline_parallel_degree {pp}: DPO's micro-batches are cut by rows, so each pair must be one row: add --flash_mask True (packed pairs)")
+        for flag, why in (("lora", "the reference would be the pipeline with its adapters off"), ("do_eval", "evaluation runs on one pipeline stage's rows")):
+            if values.get(flag):
+                errors.append(f"--{flag} does not run with DPO under --pipeline_parallel_degree {pp} here ({why}): drop it, or use tensor parallel")
     if values.get("prefix_tuning"):
         errors.append("--prefix_tuning does not run with DPO: use --lora True, or full DPO")
     if values.get("lora_path") and not values.get("lora"):
@@ -141,12 +140,8 @@ def check_dpo(values: Mapping) -> list[str]:
         errors.append(f"--max_prompt_len {max_prompt_len}: must be at least 1")
     elif max_seq_len < max_prompt_len + 2:
         errors.append(f"--max_seq_len {max_seq_len} leaves no room for two replies after --max_prompt_len {max_prompt_len}: raise --max_seq_len")
-    for name, why in (
-        ("greedy_zero_padding", "pairs are padded, not packed"),
-        ("lazy", "preference files are read whole"),
-    ):
-        if values.get(name):
-            errors.append(f"--{name} is not supported here ({why}): drop it")
+    if values.get("greedy_zero_padding"):
+        errors.append("--greedy_zero_padding is not supported here (a row holds one pair: two padded rows, or one packed row with --flash_mask): drop it")
     if values.get("dpop_lambda") != 50:
         errors.append("--dpop_lambda belongs to PaddleNLP's dpop loss, which is not supported here: drop it")
     if int(values.get("ref_model_update_steps", -1)) != -1:
@@ -180,12 +175,21 @@ def setup(argv: list[str]) -> RecipeSetup:
     """
     parsed, values, source, errors = parse_and_check(argv, _dataclass_types(), "dpo")
     errors += check_dpo(values)
+    if values.get("flash_mask") and source.family.glm_context:
+        errors.append(f"--flash_mask packs each pair into one row, which needs a causal model; {source.family.name}'s prompt is "
+                      "bidirectional: drop --flash_mask (pairs are then two padded rows)")
     if errors:
         raise ArgumentError("\n".join(errors))
     warnings = adjust_like_run_dpo(values)
     for name in ("loss_type", "reference_free", "sft_loss_ratio", "lora_alpha"):
         parsed.set(name, values[name])
-    warnings += apply_fallbacks(parsed)
+    packed = bool(values.get("flash_mask"))
+    warnings += [w for w in apply_fallbacks(parsed) if not (packed and w.startswith("--flash_mask"))]
+    if packed:
+        # PaddleNLP's DPO layout, kept: the flash-mask kernel is GPU-only, its mask is an explicit tensor here
+        parsed.set("flash_mask", True)
+        log("--flash_mask: each pair is one row (prompt once, then both replies, the rejected one masked from the chosen), "
+            "as PaddleNLP's DPO packs it; on CPU the mask is an explicit tensor")
     if not source.has_weights:
         warnings.append(random_base_warning(source, "aligns"))
     return RecipeSetup(parsed, source, warnings)
@@ -204,7 +208,15 @@ def reference_for(model, dpo_args, peft_args) -> tuple[str, object]:
         return "free", None
     if peft_args.lora:
         return "adapters_off", None
-    reference = copy.deepcopy(model)
+    import paddle
+
+    # A second model of the same class and config, then the weights: a deep copy would copy the tensor-parallel
+    # layers' process groups, which cannot be copied. Building it draws random initial weights; the generator's
+    # state is put back so the run after this point is the run without a reference.
+    rng_state = paddle.get_rng_state()
+    reference = type(model)(model.config)
+    paddle.set_rng_state(rng_state)
+    reference.set_state_dict(model.state_dict())
     reference.eval()
     for parameter in reference.parameters():
         parameter.stop_gradient = True
@@ -221,7 +233,7 @@ def load_preference_splits(layout, tokenizer, data_args, training_args) -> dict:
         if not wanted:
             continue
         split = build_preference_split(path, layout, tokenizer, limits, skip_bad_lines=data_args.skip_bad_lines,
-                                       strict_data=data_args.strict_data, shuffle_seed=seed)
+                                       strict_data=data_args.strict_data, shuffle_seed=seed, lazy=data_args.lazy)
         log(f"data: {split.summary()}")
         for message in split.read.skipped[:MAX_SKIPPED_SHOWN]:
             warn(f"skipped {message}")
@@ -254,18 +266,27 @@ def prepare(plan: RecipeSetup) -> DPORun:
     model, tokenizer, _ = build_model_and_tokenizer(plan.source, model_args, data_args, training_args)
     log_cpu_fast_paths(model, family, training_args)
     reference, reference_model = reference_for(model, dpo_args, peft_args)
+    if reference_model is not None and training_args.cpu_fast_paths:
+        from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
+
+        apply_cpu_fast_paths(reference_model, family)  # the policy's kernels, so a reward starts at exactly 0
     model = apply_peft(model, family, peft_args, plan.source.name_or_path)
     log(f"reference model: {REFERENCE_DESCRIPTIONS[reference]}")
 
     layout = family_layout(family, tokenizer)
     splits = load_preference_splits(layout, tokenizer, data_args, training_args)
+    if model_args.flash_mask:
+        collator = PackedPairCollator(layout, pad_to=data_args.max_seq_len if training_args.pipeline_parallel_degree > 1 else None)
+        training_args.label_names = list(PACKED_LABELS)  # the evaluation loop computes a loss only when it finds them
+    else:
+        collator = PreferenceCollator(layout)
     settings = PreferenceLoss(
         dpo_args.loss_type, dpo_args.beta, dpo_args.simpo_gamma, dpo_args.label_smoothing, dpo_args.pref_loss_ratio, dpo_args.sft_loss_ratio
     )
     trainer = DPOTrainer(
         model=model,
         args=training_args,
-        data_collator=PreferenceCollator(layout),
+        data_collator=collator,
         train_dataset=splits["train"].dataset if "train" in splits else None,
         eval_dataset=splits["dev"].dataset if "dev" in splits else None,
         tokenizer=tokenizer,

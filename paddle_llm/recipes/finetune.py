@@ -105,8 +105,8 @@ def check_finetune(values: Mapping, processes: int) -> list[str]:
             errors.append("--optim lomo runs in one process here (its updates happen inside backward, before any all-reduce could); launch a single device")
     if values.get("greedy_zero_padding") and not values.get("zero_padding"):
         errors.append("--greedy_zero_padding chooses how --zero_padding packs samples: add --zero_padding True, or drop it")
-    if values.get("lazy"):
-        errors.append("--lazy (streaming the dataset) is not supported here: data files are read and tokenized whole before training; drop it (set it false)")
+    if values.get("lazy") and (values.get("eval_with_do_generation") or values.get("do_generation")):
+        errors.append("--lazy keeps no records in memory, and generation-based evaluation (--eval_with_do_generation/--do_generation) prompts with the dev records: drop one of them")
     errors += check_peft_variants(values)
     if (values.get("do_train") or values.get("do_eval")) and not values.get("dataset_name_or_path"):
         errors.append(f"--dataset_name_or_path is required with --do_train/--do_eval: a directory holding {TRAIN_FILE} and {DEV_FILE}")
@@ -164,6 +164,7 @@ def load_splits(layout, tokenizer, data_args, training_args):
             zero_padding=data_args.zero_padding,
             greedy_zero_padding=data_args.greedy_zero_padding,
             shuffle_seed=seed,
+            lazy=data_args.lazy,
         )
         log(f"data: {split.summary()}")
         for message in split.read.skipped[:MAX_SKIPPED_SHOWN]:

@@ -22,7 +22,10 @@ from dataclasses import dataclass
 
 import paddle
 import paddle.nn.functional as F
+from paddle.distributed import fleet
+from paddle.distributed.fleet.meta_parallel import ParallelCrossEntropy
 
+from paddle_llm.data.preference import PACKED_LABELS
 from paddle_llm.data.sft import IGNORE_INDEX
 from paddle_llm.trainer.trainer import LLMTrainer
 
@@ -46,18 +49,35 @@ class PreferenceLoss:
         return self.loss_type in AVERAGED_LOSS_TYPES
 
 
-def sequence_log_probs(logits: paddle.Tensor, labels: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """Per row: the sum of ``log p(label)`` over the labelled positions, and how many there are.
+def token_log_probs(logits: paddle.Tensor, labels: paddle.Tensor, vocab_split: bool = False) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Per position: ``log p(label)`` (0 where nothing is predicted), and the float mask of labelled positions.
 
     Args:
-        logits: ``[rows, seq, vocab]``.
+        logits: ``[rows, seq, vocab]``, or under tensor parallel ``[rows, seq, vocab / ranks]`` when
+            ``vocab_split``: each rank holds its slice of the vocabulary, and the softmax is taken across the ranks
+            (fleet's ``ParallelCrossEntropy``, as PaddleNLP's ``DPOCriterion`` does), so no rank gathers all the logits.
         labels: ``[rows, seq]``, already shifted; ``IGNORE_INDEX`` where nothing is predicted.
     """
     mask = labels != IGNORE_INDEX
-    safe_labels = paddle.where(mask, labels, paddle.zeros_like(labels))
-    token_log_probs = -F.cross_entropy(logits.astype("float32"), safe_labels.unsqueeze(-1), reduction="none").squeeze(-1)
+    safe_labels = paddle.where(mask, labels, paddle.zeros_like(labels)).unsqueeze(-1)
+    if vocab_split:
+        losses = ParallelCrossEntropy()(logits.astype("float32"), safe_labels)
+    else:
+        losses = F.cross_entropy(logits.astype("float32"), safe_labels, reduction="none")
     mask = mask.astype("float32")
-    return (token_log_probs * mask).sum(axis=-1), mask.sum(axis=-1)
+    return -losses.squeeze(-1) * mask, mask
+
+
+def sequence_log_probs(logits: paddle.Tensor, labels: paddle.Tensor, vocab_split: bool = False) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """Per row: the sum of ``log p(label)`` over the labelled positions, and how many there are
+    (``token_log_probs``' arguments)."""
+    log_probs, mask = token_log_probs(logits, labels, vocab_split)
+    return log_probs.sum(axis=-1), mask.sum(axis=-1)
+
+
+def vocab_split(config) -> bool:
+    """Whether a model of ``config`` returns logits split over the tensor-parallel ranks (``tensor_parallel_output``)."""
+    return config.tensor_parallel_degree > 1 and bool(config.tensor_parallel_output)
 
 
 def _sigmoid_loss(logits, policy_chosen, policy_rejected, settings):
@@ -113,27 +133,106 @@ def preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_
     return losses.mean() * settings.pref_loss_ratio, chosen_rewards, rejected_rewards
 
 
+def step_loss(policy_chosen, policy_rejected, chosen_tokens, reference_chosen, reference_rejected, settings: PreferenceLoss):
+    """``preference_loss`` plus ``sft_loss_ratio`` times the chosen replies' language-model loss (per token)."""
+    loss, chosen_rewards, rejected_rewards = preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, settings)
+    if settings.sft_loss_ratio:
+        summed = policy_chosen * chosen_tokens if settings.average_log_prob else policy_chosen
+        loss = loss + settings.sft_loss_ratio * (-summed.sum() / chosen_tokens.sum())
+    return loss, chosen_rewards, rejected_rewards
+
+
 def _logits(outputs) -> paddle.Tensor:
     if isinstance(outputs, (tuple, list)):
         return outputs[0]
     return outputs.logits if hasattr(outputs, "logits") else outputs
 
 
-def pair_log_probs(model, inputs: dict, average: bool):
-    """The chosen and rejected replies' log-probabilities under ``model`` for a ``PreferenceCollator`` batch
-    (chosen rows first), summed or averaged over each reply's tokens, and the chosen replies' token counts."""
-    forward_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-    total, count = sequence_log_probs(_logits(model(**forward_inputs)), inputs["labels"])
-    if average:
-        total = total / count
+LABEL_KEYS = ("labels",) + PACKED_LABELS
+
+
+def pair_count(inputs: dict) -> int:
+    """Pairs in a batch: one per row when packed (``chosen_labels`` present), else half the rows."""
+    rows = inputs["input_ids"].shape[0]
+    return rows if "chosen_labels" in inputs else rows // 2
+
+
+def pair_log_probs(model, inputs: dict, average: bool, split: bool = False):
+    """The chosen and rejected replies' log-probabilities under ``model``, summed or averaged over each reply's
+    tokens, and the chosen replies' token counts, for a ``PreferenceCollator`` batch (chosen rows first) or a
+    ``PackedPairCollator`` one (a pair per row, each reply labelled apart). ``split``: the logits are split over
+    the tensor-parallel ranks (``vocab_split``)."""
+    forward_inputs = {key: value for key, value in inputs.items() if key not in LABEL_KEYS}
+    logits = _logits(model(**forward_inputs))
+    if "chosen_labels" in inputs:
+        return packed_log_probs(logits, inputs["chosen_labels"], inputs["rejected_labels"], average, split)
+    total, count = sequence_log_probs(logits, inputs["labels"], split)
     pairs = total.shape[0] // 2
-    return total[:pairs], total[pairs:], count[:pairs]
+    return _per_pair(total[:pairs], total[pairs:], count[:pairs], count[pairs:], average)
+
+
+def packed_log_probs(logits, chosen_labels, rejected_labels, average: bool, split: bool):
+    """``pair_log_probs`` of packed rows, from their logits: each row's chosen and rejected replies are labelled apart."""
+    # the replies' positions do not overlap: one pass over the logits reads both
+    labels = paddle.where(chosen_labels != IGNORE_INDEX, chosen_labels, rejected_labels)
+    log_probs, _ = token_log_probs(logits, labels, split)
+    chosen_mask = (chosen_labels != IGNORE_INDEX).astype("float32")
+    rejected_mask = (rejected_labels != IGNORE_INDEX).astype("float32")
+    chosen, rejected = (log_probs * chosen_mask).sum(axis=-1), (log_probs * rejected_mask).sum(axis=-1)
+    return _per_pair(chosen, rejected, chosen_mask.sum(axis=-1), rejected_mask.sum(axis=-1), average)
+
+
+def _per_pair(chosen, rejected, chosen_count, rejected_count, average: bool):
+    """(chosen, rejected, chosen token counts): sums, or per-token averages when ``average``."""
+    if average:
+        chosen, rejected = chosen / chosen_count, rejected / rejected_count
+    return chosen, rejected, chosen_count
+
+
+FEATURE_KEYS = ("input_ids", "attention_mask", "position_ids")  # what a pipeline's first stage reads of a packed batch
+# The private attributes DPO under pipeline parallel sets, as (module, class, attribute, where it is read, why), checked
+# against these versions by tests/unit/test_dpo_loss.py (which fails when the installed Paddle/PaddleNLP stop using them).
+PIPELINE_PRIVATES_VERIFIED = {"paddlepaddle": "3.3.1", "paddlenlp": "3.0.0b4"}
+PIPELINE_PRIVATES = (
+    ("paddle.distributed.fleet.meta_parallel.parallel_layers.pp_layers", "PipelineLayer", "_loss_fn",
+     "self._loss_fn = loss_fn if isinstance(loss_fn, list) else [loss_fn]",
+     "the last stage's loss functions: the preference loss, set after PaddleNLP's Pipe model built its LM criterion"),
+    ("paddlenlp.trainer.trainer", "Trainer", "_prepare_pipeline_inputs_func",
+     "inputs = model._prepare_pipeline_inputs_func(self._pp_data_buffer)",
+     "how the Trainer turns a step's micro-batches into pipeline inputs: the reference scores them there first"),
+)
+
+
+class PipelinePairLoss(paddle.nn.Layer):
+    """The loss a pipeline's last stage runs per micro-batch of packed pairs (``PackedPairCollator``).
+
+    ``labels`` are ``(chosen_labels, rejected_labels)`` when scoring for the reference: the pair log-probabilities
+    are kept in ``scored`` and the returned loss is 0; or ``(chosen_labels, rejected_labels, reference_chosen,
+    reference_rejected)`` when training: the preference loss, whose metrics go to ``on_pairs``.
+    """
+
+    def __init__(self, settings: PreferenceLoss, split: bool, on_pairs=None):
+        super().__init__()
+        self.settings, self.split, self.on_pairs = settings, split, on_pairs
+        self.scored: list[tuple[paddle.Tensor, paddle.Tensor]] = []
+
+    def forward(self, logits, labels):
+        chosen_labels, rejected_labels = labels[0], labels[1]
+        chosen, rejected, chosen_tokens = packed_log_probs(logits, chosen_labels, rejected_labels, self.settings.average_log_prob, self.split)
+        if len(labels) == 2:
+            self.scored.append((chosen.detach(), rejected.detach()))
+            return paddle.zeros([], dtype="float32")
+        loss, chosen_rewards, rejected_rewards = step_loss(chosen, rejected, chosen_tokens, labels[2], labels[3], self.settings)
+        if self.on_pairs is not None:
+            self.on_pairs(loss, chosen_rewards, rejected_rewards, chosen, rejected)
+        return loss
 
 
 class DPOTrainer(LLMTrainer):
     """``LLMTrainer`` whose loss is a preference loss over batches from ``PreferenceCollator``.
 
-    A batch holds ``2 x pairs`` rows: the chosen samples, then the rejected ones. The reward metrics of every step
+    A batch holds ``2 x pairs`` rows, the chosen samples then the rejected ones, or (packed, ``--flash_mask``) one
+    row per pair. The reward metrics of every step
     (and of every evaluation, with an ``eval_`` prefix) are averaged over the pairs since the last log, across all
     ranks, and logged next to the loss, so ``metrics.jsonl`` and ``report.html`` carry them.
 
@@ -154,31 +253,64 @@ class DPOTrainer(LLMTrainer):
         self.reference = reference
         self.reference_model = reference_model
         self._sums = {"train": {}, "eval": {}}
+        self.vocab_split = vocab_split(self.model.config)
+        if self.args.pipeline_parallel_degree > 1:
+            self._set_pipeline_losses()
+
+    def _set_pipeline_losses(self) -> None:
+        """Under pipeline parallel the last stage computes the loss (``PipelinePairLoss``), for the policy and for
+        the frozen reference, which runs as a pipeline of its own (``fleet.distributed_model``)."""
+        if self.reference == "adapters_off":
+            raise ValueError("LoRA DPO does not run under pipeline parallel here")
+        self.model._loss_fn = [PipelinePairLoss(self.settings, self.vocab_split, lambda *values: self._accumulate("train", *values))]
+        self.reference_scorer = PipelinePairLoss(self.settings, self.vocab_split)
+        if self.reference_model is not None:
+            self.reference_model._loss_fn = [self.reference_scorer]
+            self.reference_model = fleet.distributed_model(self.reference_model)
+
+    def training_pipeline_step(self, model, inputs):
+        # the Trainer asks the model for its micro-batches once per step: the reference scores them there first
+        model._prepare_pipeline_inputs_func = self._micro_batches_with_reference
+        return super().training_pipeline_step(model, inputs)
+
+    def _micro_batches_with_reference(self, batches: list[dict]):
+        """``[features, labels]`` for the pipeline, a list of micro-batches each; labels carry each pair's reference
+        log-probabilities, scored by the reference pipeline (on its last stage, the only one that reads them)."""
+        features = tuple([batch[key] for batch in batches] for key in FEATURE_KEYS)
+        labels = tuple([batch[key] for batch in batches] for key in PACKED_LABELS)
+        if self.reference_model is None:
+            reference = [[paddle.zeros([batch["input_ids"].shape[0]], dtype="float32") for batch in batches]] * 2
+        else:
+            scorer = self.reference_model
+            scorer.micro_batch_size, scorer.accumulate_steps = self.args.per_device_train_batch_size, len(batches)
+            self.reference_scorer.scored.clear()
+            with paddle.no_grad():
+                scorer.eval_batch(data=[features, labels], compute_loss=True)
+            # only the last stage scores; the other stages pass placeholders they never read
+            scored = self.reference_scorer.scored or [(paddle.zeros([batch["input_ids"].shape[0]]),) * 2 for batch in batches]
+            reference = [[chosen for chosen, _ in scored], [rejected for _, rejected in scored]]
+        return [features, labels + tuple(reference)]
 
     def _reference_log_probs(self, inputs: dict):
-        pairs = inputs["input_ids"].shape[0] // 2
         if self.reference == "free":
-            zeros = paddle.zeros([pairs], dtype="float32")
+            zeros = paddle.zeros([pair_count(inputs)], dtype="float32")
             return zeros, zeros
         with paddle.no_grad():
             if self.reference == "copy":
-                chosen, rejected, _ = pair_log_probs(self.reference_model, inputs, self.settings.average_log_prob)
+                chosen, rejected, _ = pair_log_probs(self.reference_model, inputs, self.settings.average_log_prob, self.vocab_split)
                 return chosen, rejected
             # The same weights with every LoRA adapter bypassed: the model DPO started from.
             self.model.disable_lora()
             try:
-                chosen, rejected, _ = pair_log_probs(self.model, inputs, self.settings.average_log_prob)
+                chosen, rejected, _ = pair_log_probs(self.model, inputs, self.settings.average_log_prob, self.vocab_split)
             finally:
                 self.model.enable_lora()
             return chosen, rejected
 
     def compute_loss(self, model, inputs, return_outputs=False):
-        policy_chosen, policy_rejected, chosen_tokens = pair_log_probs(model, inputs, self.settings.average_log_prob)
+        policy_chosen, policy_rejected, chosen_tokens = pair_log_probs(model, inputs, self.settings.average_log_prob, self.vocab_split)
         reference_chosen, reference_rejected = self._reference_log_probs(inputs)
-        loss, chosen_rewards, rejected_rewards = preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.settings)
-        if self.settings.sft_loss_ratio:
-            summed = policy_chosen * chosen_tokens if self.settings.average_log_prob else policy_chosen
-            loss = loss + self.settings.sft_loss_ratio * (-summed.sum() / chosen_tokens.sum())
+        loss, chosen_rewards, rejected_rewards = step_loss(policy_chosen, policy_rejected, chosen_tokens, reference_chosen, reference_rejected, self.settings)
         self._accumulate("train" if model.training else "eval", loss, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
         return (loss, {}) if return_outputs else loss  # no outputs to keep: evaluation reads only the loss
 
@@ -205,13 +337,17 @@ class DPOTrainer(LLMTrainer):
         """The metrics since the last log, averaged over every pair on every rank (all ranks log together)."""
         sums = self._sums[split]
         self._sums[split] = {}
-        if not sums:
+        distributed = paddle.distributed.get_world_size() > 1
+        if not sums and not distributed:
             return {}
-        names = METRICS + (("loss",) if "loss" in sums else ())
-        totals = paddle.stack([paddle.to_tensor(sums[name], dtype="float32").reshape([]) for name in names + ("pairs",)])
-        if paddle.distributed.get_world_size() > 1:
+        # every rank reduces the same names, including a pipeline stage that saw no pair (its sums are 0)
+        names = METRICS + (("loss",) if split == "eval" else ())
+        totals = paddle.stack([paddle.to_tensor(sums.get(name, 0.0), dtype="float32").reshape([]) for name in names + ("pairs",)])
+        if distributed:
             paddle.distributed.all_reduce(totals)
         totals = totals.numpy()
+        if totals[-1] == 0:
+            return {}
         prefix = "eval_" if split == "eval" else ""
         return {f"{prefix}{name}": round(float(total / totals[-1]), 6) for name, total in zip(names, totals[:-1])}
 

@@ -46,14 +46,10 @@ STAND_IN_SHAPE = {
 INSTRUCTIONS = os.path.join(ROOT, "paddle_llm", "assets", "instructions")
 PREFERENCES = os.path.join(ROOT, "paddle_llm", "assets", "preferences")
 
-DPO_TP = "DPO under tensor parallel is not supported yet"
 # file -> what its refusal must say (every line of it); files not listed are accepted
 REFUSED = {
-    "llama/dpo_argument.json": [DPO_TP],
-    "qwen/dpo_argument.json": [DPO_TP],
-    "llama/flashmask/dpo.json": [DPO_TP, "--greedy_zero_padding is not supported here (pairs are padded", "--lazy is not supported here"],
-    "llama/flashmask/sft.json": ["--lazy (streaming the dataset) is not supported here"],
-    "llama/flashmask/lora.json": ["--lazy (streaming the dataset) is not supported here", "--benchmark (PaddleNLP's throughput mode) is not supported here"],
+    "llama/flashmask/dpo.json": ["--greedy_zero_padding is not supported here (a row holds one pair"],
+    "llama/flashmask/lora.json": ["--benchmark (PaddleNLP's throughput mode) is not supported here"],
     "llama/lokr_argument.json": ["--lokr: LoKr is not supported here", "--max_length 512 leaves no room for a reply after --src_length 512"],
     "llama/longlora_argument.json": ["--use_shift_sparse_attention: LongLoRA (shifted sparse attention) is not supported here"],
     "llama/vera_argument.json": ["--vera: VeRA is not supported here"],
@@ -126,17 +122,18 @@ def test_every_paddlenlp_argument_file_is_accepted_or_refused_by_name(stand_in_m
     print("\n".join(["", "PaddleNLP llm/config file              recipe   world    check"] + table))
     assert not problems, "\n".join(problems)
     assert {relative: open(os.path.join(ARG_FILES, relative), "rb").read() for relative in FILES} == before  # inputs untouched
-    assert len(FILES) == 33 and len(REFUSED) == 8
+    assert len(FILES) == 33 and len(REFUSED) == 5
 
 
 def test_run_finetune_py_is_paddlenlps_current_name_for_fine_tuning(tmp_path):
-    result = run_script(["run_finetune.py", "--output_dir", str(tmp_path), "--device", "cpu", "--lazy", "true"], check=False, PYTHONPATH=ROOT)
-    assert result.returncode == 2 and "paddle-llm finetune: error: --lazy (streaming the dataset) is not supported here" in result.stderr, result.stderr
+    result = run_script(["run_finetune.py", "--output_dir", str(tmp_path), "--device", "cpu", "--lazy", "true", "--eval_with_do_generation", "true"],
+                        check=False, PYTHONPATH=ROOT)
+    assert result.returncode == 2 and "paddle-llm finetune: error: --lazy keeps no records in memory" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 
 # The files whose layout fits one process, each trained a few CPU steps: fine-tuning (full, LoRA, prefix) and
-# LoRA DPO with --rslora_plus and --flash_mask (the explicit-mask path, with one warning).
+# LoRA DPO with --rslora_plus and --flash_mask (packed single-row pairs, through an explicit mask).
 RUNS = ["qwen/sft_argument_0p5b.json", "llama/lora_argument.json", "chatglm2/pt_argument.json", "llama/dpo_lora_argument.json"]
 
 
@@ -154,7 +151,7 @@ def test_a_paddlenlp_argument_file_trains_on_cpu(relative, stand_in_models, demo
     losses = train_losses(output_dir)
     assert sorted(losses) == [1, 2], losses
     if relative == "llama/dpo_lora_argument.json":
-        assert "--flash_mask is GPU-only" in result.stdout + result.stderr
+        assert "--flash_mask: each pair is one row" in result.stdout + result.stderr  # PaddleNLP's packed pairs
         with open(os.path.join(output_dir, "lora_config.json"), encoding="utf-8") as f:
             config = json.load(f)
         assert (config["rslora"], config["lora_plus_scale"], config["lora_alpha"], config["r"]) == (True, 4.0, 4, 64)

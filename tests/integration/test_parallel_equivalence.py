@@ -215,12 +215,21 @@ def test_tensor_parallel_lora_matches_one_process_and_its_adapter_loads_on_one_d
 DPO_LAYOUTS = {
     "dpo_data_parallel_2": Run(RUN_DPO, 2, {"per_device_train_batch_size": 2}),
     "dpo_sharding_stage2": Run(RUN_DPO, 2, {"sharding": "stage2", "per_device_train_batch_size": 2}),
+    # every token's log-probability from vocabulary-split logits (a softmax across the ranks); the reference copy split too
+    "dpo_tensor_parallel_2": Run(RUN_DPO, 2, {"tensor_parallel_degree": 2, "per_device_train_batch_size": 4}),
+    # 2 micro-batches of 2 packed pairs (PaddleNLP's single-row pairs, --flash_mask, an explicit mask on CPU: a pair
+    # per row, so micro-batches never split one); the reference copy is a pipeline of its own that scores each
+    # micro-batch before the policy's forward and backward
+    "dpo_pipeline_parallel_2": Run(
+        RUN_DPO, 2, {"pipeline_parallel_degree": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "flash_mask": True}
+    ),
 }
+DPO_ONE_PROCESS = Run(RUN_DPO, 1, {"per_device_train_batch_size": 4})
 
 
 @pytest.mark.parametrize("layout", DPO_LAYOUTS)
 def test_dpo_two_process_layout_matches_one_process(runs, layout):
-    single = runs.dpo("dpo_one_process", Run(RUN_DPO, 1, {"per_device_train_batch_size": 4}))
+    single = runs.dpo("dpo_one_process", DPO_ONE_PROCESS)
     parallel = runs.dpo(layout, DPO_LAYOUTS[layout])
     assert_same_training(parallel, single)
     # the reward metrics are averaged over every pair on every rank, so they match too
@@ -230,6 +239,32 @@ def test_dpo_two_process_layout_matches_one_process(runs, layout):
             assert actual[step][key] == pytest.approx(expected[step][key], rel=TOLERANCE, abs=1e-6), (key, step)
     # step 1 scores the starting weights, which are the reference: every reward is 0; later steps moved away
     assert expected[1]["rewards/chosen"] == 0 and expected[STEPS]["rewards/chosen"] != 0
+
+
+def test_dpo_tensor_parallel_final_weights_equal_one_process(runs):
+    single = runs.dpo("dpo_one_process", DPO_ONE_PROCESS)
+    parallel = runs.dpo("dpo_tensor_parallel_2", DPO_LAYOUTS["dpo_tensor_parallel_2"])
+    compare = textwrap.dedent(
+        f"""
+        import numpy as np, paddle
+        whole = {{k: v.numpy() for k, v in paddle.load({single!r} + "/model_state.pdparams").items()}}
+        start = {{k: v.numpy() for k, v in paddle.load({runs.models['llama']!r} + "/model_state.pdparams").items()}}
+        worst, compared = 0.0, 0
+        for rank in range(2):
+            for name, part in paddle.load({parallel!r} + f"/model_state.tp0{{rank}}.pdparams").items():
+                part, full = part.numpy(), whole[name]
+                # a split weight is this rank's half of the axis where the shapes differ; the rest is replicated
+                axes = [axis for axis, (a, b) in enumerate(zip(part.shape, full.shape)) if a != b]
+                if axes:
+                    full = np.split(full, 2, axis=axes[0])[rank]
+                worst, compared = max(worst, float(np.abs(part - full).max())), compared + 1
+        assert compared >= len(whole), (compared, len(whole))
+        assert max(float(np.abs(whole[k] - start[k]).max()) for k in whole) > 1e-4  # trained, not the start
+        print("MAXDIFF", worst)
+        """
+    )
+    output = run_script(["-c", compare]).stdout
+    assert float(output.split("MAXDIFF")[1].split()[0]) < TOLERANCE
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -134,3 +134,20 @@ def test_lora_reference_is_the_base_model_with_adapters_off_and_no_second_copy(t
     policy_chosen, _, _ = pair_log_probs(model, batch, average=False)
     assert np.abs(policy_chosen.numpy() - base_chosen.numpy()).max() > 1e-3  # the adapters were on again
 
+
+
+def test_the_private_pipeline_attributes_dpo_sets_are_still_read_by_the_installed_paddle_and_paddlenlp():
+    """DPO under pipeline parallel sets ``PIPELINE_PRIVATES``; each must still be read where recorded. After an
+    upgrade, re-run tests/integration/test_parallel_equivalence.py's DPO rows, then bump ``PIPELINE_PRIVATES_VERIFIED``."""
+    import importlib
+    import inspect
+
+    import paddle
+    import paddlenlp
+
+    from paddle_llm.trainer.dpo_trainer import PIPELINE_PRIVATES, PIPELINE_PRIVATES_VERIFIED
+
+    assert {"paddlepaddle": paddle.__version__, "paddlenlp": paddlenlp.__version__} == PIPELINE_PRIVATES_VERIFIED
+    for module, owner, attribute, fragment, _ in PIPELINE_PRIVATES:
+        assert attribute in fragment
+        assert fragment in inspect.getsource(getattr(importlib.import_module(module), owner)), (module, owner, fragment)

@@ -33,8 +33,11 @@ def test_paddlenlp_defaults_lora_rank_8_and_lora_alpha_minus_one_mean_twice_the_
 
 
 def test_parallel_layouts_dpo_cannot_run_are_refused_before_launch():
-    errors = check_dpo(values("--tensor_parallel_degree", "2", "--prefix_tuning", "True", "--ref_model_update_steps", "10"))
-    assert any(e.startswith("--tensor_parallel_degree 2: DPO under tensor parallel is not supported yet") and "--tensor_parallel_degree 1 with --sharding stage1" in e for e in errors)
+    errors = check_dpo(values("--pipeline_parallel_degree", "2", "--prefix_tuning", "True", "--ref_model_update_steps", "10", "--lora", "True"))
+    assert "--pipeline_parallel_degree 2: DPO's micro-batches are cut by rows, so each pair must be one row: add --flash_mask True (packed pairs)" in errors
+    assert any(e.startswith("--lora does not run with DPO under --pipeline_parallel_degree 2") for e in errors)
+    assert check_dpo(values("--pipeline_parallel_degree", "2", "--flash_mask", "True")) == []
+    assert check_dpo(values("--tensor_parallel_degree", "2")) == []  # proven equal to one process (test_parallel_equivalence.py)
     assert "--prefix_tuning does not run with DPO: use --lora True, or full DPO" in errors
     assert any(e.startswith("--ref_model_update_steps is not supported here") for e in errors)
     assert check_dpo(values()) == []
@@ -45,8 +48,10 @@ def test_paddle_llm_check_runs_the_dpo_recipes_own_checks(capsys, monkeypatch):
 
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "1")  # check sets it for the recipe; restored after the test
 
-    assert main(["--nproc_per_node", "2", "run_dpo.py", "--output_dir", "out", "--tensor_parallel_degree", "2", "--device", "cpu"]) == 2
-    assert "paddle-llm check: error: --tensor_parallel_degree 2: DPO under tensor parallel is not supported yet" in capsys.readouterr().err
+    assert main(["--nproc_per_node", "2", "run_dpo.py", "--output_dir", "out", "--pipeline_parallel_degree", "2", "--device", "cpu"]) == 2
+    assert "paddle-llm check: error: --pipeline_parallel_degree 2: DPO's micro-batches are cut by rows" in capsys.readouterr().err
+    assert main(["--nproc_per_node", "2", "run_dpo.py", "--output_dir", "out", "--tensor_parallel_degree", "2", "--device", "cpu"]) == 0
+    assert "OK (dpo)" in capsys.readouterr().out
     assert main(["--nproc_per_node", "2", "run_dpo.py", "--output_dir", "out", "--sharding", "stage2", "--device", "cpu"]) == 0
     assert "OK (dpo)" in capsys.readouterr().out
 
@@ -79,6 +84,6 @@ def test_paddlenlp_llama_dpo_args_file_parses_and_names_what_to_change_for_cpu(t
         setup([str(args_file), "--device", "cpu"])
     errors = str(raised.value).splitlines()
     assert not any("unknown" in e for e in errors), errors
-    assert any(e.startswith("--tensor_parallel_degree 8: DPO under tensor parallel is not supported yet") for e in errors)
+    assert not any("DPO under tensor parallel" in e for e in errors), errors
     assert not any("flash_mask" in e for e in errors), errors  # on CPU it falls back to explicit masks, with a warning
     assert any(e.startswith("--train_dataset_path ./data/train.jsonl: no such file") for e in errors)
