@@ -92,6 +92,12 @@ class PrefixLayout:
     postprocess_name: str
 
 
+# The parallel layouts and fusions PaddleNLP builds with its own attention and MLP layers (split or fused projections
+# of hidden/heads-wide heads without biases); a family's own layers (``ModelFamily.layer_options``) have none of them.
+_UNBUILT_WITH_LAYER_OPTIONS = ("tensor_parallel_degree", "pipeline_parallel_degree", "sep_parallel_degree",
+                               "context_parallel_degree", "fuse_attention_qkv", "fuse_attention_ffn", "sequence_parallel")
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """Everything the toolkit knows about one architecture, as data; each family's package defines one
@@ -133,6 +139,10 @@ class ModelFamily:
         hf: the family's Hugging Face mapping module (``models/<family>/hf.py``: names, layouts, config.json both
             ways); None when Hugging Face checkpoints of the family are refused.
         hf_refusal: why, when ``hf`` is None.
+        classes_module: the module ``config_class``, ``model_class`` and ``pipe_model_class`` are read from:
+            PaddleNLP's, or the family's own subclasses where PaddleNLP lacks a layer (``models/llama/modeling.py``).
+        layer_options: ``config fields -> ["option value", ...]``, what the config asks of the family's own layers
+            that PaddleNLP's parallel layouts do not build (``models/llama/layer_options.py``); empty for none.
     """
 
     name: str
@@ -159,6 +169,19 @@ class ModelFamily:
     activations: ActivationTable | None = None
     hf: ModuleType | None = None
     hf_refusal: str = "paddle_llm has no Hugging Face mapping for this family"
+    classes_module: str = "paddlenlp.transformers"
+    layer_options: Callable[[dict], list[str]] = field(default=lambda fields: [])
+
+    def layer_option_errors(self, config_fields, flags) -> list[str]:
+        """Why the run's layout (``flags``: degrees and fusions, from the command line or a model config's fields)
+        cannot build the family's own layers that this config asks for (``layer_options``)."""
+        options = self.layer_options(config_fields)
+        asked = [name for name in _UNBUILT_WITH_LAYER_OPTIONS if (flags.get(name) or 0) not in (0, 1, False)]
+        if not options or not asked:
+            return []
+        return [f"{', '.join(options)} (config) cannot be combined with {', '.join('--' + n for n in asked)}: "
+                f"{self.name}'s layers for them are built for one process without fused projections; run with "
+                "degree 1 and no fusion"]
 
     def canonical_fields(self, config_fields: dict) -> dict:
         """Rename alias keys to the names the config constructor takes (an explicit canonical key wins)."""
@@ -169,12 +192,13 @@ class ModelFamily:
         return renamed
 
     def classes(self):
-        """Import and return ``(config_class, model_class, tokenizer_class)`` from PaddleNLP."""
+        """Import and return ``(config_class, model_class, tokenizer_class)``; the tokenizer is always PaddleNLP's."""
         import paddlenlp.transformers as transformers
 
+        classes = importlib.import_module(self.classes_module)
         return (
-            getattr(transformers, self.config_class),
-            getattr(transformers, self.model_class),
+            getattr(classes, self.config_class),
+            getattr(classes, self.model_class),
             getattr(transformers, self.tokenizer_class),
         )
 
@@ -326,9 +350,7 @@ def build_model(source: ModelSource, config, load_weights: bool):
     if getattr(config, "pipeline_parallel_degree", 1) > 1:
         if source.family.pipe_model_class is None:
             raise ValueError(f"pipeline parallel is not available for {source.family.name}: use --pipeline_parallel_degree 1")
-        import paddlenlp.transformers as transformers
-
-        model_class = getattr(transformers, source.family.pipe_model_class)
+        model_class = getattr(importlib.import_module(source.family.classes_module), source.family.pipe_model_class)
     if load_weights:
         if not source.has_weights:
             where = source.directory or f"preset {source.name_or_path!r}"

@@ -1,13 +1,14 @@
 """Llama (Llama-2 MHA, Llama-3 GQA) through PaddleNLP's ``LlamaForCausalLM``: everything the toolkit knows about it.
 
-Config fields, tokenizer and chat template here; the CPU fast paths in ``cpu_fast.py``, the decoding step of our own
+Config fields, tokenizer and chat template here; PaddleNLP's classes with the layer options it lacks (``head_dim``,
+``attention_bias``, ``mlp_bias``) in ``modeling.py``, read from a config in ``layer_options.py``; the CPU fast paths in ``cpu_fast.py``, the decoding step of our own
 in ``inference_step.py``, the estimator's shape and activation table in ``estimate.py``, the Hugging Face checkpoint
 mapping in ``hf.py``.
 """
 
 from __future__ import annotations
 
-from paddle_llm.models.llama import estimate, hf
+from paddle_llm.models.llama import estimate, hf, layer_options
 from paddle_llm.models.registry import ChatTemplate, Deferred, ModelFamily, PrefixLayout
 from paddle_llm.models.step import StepSpec, past_key_values_call
 
@@ -21,7 +22,7 @@ def prefix_layout(config) -> PrefixLayout:
 
 def kv_geometry(config) -> tuple[int, int]:
     """``(key/value heads, head_dim)`` of the cache."""
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, layer_options.head_dim(vars(config))
 
 
 # Llama-2 chat: ``<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {assistant} </s><s>[INST] ...``. ``<s>`` and
@@ -72,4 +73,6 @@ FAMILY = ModelFamily(
     estimate_shape=estimate.shape,
     activations=estimate.ACTIVATIONS,
     hf=hf,
+    classes_module="paddle_llm.models.llama.modeling",
+    layer_options=layer_options.requested,
 )

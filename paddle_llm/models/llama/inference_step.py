@@ -76,7 +76,7 @@ class LlamaInferenceStep(nn.Layer):
         first_attention = llama.layers[0].self_attn
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = config.hidden_size // self.num_heads
+        self.head_dim = first_attention.head_dim  # hidden/heads, or the config's own head_dim
         self.epsilon = float(config.rms_norm_eps)
         self.num_layers = len(llama.layers)
         tables = llama_rotary_tables(first_attention.rotary_emb)
