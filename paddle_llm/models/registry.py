@@ -490,6 +490,8 @@ FAMILY_PACKAGES = (
     "chatglm",
     "chatglm2",
     "qwen2",
+    "qwen3",
+    "ernie4_5",
 )
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family for family in (importlib.import_module(f"paddle_llm.models.{package}").FAMILY for package in FAMILY_PACKAGES)

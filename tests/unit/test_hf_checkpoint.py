@@ -21,7 +21,9 @@ from tests.conftest import ROOT
 
 HF_ASSETS = os.path.join(ROOT, "tests", "assets", "hf")
 LLAMA_FIXTURES = ["llama2", "llama3", "llama3-sharded", "llama3-bin"]
-FIXTURES = LLAMA_FIXTURES + ["qwen2"]
+# transformers 5's: Llama with biases and head_dim 24 at hidden 64, Qwen3, ERNIE 4.5 (random norms and biases).
+LAYER_OPTION_FIXTURES = ["llama-bias-headdim", "qwen3", "ernie4_5"]
+FIXTURES = LLAMA_FIXTURES + ["qwen2"] + LAYER_OPTION_FIXTURES
 
 
 def fixture_dir(name: str) -> str:
@@ -79,7 +81,7 @@ def test_logits_equal_transformers(name, fast_paths, monkeypatch):
 
 
 @pytest.mark.parametrize("fast_paths", [False, True])
-@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"])
+@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"] + LAYER_OPTION_FIXTURES)
 def test_three_adamw_steps_reproduce_transformers_losses(name, fast_paths):
     import paddle
     from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths

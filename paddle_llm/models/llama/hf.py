@@ -78,13 +78,13 @@ def hf_name(paddle_parameter: str) -> str:
     return paddle_parameter
 
 
-def to_paddle_layout(paddle_parameter: str, array):
-    """Turn a transformers tensor into the layout of the PaddleNLP parameter it loads into."""
+def to_paddle_layout(paddle_parameter: str, array, config_fields: dict):
+    """Turn a transformers tensor into the layout of the PaddleNLP parameter it loads into (the same for any config)."""
     return array.T if _is_linear(paddle_parameter) else array
 
 
-def to_hf_layout(paddle_parameter: str, array):
-    """Turn a PaddleNLP parameter into transformers' layout."""
+def to_hf_layout(paddle_parameter: str, array, config_fields: dict):
+    """Turn a PaddleNLP parameter into transformers' layout (the same for any config)."""
     return array.T if _is_linear(paddle_parameter) else array
 
 
