@@ -160,10 +160,10 @@ def test_unsupported_llama_config_is_refused_with_the_field(tmp_path):
     config_path = os.path.join(directory, "config.json")
     with open(config_path) as f:
         config = json.load(f)
-    config.update(attention_bias=True, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    config.update(pretraining_tp=2, rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with open(config_path, "w") as f:
         json.dump(config, f)
-    with pytest.raises(ValueError, match=r"config\.json: .*attention_bias: true.*rope_scaling of type 'yarn'"):
+    with pytest.raises(ValueError, match=r"config\.json: .*pretraining_tp 2.*rope_scaling of type 'yarn'"):
         resolve_model(directory)
 
 

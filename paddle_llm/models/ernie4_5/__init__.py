@@ -38,6 +38,7 @@ FAMILY = ModelFamily(
     model_class="Ernie4_5ForCausalLM",
     tokenizer_class="LlamaTokenizer",
     max_positions_field="max_position_embeddings",
+    field_aliases=llama.FAMILY.field_aliases,  # the config class is LlamaConfig's subclass
     tokenizer_model_file=llama.FAMILY.tokenizer_model_file,
     chat_template=CHAT_TEMPLATE,
     lora_target_modules=llama.FAMILY.lora_target_modules,

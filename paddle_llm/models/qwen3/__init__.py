@@ -31,6 +31,7 @@ FAMILY = ModelFamily(
     model_class="Qwen3ForCausalLM",
     tokenizer_class="Qwen2Tokenizer",
     max_positions_field="max_position_embeddings",
+    field_aliases=llama.FAMILY.field_aliases,  # the config class is LlamaConfig's subclass
     sentencepiece_tokenizer_class="LlamaTokenizer",
     chat_template=replace(qwen2.CHAT_TEMPLATE, name="qwen3"),
     lora_target_modules=llama.FAMILY.lora_target_modules,
