@@ -176,7 +176,8 @@ class ModelFamily:
         """Why the run's layout (``flags``: degrees and fusions, from the command line or a model config's fields)
         cannot build the family's own layers that this config asks for (``layer_options``)."""
         options = self.layer_options(config_fields)
-        asked = [name for name in _UNBUILT_WITH_LAYER_OPTIONS if (flags.get(name) or 0) not in (0, 1, False)]
+        # A degree is off at -1, 0, 1 or None; a fusion or sequence_parallel is on when true.
+        asked = [name for name in _UNBUILT_WITH_LAYER_OPTIONS if flags.get(name) is True or (flags.get(name) or 0) > 1]
         if not options or not asked:
             return []
         return [f"{', '.join(options)} (config) cannot be combined with {', '.join('--' + n for n in asked)}: "
