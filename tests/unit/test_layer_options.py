@@ -1,0 +1,35 @@
+"""The layer options PaddleNLP's Llama lacks (head_dim apart from hidden/heads, attention_bias, mlp_bias, Qwen3's
+head norms) are built for one process: a parallel layout or fused projections with them is refused by name before
+anything starts, and nothing is refused without them."""
+
+from __future__ import annotations
+
+from paddle_llm.models.registry import resolve_model
+from paddle_llm.recipes.spine import check_model_and_runtime
+
+
+def test_parallel_layouts_with_layer_options_are_refused_by_name():
+    qwen3 = resolve_model("tiny-qwen3")
+    errors = qwen3.family.layer_option_errors(qwen3.config_fields, {"tensor_parallel_degree": 2, "pipeline_parallel_degree": -1})
+    assert len(errors) == 1 and "q/k head norms (qwen3), head_dim 64" in errors[0] and "--tensor_parallel_degree" in errors[0]
+    assert "--pipeline_parallel_degree" not in errors[0]  # -1 is off
+    llama = resolve_model("tiny-llama")
+    fields = dict(llama.config_fields, head_dim=48, attention_bias=True)
+    [fused] = llama.family.layer_option_errors(fields, {"fuse_attention_qkv": True})
+    assert "head_dim 48, attention_bias true" in fused and "--fuse_attention_qkv" in fused
+
+
+def test_nothing_is_refused_without_layer_options_or_without_a_parallel_layout():
+    llama = resolve_model("tiny-llama")
+    assert llama.family.layer_option_errors(llama.config_fields, {"tensor_parallel_degree": 2, "fuse_attention_qkv": True}) == []
+    ernie = resolve_model("tiny-ernie4_5")  # head_dim 32 at hidden 128 with 4 heads is hidden/heads: no option
+    assert ernie.family.layer_option_errors(dict(ernie.config_fields, head_dim=32), {"tensor_parallel_degree": 2}) == []
+    qwen3 = resolve_model("tiny-qwen3")
+    assert qwen3.family.layer_option_errors(qwen3.config_fields, {"tensor_parallel_degree": 1, "sequence_parallel": False}) == []
+
+
+def test_check_refuses_tensor_parallel_qwen3_before_any_process_starts():
+    source = resolve_model("tiny-qwen3")
+    values = {"tensor_parallel_degree": 2, "device": "cpu", "output_dir": "unused"}
+    assert any("q/k head norms (qwen3)" in error and "--tensor_parallel_degree" in error
+               for error in check_model_and_runtime(values, set(values), source))
