@@ -4,6 +4,8 @@ anything starts, and nothing is refused without them."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from paddle_llm.models.registry import resolve_model
 from paddle_llm.recipes.spine import check_model_and_runtime
 
@@ -33,3 +35,19 @@ def test_check_refuses_tensor_parallel_qwen3_before_any_process_starts():
     values = {"tensor_parallel_degree": 2, "device": "cpu", "output_dir": "unused"}
     assert any("q/k head norms (qwen3)" in error and "--tensor_parallel_degree" in error
                for error in check_model_and_runtime(values, set(values), source))
+
+
+def test_prefix_tuning_makes_a_past_of_the_decoupled_head_width():
+    """PaddleNLP's prefix encoder sizes heads as hidden/heads; given heads * head_dim, Qwen3's past is head_dim wide
+    (64 at hidden 128 with 4 heads: a past of hidden/heads = 32 fails to concatenate with the keys)."""
+    import paddle
+
+    from paddle_llm.models.registry import build_config, build_model
+    from paddle_llm.peft.prefix import apply_prefix
+
+    source = resolve_model("tiny-qwen3")
+    model = build_model(source, build_config(source), load_weights=False)
+    prefixed = apply_prefix(model, source.family, num_prefix_tokens=3)
+    loss = prefixed(input_ids=paddle.to_tensor([[5, 6, 7, 8]]), labels=paddle.to_tensor([[6, 7, 8, 9]]), return_dict=True).loss
+    loss.backward()
+    assert np.isfinite(float(loss))

@@ -4,8 +4,7 @@ toolkit knows about it.
 ERNIE 4.5 dense is Llama at its core: RMSNorm, grouped-query attention with ``head_dim`` apart from hidden/heads (128
 at hidden 1024), SwiGLU, tied embeddings, RoPE theta 5e5, and ``use_bias`` for every projection. Its interleaved RoPE
 becomes Llama's by reordering the q/k weights (``hf.py``), so the layers, the CPU fast paths, the cache geometry and
-Llama's own decoding step are Llama's. Prefix tuning is refused (its past-key-value layout assumes hidden/heads-wide
-heads). The estimator's shape is in ``estimate.py``. The MoE models (ERNIE-4.5-21B-A3B) are other model_types, not read here.
+Llama's own decoding step are Llama's. The estimator's shape is in ``estimate.py``. The MoE models (ERNIE-4.5-21B-A3B) are other model_types, not read here.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ FAMILY = ModelFamily(
     tokenizer_model_file=llama.FAMILY.tokenizer_model_file,
     chat_template=CHAT_TEMPLATE,
     lora_target_modules=llama.FAMILY.lora_target_modules,
+    prefix_layout=llama.prefix_layout,
     paddlenlp_module="paddle_llm.models.ernie4_5.",
     cpu_fast_paths=Deferred("paddle_llm.models.ernie4_5.cpu_fast", "apply"),
     step=StepSpec(

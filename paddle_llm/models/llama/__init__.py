@@ -14,10 +14,14 @@ from paddle_llm.models.step import StepSpec, past_key_values_call
 
 
 def prefix_layout(config) -> PrefixLayout:
-    """Batch-first ``[batch, prefix, heads, head_dim]``; grouped-query attention gives the prefix fewer heads."""
+    """Batch-first ``[batch, prefix, heads, head_dim]``; grouped-query attention gives the prefix fewer heads.
+
+    PaddleNLP's prefix encoder makes heads of ``hidden_size / num_attention_heads``, so it is given ``heads *
+    head_dim``: the hidden size, or wider or narrower where ``head_dim`` is decoupled (Qwen3, ERNIE 4.5)."""
     kv_heads = getattr(config, "num_key_value_heads", None)
     groups = kv_heads if kv_heads and kv_heads != config.num_attention_heads else None
-    return PrefixLayout(config.num_attention_heads, config.num_hidden_layers, config.hidden_size, groups, "llama_postprocess_past_key_value")
+    width = config.num_attention_heads * layer_options.head_dim(vars(config))
+    return PrefixLayout(config.num_attention_heads, config.num_hidden_layers, width, groups, "llama_postprocess_past_key_value")
 
 
 def kv_geometry(config) -> tuple[int, int]:

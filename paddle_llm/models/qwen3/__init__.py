@@ -4,8 +4,7 @@ Qwen3 is Llama with heads of their own width (``head_dim`` 128 at any hidden siz
 key head before the rotary embedding, optional q/k/v/o biases, and tied embeddings at small sizes; its tokenizer is
 Qwen2's byte-level BPE with the ChatML template. So the cache geometry, the decoding-step call, the LoRA targets and
 the CPU fast paths are Llama's (``cpu_fast.py`` names Qwen3's classes); Llama's own inference step has no head norms,
-so export traces this model's forward. Prefix tuning is refused (its past-key-value layout assumes hidden/heads-wide
-heads). The estimator's shape is in ``estimate.py``, the Hugging Face mapping in ``hf.py``.
+so export traces this model's forward. The estimator's shape is in ``estimate.py``, the Hugging Face mapping in ``hf.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ FAMILY = ModelFamily(
     sentencepiece_tokenizer_class="LlamaTokenizer",
     chat_template=replace(qwen2.CHAT_TEMPLATE, name="qwen3"),
     lora_target_modules=llama.FAMILY.lora_target_modules,
+    prefix_layout=llama.prefix_layout,
     paddlenlp_module="paddle_llm.models.qwen3.",
     cpu_fast_paths=Deferred("paddle_llm.models.qwen3.cpu_fast", "apply"),
     step=StepSpec(
