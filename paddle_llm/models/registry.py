@@ -231,7 +231,9 @@ def family_of(config_fields: dict) -> ModelFamily:
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
-    for architecture in config_fields.get("architectures") or []:
+    # Only a config without model_type is read by its architecture: Qwen3MoeForCausalLM (model_type qwen3_moe) or
+    # Ernie4_5_MoeForCausalLM starts like a dense family's name but is not one.
+    for architecture in [] if model_type else config_fields.get("architectures") or []:
         for family in FAMILIES.values():
             if architecture == family.model_class or architecture.lower().startswith(family.model_types[0]):
                 return family

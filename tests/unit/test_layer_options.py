@@ -51,3 +51,13 @@ def test_prefix_tuning_makes_a_past_of_the_decoupled_head_width():
     loss = prefixed(input_ids=paddle.to_tensor([[5, 6, 7, 8]]), labels=paddle.to_tensor([[6, 7, 8, 9]]), return_dict=True).loss
     loss.backward()
     assert np.isfinite(float(loss))
+
+
+def test_moe_configs_are_not_taken_for_their_dense_family():
+    import pytest
+
+    from paddle_llm.models.registry import family_of
+
+    for model_type, architecture in (("qwen3_moe", "Qwen3MoeForCausalLM"), ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM")):
+        with pytest.raises(ValueError, match=f"model_type '{model_type}' is not supported"):
+            family_of({"model_type": model_type, "architectures": [architecture]})
