@@ -10,10 +10,10 @@ Llama's own decoding step are Llama's. The estimator's shape is in ``estimate.py
 from __future__ import annotations
 
 from paddle_llm.models import llama
+from dataclasses import replace
+
 from paddle_llm.models.ernie4_5 import estimate, hf
-from paddle_llm.models.llama import layer_options
-from paddle_llm.models.registry import ChatTemplate, Deferred, ModelFamily
-from paddle_llm.models.step import StepSpec, past_key_values_call
+from paddle_llm.models.registry import ChatTemplate, Deferred
 
 # ERNIE 4.5's format (its tokenizer_config.json): ``User: {content}\n`` per user turn, ``Assistant: {reply}`` ended by
 # the EOS token, a system message first on its own line. The EOS is a token, not text: the trainer appends it.
@@ -30,31 +30,18 @@ CHAT_TEMPLATE = ChatTemplate(
 )
 
 
-FAMILY = ModelFamily(
+# Llama's family (its layers, tokenizer class, cache and decoding step), except for what ERNIE 4.5 changes.
+FAMILY = replace(
+    llama.FAMILY,
     name="ernie4_5",
     model_types=("ernie4_5",),
     config_class="Ernie4_5Config",
     model_class="Ernie4_5ForCausalLM",
-    tokenizer_class="LlamaTokenizer",
-    max_positions_field="max_position_embeddings",
-    field_aliases=llama.FAMILY.field_aliases,  # the config class is LlamaConfig's subclass
-    tokenizer_model_file=llama.FAMILY.tokenizer_model_file,
+    classes_module="paddle_llm.models.ernie4_5.modeling",
+    pipe_model_class=None,
     chat_template=CHAT_TEMPLATE,
-    lora_target_modules=llama.FAMILY.lora_target_modules,
-    prefix_layout=llama.prefix_layout,
     paddlenlp_module="paddle_llm.models.ernie4_5.",
     cpu_fast_paths=Deferred("paddle_llm.models.ernie4_5.cpu_fast", "apply"),
-    step=StepSpec(
-        call=past_key_values_call,
-        batch_axis=0,
-        seq_axis=1,
-        glm_positions=False,
-        kv_geometry=llama.kv_geometry,
-        inference_step=Deferred("paddle_llm.models.llama.inference_step", "build"),
-    ),
     estimate_shape=estimate.shape,
-    activations=estimate.ACTIVATIONS,
     hf=hf,
-    classes_module="paddle_llm.models.ernie4_5.modeling",
-    layer_options=layer_options.requested,
 )

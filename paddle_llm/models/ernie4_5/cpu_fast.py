@@ -5,21 +5,14 @@ from __future__ import annotations
 
 from paddle import nn
 
-from paddle_llm.models.llama.cpu_fast import LlamaShapedLayers, apply_llama_shaped, llama_attention_unsupported
+from paddle_llm.models.llama.cpu_fast import apply_to_llama_subclass
 
 
 def apply(model: nn.Layer) -> list[str]:
     """Swap the fast paths into an ERNIE 4.5's layers; returns what was replaced (``ernie4_5.<component> xN``)."""
-    from paddlenlp.transformers.llama import modeling as llama_modeling
+    from paddlenlp.transformers.llama.modeling import LlamaAttention
 
     from paddle_llm.models.ernie4_5 import modeling
 
-    layers = LlamaShapedLayers(
-        family="ernie4_5",
-        rms_norm=llama_modeling.LlamaRMSNorm,
-        mlp=llama_modeling.LlamaMLP,
-        attention=llama_modeling.LlamaAttention,
-        causal_lm=modeling.Ernie4_5ForCausalLM,
-        attention_unsupported=llama_attention_unsupported,
-    )
-    return apply_llama_shaped(model, layers)
+    # PaddleNLP's attention where the config sets no layer option, our subclass of it where it does: both are Llama's.
+    return apply_to_llama_subclass(model, "ernie4_5", LlamaAttention, modeling.Ernie4_5ForCausalLM)

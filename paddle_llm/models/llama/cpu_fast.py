@@ -187,12 +187,20 @@ def apply(model: nn.Layer) -> list[str]:
     """Swap the fast paths into a PaddleNLP Llama's layers; returns what was replaced (``llama.<component> xN``)."""
     from paddlenlp.transformers.llama import modeling as llama_modeling
 
+    return apply_to_llama_subclass(model, "llama", llama_modeling.LlamaAttention, llama_modeling.LlamaForCausalLM)
+
+
+def apply_to_llama_subclass(model: nn.Layer, family: str, attention: type, causal_lm: type) -> list[str]:
+    """The fast paths on a family whose attention and causal LM subclass PaddleNLP's Llama (Qwen3, ERNIE 4.5: the
+    norms and MLP are PaddleNLP's Llama classes); returns what was replaced (``<family>.<component> xN``)."""
+    from paddlenlp.transformers.llama import modeling as llama_modeling
+
     layers = LlamaShapedLayers(
-        family="llama",
+        family=family,
         rms_norm=llama_modeling.LlamaRMSNorm,
         mlp=llama_modeling.LlamaMLP,
-        attention=llama_modeling.LlamaAttention,
-        causal_lm=llama_modeling.LlamaForCausalLM,
+        attention=attention,
+        causal_lm=causal_lm,
         attention_unsupported=llama_attention_unsupported,
     )
     return apply_llama_shaped(model, layers)

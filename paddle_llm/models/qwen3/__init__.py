@@ -14,8 +14,7 @@ from dataclasses import replace
 from paddle_llm.models import llama, qwen2
 from paddle_llm.models.llama import layer_options
 from paddle_llm.models.qwen3 import estimate, hf
-from paddle_llm.models.registry import Deferred, ModelFamily
-from paddle_llm.models.step import StepSpec, past_key_values_call
+from paddle_llm.models.registry import Deferred
 
 
 def qwen3_layer_options(fields: dict) -> list[str]:
@@ -23,30 +22,23 @@ def qwen3_layer_options(fields: dict) -> list[str]:
     return ["q/k head norms (qwen3)", *layer_options.requested(fields)]
 
 
-FAMILY = ModelFamily(
+# Llama's family, except for what Qwen3 changes: its classes, tokenizer, template, head norms and Hugging Face mapping.
+FAMILY = replace(
+    llama.FAMILY,
     name="qwen3",
     model_types=("qwen3",),
     config_class="Qwen3Config",
     model_class="Qwen3ForCausalLM",
+    classes_module="paddle_llm.models.qwen3.modeling",
+    pipe_model_class=None,
     tokenizer_class="Qwen2Tokenizer",
-    max_positions_field="max_position_embeddings",
-    field_aliases=llama.FAMILY.field_aliases,  # the config class is LlamaConfig's subclass
+    tokenizer_model_file=None,
     sentencepiece_tokenizer_class="LlamaTokenizer",
     chat_template=replace(qwen2.CHAT_TEMPLATE, name="qwen3"),
-    lora_target_modules=llama.FAMILY.lora_target_modules,
-    prefix_layout=llama.prefix_layout,
     paddlenlp_module="paddle_llm.models.qwen3.",
     cpu_fast_paths=Deferred("paddle_llm.models.qwen3.cpu_fast", "apply"),
-    step=StepSpec(
-        call=past_key_values_call,
-        batch_axis=0,
-        seq_axis=1,
-        glm_positions=False,
-        kv_geometry=llama.kv_geometry,
-    ),
+    step=replace(llama.FAMILY.step, inference_step=None),  # Llama's own step has no head norms
     estimate_shape=estimate.shape,
-    activations=estimate.ACTIVATIONS,
     hf=hf,
-    classes_module="paddle_llm.models.qwen3.modeling",
     layer_options=qwen3_layer_options,
 )
