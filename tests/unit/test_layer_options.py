@@ -61,3 +61,15 @@ def test_moe_configs_are_not_taken_for_their_dense_family():
     for model_type, architecture in (("qwen3_moe", "Qwen3MoeForCausalLM"), ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM")):
         with pytest.raises(ValueError, match=f"model_type '{model_type}' is not supported"):
             family_of({"model_type": model_type, "architectures": [architecture]})
+
+
+def test_rebuilt_attention_has_rotary_tables_of_the_head_width():
+    """``LlamaOptionsAttention`` calls PaddleNLP's private ``_init_rope`` again after setting ``head_dim``; a PaddleNLP
+    whose method stops building the table from ``self.head_dim`` fails here."""
+    from paddle_llm.models.registry import build_config, build_model
+
+    source = resolve_model("tiny-llama")
+    model = build_model(source, build_config(source, head_dim=48, rope_scaling_type="linear", rope_scaling_factor=2.0),
+                        load_weights=False)
+    rotary = model.llama.layers[0].self_attn.rotary_emb
+    assert type(rotary).__name__ == "LlamaLinearScalingRotaryEmbedding" and rotary.cos_cached.shape[-1] == 48

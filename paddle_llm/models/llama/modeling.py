@@ -51,7 +51,11 @@ class LlamaOptionsAttention(llama_modeling.LlamaAttention):
         self.v_proj = nn.Linear(self.hidden_size, key_value_width, bias_attr=bias)
         self.o_proj = nn.Linear(query_width, self.hidden_size, bias_attr=bias)
         if config.rope:
-            self._init_rope()  # its tables are head_dim wide
+            # PaddleNLP's private _init_rope (checked on 3.0.0b4, cpu/ops.py VERIFIED_VERSIONS) builds the rotary
+            # table its config asks for (plain, linear, dynamic NTK, llama3) at self.head_dim; called again so the
+            # tables are the decoupled head's width. A YaRN table would be chosen there too.
+            # tests/unit/test_layer_options.py fails if it stops doing so.
+            self._init_rope()
 
 
 class LlamaOptionsMLP(llama_modeling.LlamaMLP):
