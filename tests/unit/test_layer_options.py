@@ -73,3 +73,22 @@ def test_rebuilt_attention_has_rotary_tables_of_the_head_width():
                         load_weights=False)
     rotary = model.llama.layers[0].self_attn.rotary_emb
     assert type(rotary).__name__ == "LlamaLinearScalingRotaryEmbedding" and rotary.cos_cached.shape[-1] == 48
+
+
+def test_chat_templates_of_the_transformers5_fixtures_frame_conversations_as_transformers():
+    """Qwen3's ChatML and ERNIE 4.5's ``User: ... Assistant: ...`` from the directories' chat_template.jinja give the
+    ids of transformers' ``apply_chat_template`` (the fixture's reference)."""
+    import json
+    import os
+
+    from paddle_llm.data.sft import prompt_ids_as_trained
+    from paddle_llm.models.registry import load_tokenizer
+    from tests.conftest import ROOT
+
+    for name in ("qwen3", "ernie4_5"):
+        directory = os.path.join(ROOT, "tests", "assets", "hf", name)
+        with open(os.path.join(directory, "reference.json"), encoding="utf-8") as f:
+            chat = json.load(f)["chat"]
+        source = resolve_model(directory)
+        tokenizer = load_tokenizer(directory, source.family)
+        assert prompt_ids_as_trained(source.family, tokenizer, chat["messages"][:-1], True) == chat["prompt_ids"], name
