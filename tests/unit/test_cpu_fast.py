@@ -304,7 +304,9 @@ def _reference_and_fast_copy(family: str):
     return source, reference, fast
 
 
-@pytest.mark.parametrize("family", list(PRESET_OF_FAMILY))
+# ERNIE 4.5's layers are Llama's classes at other widths: its per-layer rows here and its fixture's 3 AdamW steps
+# against transformers (test_hf_checkpoint.py) cover it, so the quick tier skips a second 10-step run of them.
+@pytest.mark.parametrize("family", [family for family in PRESET_OF_FAMILY if family != "ernie4_5"])
 def test_ten_adamw_steps_give_paddlenlp_losses(composites, family):
     from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
 
