@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from paddle_llm.models.registry import resolve_model
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT
 from tests.integration.test_hf_models import fixture_dir, hf_tensors, load, logits_of, reference, snapshot
 
-# Every test exports, fine-tunes or serves in fresh processes or builds an engine.
+# Every test exports or loads several models; the transformers check runs in its own venv's process.
 pytestmark = pytest.mark.slow
 
 FIXTURES = ["llama-bias-headdim", "qwen3", "ernie4_5"]
@@ -38,11 +38,14 @@ def read_json(path: str) -> dict:
 
 @pytest.fixture(scope="module", params=FIXTURES)
 def exported(request, tmp_path_factory):
-    """``export --format hf`` of a fixture, and the fixture's snapshot before it."""
+    """``export --format hf`` of a fixture (the command's main, in this process: the other families' tests run it as
+    a process), and the fixture's snapshot before it."""
+    from paddle_llm.export.command import main as export_main
+
     name = request.param
     before = snapshot(fixture_dir(name))
     out = str(tmp_path_factory.mktemp(f"hf-{name}") / "hf")
-    run_script(["-m", "paddle_llm", "export", "--format", "hf", "--model_name_or_path", fixture_dir(name), "--output_path", out])
+    assert export_main(["--format", "hf", "--model_name_or_path", fixture_dir(name), "--output_path", out]) == 0
     return name, out, before
 
 
