@@ -129,7 +129,8 @@ class ModelFamily:
             sample needs an explicit 4-D mask and positions (``paddle_llm.data.sft``).
         token_mean_loss: the model's own loss averages over ignored positions too, so fine-tuning swaps in a
             token-mean criterion (``trainer.finetune_trainer.TokenMeanCrossEntropy``).
-        paddlenlp_module: the PaddleNLP module prefix of the family's layers; a model (or a wrapper such as a LoRA
+        paddlenlp_module: the module prefix of the family's model class (PaddleNLP's, or ours for a family PaddleNLP
+            lacks: ``paddle_llm.models.qwen3.``); a model (or a wrapper such as a LoRA
             model) is recognised by the first sublayer from it.
         cpu_fast_paths: swaps in the CPU implementations of the family's hot composites on one model instance and
             returns what it replaced (``paddle_llm.cpu.fast_paths``); None when the family has none.
