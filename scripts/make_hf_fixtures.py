@@ -13,7 +13,9 @@ The transformers 5 fixture comes from a second venv (transformers 5 writes anoth
 
     python3 -m venv /work/torchvenv5
     /work/torchvenv5/bin/pip install torch==2.13.0 "transformers>=5" safetensors sentencepiece protobuf
-    /work/torchvenv5/bin/python scripts/make_hf_fixtures.py           # rewrites tests/assets/hf/qwen2-tf5 only
+    /work/torchvenv5/bin/python scripts/make_hf_fixtures.py           # rewrites the transformers 5 fixtures only
+
+Naming fixtures (``scripts/make_hf_fixtures.py qwen3 ernie4_5``) rewrites only those.
 
 Each fixture directory is exactly what ``save_pretrained`` writes (config.json, weights, generation_config.json,
 tokenizer files), plus two files the tests read: ``reference.json`` (the fixed inputs, the 3 AdamW steps' losses with
@@ -36,6 +38,11 @@ Fixtures:
                     the precision paddle_llm loads them in on CPU
     qwen2-tf5       qwen2-bf16's shape written by transformers 5: rope_parameters (theta 1e6) instead of
                     rope_theta, dtype instead of torch_dtype
+    llama-bias-headdim, qwen3, ernie4_5
+                    written by transformers 5 in float32 with random norms and biases: a Llama with attention_bias,
+                    mlp_bias and head_dim 24 at hidden 64 (4 heads); a Qwen3 (q/k RMSNorm per head, head_dim 32 at
+                    hidden 64, tied embeddings); an ERNIE 4.5 dense model (interleaved
+                    RoPE, use_bias, head_dim 32, tied embeddings, theta 5e5)
 """
 
 from __future__ import annotations
@@ -77,6 +84,14 @@ QWEN2_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# ERNIE 4.5's template without its tool branches: BOS, then "User: " / "Assistant: " turns, each reply ending in EOS.
+ERNIE4_5_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n' }}"
+    "{% else %}{{ 'Assistant: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+)
+ERNIE4_5_SPECIALS = ["<unk>", "<s>", "</s>"]
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 # The optimizer the 3 reference steps use; the test repeats it with Paddle's AdamW. Parameters whose name holds
@@ -88,6 +103,7 @@ CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user
                 {"role": "assistant", "content": "Happy."}]
 PROMPTS = ["In the evening, Fang went", "The sky was", "Chen asked,", "Together they counted 5 birds"]
 MAX_NEW_TOKENS = 8
+WANTED = set(sys.argv[1:])  # fixture names to rewrite; none: all of this transformers version's
 TRANSFORMERS_5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
 
 
@@ -140,6 +156,39 @@ def qwen2():
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
                          rope_theta=1000000.0, tie_word_embeddings=True, initializer_range=0.1, use_sliding_window=False,
                          bos_token_id=None, eos_token_id=fast.eos_token_id, pad_token_id=None)
+    return config, fast
+
+
+def llama_bias_headdim():
+    """A Llama-architecture checkpoint with biases on every projection and heads narrower than hidden/heads."""
+    config, tokenizer = llama3()
+    config = LlamaConfig(**{**config.to_dict(), "head_dim": 24, "attention_bias": True, "mlp_bias": True,
+                            "tie_word_embeddings": False, "rope_scaling": None, "rope_parameters": None,
+                            "rope_theta": 10000.0})
+    return config, tokenizer
+
+
+def qwen3():
+    from transformers import Qwen3Config
+
+    _, tokenizer = qwen2()
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                         rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True, initializer_range=0.1,
+                         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
+    return config, tokenizer
+
+
+def ernie4_5():
+    from transformers import Ernie4_5Config
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=byte_level_bpe(320, ERNIE4_5_SPECIALS), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", chat_template=ERNIE4_5_CHAT_TEMPLATE)
+    config = Ernie4_5Config(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                            rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, use_bias=True,
+                            initializer_range=0.1, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                            pad_token_id=None)
     return config, fast
 
 
@@ -212,16 +261,22 @@ def reference(model, tokenizer, vocab_size: int) -> tuple[dict, np.ndarray]:
     return data, logits
 
 
-def write(name: str, config, tokenizer, dtype: torch.dtype | None = None, **save_kwargs) -> None:
-    """Save a fixture; with ``dtype``, its norms and biases randomised and its weights stored in ``dtype``, and the
-    reference computed in float32 from those stored weights."""
+def write(name: str, config, tokenizer, dtype: torch.dtype | None = None, randomize: bool | None = None, **save_kwargs) -> None:
+    """Save a fixture; with ``dtype``, its weights stored in ``dtype`` and the reference computed in float32 from those
+    stored weights. Norms and biases are randomised with ``randomize`` (by default: when ``dtype`` is given)."""
+    if not WANTED or name in WANTED:
+        _write(name, config, tokenizer, dtype, dtype is not None if randomize is None else randomize, **save_kwargs)
+
+
+def _write(name: str, config, tokenizer, dtype, randomize: bool, **save_kwargs) -> None:
     directory = os.path.join(OUT, name)
     shutil.rmtree(directory, ignore_errors=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.do_sample = False
-    if dtype is not None:
+    if randomize:
         randomize_norms_and_biases(model)
+    if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(directory, **save_kwargs)
     tokenizer.save_pretrained(directory)
@@ -241,6 +296,9 @@ def main() -> None:
     torch.set_num_threads(1)
     if TRANSFORMERS_5:
         write("qwen2-tf5", *qwen2(), dtype=torch.bfloat16)
+        write("llama-bias-headdim", *llama_bias_headdim(), randomize=True)
+        write("qwen3", *qwen3(), randomize=True)
+        write("ernie4_5", *ernie4_5(), randomize=True)
         return
     write("llama2", *llama2())
     config, tokenizer = llama3()

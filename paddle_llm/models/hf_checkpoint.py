@@ -388,7 +388,8 @@ def load_hf_weights(model, weights: HFWeights, mapping, config_fields: dict) -> 
     Args:
         model: the PaddleNLP model, built from the converted config (its random initial values are all replaced).
         weights: the checkpoint's files (``find_hf_weights``).
-        mapping: the family's ``hf`` module (``paddle_name``, ``to_paddle_layout``, ``tied_aliases``).
+        mapping: the family's ``hf`` module (``paddle_name``, ``to_paddle_layout``, ``tied_aliases``; a layout may
+            depend on the config, as ERNIE 4.5's rotary pairs on ``head_dim``).
         config_fields: the converted config, for ``tied_aliases``.
 
     Raises:
@@ -412,7 +413,7 @@ def load_hf_weights(model, weights: HFWeights, mapping, config_fields: dict) -> 
                                   f"{type(model).__name__}; is config.json for these weights?")
         if target in loaded:
             raise CheckpointError(f"{path}: tensor {name!r} appears twice (also in {loaded[target]})")
-        array = mapping.to_paddle_layout(target, array)
+        array = mapping.to_paddle_layout(target, array, config_fields)
         parameter = parameters[target]
         if list(array.shape) != list(parameter.shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {list(array.shape)}, but config.json makes "
@@ -434,11 +435,12 @@ def hf_state_dict(model, mapping) -> dict[str, LazyTensor]:
     """A PaddleNLP model's parameters under transformers' names and layout (a tied lm_head once, as HF saves it),
     each converted only when read."""
     state = {}
+    fields = vars(model.config)
     for name, parameter in model.named_parameters():
         # The layout change applied to a zero-strided view gives the shape without touching the values.
         dtype = _NUMPY_DTYPE[str(parameter.dtype)]
-        shape = mapping.to_hf_layout(name, np.broadcast_to(np.zeros((), dtype), tuple(parameter.shape))).shape
-        load = (lambda n, p: lambda: mapping.to_hf_layout(n, p.numpy()))(name, parameter)
+        shape = mapping.to_hf_layout(name, np.broadcast_to(np.zeros((), dtype), tuple(parameter.shape)), fields).shape
+        load = (lambda n, p: lambda: mapping.to_hf_layout(n, p.numpy(), fields))(name, parameter)
         state[mapping.hf_name(name)] = LazyTensor(tuple(shape), np.dtype(dtype), load)
     return state
 

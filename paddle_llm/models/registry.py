@@ -92,6 +92,12 @@ class PrefixLayout:
     postprocess_name: str
 
 
+# The parallel layouts and fusions PaddleNLP builds with its own attention and MLP layers (split or fused projections
+# of hidden/heads-wide heads without biases); a family's own layers (``ModelFamily.layer_options``) have none of them.
+_UNBUILT_WITH_LAYER_OPTIONS = ("tensor_parallel_degree", "pipeline_parallel_degree", "sep_parallel_degree",
+                               "context_parallel_degree", "fuse_attention_qkv", "fuse_attention_ffn", "sequence_parallel")
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """Everything the toolkit knows about one architecture, as data; each family's package defines one
@@ -123,7 +129,8 @@ class ModelFamily:
             sample needs an explicit 4-D mask and positions (``paddle_llm.data.sft``).
         token_mean_loss: the model's own loss averages over ignored positions too, so fine-tuning swaps in a
             token-mean criterion (``trainer.finetune_trainer.TokenMeanCrossEntropy``).
-        paddlenlp_module: the PaddleNLP module prefix of the family's layers; a model (or a wrapper such as a LoRA
+        paddlenlp_module: the module prefix of the family's model class (PaddleNLP's, or ours for a family PaddleNLP
+            lacks: ``paddle_llm.models.qwen3.``); a model (or a wrapper such as a LoRA
             model) is recognised by the first sublayer from it.
         cpu_fast_paths: swaps in the CPU implementations of the family's hot composites on one model instance and
             returns what it replaced (``paddle_llm.cpu.fast_paths``); None when the family has none.
@@ -133,6 +140,10 @@ class ModelFamily:
         hf: the family's Hugging Face mapping module (``models/<family>/hf.py``: names, layouts, config.json both
             ways); None when Hugging Face checkpoints of the family are refused.
         hf_refusal: why, when ``hf`` is None.
+        classes_module: the module ``config_class``, ``model_class`` and ``pipe_model_class`` are read from:
+            PaddleNLP's, or the family's own subclasses where PaddleNLP lacks a layer (``models/llama/modeling.py``).
+        layer_options: ``config fields -> ["option value", ...]``, what the config asks of the family's own layers
+            that PaddleNLP's parallel layouts do not build (``models/llama/layer_options.py``); empty for none.
     """
 
     name: str
@@ -159,6 +170,20 @@ class ModelFamily:
     activations: ActivationTable | None = None
     hf: ModuleType | None = None
     hf_refusal: str = "paddle_llm has no Hugging Face mapping for this family"
+    classes_module: str = "paddlenlp.transformers"
+    layer_options: Callable[[dict], list[str]] = field(default=lambda fields: [])
+
+    def layer_option_errors(self, config_fields, flags) -> list[str]:
+        """Why the run's layout (``flags``: degrees and fusions, from the command line or a model config's fields)
+        cannot build the family's own layers that this config asks for (``layer_options``)."""
+        options = self.layer_options(config_fields)
+        # A degree is off at -1, 0, 1 or None; a fusion or sequence_parallel is on when true.
+        asked = [name for name in _UNBUILT_WITH_LAYER_OPTIONS if flags.get(name) is True or (flags.get(name) or 0) > 1]
+        if not options or not asked:
+            return []
+        return [f"{', '.join(options)} (config) cannot be combined with {', '.join('--' + n for n in asked)}: "
+                f"{self.name}'s layers for them are built for one process without fused projections; run with "
+                "degree 1 and no fusion"]
 
     def canonical_fields(self, config_fields: dict) -> dict:
         """Rename alias keys to the names the config constructor takes (an explicit canonical key wins)."""
@@ -169,12 +194,13 @@ class ModelFamily:
         return renamed
 
     def classes(self):
-        """Import and return ``(config_class, model_class, tokenizer_class)`` from PaddleNLP."""
+        """Import and return ``(config_class, model_class, tokenizer_class)``; the tokenizer is always PaddleNLP's."""
         import paddlenlp.transformers as transformers
 
+        classes = importlib.import_module(self.classes_module)
         return (
-            getattr(transformers, self.config_class),
-            getattr(transformers, self.model_class),
+            getattr(classes, self.config_class),
+            getattr(classes, self.model_class),
             getattr(transformers, self.tokenizer_class),
         )
 
@@ -206,7 +232,9 @@ def family_of(config_fields: dict) -> ModelFamily:
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
-    for architecture in config_fields.get("architectures") or []:
+    # Only a config without model_type is read by its architecture: Qwen3MoeForCausalLM (model_type qwen3_moe) or
+    # Ernie4_5_MoeForCausalLM starts like a dense family's name but is not one.
+    for architecture in [] if model_type else config_fields.get("architectures") or []:
         for family in FAMILIES.values():
             if architecture == family.model_class or architecture.lower().startswith(family.model_types[0]):
                 return family
@@ -326,9 +354,7 @@ def build_model(source: ModelSource, config, load_weights: bool):
     if getattr(config, "pipeline_parallel_degree", 1) > 1:
         if source.family.pipe_model_class is None:
             raise ValueError(f"pipeline parallel is not available for {source.family.name}: use --pipeline_parallel_degree 1")
-        import paddlenlp.transformers as transformers
-
-        model_class = getattr(transformers, source.family.pipe_model_class)
+        model_class = getattr(importlib.import_module(source.family.classes_module), source.family.pipe_model_class)
     if load_weights:
         if not source.has_weights:
             where = source.directory or f"preset {source.name_or_path!r}"
@@ -468,6 +494,8 @@ FAMILY_PACKAGES = (
     "chatglm",
     "chatglm2",
     "qwen2",
+    "qwen3",
+    "ernie4_5",
 )
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family for family in (importlib.import_module(f"paddle_llm.models.{package}").FAMILY for package in FAMILY_PACKAGES)

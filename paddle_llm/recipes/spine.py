@@ -104,6 +104,7 @@ def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSo
     errors += check_precision(values, explicit)
     errors += check_parallel(values, model_fields, world_size(), pipeline_supported=source.family.pipe_model_class is not None)
     errors += hf_split_errors(source, dict(values))
+    errors += source.family.layer_option_errors(model_fields, values)
     errors += check_training(values)
     return errors
 

@@ -225,10 +225,11 @@ def test_continue_pretraining_from_half_precision_starts_from_its_weights(name, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", COMMAND_FIXTURES + ["qwen2-tf5"])
+@pytest.mark.parametrize("name", COMMAND_FIXTURES + ["qwen2-tf5", "llama-bias-headdim", "qwen3", "ernie4_5"])
 def test_served_greedy_tokens_from_half_precision_equal_transformers(name):
     """``serve --engine dygraph`` on the directory itself gives transformers' greedy tokens (computed in float32
-    from the stored weights)."""
+    from the stored weights); also for the float32 transformers 5 fixtures of layers PaddleNLP lacks
+    (tests/integration/test_hf_layer_options.py)."""
     from paddle_llm.data.sft import prompt_ids_as_trained
     from paddle_llm.serving.model import open_checkpoint
     from paddle_llm.serving.sampling import SamplingParams

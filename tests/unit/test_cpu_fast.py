@@ -23,7 +23,8 @@ from tests.conftest import ROOT, run_script, subprocess_env
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 BATCH, SEQ = 2, 16
-PRESET_OF_FAMILY = {"llama": "tiny-llama", "chatglm": "tiny-chatglm", "chatglm2": "tiny-chatglm2", "qwen2": "tiny-qwen2"}
+PRESET_OF_FAMILY = {"llama": "tiny-llama", "chatglm": "tiny-chatglm", "chatglm2": "tiny-chatglm2", "qwen2": "tiny-qwen2",
+                    "qwen3": "tiny-qwen3", "ernie4_5": "tiny-ernie4_5"}
 
 
 # Passed under the config classes' own names: ChatGLM's and ChatGLM2's config __init__ defaults (28 layers, 65024
@@ -156,13 +157,17 @@ def test_chatglm_gelu_mlp_matches_paddlenlp(fast_models):
 # ----- attention: rotary embedding and causal mask -----
 
 
-# Qwen2 is built like Llama (its base model is ``model.qwen2``) and takes Llama's fast attention.
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+# Qwen2 is built like Llama (its base model is ``model.qwen2``) and takes Llama's fast attention; so do Qwen3 (with
+# its q/k head norms and head_dim 64 at hidden 128) and ERNIE 4.5 (head_dim 64).
+LLAMA_SHAPED = ["llama", "qwen2", "qwen3", "ernie4_5"]
+
+
+@pytest.mark.parametrize("family", LLAMA_SHAPED)
 def test_llama_attention_matches_paddlenlp(composites, fast_models, family):
     import paddle
 
     model = fast_models[family]
-    base = getattr(model, family)
+    base = model.base_model
     attention = base.layers[1].self_attn
     padding = np.ones([BATCH, SEQ], dtype=bool)
     padding[1, :3] = False  # left padding in the second row: the causal mask and the padding mask both apply
@@ -176,11 +181,11 @@ def test_llama_attention_matches_paddlenlp(composites, fast_models, family):
     assert_same_values_and_grads(partial(run, _original_forward(attention)), partial(run, attention.forward), inputs, attention.parameters())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", LLAMA_SHAPED)
 def test_llama_attention_without_mask_or_positions_matches_paddlenlp(composites, fast_models, family):
     """PaddleNLP's pipeline path: no position ids, no mask (its upper-triangle default)."""
     model = fast_models[family]
-    attention = getattr(model, family).layers[0].self_attn
+    attention = model.base_model.layers[0].self_attn
     inputs = [_random([BATCH, SEQ, model.config.hidden_size], 6)]
     assert_same_values_and_grads(_original_forward(attention), attention.forward, inputs, attention.parameters())
 
@@ -299,7 +304,9 @@ def _reference_and_fast_copy(family: str):
     return source, reference, fast
 
 
-@pytest.mark.parametrize("family", list(PRESET_OF_FAMILY))
+# ERNIE 4.5's layers are Llama's classes at other widths: its per-layer rows here and its fixture's 3 AdamW steps
+# against transformers (test_hf_checkpoint.py) cover it, so the quick tier skips a second 10-step run of them.
+@pytest.mark.parametrize("family", [family for family in PRESET_OF_FAMILY if family != "ernie4_5"])
 def test_ten_adamw_steps_give_paddlenlp_losses(composites, family):
     from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
 

@@ -34,6 +34,13 @@ CHATGLM_6B = {"model_type": "chatglm", "hidden_size": 4096, "inner_hidden_size":
 CHATGLM2_6B = {"model_type": "chatglm_v2", "hidden_size": 4096, "ffn_hidden_size": 13696, "num_layers": 28,
                "num_attention_heads": 32, "kv_channels": 128, "multi_query_attention": True,
                "multi_query_group_num": 2, "padded_vocab_size": 65024, "add_qkv_bias": True, "seq_length": 32768}
+# config.json of Qwen3-0.6B and ERNIE-4.5-0.3B (the fields that size them).
+QWEN3_0_6B = {"model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+              "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+              "tie_word_embeddings": True}
+ERNIE4_5_0_3B = {"model_type": "ernie4_5", "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 18,
+                 "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 103424,
+                 "tie_word_embeddings": True, "use_bias": False}
 QWEN2_5_0_5B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
                 "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
 
@@ -117,6 +124,10 @@ def test_generic_table_is_korthikanti_table_2(t, sp, recompute, expected):
         (CHATGLM2_6B, 6_243_584_000),  # ChatGLM2-6B
         (preset("tiny-qwen2"), 500_864),  # sum(p.numel()) of PaddleNLP's Qwen2ForCausalLM (tied head, q/k/v biases)
         (QWEN2_5_0_5B, 494_032_768),  # Qwen2.5-0.5B
+        (preset("tiny-qwen3"), 598_912),  # sum(p.numel()) of our Qwen3ForCausalLM (head_dim 64, q/k head norms)
+        (QWEN3_0_6B, 596_049_920),  # Qwen3-0.6B
+        (preset("tiny-ernie4_5"), 598_656),  # sum(p.numel()) of our Ernie4_5ForCausalLM
+        (ERNIE4_5_0_3B, 360_748_032),  # ERNIE-4.5-0.3B
     ],
 )
 def test_parameter_counts_match_the_published_models(fields, expected):

@@ -21,7 +21,9 @@ from tests.conftest import ROOT
 
 HF_ASSETS = os.path.join(ROOT, "tests", "assets", "hf")
 LLAMA_FIXTURES = ["llama2", "llama3", "llama3-sharded", "llama3-bin"]
-FIXTURES = LLAMA_FIXTURES + ["qwen2"]
+# transformers 5's: Llama with biases and head_dim 24 at hidden 64, Qwen3, ERNIE 4.5 (random norms and biases).
+LAYER_OPTION_FIXTURES = ["llama-bias-headdim", "qwen3", "ernie4_5"]
+FIXTURES = LLAMA_FIXTURES + ["qwen2"] + LAYER_OPTION_FIXTURES
 
 
 def fixture_dir(name: str) -> str:
@@ -79,7 +81,7 @@ def test_logits_equal_transformers(name, fast_paths, monkeypatch):
 
 
 @pytest.mark.parametrize("fast_paths", [False, True])
-@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"])
+@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"] + LAYER_OPTION_FIXTURES)
 def test_three_adamw_steps_reproduce_transformers_losses(name, fast_paths):
     import paddle
     from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
@@ -158,10 +160,10 @@ def test_unsupported_llama_config_is_refused_with_the_field(tmp_path):
     config_path = os.path.join(directory, "config.json")
     with open(config_path) as f:
         config = json.load(f)
-    config.update(attention_bias=True, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    config.update(pretraining_tp=2, rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with open(config_path, "w") as f:
         json.dump(config, f)
-    with pytest.raises(ValueError, match=r"config\.json: .*attention_bias: true.*rope_scaling of type 'yarn'"):
+    with pytest.raises(ValueError, match=r"config\.json: .*pretraining_tp 2.*rope_scaling of type 'yarn'"):
         resolve_model(directory)
 
 

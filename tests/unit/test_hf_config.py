@@ -78,3 +78,34 @@ def test_a_rope_or_attention_key_not_understood_is_refused_by_name(module, base,
                                              (None, "float32"), ("float64", "float32")])
 def test_hf_output_defaults_to_the_stored_dtype(stored, written):
     assert default_write_dtype(stored) == written
+
+
+def test_qwen3_and_ernie4_5_configs_take_transformers_defaults_and_refuse_what_is_not_built():
+    from paddle_llm.models.ernie4_5 import hf as ernie4_5_hf
+    from paddle_llm.models.qwen3 import hf as qwen3_hf
+
+    qwen3 = qwen3_hf.config_from_hf({**QWEN2, "model_type": "qwen3", "rope_theta": 1e6}, "config.json")
+    assert (qwen3["head_dim"], qwen3["rope_theta"]) == (128, 1e6) and "use_sliding_window" not in qwen3
+    with pytest.raises(ValueError, match=r"config\.json: this Qwen3 checkpoint cannot be built: use_sliding_window: true"):
+        qwen3_hf.config_from_hf({**QWEN2, "model_type": "qwen3", "use_sliding_window": True}, "config.json")
+    ernie = ernie4_5_hf.config_from_hf({**LLAMA, "model_type": "ernie4_5", "use_bias": True}, "config.json")
+    assert (ernie["head_dim"], ernie["rope_theta"], ernie["tie_word_embeddings"]) == (128, 500000.0, True)
+    assert ernie["attention_bias"] and ernie["mlp_bias"] and "use_bias" not in ernie
+    with pytest.raises(ValueError, match=r"rope_parameters of type 'yarn'"):
+        ernie4_5_hf.config_from_hf({**LLAMA, "model_type": "ernie4_5", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+                                   "config.json")
+
+
+def test_ernie4_5_interleaved_rotary_rows_become_halves_and_come_back():
+    """Each head's q/k rows (2i, 2i+1) go to (i, i + head_dim/2) on loading, and back on export; other tensors only
+    transpose as Llama's."""
+    import numpy as np
+
+    from paddle_llm.models.ernie4_5 import hf as ernie4_5_hf
+
+    fields = {"head_dim": 4}
+    hf_weight = np.arange(8 * 3).reshape(8, 3)  # two heads of 4 rows, [out, in]
+    loaded = ernie4_5_hf.to_paddle_layout("llama.layers.0.self_attn.k_proj.weight", hf_weight, fields)
+    assert loaded.T[:, 0].tolist() == [0, 6, 3, 9, 12, 18, 15, 21]  # rows 0, 2, 1, 3 of each head
+    assert np.array_equal(ernie4_5_hf.to_hf_layout("llama.layers.0.self_attn.k_proj.weight", loaded, fields), hf_weight)
+    assert np.array_equal(ernie4_5_hf.to_paddle_layout("llama.layers.0.self_attn.v_proj.weight", hf_weight, fields), hf_weight.T)

@@ -22,6 +22,10 @@ def tiny_llama(**overrides):
         setattr(config, name, value)
     model = build_model(source, config, load_weights=False)
     model.eval()
+    with paddle.no_grad():  # PaddleNLP initialises biases to zero, which would hide a bias left out
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.set_value(paddle.normal(std=0.1, shape=parameter.shape))
     return model
 
 
@@ -32,7 +36,7 @@ def step_inputs(config, batch: int, query: int, past: int, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     kv_heads = config.num_key_value_heads or config.num_attention_heads
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     ids = rng.integers(4, config.vocab_size, (batch, query))
     positions = np.tile(np.arange(past, past + query), (batch, 1))
     mask = np.ones((batch, 1, query, past + query), dtype=bool)
@@ -56,7 +60,8 @@ def head_major(cache):
     {"num_key_value_heads": 1},  # multi-query attention
     {"tie_word_embeddings": True},
     {"rope_theta": 500000.0},
-], ids=["mha", "gqa", "mqa", "tied", "rope_theta"])
+    {"num_key_value_heads": 2, "head_dim": 48, "attention_bias": True, "mlp_bias": True},  # ERNIE 4.5's layer options
+], ids=["mha", "gqa", "mqa", "tied", "rope_theta", "head_dim_and_biases"])
 @pytest.mark.parametrize("batch, query, past", [(2, 5, 7), (3, 1, 11)], ids=["prefill", "decode"])
 @pytest.mark.parametrize("fused_rms_norm", [
     False,

@@ -1,27 +1,32 @@
 """Llama (Llama-2 MHA, Llama-3 GQA) through PaddleNLP's ``LlamaForCausalLM``: everything the toolkit knows about it.
 
-Config fields, tokenizer and chat template here; the CPU fast paths in ``cpu_fast.py``, the decoding step of our own
+Config fields, tokenizer and chat template here; PaddleNLP's classes with the layer options it lacks (``head_dim``,
+``attention_bias``, ``mlp_bias``) in ``modeling.py``, read from a config in ``layer_options.py``; the CPU fast paths in ``cpu_fast.py``, the decoding step of our own
 in ``inference_step.py``, the estimator's shape and activation table in ``estimate.py``, the Hugging Face checkpoint
 mapping in ``hf.py``.
 """
 
 from __future__ import annotations
 
-from paddle_llm.models.llama import estimate, hf
+from paddle_llm.models.llama import estimate, hf, layer_options
 from paddle_llm.models.registry import ChatTemplate, Deferred, ModelFamily, PrefixLayout
 from paddle_llm.models.step import StepSpec, past_key_values_call
 
 
 def prefix_layout(config) -> PrefixLayout:
-    """Batch-first ``[batch, prefix, heads, head_dim]``; grouped-query attention gives the prefix fewer heads."""
+    """Batch-first ``[batch, prefix, heads, head_dim]``; grouped-query attention gives the prefix fewer heads.
+
+    PaddleNLP's prefix encoder makes heads of ``hidden_size / num_attention_heads``, so it is given ``heads *
+    head_dim``: the hidden size, or wider or narrower where ``head_dim`` is decoupled (Qwen3, ERNIE 4.5)."""
     kv_heads = getattr(config, "num_key_value_heads", None)
     groups = kv_heads if kv_heads and kv_heads != config.num_attention_heads else None
-    return PrefixLayout(config.num_attention_heads, config.num_hidden_layers, config.hidden_size, groups, "llama_postprocess_past_key_value")
+    width = config.num_attention_heads * layer_options.head_dim(vars(config))
+    return PrefixLayout(config.num_attention_heads, config.num_hidden_layers, width, groups, "llama_postprocess_past_key_value")
 
 
 def kv_geometry(config) -> tuple[int, int]:
     """``(key/value heads, head_dim)`` of the cache."""
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads, layer_options.head_dim(vars(config))
 
 
 # Llama-2 chat: ``<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {assistant} </s><s>[INST] ...``. ``<s>`` and
@@ -72,4 +77,6 @@ FAMILY = ModelFamily(
     estimate_shape=estimate.shape,
     activations=estimate.ACTIVATIONS,
     hf=hf,
+    classes_module="paddle_llm.models.llama.modeling",
+    layer_options=layer_options.requested,
 )

@@ -54,11 +54,13 @@ def _llama_attention_forward(
     npu_is_casual=False,
 ):
     """``LlamaAttention.forward`` for one CPU process: the same maths, with fast rotary, mask and GQA (for any
-    Llama-shaped attention: it reads only the attributes Llama's has)."""
+    Llama-shaped attention: it reads only the attributes Llama's has, and Qwen3's head norms where present)."""
     batch, query_length, _ = hidden_states.shape
     query = self.q_proj(hidden_states).reshape([0, 0, self.num_heads, self.head_dim])
     key = self.k_proj(hidden_states).reshape([0, 0, self.num_key_value_heads, self.head_dim])
     value = self.v_proj(hidden_states).reshape([0, 0, self.num_key_value_heads, self.head_dim])
+    if getattr(self, "q_norm", None) is not None:  # Qwen3's RMSNorm of each query and key head, before the rotation
+        query, key = self.q_norm(query), self.k_norm(key)
 
     tables: RotaryTables = self._paddle_llm_rotary_tables
     if position_ids is None:  # PaddleNLP's pipeline path: positions 0..kv_len-1, sliced to the query length
@@ -185,12 +187,20 @@ def apply(model: nn.Layer) -> list[str]:
     """Swap the fast paths into a PaddleNLP Llama's layers; returns what was replaced (``llama.<component> xN``)."""
     from paddlenlp.transformers.llama import modeling as llama_modeling
 
+    return apply_to_llama_subclass(model, "llama", llama_modeling.LlamaAttention, llama_modeling.LlamaForCausalLM)
+
+
+def apply_to_llama_subclass(model: nn.Layer, family: str, attention: type, causal_lm: type) -> list[str]:
+    """The fast paths on a family whose attention and causal LM subclass PaddleNLP's Llama (Qwen3, ERNIE 4.5: the
+    norms and MLP are PaddleNLP's Llama classes); returns what was replaced (``<family>.<component> xN``)."""
+    from paddlenlp.transformers.llama import modeling as llama_modeling
+
     layers = LlamaShapedLayers(
-        family="llama",
+        family=family,
         rms_norm=llama_modeling.LlamaRMSNorm,
         mlp=llama_modeling.LlamaMLP,
-        attention=llama_modeling.LlamaAttention,
-        causal_lm=llama_modeling.LlamaForCausalLM,
+        attention=attention,
+        causal_lm=causal_lm,
         attention_unsupported=llama_attention_unsupported,
     )
     return apply_llama_shaped(model, layers)

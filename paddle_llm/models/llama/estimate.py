@@ -1,6 +1,7 @@
 """Llama for the estimator: its shape from a config, and the tensors its PaddleNLP forward keeps for backward.
 
-Parameters: embedding ``V*h``; per layer q/k/v/o (``h*h + 2*h*h_kv + h*h``), gate/up/down (``3*h*f``), two
+Parameters: embedding ``V*h``; per layer q/k/v/o (``2*h*a*d + 2*h*h_kv``, ``d`` = ``head_dim`` or h/a, with biases
+under ``attention_bias``), gate/up/down (``3*h*f``, biased under ``mlp_bias``), two
 RMSNorm weights (``2*h``); final RMSNorm ``h``; LM head ``h*V`` unless ``tie_word_embeddings``.
 """
 
@@ -59,7 +60,9 @@ def shape(fields: dict) -> dict:
     a = int(read_field(fields, ("num_attention_heads",), 32))
     kv = int(read_field(fields, ("num_key_value_heads",), a))
     f = int(read_field(fields, ("intermediate_size",), 11008))
-    d = h // a
+    d = int(read_field(fields, ("head_dim",), None) or h // a)
+    attention_bias = bool(read_field(fields, ("attention_bias",), False))
+    mlp_bias = bool(read_field(fields, ("mlp_bias",), False))
     return dict(
         num_layers=int(read_field(fields, ("num_hidden_layers", "num_layers"), 32)),
         hidden_size=h,
@@ -71,13 +74,13 @@ def shape(fields: dict) -> dict:
         max_position_embeddings=int(read_field(fields, ("max_position_embeddings",), 2048)),
         tie_word_embeddings=bool(read_field(fields, ("tie_word_embeddings",), False)),
         linear_modules=(
-            linear("self_attn.q_proj", h, a * d, False, "column"),
-            linear("self_attn.k_proj", h, kv * d, False, "column"),
-            linear("self_attn.v_proj", h, kv * d, False, "column"),
-            linear("self_attn.o_proj", a * d, h, False, "row"),
-            linear("mlp.gate_proj", h, f, False, "column"),
-            linear("mlp.up_proj", h, f, False, "column"),
-            linear("mlp.down_proj", f, h, False, "row"),
+            linear("self_attn.q_proj", h, a * d, attention_bias, "column"),
+            linear("self_attn.k_proj", h, kv * d, attention_bias, "column"),
+            linear("self_attn.v_proj", h, kv * d, attention_bias, "column"),
+            linear("self_attn.o_proj", a * d, h, attention_bias, "row"),
+            linear("mlp.gate_proj", h, f, mlp_bias, "column"),
+            linear("mlp.up_proj", h, f, mlp_bias, "column"),
+            linear("mlp.down_proj", f, h, mlp_bias, "row"),
         ),
         norm_params_per_layer=2 * h,
         final_norm_params=h,

@@ -13,20 +13,22 @@ Both have the same modules; they differ in three ways:
 The checkpoint's dtype is not the model's: weights load in the dtype the run's flags ask for (float32 on CPU), as
 PaddleNLP's ``from_pretrained(dtype=...)`` does, so ``dtype`` / ``torch_dtype`` only describe the file.
 
-A config feature PaddleNLP's Llama does not build (biases, a ``head_dim`` other than hidden/heads, sliced
-``pretraining_tp`` projections, other RoPE scalings) is refused here, because the weights would load into a
-model that computes something else.
+``head_dim`` other than hidden/heads, ``attention_bias`` and ``mlp_bias`` are built by our subclass of PaddleNLP's
+Llama (``modeling.py``) and kept in the config. A config feature neither builds (sliced ``pretraining_tp``
+projections, other RoPE scalings) is refused here, because the weights would load into a model that computes
+something else.
 """
 
 from __future__ import annotations
+
+from paddle_llm.models.llama import layer_options
 
 HF_PREFIX = "model."
 PADDLE_PREFIX = "llama."
 # Older checkpoints store each layer's rotary frequencies; both sides compute them from the config.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # HF config fields that describe the file, not the model.
-_HF_ONLY_FIELDS = ("torch_dtype", "dtype", "transformers_version", "_name_or_path", "head_dim", "attention_bias", "mlp_bias",
-                   "pretraining_tp", "rope_scaling", "rope_parameters", "layer_types", "auto_map")
+_HF_ONLY_FIELDS = ("torch_dtype", "dtype", "transformers_version", "_name_or_path", "pretraining_tp", "rope_scaling", "rope_parameters", "layer_types", "auto_map")
 # Supported HF rope scalings -> PaddleNLP's rope_scaling_type (llama3 is read from rope_scaling itself).
 _ROPE_TYPES = {"linear": "linear", "dynamic": "dynamic_ntk"}
 # What each RoPE type may carry besides ``rope_type`` / ``type`` (and, in transformers 5's rope_parameters,
@@ -76,13 +78,13 @@ def hf_name(paddle_parameter: str) -> str:
     return paddle_parameter
 
 
-def to_paddle_layout(paddle_parameter: str, array):
-    """Turn a transformers tensor into the layout of the PaddleNLP parameter it loads into."""
+def to_paddle_layout(paddle_parameter: str, array, config_fields: dict):
+    """Turn a transformers tensor into the layout of the PaddleNLP parameter it loads into (the same for any config)."""
     return array.T if _is_linear(paddle_parameter) else array
 
 
-def to_hf_layout(paddle_parameter: str, array):
-    """Turn a PaddleNLP parameter into transformers' layout."""
+def to_hf_layout(paddle_parameter: str, array, config_fields: dict):
+    """Turn a PaddleNLP parameter into transformers' layout (the same for any config)."""
     return array.T if _is_linear(paddle_parameter) else array
 
 
@@ -132,13 +134,7 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
     Raises:
         ValueError: a feature PaddleNLP's Llama does not build; the message names the field and the file.
     """
-    hidden, heads = fields.get("hidden_size"), fields.get("num_attention_heads")
     refusals = []
-    for name in ("attention_bias", "mlp_bias"):
-        if fields.get(name):
-            refusals.append(f"{name}: true (PaddleNLP's Llama has no biases; a Qwen2 checkpoint has model_type qwen2)")
-    if fields.get("head_dim") not in (None, hidden // heads if hidden and heads else None):
-        refusals.append(f"head_dim {fields['head_dim']} (PaddleNLP's Llama uses hidden_size / num_attention_heads = {hidden // heads})")
     if fields.get("pretraining_tp", 1) != 1:
         refusals.append(f"pretraining_tp {fields['pretraining_tp']} (only 1 is built)")
     if fields.get("hidden_act", "silu") != "silu":
@@ -163,18 +159,18 @@ def config_to_hf(config) -> dict:
     hf = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "attention_bias": False,
+        "attention_bias": bool(getattr(config, "attention_bias", False)),
         "attention_dropout": 0.0,
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
         "pad_token_id": config.pad_token_id,
-        "head_dim": config.hidden_size // config.num_attention_heads,
+        "head_dim": layer_options.head_dim(vars(config)),
         "hidden_act": "silu",
         "hidden_size": config.hidden_size,
         "initializer_range": config.initializer_range,
         "intermediate_size": config.intermediate_size,
         "max_position_embeddings": config.max_position_embeddings,
-        "mlp_bias": False,
+        "mlp_bias": bool(getattr(config, "mlp_bias", False)),
         "num_attention_heads": config.num_attention_heads,
         "num_hidden_layers": config.num_hidden_layers,
         "num_key_value_heads": config.num_key_value_heads,

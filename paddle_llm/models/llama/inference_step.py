@@ -51,10 +51,6 @@ def llama_step_unsupported(model: nn.Layer, dtype: str) -> str | None:
             return "fuse_attention_ffn"
         if getattr(config, "hidden_act", "silu") != "silu":
             return f"hidden_act {config.hidden_act}"
-        projections = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                       layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-        if any(getattr(p, "bias", None) is not None for p in projections):
-            return "projection biases"
     return None
 
 
@@ -76,7 +72,7 @@ class LlamaInferenceStep(nn.Layer):
         first_attention = llama.layers[0].self_attn
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = config.hidden_size // self.num_heads
+        self.head_dim = first_attention.head_dim  # hidden/heads, or the config's own head_dim
         self.epsilon = float(config.rms_norm_eps)
         self.num_layers = len(llama.layers)
         tables = llama_rotary_tables(first_attention.rotary_emb)
@@ -85,6 +81,9 @@ class LlamaInferenceStep(nn.Layer):
         self.register_buffer("embedding", llama.embed_tokens.weight.detach())
 
         query_scale = 1.0 / math.sqrt(self.head_dim)
+        # attention_bias / mlp_bias (models/llama/modeling.py): biases of the same fused shapes, added after each matmul.
+        self.attention_bias = first_attention.q_proj.bias is not None
+        self.mlp_bias = llama.layers[0].mlp.gate_proj.bias is not None
         for index, layer in enumerate(llama.layers):
             attention, mlp = layer.self_attn, layer.mlp
             self.register_buffer(f"attention_norm_{index}", layer.input_layernorm.weight.detach())
@@ -96,6 +95,13 @@ class LlamaInferenceStep(nn.Layer):
             gate_up = paddle.concat([mlp.gate_proj.weight, mlp.up_proj.weight], axis=1)
             self.register_buffer(f"gate_up_{index}", gate_up.detach())
             self.register_buffer(f"down_{index}", mlp.down_proj.weight.detach())
+            if self.attention_bias:
+                qkv_bias = paddle.concat([attention.q_proj.bias * query_scale, attention.k_proj.bias, attention.v_proj.bias])
+                self.register_buffer(f"qkv_bias_{index}", qkv_bias.detach())
+                self.register_buffer(f"out_bias_{index}", attention.o_proj.bias.detach())
+            if self.mlp_bias:
+                self.register_buffer(f"gate_up_bias_{index}", paddle.concat([mlp.gate_proj.bias, mlp.up_proj.bias]).detach())
+                self.register_buffer(f"down_bias_{index}", mlp.down_proj.bias.detach())
         self.register_buffer("final_norm", llama.norm.weight.detach())
         lm_head = model.lm_head.weight.detach()
         if model.lm_head.transpose_y:  # tied to the [vocab, hidden] embedding
@@ -111,6 +117,8 @@ class LlamaInferenceStep(nn.Layer):
         # Reshapes use 0 (keep this axis) and -1 rather than sizes read from shape(): no shape ops in the graph.
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = paddle.matmul(self._normalized(hidden, getattr(self, f"attention_norm_{index}")), getattr(self, f"qkv_{index}"))
+        if self.attention_bias:
+            qkv = qkv + getattr(self, f"qkv_bias_{index}")
         # [b, q, heads, dim] -> [b, heads, q, dim] once, for q, k and v together.
         qkv = qkv.reshape([0, 0, heads + 2 * kv_heads, head_dim]).transpose([0, 2, 1, 3])
         rotated, v = paddle.split(qkv, [heads + kv_heads, kv_heads], axis=1)
@@ -124,11 +132,16 @@ class LlamaInferenceStep(nn.Layer):
         context = paddle.matmul(F.softmax(scores, axis=-1), value)
         context = context.reshape([0, heads, -1, head_dim]).transpose([0, 2, 1, 3])
         output = paddle.matmul(context.reshape([0, 0, heads * head_dim]), getattr(self, f"out_{index}"))
+        if self.attention_bias:
+            output = output + getattr(self, f"out_bias_{index}")
         return hidden + output, key, value
 
     def _mlp(self, hidden, index):
         gate_up = paddle.matmul(self._normalized(hidden, getattr(self, f"mlp_norm_{index}")), getattr(self, f"gate_up_{index}"))
-        return hidden + paddle.matmul(F.swiglu(gate_up), getattr(self, f"down_{index}"))
+        if self.mlp_bias:
+            gate_up = gate_up + getattr(self, f"gate_up_bias_{index}")
+        down = paddle.matmul(F.swiglu(gate_up), getattr(self, f"down_{index}"))
+        return hidden + (down + getattr(self, f"down_bias_{index}") if self.mlp_bias else down)
 
     def forward(self, input_ids, position_ids, attention_mask, caches):
         layers = self.num_layers
