@@ -103,15 +103,16 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
     fused_rms_norm = cpu_features.fused_rms_norm_allowed(cpu_features.detect())
     step = build_step_layer(model, family, "float32", fused_rms_norm=fused_rms_norm)
     generation = _read_generation_config(model_dir)
+    context = max_context_length(family, model.config)
     decoder = StepDecoder(
         DygraphStepRunner(step.layer),
         step.layout,
         "float32",
         step_spec(family).glm_positions,
         int(generation.get("pad_token_id") or getattr(model.config, "pad_token_id", 0) or 0),
+        max_columns=context,
     )
     tokenizer = load_checkpoint_tokenizer(source)
-    context = max_context_length(family, model.config)
     eos = _eos_ids(generation.get("eos_token_id"), getattr(model.config, "eos_token_id", None))
     engine = Engine(decoder, tokenizer, eos, context, max_batch_size).start()
     return ServedModel(

@@ -5,6 +5,7 @@ mod vocab``, so any mistake in padding, masks, positions, merging or dropping ro
 must decode exactly as it would alone, however it is batched.
 """
 
+import json
 import threading
 import time
 
@@ -140,7 +141,8 @@ def test_llama_text_decoder_skips_paddlenlps_slow_decode(monkeypatch):
 # ---- the toy model and continuous batching -----------------------------------------------------------------------
 
 class ToyRunner:
-    """Next token = (sum of attended cache entries + 7 * position of the last token) mod VOCAB, through a real cache."""
+    """Next token = (sum of attended cache entries + 7 * position of the last token) mod VOCAB, through a real cache:
+    the step graph's interface, past in, the new positions' keys and values out."""
 
     def __init__(self, delay: float = 0.0, fail_on_token: int | None = None):
         self.delay = delay
@@ -156,11 +158,11 @@ class ToyRunner:
         time.sleep(self.delay)
         self.batch_sizes.append(input_ids.shape[0])
         new = input_ids.astype("float32").reshape([input_ids.shape[0], input_ids.shape[1], 1, 1])
-        key = paddle.concat([key, new], axis=1)
-        attended = (key[:, :, 0, 0] * mask[:, 0, -1, :].astype("float32")).sum(axis=-1)
+        grown = paddle.concat([key, new], axis=1)
+        attended = (grown[:, :, 0, 0] * mask[:, 0, -1, :].astype("float32")).sum(axis=-1)
         next_tokens = (attended.astype("int64") + 7 * positions[:, -1]) % VOCAB
         logits = paddle.nn.functional.one_hot(next_tokens, VOCAB) * 10.0
-        return [logits, key, key]
+        return [logits, new, new]
 
 
 def expected_tokens(prompt: list[int], max_tokens: int) -> list[int]:
@@ -313,15 +315,15 @@ def test_prompt_filling_context_is_refused():
         engine.shutdown()
 
 
-# ---- a real (random) model: padding and merging must not change logits --------------------------------------------
+# ---- a real (random) model: slots, chunks and padding must not change logits ---------------------------------------
 
 @pytest.mark.parametrize("implementation", ["paddlenlp", "llama_inference"])
-def test_real_model_rows_batched_match_rows_alone(implementation):
+def test_real_model_slots_and_chunks_match_rows_alone_and_the_model(implementation):
     import paddle
-    from paddle_llm.inference.runtime import StepDecoder
-    from paddle_llm.models.llama.inference_step import LlamaInferenceStep
-    from paddle_llm.inference.runtime import DygraphStepRunner
+    from paddle_llm.export.parity import reference_logits
+    from paddle_llm.inference.runtime import DygraphStepRunner, StepDecoder
     from paddle_llm.inference.step_graph import KVCacheStep, cache_layout
+    from paddle_llm.models.llama.inference_step import LlamaInferenceStep
     from paddle_llm.models.registry import build_config, build_model, resolve_model
 
     paddle.seed(0)
@@ -329,25 +331,35 @@ def test_real_model_rows_batched_match_rows_alone(implementation):
     model = build_model(source, build_config(source), load_weights=False)
     layout = cache_layout(source.family, model.config, implementation)
     step = LlamaInferenceStep(model, fused_rms_norm=False) if implementation == "llama_inference" else KVCacheStep(model, source.family, layout.num_layers)
-    decoder = StepDecoder(DygraphStepRunner(step), layout, "float32", False)
+    decoder = StepDecoder(DygraphStepRunner(step), layout, "float32", False, slots=3)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
     alone = []
     for prompt in prompts:
-        logits, batch = decoder.prefill([prompt])
-        logits, _ = decoder.decode(batch, [42])
-        alone.append(logits[0])
-    # Row 0 prefilled first, row 1 joins later, then both decode in one step.
-    logits0, batch0 = decoder.prefill([prompts[0]])
-    logits1, batch1 = decoder.prefill([prompts[1]])
-    merged = decoder.merge(batch0, batch1)
-    logits, merged = decoder.decode(merged, [42, 42])
-    np.testing.assert_allclose(logits, np.stack(alone), atol=1e-4)
-    # Dropping row 0 leaves row 1 decoding as alone.
-    kept = decoder.select(merged, [1])
-    assert kept.valid.shape[1] == len(prompts[1]) + 1  # the padding row 0 needed is trimmed away
-    logits, _ = decoder.decode(kept, [7])
-    _, alone_batch = decoder.prefill([prompts[1] + [42]])
-    np.testing.assert_allclose(logits[0], decoder.decode(alone_batch, [7])[0][0], atol=1e-4)
+        decoder.clear(0)
+        decoder.prefill([0], [prompt])
+        alone.append(decoder.decode([42])[0])
+        np.testing.assert_allclose(alone[-1], reference_logits(model, source.family, prompt + [42]), atol=1e-4)
+    # Row 0 prefilled first, row 1 joins later in two chunks, then both decode in one step.
+    for slot in range(3):
+        decoder.clear(slot)
+    decoder.prefill([0], [prompts[0]])
+    decoder.prefill([1], [prompts[1][:1]])
+    decoder.prefill([1], [prompts[1][1:]])
+    np.testing.assert_allclose(decoder.decode([42, 42]), np.stack(alone), atol=1e-4)
+    # Two rows prefilled together in slots out of order, one in two chunks; then row 2 packs into slot 1.
+    for slot in range(3):
+        decoder.clear(slot)
+    decoder.prefill([2, 0], [prompts[0][:4], prompts[1]])
+    decoder.prefill([2], [prompts[0][4:]])
+    decoder.move(2, 1)
+    np.testing.assert_allclose(decoder.decode([42, 42]), np.stack(alone[::-1]), atol=1e-4)
+    # A prompt longer than the first capacity grows the cache between chunks, keeping what is there.
+    long_prompt = [(7 * i) % 900 + 3 for i in range(90)]
+    decoder.clear(0)
+    decoder.prefill([0], [long_prompt[:50]])
+    np.testing.assert_allclose(decoder.prefill([0], [long_prompt[50:]])[0],
+                               reference_logits(model, source.family, long_prompt), atol=1e-4)
+    assert decoder.capacity >= 90
 
 
 def test_abort_all_fails_running_and_waiting_requests_with_the_reason():
@@ -377,3 +389,19 @@ def test_logprobs_are_the_raw_rows_log_softmax_and_prompt_is_scored():
         assert [e.token_id for e in handle.prompt_logprobs] == [1, 2]
     finally:
         engine.shutdown()
+
+
+def test_export_whose_graph_returns_the_grown_cache_is_refused_with_re_export(tmp_path):
+    from paddle_llm.inference.manifest import ExportManifest
+    from paddle_llm.inference.runtime import open_export_decoder
+
+    # A manifest written before step_interface existed: its graph returns every layer's grown cache.
+    ExportManifest(format="paddle", family="llama", chat_template="llama", dtype="float32", vocab_size=VOCAB,
+                   max_context_length=64, eos_token_ids=[EOS], pad_token_id=0, cache=LAYOUT.to_dict(),
+                   source={"model_name_or_path": "/ckpt"}).save(str(tmp_path))
+    manifest_path = tmp_path / "paddle_llm_export.json"
+    fields = json.loads(manifest_path.read_text())
+    del fields["step_interface"]
+    manifest_path.write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=r"older paddle_llm \(step interface 1.*Re-export.*--model_name_or_path /ckpt"):
+        open_export_decoder(str(tmp_path))
