@@ -35,6 +35,7 @@ FINISH_STOP = "stop"  # EOS token or a stop string
 FINISH_LENGTH = "length"  # max_tokens or the context ran out
 FINISH_CANCELLED = "cancelled"  # the client went away
 FINISH_ERROR = "error"  # the model step raised; ``StreamEvent.error`` says why
+DEFAULT_PREFILL_CHUNK_TOKENS = 256
 
 
 class EngineClosedError(RuntimeError):
@@ -198,7 +199,7 @@ class Engine:
         eos_token_ids: Sequence[int],
         max_context_length: int,
         max_batch_size: int = 16,
-        prefill_chunk_tokens: int = 256,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
     ):
         """
         Args:

@@ -184,12 +184,14 @@ class ToyTokenizer:
         return "".join(chr(ord("a") + i % 26) if i else "" for i in ids)
 
 
-def toy_engine(max_batch_size=8, **runner_options):
+def toy_engine(max_batch_size=8, prefill_chunk_tokens=256, **runner_options):
     from paddle_llm.inference.runtime import StepDecoder
 
     runner = ToyRunner(**runner_options)
-    decoder = StepDecoder(runner, LAYOUT, "float32", glm_positions=False)
-    return Engine(decoder, ToyTokenizer(), [EOS], max_context_length=200, max_batch_size=max_batch_size).start(), runner
+    decoder = StepDecoder(runner, LAYOUT, "float32", glm_positions=False, max_columns=200)
+    engine = Engine(decoder, ToyTokenizer(), [EOS], max_context_length=200, max_batch_size=max_batch_size,
+                    prefill_chunk_tokens=prefill_chunk_tokens)
+    return engine.start(), runner
 
 
 PROMPTS = [[3, 4, 5], [9], [1, 2, 3, 4, 5, 6, 7, 8], [11, 12], [5, 5, 5, 5], [21, 1, 7]]
@@ -280,6 +282,67 @@ def test_cancel_frees_the_slot_and_others_finish():
         other.cancel()
     finally:
         engine.shutdown()
+
+
+def test_running_stream_keeps_producing_tokens_while_a_long_prompt_is_prefilled_in_chunks():
+    engine, _ = toy_engine(prefill_chunk_tokens=4)
+    log = []  # appended by the engine thread (and once by this one, before the long request exists)
+    try:
+        running = engine.submit([3], SamplingParams(max_tokens=150, temperature=0),
+                                listener=lambda event: log.append(("running", event)))
+        while not log:
+            time.sleep(0.001)
+        long_prompt = [(5 * i) % (VOCAB - 1) + 1 for i in range(60)]  # 15 chunks of 4
+        log.append(("long submitted", None))
+        long = engine.submit(long_prompt, SamplingParams(max_tokens=3, temperature=0),
+                             listener=lambda event: log.append(("long", event)))
+        while not any(name == "long" and event.finish_reason for name, event in log):
+            time.sleep(0.001)
+        running.cancel()
+        names = [name for name, _ in log]
+        admitted, first_long = names.index("long submitted"), names.index("long")
+        # Each of the 15 prefill chunks is followed by a decoding step of the running stream.
+        assert names[admitted:first_long].count("running") >= 14
+        long_tokens = [t for name, event in log if name == "long" for t in event.token_ids]
+        assert long_tokens == expected_tokens(long_prompt, 3)[: len(long_tokens)] and long_tokens
+    finally:
+        engine.shutdown()
+
+
+def test_no_slot_or_cache_leaks_over_many_requests_with_cancels():
+    engine, _ = toy_engine(max_batch_size=3, prefill_chunk_tokens=5)
+    try:
+        for round_ in range(30):
+            prompts = [[round_ % 40 + 1] * (1 + (round_ + i) % 9) for i in range(5)]
+            lengths = [1 + (round_ + i) % 7 for i in range(5)]
+            handles = [engine.submit(p, SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(prompts, lengths)]
+            handles[round_ % 5].cancel()
+            for index, (prompt, length, handle) in enumerate(zip(prompts, lengths, handles)):
+                result = handle.result()
+                if index != round_ % 5:
+                    expected = expected_tokens(prompt, length)
+                    assert list(result.token_ids[: len(expected)]) == expected
+        while engine.stats().running:
+            time.sleep(0.001)
+        assert engine.stats().waiting == 0 and not engine._decoding and not engine._prefilling
+        # Rows never held more than 9 + 7 positions: the cache never grew past its first capacity.
+        assert engine.decoder.capacity == 64 and engine.decoder.slots == 3
+        assert engine.generate([9], SamplingParams(max_tokens=8, temperature=0)).token_ids == tuple(expected_tokens([9], 8))
+    finally:
+        engine.shutdown()
+
+
+def test_default_batch_is_the_smaller_of_cores_and_memory():
+    from paddle_llm.inference.sizing import kv_bytes_per_token, size_batch
+
+    layout = CacheLayout(num_layers=4, num_kv_heads=8, head_dim=64, batch_axis=0, seq_axis=2, head_axis=1)
+    per_request = kv_bytes_per_token(layout, "float32") * 2048
+    assert per_request == 32 * 2**20
+    by_cores = size_batch(layout, "float32", 2048, cores=2, available_memory=64 * 2**30)
+    assert by_cores.max_batch_size == 64 and "32 rows x 2 cores = 64" in by_cores.reason
+    by_memory = size_batch(layout, "float32", 2048, cores=2, available_memory=10 * per_request)
+    assert by_memory.max_batch_size == 5 and "= 5" in by_memory.reason
+    assert size_batch(layout, "float32", 2048, cores=2, available_memory=per_request).max_batch_size == 1
 
 
 def test_failed_step_fails_its_requests_and_engine_keeps_serving():
