@@ -13,9 +13,10 @@ EOS is ignored so every request generates exactly ``--new_tokens``. Prints a tab
 
 ``--vs_generate`` instead runs the side-by-side against Hugging Face transformers ``generate`` on the same weights
 (exported with ``export --format hf``, run by ``hf_generate_worker.py`` in a separate torch venv, ``--torch_python``):
-at each concurrency of ``--levels``, tokens/s and p50/p95 request latency of both and the ratio, where our engine's
-time goes (model step, cache bookkeeping, sampling) and the prefix cache's hit rate and first-token time on prompts
-sharing a system prompt. Writes ``benchmarks/results/serving_vs_generate.json``.
+at each concurrency of ``--levels``, tokens/s (wall clock and per CPU-second) and p50/p95 request latency of both and
+the ratios, where our engine's time goes (model step, cache bookkeeping, sampling), and the prefix cache's hit rate
+and first-token time on prompts sharing a system prompt, without and with it. Writes
+``benchmarks/results/serving_vs_generate.json``.
 
     python benchmarks/serving.py                      # defaults: hidden 512, 4 layers, 1 thread
     python benchmarks/serving.py --hidden 256 --threads 2
@@ -55,6 +56,8 @@ def parse_args(argv=None):
                         help="side by side with transformers generate at each of --levels concurrent clients")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--max_batch_size", type=int, default=None, help="our engine's batch (default: its own sizing)")
+    parser.add_argument("--system_prompt_tokens", type=int, default=384,
+                        help="--vs_generate: the shared prefix of the prefix-cache measurement")
     parser.add_argument("--torch_python", default=os.environ.get("TORCH_PYTHON", "/work/torchvenv/bin/python"),
                         help="a Python with torch and transformers (benchmark only, never a project dependency)")
     return parser.parse_args(argv)
@@ -234,6 +237,25 @@ def engine_at(engine, prompts: list[list[int]], new_tokens: int) -> dict:
             "token_ids": [list(r.token_ids) for r in results]}
 
 
+def prefix_reuse(engine, args) -> dict:
+    """Time to first token of requests sharing a system prompt, one after another, without and with the prefix
+    cache (the first request of each run fills it)."""
+    from paddle_llm.serving.engine import DEFAULT_PREFIX_CACHE_TOKENS
+    from paddle_llm.serving.prefix_cache import PrefixCache
+    from paddle_llm.serving.sampling import SamplingParams
+
+    system = prompt_of(args.system_prompt_tokens, 7)
+    prompts = [system + prompt_of(8, 500 + i) for i in range(8)]
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    results = {}
+    for label, cached_tokens in (("without", 0), ("with", DEFAULT_PREFIX_CACHE_TOKENS)):
+        engine.prefix_cache = PrefixCache(cached_tokens)  # the engine is idle between runs
+        first_tokens = [engine.generate(prompt, params).first_token_seconds for prompt in prompts]
+        results[label] = {"first_token_p50_s": statistics.median(first_tokens),
+                          "hit_rate": engine.prefix_cache.hit_rate}
+    return results
+
+
 def hf_generate(args, workdir: str, checkpoint: str, prompts: list[list[int]]) -> dict:
     """transformers ``generate`` at each level, on the checkpoint exported to Hugging Face format."""
     import subprocess
@@ -271,6 +293,7 @@ def vs_generate(args) -> dict:
                 timer.reset()
                 ours[level] = engine_at(engine, prompts[:level], args.new_tokens)
                 ours[level]["time_split"] = timer.split(ours[level]["wall_s"])
+            prefix = prefix_reuse(engine, args)
         finally:
             engine.shutdown()
         generate = hf_generate(args, workdir, checkpoint, prompts)
@@ -279,7 +302,7 @@ def vs_generate(args) -> dict:
     for level in args.levels:
         assert ours[level]["token_ids"][0] == alone, f"batching at {level} changed greedy output"
         ours[level].pop("token_ids")
-    return {"parity": parity.to_dict(), "max_batch_size": engine.max_batch_size,
+    return {"parity": parity.to_dict(), "max_batch_size": engine.max_batch_size, "prefix_cache": prefix,
             "levels": {level: {"ours": ours[level], "generate": generate[level],
                                "ratio": ours[level]["tokens_per_s"] / generate[level]["tokens_per_s"],
                                "cpu_ratio": ours[level]["tokens_per_cpu_s"] / generate[level]["tokens_per_cpu_s"]}
@@ -309,6 +332,11 @@ def report_vs_generate(args, results: dict) -> None:
               "|---:|" + "---:|" * len(next(iter(results["levels"].values()))["ours"]["time_split"])]
     for level, row in results["levels"].items():
         lines.append(f"| {level} | " + " | ".join(f"{share:.0%}" for share in row["ours"]["time_split"].values()) + " |")
+    prefix = results["prefix_cache"]
+    lines += ["", f"| 8 requests sharing a {args.system_prompt_tokens}-token system prompt, one at a time | "
+                  "first token p50 (ms) | prefix cache hit rate |", "|---|---:|---:|"]
+    lines += [f"| {label} the prefix cache | {prefix[label]['first_token_p50_s'] * 1000:.0f} | "
+              f"{prefix[label]['hit_rate']:.0%} |" for label in ("without", "with")]
     print("\n".join(lines))
     output = args.output or VS_GENERATE_RESULTS_PATH
     os.makedirs(os.path.dirname(output), exist_ok=True)

@@ -30,7 +30,7 @@ from paddle_llm.serving.http_limits import header_timeout_protocol
 from paddle_llm.serving.local_backend import LocalBackend
 from paddle_llm.serving.metrics import ServingMetrics
 from paddle_llm.inference.sizing import MEMORY_SHARE, ROWS_PER_CORE
-from paddle_llm.serving.engine import DEFAULT_PREFILL_CHUNK_TOKENS
+from paddle_llm.serving.engine import DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_PREFIX_CACHE_TOKENS
 from paddle_llm.serving.model import (
     ENGINE_DYGRAPH,
     ENGINE_FASTDEPLOY,
@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill_chunk_tokens", type=int,
                         help="most prompt tokens prefilled between two decoding steps: a long prompt is prefilled in "
                              f"chunks, so running streams keep producing tokens (default: {DEFAULT_PREFILL_CHUNK_TOKENS})")
+    parser.add_argument("--prefix_cache_tokens", type=int,
+                        help="prompt positions whose KV cache is kept for later prompts that start alike (a shared "
+                             "system prompt is prefilled once); 0 turns it off; the hit rate is in /metrics "
+                             f"(default: {DEFAULT_PREFIX_CACHE_TOKENS})")
     parser.add_argument("--num_threads", type=int, default=min(4, os.cpu_count() or 1), help="CPU math threads")
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                         help="where --engine paddle/dygraph runs (gpu needs a CUDA build of Paddle)")
@@ -110,9 +114,13 @@ def validate_args(args) -> None:
     for flag in ("body_timeout_seconds", "header_timeout_seconds"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if args.engine == ENGINE_FASTDEPLOY and (args.max_batch_size is not None or args.prefill_chunk_tokens is not None):
-        raise ValueError("--max_batch_size and --prefill_chunk_tokens size our engine; FastDeploy batches on its own "
+    ours = ("max_batch_size", "prefill_chunk_tokens", "prefix_cache_tokens")
+    given = [f"--{flag}" for flag in ours if getattr(args, flag) is not None]
+    if args.engine == ENGINE_FASTDEPLOY and given:
+        raise ValueError(f"{', '.join(given)}: these size our engine; FastDeploy batches and caches on its own "
                          "(pass its flags in --fastdeploy_args)")
+    if args.prefix_cache_tokens is not None and args.prefix_cache_tokens < 0:
+        raise ValueError(f"--prefix_cache_tokens must be at least 0, got {args.prefix_cache_tokens}")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ValueError(f"--max_prompt_tokens must be at least 1, got {args.max_prompt_tokens}")
     if not os.path.isdir(args.model):
@@ -127,10 +135,11 @@ def _local_backend(args):
 
     if args.engine == ENGINE_DYGRAPH:
         served = open_checkpoint(args.model, args.max_batch_size, device=args.device,
-                                 prefill_chunk_tokens=args.prefill_chunk_tokens)
+                                 prefill_chunk_tokens=args.prefill_chunk_tokens,
+                                 prefix_cache_tokens=args.prefix_cache_tokens)
     else:
         served = open_export(args.model, args.num_threads, args.max_batch_size, enable_mkldnn=args.mkldnn,
-                             prefill_chunk_tokens=args.prefill_chunk_tokens,
+                             prefill_chunk_tokens=args.prefill_chunk_tokens, prefix_cache_tokens=args.prefix_cache_tokens,
                              use_gpu=args.device == "gpu")
     if args.served_model_name:
         served.name = args.served_model_name
@@ -181,6 +190,8 @@ def serve(args) -> int:
             engine = served.engine
             metrics.add_gauge("running_requests", "Requests decoding now.", lambda: engine.stats().running)
             metrics.add_gauge("waiting_requests", "Requests waiting for a batch slot.", lambda: engine.stats().waiting)
+            metrics.add_gauge("prefix_cache_hit_rate", "Prompt tokens whose KV cache was reused from an earlier "
+                              "prompt's prefix, over all prompt tokens.", lambda: engine.stats().prefix_cache_hit_rate)
             name = served.name
         if args.grpc_port is not None:
             grpc_server = start_grpc_server(backend, metrics, args.host, args.grpc_port, args.api_key)

@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from paddle_llm.serving.prefix_cache import BLOCK_TOKENS, PrefixCache
 from paddle_llm.serving.sampling import NO_TOKENS, SamplingParams, log_softmax, sample_token
 from paddle_llm.serving.text_stream import IncrementalDetokenizer, StopStringFilter, text_decoder
 
@@ -36,6 +37,7 @@ FINISH_LENGTH = "length"  # max_tokens or the context ran out
 FINISH_CANCELLED = "cancelled"  # the client went away
 FINISH_ERROR = "error"  # the model step raised; ``StreamEvent.error`` says why
 DEFAULT_PREFILL_CHUNK_TOKENS = 256
+DEFAULT_PREFIX_CACHE_TOKENS = 4096
 
 
 class EngineClosedError(RuntimeError):
@@ -187,6 +189,7 @@ class EngineStats:
     decode_steps: int = 0
     prefill_batches: int = 0  # prefill chunks run
     finished_requests: int = 0
+    prefix_cache_hit_rate: float = 0.0  # prompt tokens whose KV came from the prefix cache, over all looked up
 
 
 class Engine:
@@ -200,6 +203,7 @@ class Engine:
         max_context_length: int,
         max_batch_size: int = 16,
         prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
     ):
         """
         Args:
@@ -209,14 +213,18 @@ class Engine:
             max_context_length: prompt + output never exceed this many positions.
             max_batch_size: most requests holding a cache slot (prefilling or decoding); more wait their turn.
             prefill_chunk_tokens: most prompt tokens prefilled between two decoding steps.
+            prefix_cache_tokens: most prompt positions whose KV cache is kept for prompts that start alike
+                (``serving.prefix_cache``); 0 turns prefix caching off.
 
         Raises:
-            ValueError: ``max_batch_size`` or ``prefill_chunk_tokens`` below 1.
+            ValueError: ``max_batch_size`` or ``prefill_chunk_tokens`` below 1, ``prefix_cache_tokens`` below 0.
         """
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
+        if prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be >= 0, got {prefix_cache_tokens}")
         self.decoder = decoder
         decoder.resize(max_batch_size)
         self.tokenizer = tokenizer
@@ -224,6 +232,7 @@ class Engine:
         self.max_context_length = max_context_length
         self.max_batch_size = max_batch_size
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)  # engine thread only; its counters are read anywhere
         # Embedding tables are often padded past the tokenizer (e.g. 1024 rows for 1000 pieces); those ids cannot be
         # decoded to text, so they are never sampled.
         self.sampled_vocab_size = len(tokenizer)
@@ -296,6 +305,7 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._condition:
             snapshot = EngineStats(**self._stats.__dict__)
+            snapshot.prefix_cache_hit_rate = self.prefix_cache.hit_rate
             snapshot.running = len(self._decoding) + len(self._prefilling)
             snapshot.waiting = len(self._waiting)
         return snapshot
@@ -370,6 +380,13 @@ class Engine:
         taken = {other.slot for other in self._prefilling + self._decoding}
         sequence.slot = max(slot for slot in range(self.max_batch_size) if slot not in taken)
         self.decoder.clear(sequence.slot)
+        # A request scoring its prompt needs every position's logits, so it runs the whole prompt.
+        if self.prefix_cache.max_blocks and not sequence.params.prompt_logprobs:
+            blocks = self.prefix_cache.lookup(sequence.prompt_ids)
+            if blocks:
+                columns = [np.concatenate(layer_blocks) for layer_blocks in zip(*blocks)]
+                self.decoder.write_row_cache(sequence.slot, self.decoder.prefix_columns, columns)
+                sequence.prefilled = len(blocks) * BLOCK_TOKENS
         self._prefilling.append(sequence)
 
     def _prefill_chunk(self) -> None:
@@ -400,9 +417,17 @@ class Engine:
                     sequence.prompt_logprobs.append(token_logprob(row_logits, prompt[sequence.prefilled], top))
                 continue
             self._prefilling.remove(sequence)
+            self._store_prefix(sequence)
             sequence.handle.prompt_logprobs = tuple(sequence.prompt_logprobs)
             if not self._accept(sequence, logits[row]):
                 self._start_decoding(sequence)
+
+    def _store_prefix(self, sequence: _Sequence) -> None:
+        """Keep the cache columns of the prompt's full blocks that are not cached yet."""
+        start = self.decoder.prefix_columns
+        for block, key in self.prefix_cache.missing_blocks(sequence.prompt_ids):
+            first = start + block * BLOCK_TOKENS
+            self.prefix_cache.store(key, self.decoder.row_cache(sequence.slot, first, first + BLOCK_TOKENS))
 
     def _start_decoding(self, sequence: _Sequence) -> None:
         """Move a prefilled request into the slot after the decoding rows (swapping with a prefilling one there)."""

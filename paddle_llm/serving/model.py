@@ -16,7 +16,7 @@ from paddle_llm.cpu.threads import available_cores
 from paddle_llm.inference.sizing import BatchSizing, size_batch
 from paddle_llm.inference.manifest import load_manifest
 from paddle_llm.models.registry import ModelFamily, family_named, load_tokenizer, resolve_model
-from paddle_llm.serving.engine import DEFAULT_PREFILL_CHUNK_TOKENS, Engine
+from paddle_llm.serving.engine import Engine
 
 ENGINE_PADDLE = "paddle"
 ENGINE_DYGRAPH = "dygraph"
@@ -69,12 +69,19 @@ def _batch_size(requested: int | None, layout, dtype: str, context: int) -> Batc
     return size_batch(layout, dtype, context, available_cores(), host_memory()[1])
 
 
+def _engine_options(prefill_chunk_tokens: int | None, prefix_cache_tokens: int | None) -> dict:
+    """The ``Engine`` options given (None: its default)."""
+    options = {"prefill_chunk_tokens": prefill_chunk_tokens, "prefix_cache_tokens": prefix_cache_tokens}
+    return {name: value for name, value in options.items() if value is not None}
+
+
 def open_export(model_dir: str, num_threads: int, max_batch_size: int | None, enable_mkldnn: bool = False,
-                use_gpu: bool = False, prefill_chunk_tokens: int | None = None) -> ServedModel:
+                use_gpu: bool = False, prefill_chunk_tokens: int | None = None,
+                prefix_cache_tokens: int | None = None) -> ServedModel:
     """Serve an export directory (``paddle-llm export --format paddle``) through Paddle Inference.
 
     ``max_batch_size`` None sizes the batch from the machine and the model (``inference.sizing``);
-    ``prefill_chunk_tokens`` None is the engine's default.
+    ``prefill_chunk_tokens`` and ``prefix_cache_tokens`` None are the engine's defaults.
 
     Raises:
         FileNotFoundError, ValueError: not a step-graph export; the message says what to run.
@@ -88,7 +95,7 @@ def open_export(model_dir: str, num_threads: int, max_batch_size: int | None, en
     tokenizer = load_tokenizer(model_dir, family)
     sizing = _batch_size(max_batch_size, decoder.layout, manifest.dtype, manifest.max_context_length)
     engine = Engine(decoder, tokenizer, manifest.eos_token_ids, manifest.max_context_length, sizing.max_batch_size,
-                    prefill_chunk_tokens or DEFAULT_PREFILL_CHUNK_TOKENS).start()
+                    **_engine_options(prefill_chunk_tokens, prefix_cache_tokens)).start()
     return ServedModel(
         name=os.path.basename(os.path.normpath(model_dir)),
         family=family,
@@ -101,7 +108,7 @@ def open_export(model_dir: str, num_threads: int, max_batch_size: int | None, en
 
 
 def open_checkpoint(model_dir: str, max_batch_size: int | None, device: str = "cpu",
-                    prefill_chunk_tokens: int | None = None) -> ServedModel:
+                    prefill_chunk_tokens: int | None = None, prefix_cache_tokens: int | None = None) -> ServedModel:
     """Serve a checkpoint directly in dygraph (``--engine dygraph``): no export step.
 
     Math threads are process-wide in dygraph; set them first (``paddle_llm.cpu.threads.configure_cpu_runtime``).
@@ -135,7 +142,7 @@ def open_checkpoint(model_dir: str, max_batch_size: int | None, device: str = "c
     eos = _eos_ids(generation.get("eos_token_id"), getattr(model.config, "eos_token_id", None))
     sizing = _batch_size(max_batch_size, step.layout, "float32", context)
     engine = Engine(decoder, tokenizer, eos, context, sizing.max_batch_size,
-                    prefill_chunk_tokens or DEFAULT_PREFILL_CHUNK_TOKENS).start()
+                    **_engine_options(prefill_chunk_tokens, prefix_cache_tokens)).start()
     return ServedModel(
         name=os.path.basename(os.path.normpath(model_dir)),
         family=family,

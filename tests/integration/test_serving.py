@@ -293,6 +293,15 @@ def test_concurrent_greedy_requests_equal_each_alone_and_the_models_own_decode(s
     assert "batch: max_batch_size " in (model_dirs[0] / "server.log").read_text()
 
 
+def test_shared_prompt_prefix_is_reused_and_its_hit_rate_is_in_metrics(server, client, model_name):
+    system = [400 + (11 * i) % 500 for i in range(48)]  # three full blocks of the prefix cache
+    replies = [client.completions.create(model=model_name, prompt=system + [300 + turn], max_tokens=4, temperature=0)
+               for turn in range(2)]
+    assert all(reply.choices[0].finish_reason in ("length", "stop") for reply in replies)
+    _, hit_rate = metric(server, "paddle_llm_prefix_cache_hit_rate")
+    assert hit_rate is not None and hit_rate > 0
+
+
 @pytest.mark.slow
 def test_graceful_shutdown_finishes_in_flight_stream(model_dirs):
     root, _, export = model_dirs

@@ -148,6 +148,7 @@ class ToyRunner:
         self.delay = delay
         self.fail_on_token = fail_on_token
         self.batch_sizes = []
+        self.query_lengths = []
 
     def run(self, inputs):
         import paddle
@@ -157,6 +158,7 @@ class ToyRunner:
             raise RuntimeError("toy failure")
         time.sleep(self.delay)
         self.batch_sizes.append(input_ids.shape[0])
+        self.query_lengths.append(input_ids.shape[1])
         new = input_ids.astype("float32").reshape([input_ids.shape[0], input_ids.shape[1], 1, 1])
         grown = paddle.concat([key, new], axis=1)
         attended = (grown[:, :, 0, 0] * mask[:, 0, -1, :].astype("float32")).sum(axis=-1)
@@ -184,13 +186,13 @@ class ToyTokenizer:
         return "".join(chr(ord("a") + i % 26) if i else "" for i in ids)
 
 
-def toy_engine(max_batch_size=8, prefill_chunk_tokens=256, **runner_options):
+def toy_engine(max_batch_size=8, prefill_chunk_tokens=256, prefix_cache_tokens=0, **runner_options):
     from paddle_llm.inference.runtime import StepDecoder
 
     runner = ToyRunner(**runner_options)
     decoder = StepDecoder(runner, LAYOUT, "float32", glm_positions=False, max_columns=200)
     engine = Engine(decoder, ToyTokenizer(), [EOS], max_context_length=200, max_batch_size=max_batch_size,
-                    prefill_chunk_tokens=prefill_chunk_tokens)
+                    prefill_chunk_tokens=prefill_chunk_tokens, prefix_cache_tokens=prefix_cache_tokens)
     return engine.start(), runner
 
 
@@ -332,6 +334,27 @@ def test_no_slot_or_cache_leaks_over_many_requests_with_cancels():
         engine.shutdown()
 
 
+def test_prefix_cache_reuses_shared_prompt_blocks_and_output_is_unchanged():
+    engine, runner = toy_engine(prefix_cache_tokens=64)
+    system = [(3 * i) % (VOCAB - 1) + 1 for i in range(37)]  # two full 16-token blocks and 5 more
+    try:
+        first = engine.generate(system + [4, 5], SamplingParams(max_tokens=5, temperature=0))
+        assert engine.stats().prefix_cache_hit_rate == 0.0
+        runner.query_lengths.clear()
+        second = engine.generate(system + [9], SamplingParams(max_tokens=5, temperature=0))
+        # The second prompt ran only what follows the two cached blocks.
+        assert runner.query_lengths[0] == 38 - 32
+        assert engine.stats().prefix_cache_hit_rate == pytest.approx(32 / (39 + 38))
+        for prompt, result in ((system + [4, 5], first), (system + [9], second)):
+            assert list(result.token_ids[: len(expected_tokens(prompt, 5))]) == expected_tokens(prompt, 5)
+        # Prompt logprobs need every position's logits: no reuse for those.
+        scored = engine.submit(system + [9], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True))
+        scored.result()
+        assert len(scored.prompt_logprobs) == 37
+    finally:
+        engine.shutdown()
+
+
 def test_default_batch_is_the_smaller_of_cores_and_memory():
     from paddle_llm.inference.sizing import kv_bytes_per_token, size_batch
 
@@ -416,6 +439,13 @@ def test_real_model_slots_and_chunks_match_rows_alone_and_the_model(implementati
     decoder.prefill([2], [prompts[0][4:]])
     decoder.move(2, 1)
     np.testing.assert_allclose(decoder.decode([42, 42]), np.stack(alone[::-1]), atol=1e-4)
+    # A cached prefix written into another slot continues exactly as if that slot had prefilled it.
+    decoder.clear(0)
+    decoder.prefill([0], [prompts[0][:4]])
+    decoder.clear(1)
+    decoder.write_row_cache(1, 0, decoder.row_cache(0, 0, 4))
+    np.testing.assert_allclose(decoder.prefill([1], [prompts[0][4:]])[0],
+                               reference_logits(model, source.family, prompts[0]), atol=1e-4)
     # A prompt longer than the first capacity grows the cache between chunks, keeping what is there.
     long_prompt = [(7 * i) % 900 + 3 for i in range(90)]
     decoder.clear(0)
