@@ -425,9 +425,9 @@ class Engine:
     def _store_prefix(self, sequence: _Sequence) -> None:
         """Keep the cache columns of the prompt's full blocks that are not cached yet."""
         start = self.decoder.prefix_columns
-        for block, key in self.prefix_cache.missing_blocks(sequence.prompt_ids):
+        for block, link in self.prefix_cache.missing_blocks(sequence.prompt_ids):
             first = start + block * BLOCK_TOKENS
-            self.prefix_cache.store(key, self.decoder.row_cache(sequence.slot, first, first + BLOCK_TOKENS))
+            self.prefix_cache.store(link, self.decoder.row_cache(sequence.slot, first, first + BLOCK_TOKENS))
 
     def _start_decoding(self, sequence: _Sequence) -> None:
         """Move a prefilled request into the slot after the decoding rows (swapping with a prefilling one there)."""

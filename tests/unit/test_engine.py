@@ -498,3 +498,20 @@ def test_export_whose_graph_returns_the_grown_cache_is_refused_with_re_export(tm
     manifest_path.write_text(json.dumps(fields))
     with pytest.raises(ValueError, match=r"older paddle_llm \(step interface 1.*Re-export.*--model_name_or_path /ckpt"):
         open_export_decoder(str(tmp_path))
+
+
+def test_prefix_cache_hash_collision_is_a_miss_and_lru_bounds_it():
+    from paddle_llm.serving.prefix_cache import BLOCK_TOKENS, PrefixCache
+
+    cache = PrefixCache(max_tokens=2 * BLOCK_TOKENS)
+    first, other = list(range(1, 2 * BLOCK_TOKENS + 2)), list(range(100, 100 + 2 * BLOCK_TOKENS + 1))
+    for _, link in cache.missing_blocks(first):
+        cache.store(link, [np.zeros((BLOCK_TOKENS, 1, 1))])
+    assert len(cache.lookup(first)) == 2
+    # Another prompt whose first key collides with a stored block (simulated): its tokens differ, so it misses.
+    other_key = cache._chain(other, 1)[0][0]
+    cache._blocks[other_key] = cache._blocks[cache._chain(first, 1)[0][0]]
+    assert cache.lookup(other) == []
+    assert len(cache._blocks) <= 3
+    cache.store((1, 0, (1,)), [np.zeros((BLOCK_TOKENS, 1, 1))])
+    assert len(cache._blocks) == 2  # the least recently used went
