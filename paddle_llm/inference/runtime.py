@@ -141,8 +141,9 @@ class StepDecoder:
     the step graph reads it in place: the arrays are handed to Paddle through DLPack, without a copy, and a step
     returns only the new positions' keys and values, which are written into each row's next columns. A row's columns
     ``[0, lengths[slot])`` are its tokens (after a prefix-tuning past, when the model has one); the rest are masked.
-    Capacity (columns) starts small and doubles when a row needs more, so memory follows the longest row, not the
-    context; the arrays are reallocated then and only then.
+    Capacity (columns) starts small, doubles when a row needs more and halves again when the rows in use are much
+    shorter (``shrink``), so memory and attention follow the longest row, not the context; the arrays are
+    reallocated then and only then.
 
     Decoding runs rows ``0 .. count-1``: the caller keeps its decoding rows in the lowest slots (``move`` packs a row
     into a freed slot; one row's copy). The decoder does not sample and does not schedule: ``serving.engine.Engine``
@@ -221,6 +222,25 @@ class StepDecoder:
         for old, new in zip(self._arrays, arrays):
             self._rows_view(new)[:, : self.capacity] = self._rows_view(old)
         self._arrays = arrays
+
+    def shrink(self, slots_in_use: Sequence[int]) -> None:
+        """Give back columns the rows in use do not need: halve capacity while their longest fits in a quarter.
+
+        Without it, one long request would leave every later step attending over (and the memory holding) its
+        length. The quarter, against doubling on growth, keeps a row near a boundary from reallocating every step.
+        """
+        longest = int(self.lengths[list(slots_in_use)].max()) if len(slots_in_use) else self.prefix_columns
+        smallest = max(_FIRST_CAPACITY, self.prefix_columns + 1)
+        target = self.capacity
+        while target // 2 >= smallest and 4 * longest <= target:
+            target //= 2
+        if target == self.capacity:
+            return
+        arrays = self._allocate(target)
+        for old, new in zip(self._arrays, arrays):
+            self._rows_view(new)[:] = self._rows_view(old)[:, :target]
+        self._arrays = arrays
+        self.lengths = np.minimum(self.lengths, target)  # free slots' stale lengths; clear() resets them anyway
 
     def clear(self, slot: int) -> None:
         """Empty ``slot`` for a new request (its prefix-tuning past, if any, stays)."""

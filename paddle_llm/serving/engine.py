@@ -462,6 +462,7 @@ class Engine:
             self.decoder.move(sequence.slot, hole)
             sequence.slot = hole
         self._decoding = sorted(survivors, key=lambda s: s.slot)
+        self.decoder.shrink([s.slot for s in self._decoding + self._prefilling])
 
     def _finish_if_cancelled(self, sequence: _Sequence) -> bool:
         if sequence.handle.cancelled and not sequence.finished:

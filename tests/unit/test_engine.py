@@ -149,6 +149,7 @@ class ToyRunner:
         self.fail_on_token = fail_on_token
         self.batch_sizes = []
         self.query_lengths = []
+        self.past_columns = []
 
     def run(self, inputs):
         import paddle
@@ -159,6 +160,7 @@ class ToyRunner:
         time.sleep(self.delay)
         self.batch_sizes.append(input_ids.shape[0])
         self.query_lengths.append(input_ids.shape[1])
+        self.past_columns.append(key.shape[1])
         new = input_ids.astype("float32").reshape([input_ids.shape[0], input_ids.shape[1], 1, 1])
         grown = paddle.concat([key, new], axis=1)
         attended = (grown[:, :, 0, 0] * mask[:, 0, -1, :].astype("float32")).sum(axis=-1)
@@ -351,6 +353,19 @@ def test_prefix_cache_reuses_shared_prompt_blocks_and_output_is_unchanged():
         scored = engine.submit(system + [9], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True))
         scored.result()
         assert len(scored.prompt_logprobs) == 37
+    finally:
+        engine.shutdown()
+
+
+def test_cache_shrinks_back_after_a_long_request_leaves():
+    engine, runner = toy_engine(max_batch_size=2)
+    try:
+        short = engine.submit([3], SamplingParams(max_tokens=60, temperature=0))
+        long_prompt = [(5 * i) % (VOCAB - 1) + 1 for i in range(150)]
+        assert engine.generate(long_prompt, SamplingParams(max_tokens=2, temperature=0)).completion_tokens >= 1
+        result = short.result()  # decodes on after the long one left
+        assert max(runner.past_columns) >= 150 and runner.past_columns[-1] < max(runner.past_columns)
+        assert list(result.token_ids[: len(expected_tokens([3], 60))]) == expected_tokens([3], 60)
     finally:
         engine.shutdown()
 
