@@ -11,8 +11,16 @@ Measures, for one randomly initialised Llama built from a config (hidden 512, 4 
 EOS is ignored so every request generates exactly ``--new_tokens``. Prints a table and writes
 ``benchmarks/results/serving.json``.
 
+``--vs_generate`` instead runs the side-by-side against Hugging Face transformers ``generate`` on the same weights
+(exported with ``export --format hf``, run by ``hf_generate_worker.py`` in a separate torch venv, ``--torch_python``):
+at each concurrency of ``--levels``, tokens/s (wall clock and per CPU-second) and p50/p95 request latency of both and
+the ratios, where our engine's time goes (model step, cache bookkeeping, sampling), and the prefix cache's hit rate
+and first-token time on prompts sharing a system prompt, without and with it. Writes
+``benchmarks/results/serving_vs_generate.json``.
+
     python benchmarks/serving.py                      # defaults: hidden 512, 4 layers, 1 thread
     python benchmarks/serving.py --hidden 256 --threads 2
+    python benchmarks/serving.py --vs_generate --torch_python /work/torchvenv/bin/python
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "serving.json")
+VS_GENERATE_RESULTS_PATH = os.path.join(os.path.dirname(RESULTS_PATH), "serving_vs_generate.json")
+HF_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_generate_worker.py")
 
 
 def parse_args(argv=None):
@@ -41,7 +51,15 @@ def parse_args(argv=None):
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPU math threads for every contender")
-    parser.add_argument("--output", default=RESULTS_PATH)
+    parser.add_argument("--output", default=None, help=f"default {RESULTS_PATH} (or {VS_GENERATE_RESULTS_PATH})")
+    parser.add_argument("--vs_generate", action="store_true",
+                        help="side by side with transformers generate at each of --levels concurrent clients")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--max_batch_size", type=int, default=None, help="our engine's batch (default: its own sizing)")
+    parser.add_argument("--system_prompt_tokens", type=int, default=384,
+                        help="--vs_generate: the shared prefix of the prefix-cache measurement")
+    parser.add_argument("--torch_python", default=os.environ.get("TORCH_PYTHON", "/work/torchvenv/bin/python"),
+                        help="a Python with torch and transformers (benchmark only, never a project dependency)")
     return parser.parse_args(argv)
 
 
@@ -166,18 +184,185 @@ def concurrency(engine, args) -> dict:
     }
 
 
+# ---- side by side with transformers generate ------------------------------------------------------------------------
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+class PhaseTimer:
+    """Where the engine thread's time goes: wraps the model step and the sampling hook of one engine in place."""
+
+    def __init__(self, engine):
+        self.seconds = {"model step": 0.0, "sampling + text": 0.0}
+        runner = engine.decoder.runner
+        runner.run = self._timed(runner.run, "model step")
+        engine._accept = self._timed(engine._accept, "sampling + text")
+
+    def _timed(self, function, phase: str):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - started
+        return timed
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+    def split(self, wall: float) -> dict:
+        """Each phase's share of ``wall``; the rest is cache bookkeeping, scheduling and Python around them."""
+        shares = {phase: seconds / wall for phase, seconds in self.seconds.items()}
+        shares["cache bookkeeping + scheduling"] = max(0.0, 1.0 - sum(shares.values()))
+        return shares
+
+
+def engine_at(engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    """All ``prompts`` submitted at once: tokens/s over the wall time, p50/p95 request latency, p50 first token."""
+    from paddle_llm.serving.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    handles = [engine.submit(prompt, params) for prompt in prompts]
+    results = [handle.result() for handle in handles]
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    assert all(r.completion_tokens == new_tokens for r in results), [r.finish_reason for r in results]
+    latencies = [r.total_seconds for r in results]
+    tokens = sum(r.completion_tokens for r in results)
+    return {"tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "wall_s": wall,
+            "latency_p50_s": percentile(latencies, 0.5), "latency_p95_s": percentile(latencies, 0.95),
+            "first_token_p50_s": percentile([r.first_token_seconds for r in results], 0.5),
+            "token_ids": [list(r.token_ids) for r in results]}
+
+
+def prefix_reuse(engine, args) -> dict:
+    """Time to first token of requests sharing a system prompt, one after another, without and with the prefix
+    cache (the first request of each run fills it)."""
+    from paddle_llm.serving.engine import DEFAULT_PREFIX_CACHE_TOKENS
+    from paddle_llm.serving.prefix_cache import PrefixCache
+    from paddle_llm.serving.sampling import SamplingParams
+
+    system = prompt_of(args.system_prompt_tokens, 7)
+    prompts = [system + prompt_of(8, 500 + i) for i in range(8)]
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    results = {}
+    for label, cached_tokens in (("without", 0), ("with", DEFAULT_PREFIX_CACHE_TOKENS)):
+        engine.prefix_cache = PrefixCache(cached_tokens)  # the engine is idle between runs
+        first_tokens = [engine.generate(prompt, params).first_token_seconds for prompt in prompts]
+        results[label] = {"first_token_p50_s": statistics.median(first_tokens),
+                          "hit_rate": engine.prefix_cache.hit_rate}
+    return results
+
+
+def hf_generate(args, workdir: str, checkpoint: str, prompts: list[list[int]]) -> dict:
+    """transformers ``generate`` at each level, on the checkpoint exported to Hugging Face format."""
+    import subprocess
+
+    from paddle_llm.export.exporter import FORMAT_HF, ExportRequest, export_checkpoint
+
+    hf_dir = os.path.join(workdir, "hf")
+    export_checkpoint(ExportRequest(checkpoint, hf_dir, format=FORMAT_HF), log=lambda *_: None)
+    prompts_file = os.path.join(workdir, "prompts.json")
+    with open(prompts_file, "w", encoding="utf-8") as f:
+        json.dump(prompts, f)
+    command = [args.torch_python, HF_WORKER, hf_dir, "--prompts", prompts_file, "--new_tokens", str(args.new_tokens),
+               "--threads", str(args.threads), "--levels", *map(str, args.levels)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"transformers generate failed ({args.torch_python}):\n{done.stderr[-3000:]}")
+    return {int(level): row for level, row in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def vs_generate(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="paddle_llm_serving_vs_generate_") as workdir:
+        checkpoint, export_dir, parity = setup(args, workdir)
+        from paddle_llm.serving.model import open_export
+
+        prompts = [prompt_of(args.prompt_tokens, 100 + i) for i in range(max(args.levels))]
+        served = open_export(export_dir, num_threads=args.threads, max_batch_size=args.max_batch_size)
+        engine = served.engine
+        engine.eos_token_ids = frozenset()  # every request runs to --new_tokens, as generate's min_new_tokens does
+        timer = PhaseTimer(engine)
+        ours = {}
+        try:
+            engine_at(engine, prompts[:2], 4)  # warm-up
+            for level in args.levels:
+                timer.reset()
+                ours[level] = engine_at(engine, prompts[:level], args.new_tokens)
+                ours[level]["time_split"] = timer.split(ours[level]["wall_s"])
+            prefix = prefix_reuse(engine, args)
+        finally:
+            engine.shutdown()
+        generate = hf_generate(args, workdir, checkpoint, prompts)
+    # Continuous batching must not change greedy output: every level's first request decodes as at the first level.
+    alone = ours[args.levels[0]]["token_ids"][0]
+    for level in args.levels:
+        assert ours[level]["token_ids"][0] == alone, f"batching at {level} changed greedy output"
+        ours[level].pop("token_ids")
+    return {"parity": parity.to_dict(), "max_batch_size": engine.max_batch_size, "prefix_cache": prefix,
+            "levels": {level: {"ours": ours[level], "generate": generate[level],
+                               "ratio": ours[level]["tokens_per_s"] / generate[level]["tokens_per_s"],
+                               "cpu_ratio": ours[level]["tokens_per_cpu_s"] / generate[level]["tokens_per_cpu_s"]}
+                       for level in args.levels}}
+
+
+def report_vs_generate(args, results: dict) -> None:
+    lines = [
+        f"model: Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab 1024, float32; prompt "
+        f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.threads} CPU thread(s) each; our batch "
+        f"{results['max_batch_size']}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        "",
+        "Wall-clock rates measure the neighbours too on a shared machine; tokens per CPU-second (each side's process "
+        "CPU time, 1 math thread) measure the work.",
+        "",
+        "| clients | ours tokens/s | generate tokens/s | ratio | ours / generate tokens per CPU-s | ratio (CPU) | "
+        "ours p50 / p95 latency (s) | generate p50 / p95 (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for level, row in results["levels"].items():
+        ours, theirs = row["ours"], row["generate"]
+        lines.append(f"| {level} | {ours['tokens_per_s']:.0f} | {theirs['tokens_per_s']:.0f} | {row['ratio']:.2f}x | "
+                     f"{ours['tokens_per_cpu_s']:.0f} / {theirs['tokens_per_cpu_s']:.0f} | {row['cpu_ratio']:.2f}x | "
+                     f"{ours['latency_p50_s']:.2f} / {ours['latency_p95_s']:.2f} | "
+                     f"{theirs['latency_p50_s']:.2f} / {theirs['latency_p95_s']:.2f} |")
+    lines += ["", "| clients | " + " | ".join(next(iter(results["levels"].values()))["ours"]["time_split"]) + " |",
+              "|---:|" + "---:|" * len(next(iter(results["levels"].values()))["ours"]["time_split"])]
+    for level, row in results["levels"].items():
+        lines.append(f"| {level} | " + " | ".join(f"{share:.0%}" for share in row["ours"]["time_split"].values()) + " |")
+    prefix = results["prefix_cache"]
+    lines += ["", f"| 8 requests sharing a {args.system_prompt_tokens}-token system prompt, one at a time | "
+                  "first token p50 (ms) | prefix cache hit rate |", "|---|---:|---:|"]
+    lines += [f"| {label} the prefix cache | {prefix[label]['first_token_p50_s'] * 1000:.0f} | "
+              f"{prefix[label]['hit_rate']:.0%} |" for label in ("without", "with")]
+    print("\n".join(lines))
+    output = args.output or VS_GENERATE_RESULTS_PATH
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        json.dump({"config": vars(args), "load_average": os.getloadavg()[0], "cpu_count": os.cpu_count(),
+                   "results": results}, f, indent=2)
+    print(f"\nwrote {output}")
+
+
 # ---- main ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.vs_generate:
+        report_vs_generate(args, vs_generate(args))
+        return 0
+    if args.max_batch_size is None:
+        args.max_batch_size = args.clients
     with tempfile.TemporaryDirectory(prefix="paddle_llm_serving_bench_") as workdir:
         checkpoint, export_dir, parity = setup(args, workdir)
         from paddle_llm.serving.model import open_checkpoint, open_export
 
-        exported = open_export(export_dir, num_threads=args.threads, max_batch_size=args.clients)
+        exported = open_export(export_dir, num_threads=args.threads, max_batch_size=args.max_batch_size)
         # EOS ignored: every request runs to --new_tokens, so all contenders do the same work.
         exported.engine.eos_token_ids = frozenset()
-        dygraph = open_checkpoint(checkpoint, max_batch_size=args.clients)
+        dygraph = open_checkpoint(checkpoint, max_batch_size=args.max_batch_size)
         dygraph.engine.eos_token_ids = frozenset()
         try:
             results = {
@@ -224,11 +409,12 @@ def report(args, results: dict, parity) -> None:
         f"| speedup from batching | {batching['speedup']:.2f}x | |",
     ]
     print("\n".join(lines))
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
+    output = args.output or RESULTS_PATH
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
         json.dump({"config": vars(args), "parity": parity.to_dict(), "load_average": os.getloadavg()[0],
                    "cpu_count": os.cpu_count(), "results": results}, f, indent=2)
-    print(f"\nwrote {args.output}")
+    print(f"\nwrote {output}")
 
 
 if __name__ == "__main__":

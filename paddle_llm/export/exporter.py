@@ -39,6 +39,7 @@ from paddle_llm.inference.manifest import (
     PARAMS_FILE,
     PORTABLE_PROGRAM,
     PREFIX_CACHE_FILE,
+    STEP_INTERFACE,
     STEP_LLAMA_INFERENCE,
     ExportManifest,
     program_needs,
@@ -249,6 +250,7 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest | Non
         max_context_length=max_context_length(family, config),
         eos_token_ids=_eos_ids(config, generation),
         pad_token_id=int(generation.get("pad_token_id") or 0),
+        step_interface=STEP_INTERFACE,
         source={
             "model_name_or_path": os.path.abspath(request.model_name_or_path),
             "lora_path": os.path.abspath(request.lora_path) if request.lora_path else None,

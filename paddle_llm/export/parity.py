@@ -97,7 +97,8 @@ def compare(decoder, reference_model, family, prompt_ids: list[list[int]], new_t
         reference_model: the dygraph model (or PaddleNLP PEFT wrapper) to match.
         family: the registry ``ModelFamily`` (gives the reference its masks and positions).
     """
-    logits, batch = decoder.prefill(prompt_ids)
+    decoder.resize(len(prompt_ids))
+    logits = decoder.prefill(list(range(len(prompt_ids))), prompt_ids)
     graph_tokens: list[list[int]] = [[] for _ in prompt_ids]
     graph_logits: list[list[np.ndarray]] = [[row] for row in logits]
     for step in range(new_tokens):
@@ -105,7 +106,7 @@ def compare(decoder, reference_model, family, prompt_ids: list[list[int]], new_t
         for row, token in enumerate(next_tokens):
             graph_tokens[row].append(token)
         if step + 1 < new_tokens:
-            logits, batch = decoder.decode(batch, next_tokens)
+            logits = decoder.decode(next_tokens)
             for row, row_logits in enumerate(logits):
                 graph_logits[row].append(row_logits)
 

@@ -30,6 +30,10 @@ DTYPES = ("float32", "float16", "bfloat16")
 STEP_PADDLENLP = "paddlenlp"  # PaddleNLP's own forward, wrapped in KVCacheStep
 STEP_LLAMA_INFERENCE = "llama_inference"  # models.llama.inference_step.LlamaInferenceStep
 
+# What the step graph returns (``step_graph``'s docstring): 1, every layer's grown cache (exports before preallocated
+# serving caches, whose manifests lack the field); 2, only the new positions' keys and values.
+STEP_INTERFACE = 2
+
 
 @dataclass(frozen=True)
 class CacheLayout:
@@ -77,6 +81,7 @@ class ExportManifest:
         programs: the step graph's programs over ``model.pdiparams``, best first, each ``{"file", "needs"}`` with the
             CPU features its Paddle kernels need (``program_needs``); None in exports older than this field, which
             hold ``model.json`` only.
+        step_interface: what the graph returns (``STEP_INTERFACE``); 1 in exports older than this field.
     """
 
     format: str
@@ -94,6 +99,7 @@ class ExportManifest:
     source: dict = field(default_factory=dict)
     parity: dict | None = None
     programs: list[dict] | None = None
+    step_interface: int = 1
 
     def cache_layout(self) -> CacheLayout:
         """Raises: ValueError when this export has no step graph (the fastdeploy format)."""

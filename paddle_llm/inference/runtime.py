@@ -1,8 +1,8 @@
-"""Running the step graph: Paddle Inference or dygraph behind one interface, plus batched KV-cache bookkeeping.
+"""Running the step graph: Paddle Inference or dygraph behind one interface, plus the preallocated KV cache.
 
 ``StepDecoder`` is the piece the parity check and the serving engine share. It knows how to build the step inputs for
-rows of different lengths (left padding, an explicit mask, per-row positions), how to prefill new rows, run one
-decoding step, and merge or drop rows between steps. It does not sample and does not schedule.
+rows of different lengths (padding, an explicit mask, per-row positions), how to prefill prompts in chunks into cache
+slots and run one decoding step over the decoding slots. It does not sample and does not schedule.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -18,7 +17,14 @@ import paddle
 from paddle import inference
 
 from paddle_llm.cpu import features as cpu_features
-from paddle_llm.inference.manifest import PARAMS_FILE, PORTABLE_PROGRAM, CacheLayout, load_manifest, program_needs
+from paddle_llm.inference.manifest import (
+    PARAMS_FILE,
+    PORTABLE_PROGRAM,
+    STEP_INTERFACE,
+    CacheLayout,
+    load_manifest,
+    program_needs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +35,7 @@ _NEVER_COLLECT = -1.0  # Paddle's default, 0, frees each intermediate when it di
 
 class StepRunner(Protocol):
     """Runs the flat inputs ``[input_ids, position_ids, mask, *past_keys, *past_values]`` and returns
-    ``[last_logits, *keys, *values]``."""
+    ``[last_logits, *new_keys, *new_values]`` (the new positions only)."""
 
     def run(self, inputs: list[paddle.Tensor]) -> list[paddle.Tensor]: ...
 
@@ -103,26 +109,6 @@ class DygraphStepRunner:
             return list(self.step_layer(*inputs[:3], list(inputs[3:])))
 
 
-@dataclass
-class KVBatch:
-    """The cache of the rows decoding together, and which of its columns are real tokens.
-
-    Attributes:
-        caches: every layer's key, then every layer's value (the step graph's order), each ``layout.shape(rows,
-            columns)``.
-        valid: ``[rows, columns]`` bool; False for left padding and the masked dummy column.
-        next_position: ``[rows]`` position id of each row's next token (prefix columns take no positions).
-    """
-
-    caches: list[paddle.Tensor]
-    valid: np.ndarray
-    next_position: np.ndarray
-
-    @property
-    def rows(self) -> int:
-        return int(self.valid.shape[0])
-
-
 def step_attention_mask(past_valid: np.ndarray, new_valid: np.ndarray) -> np.ndarray:
     """Mask ``[b, 1, q, past + q]`` (True = attend): every valid past column, and new tokens causally.
 
@@ -144,8 +130,25 @@ def position_input(positions: np.ndarray, glm_positions: bool) -> np.ndarray:
     return positions
 
 
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+_FIRST_CAPACITY = 64  # columns a fresh cache holds; it doubles when a row needs more
+
+
 class StepDecoder:
-    """Prefill, decode, merge and drop rows around a ``StepRunner``."""
+    """A preallocated KV cache of ``slots`` rows around a ``StepRunner``: prefill chunks into slots, decode slots.
+
+    The cache is allocated once (one numpy array per layer's key and value, ``layout.shape(slots, capacity)``), and
+    the step graph reads it in place: the arrays are handed to Paddle through DLPack, without a copy, and a step
+    returns only the new positions' keys and values, which are written into each row's next columns. A row's columns
+    ``[0, lengths[slot])`` are its tokens (after a prefix-tuning past, when the model has one); the rest are masked.
+    Capacity (columns) starts small, doubles when a row needs more and halves again when the rows in use are much
+    shorter (``shrink``), so memory and attention follow the longest row, not the context; the arrays are
+    reallocated then and only then.
+
+    Decoding runs rows ``0 .. count-1``: the caller keeps its decoding rows in the lowest slots (``move`` packs a row
+    into a freed slot; one row's copy). The decoder does not sample and does not schedule: ``serving.engine.Engine``
+    decides which slot holds which request (and anything else per row, such as an adapter id).
+    """
 
     def __init__(
         self,
@@ -155,120 +158,188 @@ class StepDecoder:
         glm_positions: bool,
         pad_token_id: int = 0,
         prefix_cache: list[paddle.Tensor] | None = None,
+        slots: int = 1,
+        max_columns: int | None = None,
     ):
         """
         Args:
             runner: the step graph or layer.
             layout: cache geometry (from the export manifest or the config).
-            dtype: cache dtype.
+            dtype: cache dtype (float32 or float16).
             glm_positions: the model takes ChatGLM v1 2-D positions.
-            pad_token_id: id written into padded slots (never attended to).
-            prefix_cache: prefix-tuning past for one row (``KVBatch.caches`` order), prepended to every new row.
+            pad_token_id: id written into padded query positions (never attended to).
+            prefix_cache: prefix-tuning past for one row (key then value per layer, ``layout`` shape), the first
+                columns of every slot.
+            slots: rows of the cache (the most requests decoding together).
+            max_columns: the most positions a row ever holds (the context); capacity never grows past it.
+
+        Raises:
+            ValueError: a cache dtype numpy cannot hold.
         """
+        if dtype not in _NUMPY_DTYPES:
+            raise ValueError(f"serving keeps its cache in {' or '.join(_NUMPY_DTYPES)}; this model's cache is {dtype}")
         self.runner = runner
         self.layout = layout
         self.dtype = dtype
         self.glm_positions = glm_positions
         self.pad_token_id = pad_token_id
-        self.prefix_cache = prefix_cache
+        self._prefix = [cache.numpy() for cache in prefix_cache] if prefix_cache is not None else None
+        self.prefix_columns = 0 if self._prefix is None else int(self._prefix[0].shape[layout.seq_axis])
+        self.max_columns = None if max_columns is None else max_columns + self.prefix_columns
+        self.resize(slots)
 
-    def _initial_past(self, rows: int) -> tuple[list[paddle.Tensor], np.ndarray]:
-        if self.prefix_cache is not None:
-            tiles = [1] * 4
-            tiles[self.layout.batch_axis] = rows
-            caches = [paddle.tile(cache, tiles) for cache in self.prefix_cache]
-            return caches, np.ones((rows, self.prefix_cache[0].shape[self.layout.seq_axis]), dtype=bool)
-        # One masked-out column instead of an empty past (see step_graph's docstring).
-        zeros = paddle.zeros(self.layout.shape(rows, 1), dtype=self.dtype)
-        return [zeros] * (2 * self.layout.num_layers), np.zeros((rows, 1), dtype=bool)
+    # ---- storage -------------------------------------------------------------------------------------------------
 
-    def _run(self, input_ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, caches: list[paddle.Tensor]):
+    def resize(self, slots: int) -> None:
+        """Reallocate the cache empty with ``slots`` rows (only between runs: every row's cache is dropped)."""
+        self.slots = slots
+        self.lengths = np.full(slots, self.prefix_columns, dtype="int64")
+        self._arrays = self._allocate(max(self.prefix_columns + 1, min(_FIRST_CAPACITY, self.max_columns or _FIRST_CAPACITY)))
+        for slot in range(slots):
+            self.clear(slot)
+
+    @property
+    def capacity(self) -> int:
+        return int(self._arrays[0].shape[self.layout.seq_axis])
+
+    def _allocate(self, columns: int) -> list[np.ndarray]:
+        shape = self.layout.shape(self.slots, columns)
+        return [np.zeros(shape, dtype=_NUMPY_DTYPES[self.dtype]) for _ in range(2 * self.layout.num_layers)]
+
+    def _rows_view(self, array: np.ndarray) -> np.ndarray:
+        """``array`` as ``[slots, columns, ...]`` (a view, for indexing by slot and column)."""
+        return np.moveaxis(array, (self.layout.batch_axis, self.layout.seq_axis), (0, 1))
+
+    def _ensure_capacity(self, columns: int) -> None:
+        if columns <= self.capacity:
+            return
+        if self.max_columns is not None and columns > self.max_columns:
+            raise ValueError(f"a row needs {columns} cache columns; the context holds {self.max_columns}")
+        grown = max(columns, 2 * self.capacity)
+        if self.max_columns is not None:
+            grown = min(grown, self.max_columns)
+        arrays = self._allocate(grown)
+        for old, new in zip(self._arrays, arrays):
+            self._rows_view(new)[:, : self.capacity] = self._rows_view(old)
+        self._arrays = arrays
+
+    def shrink(self, slots_in_use: Sequence[int]) -> None:
+        """Give back columns the rows in use do not need: halve capacity while their longest fits in a quarter.
+
+        Without it, one long request would leave every later step attending over (and the memory holding) its
+        length. The quarter, against doubling on growth, keeps a row near a boundary from reallocating every step.
+        """
+        longest = int(self.lengths[list(slots_in_use)].max()) if len(slots_in_use) else self.prefix_columns
+        smallest = max(_FIRST_CAPACITY, self.prefix_columns + 1)
+        target = self.capacity
+        while target // 2 >= smallest and 4 * longest <= target:
+            target //= 2
+        if target == self.capacity:
+            return
+        arrays = self._allocate(target)
+        for old, new in zip(self._arrays, arrays):
+            self._rows_view(new)[:] = self._rows_view(old)[:, :target]
+        self._arrays = arrays
+        self.lengths = np.minimum(self.lengths, target)  # free slots' stale lengths; clear() resets them anyway
+
+    def clear(self, slot: int) -> None:
+        """Empty ``slot`` for a new request (its prefix-tuning past, if any, stays)."""
+        self.lengths[slot] = self.prefix_columns
+        if self._prefix is not None:
+            for array, prefix in zip(self._arrays, self._prefix):
+                self._rows_view(array)[slot, : self.prefix_columns] = self._rows_view(prefix)[0]
+
+    def move(self, source: int, target: int) -> None:
+        """Put ``source``'s row into ``target`` (overwriting it); ``source`` is then free."""
+        length = int(self.lengths[source])
+        for array in self._arrays:
+            rows = self._rows_view(array)
+            rows[target, :length] = rows[source, :length]
+        self.lengths[target] = length
+
+    def swap(self, first: int, second: int) -> None:
+        for array in self._arrays:
+            rows = self._rows_view(array)
+            rows[[first, second]] = rows[[second, first]]
+        self.lengths[[first, second]] = self.lengths[[second, first]]
+
+    def row_cache(self, slot: int, start: int, end: int) -> list[np.ndarray]:
+        """Copies of ``slot``'s columns ``[start, end)`` of every layer (``[columns, ...]`` each), e.g. to reuse."""
+        return [self._rows_view(array)[slot, start:end].copy() for array in self._arrays]
+
+    def write_row_cache(self, slot: int, start: int, columns: list[np.ndarray]) -> None:
+        """Write ``row_cache`` output into ``slot`` from column ``start``; the row then ends after it."""
+        end = start + int(columns[0].shape[0])
+        self._ensure_capacity(end)
+        for array, values in zip(self._arrays, columns):
+            self._rows_view(array)[slot, start:end] = values
+        self.lengths[slot] = end
+
+    def _past(self, slots: slice | np.ndarray) -> list[paddle.Tensor]:
+        """The rows' caches as Paddle tensors: views without a copy for a contiguous range of a batch-first cache."""
+        axis = self.layout.batch_axis
+        if isinstance(slots, slice) and axis == 0:
+            return [paddle.from_dlpack(array[slots]) for array in self._arrays]
+        index = np.arange(self.slots)[slots]
+        return [paddle.to_tensor(np.take(array, index, axis=axis)) for array in self._arrays]
+
+    # ---- steps ---------------------------------------------------------------------------------------------------
+
+    def _run(self, input_ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: list[paddle.Tensor]):
         inputs = [
             paddle.to_tensor(input_ids.astype("int64")),
             paddle.to_tensor(position_input(positions.astype("int64"), self.glm_positions)),
             paddle.to_tensor(mask),
-            *caches,
+            *past,
         ]
-        logits, *new_caches = self.runner.run(inputs)
-        return logits.numpy(), new_caches
+        logits, *new = self.runner.run(inputs)
+        return logits.numpy(), [self._rows_view(np.asarray(cache.numpy())) for cache in new]
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVBatch]:
-        """Run new rows' prompts together (left-padded to the longest).
+    def prefill(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+        """Feed each slot the next tokens of its prompt (``chunks[i]`` continues ``slots[i]`` where it ends);
+        rows run together, left-padded to the longest chunk.
 
         Returns:
-            ``(logits [rows, vocab] of each prompt's last token, the rows' KVBatch)``.
+            logits ``[rows, vocab]`` after each chunk's last token.
         """
-        rows, longest = len(prompts), max(len(p) for p in prompts)
+        slots = np.asarray(slots, dtype="int64")
+        rows, longest = len(chunks), max(len(c) for c in chunks)
+        self._ensure_capacity(int((self.lengths[slots] + np.array([len(c) for c in chunks])).max()))
         input_ids = np.full((rows, longest), self.pad_token_id, dtype="int64")
         new_valid = np.zeros((rows, longest), dtype=bool)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, longest - len(prompt):] = prompt
-            new_valid[row, longest - len(prompt):] = True
-        positions = np.maximum(np.cumsum(new_valid, axis=1) - 1, 0)
-        caches, past_valid = self._initial_past(rows)
-        mask = step_attention_mask(past_valid, new_valid)
-        logits, caches = self._run(input_ids, positions, mask, caches)
-        valid = np.concatenate([past_valid, new_valid], axis=1)
-        lengths = np.array([len(p) for p in prompts], dtype="int64")
-        return logits, self.trim(KVBatch(caches, valid, lengths))
+        positions = np.zeros((rows, longest), dtype="int64")
+        for row, chunk in enumerate(chunks):
+            input_ids[row, longest - len(chunk):] = chunk
+            new_valid[row, longest - len(chunk):] = True
+            first = self.lengths[slots[row]] - self.prefix_columns
+            positions[row, longest - len(chunk):] = np.arange(first, first + len(chunk))
+        past_valid = np.arange(self.capacity)[None, :] < self.lengths[slots][:, None]
+        contiguous = rows > 0 and np.array_equal(slots, np.arange(slots[0], slots[0] + rows))
+        past = self._past(slice(int(slots[0]), int(slots[0]) + rows) if contiguous else slots)
+        logits, new = self._run(input_ids, positions, step_attention_mask(past_valid, new_valid), past)
+        for row, chunk in enumerate(chunks):
+            slot, start = int(slots[row]), int(self.lengths[slots[row]])
+            for array, values in zip(self._arrays, new):
+                self._rows_view(array)[slot, start:start + len(chunk)] = values[row, longest - len(chunk):]
+            self.lengths[slot] = start + len(chunk)
+        return logits
 
-    def decode(self, batch: KVBatch, last_tokens: Sequence[int]) -> tuple[np.ndarray, KVBatch]:
-        """Feed each row's latest token; returns next-token logits and the grown batch."""
-        valid = np.concatenate([batch.valid, np.ones((batch.rows, 1), dtype=bool)], axis=1)
-        # One query per row sees every valid column including its own: step_attention_mask's result, without its
-        # cost (this runs once per generated token).
-        mask = valid[:, None, None, :]
-        input_ids = np.asarray(last_tokens, dtype="int64").reshape(batch.rows, 1)
-        logits, caches = self._run(input_ids, batch.next_position.reshape(-1, 1), mask, batch.caches)
-        return logits, KVBatch(caches, valid, batch.next_position + 1)
-
-    def _pad_columns(self, batch: KVBatch, columns: int) -> KVBatch:
-        missing = columns - batch.valid.shape[1]
-        if missing == 0:
-            return batch
-        zeros = paddle.zeros(self.layout.shape(batch.rows, missing), dtype=batch.caches[0].dtype)
-        caches = [paddle.concat([zeros, cache], axis=self.layout.seq_axis) for cache in batch.caches]
-        valid = np.concatenate([np.zeros((batch.rows, missing), dtype=bool), batch.valid], axis=1)
-        return KVBatch(caches, valid, batch.next_position)
-
-    def merge(self, first: KVBatch | None, second: KVBatch) -> KVBatch:
-        """Stack two batches' rows (``first`` then ``second``), left-padding the shorter one."""
-        if first is None or first.rows == 0:
-            return second
-        columns = max(first.valid.shape[1], second.valid.shape[1])
-        first, second = self._pad_columns(first, columns), self._pad_columns(second, columns)
-        axis = self.layout.batch_axis
-        return KVBatch(
-            [paddle.concat([a, b], axis=axis) for a, b in zip(first.caches, second.caches)],
-            np.concatenate([first.valid, second.valid], axis=0),
-            np.concatenate([first.next_position, second.next_position]),
-        )
-
-    def select(self, batch: KVBatch, rows: Sequence[int]) -> KVBatch | None:
-        """Keep only ``rows`` (in that order); None when no row is left."""
-        if len(rows) == 0:
-            return None
-        if list(rows) == list(range(batch.rows)):
-            return batch
-        index = paddle.to_tensor(np.asarray(rows, dtype="int64"))
-        axis = self.layout.batch_axis
-        selected = KVBatch(
-            [paddle.index_select(cache, index, axis=axis) for cache in batch.caches],
-            batch.valid[list(rows)],
-            batch.next_position[list(rows)],
-        )
-        return self.trim(selected)
-
-    def trim(self, batch: KVBatch) -> KVBatch:
-        """Drop leading columns that no row attends to (padding left behind by longer rows that finished)."""
-        used = np.flatnonzero(batch.valid.any(axis=0))
-        first = int(used[0]) if used.size else batch.valid.shape[1] - 1
-        if first == 0:
-            return batch
-        seq_axis, end = self.layout.seq_axis, batch.valid.shape[1]
-        # slice returns a strided view; Paddle Inference reads input memory as dense, so materialise it.
-        caches = [paddle.slice(cache, axes=[seq_axis], starts=[first], ends=[end]).contiguous() for cache in batch.caches]
-        return KVBatch(caches, batch.valid[:, first:], batch.next_position)
+    def decode(self, last_tokens: Sequence[int]) -> np.ndarray:
+        """Feed rows ``0 .. len(last_tokens)-1`` their latest token; returns next-token logits ``[rows, vocab]``."""
+        rows = len(last_tokens)
+        lengths = self.lengths[:rows]
+        self._ensure_capacity(int(lengths.max()) + 1)
+        # One query per row sees its valid columns and itself: step_attention_mask's result, without its cost.
+        mask = np.ones((rows, 1, 1, self.capacity + 1), dtype=bool)
+        mask[:, 0, 0, : self.capacity] = np.arange(self.capacity)[None, :] < lengths[:, None]
+        input_ids = np.asarray(last_tokens, dtype="int64").reshape(rows, 1)
+        positions = (lengths - self.prefix_columns).reshape(rows, 1)
+        logits, new = self._run(input_ids, positions, mask, self._past(slice(0, rows)))
+        every_row = np.arange(rows)
+        for array, values in zip(self._arrays, new):
+            self._rows_view(array)[every_row, lengths] = values[:, 0]
+        self.lengths[:rows] += 1
+        return logits
 
 
 def runnable_programs(export_dir: str, manifest, features: cpu_features.CpuFeatures) -> tuple[list[str], dict[str, list[str]]]:
@@ -304,6 +375,12 @@ def open_export_decoder(export_dir: str, manifest=None, program: str | None = No
     """
     manifest = manifest or load_manifest(export_dir)
     layout = manifest.cache_layout()
+    if manifest.step_interface != STEP_INTERFACE:
+        raise ValueError(
+            f"{export_dir} was exported by an older paddle_llm (step interface {manifest.step_interface}: its graph "
+            f"returns the whole grown cache; serving now needs {STEP_INTERFACE}, the new positions only, to keep a "
+            "preallocated cache). Re-export it into a new directory: `paddle-llm export --model_name_or_path "
+            f"{manifest.source.get('model_name_or_path') or 'CHECKPOINT'} --output_path DIR`")
     if program is None:
         program = best_program(export_dir, manifest)
     try:
@@ -316,7 +393,8 @@ def open_export_decoder(export_dir: str, manifest=None, program: str | None = No
     if manifest.prefix_cache:
         stored = paddle.load(os.path.join(export_dir, manifest.prefix_cache))  # stacked over layers
         prefix = [*paddle.unbind(stored["key"]), *paddle.unbind(stored["value"])]
-    return StepDecoder(runner, layout, manifest.dtype, manifest.glm_positions, manifest.pad_token_id, prefix)
+    return StepDecoder(runner, layout, manifest.dtype, manifest.glm_positions, manifest.pad_token_id, prefix,
+                       max_columns=manifest.max_context_length)
 
 
 def _damaged_graph_file(export_dir: str, program: str, err: Exception) -> str:

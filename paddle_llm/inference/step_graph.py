@@ -3,14 +3,17 @@
 Every family is driven through the same signature::
 
     step(input_ids [b, q], position_ids, attention_mask [b, 1, q, past + q] bool, [*past_keys, *past_values])
-        -> (last_logits [b, vocab] float32, *keys, *values)
+        -> (last_logits [b, vocab] float32, *new_keys, *new_values)
 
 with one key and one value tensor per layer, in the layout ``cache_layout`` describes (PaddleNLP's own for a wrapped
-model, from the family's ``StepSpec``: ``[b, past, heads, dim]`` for Llama, ``[past, b, heads, dim]`` for ChatGLM); the outputs are the same tensors
-grown by ``q`` positions.
-The explicit 4-D mask lets one batch hold rows of different lengths (left padding) and lets requests join a batch
-mid-flight. The same graph does prefill: the caller passes a past of one masked-out column, because with oneDNN (the
-CPU default) a zero-length past makes the cache concat fail, and one graph means one copy of the weights.
+model, from the family's ``StepSpec``: ``[b, past, heads, dim]`` for Llama, ``[past, b, heads, dim]`` for ChatGLM); the
+outputs hold only the ``q`` new positions, which the caller writes into its preallocated cache
+(``runtime.StepDecoder``): returning the grown cache would copy all of it out of every step
+(``manifest.STEP_INTERFACE`` 2; version-1 exports returned it and are refused with a re-export message).
+The explicit 4-D mask lets one batch hold rows of different lengths and lets requests join a batch mid-flight: the
+past is the cache's preallocated columns, each row's unwritten ones masked out. The same graph does prefill; the past
+is never empty (the cache has at least one column), because with oneDNN (the CPU default) a zero-length past makes
+the cache concat fail, and one graph means one copy of the weights.
 """
 
 from __future__ import annotations
@@ -71,8 +74,11 @@ class KVCacheStep(nn.Layer):
         past = list(zip(caches[: self.num_layers], caches[self.num_layers:]))
         logits, present = self.step_spec.call(self.model, input_ids, position_ids, attention_mask, past)
         # Only the last position's logits leave the graph: that is all sampling needs, and it saves copying
-        # [b, q, vocab] out of every prefill.
-        return (logits[:, -1, :].astype("float32"), *[key for key, _ in present], *[value for _, value in present])
+        # [b, q, vocab] out of every prefill. PaddleNLP's forward grows the cache; only the new positions leave.
+        past_length = paddle.shape(caches[0])[self.step_spec.seq_axis]
+        new = [paddle.slice(cache, axes=[self.step_spec.seq_axis], starts=[past_length], ends=[2**31 - 1])
+               for cache in [key for key, _ in present] + [value for _, value in present]]
+        return (logits[:, -1, :].astype("float32"), *new)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from paddle_llm.serving.grpc_server import start_grpc_server, stop_grpc_server
 from paddle_llm.serving.http_limits import header_timeout_protocol
 from paddle_llm.serving.local_backend import LocalBackend
 from paddle_llm.serving.metrics import ServingMetrics
+from paddle_llm.inference.sizing import MEMORY_SHARE, ROWS_PER_CORE
+from paddle_llm.serving.engine import DEFAULT_PREFILL_CHUNK_TOKENS, DEFAULT_PREFIX_CACHE_TOKENS
 from paddle_llm.serving.model import (
     ENGINE_DYGRAPH,
     ENGINE_FASTDEPLOY,
@@ -60,7 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served_model_name", help="model id clients pass (default: the directory name)")
     parser.add_argument("--max_tokens_limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     parser.add_argument("--max_prompt_tokens", type=int, help="longest prompt accepted (default: the context length)")
-    parser.add_argument("--max_batch_size", type=int, default=16, help="requests decoded together")
+    parser.add_argument("--max_batch_size", type=int,
+                        help="requests holding a KV cache slot at once (prefilling or decoding); more wait. Default: "
+                             f"sized from this machine and the model, the smaller of {ROWS_PER_CORE} per CPU core and "
+                             f"{MEMORY_SHARE * 100:.0f}%% of the available memory over one full-context request's KV cache "
+                             "(printed at startup)")
+    parser.add_argument("--prefill_chunk_tokens", type=int,
+                        help="most prompt tokens prefilled between two decoding steps: a long prompt is prefilled in "
+                             f"chunks, so running streams keep producing tokens (default: {DEFAULT_PREFILL_CHUNK_TOKENS})")
+    parser.add_argument("--prefix_cache_tokens", type=int,
+                        help="prompt positions whose KV cache is kept for later prompts that start alike (a shared "
+                             "system prompt is prefilled once); 0 turns it off; the hit rate is in /metrics "
+                             f"(default: {DEFAULT_PREFIX_CACHE_TOKENS})")
     parser.add_argument("--num_threads", type=int, default=min(4, os.cpu_count() or 1), help="CPU math threads")
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
                         help="where --engine paddle/dygraph runs (gpu needs a CUDA build of Paddle)")
@@ -94,13 +107,20 @@ def validate_args(args) -> None:
             raise ValueError(f"--{flag} must be in 1..65535, got {value}")
     if args.grpc_port is not None and args.grpc_port == args.port:
         raise ValueError("--grpc_port must differ from --port")
-    for flag in ("max_tokens_limit", "max_batch_size", "num_threads", "max_request_bytes", "timeout_keep_alive",
-                 "limit_concurrency", "max_header_bytes"):
-        if getattr(args, flag) < 1:
+    for flag in ("max_tokens_limit", "max_batch_size", "prefill_chunk_tokens", "num_threads", "max_request_bytes",
+                 "timeout_keep_alive", "limit_concurrency", "max_header_bytes"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     for flag in ("body_timeout_seconds", "header_timeout_seconds"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    ours = ("max_batch_size", "prefill_chunk_tokens", "prefix_cache_tokens")
+    given = [f"--{flag}" for flag in ours if getattr(args, flag) is not None]
+    if args.engine == ENGINE_FASTDEPLOY and given:
+        raise ValueError(f"{', '.join(given)}: these size our engine; FastDeploy batches and caches on its own "
+                         "(pass its flags in --fastdeploy_args)")
+    if args.prefix_cache_tokens is not None and args.prefix_cache_tokens < 0:
+        raise ValueError(f"--prefix_cache_tokens must be at least 0, got {args.prefix_cache_tokens}")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ValueError(f"--max_prompt_tokens must be at least 1, got {args.max_prompt_tokens}")
     if not os.path.isdir(args.model):
@@ -114,9 +134,12 @@ def _local_backend(args):
     configure_cpu_runtime(requested_threads=args.num_threads, device=args.device)
 
     if args.engine == ENGINE_DYGRAPH:
-        served = open_checkpoint(args.model, args.max_batch_size, device=args.device)
+        served = open_checkpoint(args.model, args.max_batch_size, device=args.device,
+                                 prefill_chunk_tokens=args.prefill_chunk_tokens,
+                                 prefix_cache_tokens=args.prefix_cache_tokens)
     else:
         served = open_export(args.model, args.num_threads, args.max_batch_size, enable_mkldnn=args.mkldnn,
+                             prefill_chunk_tokens=args.prefill_chunk_tokens, prefix_cache_tokens=args.prefix_cache_tokens,
                              use_gpu=args.device == "gpu")
     if args.served_model_name:
         served.name = args.served_model_name
@@ -167,6 +190,8 @@ def serve(args) -> int:
             engine = served.engine
             metrics.add_gauge("running_requests", "Requests decoding now.", lambda: engine.stats().running)
             metrics.add_gauge("waiting_requests", "Requests waiting for a batch slot.", lambda: engine.stats().waiting)
+            metrics.add_gauge("prefix_cache_hit_rate", "Prompt tokens whose KV cache was reused from an earlier "
+                              "prompt's prefix, over all prompt tokens.", lambda: engine.stats().prefix_cache_hit_rate)
             name = served.name
         if args.grpc_port is not None:
             grpc_server = start_grpc_server(backend, metrics, args.host, args.grpc_port, args.api_key)
@@ -177,6 +202,8 @@ def serve(args) -> int:
                                 h11_max_incomplete_event_size=args.max_header_bytes)
         grpc_note = f", gRPC on {args.host}:{args.grpc_port}" if grpc_server else ""
         print(f"serving {name!r} ({args.engine}) on http://{args.host}:{args.port}{grpc_note}", flush=True)
+        if served is not None:
+            print(f"batch: {served.batch_sizing}", flush=True)
         _keep_process_alive_after_uvicorn()
         server = DrainingServer(config, args.graceful_shutdown_seconds, None if served is None else served.engine)
         server.run()

@@ -1,9 +1,17 @@
 """The decoding engine: continuous batching around a ``StepDecoder``, with per-request sampling and streaming.
 
-No web imports: REST and gRPC sit on top of ``Engine.submit``. One background thread owns the model. Each iteration
-it (1) admits waiting requests up to ``max_batch_size`` and prefills them together, (2) runs one decoding step for
-every running request at once, and (3) drops finished or cancelled rows from the batch. So a new request joins at
-the next step and a finished one leaves at once, without waiting for the rest of the batch.
+No web imports: REST and gRPC sit on top of ``Engine.submit``. One background thread owns the model and its
+preallocated KV cache of ``max_batch_size`` slots. Each iteration it (1) gives waiting requests free slots, (2) runs
+one prefill chunk: up to ``prefill_chunk_tokens`` prompt tokens of the requests still prefilling, so a long prompt
+is spread over several iterations instead of stalling the running decodes, (3) runs one decoding step for every
+request whose prompt is in, and (4) frees the slots of finished or cancelled requests. So a new request joins at
+the next step and a finished one leaves at once, without waiting for the rest of the batch, and nothing is copied
+but the rows that move.
+
+Slots: decoding requests hold slots ``0 .. len(decoding)-1`` (``_Sequence.slot``), in order, which is what one
+decoding step runs; prefilling requests hold slots above them. A request's per-row data (its sampling settings, its
+adapter or grammar state) rides on its ``_Sequence``; the row it occupies in a step is its slot in a decoding step
+and its index in ``_prefill_chunk``'s list in a prefill.
 
 Every request gets its events through a listener called on the engine thread (default: a ``queue.Queue`` the
 caller iterates). An event carries the new text since the previous one; the last one has a ``finish_reason``.
@@ -20,6 +28,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from paddle_llm.serving.prefix_cache import BLOCK_TOKENS, PrefixCache
 from paddle_llm.serving.sampling import NO_TOKENS, SamplingParams, log_softmax, sample_token
 from paddle_llm.serving.text_stream import IncrementalDetokenizer, StopStringFilter, text_decoder
 
@@ -27,6 +36,8 @@ FINISH_STOP = "stop"  # EOS token or a stop string
 FINISH_LENGTH = "length"  # max_tokens or the context ran out
 FINISH_CANCELLED = "cancelled"  # the client went away
 FINISH_ERROR = "error"  # the model step raised; ``StreamEvent.error`` says why
+DEFAULT_PREFILL_CHUNK_TOKENS = 256
+DEFAULT_PREFIX_CACHE_TOKENS = 4096
 
 
 class EngineClosedError(RuntimeError):
@@ -172,6 +183,9 @@ class _Sequence:
     finished: bool = False
     last_logprob: tuple[TokenLogprob, ...] = ()
     processors: tuple[LogitsProcessor, ...] = ()
+    slot: int = -1  # its row of the decoder's cache
+    prefilled: int = 0  # prompt tokens already in the cache
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -183,8 +197,9 @@ class EngineStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_steps: int = 0
-    prefill_batches: int = 0
+    prefill_batches: int = 0  # prefill chunks run
     finished_requests: int = 0
+    prefix_cache_hit_rate: float = 0.0  # prompt tokens whose KV came from the prefix cache, over all looked up
 
 
 class Engine:
@@ -197,25 +212,37 @@ class Engine:
         eos_token_ids: Sequence[int],
         max_context_length: int,
         max_batch_size: int = 16,
+        prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS,
+        prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
     ):
         """
         Args:
-            decoder: a ``StepDecoder``.
+            decoder: a ``StepDecoder``; its cache is resized to ``max_batch_size`` slots.
             tokenizer: decodes generated ids (streaming text and stop strings need text).
             eos_token_ids: ids that end a request with ``finish_reason="stop"``.
             max_context_length: prompt + output never exceed this many positions.
-            max_batch_size: most requests decoding together; more wait their turn.
+            max_batch_size: most requests holding a cache slot (prefilling or decoding); more wait their turn.
+            prefill_chunk_tokens: most prompt tokens prefilled between two decoding steps.
+            prefix_cache_tokens: most prompt positions whose KV cache is kept for prompts that start alike
+                (``serving.prefix_cache``); 0 turns prefix caching off.
 
         Raises:
-            ValueError: ``max_batch_size`` below 1.
+            ValueError: ``max_batch_size`` or ``prefill_chunk_tokens`` below 1, ``prefix_cache_tokens`` below 0.
         """
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
+        if prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be >= 0, got {prefix_cache_tokens}")
         self.decoder = decoder
+        decoder.resize(max_batch_size)
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(int(e) for e in eos_token_ids)
         self.max_context_length = max_context_length
         self.max_batch_size = max_batch_size
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)  # engine thread only; its counters are read anywhere
         # Embedding tables are often padded past the tokenizer (e.g. 1024 rows for 1000 pieces); those ids cannot be
         # decoded to text, so they are never sampled.
         self.sampled_vocab_size = len(tokenizer)
@@ -223,8 +250,8 @@ class Engine:
         self._ids = itertools.count(1)
         self._condition = threading.Condition()
         self._waiting: list[_Sequence] = []
-        self._running: list[_Sequence] = []  # same order as the rows of self._batch
-        self._batch = None
+        self._prefilling: list[_Sequence] = []  # in arrival order
+        self._decoding: list[_Sequence] = []  # _decoding[i].slot == i
         self._closing = False
         self._abort_reason: str | None = None
         self._stats = EngineStats()
@@ -291,7 +318,9 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._condition:
             snapshot = EngineStats(**self._stats.__dict__)
-            snapshot.running, snapshot.waiting = len(self._running), len(self._waiting)
+            snapshot.prefix_cache_hit_rate = self.prefix_cache.hit_rate
+            snapshot.running = len(self._decoding) + len(self._prefilling)
+            snapshot.waiting = len(self._waiting)
         return snapshot
 
     def abort_all(self, reason: str) -> None:
@@ -320,88 +349,135 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._condition:
-                while not self._waiting and not self._running and not self._closing and self._abort_reason is None:
+                while (not self._waiting and not self._decoding and not self._prefilling and not self._closing
+                       and self._abort_reason is None):
                     self._condition.wait()
                 abort_reason, self._abort_reason = self._abort_reason, None
                 if abort_reason is not None:
-                    aborted, self._waiting = self._waiting + self._running, []
-                elif self._closing and not self._waiting and not self._running:
+                    aborted, self._waiting = self._waiting + self._prefilling + self._decoding, []
+                elif self._closing and not self._waiting and not self._decoding and not self._prefilling:
                     return
-                free = self.max_batch_size - len(self._running)
+                free = self.max_batch_size - len(self._decoding) - len(self._prefilling)
                 admitted, self._waiting = self._waiting[:free], self._waiting[free:]
             if abort_reason is not None:
                 for sequence in aborted:  # _finish takes the lock itself
                     if not sequence.finished:
                         self._finish(sequence, FINISH_ERROR, error=abort_reason)
-                self._running, self._batch = [], None
+                self._prefilling, self._decoding = [], []
                 continue
-            admitted = [s for s in admitted if not self._finish_if_cancelled(s)]
-            if admitted:
-                self._guarded(admitted, lambda: self._prefill(admitted))
-            for sequence in self._running:
+            for sequence in admitted:
+                if not self._finish_if_cancelled(sequence):
+                    self._admit(sequence)
+            for sequence in self._prefilling + self._decoding:
                 self._finish_if_cancelled(sequence)
-            self._drop_finished()
-            if self._running:
-                self._guarded(list(self._running), self._decode_step)
+            self._release_finished()
+            if self._prefilling:
+                self._guarded(self._prefill_chunk)
+            if self._decoding:
+                self._guarded(self._decode_step)
 
-    def _guarded(self, sequences: list[_Sequence], step: Callable[[], None]) -> None:
-        """Run a model step; if it raises, fail the requests it touched and the batch (not the server)."""
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run a model step; if it raises, fail every request holding a slot (not the server)."""
         try:
             step()
         except Exception as err:  # noqa: BLE001 - a bad step must not kill the engine thread
             message = f"{type(err).__name__}: {err}"
-            # After a failed step the cache may be half-updated, so every row in it goes too.
-            for sequence in sequences + self._running:
+            # After a failed step the cache may be half-written, so every row in it goes too.
+            for sequence in self._prefilling + self._decoding:
                 if not sequence.finished:
                     self._finish(sequence, FINISH_ERROR, error=message)
-            self._running, self._batch = [], None
+            self._prefilling, self._decoding = [], []
 
-    def _prefill(self, admitted: list[_Sequence]) -> None:
-        for sequence in admitted:
-            if sequence.params.prompt_logprobs:
-                sequence.handle.prompt_logprobs = self._score_prompt(sequence)
-            if sequence.max_new_tokens == 0:  # max_tokens 0: the prompt scored, nothing generated
-                self._finish(sequence, FINISH_LENGTH)
-        admitted = [sequence for sequence in admitted if not sequence.finished]
-        if not admitted:
-            return
-        logits, new_batch = self.decoder.prefill([s.prompt_ids for s in admitted])
+    def _admit(self, sequence: _Sequence) -> None:
+        """Give ``sequence`` the highest free slot (decoding rows keep the lowest) and queue its prompt."""
+        taken = {other.slot for other in self._prefilling + self._decoding}
+        sequence.slot = max(slot for slot in range(self.max_batch_size) if slot not in taken)
+        self.decoder.clear(sequence.slot)
+        # A request scoring its prompt needs every position's logits, so it runs the whole prompt.
+        if self.prefix_cache.max_blocks and not sequence.params.prompt_logprobs:
+            blocks = self.prefix_cache.lookup(sequence.prompt_ids)
+            if blocks:
+                columns = [np.concatenate(layer_blocks) for layer_blocks in zip(*blocks)]
+                self.decoder.write_row_cache(sequence.slot, self.decoder.prefix_columns, columns)
+                sequence.prefilled = len(blocks) * BLOCK_TOKENS
+        self._prefilling.append(sequence)
+
+    def _prefill_chunk(self) -> None:
+        """Up to ``prefill_chunk_tokens`` prompt tokens of the prefilling requests, oldest first, in one step.
+
+        A request that asked for prompt logprobs takes one token per step: the step returns only the last
+        position's logits, and each prompt token's logprob needs the logits before it.
+        """
+        budget, rows, chunks = self.prefill_chunk_tokens, [], []
+        for sequence in self._prefilling:
+            if budget == 0:
+                break
+            size = 1 if sequence.params.prompt_logprobs else budget
+            chunk = sequence.prompt_ids[sequence.prefilled: sequence.prefilled + size]
+            rows.append(sequence)
+            chunks.append(chunk)
+            budget -= len(chunk)
+        logits = self.decoder.prefill([s.slot for s in rows], chunks)
         with self._condition:
             self._stats.prefill_batches += 1
-        survivors = [row for row, sequence in enumerate(admitted) if not self._accept(sequence, logits[row])]
-        if survivors:
-            self._batch = self.decoder.merge(self._batch, self.decoder.select(new_batch, survivors))
-            self._running.extend(admitted[row] for row in survivors)
+        for row, (sequence, chunk) in enumerate(zip(rows, chunks)):
+            sequence.prefilled += len(chunk)
+            prompt = sequence.prompt_ids
+            if sequence.prefilled < len(prompt):
+                if sequence.params.prompt_logprobs:
+                    top = sequence.params.logprobs or 0
+                    row_logits = logits[row][: self.sampled_vocab_size]
+                    sequence.prompt_logprobs.append(token_logprob(row_logits, prompt[sequence.prefilled], top))
+                continue
+            self._prefilling.remove(sequence)
+            self._store_prefix(sequence)
+            sequence.handle.prompt_logprobs = tuple(sequence.prompt_logprobs)
+            if sequence.max_new_tokens == 0:  # max_tokens 0: the prompt scored, nothing generated
+                self._finish(sequence, FINISH_LENGTH)
+            elif not self._accept(sequence, logits[row]):
+                self._start_decoding(sequence)
 
-    def _score_prompt(self, sequence: _Sequence) -> tuple[TokenLogprob, ...]:
-        """Each prompt token's log-probability given the tokens before it.
+    def _store_prefix(self, sequence: _Sequence) -> None:
+        """Keep the cache columns of the prompt's full blocks that are not cached yet."""
+        start = self.decoder.prefix_columns
+        for block, link in self.prefix_cache.missing_blocks(sequence.prompt_ids):
+            first = start + block * BLOCK_TOKENS
+            self.prefix_cache.store(link, self.decoder.row_cache(sequence.slot, first, first + BLOCK_TOKENS))
 
-        The step graph returns only the last position's logits, so the prompt is fed one token at a time through
-        its own one-row cache: as many steps as the prompt is long, paid only by requests that ask (``echo`` with
-        ``logprobs``).
-        """
-        prompt, top = sequence.prompt_ids, sequence.params.logprobs or 0
-        logits, batch = self.decoder.prefill([prompt[:1]])
-        scored = []
-        for position in range(1, len(prompt)):
-            scored.append(token_logprob(logits[0][: self.sampled_vocab_size], prompt[position], top))
-            if position + 1 < len(prompt):
-                logits, batch = self.decoder.decode(batch, [prompt[position]])
-        return tuple(scored)
+    def _start_decoding(self, sequence: _Sequence) -> None:
+        """Move a prefilled request into the slot after the decoding rows (swapping with a prefilling one there)."""
+        target = len(self._decoding)
+        if sequence.slot != target:
+            holder = next((other for other in self._prefilling if other.slot == target), None)
+            if holder is None:
+                self.decoder.move(sequence.slot, target)
+            else:
+                self.decoder.swap(sequence.slot, target)
+                holder.slot = sequence.slot
+            sequence.slot = target
+        self._decoding.append(sequence)
 
     def _decode_step(self) -> None:
-        logits, batch = self.decoder.decode(self._batch, [s.last_token for s in self._running])
+        logits = self.decoder.decode([s.last_token for s in self._decoding])
         with self._condition:
             self._stats.decode_steps += 1
-        keep = [row for row, sequence in enumerate(self._running) if not self._accept(sequence, logits[row])]
-        self._batch = self.decoder.select(batch, keep)
-        self._running = [self._running[row] for row in keep]
+        for row, sequence in enumerate(self._decoding):
+            self._accept(sequence, logits[row])
+        self._release_finished()
 
-    def _drop_finished(self) -> None:
-        keep = [row for row, sequence in enumerate(self._running) if not sequence.finished]
-        if len(keep) != len(self._running):
-            self._batch = self.decoder.select(self._batch, keep)
-            self._running = [self._running[row] for row in keep]
+    def _release_finished(self) -> None:
+        """Drop finished requests; the last decoding rows move into the holes, so the rest stay in place."""
+        self._prefilling = [s for s in self._prefilling if not s.finished]
+        survivors = [s for s in self._decoding if not s.finished]
+        if len(survivors) == len(self._decoding):
+            return
+        count = len(survivors)
+        holes = sorted(set(range(count)) - {s.slot for s in survivors})
+        for hole, sequence in zip(holes, [s for s in survivors if s.slot >= count]):
+            self.decoder.move(sequence.slot, hole)
+            sequence.slot = hole
+        self._decoding = sorted(survivors, key=lambda s: s.slot)
+        self.decoder.shrink([s.slot for s in self._decoding + self._prefilling])
 
     def _finish_if_cancelled(self, sequence: _Sequence) -> bool:
         if sequence.handle.cancelled and not sequence.finished:

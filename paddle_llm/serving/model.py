@@ -11,6 +11,9 @@ import os
 from dataclasses import dataclass, field
 
 from paddle_llm.cpu import features as cpu_features
+from paddle_llm.cpu.memory import host_memory
+from paddle_llm.cpu.threads import available_cores
+from paddle_llm.inference.sizing import BatchSizing, size_batch
 from paddle_llm.inference.manifest import load_manifest
 from paddle_llm.models.registry import ModelFamily, family_named, load_tokenizer, resolve_model
 from paddle_llm.serving.engine import Engine
@@ -31,6 +34,7 @@ class ServedModel:
         tokenizer: encodes prompts, decodes output.
         engine: the started engine.
         max_context_length: prompt + output positions.
+        batch_sizing: how the engine's ``max_batch_size`` was chosen (printed at startup).
         generation_defaults: ``generation_config.json`` (default max tokens, sampling).
     """
 
@@ -40,6 +44,7 @@ class ServedModel:
     engine: Engine
     max_context_length: int
     generation_defaults: dict = field(default_factory=dict)
+    batch_sizing: str = ""
 
 
 def _read_generation_config(directory: str) -> dict:
@@ -57,9 +62,26 @@ def _eos_ids(*candidates) -> list[int]:
     return []
 
 
-def open_export(model_dir: str, num_threads: int, max_batch_size: int, enable_mkldnn: bool = False,
-                use_gpu: bool = False) -> ServedModel:
+def _batch_size(requested: int | None, layout, dtype: str, context: int) -> BatchSizing:
+    """``requested``, or the size this machine and model take (``inference.sizing``)."""
+    if requested is not None:
+        return BatchSizing(requested, f"max_batch_size {requested} (--max_batch_size)")
+    return size_batch(layout, dtype, context, available_cores(), host_memory()[1])
+
+
+def _engine_options(prefill_chunk_tokens: int | None, prefix_cache_tokens: int | None) -> dict:
+    """The ``Engine`` options given (None: its default)."""
+    options = {"prefill_chunk_tokens": prefill_chunk_tokens, "prefix_cache_tokens": prefix_cache_tokens}
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def open_export(model_dir: str, num_threads: int, max_batch_size: int | None, enable_mkldnn: bool = False,
+                use_gpu: bool = False, prefill_chunk_tokens: int | None = None,
+                prefix_cache_tokens: int | None = None) -> ServedModel:
     """Serve an export directory (``paddle-llm export --format paddle``) through Paddle Inference.
+
+    ``max_batch_size`` None sizes the batch from the machine and the model (``inference.sizing``);
+    ``prefill_chunk_tokens`` and ``prefix_cache_tokens`` None are the engine's defaults.
 
     Raises:
         FileNotFoundError, ValueError: not a step-graph export; the message says what to run.
@@ -71,7 +93,9 @@ def open_export(model_dir: str, num_threads: int, max_batch_size: int, enable_mk
                                   use_gpu=use_gpu)
     family = family_named(manifest.family)
     tokenizer = load_tokenizer(model_dir, family)
-    engine = Engine(decoder, tokenizer, manifest.eos_token_ids, manifest.max_context_length, max_batch_size).start()
+    sizing = _batch_size(max_batch_size, decoder.layout, manifest.dtype, manifest.max_context_length)
+    engine = Engine(decoder, tokenizer, manifest.eos_token_ids, manifest.max_context_length, sizing.max_batch_size,
+                    **_engine_options(prefill_chunk_tokens, prefix_cache_tokens)).start()
     return ServedModel(
         name=os.path.basename(os.path.normpath(model_dir)),
         family=family,
@@ -79,10 +103,12 @@ def open_export(model_dir: str, num_threads: int, max_batch_size: int, enable_mk
         engine=engine,
         max_context_length=manifest.max_context_length,
         generation_defaults=_read_generation_config(model_dir),
+        batch_sizing=sizing.reason,
     )
 
 
-def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") -> ServedModel:
+def open_checkpoint(model_dir: str, max_batch_size: int | None, device: str = "cpu",
+                    prefill_chunk_tokens: int | None = None, prefix_cache_tokens: int | None = None) -> ServedModel:
     """Serve a checkpoint directly in dygraph (``--engine dygraph``): no export step.
 
     Math threads are process-wide in dygraph; set them first (``paddle_llm.cpu.threads.configure_cpu_runtime``).
@@ -103,17 +129,20 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
     fused_rms_norm = cpu_features.fused_rms_norm_allowed(cpu_features.detect())
     step = build_step_layer(model, family, "float32", fused_rms_norm=fused_rms_norm)
     generation = _read_generation_config(model_dir)
+    context = max_context_length(family, model.config)
     decoder = StepDecoder(
         DygraphStepRunner(step.layer),
         step.layout,
         "float32",
         step_spec(family).glm_positions,
         int(generation.get("pad_token_id") or getattr(model.config, "pad_token_id", 0) or 0),
+        max_columns=context,
     )
     tokenizer = load_checkpoint_tokenizer(source)
-    context = max_context_length(family, model.config)
     eos = _eos_ids(generation.get("eos_token_id"), getattr(model.config, "eos_token_id", None))
-    engine = Engine(decoder, tokenizer, eos, context, max_batch_size).start()
+    sizing = _batch_size(max_batch_size, step.layout, "float32", context)
+    engine = Engine(decoder, tokenizer, eos, context, sizing.max_batch_size,
+                    **_engine_options(prefill_chunk_tokens, prefix_cache_tokens)).start()
     return ServedModel(
         name=os.path.basename(os.path.normpath(model_dir)),
         family=family,
@@ -121,4 +150,5 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
         engine=engine,
         max_context_length=context,
         generation_defaults=generation,
+        batch_sizing=sizing.reason,
     )

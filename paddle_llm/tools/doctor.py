@@ -47,6 +47,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from paddle_llm.cpu import features as cpu_features
+from paddle_llm.cpu.memory import host_memory, read_text
 from paddle_llm.config.parser import FALSE_WORDS, TRUE_WORDS
 from paddle_llm.config.validation import (
     FLASH_ATTENTION_MIN_CAPABILITY,
@@ -628,49 +629,15 @@ def cpu_model_name(text: str) -> str | None:
     return model.group(1).strip() if model else None
 
 
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
 def _driver_gpus() -> tuple[str, ...]:
     """GPU names from the NVIDIA driver's /proc files: visible even when Paddle is a CPU build."""
     root = "/proc/driver/nvidia/gpus"
     names = []
     for entry in sorted(os.listdir(root)) if os.path.isdir(root) else ():
-        info = _read_text(os.path.join(root, entry, "information")) or ""
+        info = read_text(os.path.join(root, entry, "information")) or ""
         match = re.search(r"^Model:\s*(.+)$", info, re.MULTILINE)
         names.append(match.group(1).strip() if match else entry)
     return tuple(names)
-
-
-def _memory() -> tuple[int | None, int | None]:
-    """(total, available) host bytes, capped by the cgroup limit: notebooks and containers see the host's
-    /proc/meminfo but are killed at their own limit."""
-    meminfo = _read_text("/proc/meminfo") or ""
-    values = {m.group(1): int(m.group(2)) * 1024 for m in re.finditer(r"^(\w+):\s+(\d+) kB", meminfo, re.MULTILINE)}
-    total, available = values.get("MemTotal"), values.get("MemAvailable")
-    if total is None and hasattr(os, "sysconf"):
-        try:
-            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            total = None
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        limit = (_read_text(limit_file) or "").strip()
-        if limit.isdigit() and total and int(limit) < total:
-            usage = (_read_text(usage_file) or "").strip()
-            total = int(limit)
-            cgroup_available = total - int(usage) if usage.isdigit() else None
-            if cgroup_available is not None:
-                available = min(available, cgroup_available) if available is not None else cgroup_available
-            break
-    return total, available
 
 
 def _nearest_existing(path: str) -> str:
@@ -769,14 +736,14 @@ def gather_facts(output_dir: str) -> EnvironmentFacts:
     paddle_distribution = next((d for d in PADDLE_DISTRIBUTIONS if _installed_version(d)), None)
     installed["paddlepaddle"] = _installed_version(paddle_distribution) if paddle_distribution else None
     installed.setdefault("paddlenlp", _installed_version("paddlenlp"))
-    cpuinfo = _read_text("/proc/cpuinfo")
+    cpuinfo = read_text("/proc/cpuinfo")
     cpu_model = cpu_model_name(cpuinfo) if cpuinfo else None
     features = cpu_features.detect()
     cpu_flags = features.flags if features.source == cpu_features.FROM_CPUID else None
     machine = platform.machine()
     x86 = machine.lower() in ("x86_64", "amd64")
     paddle = _paddle_facts(may_import=not (x86 and cpu_flags is not None and "avx" not in cpu_flags))
-    total_ram, available_ram = _memory()
+    total_ram, available_ram = host_memory()
     return EnvironmentFacts(
         python_version=platform.python_version(),
         python_requirement=_python_requirement(),

@@ -102,8 +102,8 @@ def test_lora_is_merged_and_matches_unmerged_adapter(checkpoints, exports, workd
     assert manifest.parity["passed"] and manifest.source["lora_path"] == os.path.abspath(lora)
     # The adapter really changed the model: the merged graph disagrees with the base export.
     prompt = [[10, 20, 30, 40]]
-    merged_logits, _ = open_export_decoder(output).prefill(prompt)
-    base_logits, _ = open_export_decoder(exports[family][1]).prefill(prompt)
+    merged_logits = open_export_decoder(output).prefill([0], prompt)
+    base_logits = open_export_decoder(exports[family][1]).prefill([0], prompt)
     assert np.abs(merged_logits - base_logits).max() > 1e-3
 
 

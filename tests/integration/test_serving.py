@@ -262,6 +262,46 @@ def test_load_32_clients_x_4_requests_all_succeed(server, client, model_name):
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
 
+def test_concurrent_greedy_requests_equal_each_alone_and_the_models_own_decode(server, client, model_name, model_dirs,
+                                                                               context_length):
+    """Batched decoding, a prompt longer than one prefill chunk (256 tokens) and rows joining mid-way change no
+    token: each equals the request served alone and the model's own cache-less greedy decode."""
+    from paddle_llm.export.parity import reference_logits
+    from paddle_llm.inference.load import load_model
+    from paddle_llm.models.registry import load_tokenizer, resolve_model
+
+    lengths = [3, 17, min(300, context_length - 20), 40, 9, 60]
+    prompts = [[300 + (7 * row + 13 * i) % 600 for i in range(length)] for row, length in enumerate(lengths)]
+    kwargs = dict(model=model_name, max_tokens=6, temperature=0)
+    alone = [client.completions.create(prompt=prompt, **kwargs).choices[0].text for prompt in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: client.completions.create(prompt=p, **kwargs).choices[0].text, prompts))
+    assert together == alone
+
+    source = resolve_model(model_dirs[1])
+    model, tokenizer = load_model(source), load_tokenizer(model_dirs[1], source.family)
+    eos = model.config.eos_token_id
+    for prompt, text in zip(prompts[:3], alone):
+        sequence = list(prompt)
+        for _ in range(6):
+            token = int(np.argmax(reference_logits(model, source.family, sequence)[: len(tokenizer)]))
+            if token == eos:
+                break
+            sequence.append(token)
+        # The server streams the text the new ids add to the prompt's (a word's leading space included).
+        assert text == tokenizer.decode(sequence)[len(tokenizer.decode(prompt)):]
+    assert "batch: max_batch_size " in (model_dirs[0] / "server.log").read_text()
+
+
+def test_shared_prompt_prefix_is_reused_and_its_hit_rate_is_in_metrics(server, client, model_name):
+    system = [400 + (11 * i) % 500 for i in range(48)]  # three full blocks of the prefix cache
+    replies = [client.completions.create(model=model_name, prompt=system + [300 + turn], max_tokens=4, temperature=0)
+               for turn in range(2)]
+    assert all(reply.choices[0].finish_reason in ("length", "stop") for reply in replies)
+    _, hit_rate = metric(server, "paddle_llm_prefix_cache_hit_rate")
+    assert hit_rate is not None and hit_rate > 0
+
+
 @pytest.mark.slow
 def test_graceful_shutdown_finishes_in_flight_stream(model_dirs):
     root, _, export = model_dirs

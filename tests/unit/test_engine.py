@@ -5,6 +5,7 @@ mod vocab``, so any mistake in padding, masks, positions, merging or dropping ro
 must decode exactly as it would alone, however it is batched.
 """
 
+import json
 import threading
 import time
 
@@ -140,12 +141,15 @@ def test_llama_text_decoder_skips_paddlenlps_slow_decode(monkeypatch):
 # ---- the toy model and continuous batching -----------------------------------------------------------------------
 
 class ToyRunner:
-    """Next token = (sum of attended cache entries + 7 * position of the last token) mod VOCAB, through a real cache."""
+    """Next token = (sum of attended cache entries + 7 * position of the last token) mod VOCAB, through a real cache:
+    the step graph's interface, past in, the new positions' keys and values out."""
 
     def __init__(self, delay: float = 0.0, fail_on_token: int | None = None):
         self.delay = delay
         self.fail_on_token = fail_on_token
         self.batch_sizes = []
+        self.query_lengths = []
+        self.past_columns = []
 
     def run(self, inputs):
         import paddle
@@ -155,12 +159,14 @@ class ToyRunner:
             raise RuntimeError("toy failure")
         time.sleep(self.delay)
         self.batch_sizes.append(input_ids.shape[0])
+        self.query_lengths.append(input_ids.shape[1])
+        self.past_columns.append(key.shape[1])
         new = input_ids.astype("float32").reshape([input_ids.shape[0], input_ids.shape[1], 1, 1])
-        key = paddle.concat([key, new], axis=1)
-        attended = (key[:, :, 0, 0] * mask[:, 0, -1, :].astype("float32")).sum(axis=-1)
+        grown = paddle.concat([key, new], axis=1)
+        attended = (grown[:, :, 0, 0] * mask[:, 0, -1, :].astype("float32")).sum(axis=-1)
         next_tokens = (attended.astype("int64") + 7 * positions[:, -1]) % VOCAB
         logits = paddle.nn.functional.one_hot(next_tokens, VOCAB) * 10.0
-        return [logits, key, key]
+        return [logits, new, new]
 
 
 def expected_tokens(prompt: list[int], max_tokens: int) -> list[int]:
@@ -182,12 +188,14 @@ class ToyTokenizer:
         return "".join(chr(ord("a") + i % 26) if i else "" for i in ids)
 
 
-def toy_engine(max_batch_size=8, **runner_options):
+def toy_engine(max_batch_size=8, prefill_chunk_tokens=256, prefix_cache_tokens=0, **runner_options):
     from paddle_llm.inference.runtime import StepDecoder
 
     runner = ToyRunner(**runner_options)
-    decoder = StepDecoder(runner, LAYOUT, "float32", glm_positions=False)
-    return Engine(decoder, ToyTokenizer(), [EOS], max_context_length=200, max_batch_size=max_batch_size).start(), runner
+    decoder = StepDecoder(runner, LAYOUT, "float32", glm_positions=False, max_columns=200)
+    engine = Engine(decoder, ToyTokenizer(), [EOS], max_context_length=200, max_batch_size=max_batch_size,
+                    prefill_chunk_tokens=prefill_chunk_tokens, prefix_cache_tokens=prefix_cache_tokens)
+    return engine.start(), runner
 
 
 PROMPTS = [[3, 4, 5], [9], [1, 2, 3, 4, 5, 6, 7, 8], [11, 12], [5, 5, 5, 5], [21, 1, 7]]
@@ -280,6 +288,101 @@ def test_cancel_frees_the_slot_and_others_finish():
         engine.shutdown()
 
 
+def test_running_stream_keeps_producing_tokens_while_a_long_prompt_is_prefilled_in_chunks():
+    engine, _ = toy_engine(prefill_chunk_tokens=4)
+    log = []  # appended by the engine thread (and once by this one, before the long request exists)
+    try:
+        running = engine.submit([3], SamplingParams(max_tokens=150, temperature=0),
+                                listener=lambda event: log.append(("running", event)))
+        while not log:
+            time.sleep(0.001)
+        long_prompt = [(5 * i) % (VOCAB - 1) + 1 for i in range(60)]  # 15 chunks of 4
+        log.append(("long submitted", None))
+        long = engine.submit(long_prompt, SamplingParams(max_tokens=3, temperature=0),
+                             listener=lambda event: log.append(("long", event)))
+        while not any(name == "long" and event.finish_reason for name, event in log):
+            time.sleep(0.001)
+        running.cancel()
+        names = [name for name, _ in log]
+        admitted, first_long = names.index("long submitted"), names.index("long")
+        # Each of the 15 prefill chunks is followed by a decoding step of the running stream.
+        assert names[admitted:first_long].count("running") >= 14
+        long_tokens = [t for name, event in log if name == "long" for t in event.token_ids]
+        assert long_tokens == expected_tokens(long_prompt, 3)[: len(long_tokens)] and long_tokens
+    finally:
+        engine.shutdown()
+
+
+def test_no_slot_or_cache_leaks_over_many_requests_with_cancels():
+    engine, _ = toy_engine(max_batch_size=3, prefill_chunk_tokens=5)
+    try:
+        for round_ in range(30):
+            prompts = [[round_ % 40 + 1] * (1 + (round_ + i) % 9) for i in range(5)]
+            lengths = [1 + (round_ + i) % 7 for i in range(5)]
+            handles = [engine.submit(p, SamplingParams(max_tokens=n, temperature=0)) for p, n in zip(prompts, lengths)]
+            handles[round_ % 5].cancel()
+            for index, (prompt, length, handle) in enumerate(zip(prompts, lengths, handles)):
+                result = handle.result()
+                if index != round_ % 5:
+                    expected = expected_tokens(prompt, length)
+                    assert list(result.token_ids[: len(expected)]) == expected
+        while engine.stats().running:
+            time.sleep(0.001)
+        assert engine.stats().waiting == 0 and not engine._decoding and not engine._prefilling
+        # Rows never held more than 9 + 7 positions: the cache never grew past its first capacity.
+        assert engine.decoder.capacity == 64 and engine.decoder.slots == 3
+        assert engine.generate([9], SamplingParams(max_tokens=8, temperature=0)).token_ids == tuple(expected_tokens([9], 8))
+    finally:
+        engine.shutdown()
+
+
+def test_prefix_cache_reuses_shared_prompt_blocks_and_output_is_unchanged():
+    engine, runner = toy_engine(prefix_cache_tokens=64)
+    system = [(3 * i) % (VOCAB - 1) + 1 for i in range(37)]  # two full 16-token blocks and 5 more
+    try:
+        first = engine.generate(system + [4, 5], SamplingParams(max_tokens=5, temperature=0))
+        assert engine.stats().prefix_cache_hit_rate == 0.0
+        runner.query_lengths.clear()
+        second = engine.generate(system + [9], SamplingParams(max_tokens=5, temperature=0))
+        # The second prompt ran only what follows the two cached blocks.
+        assert runner.query_lengths[0] == 38 - 32
+        assert engine.stats().prefix_cache_hit_rate == pytest.approx(32 / (39 + 38))
+        for prompt, result in ((system + [4, 5], first), (system + [9], second)):
+            assert list(result.token_ids[: len(expected_tokens(prompt, 5))]) == expected_tokens(prompt, 5)
+        # Prompt logprobs need every position's logits: no reuse for those.
+        scored = engine.submit(system + [9], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=True))
+        scored.result()
+        assert len(scored.prompt_logprobs) == 37
+    finally:
+        engine.shutdown()
+
+
+def test_cache_shrinks_back_after_a_long_request_leaves():
+    engine, runner = toy_engine(max_batch_size=2)
+    try:
+        short = engine.submit([3], SamplingParams(max_tokens=60, temperature=0))
+        long_prompt = [(5 * i) % (VOCAB - 1) + 1 for i in range(150)]
+        assert engine.generate(long_prompt, SamplingParams(max_tokens=2, temperature=0)).completion_tokens >= 1
+        result = short.result()  # decodes on after the long one left
+        assert max(runner.past_columns) >= 150 and runner.past_columns[-1] < max(runner.past_columns)
+        assert list(result.token_ids[: len(expected_tokens([3], 60))]) == expected_tokens([3], 60)
+    finally:
+        engine.shutdown()
+
+
+def test_default_batch_is_the_smaller_of_cores_and_memory():
+    from paddle_llm.inference.sizing import kv_bytes_per_token, size_batch
+
+    layout = CacheLayout(num_layers=4, num_kv_heads=8, head_dim=64, batch_axis=0, seq_axis=2, head_axis=1)
+    per_request = kv_bytes_per_token(layout, "float32") * 2048
+    assert per_request == 32 * 2**20
+    by_cores = size_batch(layout, "float32", 2048, cores=2, available_memory=64 * 2**30)
+    assert by_cores.max_batch_size == 64 and "32 rows x 2 cores = 64" in by_cores.reason
+    by_memory = size_batch(layout, "float32", 2048, cores=2, available_memory=10 * per_request)
+    assert by_memory.max_batch_size == 5 and "= 5" in by_memory.reason
+    assert size_batch(layout, "float32", 2048, cores=2, available_memory=per_request).max_batch_size == 1
+
+
 def test_failed_step_fails_its_requests_and_engine_keeps_serving():
     engine, _ = toy_engine(fail_on_token=13)
     try:
@@ -313,15 +416,15 @@ def test_prompt_filling_context_is_refused():
         engine.shutdown()
 
 
-# ---- a real (random) model: padding and merging must not change logits --------------------------------------------
+# ---- a real (random) model: slots, chunks and padding must not change logits ---------------------------------------
 
 @pytest.mark.parametrize("implementation", ["paddlenlp", "llama_inference"])
-def test_real_model_rows_batched_match_rows_alone(implementation):
+def test_real_model_slots_and_chunks_match_rows_alone_and_the_model(implementation):
     import paddle
-    from paddle_llm.inference.runtime import StepDecoder
-    from paddle_llm.models.llama.inference_step import LlamaInferenceStep
-    from paddle_llm.inference.runtime import DygraphStepRunner
+    from paddle_llm.export.parity import reference_logits
+    from paddle_llm.inference.runtime import DygraphStepRunner, StepDecoder
     from paddle_llm.inference.step_graph import KVCacheStep, cache_layout
+    from paddle_llm.models.llama.inference_step import LlamaInferenceStep
     from paddle_llm.models.registry import build_config, build_model, resolve_model
 
     paddle.seed(0)
@@ -329,25 +432,42 @@ def test_real_model_rows_batched_match_rows_alone(implementation):
     model = build_model(source, build_config(source), load_weights=False)
     layout = cache_layout(source.family, model.config, implementation)
     step = LlamaInferenceStep(model, fused_rms_norm=False) if implementation == "llama_inference" else KVCacheStep(model, source.family, layout.num_layers)
-    decoder = StepDecoder(DygraphStepRunner(step), layout, "float32", False)
+    decoder = StepDecoder(DygraphStepRunner(step), layout, "float32", False, slots=3)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
     alone = []
     for prompt in prompts:
-        logits, batch = decoder.prefill([prompt])
-        logits, _ = decoder.decode(batch, [42])
-        alone.append(logits[0])
-    # Row 0 prefilled first, row 1 joins later, then both decode in one step.
-    logits0, batch0 = decoder.prefill([prompts[0]])
-    logits1, batch1 = decoder.prefill([prompts[1]])
-    merged = decoder.merge(batch0, batch1)
-    logits, merged = decoder.decode(merged, [42, 42])
-    np.testing.assert_allclose(logits, np.stack(alone), atol=1e-4)
-    # Dropping row 0 leaves row 1 decoding as alone.
-    kept = decoder.select(merged, [1])
-    assert kept.valid.shape[1] == len(prompts[1]) + 1  # the padding row 0 needed is trimmed away
-    logits, _ = decoder.decode(kept, [7])
-    _, alone_batch = decoder.prefill([prompts[1] + [42]])
-    np.testing.assert_allclose(logits[0], decoder.decode(alone_batch, [7])[0][0], atol=1e-4)
+        decoder.clear(0)
+        decoder.prefill([0], [prompt])
+        alone.append(decoder.decode([42])[0])
+        np.testing.assert_allclose(alone[-1], reference_logits(model, source.family, prompt + [42]), atol=1e-4)
+    # Row 0 prefilled first, row 1 joins later in two chunks, then both decode in one step.
+    for slot in range(3):
+        decoder.clear(slot)
+    decoder.prefill([0], [prompts[0]])
+    decoder.prefill([1], [prompts[1][:1]])
+    decoder.prefill([1], [prompts[1][1:]])
+    np.testing.assert_allclose(decoder.decode([42, 42]), np.stack(alone), atol=1e-4)
+    # Two rows prefilled together in slots out of order, one in two chunks; then row 2 packs into slot 1.
+    for slot in range(3):
+        decoder.clear(slot)
+    decoder.prefill([2, 0], [prompts[0][:4], prompts[1]])
+    decoder.prefill([2], [prompts[0][4:]])
+    decoder.move(2, 1)
+    np.testing.assert_allclose(decoder.decode([42, 42]), np.stack(alone[::-1]), atol=1e-4)
+    # A cached prefix written into another slot continues exactly as if that slot had prefilled it.
+    decoder.clear(0)
+    decoder.prefill([0], [prompts[0][:4]])
+    decoder.clear(1)
+    decoder.write_row_cache(1, 0, decoder.row_cache(0, 0, 4))
+    np.testing.assert_allclose(decoder.prefill([1], [prompts[0][4:]])[0],
+                               reference_logits(model, source.family, prompts[0]), atol=1e-4)
+    # A prompt longer than the first capacity grows the cache between chunks, keeping what is there.
+    long_prompt = [(7 * i) % 900 + 3 for i in range(90)]
+    decoder.clear(0)
+    decoder.prefill([0], [long_prompt[:50]])
+    np.testing.assert_allclose(decoder.prefill([0], [long_prompt[50:]])[0],
+                               reference_logits(model, source.family, long_prompt), atol=1e-4)
+    assert decoder.capacity >= 90
 
 
 def test_abort_all_fails_running_and_waiting_requests_with_the_reason():
@@ -419,3 +539,36 @@ def test_max_tokens_zero_scores_the_prompt_and_generates_nothing():
         assert [entry.token_id for entry in handle.prompt_logprobs] == [4, 5]
     finally:
         engine.shutdown()
+
+
+def test_export_whose_graph_returns_the_grown_cache_is_refused_with_re_export(tmp_path):
+    from paddle_llm.inference.manifest import ExportManifest
+    from paddle_llm.inference.runtime import open_export_decoder
+
+    # A manifest written before step_interface existed: its graph returns every layer's grown cache.
+    ExportManifest(format="paddle", family="llama", chat_template="llama", dtype="float32", vocab_size=VOCAB,
+                   max_context_length=64, eos_token_ids=[EOS], pad_token_id=0, cache=LAYOUT.to_dict(),
+                   source={"model_name_or_path": "/ckpt"}).save(str(tmp_path))
+    manifest_path = tmp_path / "paddle_llm_export.json"
+    fields = json.loads(manifest_path.read_text())
+    del fields["step_interface"]
+    manifest_path.write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match=r"older paddle_llm \(step interface 1.*Re-export.*--model_name_or_path /ckpt"):
+        open_export_decoder(str(tmp_path))
+
+
+def test_prefix_cache_hash_collision_is_a_miss_and_lru_bounds_it():
+    from paddle_llm.serving.prefix_cache import BLOCK_TOKENS, PrefixCache
+
+    cache = PrefixCache(max_tokens=2 * BLOCK_TOKENS)
+    first, other = list(range(1, 2 * BLOCK_TOKENS + 2)), list(range(100, 100 + 2 * BLOCK_TOKENS + 1))
+    for _, link in cache.missing_blocks(first):
+        cache.store(link, [np.zeros((BLOCK_TOKENS, 1, 1))])
+    assert len(cache.lookup(first)) == 2
+    # Another prompt whose first key collides with a stored block (simulated): its tokens differ, so it misses.
+    other_key = cache._chain(other, 1)[0][0]
+    cache._blocks[other_key] = cache._blocks[cache._chain(first, 1)[0][0]]
+    assert cache.lookup(other) == []
+    assert len(cache._blocks) <= 3
+    cache.store((1, 0, (1,)), [np.zeros((BLOCK_TOKENS, 1, 1))])
+    assert len(cache._blocks) == 2  # the least recently used went

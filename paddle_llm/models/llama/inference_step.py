@@ -14,7 +14,8 @@ layer computes the same function with fewer, larger ops, all decided once at exp
 - the boolean mask becomes one additive bias per step, shared by every layer, and the rotary rows and the bias are
   expanded once per step to full shape (broadcasting multiplies and adds are slow on CPU);
 - the cache is head-major (``[b, kv_heads, positions, head_dim]`` per layer), the layout attention multiplies in,
-  so a step copies each layer's cache once (the concat with the new position) instead of also transposing it.
+  and a step never copies it: attention reads the past and the new positions separately, and only the new
+  positions' keys and values leave the graph (the caller writes them into its preallocated cache).
 
 The signature is ``step_graph.KVCacheStep``'s, so the engine and the parity check drive both alike;
 ``step_graph.cache_layout`` describes the head-major cache to them. ``llama_step_unsupported`` names any
@@ -55,8 +56,8 @@ def llama_step_unsupported(model: nn.Layer, dtype: str) -> str | None:
 
 
 class LlamaInferenceStep(nn.Layer):
-    """``(input_ids, position_ids, mask, [*past_keys, *past_values]) -> (last_logits, *keys, *values)`` for a Llama
-    model, each cache ``[batch, kv_heads, positions, head_dim]``."""
+    """``(input_ids, position_ids, mask, [*past_keys, *past_values]) -> (last_logits, *new_keys, *new_values)`` for a
+    Llama model, each cache ``[batch, kv_heads, positions, head_dim]``; the outputs hold the ``q`` new positions."""
 
     def __init__(self, model: nn.Layer, fused_rms_norm: bool):
         """
@@ -124,17 +125,21 @@ class LlamaInferenceStep(nn.Layer):
         rotated, v = paddle.split(qkv, [heads + kv_heads, kv_heads], axis=1)
         rotated = rotated * cos + paddle.roll(rotated, shifts=head_dim // 2, axis=-1) * sin
         q, k = paddle.split(rotated, [heads, kv_heads], axis=1)
-        key = paddle.concat([past_key, k], axis=2)
-        value = paddle.concat([past_value, v], axis=2)
         # Grouped heads: the query heads of one kv head become extra query rows, so one matmul serves the group.
         q = q.reshape([0, kv_heads, -1, head_dim])
-        scores = paddle.matmul(q, key, transpose_y=True) + score_bias
-        context = paddle.matmul(F.softmax(scores, axis=-1), value)
+        # The past and the new positions are attended separately and never concatenated: a concat would copy the
+        # whole cache of every layer at every step, the cost that grew with the batch.
+        scores = paddle.concat([paddle.matmul(q, past_key, transpose_y=True), paddle.matmul(q, k, transpose_y=True)],
+                               axis=-1) + score_bias
+        probabilities = F.softmax(scores, axis=-1)
+        past_length = paddle.shape(past_key)[2]
+        context = (paddle.matmul(probabilities[:, :, :, :past_length], past_value)
+                   + paddle.matmul(probabilities[:, :, :, past_length:], v))
         context = context.reshape([0, heads, -1, head_dim]).transpose([0, 2, 1, 3])
         output = paddle.matmul(context.reshape([0, 0, heads * head_dim]), getattr(self, f"out_{index}"))
         if self.attention_bias:
             output = output + getattr(self, f"out_bias_{index}")
-        return hidden + output, key, value
+        return hidden + output, k, v
 
     def _mlp(self, hidden, index):
         gate_up = paddle.matmul(self._normalized(hidden, getattr(self, f"mlp_norm_{index}")), getattr(self, f"gate_up_{index}"))
