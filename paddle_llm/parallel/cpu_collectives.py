@@ -247,6 +247,15 @@ def reduce_scatter(tensor, tensor_list, op=ReduceOp.SUM, group=None, sync_op=Tru
     return _FinishedTask()
 
 
+def stream_reduce_scatter(tensor, tensor_or_tensor_list, op=ReduceOp.SUM, group=None, sync_op=True, use_calc_stream=False):
+    """CPU ``paddle.distributed.stream.reduce_scatter``: the same all-reduce and slice as ``reduce_scatter``.
+
+    Sequence parallel calls the stream API directly (``sequence_parallel_utils.reduce_scatter``, the row-parallel
+    output and the column-parallel input gradient), so it needs its own stand-in; there is no stream to choose on CPU.
+    """
+    return reduce_scatter(tensor, tensor_or_tensor_list, op, group, sync_op)
+
+
 def broadcast_input_data(hcg, *inputs, **kwargs):
     """CPU ``hybrid_parallel_util.broadcast_input_data``: fleet's own broadcast helpers, on the CPU place.
 
@@ -481,6 +490,12 @@ EVERYWHERE_PATCHES: tuple[EverywherePatch, ...] = (
     ),
     EverywherePatch(
         "paddle.distributed.communication.reduce_scatter", "reduce_scatter", reduce_scatter, "ProcessGroupGloo has no reduce_scatter"
+    ),
+    EverywherePatch(
+        "paddle.distributed.communication.stream.reduce_scatter",
+        "reduce_scatter",
+        stream_reduce_scatter,
+        "ProcessGroupGloo has no reduce_scatter (sequence parallel calls the stream API directly)",
     ),
     EverywherePatch(
         "paddle.distributed.fleet.utils.hybrid_parallel_util",

@@ -149,6 +149,8 @@ TWO_PROCESS_LAYOUTS = {
     "sharding_stage2": Run(RUN_PRETRAIN, 2, {"sharding": "stage2", "per_device_train_batch_size": 2, **SAVES_FOR_RESHARD}),
     "sharding_stage3": Run(RUN_PRETRAIN, 2, {"sharding": "stage3", "per_device_train_batch_size": 2}),
     "tensor_parallel_2": Run(RUN_PRETRAIN, 2, {"tensor_parallel_degree": 2, "per_device_train_batch_size": 4, **SAVES_FOR_RESHARD}),
+    # Megatron sequence parallel: norms and dropout see half the sequence; reduce-scatter/all-gather replace all-reduce
+    "tensor_parallel_2_sequence_parallel": Run(RUN_PRETRAIN, 2, {"tensor_parallel_degree": 2, "sequence_parallel": 1, "per_device_train_batch_size": 4}),
     # 2 micro-batches of 2 per step: gradient accumulation is the pipeline's micro-batching
     "pipeline_parallel_2": Run(RUN_PRETRAIN, 2, {"pipeline_parallel_degree": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}),
 }
