@@ -103,6 +103,9 @@ def test_install_replaces_every_reference_once():
         "paddle.distributed.fleet.meta_parallel.tensor_parallel.broadcast_input_data",  # imported by name
         "paddle.distributed.reduce_scatter",
         "paddle.distributed.communication.stream.reduce_scatter",  # sequence parallel calls it directly
+        "paddle.distributed.communication.stream.send",  # pipeline messages: a gloo group per direction
+        "paddle.distributed.communication.stream.recv",
+        "paddle.distributed.fleet.meta_parallel.pp_utils.p2p_communication.initialize_p2p_groups",
         "paddle.distributed.parallel.ParallelEnv.device_id",
     ):
         assert reference in result["first"], reference
