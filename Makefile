@@ -26,7 +26,7 @@ demo: $(STAMP)
 # marked slow (training runs, multi-process launches, emulated CPUs, the demo, the README walk-through). One math
 # thread per process: the integration tests run several training processes side by side on 2 cores.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not gpu" -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not gpu and not extended" -q
 
 test-quick: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow and not gpu" -q

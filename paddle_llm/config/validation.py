@@ -351,10 +351,20 @@ RSLORA_PLUS = {"rslora": True, "lora_plus_scale": 4.0, "lora_alpha": 4}
 OFFLOAD_OPTIMIZERS = ("adamw", "adam", "momentum")
 
 
+# Measured with PaddleNLP 3.0.0b4 on Paddle 3.3.1: segment_parallel_utils._reshard_qkv calls alltoall(inputs, outputs),
+# Paddle 2's order; Paddle 3 reads alltoall(outputs, inputs). On 2 CPU processes, with gloo's missing all-to-all
+# stood in for, step 1's gradient norm was NaN; with the two lists swapped back the losses matched one process.
+SEP_PARALLEL_BROKEN = (
+    "PaddleNLP 3.0.0b4 reshards attention heads with paddle.distributed.alltoall(inputs, outputs), Paddle 2's argument "
+    "order; Paddle 3.3.1 takes (outputs, inputs), so attention reads unwritten memory (a NaN gradient at step 1 on any device)"
+)
+
+
 def check_paddle_runtime_limits(values: Mapping) -> list[str]:
     """Switches Paddle stops on deep inside the first step, reported before launch: sharding offload without AMP
     (always so on CPU, where AMP falls back to float32), and PaddleNLP's flash-mask kernel on a GPU (no flash-mask
-    data path here; on CPU it falls back with a warning, ``GPU_ONLY_FLAGS``); and PaddleNLP's benchmark modes."""
+    data path here; on CPU it falls back with a warning, ``GPU_ONLY_FLAGS``); sep parallel (``SEP_PARALLEL_BROKEN``),
+    context parallel on CPU (it needs flash attention); and PaddleNLP's benchmark modes."""
     errors = []
     stages = sharding_stages(values.get("sharding"))
     on_cpu = str(values.get("device") or "gpu").startswith("cpu")
@@ -366,6 +376,16 @@ def check_paddle_runtime_limits(values: Mapping) -> list[str]:
             errors.append(f"--sharding {' '.join(stages)}: {reason}: add --bf16 True (or --fp16 True), or drop offload")
         elif not str(values.get("optim") or "adamw").startswith(OFFLOAD_OPTIMIZERS):
             errors.append(f"--sharding {' '.join(stages)}: {reason}, not --optim {values.get('optim')}: use adamw, or drop offload")
+    if _degree(values, "sep_parallel_degree") > 1:
+        errors.append(
+            f"--sep_parallel_degree {_degree(values, 'sep_parallel_degree')}: {SEP_PARALLEL_BROKEN}: "
+            "for long sequences use --tensor_parallel_degree with --sequence_parallel 1"
+        )
+    if _degree(values, "context_parallel_degree") > 1 and on_cpu:
+        errors.append(
+            f"--context_parallel_degree {_degree(values, 'context_parallel_degree')}: PaddleNLP stops with 'Context parallel requires "
+            "`use_flash_attention=True`' and flash attention has no CPU kernel: run it on GPUs (Ampere or newer), or drop it"
+        )
     for name in ("benchmark", "autotuner_benchmark"):
         if values.get(name):
             errors.append(f"--{name} (PaddleNLP's throughput mode) is not supported here: drop it; measure with benchmarks/ instead")

@@ -15,14 +15,19 @@ Two numbers are compared with the estimate:
   rotary caches);
 * total: the peak over the steps minus the same baseline, against the estimate's device total.
 
+A case with ``tensor_parallel_degree`` > 1 runs that many processes under ``paddle.distributed.launch`` (with the
+CPU collectives of ``paddle_llm.parallel``) and reports rank 0's numbers.
+
 Only this module imports Paddle; the estimator itself stays pure.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 from paddle_llm.config.presets import preset
@@ -32,7 +37,7 @@ from paddle_llm.models.registry import ModelSource, build_config, build_model, f
 # Knobs of :class:`TrainingSetup` a measured case may set; the rest keep their defaults (fp32, one CPU process).
 MEASURABLE_KNOBS = (
     "method", "lora_rank", "lora_target_modules", "num_prefix_tokens", "optimizer",
-    "recompute", "recompute_granularity", "seq_length", "micro_batch_size",
+    "recompute", "recompute_granularity", "seq_length", "micro_batch_size", "tensor_parallel_degree", "sequence_parallel",
 )
 
 
@@ -58,7 +63,8 @@ class MeasureCase:
             raise ValueError(f"cannot measure knobs {sorted(unknown)} on one CPU; measurable: {', '.join(MEASURABLE_KNOBS)}")
 
     def estimate(self) -> MemoryEstimate:
-        return estimate_training_memory(self.model_config, device="cpu", gpu_memory_gb=None, **self.knobs)
+        processes = self.knobs.get("tensor_parallel_degree", 1)
+        return estimate_training_memory(self.model_config, device="cpu", gpu_memory_gb=None, gpus_per_node=processes, **self.knobs)
 
 
 @dataclass(frozen=True)
@@ -125,15 +131,20 @@ def compare(case: MeasureCase, timeout_s: float = 900) -> Comparison:
 
 def _run_subprocess(case: MeasureCase, timeout_s: float) -> dict:
     payload = json.dumps(asdict(case))
-    done = subprocess.run(
-        [sys.executable, "-m", "paddle_llm.estimator.measure", payload],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
+    processes = case.knobs.get("tensor_parallel_degree", 1)
+    if processes == 1:
+        done = subprocess.run([sys.executable, "-m", "paddle_llm.estimator.measure", payload], capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0:
+            raise RuntimeError(f"measuring {case.name!r} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as logs:
+        launch = ["-m", "paddle.distributed.launch", "--nproc_per_node", str(processes), "--log_dir", logs, os.path.abspath(__file__)]
+        done = subprocess.run([sys.executable, *launch, payload], capture_output=True, text=True, timeout=timeout_s)
+        with open(os.path.join(logs, "workerlog.0"), encoding="utf-8", errors="replace") as f:
+            rank_zero = f.read()
     if done.returncode != 0:
-        raise RuntimeError(f"measuring {case.name!r} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"measuring {case.name!r} failed:\n{rank_zero[-3000:]}")
+    return json.loads(rank_zero.strip().splitlines()[-1])
 
 
 def _build_model(case: MeasureCase):
@@ -148,6 +159,16 @@ def _build_model(case: MeasureCase):
     overrides = {}
     if knobs.get("recompute"):
         overrides = {"recompute": True, "recompute_granularity": knobs.get("recompute_granularity", "full")}
+    if knobs.get("tensor_parallel_degree", 1) > 1:
+        from paddle.distributed import fleet
+
+        overrides |= {
+            "tensor_parallel_degree": knobs["tensor_parallel_degree"],
+            "tensor_parallel_rank": fleet.get_hybrid_communicate_group().get_model_parallel_rank(),
+            "tensor_parallel_output": True,
+            "sequence_parallel": bool(knobs.get("sequence_parallel")),
+            "seq_length": knobs.get("seq_length", 2048),  # sequence parallel reshapes by it
+        }
     config = build_config(source, **overrides)
     model = build_model(source, config, load_weights=False)
     if knobs.get("recompute"):
@@ -224,8 +245,17 @@ def _measure_in_this_process(case: MeasureCase) -> dict:
         return core.host_memory_stat_current_value("Allocated", 0)
 
     paddle.set_device("cpu")
-    paddle.seed(0)
     knobs = case.knobs
+    if knobs.get("tensor_parallel_degree", 1) > 1:
+        from paddle.distributed import fleet
+
+        from paddle_llm.parallel.cpu_collectives import install_cpu_collectives
+
+        install_cpu_collectives("cpu")
+        strategy = fleet.DistributedStrategy()
+        strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": knobs["tensor_parallel_degree"], "pp_degree": 1}
+        fleet.init(is_collective=True, strategy=strategy)
+    paddle.seed(0)
     seq_length, batch = knobs.get("seq_length", 2048), knobs.get("micro_batch_size", 1)
     vocab = case.model_config.get("vocab_size") or case.model_config.get("padded_vocab_size")
     input_ids = paddle.randint(0, vocab, [batch, seq_length])

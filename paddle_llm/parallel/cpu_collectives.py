@@ -10,6 +10,8 @@ backend has ``all_reduce``, ``all_gather``, ``broadcast``, ``reduce`` and ``send
     CPU path where it stands, for that one module;
   * gloo process groups meet in the shared store under keys that do not name the group, so groups formed one after
     another (tensor x pipeline on 4 processes) read each other's addresses: each group gets a store of its own.
+  * gloo pairs a send with a receive by counting the operations on their group, which the stages of a pipeline of 3
+    or more do not count alike: pipeline messages travel over a two-rank group per direction between neighbours.
 Fleet's batched pipeline send/recv (NCCL group calls on the compute stream) is avoided by configuration, not here:
 ``config.validation.apply_cpu_fallbacks`` selects fleet's isend/irecv path on CPU.
 
@@ -247,6 +249,15 @@ def reduce_scatter(tensor, tensor_list, op=ReduceOp.SUM, group=None, sync_op=Tru
     return _FinishedTask()
 
 
+def stream_reduce_scatter(tensor, tensor_or_tensor_list, op=ReduceOp.SUM, group=None, sync_op=True, use_calc_stream=False):
+    """CPU ``paddle.distributed.stream.reduce_scatter``: the same all-reduce and slice as ``reduce_scatter``.
+
+    Sequence parallel calls the stream API directly (``sequence_parallel_utils.reduce_scatter``, the row-parallel
+    output and the column-parallel input gradient), so it needs its own stand-in; there is no stream to choose on CPU.
+    """
+    return reduce_scatter(tensor, tensor_or_tensor_list, op, group, sync_op)
+
+
 def broadcast_input_data(hcg, *inputs, **kwargs):
     """CPU ``hybrid_parallel_util.broadcast_input_data``: fleet's own broadcast helpers, on the CPU place.
 
@@ -321,6 +332,67 @@ def one_store_per_gloo_group(create_process_group: Callable) -> Callable:
 
     _new_process_group_impl.cpu_stand_in_for = create_process_group
     return _new_process_group_impl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pipeline send/recv: one gloo group per direction between neighbouring stages
+# ---------------------------------------------------------------------------------------------------------------
+
+# (pipeline group id, sending rank, receiving rank) -> the two-rank group that carries those messages
+_DIRECTION_GROUPS: dict[tuple[int, int, int], object] = {}
+
+
+def _direction_group(group, source: int, destination: int):
+    return _DIRECTION_GROUPS.get((getattr(group, "id", None), source, destination), group)
+
+
+def pipeline_direction_groups(initialize_p2p_groups: Callable) -> Callable:
+    """CPU ``p2p_communication.initialize_p2p_groups``: first form a group for each direction between neighbours.
+
+    ``ProcessGroupGloo`` tags every send and receive with a counter of the operations on that group, and a
+    message is delivered only when the tags match. In a pipeline of 2 the two ranks count alike; with 3 or more
+    they do not (rank 1 has received from rank 0 before it sends to rank 2, which has done nothing yet), and the
+    first send between stages 1 and 2 times out in gloo. Measured: PP4 x virtual_pp_degree 2 fails this way on
+    its first step. A group per (sender, receiver) carries one stream of messages in one order, so its counters
+    agree. The ring includes last -> first, which the interleaved (virtual) schedule uses.
+    Every rank calls this (``PipelineParallel.__init__``), so every rank forms the groups in the same order.
+    """
+
+    def _initialize_p2p_groups(hcg, enable_partial_send_recv=True, enable_timer=False):
+        pipe = hcg.get_pipe_parallel_group()
+        if pipe.nranks > 2 and pipe.backend.lower() == "gloo":
+            me = dist.get_rank()
+            for ranks in hcg.topology().get_comm_list("pipe"):
+                for position, stage in enumerate(ranks):
+                    following = ranks[(position + 1) % len(ranks)]
+                    for source, destination in ((stage, following), (following, stage)):
+                        group = dist.new_group([source, destination])
+                        if me in (source, destination):
+                            _DIRECTION_GROUPS[(pipe.id, source, destination)] = group
+        return initialize_p2p_groups(hcg, enable_partial_send_recv, enable_timer)
+
+    _initialize_p2p_groups.cpu_stand_in_for = initialize_p2p_groups
+    return _initialize_p2p_groups
+
+
+def send_over_direction_group(send: Callable) -> Callable:
+    """CPU ``paddle.distributed.stream.send``: a pipeline message goes over its direction's group (see above)."""
+
+    def _send(tensor, dst=0, group=None, sync_op=True, use_calc_stream=False):
+        return send(tensor, dst, _direction_group(group, dist.get_rank(), dst), sync_op, use_calc_stream)
+
+    _send.cpu_stand_in_for = send
+    return _send
+
+
+def receive_over_direction_group(recv: Callable) -> Callable:
+    """CPU ``paddle.distributed.stream.recv``: a pipeline message comes over its direction's group (see above)."""
+
+    def _recv(tensor, src=0, group=None, sync_op=True, use_calc_stream=False):
+        return recv(tensor, src, _direction_group(group, src, dist.get_rank()), sync_op, use_calc_stream)
+
+    _recv.cpu_stand_in_for = recv
+    return _recv
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -483,6 +555,12 @@ EVERYWHERE_PATCHES: tuple[EverywherePatch, ...] = (
         "paddle.distributed.communication.reduce_scatter", "reduce_scatter", reduce_scatter, "ProcessGroupGloo has no reduce_scatter"
     ),
     EverywherePatch(
+        "paddle.distributed.communication.stream.reduce_scatter",
+        "reduce_scatter",
+        stream_reduce_scatter,
+        "ProcessGroupGloo has no reduce_scatter (sequence parallel calls the stream API directly)",
+    ),
+    EverywherePatch(
         "paddle.distributed.fleet.utils.hybrid_parallel_util",
         "broadcast_input_data",
         broadcast_input_data,
@@ -493,6 +571,21 @@ EVERYWHERE_PATCHES: tuple[EverywherePatch, ...] = (
         "_new_process_group_impl",
         one_store_per_gloo_group,
         "gloo groups rendezvous under keys shared by all groups (tensor x pipeline on 4 processes fails)",
+        wraps_original=True,
+    ),
+    EverywherePatch(
+        "paddle.distributed.fleet.meta_parallel.pp_utils.p2p_communication",
+        "initialize_p2p_groups",
+        pipeline_direction_groups,
+        "gloo matches send to recv by a per-group operation count, which stages of a pipeline of 3+ do not share",
+        wraps_original=True,
+    ),
+    EverywherePatch(
+        "paddle.distributed.communication.stream.send", "send", send_over_direction_group, "pipeline messages use a group per direction",
+        wraps_original=True,
+    ),
+    EverywherePatch(
+        "paddle.distributed.communication.stream.recv", "recv", receive_over_direction_group, "pipeline messages use a group per direction",
         wraps_original=True,
     ),
 )

@@ -26,6 +26,11 @@ RUN_DPO = os.path.join(ROOT, "run_dpo.py")
 INSTRUCTIONS = os.path.join(ROOT, "paddle_llm", "assets", "instructions")
 PREFERENCES = os.path.join(ROOT, "paddle_llm", "assets", "preferences")
 STEPS = 5
+# tiny-llama with 8 layers, so 4 pipeline stages x 2 virtual stages hold one layer each. At the usual learning rate
+# its gradient spikes at step 3 and fp32 summation order alone (4 micro-batches of 1 against one batch of 4, on one
+# process) moves the gradient norm by 3e-4; at DEEP_LEARNING_RATE the same comparison agrees within 3e-7.
+DEEP_LLAMA = "llama_8_layers"
+DEEP_LEARNING_RATE = 0.0003
 RESUME_STEP = 3  # reshard tests save here and resume to STEPS
 TOLERANCE = 1e-5
 
@@ -45,13 +50,29 @@ class Runs:
     """Runs shared by several tests (each made once per module, on first use)."""
 
     def __init__(self, demo_data: str, models: dict, directory):
-        self.demo_data, self.models, self.directory = demo_data, models, directory
+        self.demo_data, self.models, self.directory = demo_data, dict(models), directory
         self._done: dict[str, str] = {}
+
+    def model(self, family: str) -> str:
+        if family == DEEP_LLAMA and family not in self.models:
+            self.models[family] = str(self.directory / family)
+            script = textwrap.dedent(
+                f"""
+                import paddle
+                from paddle_llm.models.registry import resolve_model, build_config, build_model, load_tokenizer
+                paddle.seed(0)
+                source = resolve_model("tiny-llama")
+                build_model(source, build_config(source, num_hidden_layers=8), load_weights=False).save_pretrained({self.models[family]!r})
+                load_tokenizer("tiny-llama").save_pretrained({self.models[family]!r})
+                """
+            )
+            run_script(["-c", script])
+        return self.models[family]
 
     def pretrain(self, name: str, run: Run, family: str = "llama") -> str:
         if name not in self._done:
             output = str(self.directory / name)
-            base = pretrain_flags(self.demo_data, output, model=self.models[family], max_steps=STEPS, logging_steps=1, continue_training=1)
+            base = pretrain_flags(self.demo_data, output, model=self.model(family), max_steps=STEPS, logging_steps=1, continue_training=1)
             self._done[name] = launch(run, output, base)
         return self._done[name]
 
@@ -157,6 +178,18 @@ FOUR_PROCESS_LAYOUTS = {
         RUN_PRETRAIN, 4, {"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
     ),
     "tensor_2_x_data_2": Run(RUN_PRETRAIN, 4, {"tensor_parallel_degree": 2, "per_device_train_batch_size": 2}),
+    # One launch for two flags, to spare CI's time: Megatron sequence parallel (norms see half the sequence;
+    # reduce-scatter and all-gather along it replace the all-reduce) and sharding stage 2 across TP2 groups.
+    "tensor_2_sequence_parallel_x_sharding_stage2": Run(
+        RUN_PRETRAIN, 4, {"tensor_parallel_degree": 2, "sequence_parallel": 1, "sharding": "stage2", "per_device_train_batch_size": 2}
+    ),
+}
+# Each flag on its own, left out of `make test` for time (about 20 s per 2-process and 35 s per 4-process run on 2
+# cores); `pytest -m extended` runs them (docs/dev/testing.md).
+EXTENDED_LAYOUTS = {
+    "tensor_parallel_2_sequence_parallel": Run(RUN_PRETRAIN, 2, {"tensor_parallel_degree": 2, "sequence_parallel": 1, "per_device_train_batch_size": 4}),
+    "tensor_2_x_sharding_stage1": Run(RUN_PRETRAIN, 4, {"tensor_parallel_degree": 2, "sharding": "stage1", "per_device_train_batch_size": 2}),
+    "tensor_2_x_sharding_stage2": Run(RUN_PRETRAIN, 4, {"tensor_parallel_degree": 2, "sharding": "stage2", "per_device_train_batch_size": 2}),
 }
 
 
@@ -169,6 +202,29 @@ def test_two_process_layout_matches_one_process(runs, layout):
 @pytest.mark.parametrize("layout", FOUR_PROCESS_LAYOUTS)
 def test_four_process_layout_matches_one_process(runs, layout):
     assert_same_training(runs.pretrain(layout, FOUR_PROCESS_LAYOUTS[layout]), runs.pretrain("one_process", ONE_PROCESS))
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("layout", EXTENDED_LAYOUTS)
+def test_extended_layout_matches_one_process(runs, layout):
+    assert_same_training(runs.pretrain(layout, EXTENDED_LAYOUTS[layout]), runs.pretrain("one_process", ONE_PROCESS))
+
+
+@pytest.mark.extended
+def test_interleaved_pipeline_4_x_virtual_2_matches_one_process(runs):
+    # the interleaved schedule runs micro-batches in rounds of 4 stages: 4 micro-batches of 1 per step
+    interleaved = Run(
+        RUN_PRETRAIN,
+        4,
+        {
+            "pipeline_parallel_degree": 4, "virtual_pp_degree": 2, "per_device_train_batch_size": 1,
+            "gradient_accumulation_steps": 4, "learning_rate": DEEP_LEARNING_RATE,
+        },
+    )
+    single = Run(RUN_PRETRAIN, 1, {"per_device_train_batch_size": 4, "learning_rate": DEEP_LEARNING_RATE})
+    actual = runs.pretrain("pipeline_4_x_virtual_2", interleaved, family=DEEP_LLAMA)
+    assert "using interleave scheduler" in open(os.path.join(actual, "launch_log", "workerlog.0")).read()
+    assert_same_training(actual, runs.pretrain("deep_one_process", single, family=DEEP_LLAMA))
 
 
 # The other families, in the layouts their architecture changes: key/value groups split over tensor-parallel ranks

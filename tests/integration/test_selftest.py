@@ -64,6 +64,36 @@ def test_selftest_passes_on_two_cpu_processes(tmp_path, layout):
     assert f"2 process(es), {DESCRIBED[layout]}, float32 on cpu" in table
 
 
+# The other layout flags (tests/integration/test_parallel_equivalence.py proves each against one process); left out
+# of `make test` for time: `pytest -m extended`. layout -> (flags, processes, how the table describes it)
+EXTENDED_LAYOUTS = {
+    "tensor_parallel_2_sequence_parallel": (["--tensor_parallel_degree", "2", "--sequence_parallel", "1"], 2, "sequence_parallel=True"),
+    "sharding_stage1_x_tensor_2": (["--tensor_parallel_degree", "2", "--sharding", "stage1"], 4, "tensor_parallel_degree=2, sharding=stage1"),
+    "sharding_stage2_x_tensor_2": (["--tensor_parallel_degree", "2", "--sharding", "stage2"], 4, "tensor_parallel_degree=2, sharding=stage2"),
+    "pipeline_4_x_virtual_2": (
+        ["--pipeline_parallel_degree", "4", "--virtual_pp_degree", "2", "--gradient_accumulation_steps", "4"], 4, "virtual_pp_degree=2"
+    ),
+}
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("layout", EXTENDED_LAYOUTS)
+def test_selftest_passes_on_cpu_processes_in_every_layout(tmp_path, layout):
+    flags, processes, described = EXTENDED_LAYOUTS[layout]
+    result, rows = selftest(tmp_path, flags + ["--device", "cpu"], ["--nproc_per_node", str(processes)])
+    assert failed(rows) == set(), rows
+    assert result.returncode == 0
+    assert described in open(tmp_path / "selftest" / "selftest.txt", encoding="utf-8").read()
+
+
+@pytest.mark.extended
+def test_selftest_refuses_sep_parallel_with_checks_reason(tmp_path):
+    result = run_script(["-m", "paddle_llm", "selftest", "--model_name_or_path", "tiny-llama", "--device", "cpu", "--sep_parallel_degree", "2",
+                         "--selftest_dir", str(tmp_path)], check=False)
+    assert result.returncode != 0
+    assert "--sep_parallel_degree 2: PaddleNLP 3.0.0b4 reshards attention heads" in result.stdout + result.stderr
+
+
 # fault -> (layout it is injected under, the rows that must fail)
 FAULT_CASES = {
     "allreduce": ("data_parallel", TRAINING_ROWS),
@@ -129,5 +159,15 @@ def test_selftest_on_gpus(tmp_path):
         flags += ["--tensor_parallel_degree", "2"]
     result, rows = selftest(tmp_path, flags, ["--gpus", ",".join(map(str, range(gpus)))])
     assert {"kernel flash_attention (bfloat16)", "kernel fused_rms_norm (bfloat16)"} <= set(rows)
+    assert failed(rows) == set(), rows
+    assert result.returncode == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda_devices() < 2, reason="needs a CUDA build of Paddle and 2 GPUs")
+def test_selftest_context_parallel_on_gpus(tmp_path):
+    # context parallel needs flash attention (PaddleNLP), which has no CPU kernel: check refuses it on CPU
+    flags = ["--device", "gpu", "--context_parallel_degree", "2", "--use_flash_attention", "1"]
+    result, rows = selftest(tmp_path, flags, ["--gpus", "0,1"])
     assert failed(rows) == set(), rows
     assert result.returncode == 0

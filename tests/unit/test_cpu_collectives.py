@@ -102,6 +102,10 @@ def test_install_replaces_every_reference_once():
         "paddle.distributed.collective._c_identity",  # PaddleNLP's parallel_matmul reaches it here
         "paddle.distributed.fleet.meta_parallel.tensor_parallel.broadcast_input_data",  # imported by name
         "paddle.distributed.reduce_scatter",
+        "paddle.distributed.communication.stream.reduce_scatter",  # sequence parallel calls it directly
+        "paddle.distributed.communication.stream.send",  # pipeline messages: a gloo group per direction
+        "paddle.distributed.communication.stream.recv",
+        "paddle.distributed.fleet.meta_parallel.pp_utils.p2p_communication.initialize_p2p_groups",
         "paddle.distributed.parallel.ParallelEnv.device_id",
     ):
         assert reference in result["first"], reference
@@ -165,6 +169,12 @@ OPS_SCRIPT = textwrap.dedent(
     out = paddle.zeros([3])
     dist.reduce_scatter(out, [paddle.arange(3, dtype="float32") * (rank + 1), paddle.arange(3, 6, dtype="float32") * (rank + 1)], group=group)
     errors["reduce_scatter"] = float(np.abs(out.numpy() - 3 * np.arange(3 * rank, 3 * rank + 3)).max())
+    # sequence parallel: the row-parallel output is reduce-scattered along the sequence through the stream API
+    from paddle.distributed.fleet.utils.sequence_parallel_utils import ReduceScatterOp
+    xt = paddle.to_tensor(x * (rank + 1), stop_gradient=False)  # [3, 5, 8] partial sums; their sum is 3x
+    y = ReduceScatterOp.apply(paddle.concat([xt, xt]))  # 6 positions, 3 per rank
+    (y * y).sum().backward()  # the gradient comes back all-gathered: 2 * 3x for each copy of xt
+    errors["sequence_parallel"] = max(float(np.abs(y.numpy() - 3 * x).max()), float(np.abs(xt.grad.numpy() - 2 * 2 * 3 * x).max()))
     print("ERRORS", json.dumps(errors), flush=True)
     """
 )
@@ -178,6 +188,6 @@ def test_model_parallel_ops_on_two_processes_match_one_process(tmp_path):
     for rank in (0, 1):
         line = next(l for l in (log_dir / f"workerlog.{rank}").read_text().splitlines() if l.startswith("ERRORS"))
         errors = json.loads(line.split(" ", 1)[1])
-        assert set(errors) == {"column", "row", "cross_entropy", "embedding", "reduce_scatter"}
+        assert set(errors) == {"column", "row", "cross_entropy", "embedding", "reduce_scatter", "sequence_parallel"}
         for op, error in errors.items():
             assert error < 1e-5, (rank, op, error)

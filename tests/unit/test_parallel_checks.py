@@ -78,6 +78,12 @@ RULES = {
         "--sharding stage2 offload: Paddle offloads sharded optimizer state only under AMP/pure fp16 with Adam, AdamW or Momentum, and AMP has no CPU kernels",
     ),
     "sharding offload on GPU without AMP": ({"sharding": "stage2 offload", "device": "gpu"}, LLAMA, 2, True, "add --bf16 True (or --fp16 True), or drop offload"),
+    "sep parallel (PaddleNLP calls alltoall in Paddle 2's argument order)": (
+        {"sep_parallel_degree": 2, "device": "gpu"}, LLAMA, 2, True, "--sep_parallel_degree 2: PaddleNLP 3.0.0b4 reshards attention heads with paddle.distributed.alltoall(inputs, outputs)",
+    ),
+    "context parallel on CPU (it needs flash attention)": (
+        {"context_parallel_degree": 2, "device": "cpu"}, LLAMA, 2, True, "--context_parallel_degree 2: PaddleNLP stops with 'Context parallel requires `use_flash_attention=True`'",
+    ),
     "flash-mask kernel on GPU": ({"flash_mask": True, "device": "gpu"}, LLAMA, 1, True, "--flash_mask (PaddleNLP's flash-mask attention kernel"),
     "fewer micro-batches than stages": (
         {"pipeline_parallel_degree": 2, "gradient_accumulation_steps": 1}, LLAMA, 2, True,
@@ -112,6 +118,7 @@ def test_each_rule_reports_what_to_change(rule):
         ({"tensor_parallel_degree": 2, "sequence_parallel": True}, 2),
         ({"pipeline_parallel_degree": 2, "virtual_pp_degree": 1, "gradient_accumulation_steps": 3}, 2),
         ({"sharding": "stage2 offload", "device": "gpu", "bf16": True}, 8),
+        ({"context_parallel_degree": 2, "device": "gpu", "use_flash_attention": True}, 2),
     ],
 )
 def test_the_seed_layouts_and_their_cpu_twins_pass(values, world_size):

@@ -50,3 +50,35 @@ def test_the_tiny_shape_keeps_the_head_ratio_and_fits_the_tensor_parallel_degree
     # grouped 4:1 on one device: the tiny model's 4 heads share one key/value head
     assert tiny_shape("llama", {"num_attention_heads": 32, "num_key_value_heads": 8}, 1) == {"num_key_value_heads": 1}
     assert tiny_shape("chatglm", {"num_attention_heads": 32}, 8) == {"num_attention_heads": 8, "hidden_size": 256, "inner_hidden_size": 1024}
+
+
+# layout -> (the planned run's flags, what the plan keeps of them, the tiny model's layers when deepened)
+LAYOUT_PLANS = {
+    "tensor parallel 2 + sequence parallel": (
+        ["--tensor_parallel_degree", "2", "--sequence_parallel", "1"], {"tensor_parallel_degree": 2, "sequence_parallel": True}, None,
+    ),
+    "sharding stage 1 x tensor parallel 2": (["--tensor_parallel_degree", "2", "--sharding", "stage1"], {"tensor_parallel_degree": 2, "sharding": "stage1"}, None),
+    "sharding stage 2 x tensor parallel 2": (["--tensor_parallel_degree", "2", "--sharding", "stage2"], {"tensor_parallel_degree": 2, "sharding": "stage2"}, None),
+    # 4 stages x 2 virtual stages: 8 layers, one per chunk
+    "pipeline 4 x virtual 2": (
+        ["--pipeline_parallel_degree", "4", "--virtual_pp_degree", "2", "--gradient_accumulation_steps", "4"],
+        {"pipeline_parallel_degree": 4, "virtual_pp_degree": 2, "gradient_accumulation_steps": 4}, 8,
+    ),
+    # GPU-only (flash attention); kept, so the run under test is the planned one
+    "context parallel 2 (GPU)": (
+        ["--context_parallel_degree", "2", "--use_flash_attention", "1"], {"context_parallel_degree": 2, "use_flash_attention": True}, None,
+    ),
+    # kept, so the selftest's run refuses it with check's reason instead of silently testing another layout
+    "sep parallel 2 (refused)": (["--sep_parallel_degree", "2"], {"sep_parallel_degree": 2}, None),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUT_PLANS)
+def test_each_parallel_layout_flag_reaches_the_plan(tmp_path, layout):
+    from paddle_llm.tools.selftest import DEEP_LEARNING_RATE, LEARNING_RATE, make_plan
+
+    flags, kept, layers = LAYOUT_PLANS[layout]
+    plan = make_plan(["--model_name_or_path", "tiny-llama", "--device", "gpu", *flags, "--selftest_dir", str(tmp_path)])
+    assert {name: plan.layout[name] for name in kept} == kept
+    assert plan.overrides.get("num_hidden_layers") == layers
+    assert plan.learning_rate == (DEEP_LEARNING_RATE if layers else LEARNING_RATE)
