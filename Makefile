@@ -29,7 +29,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not gpu and not extended" -q
 
 test-quick: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow and not gpu" -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "not slow and not gpu and not extended" -q
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
