@@ -133,6 +133,9 @@ class ModelFamily:
         hf: the family's Hugging Face mapping module (``models/<family>/hf.py``: names, layouts, config.json both
             ways); None when Hugging Face checkpoints of the family are refused.
         hf_refusal: why, when ``hf`` is None.
+        window_field: the config field of a sliding attention window (Mistral's ``sliding_window``; null or absent:
+            none). paddle_llm's attention has no window, so a training sequence, or a prompt with its reply, longer
+            than it is refused before work starts, rather than attended further back than the model was trained to.
     """
 
     name: str
@@ -158,6 +161,7 @@ class ModelFamily:
     estimate_shape: Callable[[dict], dict] | None = None
     activations: ActivationTable | None = None
     hf: ModuleType | None = None
+    window_field: str | None = None
     hf_refusal: str = "paddle_llm has no Hugging Face mapping for this family"
 
     def canonical_fields(self, config_fields: dict) -> dict:
@@ -179,8 +183,25 @@ class ModelFamily:
         )
 
     def max_context_length(self, config) -> int:
-        """The number of positions the model's config covers (its rotary tables or position embeddings)."""
-        return int(getattr(config, self.max_positions_field))
+        """The number of positions the model's config covers (its rotary tables or position embeddings), or its
+        sliding attention window when that is shorter."""
+        positions = int(getattr(config, self.max_positions_field))
+        window = self.attention_window(vars(config))
+        return min(positions, window) if window else positions
+
+    def attention_window(self, config_fields: dict) -> int | None:
+        """The sliding attention window a config sets (``window_field``), or None."""
+        window = config_fields.get(self.window_field) if self.window_field else None
+        return int(window) if window else None
+
+    def window_errors(self, config_fields: dict, length: int, flag: str) -> list[str]:
+        """The refusal of a ``length``-token sequence (set by ``flag``) longer than the model's attention window."""
+        window = self.attention_window(config_fields)
+        if window and length > window:
+            return [f"{flag} {length} is longer than the model's {self.window_field} {window}: paddle_llm's attention "
+                    f"has no window, so it would attend further back than the model was trained to; use {flag} "
+                    f"{window} or less"]
+        return []
 
 
 def family_named(name: str, feature: str = "") -> ModelFamily:
@@ -468,6 +489,7 @@ FAMILY_PACKAGES = (
     "chatglm",
     "chatglm2",
     "qwen2",
+    "mistral",
 )
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family for family in (importlib.import_module(f"paddle_llm.models.{package}").FAMILY for package in FAMILY_PACKAGES)

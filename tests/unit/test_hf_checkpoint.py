@@ -21,7 +21,7 @@ from tests.conftest import ROOT
 
 HF_ASSETS = os.path.join(ROOT, "tests", "assets", "hf")
 LLAMA_FIXTURES = ["llama2", "llama3", "llama3-sharded", "llama3-bin"]
-FIXTURES = LLAMA_FIXTURES + ["qwen2"]
+FIXTURES = LLAMA_FIXTURES + ["qwen2", "mistral"]
 
 
 def fixture_dir(name: str) -> str:
@@ -79,7 +79,7 @@ def test_logits_equal_transformers(name, fast_paths, monkeypatch):
 
 
 @pytest.mark.parametrize("fast_paths", [False, True])
-@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"])
+@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2", "mistral"])
 def test_three_adamw_steps_reproduce_transformers_losses(name, fast_paths):
     import paddle
     from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
