@@ -133,6 +133,8 @@ class ModelFamily:
         hf: the family's Hugging Face mapping module (``models/<family>/hf.py``: names, layouts, config.json both
             ways); None when Hugging Face checkpoints of the family are refused.
         hf_refusal: why, when ``hf`` is None.
+        install_rope_scaling: ``(model, config)``: puts a RoPE scaling the config asks for and PaddleNLP's classes do
+            not build (YaRN, ``models/llama/rope.py``) into a freshly built model; None when the family reads none.
         window_field: the config field of a sliding attention window (Mistral's ``sliding_window``; null or absent:
             none). paddle_llm's attention has no window, so a training sequence, or a prompt with its reply, longer
             than it is refused before work starts, rather than attended further back than the model was trained to.
@@ -161,6 +163,7 @@ class ModelFamily:
     estimate_shape: Callable[[dict], dict] | None = None
     activations: ActivationTable | None = None
     hf: ModuleType | None = None
+    install_rope_scaling: Callable[[object, object], None] | None = None
     window_field: str | None = None
     hf_refusal: str = "paddle_llm has no Hugging Face mapping for this family"
 
@@ -337,7 +340,8 @@ def build_config(source: ModelSource, **overrides):
 
 
 def build_model(source: ModelSource, config, load_weights: bool):
-    """Instantiate the causal LM: from the directory's weights if asked, else randomly initialised.
+    """Instantiate the causal LM: from the directory's weights if asked, else randomly initialised, with the RoPE
+    scaling its config asks for (``ModelFamily.install_rope_scaling``).
 
     Raises:
         FileNotFoundError: weights were asked for but the source has none.
@@ -350,6 +354,13 @@ def build_model(source: ModelSource, config, load_weights: bool):
         import paddlenlp.transformers as transformers
 
         model_class = getattr(transformers, source.family.pipe_model_class)
+    model = _instantiate(source, config, model_class, load_weights)
+    if source.family.install_rope_scaling is not None:
+        source.family.install_rope_scaling(model, config)
+    return model
+
+
+def _instantiate(source: ModelSource, config, model_class, load_weights: bool):
     if load_weights:
         if not source.has_weights:
             where = source.directory or f"preset {source.name_or_path!r}"

@@ -21,7 +21,7 @@ from tests.conftest import ROOT
 
 HF_ASSETS = os.path.join(ROOT, "tests", "assets", "hf")
 LLAMA_FIXTURES = ["llama2", "llama3", "llama3-sharded", "llama3-bin"]
-FIXTURES = LLAMA_FIXTURES + ["qwen2", "mistral"]
+FIXTURES = LLAMA_FIXTURES + ["qwen2", "mistral", "llama3-yarn", "qwen2-yarn"]
 
 
 def fixture_dir(name: str) -> str:
@@ -79,7 +79,7 @@ def test_logits_equal_transformers(name, fast_paths, monkeypatch):
 
 
 @pytest.mark.parametrize("fast_paths", [False, True])
-@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2", "mistral", "llama3-yarn", "qwen2-yarn"])
 def test_three_adamw_steps_reproduce_transformers_losses(name, fast_paths):
     import paddle
     from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
@@ -158,10 +158,10 @@ def test_unsupported_llama_config_is_refused_with_the_field(tmp_path):
     config_path = os.path.join(directory, "config.json")
     with open(config_path) as f:
         config = json.load(f)
-    config.update(attention_bias=True, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    config.update(attention_bias=True, rope_scaling={"rope_type": "longrope", "factor": 4.0})
     with open(config_path, "w") as f:
         json.dump(config, f)
-    with pytest.raises(ValueError, match=r"config\.json: .*attention_bias: true.*rope_scaling of type 'yarn'"):
+    with pytest.raises(ValueError, match=r"config\.json: .*attention_bias: true.*rope_scaling of type 'longrope'"):
         resolve_model(directory)
 
 

@@ -72,4 +72,5 @@ FAMILY = ModelFamily(
     estimate_shape=estimate.shape,
     activations=estimate.ACTIVATIONS,
     hf=hf,
+    install_rope_scaling=Deferred("paddle_llm.models.llama.rope", "install"),
 )

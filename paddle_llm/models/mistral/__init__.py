@@ -48,5 +48,6 @@ FAMILY = ModelFamily(
     estimate_shape=estimate.shape,
     activations=llama.FAMILY.activations,
     hf=hf,
+    install_rope_scaling=llama.FAMILY.install_rope_scaling,
     window_field="sliding_window",
 )
