@@ -135,6 +135,8 @@ class ModelFamily:
         hf_refusal: why, when ``hf`` is None.
         install_rope_scaling: ``(model, config)``: puts a RoPE scaling the config asks for and PaddleNLP's classes do
             not build (YaRN, ``models/llama/rope.py``) into a freshly built model; None when the family reads none.
+        estimate_only: for a family ``paddle-llm estimate`` reads but nothing trains (mixture-of-experts configs):
+            config fields -> the one line estimate prints and every other command refuses the model with.
         window_field: the config field of a sliding attention window (Mistral's ``sliding_window``; null or absent:
             none). paddle_llm's attention has no window, so a training sequence, or a prompt with its reply, longer
             than it is refused before work starts, rather than attended further back than the model was trained to.
@@ -165,6 +167,7 @@ class ModelFamily:
     hf: ModuleType | None = None
     install_rope_scaling: Callable[[object, object], None] | None = None
     window_field: str | None = None
+    estimate_only: Callable[[dict], str] | None = None
     hf_refusal: str = "paddle_llm has no Hugging Face mapping for this family"
 
     def canonical_fields(self, config_fields: dict) -> dict:
@@ -290,13 +293,15 @@ class ModelSource:
     stored_dtype: str | None = None
 
 
-def resolve_model(name_or_path: str) -> ModelSource:
-    """Resolve ``--model_name_or_path`` without touching the network.
+def resolve_model(name_or_path: str, estimating: bool = False) -> ModelSource:
+    """Resolve ``--model_name_or_path`` without touching the network; a family that is only estimated
+    (``ModelFamily.estimate_only``) resolves only when ``estimating``.
 
     Raises:
         FileNotFoundError: neither a preset nor a local directory with config.json; the message says what to pass.
         ValueError: the config names an unsupported model type, or a size that is not a positive integer or that
-            does not divide another (``config_errors``; every problem, one per line).
+            does not divide another (``config_errors``; every problem, one per line), or a family that is only
+            estimated outside ``estimating`` (its one line).
     """
     if name_or_path in PRESETS:
         fields = _checked(preset(name_or_path), f"preset {name_or_path}")
@@ -311,9 +316,11 @@ def resolve_model(name_or_path: str) -> ModelSource:
                 raise ValueError(f"{config_path}: line {err.lineno}: not valid JSON ({err.msg})") from None
         family = family_of(fields)
         _checked(fields, config_path)
+        if family.estimate_only is not None and not estimating:
+            raise ValueError(f"{config_path}: {family.estimate_only(fields)}")
         stored_dtype = fields.get("dtype") or fields.get("torch_dtype")
         hf_weights = hf_checkpoint.find_hf_weights(name_or_path)
-        if hf_weights is not None:
+        if hf_weights is not None and family.estimate_only is None:
             if family.hf is None:
                 raise ValueError(f"{name_or_path} holds a Hugging Face checkpoint ({', '.join(hf_weights.files)}) of "
                                  f"model_type {fields.get('model_type')!r}: {family.hf_refusal}")
@@ -501,6 +508,7 @@ FAMILY_PACKAGES = (
     "chatglm2",
     "qwen2",
     "mistral",
+    "moe",
 )
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family for family in (importlib.import_module(f"paddle_llm.models.{package}").FAMILY for package in FAMILY_PACKAGES)

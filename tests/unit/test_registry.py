@@ -99,7 +99,7 @@ def test_family_from_architectures_only():
     assert family_of({"architectures": ["LlamaForCausalLM"]}).name == "llama"
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(name for name, family in FAMILIES.items() if family.estimate_only is None))
 def test_alias_tables_match_paddlenlp_config_classes(family):
     config_class, _, _ = FAMILIES[family].classes()
     assert FAMILIES[family].field_aliases == dict(getattr(config_class, "attribute_map", {}))
