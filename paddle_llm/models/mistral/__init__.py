@@ -11,9 +11,11 @@ null, and those load without a limit.
 
 from __future__ import annotations
 
+import dataclasses
+
 from paddle_llm.models import llama
 from paddle_llm.models.mistral import estimate, hf
-from paddle_llm.models.registry import ChatTemplate, ModelFamily
+from paddle_llm.models.registry import ChatTemplate
 
 # Mistral-Instruct's ``[INST]`` format as its tokenizer_config.json renders it: ``<s>[INST] {user} [/INST]{reply}</s>``,
 # a system message folded into the first user turn. A directory's own Jinja template, when it has one, is used instead.
@@ -29,25 +31,14 @@ CHAT_TEMPLATE = ChatTemplate(
     stop_strings=(),
 )
 
-FAMILY = ModelFamily(
+# Llama's family in every field but these: the classes, fast paths, decoding step, LoRA targets and prefix layout are
+# Llama's because the model is PaddleNLP's Llama.
+FAMILY = dataclasses.replace(
+    llama.FAMILY,
     name="mistral",
     model_types=("mistral",),
-    config_class=llama.FAMILY.config_class,
-    model_class=llama.FAMILY.model_class,
-    tokenizer_class=llama.FAMILY.tokenizer_class,
-    max_positions_field="max_position_embeddings",
-    field_aliases=llama.FAMILY.field_aliases,
-    pipe_model_class=llama.FAMILY.pipe_model_class,
-    tokenizer_model_file=llama.FAMILY.tokenizer_model_file,
     chat_template=CHAT_TEMPLATE,
-    lora_target_modules=llama.FAMILY.lora_target_modules,
-    prefix_layout=llama.prefix_layout,
-    paddlenlp_module=llama.FAMILY.paddlenlp_module,
-    cpu_fast_paths=llama.FAMILY.cpu_fast_paths,
-    step=llama.FAMILY.step,
     estimate_shape=estimate.shape,
-    activations=llama.FAMILY.activations,
     hf=hf,
-    install_rope_scaling=llama.FAMILY.install_rope_scaling,
     window_field="sliding_window",
 )
