@@ -64,3 +64,23 @@ def test_a_decoupled_head_dim_is_refused_by_name(tmp_path):
     (directory / "config.json").write_text(json.dumps(dict(config, head_dim=32)))
     with pytest.raises(ValueError, match=r"config.json: this Mistral checkpoint cannot be built: head_dim 32 .*not supported yet"):
         resolve_model(str(directory))
+
+
+def test_a_mistral_our_runs_saved_keeps_its_window_and_exports_as_mistral(tmp_path):
+    """PaddleNLP saves the model (a LlamaConfig) with model_type llama and sliding_window kept: it reads back as Llama
+    with the same window refusals, and its Hugging Face config is Mistral's again."""
+    import json
+
+    from paddle_llm.models.llama import hf as llama_hf
+
+    saved = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 910,
+             "max_position_embeddings": 128, "sliding_window": 32}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    source = resolve_model(str(tmp_path))
+    assert source.family.window_errors(source.config_fields, 48, "--max_seq_length") == [
+        "--max_seq_length 48 is longer than the model's sliding_window 32: paddle_llm's attention has no window, so it "
+        "would attend further back than the model was trained to; use --max_seq_length 32 or less"]
+    written = llama_hf.config_to_hf(build_config(source, dtype="float32"))
+    assert (written["model_type"], written["architectures"], written["sliding_window"]) == ("mistral", ["MistralForCausalLM"], 32)
+    assert "attention_bias" not in written

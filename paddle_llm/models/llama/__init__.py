@@ -73,4 +73,6 @@ FAMILY = ModelFamily(
     activations=estimate.ACTIVATIONS,
     hf=hf,
     install_rope_scaling=Deferred("paddle_llm.models.llama.rope", "install"),
+    # A Mistral that our runs saved reads back as Llama (PaddleNLP writes model_type llama) with its window kept.
+    window_field="sliding_window",
 )

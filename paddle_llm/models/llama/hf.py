@@ -201,6 +201,9 @@ def config_to_hf(config) -> dict:
         if config.rope_scaling_type not in types:
             raise ValueError(f"rope_scaling_type {config.rope_scaling_type!r} has no transformers equivalent")
         hf["rope_scaling"] = {"rope_type": types[config.rope_scaling_type], "factor": config.rope_scaling_factor}
+    if getattr(config, "sliding_window", None):
+        # A Mistral that our runs saved: PaddleNLP's LlamaConfig writes model_type llama with the window kept.
+        return as_mistral(hf, config.sliding_window)
     return hf
 
 
@@ -214,3 +217,10 @@ def write_scaling(hf: dict, scaling: dict) -> None:
         hf["rope_parameters"] = {"rope_theta": hf.pop("rope_theta"), **scaling}
     else:
         hf["rope_scaling"] = dict(scaling)
+
+
+def as_mistral(hf: dict, sliding_window: int | None) -> dict:
+    """A Llama ``config.json`` (``config_to_hf``) as transformers' ``MistralConfig`` writes it: Mistral is Llama with
+    ``sliding_window`` and without the bias and ``pretraining_tp`` keys."""
+    written = {name: value for name, value in hf.items() if name not in ("attention_bias", "mlp_bias", "pretraining_tp")}
+    return dict(written, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=sliding_window)

@@ -52,8 +52,6 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
 
 
 def config_to_hf(config) -> dict:
-    """A transformers ``config.json`` for a Mistral built as PaddleNLP's Llama, as ``MistralConfig`` writes it."""
-    written = {name: value for name, value in llama_hf.config_to_hf(config).items()
-               if name not in ("attention_bias", "mlp_bias", "pretraining_tp")}
-    return dict(written, architectures=["MistralForCausalLM"], model_type="mistral",
-                sliding_window=getattr(config, "sliding_window", None))
+    """A transformers ``config.json`` for a Mistral built as PaddleNLP's Llama, as ``MistralConfig`` writes it (also
+    with ``sliding_window`` null, Mistral v0.2 and later)."""
+    return llama_hf.as_mistral(llama_hf.config_to_hf(config), getattr(config, "sliding_window", None))

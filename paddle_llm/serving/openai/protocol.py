@@ -209,9 +209,9 @@ class EndpointProtocol:
         self.family = family
         self.tokenizer = tokenizer
         self.max_context_length = max_context_length
-        # A family with a sliding attention window serves at most that many positions: the refusal names the field.
-        self.context_note = (f" (its positions, or its {family.window_field} when shorter: paddle_llm's attention has "
-                             "no window)") if family.window_field else ""
+        # A model with a sliding attention window serves at most that many positions: the refusal names the field.
+        self.context_note = (f" (its positions, or its {family.window_field} if it has a shorter one: paddle_llm's "
+                             "attention has no window)") if family.window_field else ""
         self.limits = limits
         self._decode_text = None
         self._longest_token_chars: int | None = None
