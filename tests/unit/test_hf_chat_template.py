@@ -73,9 +73,9 @@ def test_template_that_rewrites_earlier_turns_is_refused():
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
      {"role": "assistant", "content": "d"}],
 ])
-def test_llama_jinja_template_written_on_export_renders_the_built_in_format(messages):
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_jinja_template_written_on_export_renders_the_built_in_format(family, messages):
     from paddle_llm.models.chat_template import render_chat, render_jinja_chat
-    from paddle_llm.models.llama import hf as llama_hf
 
     asks = messages[-1]["role"] == "user"
-    assert render_jinja_chat(llama_hf.CHAT_TEMPLATE, messages, asks, {}) == render_chat(FAMILIES["llama"].chat_template, messages, add_generation_prompt=asks)
+    assert render_jinja_chat(FAMILIES[family].hf.CHAT_TEMPLATE, messages, asks, {}) == render_chat(FAMILIES[family].chat_template, messages, add_generation_prompt=asks)
