@@ -38,7 +38,8 @@ Fixtures:
     qwen2-tf5       qwen2-bf16's shape written by transformers 5: rope_parameters (theta 1e6) instead of
                     rope_theta, dtype instead of torch_dtype
     mistral         Mistral-7B-v0.1 shape: grouped-query attention, sliding_window 32 of 128 positions, untied
-                    lm_head, SentencePiece tokenizer.model and Mistral-Instruct's [INST] chat template; random norms
+                    lm_head, SentencePiece tokenizer.model with its tokenizer.json, Mistral-Instruct's [INST] chat template;
+                    random norms
     llama3-yarn     llama3 with rope_scaling of type yarn (factor 4, beta_fast 32, beta_slow 1; transformers 4.46
                     computes the correction range from max_position_embeddings); random norms
     qwen2-yarn      qwen2 with YaRN written by transformers 5 (rope_parameters: factor 4, original_max_position_embeddings
@@ -59,6 +60,7 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaTokenizer,
+    LlamaTokenizerFast,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2TokenizerFast,
@@ -163,7 +165,8 @@ MISTRAL_CHAT_TEMPLATE = (
 def mistral():
     from transformers import MistralConfig
 
-    tokenizer = LlamaTokenizer(vocab_file=SENTENCEPIECE_MODEL, legacy=True, chat_template=MISTRAL_CHAT_TEMPLATE)
+    # Mistral's repositories ship tokenizer.json beside tokenizer.model, as the fast tokenizer saves them.
+    tokenizer = LlamaTokenizerFast(vocab_file=SENTENCEPIECE_MODEL, legacy=True, from_slow=True, chat_template=MISTRAL_CHAT_TEMPLATE)
     config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=32,
                            rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.1,

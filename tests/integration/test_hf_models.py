@@ -231,16 +231,19 @@ def test_served_greedy_tokens_equal_transformers_generate(name, tmp_path):
     assert snapshot(fixture_dir(name)) == before
 
 
-def served_greedy_tokens(directory: str, cases: list[dict], exported: bool = False) -> list[list[int]]:
-    """The engine's 8 greedy tokens for each reference prompt's ids, from a checkpoint in dygraph or, ``exported``,
-    from the step graph through Paddle Inference."""
+def served_greedy_tokens(directory: str, cases: list[dict], exported: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+    """Each reference prompt as the server encodes a completion, and the engine's 8 greedy tokens for it, from a
+    checkpoint in dygraph or, ``exported``, from the step graph through Paddle Inference."""
+    from paddle_llm.data.sft import prompt_ids_as_trained
     from paddle_llm.serving.model import open_checkpoint, open_export
     from paddle_llm.serving.sampling import SamplingParams
 
     served = open_export(directory, num_threads=1, max_batch_size=4) if exported else open_checkpoint(directory, max_batch_size=4)
     try:
-        handles = [served.engine.submit(case["prompt_ids"], SamplingParams(max_tokens=8, temperature=0)) for case in cases]
-        return [list(handle.result().token_ids) for handle in handles]
+        prompts = [prompt_ids_as_trained(served.family, served.tokenizer, [{"role": "user", "content": case["prompt"]}], False)
+                   for case in cases]
+        handles = [served.engine.submit(ids, SamplingParams(max_tokens=8, temperature=0)) for ids in prompts]
+        return prompts, [list(handle.result().token_ids) for handle in handles]
     finally:
         served.engine.shutdown()
 
@@ -255,7 +258,7 @@ def test_feature_fixture_exports_bit_exact_and_serves_transformers_greedy_tokens
 
     before = snapshot(fixture_dir(name))
     cases = reference(name)["generate"]["prompts"]
-    expected = [case["new_ids"] for case in cases]
+    expected = ([case["prompt_ids"] for case in cases], [case["new_ids"] for case in cases])
     assert served_greedy_tokens(fixture_dir(name), cases) == expected
     graph, hf = str(tmp_path / "graph"), str(tmp_path / "hf")
     assert export_main(["--model_name_or_path", fixture_dir(name), "--output_path", graph]) == 0
