@@ -117,6 +117,8 @@ def test_generic_table_is_korthikanti_table_2(t, sp, recompute, expected):
         (CHATGLM2_6B, 6_243_584_000),  # ChatGLM2-6B
         (preset("tiny-qwen2"), 500_864),  # sum(p.numel()) of PaddleNLP's Qwen2ForCausalLM (tied head, q/k/v biases)
         (QWEN2_5_0_5B, 494_032_768),  # Qwen2.5-0.5B
+        (preset("tiny-mistral"), 631_424),  # sum(p.numel()) of the PaddleNLP LlamaForCausalLM it builds
+        ({"model_type": "mistral", "sliding_window": 4096}, 7_241_732_096),  # Mistral-7B-v0.1 (MistralConfig's defaults)
     ],
 )
 def test_parameter_counts_match_the_published_models(fields, expected):

@@ -9,7 +9,7 @@ from paddle_llm.config.presets import PRESETS
 from paddle_llm.models.registry import FAMILIES, build_config, build_model, family_of, load_tokenizer, resolve_model
 
 
-@pytest.mark.parametrize("name, family", [("tiny-llama", "llama"), ("tiny-chatglm", "chatglm"), ("tiny-chatglm2", "chatglm2"), ("tiny-qwen2", "qwen2")])
+@pytest.mark.parametrize("name, family", [("tiny-llama", "llama"), ("tiny-chatglm", "chatglm"), ("tiny-chatglm2", "chatglm2"), ("tiny-qwen2", "qwen2"), ("tiny-mistral", "mistral")])
 def test_presets_resolve_to_their_family_and_stay_tiny(name, family):
     source = resolve_model(name)
     assert source.family.name == family and not source.has_weights
