@@ -113,6 +113,24 @@ PRESETS: dict[str, dict] = {
     "tiny-qwen3": {**_TINY_DECOUPLED_HEADS, "model_type": "qwen3", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0},
     # ERNIE-4.5-0.3B's shape scaled down: tied embeddings, rope_theta 5e5, no biases (use_bias false, as released).
     "tiny-ernie4_5": {**_TINY_DECOUPLED_HEADS, "model_type": "ernie4_5", "rms_norm_eps": 1e-5, "rope_theta": 500000.0},
+    # Mistral-7B's shape scaled down: Llama with grouped-query attention (2 KV heads) and a sliding attention window
+    # (here 1024 of 2048 positions: longer training sequences and requests are refused by name).
+    "tiny-mistral": {
+        "model_type": "mistral",
+        "vocab_size": TINY_VOCAB_SIZE,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "sliding_window": 1024,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        "tie_word_embeddings": False,
+    },
 }
 
 
