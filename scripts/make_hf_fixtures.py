@@ -51,6 +51,10 @@ Fixtures:
                     computes the correction range from max_position_embeddings); random norms
     qwen2-yarn      qwen2 with YaRN written by transformers 5 (rope_parameters: factor 4, original_max_position_embeddings
                     64 of 256, beta_fast 16, attention_factor 1.2), random norms and biases
+    mistral-headdim mistral with Mistral-Nemo's decoupled heads (head_dim 24 at hidden 64, 4 heads), sliding_window null
+    qwen3-yarn, ernie4_5-yarn
+                    qwen3 / ernie4_5 with YaRN in rope_parameters (factor 4, original_max_position_embeddings 64 of
+                    256, beta_fast 16; qwen3's attention_factor 1.2), written by transformers 5
 """
 
 from __future__ import annotations
@@ -228,10 +232,21 @@ def llama3_yarn():
     return config, tokenizer
 
 
-def qwen2_yarn():
-    config, tokenizer = qwen2()
-    config.rope_parameters = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "beta_fast": 16.0,
-                              "beta_slow": 1.0, "original_max_position_embeddings": 64, "attention_factor": 1.2}
+def mistral_headdim():
+    """Mistral-Nemo's decoupled heads (128 wide at hidden 5120 / 32 heads) scaled down: 24 wide at 64 / 4, no window."""
+    config, tokenizer = mistral()
+    config.head_dim, config.sliding_window = 24, None
+    return config, tokenizer
+
+
+# transformers 5's rope_parameters for the YaRN fixtures: a correction range from 64 of 256 positions, beta_fast 16.
+YARN_PARAMETERS = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 16.0, "beta_slow": 1.0, "original_max_position_embeddings": 64}
+
+
+def with_yarn(config_and_tokenizer, theta: float, **parameters):
+    """A transformers 5 fixture's config and tokenizer with YaRN (``YARN_PARAMETERS``, then ``parameters``)."""
+    config, tokenizer = config_and_tokenizer
+    config.rope_parameters = {**YARN_PARAMETERS, "rope_theta": theta, **parameters}
     return config, tokenizer
 
 
@@ -342,13 +357,16 @@ FIXTURES_4 = {
     "qwen2-fp16": lambda: write("qwen2-fp16", *qwen2(), dtype=torch.float16),
     "mistral": lambda: write("mistral", *mistral(), randomize=True),
     "llama3-yarn": lambda: write("llama3-yarn", *llama3_yarn(), randomize=True),
+    "mistral-headdim": lambda: write("mistral-headdim", *mistral_headdim(), randomize=True),
 }
 FIXTURES_5 = {
     "qwen2-tf5": lambda: write("qwen2-tf5", *qwen2(), dtype=torch.bfloat16),
-    "qwen2-yarn": lambda: write("qwen2-yarn", *qwen2_yarn(), randomize=True),
+    "qwen2-yarn": lambda: write("qwen2-yarn", *with_yarn(qwen2(), 1000000.0, attention_factor=1.2), randomize=True),
     "llama-bias-headdim": lambda: write("llama-bias-headdim", *llama_bias_headdim(), randomize=True),
     "qwen3": lambda: write("qwen3", *qwen3(), randomize=True),
     "ernie4_5": lambda: write("ernie4_5", *ernie4_5(), randomize=True),
+    "qwen3-yarn": lambda: write("qwen3-yarn", *with_yarn(qwen3(), 1000000.0, attention_factor=1.2), randomize=True),
+    "ernie4_5-yarn": lambda: write("ernie4_5-yarn", *with_yarn(ernie4_5(), 500000.0), randomize=True),
 }
 
 

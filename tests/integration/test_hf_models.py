@@ -28,8 +28,9 @@ INSTRUCTIONS = os.path.join(ROOT, "paddle_llm", "assets", "instructions")
 TORCH_PYTHON = "/work/torchvenv/bin/python"  # the venv scripts/make_hf_fixtures.py names; CI has no torch
 TORCH5_PYTHON = "/work/torchvenv5/bin/python"  # its transformers 5 venv
 # Config features whose fixtures were added after the first ones: Mistral's sliding window (sequences within it) and
-# YaRN in transformers 4's rope_scaling and 5's rope_parameters.
-FEATURE_FIXTURES = ["mistral", "llama3-yarn", "qwen2-yarn"]
+# YaRN in transformers 4's rope_scaling and 5's rope_parameters; YaRN on Qwen3's and ERNIE 4.5's decoupled heads and
+# Mistral-Nemo's head_dim (Llama's own attention).
+FEATURE_FIXTURES = ["mistral", "llama3-yarn", "qwen2-yarn", "qwen3-yarn", "ernie4_5-yarn", "mistral-headdim"]
 
 
 def fixture_dir(name: str) -> str:
@@ -39,6 +40,11 @@ def fixture_dir(name: str) -> str:
 def reference(name: str) -> dict:
     with open(os.path.join(fixture_dir(name), "reference.json"), encoding="utf-8") as f:
         return json.load(f)
+
+
+def rope_theta_of(config: dict) -> float:
+    """The RoPE theta of a transformers config.json, in 4's layout (rope_theta) or 5's (inside rope_parameters)."""
+    return (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
 
 
 def snapshot(directory: str) -> dict[str, str]:
@@ -274,8 +280,10 @@ def test_feature_fixture_exports_bit_exact_and_serves_transformers_greedy_tokens
         config = json.load(f)
     with open(os.path.join(fixture_dir(name), "config.json")) as f:
         source_config = json.load(f)
-    for field in ("model_type", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window", "max_position_embeddings"):
+    for field in ("model_type", "rope_scaling", "rope_parameters", "sliding_window", "head_dim", "max_position_embeddings"):
         assert config.get(field) == source_config.get(field), field
+    # ERNIE 4.5's export also writes rope_theta beside rope_parameters (ernie4_5/hf.py); every theta is the source's.
+    assert {config.get("rope_theta"), (config.get("rope_parameters") or {}).get("rope_theta")} - {None} == {rope_theta_of(source_config)}
     assert snapshot(fixture_dir(name)) == before
 
     python = TORCH5_PYTHON if reference(name)["versions"]["transformers"].startswith("5") else TORCH_PYTHON

@@ -25,7 +25,9 @@ LLAMA_FIXTURES = ["llama2", "llama3", "llama3-sharded", "llama3-bin"]
 LAYER_OPTION_FIXTURES = ["llama-bias-headdim", "qwen3", "ernie4_5"]
 # Mistral (sliding window), YaRN in transformers 4's rope_scaling and in 5's rope_parameters (random norms).
 MISTRAL_YARN_FIXTURES = ["mistral", "llama3-yarn", "qwen2-yarn"]
-FIXTURES = LLAMA_FIXTURES + ["qwen2"] + LAYER_OPTION_FIXTURES + MISTRAL_YARN_FIXTURES
+# Both joined: YaRN on decoupled heads (Qwen3, ERNIE 4.5's reordered RoPE), Mistral-Nemo's head_dim.
+JOINED_FIXTURES = ["qwen3-yarn", "ernie4_5-yarn", "mistral-headdim"]
+FIXTURES = LLAMA_FIXTURES + ["qwen2"] + LAYER_OPTION_FIXTURES + MISTRAL_YARN_FIXTURES + JOINED_FIXTURES
 
 
 def fixture_dir(name: str) -> str:
@@ -83,7 +85,7 @@ def test_logits_equal_transformers(name, fast_paths, monkeypatch):
 
 
 @pytest.mark.parametrize("fast_paths", [False, True])
-@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"] + LAYER_OPTION_FIXTURES + MISTRAL_YARN_FIXTURES)
+@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"] + LAYER_OPTION_FIXTURES + MISTRAL_YARN_FIXTURES + JOINED_FIXTURES)
 def test_three_adamw_steps_reproduce_transformers_losses(name, fast_paths):
     import paddle
     from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths

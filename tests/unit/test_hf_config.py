@@ -97,8 +97,8 @@ def test_qwen3_and_ernie4_5_configs_take_transformers_defaults_and_refuse_what_i
     ernie = ernie4_5_hf.config_from_hf({**LLAMA, "model_type": "ernie4_5", "use_bias": True}, "config.json")
     assert (ernie["head_dim"], ernie["rope_theta"], ernie["tie_word_embeddings"]) == (128, 500000.0, True)
     assert ernie["attention_bias"] and ernie["mlp_bias"] and "use_bias" not in ernie
-    with pytest.raises(ValueError, match=r"rope_parameters of type 'yarn'"):
-        ernie4_5_hf.config_from_hf({**LLAMA, "model_type": "ernie4_5", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+    with pytest.raises(ValueError, match=r"rope_parameters of type 'linear' \(supported: default, yarn\)"):
+        ernie4_5_hf.config_from_hf({**LLAMA, "model_type": "ernie4_5", "rope_parameters": {"rope_type": "linear", "factor": 4.0}},
                                    "config.json")
 
 
@@ -120,21 +120,37 @@ def test_ernie4_5_interleaved_rotary_rows_become_halves_and_come_back():
 YARN = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 16.0, "beta_slow": 1.0, "attention_factor": 1.2}
 
 
-@pytest.mark.parametrize("module, base", [(llama_hf, LLAMA), (qwen2_hf, QWEN2)], ids=["llama", "qwen2"])
-def test_yarn_is_read_from_either_layout_and_written_back_as_it_was(module, base):
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_yarn_is_read_from_either_layout_and_written_back_as_it_was(family):
     from paddlenlp.transformers import LlamaConfig, Qwen2Config
 
+    from paddle_llm.models.qwen3 import hf as qwen3_hf
+    from paddle_llm.models.qwen3.modeling import Qwen3Config
+
+    module, base, config_class = {"llama": (llama_hf, LLAMA, LlamaConfig), "qwen2": (qwen2_hf, QWEN2, Qwen2Config),
+                                  "qwen3": (qwen3_hf, {**QWEN2, "model_type": "qwen3", "head_dim": 32}, Qwen3Config)}[family]
     v4_fields = {**base, "max_position_embeddings": 256, "rope_theta": 1e6, "rope_scaling": YARN}
     v5_fields = {**base, "max_position_embeddings": 256,
                  "rope_parameters": {**YARN, "rope_theta": 1e6, "original_max_position_embeddings": 64}}
     v4, v5 = module.config_from_hf(v4_fields, "v4/config.json"), module.config_from_hf(v5_fields, "v5/config.json")
     assert v4["rope_scaling"] == YARN and v5["rope_scaling"] == {**YARN, "original_max_position_embeddings": 64}
-    config_class = LlamaConfig if module is llama_hf else Qwen2Config
     written = [module.config_to_hf(config_class(**{k: v for k, v in c.items() if k != "architectures"})) for c in (v4, v5)]
     # transformers 4's layout while it computes the same frequencies; a correction range from fewer positions than
     # max_position_embeddings only in 5's, which 4.46's YaRN would ignore.
     assert (written[0]["rope_scaling"], written[0]["rope_theta"]) == (YARN, 1e6) and "rope_parameters" not in written[0]
     assert written[1]["rope_parameters"] == v5_fields["rope_parameters"] and "rope_scaling" not in written[1]
+
+
+def test_ernie4_5_yarn_is_kept_and_written_back_in_rope_parameters():
+    from paddle_llm.models.ernie4_5 import hf as ernie4_5_hf
+    from paddle_llm.models.ernie4_5.modeling import Ernie4_5Config
+
+    parameters = {**YARN, "rope_theta": 500000.0, "original_max_position_embeddings": 64}
+    fields = ernie4_5_hf.config_from_hf({**LLAMA, "model_type": "ernie4_5", "max_position_embeddings": 256,
+                                         "rope_parameters": parameters}, "config.json")
+    assert fields["rope_scaling"] == {k: v for k, v in parameters.items() if k != "rope_theta"}
+    written = ernie4_5_hf.config_to_hf(Ernie4_5Config(**{k: v for k, v in fields.items() if k != "architectures"}))
+    assert written["rope_parameters"] == parameters and written["rope_theta"] == 500000.0
 
 
 TORCH5_PYTHON = "/work/torchvenv5/bin/python"

@@ -54,16 +54,15 @@ def test_serving_context_is_the_window_and_a_longer_request_is_a_400_naming_it()
     assert refused.value.status == 400 and "sliding_window" in refused.value.message
 
 
-def test_a_decoupled_head_dim_is_refused_by_name(tmp_path):
-    import json
-    import shutil
+def test_a_decoupled_head_dim_builds_llamas_own_attention():
+    """Mistral-Nemo's head_dim (not hidden / heads) is Llama's layer option: the config keeps it and the attention is
+    that width (tests/unit/test_hf_checkpoint.py's mistral-headdim fixture checks the logits against transformers)."""
+    from paddle_llm.models.registry import build_model
 
-    directory = tmp_path / "nemo"
-    shutil.copytree(MISTRAL, directory)
-    config = json.loads((directory / "config.json").read_text())
-    (directory / "config.json").write_text(json.dumps(dict(config, head_dim=32)))
-    with pytest.raises(ValueError, match=r"config.json: this Mistral checkpoint cannot be built: head_dim 32 .*not supported yet"):
-        resolve_model(str(directory))
+    source = resolve_model(os.path.join(ROOT, "tests", "assets", "hf", "mistral-headdim"))
+    assert (source.family.name, source.config_fields["head_dim"], source.config_fields["sliding_window"]) == ("mistral", 24, None)
+    attention = build_model(source, build_config(source), load_weights=False).llama.layers[0].self_attn
+    assert type(attention).__name__ == "LlamaOptionsAttention" and attention.q_proj.weight.shape == [64, 4 * 24]
 
 
 def test_a_mistral_our_runs_saved_keeps_its_window_and_exports_as_mistral(tmp_path):

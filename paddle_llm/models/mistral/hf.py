@@ -2,8 +2,8 @@
 
 The tensors are Llama's under the same names and layouts, so names, layouts and tied copies are Llama's mapping
 (``llama/hf.py``). The config adds ``sliding_window``, which is kept (``ModelFamily.window_field`` refuses longer
-sequences) and written back; a decoupled ``head_dim`` (Mistral-Nemo) is refused, since PaddleNLP's Llama, and so this
-family, derives it from hidden_size / num_attention_heads.
+sequences) and written back; a decoupled ``head_dim`` (Mistral-Nemo: 128 at hidden 5120 / 32 heads) is built by
+Llama's own attention (``llama/modeling.py``), as for Llama.
 """
 
 from __future__ import annotations
@@ -36,11 +36,6 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
     Raises:
         ValueError: a feature PaddleNLP's Llama does not build; the message names the field and the file.
     """
-    hidden, heads = fields.get("hidden_size"), fields.get("num_attention_heads")
-    if fields.get("head_dim") not in (None, hidden // heads if hidden and heads else None):
-        raise ValueError(f"{config_path}: this Mistral checkpoint cannot be built: head_dim {fields['head_dim']} is not "
-                         f"hidden_size / num_attention_heads = {hidden // heads}; PaddleNLP's Llama, which builds "
-                         "Mistral here, derives it, and a decoupled head_dim is not supported yet")
     window = fields.get("sliding_window")
     as_llama = {name: value for name, value in fields.items() if name != "sliding_window"}
     try:
