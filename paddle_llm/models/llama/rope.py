@@ -13,7 +13,9 @@ their ``inv_freq``, into ``cos_cached`` / ``sin_cached``. ``install`` sets ``inv
 the two tables, so the layers keep their classes: PaddleNLP's attention, our CPU fast paths
 (``llama_rotary_tables``) and our decoding step read the scaled tables as they read plain ones. These are private
 attributes of PaddleNLP 3.0.0b4 (``paddle_llm.cpu.ops.VERIFIED_VERSIONS``); ``tests/unit/test_hf_checkpoint.py``
-checks the YaRN fixtures' logits against transformers', which fails if they change.
+checks the YaRN fixtures' logits against transformers', which fails if they change. Qwen3's and ERNIE 4.5's attention
+(``modeling.py``'s ``LlamaOptionsAttention``) rebuilds the same class of table at its ``head_dim``, which ``install``
+reads from the table (``rotary.dim``); the ``qwen3-yarn`` and ``ernie4_5-yarn`` fixtures check that.
 """
 
 from __future__ import annotations
