@@ -8,12 +8,13 @@ torch is never a dependency of paddle_llm, so this runs in its own venv outside 
     python3 -m venv /work/torchvenv
     /work/torchvenv/bin/pip install torch==2.13.0 transformers==4.46.3 safetensors sentencepiece protobuf
     /work/torchvenv/bin/python scripts/make_hf_fixtures.py            # rewrites tests/assets/hf/ but qwen2-tf5
+    /work/torchvenv/bin/python scripts/make_hf_fixtures.py mistral    # rewrites the named fixtures only
 
 The transformers 5 fixture comes from a second venv (transformers 5 writes another config layout):
 
     python3 -m venv /work/torchvenv5
     /work/torchvenv5/bin/pip install torch==2.13.0 "transformers>=5" safetensors sentencepiece protobuf
-    /work/torchvenv5/bin/python scripts/make_hf_fixtures.py           # rewrites the transformers 5 fixtures only
+    /work/torchvenv5/bin/python scripts/make_hf_fixtures.py           # rewrites the transformers 5 fixtures
 
 Naming fixtures (``scripts/make_hf_fixtures.py qwen3 ernie4_5``) rewrites only those.
 
@@ -43,6 +44,17 @@ Fixtures:
                     mlp_bias and head_dim 24 at hidden 64 (4 heads); a Qwen3 (q/k RMSNorm per head, head_dim 32 at
                     hidden 64, tied embeddings); an ERNIE 4.5 dense model (interleaved
                     RoPE, use_bias, head_dim 32, tied embeddings, theta 5e5)
+    mistral         Mistral-7B-v0.1 shape: grouped-query attention, sliding_window 32 of 128 positions, untied
+                    lm_head, SentencePiece tokenizer.model with its tokenizer.json, Mistral-Instruct's [INST] chat template;
+                    random norms
+    llama3-yarn     llama3 with rope_scaling of type yarn (factor 4, beta_fast 32, beta_slow 1; transformers 4.46
+                    computes the correction range from max_position_embeddings); random norms
+    qwen2-yarn      qwen2 with YaRN written by transformers 5 (rope_parameters: factor 4, original_max_position_embeddings
+                    64 of 256, beta_fast 16, attention_factor 1.2), random norms and biases
+    mistral-headdim mistral with Mistral-Nemo's decoupled heads (head_dim 24 at hidden 64, 4 heads), sliding_window null
+    qwen3-yarn, ernie4_5-yarn
+                    qwen3 / ernie4_5 with YaRN in rope_parameters (factor 4, original_max_position_embeddings 64 of
+                    256, beta_fast 16; qwen3's attention_factor 1.2), written by transformers 5
 """
 
 from __future__ import annotations
@@ -59,6 +71,7 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaTokenizer,
+    LlamaTokenizerFast,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2TokenizerFast,
@@ -103,7 +116,6 @@ CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user
                 {"role": "assistant", "content": "Happy."}]
 PROMPTS = ["In the evening, Fang went", "The sky was", "Chen asked,", "Together they counted 5 birds"]
 MAX_NEW_TOKENS = 8
-WANTED = set(sys.argv[1:])  # fixture names to rewrite; none: all of this transformers version's
 TRANSFORMERS_5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
 
 
@@ -192,6 +204,52 @@ def ernie4_5():
     return config, fast
 
 
+# Mistral-Instruct v0.1's template, with a system message folded into the first user turn.
+MISTRAL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] + '\n\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{{ bos_token }}{% for message in turns %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def mistral():
+    from transformers import MistralConfig
+
+    # Mistral's repositories ship tokenizer.json beside tokenizer.model, as the fast tokenizer saves them.
+    tokenizer = LlamaTokenizerFast(vocab_file=SENTENCEPIECE_MODEL, legacy=True, from_slow=True, chat_template=MISTRAL_CHAT_TEMPLATE)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=32,
+                           rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.1,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
+    return config, tokenizer
+
+
+def llama3_yarn():
+    config, tokenizer = llama3()
+    config.rope_scaling = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0}
+    return config, tokenizer
+
+
+def mistral_headdim():
+    """Mistral-Nemo's decoupled heads (128 wide at hidden 5120 / 32 heads) scaled down: 24 wide at 64 / 4, no window."""
+    config, tokenizer = mistral()
+    config.head_dim, config.sliding_window = 24, None
+    return config, tokenizer
+
+
+# transformers 5's rope_parameters for the YaRN fixtures: a correction range from 64 of 256 positions, beta_fast 16.
+YARN_PARAMETERS = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 16.0, "beta_slow": 1.0, "original_max_position_embeddings": 64}
+
+
+def with_yarn(config_and_tokenizer, theta: float, **parameters):
+    """A transformers 5 fixture's config and tokenizer with YaRN (``YARN_PARAMETERS``, then ``parameters``)."""
+    config, tokenizer = config_and_tokenizer
+    config.rope_parameters = {**YARN_PARAMETERS, "rope_theta": theta, **parameters}
+    return config, tokenizer
+
+
 def randomize_norms_and_biases(model) -> None:
     """Random norm scales around 1 and biases around 0, where transformers initialises exact ones and zeros."""
     generator = torch.Generator().manual_seed(1)
@@ -261,20 +319,15 @@ def reference(model, tokenizer, vocab_size: int) -> tuple[dict, np.ndarray]:
     return data, logits
 
 
-def write(name: str, config, tokenizer, dtype: torch.dtype | None = None, randomize: bool | None = None, **save_kwargs) -> None:
-    """Save a fixture; with ``dtype``, its weights stored in ``dtype`` and the reference computed in float32 from those
-    stored weights. Norms and biases are randomised with ``randomize`` (by default: when ``dtype`` is given)."""
-    if not WANTED or name in WANTED:
-        _write(name, config, tokenizer, dtype, dtype is not None if randomize is None else randomize, **save_kwargs)
-
-
-def _write(name: str, config, tokenizer, dtype, randomize: bool, **save_kwargs) -> None:
+def write(name: str, config, tokenizer, dtype: torch.dtype | None = None, randomize: bool = False, **save_kwargs) -> None:
+    """Save a fixture; with ``dtype``, its norms and biases randomised and its weights stored in ``dtype``, and the
+    reference computed in float32 from those stored weights; with ``randomize``, random norms and biases in float32."""
     directory = os.path.join(OUT, name)
     shutil.rmtree(directory, ignore_errors=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.do_sample = False
-    if randomize:
+    if dtype is not None or randomize:
         randomize_norms_and_biases(model)
     if dtype is not None:
         model = model.to(dtype)
@@ -291,26 +344,44 @@ def _write(name: str, config, tokenizer, dtype, randomize: bool, **save_kwargs) 
     print(f"{name}: {sorted(os.listdir(directory))} losses={data['train']['losses']}", file=sys.stderr)
 
 
-def main() -> None:
+# Each fixture's writer, by the transformers major version that writes it.
+FIXTURES_4 = {
+    "llama2": lambda: write("llama2", *llama2()),
+    "llama3": lambda: write("llama3", *llama3()),
+    "llama3-sharded": lambda: write("llama3-sharded", *llama3(), max_shard_size="40KB"),
+    "llama3-bin": lambda: write("llama3-bin", *llama3(), safe_serialization=False),
+    "llama3-bf16": lambda: write("llama3-bf16", *llama3(), dtype=torch.bfloat16),
+    "llama3-fp16": lambda: write("llama3-fp16", *llama3(), dtype=torch.float16),
+    "qwen2": lambda: write("qwen2", *qwen2()),
+    "qwen2-bf16": lambda: write("qwen2-bf16", *qwen2(), dtype=torch.bfloat16),
+    "qwen2-fp16": lambda: write("qwen2-fp16", *qwen2(), dtype=torch.float16),
+    "mistral": lambda: write("mistral", *mistral(), randomize=True),
+    "llama3-yarn": lambda: write("llama3-yarn", *llama3_yarn(), randomize=True),
+    "mistral-headdim": lambda: write("mistral-headdim", *mistral_headdim(), randomize=True),
+}
+FIXTURES_5 = {
+    "qwen2-tf5": lambda: write("qwen2-tf5", *qwen2(), dtype=torch.bfloat16),
+    "qwen2-yarn": lambda: write("qwen2-yarn", *with_yarn(qwen2(), 1000000.0, attention_factor=1.2), randomize=True),
+    "llama-bias-headdim": lambda: write("llama-bias-headdim", *llama_bias_headdim(), randomize=True),
+    "qwen3": lambda: write("qwen3", *qwen3(), randomize=True),
+    "ernie4_5": lambda: write("ernie4_5", *ernie4_5(), randomize=True),
+    "qwen3-yarn": lambda: write("qwen3-yarn", *with_yarn(qwen3(), 1000000.0, attention_factor=1.2), randomize=True),
+    "ernie4_5-yarn": lambda: write("ernie4_5-yarn", *with_yarn(ernie4_5(), 500000.0), randomize=True),
+}
+
+
+def main(names: list[str]) -> None:
+    """Write the named fixtures of this transformers version, or all of them."""
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
-    if TRANSFORMERS_5:
-        write("qwen2-tf5", *qwen2(), dtype=torch.bfloat16)
-        write("llama-bias-headdim", *llama_bias_headdim(), randomize=True)
-        write("qwen3", *qwen3(), randomize=True)
-        write("ernie4_5", *ernie4_5(), randomize=True)
-        return
-    write("llama2", *llama2())
-    config, tokenizer = llama3()
-    write("llama3", config, tokenizer)
-    write("llama3-sharded", config, tokenizer, max_shard_size="40KB")
-    write("llama3-bin", config, tokenizer, safe_serialization=False)
-    write("llama3-bf16", config, tokenizer, dtype=torch.bfloat16)
-    write("llama3-fp16", config, tokenizer, dtype=torch.float16)
-    write("qwen2", *qwen2())
-    write("qwen2-bf16", *qwen2(), dtype=torch.bfloat16)
-    write("qwen2-fp16", *qwen2(), dtype=torch.float16)
+    writers = FIXTURES_5 if TRANSFORMERS_5 else FIXTURES_4
+    unknown = [name for name in names if name not in writers]
+    if unknown:
+        sys.exit(f"make_hf_fixtures.py: error: transformers {__import__('transformers').__version__} writes "
+                 f"{', '.join(writers)}; not {', '.join(unknown)}")
+    for name in names or writers:
+        writers[name]()
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -192,7 +192,9 @@ def _shape(args: argparse.Namespace) -> tuple[ModelShape, str]:
             largest_layer_params=largest,
         )
         return shape, "<your model dir>"
-    source = resolve_model(args.model_name_or_path)
+    source = resolve_model(args.model_name_or_path, estimating=True)
+    if source.family.estimate_only is not None:
+        print(f"note: {source.family.estimate_only(source.config_fields)}", file=sys.stderr if args.json else sys.stdout)
     shape = shape_of(source.config_fields)
     if largest is not None:
         shape = replace(shape, declared_largest_layer_params=largest)

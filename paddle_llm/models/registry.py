@@ -144,6 +144,13 @@ class ModelFamily:
             PaddleNLP's, or the family's own subclasses where PaddleNLP lacks a layer (``models/llama/modeling.py``).
         layer_options: ``config fields -> ["option value", ...]``, what the config asks of the family's own layers
             that PaddleNLP's parallel layouts do not build (``models/llama/layer_options.py``); empty for none.
+        install_rope_scaling: ``(model, config)``: puts a RoPE scaling the config asks for and PaddleNLP's classes do
+            not build (YaRN, ``models/llama/rope.py``) into a freshly built model; None when the family reads none.
+        estimate_only: for a family ``paddle-llm estimate`` reads but nothing trains (mixture-of-experts configs):
+            config fields -> the one line estimate prints and every other command refuses the model with.
+        window_field: the config field of a sliding attention window (Mistral's ``sliding_window``; null or absent:
+            none). paddle_llm's attention has no window, so a training sequence, or a prompt with its reply, longer
+            than it is refused before work starts, rather than attended further back than the model was trained to.
     """
 
     name: str
@@ -169,6 +176,9 @@ class ModelFamily:
     estimate_shape: Callable[[dict], dict] | None = None
     activations: ActivationTable | None = None
     hf: ModuleType | None = None
+    install_rope_scaling: Callable[[object, object], None] | None = None
+    window_field: str | None = None
+    estimate_only: Callable[[dict], str] | None = None
     hf_refusal: str = "paddle_llm has no Hugging Face mapping for this family"
     classes_module: str = "paddlenlp.transformers"
     layer_options: Callable[[dict], list[str]] = field(default=lambda fields: [])
@@ -205,8 +215,25 @@ class ModelFamily:
         )
 
     def max_context_length(self, config) -> int:
-        """The number of positions the model's config covers (its rotary tables or position embeddings)."""
-        return int(getattr(config, self.max_positions_field))
+        """The number of positions the model's config covers (its rotary tables or position embeddings), or its
+        sliding attention window when that is shorter."""
+        positions = int(getattr(config, self.max_positions_field))
+        window = self.attention_window(vars(config))
+        return min(positions, window) if window else positions
+
+    def attention_window(self, config_fields: dict) -> int | None:
+        """The sliding attention window a config sets (``window_field``), or None."""
+        window = config_fields.get(self.window_field) if self.window_field else None
+        return int(window) if window else None
+
+    def window_errors(self, config_fields: dict, length: int, flag: str) -> list[str]:
+        """The refusal of a ``length``-token sequence (set by ``flag``) longer than the model's attention window."""
+        window = self.attention_window(config_fields)
+        if window and length > window:
+            return [f"{flag} {length} is longer than the model's {self.window_field} {window}: paddle_llm's attention "
+                    f"has no window, so it would attend further back than the model was trained to; use {flag} "
+                    f"{window} or less"]
+        return []
 
 
 def family_named(name: str, feature: str = "") -> ModelFamily:
@@ -232,12 +259,17 @@ def family_of(config_fields: dict) -> ModelFamily:
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
-    # Only a config without model_type is read by its architecture: Qwen3MoeForCausalLM (model_type qwen3_moe) or
-    # Ernie4_5_MoeForCausalLM starts like a dense family's name but is not one.
+    # Only a config without model_type is read by its architecture: its class name, else the longest model type it
+    # starts with (underscores aside), so Qwen3MoeForCausalLM is the moe family's qwen3_moe, not the dense qwen3.
     for architecture in [] if model_type else config_fields.get("architectures") or []:
         for family in FAMILIES.values():
-            if architecture == family.model_class or architecture.lower().startswith(family.model_types[0]):
+            if architecture == family.model_class:
                 return family
+        name = architecture.lower().replace("_", "")
+        prefixes = [(len(t), family) for family in FAMILIES.values() for t in family.model_types
+                    if name.startswith(t.replace("_", ""))]
+        if prefixes:
+            return max(prefixes, key=lambda prefix: prefix[0])[1]
     supported = ", ".join(t for f in FAMILIES.values() for t in f.model_types)
     raise ValueError(f"model_type {model_type!r} is not supported; supported model types: {supported}")
 
@@ -294,13 +326,15 @@ class ModelSource:
     stored_dtype: str | None = None
 
 
-def resolve_model(name_or_path: str) -> ModelSource:
-    """Resolve ``--model_name_or_path`` without touching the network.
+def resolve_model(name_or_path: str, estimating: bool = False) -> ModelSource:
+    """Resolve ``--model_name_or_path`` without touching the network; a family that is only estimated
+    (``ModelFamily.estimate_only``) resolves only when ``estimating``.
 
     Raises:
         FileNotFoundError: neither a preset nor a local directory with config.json; the message says what to pass.
         ValueError: the config names an unsupported model type, or a size that is not a positive integer or that
-            does not divide another (``config_errors``; every problem, one per line).
+            does not divide another (``config_errors``; every problem, one per line), or a family that is only
+            estimated outside ``estimating`` (its one line).
     """
     if name_or_path in PRESETS:
         fields = _checked(preset(name_or_path), f"preset {name_or_path}")
@@ -315,9 +349,11 @@ def resolve_model(name_or_path: str) -> ModelSource:
                 raise ValueError(f"{config_path}: line {err.lineno}: not valid JSON ({err.msg})") from None
         family = family_of(fields)
         _checked(fields, config_path)
+        if family.estimate_only is not None and not estimating:
+            raise ValueError(f"{config_path}: {family.estimate_only(fields)}")
         stored_dtype = fields.get("dtype") or fields.get("torch_dtype")
         hf_weights = hf_checkpoint.find_hf_weights(name_or_path)
-        if hf_weights is not None:
+        if hf_weights is not None and family.estimate_only is None:
             if family.hf is None:
                 raise ValueError(f"{name_or_path} holds a Hugging Face checkpoint ({', '.join(hf_weights.files)}) of "
                                  f"model_type {fields.get('model_type')!r}: {family.hf_refusal}")
@@ -344,7 +380,8 @@ def build_config(source: ModelSource, **overrides):
 
 
 def build_model(source: ModelSource, config, load_weights: bool):
-    """Instantiate the causal LM: from the directory's weights if asked, else randomly initialised.
+    """Instantiate the causal LM: from the directory's weights if asked, else randomly initialised, with the RoPE
+    scaling its config asks for (``ModelFamily.install_rope_scaling``).
 
     Raises:
         FileNotFoundError: weights were asked for but the source has none.
@@ -355,6 +392,13 @@ def build_model(source: ModelSource, config, load_weights: bool):
         if source.family.pipe_model_class is None:
             raise ValueError(f"pipeline parallel is not available for {source.family.name}: use --pipeline_parallel_degree 1")
         model_class = getattr(importlib.import_module(source.family.classes_module), source.family.pipe_model_class)
+    model = _instantiate(source, config, model_class, load_weights)
+    if source.family.install_rope_scaling is not None:
+        source.family.install_rope_scaling(model, config)
+    return model
+
+
+def _instantiate(source: ModelSource, config, model_class, load_weights: bool):
     if load_weights:
         if not source.has_weights:
             where = source.directory or f"preset {source.name_or_path!r}"
@@ -496,6 +540,8 @@ FAMILY_PACKAGES = (
     "qwen2",
     "qwen3",
     "ernie4_5",
+    "mistral",
+    "moe",
 )
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family for family in (importlib.import_module(f"paddle_llm.models.{package}").FAMILY for package in FAMILY_PACKAGES)

@@ -106,7 +106,19 @@ def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSo
     errors += hf_split_errors(source, dict(values))
     errors += source.family.layer_option_errors(model_fields, values)
     errors += check_training(values)
+    length, flag = training_sequence_length(values)
+    errors += source.family.window_errors(model_fields, length, flag)
     return errors
+
+
+def training_sequence_length(values: Mapping) -> tuple[int, str]:
+    """The longest sequence a run trains on and the flag that sets it, in each recipe's spelling: pretraining's
+    ``--max_seq_length``, fine-tuning's ``--max_length`` (else ``--src_length`` + ``--tgt_length``), DPO's
+    ``--max_seq_len``."""
+    for flag in ("max_seq_length", "max_seq_len", "max_length"):
+        if values.get(flag):
+            return int(values[flag]), f"--{flag}"
+    return int(values.get("src_length") or 0) + int(values.get("tgt_length") or 0), "--src_length + --tgt_length"
 
 
 # The flags whose paths a training run reads: its --output_dir may not equal, hold or sit inside any of them, except

@@ -26,6 +26,11 @@ FINETUNE = os.path.join(ROOT, "finetune_generation.py")
 RUN_PRETRAIN = os.path.join(ROOT, "run_pretrain.py")
 INSTRUCTIONS = os.path.join(ROOT, "paddle_llm", "assets", "instructions")
 TORCH_PYTHON = "/work/torchvenv/bin/python"  # the venv scripts/make_hf_fixtures.py names; CI has no torch
+TORCH5_PYTHON = "/work/torchvenv5/bin/python"  # its transformers 5 venv
+# Config features whose fixtures were added after the first ones: Mistral's sliding window (sequences within it) and
+# YaRN in transformers 4's rope_scaling and 5's rope_parameters; YaRN on Qwen3's and ERNIE 4.5's decoupled heads and
+# Mistral-Nemo's head_dim (Llama's own attention).
+FEATURE_FIXTURES = ["mistral", "llama3-yarn", "qwen2-yarn", "qwen3-yarn", "ernie4_5-yarn", "mistral-headdim"]
 
 
 def fixture_dir(name: str) -> str:
@@ -35,6 +40,11 @@ def fixture_dir(name: str) -> str:
 def reference(name: str) -> dict:
     with open(os.path.join(fixture_dir(name), "reference.json"), encoding="utf-8") as f:
         return json.load(f)
+
+
+def rope_theta_of(config: dict) -> float:
+    """The RoPE theta of a transformers config.json, in 4's layout (rope_theta) or 5's (inside rope_parameters)."""
+    return (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
 
 
 def snapshot(directory: str) -> dict[str, str]:
@@ -225,3 +235,64 @@ def test_served_greedy_tokens_equal_transformers_generate(name, tmp_path):
     finally:
         assert process.stop() == 0
     assert snapshot(fixture_dir(name)) == before
+
+
+def served_greedy_tokens(directory: str, cases: list[dict], exported: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+    """Each reference prompt as the server encodes a completion, and the engine's 8 greedy tokens for it, from a
+    checkpoint in dygraph or, ``exported``, from the step graph through Paddle Inference."""
+    from paddle_llm.data.sft import prompt_ids_as_trained
+    from paddle_llm.serving.model import open_checkpoint, open_export
+    from paddle_llm.serving.sampling import SamplingParams
+
+    served = open_export(directory, num_threads=1, max_batch_size=4) if exported else open_checkpoint(directory, max_batch_size=4)
+    try:
+        prompts = [prompt_ids_as_trained(served.family, served.tokenizer, [{"role": "user", "content": case["prompt"]}], False)
+                   for case in cases]
+        handles = [served.engine.submit(ids, SamplingParams(max_tokens=8, temperature=0)) for ids in prompts]
+        return prompts, [list(handle.result().token_ids) for handle in handles]
+    finally:
+        served.engine.shutdown()
+
+
+@pytest.mark.parametrize("name", FEATURE_FIXTURES)
+def test_feature_fixture_exports_bit_exact_and_serves_transformers_greedy_tokens(name, tmp_path):
+    """In one process, to keep the suite's time: the dygraph engine on the fixture and on the step graph ``export``
+    traced (parity checked) give transformers' ``generate`` tokens; ``export --format hf`` writes the fixture's tensors
+    bit for bit and its RoPE and window settings as the source had them; transformers (the version that wrote the
+    fixture) loads that export with no missing or unexpected keys and computes our logits."""
+    from paddle_llm.export.command import main as export_main
+
+    before = snapshot(fixture_dir(name))
+    cases = reference(name)["generate"]["prompts"]
+    expected = ([case["prompt_ids"] for case in cases], [case["new_ids"] for case in cases])
+    assert served_greedy_tokens(fixture_dir(name), cases) == expected
+    graph, hf = str(tmp_path / "graph"), str(tmp_path / "hf")
+    assert export_main(["--model_name_or_path", fixture_dir(name), "--output_path", graph]) == 0
+    assert served_greedy_tokens(graph, cases, exported=True) == expected
+
+    assert export_main(["--format", "hf", "--model_name_or_path", fixture_dir(name), "--output_path", hf]) == 0
+    original, exported = hf_tensors(fixture_dir(name)), hf_tensors(hf)
+    if resolve_model(fixture_dir(name)).config_fields["tie_word_embeddings"]:
+        original.pop("lm_head.weight", None)
+    assert exported.keys() == original.keys()
+    assert all(exported[key].dtype == array.dtype and np.array_equal(exported[key], array) for key, array in original.items())
+    with open(os.path.join(hf, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(fixture_dir(name), "config.json")) as f:
+        source_config = json.load(f)
+    for field in ("model_type", "rope_scaling", "rope_parameters", "sliding_window", "head_dim", "max_position_embeddings"):
+        assert config.get(field) == source_config.get(field), field
+    # ERNIE 4.5's export also writes rope_theta beside rope_parameters (ernie4_5/hf.py); every theta is the source's.
+    assert {config.get("rope_theta"), (config.get("rope_parameters") or {}).get("rope_theta")} - {None} == {rope_theta_of(source_config)}
+    assert snapshot(fixture_dir(name)) == before
+
+    python = TORCH5_PYTHON if reference(name)["versions"]["transformers"].startswith("5") else TORCH_PYTHON
+    if not os.path.isfile(python):
+        pytest.skip(f"needs transformers in {python} (see scripts/make_hf_fixtures.py) for the loading check")
+    ids = reference(name)["logits_input_ids"]
+    result = subprocess.run([python, os.path.join(ROOT, "scripts", "check_hf_dir_in_transformers.py"), hf, json.dumps(ids)],
+                            capture_output=True, text=True, timeout=600, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    np.testing.assert_allclose(np.array(report["logits"]), np.load(os.path.join(fixture_dir(name), "reference_logits.npy")),
+                               atol=1e-4, rtol=0)

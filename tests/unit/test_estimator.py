@@ -128,6 +128,8 @@ def test_generic_table_is_korthikanti_table_2(t, sp, recompute, expected):
         (QWEN3_0_6B, 596_049_920),  # Qwen3-0.6B
         (preset("tiny-ernie4_5"), 598_656),  # sum(p.numel()) of our Ernie4_5ForCausalLM
         (ERNIE4_5_0_3B, 360_748_032),  # ERNIE-4.5-0.3B
+        (preset("tiny-mistral"), 631_424),  # sum(p.numel()) of the PaddleNLP LlamaForCausalLM it builds
+        ({"model_type": "mistral", "sliding_window": 4096}, 7_241_732_096),  # Mistral-7B-v0.1 (MistralConfig's defaults)
     ],
 )
 def test_parameter_counts_match_the_published_models(fields, expected):

@@ -73,9 +73,23 @@ def test_template_that_rewrites_earlier_turns_is_refused():
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
      {"role": "assistant", "content": "d"}],
 ])
-def test_llama_jinja_template_written_on_export_renders_the_built_in_format(messages):
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_jinja_template_written_on_export_renders_the_built_in_format(family, messages):
     from paddle_llm.models.chat_template import render_chat, render_jinja_chat
-    from paddle_llm.models.llama import hf as llama_hf
 
     asks = messages[-1]["role"] == "user"
-    assert render_jinja_chat(llama_hf.CHAT_TEMPLATE, messages, asks, {}) == render_chat(FAMILIES["llama"].chat_template, messages, add_generation_prompt=asks)
+    assert render_jinja_chat(FAMILIES[family].hf.CHAT_TEMPLATE, messages, asks, {}) == render_chat(FAMILIES[family].chat_template, messages, add_generation_prompt=asks)
+
+
+def test_mistral_inst_template_from_tokenizer_config_gives_apply_chat_template_ids():
+    """The mistral fixture's [INST] template (SentencePiece tokenizer, BOS once from the template): serving's prompt
+    and fine-tuning's sample are transformers' ids."""
+    directory = os.path.join(ROOT, "tests", "assets", "hf", "mistral")
+    with open(os.path.join(directory, "reference.json"), encoding="utf-8") as f:
+        chat = json.load(f)["chat"]
+    family = resolve_model(directory).family
+    tokenizer = load_tokenizer(directory, family)
+    assert prompt_ids_as_trained(family, tokenizer, chat["messages"][:-1], templated=True) == chat["prompt_ids"]
+    record = Record(tuple(chat["messages"]), True, "test:1")
+    sample = tokenize_record(record, family_layout(family, tokenizer), tokenizer, Limits(512, 512), TruncationReport())
+    assert list(sample.input_ids) + [int(sample.labels[-1])] == chat["conversation_ids"]

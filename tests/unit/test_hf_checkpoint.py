@@ -23,7 +23,11 @@ HF_ASSETS = os.path.join(ROOT, "tests", "assets", "hf")
 LLAMA_FIXTURES = ["llama2", "llama3", "llama3-sharded", "llama3-bin"]
 # transformers 5's: Llama with biases and head_dim 24 at hidden 64, Qwen3, ERNIE 4.5 (random norms and biases).
 LAYER_OPTION_FIXTURES = ["llama-bias-headdim", "qwen3", "ernie4_5"]
-FIXTURES = LLAMA_FIXTURES + ["qwen2"] + LAYER_OPTION_FIXTURES
+# Mistral (sliding window), YaRN in transformers 4's rope_scaling and in 5's rope_parameters (random norms).
+MISTRAL_YARN_FIXTURES = ["mistral", "llama3-yarn", "qwen2-yarn"]
+# Both joined: YaRN on decoupled heads (Qwen3, ERNIE 4.5's reordered RoPE), Mistral-Nemo's head_dim.
+JOINED_FIXTURES = ["qwen3-yarn", "ernie4_5-yarn", "mistral-headdim"]
+FIXTURES = LLAMA_FIXTURES + ["qwen2"] + LAYER_OPTION_FIXTURES + MISTRAL_YARN_FIXTURES + JOINED_FIXTURES
 
 
 def fixture_dir(name: str) -> str:
@@ -81,7 +85,7 @@ def test_logits_equal_transformers(name, fast_paths, monkeypatch):
 
 
 @pytest.mark.parametrize("fast_paths", [False, True])
-@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"] + LAYER_OPTION_FIXTURES)
+@pytest.mark.parametrize("name", ["llama2", "llama3", "qwen2"] + LAYER_OPTION_FIXTURES + MISTRAL_YARN_FIXTURES + JOINED_FIXTURES)
 def test_three_adamw_steps_reproduce_transformers_losses(name, fast_paths):
     import paddle
     from paddle_llm.cpu.fast_paths import apply_cpu_fast_paths
@@ -160,10 +164,10 @@ def test_unsupported_llama_config_is_refused_with_the_field(tmp_path):
     config_path = os.path.join(directory, "config.json")
     with open(config_path) as f:
         config = json.load(f)
-    config.update(pretraining_tp=2, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    config.update(pretraining_tp=2, rope_scaling={"rope_type": "longrope", "factor": 4.0})
     with open(config_path, "w") as f:
         json.dump(config, f)
-    with pytest.raises(ValueError, match=r"config\.json: .*pretraining_tp 2.*rope_scaling of type 'yarn'"):
+    with pytest.raises(ValueError, match=r"config\.json: .*pretraining_tp 2.*rope_scaling of type 'longrope'"):
         resolve_model(directory)
 
 

@@ -54,13 +54,14 @@ def test_prefix_tuning_makes_a_past_of_the_decoupled_head_width():
 
 
 def test_moe_configs_are_not_taken_for_their_dense_family():
-    import pytest
-
+    """By model_type or, without one, by architecture: the estimate-only moe family, never qwen3 or ernie4_5."""
     from paddle_llm.models.registry import family_of
 
-    for model_type, architecture in (("qwen3_moe", "Qwen3MoeForCausalLM"), ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM")):
-        with pytest.raises(ValueError, match=f"model_type '{model_type}' is not supported"):
-            family_of({"model_type": model_type, "architectures": [architecture]})
+    for model_type, architecture in (("qwen3_moe", "Qwen3MoeForCausalLM"), ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM"),
+                                     ("qwen2_moe", "Qwen2MoeForCausalLM")):
+        assert family_of({"model_type": model_type, "architectures": [architecture]}).name == "moe"
+        assert family_of({"architectures": [architecture]}).name == "moe"
+    assert family_of({"architectures": ["Qwen3ForCausalLM"]}).name == "qwen3"
 
 
 def test_rebuilt_attention_has_rotary_tables_of_the_head_width():

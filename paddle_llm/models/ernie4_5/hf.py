@@ -10,7 +10,8 @@ Tensor names are Llama's (``model.`` <-> ``llama.``, Linear weights transposed).
   loading and restored on export: the model is a Llama, and Llama's CPU fast paths and decoding step apply.
 - config: ``use_bias`` puts a bias on every projection (``attention_bias`` and ``mlp_bias`` here);
   ``head_dim`` defaults to 128 and ``tie_word_embeddings`` to true, as transformers' Ernie4_5Config.
-Any RoPE scaling is refused (ERNIE 4.5 dense uses plain RoPE, theta 5e5).
+RoPE scaling: YaRN only (released ERNIE 4.5 dense models use plain RoPE, theta 5e5), put into the rotary tables as for
+Llama (``llama/rope.py``): after the reordering the rotation is Llama's, so the same frequencies apply.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
     Raises:
         ValueError: a feature not built here; the message names the field and the file.
     """
-    theta, _, refusals = llama_hf.rope_settings({"rope_theta": DEFAULTS["rope_theta"], **fields}, _UNDERSTOOD_KEYS,
-                                                rope_types=("default",))
+    theta, scaling, refusals = llama_hf.rope_settings({"rope_theta": DEFAULTS["rope_theta"], **fields}, _UNDERSTOOD_KEYS,
+                                                      rope_types=("default", "yarn"))
     if fields.get("hidden_act", "silu") != "silu":
         refusals.append(f"hidden_act {fields['hidden_act']!r} (the MLP is SwiGLU: 'silu')")
     if refusals:
@@ -76,14 +77,17 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
     converted = {**DEFAULTS, **{k: v for k, v in fields.items() if k not in _HF_ONLY_FIELDS}}
     bias = bool(fields.get("use_bias", False))
     converted.update(rope_theta=theta, attention_bias=bias, mlp_bias=bias, architectures=["Ernie4_5ForCausalLM"])
+    if scaling:
+        converted["rope_scaling"] = scaling
     return converted
 
 
 def config_to_hf(config) -> dict:
     """A transformers ``config.json`` for an ``Ernie4_5Config``, as transformers 5's ``save_pretrained`` writes it but
-    with ``rope_theta`` beside ``rope_parameters`` (both read it)."""
+    with ``rope_theta`` beside ``rope_parameters`` (both read it), a YaRN scaling inside the latter."""
     hf = {key: value for key, value in llama_hf.config_to_hf(config).items()
           if key not in ("attention_bias", "mlp_bias", "pretraining_tp", "rope_scaling", "attention_dropout")}
+    scaling = getattr(config, "rope_scaling", None) or {"rope_type": "default"}
     hf.update(architectures=["Ernie4_5ForCausalLM"], model_type="ernie4_5", use_bias=bool(config.attention_bias),
-              rope_parameters={"rope_theta": config.rope_theta, "rope_type": "default"})
+              rope_theta=config.rope_theta, rope_parameters={"rope_theta": config.rope_theta, **scaling})
     return hf

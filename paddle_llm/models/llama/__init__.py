@@ -79,4 +79,7 @@ FAMILY = ModelFamily(
     hf=hf,
     classes_module="paddle_llm.models.llama.modeling",
     layer_options=layer_options.requested,
+    install_rope_scaling=Deferred("paddle_llm.models.llama.rope", "install"),
+    # A Mistral that our runs saved reads back as Llama (PaddleNLP writes model_type llama) with its window kept.
+    window_field="sliding_window",
 )

@@ -6,7 +6,8 @@ Both have the same modules; they differ in three ways:
   is transposed;
 - the config: transformers names ``rope_scaling`` by ``rope_type`` (or, before 4.43, ``type``), has ``head_dim``,
   ``attention_bias``, ``mlp_bias`` and ``torch_dtype``. PaddleNLP reads ``rope_scaling`` only for ``llama3``, and
-  linear scaling from ``rope_scaling_type`` / ``rope_scaling_factor``. transformers 5 writes ``rope_parameters``
+  linear scaling from ``rope_scaling_type`` / ``rope_scaling_factor``; YaRN is kept in ``rope_scaling`` and put into
+  the rotary tables after the model is built (``rope.py``). transformers 5 writes ``rope_parameters``
   (the theta and the scaling in one dict) and ``dtype``; both layouts are read (``rope_settings``), and a RoPE or
   attention key neither names is refused rather than left to a default.
 
@@ -21,7 +22,7 @@ something else.
 
 from __future__ import annotations
 
-from paddle_llm.models.llama import layer_options
+from paddle_llm.models.llama import layer_options, rope
 
 HF_PREFIX = "model."
 PADDLE_PREFIX = "llama."
@@ -38,7 +39,10 @@ ROPE_TYPE_KEYS = {
     "linear": ("factor",),
     "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": rope.YARN_KEYS,
 }
+# Scalings kept whole in the config's rope_scaling: PaddleNLP builds llama3 from it, ``rope.install`` YaRN.
+SCALINGS_KEPT_WHOLE = ("llama3", "yarn")
 # Config keys about RoPE or attention that a family understands; any other key whose name says it is one of those
 # (``ATTENTION_KEY_PARTS``) is refused by name.
 ATTENTION_KEY_PARTS = ("rope", "rotary", "attention", "attn", "window", "layer_types")
@@ -143,7 +147,7 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
     theta, scaling, rope_refusals = rope_settings(fields, _UNDERSTOOD_KEYS, tuple(ROPE_TYPE_KEYS))
     refusals += rope_refusals
     converted["rope_theta"] = theta
-    if scaling and scaling["rope_type"] == "llama3":
+    if scaling and scaling["rope_type"] in SCALINGS_KEPT_WHOLE:
         converted["rope_scaling"] = scaling
     elif scaling:
         converted.update(rope_scaling_type=_ROPE_TYPES[scaling["rope_type"]], rope_scaling_factor=scaling["factor"])
@@ -184,11 +188,33 @@ def config_to_hf(config) -> dict:
         "vocab_size": config.vocab_size,
     }
     scaling = getattr(config, "rope_scaling", None)
-    if scaling and scaling.get("rope_type") == "llama3":
-        hf["rope_scaling"] = dict(scaling)
+    if scaling and scaling.get("rope_type") in SCALINGS_KEPT_WHOLE:
+        write_scaling(hf, scaling)
     elif config.rope_scaling_type:
         types = {paddle: hf_type for hf_type, paddle in _ROPE_TYPES.items()}
         if config.rope_scaling_type not in types:
             raise ValueError(f"rope_scaling_type {config.rope_scaling_type!r} has no transformers equivalent")
         hf["rope_scaling"] = {"rope_type": types[config.rope_scaling_type], "factor": config.rope_scaling_factor}
+    if getattr(config, "sliding_window", None):
+        # A Mistral that our runs saved: PaddleNLP's LlamaConfig writes model_type llama with the window kept.
+        return as_mistral(hf, config.sliding_window)
     return hf
+
+
+def write_scaling(hf: dict, scaling: dict) -> None:
+    """Put a RoPE scaling into a transformers config.json as the source had it: ``rope_scaling`` (transformers 4's
+    layout, which 5 also reads), or ``rope_parameters`` with the theta inside when it holds an
+    ``original_max_position_embeddings`` other than ``max_position_embeddings``, which transformers 4's YaRN ignores."""
+    original = scaling.get("original_max_position_embeddings")
+    if scaling.get("rope_type") == "yarn" and original not in (None, hf["max_position_embeddings"]):
+        hf.pop("rope_scaling", None)
+        hf["rope_parameters"] = {"rope_theta": hf.pop("rope_theta"), **scaling}
+    else:
+        hf["rope_scaling"] = dict(scaling)
+
+
+def as_mistral(hf: dict, sliding_window: int | None) -> dict:
+    """A Llama ``config.json`` (``config_to_hf``) as transformers' ``MistralConfig`` writes it: Mistral is Llama with
+    ``sliding_window`` and without the bias and ``pretraining_tp`` keys."""
+    written = {name: value for name, value in hf.items() if name not in ("attention_bias", "mlp_bias", "pretraining_tp")}
+    return dict(written, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=sliding_window)

@@ -53,7 +53,8 @@ class LlamaOptionsAttention(llama_modeling.LlamaAttention):
         if config.rope:
             # PaddleNLP's private _init_rope (checked on 3.0.0b4, cpu/ops.py VERIFIED_VERSIONS) builds the rotary
             # table its config asks for (plain, linear, dynamic NTK, llama3) at self.head_dim; called again so the
-            # tables are the decoupled head's width. A YaRN table would be chosen there too.
+            # tables are the decoupled head's width. YaRN is put into these tables after the model is built
+            # (ModelFamily.install_rope_scaling, llama/rope.py), which reads their width.
             # tests/unit/test_layer_options.py fails if it stops doing so.
             self._init_rope()
 

@@ -58,4 +58,5 @@ FAMILY = ModelFamily(
     estimate_shape=estimate.shape,
     activations=estimate.ACTIVATIONS,
     hf=hf,
+    install_rope_scaling=llama.FAMILY.install_rope_scaling,
 )

@@ -3,7 +3,8 @@
 The tensors are Llama's plus a bias on each of q/k/v, so names and layouts are Llama's mapping (``llama/hf.py``) with
 PaddleNLP's base-model prefix ``qwen2.`` instead of ``llama.``; biases are vectors and keep their layout. The config
 differs in what PaddleNLP's Qwen2 can build: sliding-window attention is refused, because PaddleNLP's CPU attention
-has no window and would attend further back than the checkpoint was trained to, and so is any RoPE scaling.
+has no window and would attend further back than the checkpoint was trained to, and so is any RoPE scaling but YaRN
+(``llama/rope.py``).
 Both transformers 4's and 5's config layouts are read (``llama_hf.rope_settings``); ``dtype`` / ``torch_dtype``
 describe the file only (weights load in the run's dtype).
 """
@@ -60,7 +61,7 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
     refusals = []
     if fields.get("use_sliding_window"):
         refusals.append("use_sliding_window: true (PaddleNLP's Qwen2 attends over the whole context on CPU)")
-    theta, _, rope_refusals = llama_hf.rope_settings(fields, _UNDERSTOOD_KEYS, rope_types=("default",))
+    theta, scaling, rope_refusals = llama_hf.rope_settings(fields, _UNDERSTOOD_KEYS, rope_types=("default", "yarn"))
     refusals += rope_refusals
     if fields.get("hidden_act", "silu") != "silu":
         refusals.append(f"hidden_act {fields['hidden_act']!r} (PaddleNLP's Qwen2 MLP is SwiGLU: 'silu')")
@@ -68,6 +69,8 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
         raise ValueError(f"{config_path}: this Qwen2 checkpoint cannot be built by PaddleNLP's Qwen2: " + "; ".join(refusals))
     converted = {k: v for k, v in fields.items() if k not in _HF_ONLY_FIELDS}
     converted["rope_theta"] = theta
+    if scaling:
+        converted["rope_scaling"] = scaling  # YaRN, put into the rotary tables by models/llama/rope.py
     converted.setdefault("tie_word_embeddings", False)
     converted["architectures"] = ["Qwen2ForCausalLM"]
     return converted
@@ -75,7 +78,7 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
 
 def config_to_hf(config) -> dict:
     """A transformers ``config.json`` for a PaddleNLP ``Qwen2Config``, as ``Qwen2Config.save_pretrained`` writes it."""
-    return {
+    hf = {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "attention_dropout": 0.0,
@@ -101,3 +104,7 @@ def config_to_hf(config) -> dict:
         "use_sliding_window": False,
         "vocab_size": config.vocab_size,
     }
+    scaling = getattr(config, "rope_scaling", None)
+    if scaling:
+        llama_hf.write_scaling(hf, scaling)
+    return hf

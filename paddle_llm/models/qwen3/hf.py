@@ -4,7 +4,8 @@ builds it.
 The tensors are Llama's with ``head_dim``-wide heads plus ``self_attn.q_norm`` / ``k_norm`` per layer (vectors, kept as
 they are), and the model keeps PaddleNLP's Llama prefix ``llama.``: names and layouts are Llama's mapping
 (``llama/hf.py``). Sliding-window attention is refused (every layer here attends over the whole context), and so is
-any RoPE scaling (YaRN is not built). A config without ``head_dim`` means transformers' default, 128.
+any RoPE scaling but YaRN (Qwen3's long-context setting), which is kept in ``rope_scaling`` and put into the rotary
+tables as for Llama (``llama/rope.py``). A config without ``head_dim`` means transformers' default, 128.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
     refusals = []
     if fields.get("use_sliding_window"):
         refusals.append("use_sliding_window: true (every layer attends over the whole context here)")
-    theta, _, rope_refusals = llama_hf.rope_settings(fields, _UNDERSTOOD_KEYS, rope_types=("default",))
+    theta, scaling, rope_refusals = llama_hf.rope_settings(fields, _UNDERSTOOD_KEYS, rope_types=("default", "yarn"))
     refusals += rope_refusals
     if fields.get("hidden_act", "silu") != "silu":
         refusals.append(f"hidden_act {fields['hidden_act']!r} (the MLP is SwiGLU: 'silu')")
@@ -48,6 +49,8 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
         raise ValueError(f"{config_path}: this Qwen3 checkpoint cannot be built: " + "; ".join(refusals))
     converted = {k: v for k, v in fields.items() if k not in _HF_ONLY_FIELDS}
     converted.update(rope_theta=theta, architectures=["Qwen3ForCausalLM"])
+    if scaling:
+        converted["rope_scaling"] = scaling  # YaRN, put into the rotary tables by models/llama/rope.py
     converted.setdefault("head_dim", DEFAULT_HEAD_DIM)
     converted.setdefault("tie_word_embeddings", False)
     return converted

@@ -213,6 +213,9 @@ class EndpointProtocol:
         self.family = family
         self.tokenizer = tokenizer
         self.max_context_length = max_context_length
+        # A model with a sliding attention window serves at most that many positions: the refusal names the field.
+        self.context_note = (f" (its positions, or its {family.window_field} if it has a shorter one: paddle_llm's "
+                             "attention has no window)") if family.window_field else ""
         self.limits = limits
         self._decode_text = None
         self._longest_token_chars: int | None = None
@@ -297,7 +300,7 @@ class EndpointProtocol:
         room = self.max_context_length - prompt_tokens
         if room < 1:
             raise RequestError(f"the prompt has {prompt_tokens} tokens, filling the model's context of "
-                               f"{self.max_context_length}", param=prompt_param, code="context_length_exceeded")
+                               f"{self.max_context_length}{self.context_note}", param=prompt_param, code="context_length_exceeded")
         requested = number_field(body, "max_tokens", int, None)
         if requested is None:
             requested = number_field(body, "max_completion_tokens", int, None)
@@ -310,7 +313,7 @@ class EndpointProtocol:
                                    f"{self.limits.max_tokens_limit}", param="max_tokens")
             if requested > room:
                 raise RequestError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({requested}) exceeds the "
-                                   f"model's context of {self.max_context_length}", param="max_tokens",
+                                   f"model's context of {self.max_context_length}{self.context_note}", param="max_tokens",
                                    code="context_length_exceeded")
             max_tokens = requested
         else:
