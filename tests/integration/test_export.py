@@ -165,6 +165,16 @@ def test_exported_programs_record_what_they_need_and_model_json_runs_anywhere(ex
     assert load_manifest(exports["llama"][1]).parity["programs"] == llama_programs
 
 
+def test_llama_step_program_reads_where_the_past_ends_once_per_step(exports):
+    """A small model's decoding step costs Paddle Inference's per-op time: where the probabilities stop covering the
+    cache is one shape read per step, handed to every layer as a slice bound (no per-layer shape, slice and stack)."""
+    from collections import Counter
+
+    with open(os.path.join(exports["llama"][1], "model.json"), encoding="utf-8") as f:
+        ops = Counter(op["#"] for op in json.load(f)["program"]["regions"][0]["blocks"][0]["ops"])
+    assert ops["1.shape64"] == 1 and ops["1.stack"] == 0, ops
+
+
 def test_half_precision_graph_on_cpu_build_is_refused_clearly(checkpoints, workdir, capsys):
     import paddle
 

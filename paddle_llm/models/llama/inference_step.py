@@ -114,7 +114,7 @@ class LlamaInferenceStep(nn.Layer):
             return paddle_fused_rms_norm(x, weight, None, self.epsilon, begin_norm_axis=x.ndim - 1)[0]
         return x * paddle.rsqrt((x * x).mean(axis=-1, keepdim=True) + self.epsilon) * weight
 
-    def _attention(self, hidden, cos, sin, score_bias, past_key, past_value, index):
+    def _attention(self, hidden, cos, sin, score_bias, past_length, past_key, past_value, index):
         # Reshapes use 0 (keep this axis) and -1 rather than sizes read from shape(): no shape ops in the graph.
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = paddle.matmul(self._normalized(hidden, getattr(self, f"attention_norm_{index}")), getattr(self, f"qkv_{index}"))
@@ -125,17 +125,19 @@ class LlamaInferenceStep(nn.Layer):
         rotated, v = paddle.split(qkv, [heads + kv_heads, kv_heads], axis=1)
         rotated = rotated * cos + paddle.roll(rotated, shifts=head_dim // 2, axis=-1) * sin
         q, k = paddle.split(rotated, [heads, kv_heads], axis=1)
-        # Grouped heads: the query heads of one kv head become extra query rows, so one matmul serves the group.
-        q = q.reshape([0, kv_heads, -1, head_dim])
+        grouped = heads != kv_heads
+        if grouped:  # the query heads of one kv head become extra query rows, so one matmul serves the group
+            q = q.reshape([0, kv_heads, -1, head_dim])
         # The past and the new positions are attended separately and never concatenated: a concat would copy the
         # whole cache of every layer at every step, the cost that grew with the batch.
         scores = paddle.concat([paddle.matmul(q, past_key, transpose_y=True), paddle.matmul(q, k, transpose_y=True)],
                                axis=-1) + score_bias
         probabilities = F.softmax(scores, axis=-1)
-        past_length = paddle.shape(past_key)[2]
-        context = (paddle.matmul(probabilities[:, :, :, :past_length], past_value)
-                   + paddle.matmul(probabilities[:, :, :, past_length:], v))
-        context = context.reshape([0, heads, -1, head_dim]).transpose([0, 2, 1, 3])
+        context = (paddle.matmul(paddle.slice(probabilities, axes=[3], starts=[0], ends=past_length), past_value)
+                   + paddle.matmul(paddle.slice(probabilities, axes=[3], starts=past_length, ends=[2**31 - 1]), v))
+        if grouped:
+            context = context.reshape([0, heads, -1, head_dim])
+        context = context.transpose([0, 2, 1, 3])
         output = paddle.matmul(context.reshape([0, 0, heads * head_dim]), getattr(self, f"out_{index}"))
         if self.attention_bias:
             output = output + getattr(self, f"out_bias_{index}")
@@ -160,9 +162,13 @@ class LlamaInferenceStep(nn.Layer):
         groups = self.num_heads // self.num_kv_heads
         score_bias = (1.0 - attention_mask.astype("float32")) * _MASKED_SCORE
         score_bias = paddle.tile(score_bias, [1, self.num_kv_heads, groups, 1])
+        # Where the probabilities stop covering the past and start covering the new positions, as the 1-element
+        # tensor slice takes for a bound: read once per step, not per layer (a shape, a slice and a stack each).
+        past_length = paddle.shape(caches[0])[2:3]
         keys, values = [], []
         for index in range(layers):
-            hidden, key, value = self._attention(hidden, cos, sin, score_bias, caches[index], caches[layers + index], index)
+            hidden, key, value = self._attention(hidden, cos, sin, score_bias, past_length, caches[index],
+                                                 caches[layers + index], index)
             hidden = self._mlp(hidden, index)
             keys.append(key)
             values.append(value)
