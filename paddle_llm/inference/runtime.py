@@ -155,6 +155,7 @@ class StepDecoder:
         glm_positions: bool,
         pad_token_id: int = 0,
         prefix_cache: list[paddle.Tensor] | None = None,
+        adapter_bank=None,
     ):
         """
         Args:
@@ -164,6 +165,8 @@ class StepDecoder:
             glm_positions: the model takes ChatGLM v1 2-D positions.
             pad_token_id: id written into padded slots (never attended to).
             prefix_cache: prefix-tuning past for one row (``KVBatch.caches`` order), prepended to every new row.
+            adapter_bank: per-row LoRA adapters (``peft.multi_lora.LoRABank``) inside the runner's layer, or None.
+                ``prefill`` and ``decode`` take each row's adapter slot (0: none) and select them for that step.
         """
         self.runner = runner
         self.layout = layout
@@ -171,6 +174,7 @@ class StepDecoder:
         self.glm_positions = glm_positions
         self.pad_token_id = pad_token_id
         self.prefix_cache = prefix_cache
+        self.adapter_bank = adapter_bank
 
     def _initial_past(self, rows: int) -> tuple[list[paddle.Tensor], np.ndarray]:
         if self.prefix_cache is not None:
@@ -182,7 +186,16 @@ class StepDecoder:
         zeros = paddle.zeros(self.layout.shape(rows, 1), dtype=self.dtype)
         return [zeros] * (2 * self.layout.num_layers), np.zeros((rows, 1), dtype=bool)
 
-    def _run(self, input_ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, caches: list[paddle.Tensor]):
+    def _run(self, input_ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, caches: list[paddle.Tensor],
+             adapters: Sequence[int] | None):
+        if self.adapter_bank is None:
+            if adapters is not None and any(adapters):
+                raise ValueError("this decoder has no adapter bank; rows cannot pick an adapter")
+            return self._run_rows(input_ids, positions, mask, caches)
+        with self.adapter_bank.rows_for_step(adapters or [0] * len(input_ids)):
+            return self._run_rows(input_ids, positions, mask, caches)
+
+    def _run_rows(self, input_ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, caches: list[paddle.Tensor]):
         inputs = [
             paddle.to_tensor(input_ids.astype("int64")),
             paddle.to_tensor(position_input(positions.astype("int64"), self.glm_positions)),
@@ -192,8 +205,9 @@ class StepDecoder:
         logits, *new_caches = self.runner.run(inputs)
         return logits.numpy(), new_caches
 
-    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVBatch]:
-        """Run new rows' prompts together (left-padded to the longest).
+    def prefill(self, prompts: Sequence[Sequence[int]], adapters: Sequence[int] | None = None) -> tuple[np.ndarray, KVBatch]:
+        """Run new rows' prompts together (left-padded to the longest), each row with its adapter slot (``adapters``,
+        None: the base model for all).
 
         Returns:
             ``(logits [rows, vocab] of each prompt's last token, the rows' KVBatch)``.
@@ -207,19 +221,20 @@ class StepDecoder:
         positions = np.maximum(np.cumsum(new_valid, axis=1) - 1, 0)
         caches, past_valid = self._initial_past(rows)
         mask = step_attention_mask(past_valid, new_valid)
-        logits, caches = self._run(input_ids, positions, mask, caches)
+        logits, caches = self._run(input_ids, positions, mask, caches, adapters)
         valid = np.concatenate([past_valid, new_valid], axis=1)
         lengths = np.array([len(p) for p in prompts], dtype="int64")
         return logits, self.trim(KVBatch(caches, valid, lengths))
 
-    def decode(self, batch: KVBatch, last_tokens: Sequence[int]) -> tuple[np.ndarray, KVBatch]:
-        """Feed each row's latest token; returns next-token logits and the grown batch."""
+    def decode(self, batch: KVBatch, last_tokens: Sequence[int], adapters: Sequence[int] | None = None) -> tuple[np.ndarray, KVBatch]:
+        """Feed each row's latest token (with its adapter slot, as ``prefill``); returns next-token logits and the
+        grown batch."""
         valid = np.concatenate([batch.valid, np.ones((batch.rows, 1), dtype=bool)], axis=1)
         # One query per row sees every valid column including its own: step_attention_mask's result, without its
         # cost (this runs once per generated token).
         mask = valid[:, None, None, :]
         input_ids = np.asarray(last_tokens, dtype="int64").reshape(batch.rows, 1)
-        logits, caches = self._run(input_ids, batch.next_position.reshape(-1, 1), mask, batch.caches)
+        logits, caches = self._run(input_ids, batch.next_position.reshape(-1, 1), mask, batch.caches, adapters)
         return logits, KVBatch(caches, valid, batch.next_position + 1)
 
     def _pad_columns(self, batch: KVBatch, columns: int) -> KVBatch:

@@ -161,6 +161,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     last_token: int = -1
     finished: bool = False
+    adapter: int = 0  # the decoder's adapter slot for this row (0: the base model)
     last_logprob: tuple[TokenLogprob, ...] = ()
 
 
@@ -234,6 +235,7 @@ class Engine:
         prompt_ids: Sequence[int],
         params: SamplingParams,
         listener: Callable[[StreamEvent], None] | None = None,
+        adapter: int = 0,
     ) -> RequestHandle:
         """Queue a request; it joins the running batch at the next step.
 
@@ -241,6 +243,7 @@ class Engine:
             prompt_ids: the encoded prompt (non-empty, shorter than the context).
             params: validated sampling settings.
             listener: called with each ``StreamEvent`` on the engine thread; None gives an iterable handle.
+            adapter: the decoder's LoRA adapter slot this request decodes with (0: the base model).
 
         Raises:
             ValueError: empty prompt, prompt filling the context, or invalid params.
@@ -262,6 +265,7 @@ class Engine:
             stop_filter=StopStringFilter(params.stop),
             max_new_tokens=min(params.max_tokens, room),
             seen_ids=list(prompt_ids),
+            adapter=adapter,
         )
         with self._condition:
             if self._closing:
@@ -280,6 +284,11 @@ class Engine:
             snapshot = EngineStats(**self._stats.__dict__)
             snapshot.running, snapshot.waiting = len(self._running), len(self._waiting)
         return snapshot
+
+    def adapters_in_use(self) -> set[int]:
+        """The adapter slots of every request submitted and not finished: a slot is not reused while in this set."""
+        with self._condition:
+            return {s.adapter for s in self._waiting + self._running if not s.finished}
 
     def abort_all(self, reason: str) -> None:
         """Fail every submitted request at the next step with ``finish_reason="error"`` and ``reason`` (safe from
@@ -347,7 +356,7 @@ class Engine:
         for sequence in admitted:
             if sequence.params.prompt_logprobs:
                 sequence.handle.prompt_logprobs = self._score_prompt(sequence)
-        logits, new_batch = self.decoder.prefill([s.prompt_ids for s in admitted])
+        logits, new_batch = self.decoder.prefill([s.prompt_ids for s in admitted], [s.adapter for s in admitted])
         with self._condition:
             self._stats.prefill_batches += 1
         survivors = [row for row, sequence in enumerate(admitted) if not self._accept(sequence, logits[row])]
@@ -363,16 +372,17 @@ class Engine:
         ``logprobs``).
         """
         prompt, top = sequence.prompt_ids, sequence.params.logprobs or 0
-        logits, batch = self.decoder.prefill([prompt[:1]])
+        logits, batch = self.decoder.prefill([prompt[:1]], [sequence.adapter])
         scored = []
         for position in range(1, len(prompt)):
             scored.append(token_logprob(logits[0][: self.sampled_vocab_size], prompt[position], top))
             if position + 1 < len(prompt):
-                logits, batch = self.decoder.decode(batch, [prompt[position]])
+                logits, batch = self.decoder.decode(batch, [prompt[position]], [sequence.adapter])
         return tuple(scored)
 
     def _decode_step(self) -> None:
-        logits, batch = self.decoder.decode(self._batch, [s.last_token for s in self._running])
+        logits, batch = self.decoder.decode(self._batch, [s.last_token for s in self._running],
+                                            [s.adapter for s in self._running])
         with self._condition:
             self._stats.decode_steps += 1
         keep = [row for row, sequence in enumerate(self._running) if not self._accept(sequence, logits[row])]

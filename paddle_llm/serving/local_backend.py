@@ -6,6 +6,8 @@ provides too; the REST routers also use ``endpoint`` and ``submit`` to stream wi
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import replace
 from typing import Iterator
 
 from paddle_llm.serving.engine import FINISH_CANCELLED, EngineClosedError, RequestHandle, StreamEvent
@@ -33,7 +35,26 @@ class LocalBackend:
         return self.endpoints[kind]
 
     def prepare(self, kind: str, body: dict) -> PreparedRequest:
-        return self.endpoint(kind).prepare(body)
+        """Validate a request for the base model or, when ``model`` names one, a LoRA adapter.
+
+        Raises:
+            RequestError: invalid request; 404 for a model that is neither.
+        """
+        adapter = self._adapter_named(body.get("model"))
+        if adapter is None:
+            return self.endpoint(kind).prepare(body)
+        return replace(self.endpoint(kind).prepare({**body, "model": self.model_name}), adapter=adapter)
+
+    def _adapter_named(self, model) -> str | None:
+        adapters = self.served.adapters
+        if adapters is None or model is None or model == self.model_name:
+            return None
+        names = adapters.names()
+        if model not in names:
+            served = ", ".join(repr(name) for name in [self.model_name] + names)
+            raise RequestError(f"model {model!r} is not served here; this server serves {served}", param="model",
+                               status=404, code="model_not_found")
+        return model
 
     def submit(self, prepared: PreparedRequest, listener_for=None) -> list[RequestHandle]:
         """Submit every choice of a request (``n`` per prompt), in choice-index order.
@@ -45,10 +66,12 @@ class LocalBackend:
             RequestError: 503 while shutting down (choices already submitted are cancelled).
         """
         handles = []
+        held = nullcontext(0) if prepared.adapter is None else self.served.adapters.slot_for(prepared.adapter)
         try:
-            for index, (prompt, params) in enumerate(prepared.choices()):
-                listener = None if listener_for is None else listener_for(index)
-                handles.append(self.served.engine.submit(prompt.ids, params, listener))
+            with held as slot:
+                for index, (prompt, params) in enumerate(prepared.choices()):
+                    listener = None if listener_for is None else listener_for(index)
+                    handles.append(self.served.engine.submit(prompt.ids, params, listener, adapter=slot))
         except EngineClosedError as err:
             for handle in handles:
                 handle.cancel()

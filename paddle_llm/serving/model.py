@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass, field
 
 from paddle_llm.cpu import features as cpu_features
-from paddle_llm.inference.manifest import load_manifest
+from paddle_llm.inference.manifest import STEP_PADDLENLP, load_manifest
 from paddle_llm.models.registry import ModelFamily, family_named, load_tokenizer, resolve_model
+from paddle_llm.serving.adapters import ServedAdapters
 from paddle_llm.serving.engine import Engine
 
 ENGINE_PADDLE = "paddle"
@@ -32,6 +33,7 @@ class ServedModel:
         engine: the started engine.
         max_context_length: prompt + output positions.
         generation_defaults: ``generation_config.json`` (default max tokens, sampling).
+        adapters: the LoRA adapters requests may pick by name (``--lora_modules``), or None.
     """
 
     name: str
@@ -40,6 +42,7 @@ class ServedModel:
     engine: Engine
     max_context_length: int
     generation_defaults: dict = field(default_factory=dict)
+    adapters: ServedAdapters | None = None
 
 
 def _read_generation_config(directory: str) -> dict:
@@ -82,13 +85,27 @@ def open_export(model_dir: str, num_threads: int, max_batch_size: int, enable_mk
     )
 
 
-def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") -> ServedModel:
+@dataclass(frozen=True)
+class AdapterSlots:
+    """How many LoRA adapters a checkpoint is served with (``--max_loras``, ``--max_lora_rank``) and whether the
+    endpoints may change them."""
+
+    max_loras: int
+    max_rank: int
+    runtime_updates: bool
+
+
+def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu",
+                    adapter_slots: AdapterSlots | None = None) -> ServedModel:
     """Serve a checkpoint directly in dygraph (``--engine dygraph``): no export step.
 
     Math threads are process-wide in dygraph; set them first (``paddle_llm.cpu.threads.configure_cpu_runtime``).
 
+    Args:
+        adapter_slots: room for per-request LoRA adapters (empty; ``ServedModel.adapters.load`` fills it), or None.
+
     Raises:
-        FileNotFoundError, ValueError: not a checkpoint with weights.
+        FileNotFoundError, ValueError: not a checkpoint with weights, or a family adapters cannot be served on.
     """
     import paddle
 
@@ -100,20 +117,27 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
     source = resolve_model(model_dir)
     family = source.family
     model = load_model(source)
-    fused_rms_norm = cpu_features.fused_rms_norm_allowed(cpu_features.detect())
-    step = build_step_layer(model, family, "float32", fused_rms_norm=fused_rms_norm)
+    bank = None
+    if adapter_slots is None:
+        fused_rms_norm = cpu_features.fused_rms_norm_allowed(cpu_features.detect())
+        step = build_step_layer(model, family, "float32", fused_rms_norm=fused_rms_norm)
+        step_layer, layout = step.layer, step.layout
+    else:
+        bank, step_layer, layout = _adapter_step(model, family, adapter_slots)
     generation = _read_generation_config(model_dir)
     decoder = StepDecoder(
-        DygraphStepRunner(step.layer),
-        step.layout,
+        DygraphStepRunner(step_layer),
+        layout,
         "float32",
         step_spec(family).glm_positions,
         int(generation.get("pad_token_id") or getattr(model.config, "pad_token_id", 0) or 0),
+        adapter_bank=bank,
     )
     tokenizer = load_checkpoint_tokenizer(source)
     context = max_context_length(family, model.config)
     eos = _eos_ids(generation.get("eos_token_id"), getattr(model.config, "eos_token_id", None))
     engine = Engine(decoder, tokenizer, eos, context, max_batch_size).start()
+    adapters = None if bank is None else ServedAdapters(bank, engine, model_dir, adapter_slots.runtime_updates)
     return ServedModel(
         name=os.path.basename(os.path.normpath(model_dir)),
         family=family,
@@ -121,4 +145,24 @@ def open_checkpoint(model_dir: str, max_batch_size: int, device: str = "cpu") ->
         engine=engine,
         max_context_length=context,
         generation_defaults=generation,
+        adapters=adapters,
     )
+
+
+def _adapter_step(model, family: ModelFamily, slots: AdapterSlots):
+    """The step with a ``LoRABank`` in every linear layer: PaddleNLP's forward (``KVCacheStep``), whose projections
+    are the layers the bank wraps (a family's own inference step fuses them into other weights).
+
+    Raises:
+        ValueError: the family keeps its hidden states sequence-first (ChatGLM), which the bank's batched product
+            does not handle.
+    """
+    from paddle_llm.inference.step_graph import KVCacheStep, cache_layout, step_spec
+    from paddle_llm.peft.multi_lora import LoRABank
+
+    if step_spec(family).batch_axis != 0:
+        raise ValueError(f"--lora_modules: per-request adapters need a batch-first model, and {family.name} keeps its "
+                         "hidden states sequence-first; merge each adapter (`paddle-llm merge-lora`) and serve the "
+                         "merged model")
+    bank = LoRABank(model, slots.max_loras, slots.max_rank)
+    return bank, KVCacheStep(model, family, model.config.num_hidden_layers), cache_layout(family, model.config, STEP_PADDLENLP)

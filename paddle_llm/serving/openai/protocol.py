@@ -135,6 +135,7 @@ class PreparedRequest:
     include_usage: bool
     n: int = 1
     echo: bool = False
+    adapter: str | None = None  # the LoRA adapter named as ``model`` (None: the base model)
 
     def choices(self) -> list[tuple[Prompt, SamplingParams]]:
         """Each choice's prompt and sampling, in choice-index order (prompt by prompt, as OpenAI numbers them)."""
