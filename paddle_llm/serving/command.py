@@ -181,7 +181,11 @@ def _local_backend(args):
         slots = adapter_slots(args)
         served = open_checkpoint(args.model, args.max_batch_size, device=args.device, adapter_slots=slots)
         if slots is not None:
-            _load_startup_adapters(served, adapter_paths(args))
+            try:
+                _load_startup_adapters(served, adapter_paths(args))
+            except Exception:
+                served.engine.shutdown()
+                raise
     else:
         served = open_export(args.model, args.num_threads, args.max_batch_size, enable_mkldnn=args.mkldnn,
                              use_gpu=args.device == "gpu")
