@@ -7,7 +7,6 @@ both.
 """
 
 import concurrent.futures
-import hashlib
 import json
 import os
 import subprocess
@@ -18,27 +17,16 @@ import numpy as np
 import pytest
 
 from paddle_llm.peft.merge import main as merge_main
-from paddle_llm.serving.command import main as serve_main
 from tests.conftest import ROOT, subprocess_env
 from tests.integration.server_process import ServerProcess
+from tests.integration.test_finetune import FINETUNE, WORDS
+from tests.integration.test_hf_models import snapshot
 
 pytestmark = pytest.mark.slow  # adapters trained, a server started
 
-FINETUNE = os.path.join(ROOT, "finetune_generation.py")
 PROMPTS = ["3 plus 4 =", "The quick brown fox"]
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TARGETS = {"a": lambda a, b: WORDS[(a + b) % 10], "b": lambda a, b: "banana " * 3}
 GREEDY = {"max_tokens": 8, "temperature": 0}
-
-
-def tree_digest(directory: str) -> dict[str, str]:
-    digests = {}
-    for folder, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                digests[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return digests
 
 
 def train_adapters(base: str, root) -> dict[str, str]:
@@ -69,7 +57,7 @@ def trained(saved_tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     base = saved_tiny_models["llama"]
     paths = {"base": base, **train_adapters(base, root), "merged_a": str(root / "merged_a")}
-    digests = {name: tree_digest(paths[name]) for name in ("a", "b")}
+    digests = {name: snapshot(paths[name]) for name in ("a", "b")}
     server = ServerProcess(["--model", base, "--served_model_name", "base", "--engine", "dygraph", "--lora_modules",
                             f"a={paths['a']}", f"b={paths['b']}", "--max_loras", "2", "--enable_lora_runtime_updates",
                             "--num_threads", "1"], str(root / "server.log"))
@@ -141,6 +129,7 @@ def test_models_lists_the_base_and_each_adapter_with_its_parent(server, trained)
     assert cards["base"]["parent"] is None
     assert {name: (cards[name]["parent"], cards[name]["root"]) for name in ("a", "b")} == {
         name: ("base", os.path.abspath(paths[name])) for name in ("a", "b")}
+    assert post(server, "/v1/completions", {"model": "a", "prompt": "x", **GREEDY}).json()["model"] == "a"
     missing = post(server, "/v1/completions", {"model": "nope", "prompt": "x", **GREEDY})
     assert missing.status_code == 404 and "'base', 'a', 'b'" in missing.json()["error"]["message"]
 
@@ -195,13 +184,6 @@ def test_adapter_saved_for_another_base_is_refused_naming_the_tensor(server, tra
     assert "does not fit --model" in message
 
 
-def test_lora_modules_with_an_export_is_refused_in_one_line(trained, capsys):
-    paths = trained[0]
-    assert serve_main(["--model", paths["base"], "--lora_modules", f"a={paths['a']}"]) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("paddle-llm serve: error: --lora_modules needs --engine dygraph") and "\n" not in error
-
-
 def test_input_adapter_directories_are_unchanged(server, trained):
     paths, digests, _ = trained
-    assert {name: tree_digest(paths[name]) for name in ("a", "b")} == digests
+    assert {name: snapshot(paths[name]) for name in ("a", "b")} == digests

@@ -146,7 +146,7 @@ class _Generation:
         started = [False] * len(self.choices)
         try:
             for choice in self.choices:
-                opening = protocol.opening_chunk(request_id, choice)
+                opening = protocol.opening_chunk(request_id, prepared, choice)
                 if opening is not None:
                     yield sse(opening)
             while self.unfinished:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from paddle_llm.models.chat_template import render_chat
-from paddle_llm.serving.openai.protocol import EndpointProtocol, Prompt, RequestError, number_field
+from paddle_llm.serving.openai.protocol import EndpointProtocol, PreparedRequest, Prompt, RequestError, number_field
 from paddle_llm.serving.sampling import MAX_TOP_LOGPROBS
 
 
@@ -62,9 +62,9 @@ class ChatProtocol(EndpointProtocol):
                             for entry, piece, top in self._pieces(context, entries)],
                 "refusal": None}
 
-    def opening_chunk(self, request_id: str, choice) -> dict:
+    def opening_chunk(self, request_id: str, prepared: PreparedRequest, choice) -> dict:
         # OpenAI's stream names the speaker once, in a first chunk with no text yet.
-        return self._envelope(self.chunk_object, request_id, [
+        return self._envelope(self.chunk_object, request_id, prepared, [
             {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
              "finish_reason": None}])
 
