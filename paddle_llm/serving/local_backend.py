@@ -41,9 +41,13 @@ class LocalBackend:
             RequestError: invalid request; 404 for a model that is neither.
         """
         adapter = self._adapter_named(body.get("model"))
-        if adapter is None:
-            return self.endpoint(kind).prepare(body)
-        return replace(self.endpoint(kind).prepare({**body, "model": self.model_name}), adapter=adapter)
+        prepared = self.endpoint(kind).prepare(self.on_base_model(body))
+        return prepared if adapter is None else replace(prepared, adapter=adapter)
+
+    def on_base_model(self, body: dict) -> dict:
+        """``body`` with an adapter's name as ``model`` replaced by the base's (they share the tokenizer and the
+        limits). Raises: RequestError 404 for a model that is neither."""
+        return body if self._adapter_named(body.get("model")) is None else {**body, "model": self.model_name}
 
     def _adapter_named(self, model) -> str | None:
         adapters = self.served.adapters

@@ -130,6 +130,8 @@ def test_models_lists_the_base_and_each_adapter_with_its_parent(server, trained)
     assert {name: (cards[name]["parent"], cards[name]["root"]) for name in ("a", "b")} == {
         name: ("base", os.path.abspath(paths[name])) for name in ("a", "b")}
     assert post(server, "/v1/completions", {"model": "a", "prompt": "x", **GREEDY}).json()["model"] == "a"
+    tokenized = post(server, "/tokenize", {"model": "a", "prompt": "x"})
+    assert tokenized.status_code == 200 and tokenized.json() == post(server, "/tokenize", {"prompt": "x"}).json()
     missing = post(server, "/v1/completions", {"model": "nope", "prompt": "x", **GREEDY})
     assert missing.status_code == 404 and "'base', 'a', 'b'" in missing.json()["error"]["message"]
 
