@@ -40,7 +40,6 @@ _OTHER_FORWARDS = ("use_mora", "lora_use_mixer", "pissa")
 class AdapterWeights:
     """One adapter read from disk, checked against the base: ``layer name -> (A [in, r], B * scaling [r, out])``."""
 
-    path: str
     rank: int
     deltas: dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -88,7 +87,7 @@ def read_adapter(lora_path: str, linear_shapes: dict[str, tuple[int, int]], flag
     scaling = alpha / (math.sqrt(rank) if config.get("rslora") else rank)
     deltas = {name: (np.asarray(tensors[f"{name}.lora_A"], dtype="float32"),
                      np.asarray(tensors[f"{name}.lora_B"], dtype="float32") * scaling) for name in targets}
-    return AdapterWeights(os.path.abspath(lora_path), rank, deltas)
+    return AdapterWeights(rank, deltas)
 
 
 class MultiLoRALinear(nn.Layer):

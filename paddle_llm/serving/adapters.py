@@ -25,7 +25,6 @@ class ServedAdapter:
     name: str
     path: str
     slot: int
-    rank: int
 
 
 class ServedAdapters:
@@ -75,7 +74,7 @@ class ServedAdapters:
                                    "first, or restart serve with a larger --max_loras", param="lora_name",
                                    code="adapter_limit_reached")
             self.bank.write(free[0], weights)
-            adapter = ServedAdapter(name, os.path.abspath(path), free[0], weights.rank)
+            adapter = ServedAdapter(name, os.path.abspath(path), free[0])
             self._adapters[name] = adapter
         return adapter
 
