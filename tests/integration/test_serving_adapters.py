@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow  # adapters trained, a server started
 PROMPTS = ["3 plus 4 =", "The quick brown fox"]
 TARGETS = {"a": lambda a, b: WORDS[(a + b) % 10], "b": lambda a, b: "banana " * 3}
 GREEDY = {"max_tokens": 8, "temperature": 0}
+MISMATCH = "tensor llama.layers.0.self_attn.q_proj.lora_A is [64, 4] in the adapter but [128, 4] for this base"
 
 
 def train_adapters(base: str, root) -> dict[str, str]:
@@ -95,7 +96,8 @@ def greedy_rows(decoder, prompts, adapters, steps=6):
     return np.stack(tokens, axis=1), first
 
 
-def test_adapter_rows_in_one_step_equal_each_alone_and_the_merged_model(trained):
+def test_adapter_rows_in_one_step_equal_each_alone_and_the_merged_model(trained, other_base_adapter):
+    from paddle_llm.peft.adapter_match import AdapterMismatchError
     from paddle_llm.serving.model import AdapterSlots, open_checkpoint
     from paddle_llm.serving.openai.lora.protocol import load_adapter
     from paddle_llm.serving.openai.protocol import RequestError
@@ -118,6 +120,10 @@ def test_adapter_rows_in_one_step_equal_each_alone_and_the_merged_model(trained)
         with pytest.raises(RequestError) as refused:  # this server took no --enable_lora_runtime_updates
             load_adapter(served, {"lora_name": "c", "lora_path": paths["b"]})
         assert refused.value.status == 403 and "--enable_lora_runtime_updates" in refused.value.message
+        with pytest.raises(AdapterMismatchError) as mismatch:  # what serve --lora_modules other=DIR prints, exit 2
+            served.adapters.load("other", other_base_adapter, "--lora_modules other")
+        assert str(mismatch.value).startswith(f"--lora_modules other {other_base_adapter} does not fit --model")
+        assert MISMATCH in str(mismatch.value) and "\n" not in str(mismatch.value)
     finally:
         served.engine.shutdown()
         merged.engine.shutdown()
@@ -169,21 +175,24 @@ def test_load_unload_limit_and_in_flight_requests(server, trained):
     assert again.status_code == 400 and "already been loaded" in again.text
 
 
-def test_adapter_saved_for_another_base_is_refused_naming_the_tensor(server, trained, tmp_path):
+@pytest.fixture(scope="module")
+def other_base_adapter(trained, tmp_path_factory) -> str:
+    """Adapter ``a`` as a base of hidden size 64 would have it: every A takes 64 inputs."""
     import paddle
 
     paths = trained[0]
-    other = tmp_path / "other_base_adapter"
-    other.mkdir()
-    (other / "lora_config.json").write_text((open(os.path.join(paths["a"], "lora_config.json")).read()))
+    other = tmp_path_factory.mktemp("other_base_adapter")
+    (other / "lora_config.json").write_text(open(os.path.join(paths["a"], "lora_config.json")).read())
     state = paddle.load(os.path.join(paths["a"], "lora_model_state.pdparams"), return_numpy=True)
-    # as a base of hidden size 64 would have it: every A takes 64 inputs
     state = {name: value[:64] if name.endswith("lora_A") else value for name, value in state.items()}
     paddle.save(state, str(other / "lora_model_state.pdparams"))
-    refused = post(server, "/v1/load_lora_adapter", {"lora_name": "other", "lora_path": str(other)})
+    return str(other)
+
+
+def test_adapter_saved_for_another_base_is_refused_naming_the_tensor(server, other_base_adapter):
+    refused = post(server, "/v1/load_lora_adapter", {"lora_name": "other", "lora_path": other_base_adapter})
     message = refused.json()["error"]["message"]
-    assert refused.status_code == 400 and "tensor llama.layers.0.self_attn.q_proj.lora_A is [64, 4]" in message
-    assert "does not fit --model" in message
+    assert refused.status_code == 400 and MISMATCH in message and "does not fit --model" in message
 
 
 def test_input_adapter_directories_are_unchanged(server, trained):
