@@ -11,6 +11,7 @@ caller iterates). An event carries the new text since the previous one; the last
 
 from __future__ import annotations
 
+import collections
 import itertools
 import queue
 import threading
@@ -219,6 +220,7 @@ class Engine:
         self._closing = False
         self._abort_reason: str | None = None
         self._stats = EngineStats()
+        self._unfinished_per_adapter: collections.Counter = collections.Counter()
         self._thread: threading.Thread | None = None
 
     # ---- caller side ---------------------------------------------------------------------------------------------
@@ -271,6 +273,7 @@ class Engine:
             if self._closing:
                 raise EngineClosedError("the server is shutting down and takes no new requests")
             self._waiting.append(sequence)
+            self._unfinished_per_adapter[adapter] += 1
             self._stats.prompt_tokens += len(prompt_ids)
             self._condition.notify()
         return handle
@@ -286,9 +289,11 @@ class Engine:
         return snapshot
 
     def adapters_in_use(self) -> set[int]:
-        """The adapter slots of every request submitted and not finished: a slot is not reused while in this set."""
+        """The adapter slots of every request submitted and not finished: a slot is not reused while in this set.
+
+        Counted at submit and at finish, not read from the queues: a request being prefilled is in neither."""
         with self._condition:
-            return {s.adapter for s in self._waiting + self._running if not s.finished}
+            return {adapter for adapter, unfinished in self._unfinished_per_adapter.items() if unfinished}
 
     def abort_all(self, reason: str) -> None:
         """Fail every submitted request at the next step with ``finish_reason="error"`` and ``reason`` (safe from
@@ -443,6 +448,7 @@ class Engine:
         sequence.finished = True
         with self._condition:
             self._stats.finished_requests += 1
+            self._unfinished_per_adapter[sequence.adapter] -= 1
         sequence.handle._deliver(self._event(sequence, text, tuple(token_ids), reason, error))
 
     @staticmethod
