@@ -159,7 +159,8 @@ def adapter_slots(args) -> AdapterSlots | None:
                                  f"{RUNTIME_UPDATES_FLAG} too, or leave it out")
         return None
     if args.engine != ENGINE_DYGRAPH:
-        raise ValueError(f"--lora_modules needs --engine dygraph: an export's step graph has the base weights (any "
+        given = "--lora_modules" if args.lora_modules else RUNTIME_UPDATES_FLAG
+        raise ValueError(f"{given} needs --engine dygraph: an export's step graph has the base weights (any "
                          f"adapter merged) and no adapter inputs, so it cannot pick an adapter per request; serve the "
                          f"checkpoint with --engine dygraph, or export one merged model per adapter "
                          f"(`paddle-llm export --lora_path`)")

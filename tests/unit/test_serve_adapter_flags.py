@@ -8,6 +8,7 @@ from paddle_llm.serving.command import main as serve_main
 @pytest.mark.parametrize("flags, message", [
     (["--lora_modules", "a=ADAPTER"], "--lora_modules needs --engine dygraph: an export's step graph has the base "
                                       "weights (any adapter merged) and no adapter inputs"),
+    (["--enable_lora_runtime_updates"], "--enable_lora_runtime_updates needs --engine dygraph"),
     (["--engine", "dygraph", "--lora_modules", "a"], "--lora_modules 'a': write each adapter as NAME=PATH"),
     (["--engine", "dygraph", "--lora_modules", "a=ADAPTER", "a=ADAPTER"], "--lora_modules: the name 'a' is taken"),
     (["--engine", "dygraph", "--lora_modules", "base=ADAPTER"], "--lora_modules: the name 'base' is taken"),
@@ -18,7 +19,7 @@ from paddle_llm.serving.command import main as serve_main
      "--lora_modules names 2 adapters but --max_loras is 1"),
     (["--engine", "dygraph", "--enable_lora_runtime_updates", "--max_lora_rank", "0"],
      "--max_loras and --max_lora_rank must be at least 1"),
-], ids=["export", "no-path", "same-name", "base-name", "missing", "slots-alone", "too-many", "rank-0"])
+], ids=["export", "export-runtime-updates", "no-path", "same-name", "base-name", "missing", "slots-alone", "too-many", "rank-0"])
 def test_adapter_flags_are_refused_in_one_line_before_loading(tmp_path, capsys, flags, message):
     base, adapter = tmp_path / "base", tmp_path / "adapter"
     base.mkdir()
