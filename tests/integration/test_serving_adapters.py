@@ -86,13 +86,17 @@ def complete(server, model, prompt, max_tokens=GREEDY["max_tokens"]):
     return reply.json()["choices"][0]["text"]
 
 
-def greedy_rows(decoder, prompts, adapters, steps=6):
-    """Greedy tokens ``[rows, steps]`` of rows decoded together, and the prefill's logits."""
-    logits, batch = decoder.prefill(prompts, adapters)
-    first, tokens = logits, [logits.argmax(-1)]
+def greedy_rows(decoder, prompts, adapters, steps=6, vocab=None):
+    """Greedy tokens ``[rows, steps]`` of rows decoded together in the decoder's first slots (the engine is idle),
+    and the prefill's logits; ``vocab``: pick among the first ids only (the engine samples the tokenizer's)."""
+    slots = list(range(len(prompts)))
+    for slot in slots:
+        decoder.clear(slot)
+    logits = decoder.prefill(slots, prompts, adapters)
+    first, tokens = logits, [logits[:, :vocab].argmax(-1)]
     for _ in range(steps - 1):
-        logits, batch = decoder.decode(batch, tokens[-1].tolist(), adapters)
-        tokens.append(logits.argmax(-1))
+        logits = decoder.decode(tokens[-1].tolist(), adapters)
+        tokens.append(logits[:, :vocab].argmax(-1))
     return np.stack(tokens, axis=1), first
 
 
@@ -103,7 +107,7 @@ def test_adapter_rows_in_one_step_equal_each_alone_and_the_merged_model(trained,
     from paddle_llm.serving.openai.protocol import RequestError
 
     paths = trained[0]
-    served = open_checkpoint(paths["base"], 4, adapter_slots=AdapterSlots(2, 8, runtime_updates=False))
+    served = open_checkpoint(paths["base"], 5, adapter_slots=AdapterSlots(2, 8, runtime_updates=False))
     merged = open_checkpoint(paths["merged_a"], 4)
     try:
         slots = {name: served.adapters.load(name, paths[name], name).slot for name in ("a", "b")}
@@ -127,6 +131,43 @@ def test_adapter_rows_in_one_step_equal_each_alone_and_the_merged_model(trained,
     finally:
         served.engine.shutdown()
         merged.engine.shutdown()
+
+
+def test_prefix_cache_hits_only_within_one_adapter_and_each_gets_its_own_tokens(trained):
+    from paddle_llm.serving.model import AdapterSlots, open_checkpoint
+    from paddle_llm.serving.prefix_cache import BLOCK_TOKENS
+    from paddle_llm.serving.sampling import SamplingParams
+
+    paths = trained[0]
+    served = open_checkpoint(paths["base"], 2, adapter_slots=AdapterSlots(2, 8, runtime_updates=True))
+    engine, steps = served.engine, 6
+    try:
+        slots = {"base": 0, **{name: served.adapters.load(name, paths[name], name).slot for name in ("a", "b")}}
+        prompt = served.tokenizer("The quick brown fox " * 8, add_special_tokens=False)["input_ids"]
+        cached = (len(prompt) - 1) // BLOCK_TOKENS * BLOCK_TOKENS  # its full blocks but the last token's
+        assert cached >= 2 * BLOCK_TOKENS
+        alone = {name: greedy_rows(engine.decoder, [prompt], [slot], steps, engine.sampled_vocab_size)[0][0].tolist()
+                 for name, slot in slots.items()}
+        assert len({tuple(tokens) for tokens in alone.values()}) == 3
+
+        def run(name, slot=None):
+            """The engine's greedy tokens for ``prompt`` under adapter ``name`` (it stops at EOS; ``alone`` does not),
+            and how many prompt tokens the prefix cache gave it."""
+            hits = engine.prefix_cache.hit_tokens
+            params = SamplingParams(max_tokens=steps, temperature=0)
+            tokens = list(engine.submit(prompt, params, adapter=slots[name] if slot is None else slot).result().token_ids)
+            assert tokens == alone[name][:len(tokens)], name
+            return engine.prefix_cache.hit_tokens - hits
+
+        assert run("a") == 0  # cold: a's blocks are stored
+        assert run("base") == 0 and run("b") == 0  # the same tokens under another adapter: no hit
+        assert run("a") == cached and run("b") == cached  # each hits its own blocks
+        served.adapters.unload("a")
+        reloaded = served.adapters.load("a_again", paths["a"], "a_again").slot
+        assert reloaded == slots["a"]
+        assert run("a", reloaded) == 0  # a slot loaded anew never reuses the KV of what it held before
+    finally:
+        engine.shutdown()
 
 
 def test_models_lists_the_base_and_each_adapter_with_its_parent(server, trained):
