@@ -160,6 +160,7 @@ class StepDecoder:
         prefix_cache: list[paddle.Tensor] | None = None,
         slots: int = 1,
         max_columns: int | None = None,
+        adapter_bank=None,
     ):
         """
         Args:
@@ -172,6 +173,8 @@ class StepDecoder:
                 columns of every slot.
             slots: rows of the cache (the most requests decoding together).
             max_columns: the most positions a row ever holds (the context); capacity never grows past it.
+            adapter_bank: per-row LoRA adapters (``peft.multi_lora.LoRABank``) inside the runner's layer, or None.
+                ``prefill`` and ``decode`` take each row's adapter slot (0: none) and select them for that step.
 
         Raises:
             ValueError: a cache dtype numpy cannot hold.
@@ -183,6 +186,7 @@ class StepDecoder:
         self.dtype = dtype
         self.glm_positions = glm_positions
         self.pad_token_id = pad_token_id
+        self.adapter_bank = adapter_bank
         self._prefix = [cache.numpy() for cache in prefix_cache] if prefix_cache is not None else None
         self.prefix_columns = 0 if self._prefix is None else int(self._prefix[0].shape[layout.seq_axis])
         self.max_columns = None if max_columns is None else max_columns + self.prefix_columns
@@ -283,9 +287,24 @@ class StepDecoder:
         index = np.arange(self.slots)[slots]
         return [paddle.to_tensor(np.take(array, index, axis=axis)) for array in self._arrays]
 
+    def adapter_key(self, adapter: int) -> tuple[int, int]:
+        """What a row's cache columns depend on besides its tokens: its adapter slot and how many times that slot was
+        loaded, so a slot reused by another adapter never matches cache computed with the one before."""
+        return adapter, 0 if self.adapter_bank is None else self.adapter_bank.loads[adapter]
+
     # ---- steps ---------------------------------------------------------------------------------------------------
 
-    def _run(self, input_ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: list[paddle.Tensor]):
+    def _run(self, input_ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: list[paddle.Tensor],
+             adapters: Sequence[int] | None):
+        if self.adapter_bank is None:
+            if adapters is not None and any(adapters):
+                raise ValueError("this decoder has no adapter bank; rows cannot pick an adapter")
+            return self._run_rows(input_ids, positions, mask, past)
+        # The bank's lock is held for the whole step, so a load or unload never writes a slot mid-step.
+        with self.adapter_bank.rows_for_step(adapters or [0] * len(input_ids)):
+            return self._run_rows(input_ids, positions, mask, past)
+
+    def _run_rows(self, input_ids: np.ndarray, positions: np.ndarray, mask: np.ndarray, past: list[paddle.Tensor]):
         inputs = [
             paddle.to_tensor(input_ids.astype("int64")),
             paddle.to_tensor(position_input(positions.astype("int64"), self.glm_positions)),
@@ -295,9 +314,10 @@ class StepDecoder:
         logits, *new = self.runner.run(inputs)
         return logits.numpy(), [self._rows_view(np.asarray(cache.numpy())) for cache in new]
 
-    def prefill(self, slots: Sequence[int], chunks: Sequence[Sequence[int]]) -> np.ndarray:
+    def prefill(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], adapters: Sequence[int] | None = None) -> np.ndarray:
         """Feed each slot the next tokens of its prompt (``chunks[i]`` continues ``slots[i]`` where it ends);
-        rows run together, left-padded to the longest chunk.
+        rows run together, left-padded to the longest chunk, each with its adapter slot (``adapters[i]``; None: the
+        base model for all).
 
         Returns:
             logits ``[rows, vocab]`` after each chunk's last token.
@@ -316,7 +336,7 @@ class StepDecoder:
         past_valid = np.arange(self.capacity)[None, :] < self.lengths[slots][:, None]
         contiguous = rows > 0 and np.array_equal(slots, np.arange(slots[0], slots[0] + rows))
         past = self._past(slice(int(slots[0]), int(slots[0]) + rows) if contiguous else slots)
-        logits, new = self._run(input_ids, positions, step_attention_mask(past_valid, new_valid), past)
+        logits, new = self._run(input_ids, positions, step_attention_mask(past_valid, new_valid), past, adapters)
         for row, chunk in enumerate(chunks):
             slot, start = int(slots[row]), int(self.lengths[slots[row]])
             for array, values in zip(self._arrays, new):
@@ -324,8 +344,9 @@ class StepDecoder:
             self.lengths[slot] = start + len(chunk)
         return logits
 
-    def decode(self, last_tokens: Sequence[int]) -> np.ndarray:
-        """Feed rows ``0 .. len(last_tokens)-1`` their latest token; returns next-token logits ``[rows, vocab]``."""
+    def decode(self, last_tokens: Sequence[int], adapters: Sequence[int] | None = None) -> np.ndarray:
+        """Feed rows ``0 .. len(last_tokens)-1`` their latest token (each with its adapter slot, as ``prefill``);
+        returns next-token logits ``[rows, vocab]``."""
         rows = len(last_tokens)
         lengths = self.lengths[:rows]
         self._ensure_capacity(int(lengths.max()) + 1)
@@ -334,7 +355,7 @@ class StepDecoder:
         mask[:, 0, 0, : self.capacity] = np.arange(self.capacity)[None, :] < lengths[:, None]
         input_ids = np.asarray(last_tokens, dtype="int64").reshape(rows, 1)
         positions = (lengths - self.prefix_columns).reshape(rows, 1)
-        logits, new = self._run(input_ids, positions, mask, self._past(slice(0, rows)))
+        logits, new = self._run(input_ids, positions, mask, self._past(slice(0, rows)), adapters)
         every_row = np.arange(rows)
         for array, values in zip(self._arrays, new):
             self._rows_view(array)[every_row, lengths] = values[:, 0]

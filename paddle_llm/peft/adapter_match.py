@@ -34,12 +34,14 @@ def first_mismatch(adapter: dict[str, tuple[int, ...]], base: dict[str, tuple[in
     return None
 
 
-def require_matching(flag: str, adapter_path: str, base_path: str, adapter: dict, base: dict) -> None:
+def require_matching(flag: str, adapter_path: str, base_path: str, adapter: dict, base: dict,
+                     base_flag: str = "--model_name_or_path") -> None:
     """Raise ``AdapterMismatchError`` naming the first mismatching tensor and both directories.
 
     Args:
         flag: the flag that named the adapter (``--lora_path``, ``--prefix_path``).
         adapter: name -> shape of what the adapter directory holds.
+        base_flag: the flag that named the base (``--model`` for ``serve``).
         base: name -> shape of what the base model needs there.
     """
     mismatch = first_mismatch(adapter, base)
@@ -47,7 +49,7 @@ def require_matching(flag: str, adapter_path: str, base_path: str, adapter: dict
         return
     name, adapter_shape, base_shape = mismatch
     raise AdapterMismatchError(
-        f"{flag} {os.path.abspath(adapter_path)} does not fit --model_name_or_path {base_path}: tensor {name} is "
+        f"{flag} {os.path.abspath(adapter_path)} does not fit {base_flag} {base_path}: tensor {name} is "
         f"{_shape_text(adapter_shape)} in the adapter but {_shape_text(base_shape)} for this base; pass the base model "
         "the adapter was trained on, or an adapter trained on this base")
 

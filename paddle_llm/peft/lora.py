@@ -41,22 +41,28 @@ LORA_WEIGHTS = "lora_model_state.pdparams"  # PaddleNLP's LORA_WEIGHTS_NAME
 LORA_SAFETENSORS_INDEX = "peft_model.safetensors.index.json"  # PaddleNLP's SAFE_PEFT_WEIGHTS_INDEX_NAME (unified checkpoint)
 
 
-def saved_lora_shapes(lora_path: str) -> dict[str, tuple[int, ...]] | None:
-    """Name -> shape of the adapter tensors ``lora_path`` holds, in either format a LoRA run saves (``--unified_checkpoint``
-    writes safetensors shards and their index); None when it holds neither."""
+def read_lora_tensors(lora_path: str) -> dict | None:
+    """Name -> numpy array of the adapter tensors ``lora_path`` holds, in either format a LoRA run saves
+    (``--unified_checkpoint`` writes safetensors shards and their index); None when it holds neither."""
     import paddle
 
     index = os.path.join(lora_path, LORA_SAFETENSORS_INDEX)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
-        shapes = {}
+        tensors = {}
         for shard in shards:
-            with safe_open(os.path.join(lora_path, shard), framework="np") as tensors:
-                shapes.update({name: tuple(tensors.get_slice(name).get_shape()) for name in tensors.keys()})
-        return shapes
+            with safe_open(os.path.join(lora_path, shard), framework="np") as opened:
+                tensors.update({name: opened.get_tensor(name) for name in opened.keys()})
+        return tensors
     weights = os.path.join(lora_path, LORA_WEIGHTS)
-    return tensor_shapes(paddle.load(weights, return_numpy=True)) if os.path.isfile(weights) else None
+    return paddle.load(weights, return_numpy=True) if os.path.isfile(weights) else None
+
+
+def saved_lora_shapes(lora_path: str) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of the adapter tensors ``lora_path`` holds (``read_lora_tensors``); None when it holds none."""
+    tensors = read_lora_tensors(lora_path)
+    return None if tensors is None else tensor_shapes(tensors)
 
 
 def load_lora(model, lora_path: str, base_path: str):

@@ -6,6 +6,8 @@ Examples::
     paddle-llm serve --model out/export --port 8000 --grpc_port 50051 --api_key secret
     paddle-llm serve --model out/ckpt --engine dygraph --port 8000          # a checkpoint, no export
     paddle-llm serve --model out/fd --engine fastdeploy --port 8000         # GPU: FastDeploy 2.x behind our front end
+    paddle-llm serve --model out/ckpt --engine dygraph --lora_modules sql=out/lora_sql chat=out/lora_chat
+                                                                            # one base, a LoRA adapter per request's model
 
 SIGTERM or Ctrl-C shuts down gracefully: no new connections, in-flight requests finish (up to
 ``--graceful_shutdown_seconds``; those still running then get an error answer), then the engine stops. Exit codes:
@@ -24,6 +26,7 @@ import uvicorn
 
 from paddle_llm.cpu.threads import configure_cpu_runtime
 from paddle_llm.inference.manifest import FORMAT_FASTDEPLOY, load_manifest
+from paddle_llm.serving.adapters import RUNTIME_UPDATES_FLAG
 from paddle_llm.serving.fastdeploy import FastDeployBackend, FastDeployServer, find_fastdeploy
 from paddle_llm.serving.grpc_server import start_grpc_server, stop_grpc_server
 from paddle_llm.serving.http_limits import header_timeout_protocol
@@ -36,6 +39,7 @@ from paddle_llm.serving.model import (
     ENGINE_FASTDEPLOY,
     ENGINE_PADDLE,
     ENGINES,
+    AdapterSlots,
     open_checkpoint,
     open_export,
 )
@@ -46,6 +50,8 @@ from paddle_llm.serving.rest_common import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT
 from paddle_llm.serving.shutdown import EXIT_DRAIN_CUT_SHORT, DrainingServer, drain_config_seconds
 
 API_KEY_ENV = "PADDLE_LLM_API_KEY"
+DEFAULT_MAX_LORAS = 4
+DEFAULT_MAX_LORA_RANK = 16
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--graceful_shutdown_seconds", type=float, default=30.0,
                         help="how long in-flight requests may run after SIGTERM; those still running then get an "
                              "error answer and serve exits 3")
+    parser.add_argument("--lora_modules", nargs="+", default=[], metavar="NAME=PATH",
+                        help="LoRA adapters (directories `finetune --lora` wrote) served on the base; a request picks "
+                             "one by passing NAME as model, and requests for different adapters decode in one batch "
+                             "(--engine dygraph only)")
+    parser.add_argument("--max_loras", type=int,
+                        help=f"adapter slots preallocated (default {DEFAULT_MAX_LORAS}, or as many as --lora_modules "
+                             "names); a load past them gets a 400")
+    parser.add_argument("--max_lora_rank", type=int,
+                        help=f"largest adapter rank a slot holds (default {DEFAULT_MAX_LORA_RANK}); each slot's memory "
+                             "grows with it")
+    parser.add_argument(RUNTIME_UPDATES_FLAG, action="store_true",
+                        help="allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off: they answer 403)")
     parser.add_argument("--fastdeploy_port", type=int, help="port for the FastDeploy subprocess (default: a free one)")
     parser.add_argument("--fastdeploy_args", default="", help="extra FastDeploy server flags, as one string")
     return parser
@@ -127,6 +145,53 @@ def validate_args(args) -> None:
         raise ValueError(f"--model {args.model!r} is not a directory")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api_key is empty")
+    adapter_paths(args)
+    adapter_slots(args)
+
+
+def adapter_paths(args) -> dict[str, str]:
+    """``--lora_modules`` as name -> path. Raises: ValueError naming the entry."""
+    paths, base_name = {}, args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    for entry in args.lora_modules:
+        name, _, path = entry.partition("=")
+        if not name or not path:
+            raise ValueError(f"--lora_modules {entry!r}: write each adapter as NAME=PATH")
+        if name in paths or name == base_name:
+            raise ValueError(f"--lora_modules: the name {name!r} is taken (by another adapter or the base model); "
+                             "give each adapter its own name")
+        if not os.path.isdir(path):
+            raise ValueError(f"--lora_modules {name}={path}: not a directory")
+        paths[name] = path
+    return paths
+
+
+def adapter_slots(args) -> AdapterSlots | None:
+    """The adapter slots to preallocate, None when the server takes no adapters.
+
+    Raises:
+        ValueError: adapter flags with an export (whose graph cannot take them), or slots that cannot hold them.
+    """
+    wanted = args.lora_modules or args.enable_lora_runtime_updates
+    if not wanted:
+        for flag in ("max_loras", "max_lora_rank"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} sizes the slots of LoRA adapters; pass --lora_modules or "
+                                 f"{RUNTIME_UPDATES_FLAG} too, or leave it out")
+        return None
+    if args.engine != ENGINE_DYGRAPH:
+        given = "--lora_modules" if args.lora_modules else RUNTIME_UPDATES_FLAG
+        raise ValueError(f"{given} needs --engine dygraph: an export's step graph has the base weights (any "
+                         f"adapter merged) and no adapter inputs, so it cannot pick an adapter per request; serve the "
+                         f"checkpoint with --engine dygraph, or export one merged model per adapter "
+                         f"(`paddle-llm export --lora_path`)")
+    max_loras = args.max_loras if args.max_loras is not None else max(DEFAULT_MAX_LORAS, len(args.lora_modules))
+    max_rank = args.max_lora_rank if args.max_lora_rank is not None else DEFAULT_MAX_LORA_RANK
+    if max_loras < 1 or max_rank < 1:
+        raise ValueError(f"--max_loras and --max_lora_rank must be at least 1, got {max_loras} and {max_rank}")
+    if len(args.lora_modules) > max_loras:
+        raise ValueError(f"--lora_modules names {len(args.lora_modules)} adapters but --max_loras is {max_loras}; "
+                         "raise --max_loras")
+    return AdapterSlots(max_loras, max_rank, args.enable_lora_runtime_updates)
 
 
 def _local_backend(args):
@@ -134,9 +199,16 @@ def _local_backend(args):
     configure_cpu_runtime(requested_threads=args.num_threads, device=args.device)
 
     if args.engine == ENGINE_DYGRAPH:
+        slots = adapter_slots(args)
         served = open_checkpoint(args.model, args.max_batch_size, device=args.device,
                                  prefill_chunk_tokens=args.prefill_chunk_tokens,
-                                 prefix_cache_tokens=args.prefix_cache_tokens)
+                                 prefix_cache_tokens=args.prefix_cache_tokens, adapter_slots=slots)
+        if slots is not None:
+            try:
+                _load_startup_adapters(served, adapter_paths(args))
+            except Exception:
+                served.engine.shutdown()
+                raise
     else:
         served = open_export(args.model, args.num_threads, args.max_batch_size, enable_mkldnn=args.mkldnn,
                              prefill_chunk_tokens=args.prefill_chunk_tokens, prefix_cache_tokens=args.prefix_cache_tokens,
@@ -147,6 +219,21 @@ def _local_backend(args):
     default_max_tokens = int(served.generation_defaults.get("max_new_tokens") or 256)
     limits = ServingLimits(args.max_tokens_limit, max_prompt, default_max_tokens)
     return served, LocalBackend(served, limits)
+
+
+def _load_startup_adapters(served, paths: dict[str, str]) -> None:
+    """Load ``--lora_modules`` into their slots and say what the slots cost.
+
+    Raises:
+        ValueError, FileNotFoundError: the first adapter that does not load (naming it, and the tensor that does not
+            fit when it was saved for another base).
+    """
+    adapters = served.adapters
+    for name, path in paths.items():  # adapter_paths and adapter_slots checked the names are free and fit the slots
+        adapters.load(name, path, f"--lora_modules {name}")
+    bank = adapters.bank
+    print(f"LoRA adapters: {len(paths)} loaded ({', '.join(paths) or 'none'}) in {bank.max_loras} slots of rank <= "
+          f"{bank.max_rank}, {bank.bytes_per_adapter() / 2**20:.2f} MiB each", flush=True)
 
 
 def _fastdeploy(args):

@@ -19,6 +19,7 @@ caller iterates). An event carries the new text since the previous one; the last
 
 from __future__ import annotations
 
+import collections
 import itertools
 import queue
 import threading
@@ -181,6 +182,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     last_token: int = -1
     finished: bool = False
+    adapter: int = 0  # the decoder's adapter slot for this row (0: the base model)
     last_logprob: tuple[TokenLogprob, ...] = ()
     processors: tuple[LogitsProcessor, ...] = ()
     slot: int = -1  # its row of the decoder's cache
@@ -255,6 +257,7 @@ class Engine:
         self._closing = False
         self._abort_reason: str | None = None
         self._stats = EngineStats()
+        self._unfinished_per_adapter: collections.Counter = collections.Counter()
         self._thread: threading.Thread | None = None
 
     # ---- caller side ---------------------------------------------------------------------------------------------
@@ -272,6 +275,7 @@ class Engine:
         params: SamplingParams,
         listener: Callable[[StreamEvent], None] | None = None,
         processors: Sequence[LogitsProcessor] = (),
+        adapter: int = 0,
     ) -> RequestHandle:
         """Queue a request; it joins the running batch at the next step.
 
@@ -280,6 +284,7 @@ class Engine:
             params: validated sampling settings.
             listener: called with each ``StreamEvent`` on the engine thread; None gives an iterable handle.
             processors: this request's own logits processors (each used by this request only), applied in order.
+            adapter: the decoder's LoRA adapter slot this request decodes with (0: the base model).
 
         Raises:
             ValueError: empty prompt, prompt filling the context, or invalid params.
@@ -302,11 +307,13 @@ class Engine:
             max_new_tokens=min(params.max_tokens, room),
             seen_ids=list(prompt_ids),
             processors=tuple(processors),
+            adapter=adapter,
         )
         with self._condition:
             if self._closing:
                 raise EngineClosedError("the server is shutting down and takes no new requests")
             self._waiting.append(sequence)
+            self._unfinished_per_adapter[adapter] += 1
             self._stats.prompt_tokens += len(prompt_ids)
             self._condition.notify()
         return handle
@@ -322,6 +329,13 @@ class Engine:
             snapshot.running = len(self._decoding) + len(self._prefilling)
             snapshot.waiting = len(self._waiting)
         return snapshot
+
+    def adapters_in_use(self) -> set[int]:
+        """The adapter slots of every request submitted and not finished: a slot is not reused while in this set.
+
+        Counted at submit and at finish, not read from the queues: a request between them may be in neither."""
+        with self._condition:
+            return {adapter for adapter, unfinished in self._unfinished_per_adapter.items() if unfinished}
 
     def abort_all(self, reason: str) -> None:
         """Fail every submitted request at the next step with ``finish_reason="error"`` and ``reason`` (safe from
@@ -395,7 +409,7 @@ class Engine:
         self.decoder.clear(sequence.slot)
         # A request scoring its prompt needs every position's logits, so it runs the whole prompt.
         if self.prefix_cache.max_blocks and not sequence.params.prompt_logprobs:
-            blocks = self.prefix_cache.lookup(sequence.prompt_ids)
+            blocks = self.prefix_cache.lookup(sequence.prompt_ids, self.decoder.adapter_key(sequence.adapter))
             if blocks:
                 columns = [np.concatenate(layer_blocks) for layer_blocks in zip(*blocks)]
                 self.decoder.write_row_cache(sequence.slot, self.decoder.prefix_columns, columns)
@@ -417,7 +431,7 @@ class Engine:
             rows.append(sequence)
             chunks.append(chunk)
             budget -= len(chunk)
-        logits = self.decoder.prefill([s.slot for s in rows], chunks)
+        logits = self.decoder.prefill([s.slot for s in rows], chunks, [s.adapter for s in rows])
         with self._condition:
             self._stats.prefill_batches += 1
         for row, (sequence, chunk) in enumerate(zip(rows, chunks)):
@@ -440,7 +454,7 @@ class Engine:
     def _store_prefix(self, sequence: _Sequence) -> None:
         """Keep the cache columns of the prompt's full blocks that are not cached yet."""
         start = self.decoder.prefix_columns
-        for block, link in self.prefix_cache.missing_blocks(sequence.prompt_ids):
+        for block, link in self.prefix_cache.missing_blocks(sequence.prompt_ids, self.decoder.adapter_key(sequence.adapter)):
             first = start + block * BLOCK_TOKENS
             self.prefix_cache.store(link, self.decoder.row_cache(sequence.slot, first, first + BLOCK_TOKENS))
 
@@ -458,7 +472,7 @@ class Engine:
         self._decoding.append(sequence)
 
     def _decode_step(self) -> None:
-        logits = self.decoder.decode([s.last_token for s in self._decoding])
+        logits = self.decoder.decode([s.last_token for s in self._decoding], [s.adapter for s in self._decoding])
         with self._condition:
             self._stats.decode_steps += 1
         for row, sequence in enumerate(self._decoding):
@@ -532,6 +546,7 @@ class Engine:
         sequence.finished = True
         with self._condition:
             self._stats.finished_requests += 1
+            self._unfinished_per_adapter[sequence.adapter] -= 1
         sequence.handle._deliver(self._event(sequence, text, tuple(token_ids), reason, error))
 
     @staticmethod

@@ -7,6 +7,8 @@ provides too; the REST routers also use ``endpoint`` and ``submit`` to stream wi
 from __future__ import annotations
 
 import threading
+from contextlib import nullcontext
+from dataclasses import replace
 from typing import Iterator
 
 from paddle_llm.serving.engine import FINISH_CANCELLED, EngineClosedError, RequestHandle, StreamEvent
@@ -41,7 +43,30 @@ class LocalBackend:
         return self.endpoints[kind]
 
     def prepare(self, kind: str, body: dict) -> PreparedRequest:
-        return self.endpoint(kind).prepare(body)
+        """Validate a request for the base model or, when ``model`` names one, a LoRA adapter.
+
+        Raises:
+            RequestError: invalid request; 404 for a model that is neither.
+        """
+        adapter = self._adapter_named(body.get("model"))
+        prepared = self.endpoint(kind).prepare(self.on_base_model(body))
+        return prepared if adapter is None else replace(prepared, adapter=adapter)
+
+    def on_base_model(self, body: dict) -> dict:
+        """``body`` with an adapter's name as ``model`` replaced by the base's (they share the tokenizer and the
+        limits). Raises: RequestError 404 for a model that is neither."""
+        return body if self._adapter_named(body.get("model")) is None else {**body, "model": self.model_name}
+
+    def _adapter_named(self, model) -> str | None:
+        adapters = self.served.adapters
+        if adapters is None or model is None or model == self.model_name:
+            return None
+        names = adapters.names()
+        if model not in names:
+            served = ", ".join(repr(name) for name in [self.model_name] + names)
+            raise RequestError(f"model {model!r} is not served here; this server serves {served}", param="model",
+                               status=404, code="model_not_found")
+        return model
 
     def submit(self, prepared: PreparedRequest, listener_for=None) -> list[RequestHandle]:
         """Submit every choice of a request (``n`` per prompt), in choice-index order.
@@ -55,10 +80,12 @@ class LocalBackend:
         handles = []
         choices = prepared.choices()
         processors = [self._grammar_constraints(prepared) for _ in choices]
+        held = nullcontext(0) if prepared.adapter is None else self.served.adapters.slot_for(prepared.adapter)
         try:
-            for index, (prompt, params) in enumerate(choices):
-                listener = None if listener_for is None else listener_for(index)
-                handles.append(self.served.engine.submit(prompt.ids, params, listener, processors[index]))
+            with held as slot:
+                for index, (prompt, params) in enumerate(choices):
+                    listener = None if listener_for is None else listener_for(index)
+                    handles.append(self.served.engine.submit(prompt.ids, params, listener, processors[index], slot))
         except EngineClosedError as err:
             for handle in handles:
                 handle.cancel()

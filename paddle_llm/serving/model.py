@@ -14,8 +14,9 @@ from paddle_llm.cpu import features as cpu_features
 from paddle_llm.cpu.memory import host_memory
 from paddle_llm.cpu.threads import available_cores
 from paddle_llm.inference.sizing import BatchSizing, size_batch
-from paddle_llm.inference.manifest import load_manifest
+from paddle_llm.inference.manifest import STEP_PADDLENLP, load_manifest
 from paddle_llm.models.registry import ModelFamily, family_named, load_tokenizer, resolve_model
+from paddle_llm.serving.adapters import ServedAdapters
 from paddle_llm.serving.engine import Engine
 
 ENGINE_PADDLE = "paddle"
@@ -36,6 +37,7 @@ class ServedModel:
         max_context_length: prompt + output positions.
         batch_sizing: how the engine's ``max_batch_size`` was chosen (printed at startup).
         generation_defaults: ``generation_config.json`` (default max tokens, sampling).
+        adapters: the LoRA adapters requests may pick by name (``--lora_modules``), or None.
     """
 
     name: str
@@ -45,6 +47,7 @@ class ServedModel:
     max_context_length: int
     generation_defaults: dict = field(default_factory=dict)
     batch_sizing: str = ""
+    adapters: ServedAdapters | None = None
 
 
 def _read_generation_config(directory: str) -> dict:
@@ -107,14 +110,28 @@ def open_export(model_dir: str, num_threads: int, max_batch_size: int | None, en
     )
 
 
+@dataclass(frozen=True)
+class AdapterSlots:
+    """How many LoRA adapters a checkpoint is served with (``--max_loras``, ``--max_lora_rank``) and whether the
+    endpoints may change them."""
+
+    max_loras: int
+    max_rank: int
+    runtime_updates: bool
+
+
 def open_checkpoint(model_dir: str, max_batch_size: int | None, device: str = "cpu",
-                    prefill_chunk_tokens: int | None = None, prefix_cache_tokens: int | None = None) -> ServedModel:
+                    prefill_chunk_tokens: int | None = None, prefix_cache_tokens: int | None = None,
+                    adapter_slots: AdapterSlots | None = None) -> ServedModel:
     """Serve a checkpoint directly in dygraph (``--engine dygraph``): no export step.
 
     Math threads are process-wide in dygraph; set them first (``paddle_llm.cpu.threads.configure_cpu_runtime``).
 
+    Args:
+        adapter_slots: room for per-request LoRA adapters (empty; ``ServedModel.adapters.load`` fills it), or None.
+
     Raises:
-        FileNotFoundError, ValueError: not a checkpoint with weights.
+        FileNotFoundError, ValueError: not a checkpoint with weights, or a family adapters cannot be served on.
     """
     import paddle
 
@@ -126,23 +143,30 @@ def open_checkpoint(model_dir: str, max_batch_size: int | None, device: str = "c
     source = resolve_model(model_dir)
     family = source.family
     model = load_model(source)
-    fused_rms_norm = cpu_features.fused_rms_norm_allowed(cpu_features.detect())
-    step = build_step_layer(model, family, "float32", fused_rms_norm=fused_rms_norm)
+    bank = None
+    if adapter_slots is None:
+        fused_rms_norm = cpu_features.fused_rms_norm_allowed(cpu_features.detect())
+        step = build_step_layer(model, family, "float32", fused_rms_norm=fused_rms_norm)
+        step_layer, layout = step.layer, step.layout
+    else:
+        bank, step_layer, layout = _adapter_step(model, family, adapter_slots)
     generation = _read_generation_config(model_dir)
     context = max_context_length(family, model.config)
     decoder = StepDecoder(
-        DygraphStepRunner(step.layer),
-        step.layout,
+        DygraphStepRunner(step_layer),
+        layout,
         "float32",
         step_spec(family).glm_positions,
         int(generation.get("pad_token_id") or getattr(model.config, "pad_token_id", 0) or 0),
         max_columns=context,
+        adapter_bank=bank,
     )
     tokenizer = load_checkpoint_tokenizer(source)
     eos = _eos_ids(generation.get("eos_token_id"), getattr(model.config, "eos_token_id", None))
-    sizing = _batch_size(max_batch_size, step.layout, "float32", context)
+    sizing = _batch_size(max_batch_size, layout, "float32", context)
     engine = Engine(decoder, tokenizer, eos, context, sizing.max_batch_size,
                     **_engine_options(prefill_chunk_tokens, prefix_cache_tokens)).start()
+    adapters = None if bank is None else ServedAdapters(bank, engine, model_dir, adapter_slots.runtime_updates)
     return ServedModel(
         name=os.path.basename(os.path.normpath(model_dir)),
         family=family,
@@ -151,4 +175,24 @@ def open_checkpoint(model_dir: str, max_batch_size: int | None, device: str = "c
         max_context_length=context,
         generation_defaults=generation,
         batch_sizing=sizing.reason,
+        adapters=adapters,
     )
+
+
+def _adapter_step(model, family: ModelFamily, slots: AdapterSlots):
+    """The step with a ``LoRABank`` in every linear layer: PaddleNLP's forward (``KVCacheStep``), whose projections
+    are the layers the bank wraps (a family's own inference step fuses them into other weights).
+
+    Raises:
+        ValueError: the family keeps its hidden states sequence-first (ChatGLM), which the bank's batched product
+            does not handle.
+    """
+    from paddle_llm.inference.step_graph import KVCacheStep, cache_layout, step_spec
+    from paddle_llm.peft.multi_lora import LoRABank
+
+    if step_spec(family).batch_axis != 0:
+        raise ValueError(f"--lora_modules: per-request adapters need a batch-first model, and {family.name} keeps its "
+                         "hidden states sequence-first; merge each adapter (`paddle-llm merge-lora`) and serve the "
+                         "merged model")
+    bank = LoRABank(model, slots.max_loras, slots.max_rank)
+    return bank, KVCacheStep(model, family, model.config.num_hidden_layers), cache_layout(family, model.config, STEP_PADDLENLP)

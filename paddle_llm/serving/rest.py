@@ -1,8 +1,8 @@
 """The OpenAI-compatible REST server (FastAPI + uvicorn): assembling the app from its routers.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (plain JSON, or SSE with ``"stream": true``),
-``GET /v1/models`` and ``/v1/models/{id}``, ``POST /tokenize`` and ``/detokenize`` (each in
-``openai/<endpoint>/router.py``), ``GET /health`` and ``GET /metrics`` (``health``).
+``GET /v1/models`` and ``/v1/models/{id}``, ``POST /tokenize`` and ``/detokenize``, ``POST /v1/load_lora_adapter``
+and ``/v1/unload_lora_adapter`` (each in ``openai/<endpoint>/router.py``), ``GET /health`` and ``GET /metrics`` (``health``).
 With an API key, ``/v1/*`` needs ``Authorization: Bearer <key>``; ``/health`` and ``/metrics`` stay open for probes.
 """
 
@@ -18,6 +18,7 @@ from paddle_llm.serving.local_backend import LocalBackend
 from paddle_llm.serving.metrics import ServingMetrics
 from paddle_llm.serving.openai.chat import router as chat
 from paddle_llm.serving.openai.completions import router as completions
+from paddle_llm.serving.openai.lora import router as lora
 from paddle_llm.serving.openai.models import router as models
 from paddle_llm.serving.openai.tokenize import router as tokenize
 from paddle_llm.serving.openai.protocol import RequestError
@@ -55,7 +56,7 @@ def create_app(backend: LocalBackend, metrics: ServingMetrics, api_key: str | No
         max_request_bytes, body_timeout_seconds: see ``rest_common.ServingState``.
     """
     app = _base_app("paddle_llm", ServingState(metrics, api_key, backend, max_request_bytes, body_timeout_seconds))
-    for endpoint in (models, completions, chat, tokenize):
+    for endpoint in (models, completions, chat, tokenize, lora):
         app.include_router(endpoint.router)
     return app
 

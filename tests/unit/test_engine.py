@@ -557,6 +557,19 @@ def test_export_whose_graph_returns_the_grown_cache_is_refused_with_re_export(tm
         open_export_decoder(str(tmp_path))
 
 
+def test_prefix_cache_blocks_hit_only_under_the_adapter_that_stored_them():
+    from paddle_llm.serving.prefix_cache import BLOCK_TOKENS, PrefixCache
+
+    cache = PrefixCache(max_tokens=4 * BLOCK_TOKENS)
+    prompt = list(range(1, 2 * BLOCK_TOKENS + 2))
+    for _, link in cache.missing_blocks(prompt, (1, 1)):
+        cache.store(link, [np.zeros((BLOCK_TOKENS, 1, 1))])
+    assert len(cache.lookup(prompt, (1, 1))) == 2
+    # The base, another adapter, and the same slot after a reload each see their own (empty) cache.
+    assert [cache.lookup(prompt, key) for key in ((0, 0), (2, 1), (1, 2))] == [[], [], []]
+    assert len(cache.missing_blocks(prompt, (2, 1))) == 2
+
+
 def test_prefix_cache_hash_collision_is_a_miss_and_lru_bounds_it():
     from paddle_llm.serving.prefix_cache import BLOCK_TOKENS, PrefixCache
 

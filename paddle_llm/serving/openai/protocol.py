@@ -27,7 +27,7 @@ MAX_CHOICES = 64  # prompts x n in one request: each is a batch row
 # The fields both generate endpoints honour; each endpoint adds its own (``EndpointProtocol.own_fields``). A field in
 # neither is refused with a 400 naming it, so nothing a client asks for is ever silently ignored.
 COMMON_FIELDS = {
-    "model": "must be the served model's id (404 otherwise)",
+    "model": "the served model's id or a LoRA adapter's name (404 otherwise)",
     "max_tokens": "most new tokens, up to --max_tokens_limit; 0 only with echo (completions): the prompt scored",
     "temperature": "0 (greedy) to 2",
     "top_p": "nucleus sampling, (0, 1]",
@@ -139,6 +139,7 @@ class PreparedRequest:
     echo: bool = False
     grammar: str | None = None
     tools: object | None = None
+    adapter: str | None = None  # the LoRA adapter named as ``model`` (None: the base model)
 
     def choices(self) -> list[tuple[Prompt, SamplingParams]]:
         """Each choice's prompt and sampling, in choice-index order (prompt by prompt, as OpenAI numbers them)."""
@@ -375,9 +376,10 @@ class EndpointProtocol:
         """A choice's payload: the whole text (``streamed=False``) or one streamed piece (None: nothing new)."""
         raise NotImplementedError
 
-    def _envelope(self, object_name: str, request_id: str, choices: list[dict]) -> dict:
-        return {"id": request_id, "object": object_name, "created": int(time.time()), "model": self.model_name,
-                "choices": choices}
+    def _envelope(self, object_name: str, request_id: str, prepared: PreparedRequest, choices: list[dict]) -> dict:
+        # An adapter's request is answered under the adapter's name, as vLLM does.
+        return {"id": request_id, "object": object_name, "created": int(time.time()),
+                "model": prepared.adapter or self.model_name, "choices": choices}
 
     def decode(self, ids: list[int]) -> str:
         if self._decode_text is None:  # built on first use: it imports PaddleNLP
@@ -423,12 +425,12 @@ class EndpointProtocol:
 
     def response(self, request_id: str, prepared: PreparedRequest, choices: list[ChoiceOutput]) -> dict:
         """The non-streamed response body."""
-        body = self._envelope(self.response_object, request_id, [
+        body = self._envelope(self.response_object, request_id, prepared, [
             self._choice(prepared, c, c.text, c.logprobs, c.prompt.ids, False, True, c.finish_reason) for c in choices])
         body["usage"] = usage(*_usage_counts(prepared, choices))
         return body
 
-    def opening_chunk(self, request_id: str, choice: ChoiceOutput) -> dict | None:
+    def opening_chunk(self, request_id: str, prepared: PreparedRequest, choice: ChoiceOutput) -> dict | None:
         """A chunk sent before any text (None: this endpoint has none)."""
         return None
 
@@ -437,11 +439,11 @@ class EndpointProtocol:
         """One streamed chunk: a piece of text with its logprobs, or (``event=None``) just the finish reason.
         ``choice`` already holds the event's tokens; ``text_offset`` is where the event's text starts."""
         if event is None:
-            return self._envelope(self.chunk_object, request_id, [
+            return self._envelope(self.chunk_object, request_id, prepared, [
                 {"index": choice.index, **self._content(None, True), "logprobs": None,
                  "finish_reason": choice.finish_reason}])
         context = choice.prompt.ids + choice.token_ids[:len(choice.token_ids) - len(event.token_ids)]
-        return self._envelope(self.chunk_object, request_id, [
+        return self._envelope(self.chunk_object, request_id, prepared, [
             self._choice(prepared, choice, event.text, event.logprobs, context, True, first, None, text_offset)])
 
     def chunks(self, request_id: str, prepared: PreparedRequest, choice: ChoiceOutput, event: StreamEvent | None,
@@ -452,7 +454,7 @@ class EndpointProtocol:
 
     def usage_chunk(self, request_id: str, prepared: PreparedRequest, choices: list[ChoiceOutput]) -> dict:
         """The extra last chunk asked for with ``stream_options.include_usage``."""
-        chunk = self._envelope(self.chunk_object, request_id, [])
+        chunk = self._envelope(self.chunk_object, request_id, prepared, [])
         chunk["usage"] = usage(*_usage_counts(prepared, choices))
         return chunk
 

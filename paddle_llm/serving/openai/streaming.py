@@ -46,7 +46,7 @@ async def generate(request: Request, endpoint: type[EndpointProtocol]) -> Respon
         check_api_key(request)
         protocol = state.backend.endpoint(endpoint.kind)
         # Tokenizing a long prompt takes a while: off the event loop, so other requests and /health go on meanwhile.
-        prepared = await asyncio.to_thread(protocol.prepare, await read_json_body(request))
+        prepared = await asyncio.to_thread(state.backend.prepare, endpoint.kind, await read_json_body(request))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, StreamEvent]] = asyncio.Queue()
 
@@ -146,7 +146,7 @@ class _Generation:
         started = [False] * len(self.choices)
         try:
             for choice in self.choices:
-                opening = protocol.opening_chunk(request_id, choice)
+                opening = protocol.opening_chunk(request_id, prepared, choice)
                 if opening is not None:
                     yield sse(opening)
             while self.unfinished:

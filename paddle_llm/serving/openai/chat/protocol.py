@@ -131,29 +131,30 @@ class ChatProtocol(EndpointProtocol):
         text, held_from = choice.text, tools.syntax.held_from(choice.text)
         if event is not None:
             sent = tools.syntax.held_from(text[:len(text) - len(event.text)])
-            return [self._delta(request_id, choice, {"content": text[sent:held_from]})] if held_from > sent else []
+            return [self._delta(request_id, prepared, choice, {"content": text[sent:held_from]})] if held_from > sent else []
         out = []
         _, calls = parse_tool_calls(text, tools) if choice.finish_reason == "stop" else (None, [])  # content: sent
         if calls:
             for number, call in enumerate(calls):
                 function = call["function"]
-                out.append(self._delta(request_id, choice, {"tool_calls": [
+                out.append(self._delta(request_id, prepared, choice, {"tool_calls": [
                     {"index": number, "id": call["id"], "type": "function",
                      "function": {"name": function["name"], "arguments": ""}}]}))
-                out.append(self._delta(request_id, choice, {"tool_calls": [
+                out.append(self._delta(request_id, prepared, choice, {"tool_calls": [
                     {"index": number, "function": {"arguments": function["arguments"]}}]}))
-            return out + [self._delta(request_id, choice, {}, "tool_calls")]
+            return out + [self._delta(request_id, prepared, choice, {}, "tool_calls")]
         if held_from < len(text):  # held back, but no call after all
-            out.append(self._delta(request_id, choice, {"content": text[held_from:]}))
+            out.append(self._delta(request_id, prepared, choice, {"content": text[held_from:]}))
         return out + super().chunks(request_id, prepared, choice, event, first, text_offset)
 
-    def _delta(self, request_id: str, choice, delta: dict, finish_reason: str | None = None) -> dict:
-        return self._envelope(self.chunk_object, request_id, [
+    def _delta(self, request_id: str, prepared: PreparedRequest, choice, delta: dict,
+               finish_reason: str | None = None) -> dict:
+        return self._envelope(self.chunk_object, request_id, prepared, [
             {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
 
-    def opening_chunk(self, request_id: str, choice) -> dict:
+    def opening_chunk(self, request_id: str, prepared: PreparedRequest, choice) -> dict:
         # OpenAI's stream names the speaker once, in a first chunk with no text yet.
-        return self._envelope(self.chunk_object, request_id, [
+        return self._envelope(self.chunk_object, request_id, prepared, [
             {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
              "finish_reason": None}])
 

@@ -12,12 +12,12 @@ from paddle_llm.serving.openai.protocol import EndpointProtocol, RequestError, c
 TOKENIZE_PATH = "/tokenize"
 DETOKENIZE_PATH = "/detokenize"
 TOKENIZE_FIELDS = {
-    "model": "must be the served model's id (404 otherwise)",
+    "model": "the served model's id or a LoRA adapter's name (404 otherwise)",
     "prompt": "a string, encoded as /v1/completions encodes it",
     "messages": "a conversation, encoded as /v1/chat/completions encodes it",
 }
 DETOKENIZE_FIELDS = {
-    "model": "must be the served model's id (404 otherwise)",
+    "model": "the served model's id or a LoRA adapter's name (404 otherwise)",
     "tokens": "token ids",
 }
 

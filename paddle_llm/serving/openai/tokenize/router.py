@@ -17,11 +17,13 @@ async def tokenize_route(request: Request):
     check_api_key(request)
     backend = serving_state(request).backend
     body = await read_json_body(request)
-    return await asyncio.to_thread(tokenize, backend.endpoint("completion"), backend.endpoint("chat"), body)
+    return await asyncio.to_thread(tokenize, backend.endpoint("completion"), backend.endpoint("chat"),
+                                   backend.on_base_model(body))
 
 
 @router.post(DETOKENIZE_PATH)
 async def detokenize_route(request: Request):
     check_api_key(request)
+    backend = serving_state(request).backend
     body = await read_json_body(request)
-    return await asyncio.to_thread(detokenize, serving_state(request).backend.endpoint("completion"), body)
+    return await asyncio.to_thread(detokenize, backend.endpoint("completion"), backend.on_base_model(body))
