@@ -58,21 +58,34 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
     Raises:
         ValueError: a feature PaddleNLP's Qwen2 does not build; the message names the field and the file.
     """
+    return qwen_config_from_hf(fields, config_path, "Qwen2ForCausalLM", _HF_ONLY_FIELDS, _UNDERSTOOD_KEYS,
+                               "this Qwen2 checkpoint cannot be built by PaddleNLP's Qwen2")
+
+
+def qwen_config_from_hf(fields: dict, config_path: str, architecture: str, hf_only_fields: tuple[str, ...],
+                        understood_keys: tuple[str, ...], cannot_build: str) -> dict:
+    """Config fields of a Qwen-style checkpoint (Qwen2, Qwen3), whose differences from Llama's are refused alike.
+
+    Sliding-window attention is refused (every layer here attends over the whole context, further back than the
+    checkpoint was trained to), and so are any RoPE scaling but YaRN and an MLP other than SwiGLU.
+
+    Raises:
+        ValueError: ``{config_path}: {cannot_build}: `` and every refused field.
+    """
     refusals = []
     if fields.get("use_sliding_window"):
-        refusals.append("use_sliding_window: true (PaddleNLP's Qwen2 attends over the whole context on CPU)")
-    theta, scaling, rope_refusals = llama_hf.rope_settings(fields, _UNDERSTOOD_KEYS, rope_types=("default", "yarn"))
+        refusals.append("use_sliding_window: true (every layer attends over the whole context here)")
+    theta, scaling, rope_refusals = llama_hf.rope_settings(fields, understood_keys, rope_types=("default", "yarn"))
     refusals += rope_refusals
     if fields.get("hidden_act", "silu") != "silu":
-        refusals.append(f"hidden_act {fields['hidden_act']!r} (PaddleNLP's Qwen2 MLP is SwiGLU: 'silu')")
+        refusals.append(f"hidden_act {fields['hidden_act']!r} (the MLP is SwiGLU: 'silu')")
     if refusals:
-        raise ValueError(f"{config_path}: this Qwen2 checkpoint cannot be built by PaddleNLP's Qwen2: " + "; ".join(refusals))
-    converted = {k: v for k, v in fields.items() if k not in _HF_ONLY_FIELDS}
-    converted["rope_theta"] = theta
+        raise ValueError(f"{config_path}: {cannot_build}: " + "; ".join(refusals))
+    converted = {k: v for k, v in fields.items() if k not in hf_only_fields}
+    converted.update(rope_theta=theta, architectures=[architecture])
     if scaling:
         converted["rope_scaling"] = scaling  # YaRN, put into the rotary tables by models/llama/rope.py
     converted.setdefault("tie_word_embeddings", False)
-    converted["architectures"] = ["Qwen2ForCausalLM"]
     return converted
 
 

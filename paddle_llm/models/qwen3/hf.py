@@ -38,21 +38,9 @@ def config_from_hf(fields: dict, config_path: str) -> dict:
     Raises:
         ValueError: a feature not built here; the message names the field and the file.
     """
-    refusals = []
-    if fields.get("use_sliding_window"):
-        refusals.append("use_sliding_window: true (every layer attends over the whole context here)")
-    theta, scaling, rope_refusals = llama_hf.rope_settings(fields, _UNDERSTOOD_KEYS, rope_types=("default", "yarn"))
-    refusals += rope_refusals
-    if fields.get("hidden_act", "silu") != "silu":
-        refusals.append(f"hidden_act {fields['hidden_act']!r} (the MLP is SwiGLU: 'silu')")
-    if refusals:
-        raise ValueError(f"{config_path}: this Qwen3 checkpoint cannot be built: " + "; ".join(refusals))
-    converted = {k: v for k, v in fields.items() if k not in _HF_ONLY_FIELDS}
-    converted.update(rope_theta=theta, architectures=["Qwen3ForCausalLM"])
-    if scaling:
-        converted["rope_scaling"] = scaling  # YaRN, put into the rotary tables by models/llama/rope.py
+    converted = qwen2_hf.qwen_config_from_hf(fields, config_path, "Qwen3ForCausalLM", _HF_ONLY_FIELDS, _UNDERSTOOD_KEYS,
+                                             "this Qwen3 checkpoint cannot be built")
     converted.setdefault("head_dim", DEFAULT_HEAD_DIM)
-    converted.setdefault("tie_word_embeddings", False)
     return converted
 
 
