@@ -50,7 +50,8 @@ def setup(argv: list[str]) -> RecipeSetup:
     Raises:
         ArgumentError: bad flags or configuration (every problem found, one per line).
     """
-    parsed, values, source, errors = parse_and_check(argv, _dataclass_types(), "pretrain")
+    parsed, values, source, errors = parse_and_check(argv, _dataclass_types(), "pretrain",
+                                                  reads_weights=lambda values: bool(values.get("continue_training")))
     errors += check_split(values["split"])
     if values.get("continue_training") and not source.has_weights:
         errors.append(f"--continue_training needs weights, but {values['model_name_or_path']} has none: pass a directory saved by a previous run")

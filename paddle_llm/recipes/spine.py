@@ -90,8 +90,12 @@ def apply_fallbacks(parsed: ParsedArgs) -> list[str]:
     return warnings
 
 
-def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSource) -> list[str]:
-    """The checks every recipe makes: model type, device, precision, parallel layout, the training numbers and paths."""
+def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSource, reads_weights: bool = True) -> list[str]:
+    """The checks every recipe makes: model type, device, precision, parallel layout, the training numbers and paths.
+
+    ``reads_weights``: the run starts from the checkpoint's weights; a model trained from scratch only takes the
+    config, so a Hugging Face directory's unsplit weights do not stop a split layout.
+    """
     import paddle
 
     errors = []
@@ -103,7 +107,8 @@ def check_model_and_runtime(values: Mapping, explicit: set[str], source: ModelSo
     errors += check_device(values, paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
     errors += check_precision(values, explicit)
     errors += check_parallel(values, model_fields, world_size(), pipeline_supported=source.family.pipe_model_class is not None)
-    errors += hf_split_errors(source, dict(values))
+    if reads_weights:
+        errors += hf_split_errors(source, dict(values))
     errors += source.family.layer_option_errors(model_fields, values)
     errors += check_training(values)
     length, flag = training_sequence_length(values)
@@ -173,14 +178,17 @@ def output_dir_errors(values: Mapping, command: str) -> list[str]:
     return [refusal] if refusal else []
 
 
-def parse_and_check(argv: list[str], dataclass_types, command: str) -> tuple[ParsedArgs, dict, ModelSource, list[str]]:
+def parse_and_check(argv: list[str], dataclass_types, command: str,
+                    reads_weights: Callable[[Mapping], bool] = lambda values: True) -> tuple[ParsedArgs, dict, ModelSource, list[str]]:
     """The first half of every recipe's ``setup``: parse the flags, resolve the model, and make the checks every
     recipe makes (model and runtime, the output directory). Returns the parsed flags, their values, the model source
-    and the problems found; the recipe adds its own before raising."""
+    and the problems found; the recipe adds its own before raising. ``reads_weights(values)``: whether this run
+    starts from the checkpoint's weights (fine-tuning and DPO always do; pretraining with ``--continue_training``)."""
     parsed = parse_flags(argv, dataclass_types)
     values = parsed.as_dict()
     source = resolve_source(values)
-    return parsed, values, source, check_model_and_runtime(values, parsed.explicit, source) + output_dir_errors(values, command)
+    errors = check_model_and_runtime(values, parsed.explicit, source, reads_weights(values))
+    return parsed, values, source, errors + output_dir_errors(values, command)
 
 
 def hold_output_dir(plan: RecipeSetup, command: str) -> OutputLock | None:

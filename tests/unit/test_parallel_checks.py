@@ -196,6 +196,16 @@ def test_check_prints_every_error_and_exits_2(clean_world_size, capsys, tmp_path
         assert message in err, message
 
 
+@pytest.mark.parametrize("continue_training, accepted", [("0", True), ("1", False)])
+def test_pretraining_from_scratch_on_a_hugging_face_directory_may_split_it(clean_world_size, capsys, tmp_path, continue_training, accepted):
+    # From scratch only the config is read, so "loads unsplit only" (the HF weights) does not apply.
+    hf_dir = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "hf", "llama3")
+    argv = ["--nproc_per_node", "2", "run_pretrain.py", "--model_name_or_path", hf_dir, "--output_dir", str(tmp_path / "out"),
+            "--device", "cpu", "--tensor_parallel_degree", "2", "--continue_training", continue_training]
+    assert check.main(argv) == (0 if accepted else check.EXIT_BAD_CONFIG)
+    assert ("loads unsplit only" in capsys.readouterr().err) is not accepted
+
+
 def test_check_runs_the_finetune_rules(clean_world_size, capsys, tmp_path):
     argv = ["--nproc_per_node", "2", "finetune_generation.py", "--model_name_or_path", "tiny-llama", "--output_dir", str(tmp_path), "--device", "cpu",
             "--prefix_tuning", "True", "--pipeline_parallel_degree", "2", "--gradient_accumulation_steps", "2"]
