@@ -167,14 +167,15 @@ class ReadResult:
 
     path: str
     record_format: str
-    records: list[Record]  # empty when read lazily (``read_records``' ``keep``)
+    records: list[Record]  # empty when read lazily (``read_records``' ``hold``)
     skipped: list[str] = field(default_factory=list)  # one error message per skipped line
     questionable: str | None = None  # one line about records that teach nothing (``questionable_records``)
     count: int = 0  # good records read
 
 
 def read_records(path: str, data_format: str = "auto", instruction_generation: bool = False, skip_bad_lines: bool = False,
-                 strict_data: bool = False, keep: Callable[[Record, int, int], None] | None = None) -> ReadResult:
+                 strict_data: bool = False, keep: Callable[[Record, int, int], None] | None = None,
+                 hold: bool = True) -> ReadResult:
     """Read a jsonl file of fine-tuning records.
 
     Args:
@@ -184,8 +185,8 @@ def read_records(path: str, data_format: str = "auto", instruction_generation: b
         skip_bad_lines: skip (and report) malformed records instead of failing on the first one.
         strict_data: fail on records with an empty reply (they train only the end-of-reply token) instead of
             counting them in ``questionable``.
-        keep: called with ``(record, line_number, byte_offset)`` for each good record, which is then not kept in
-            ``records`` (``--lazy``).
+        keep: called with ``(record, line_number, byte_offset)`` for each good record.
+        hold: keep the good records in ``records``; False for ``--lazy``, where only ``keep`` sees them.
 
     Returns:
         The records, the format used, the skipped lines' errors and the records with an empty reply.
@@ -208,9 +209,9 @@ def read_records(path: str, data_format: str = "auto", instruction_generation: b
         count += 1
         if any(m["role"] == "assistant" and not m["content"].strip() for m in record.messages):
             empty.append(record.where)
-        if keep is None:
+        if hold:
             records.append(record)
-        else:
+        if keep is not None:
             keep(record, line_number, offset)
     notice = questionable_records(path, empty, "records with an empty reply, which train only the end-of-reply token", strict_data)
     return ReadResult(path, record_format, records, skipped, notice, count)
@@ -617,7 +618,7 @@ def build_split(
             lengths.append(len(sample))
             tokens += len(sample)
 
-    read = read_records(path, data_format, instruction_generation, skip_bad_lines, strict_data, keep)
+    read = read_records(path, data_format, instruction_generation, skip_bad_lines, strict_data, keep, hold=not lazy)
     if not kept:
         raise DataError(f"{path}: no record fits --max_length {limits.max_length} ({report.describe()})")
     rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None

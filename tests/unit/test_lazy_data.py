@@ -77,6 +77,8 @@ def test_lazy_fine_tuning_rows_give_the_eager_batches_packed_or_not(llama, files
     eager = build_split(instructions, layout, tokenizer, limits, shuffle_seed=SEED, zero_padding=zero_padding)
     lazy = build_split(instructions, layout, tokenizer, limits, shuffle_seed=SEED, zero_padding=zero_padding, lazy=True)
     assert lazy.samples == [] and lazy.sample_count == eager.sample_count and lazy.tokens_per_row == eager.tokens_per_row
+    # Read whole, the records stay: generation-based evaluation builds its dev prompts from them.
+    assert len(eager.read.records) == eager.read.count > 0 and lazy.read.records == []
     assert lazy.summary().startswith(eager.summary())
     assert_same_batches(batches(lazy.dataset, SftCollator(layout)), batches(eager.dataset, SftCollator(layout)))
     if zero_padding:
