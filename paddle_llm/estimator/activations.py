@@ -158,17 +158,20 @@ def saved_bytes(tensors: tuple[SavedTensor, ...], shape: ModelShape, ctx: Activa
     """Bytes the given kept tensors take for one micro-batch on one tensor-parallel rank.
 
     Each tensor takes ``tokens * width * count * bytes_per_element / divisor`` bytes, where ``tokens = s*b``; the
-    divisor is ``t`` inside tensor-parallel regions, ``t`` everywhere with sequence parallelism, else 1; logits and the
-    loss run over the whole sequence, split over the vocabulary only when ``t`` divides it. Tensors of
-    the other attention kernel are skipped; ``spans_keys`` tensors run over ``s + prefix_tokens`` keys.
+    divisor is ``t`` inside tensor-parallel regions, ``t`` everywhere with sequence parallelism (except for
+    ``whole_sequence`` tensors, which an all-gather made whole), else 1; logits and the loss run over the whole
+    sequence, split over the vocabulary only when ``t`` divides it. Tensors of the other attention kernel or the
+    other layout (with or without tensor parallelism) are skipped; ``spans_keys`` tensors run over
+    ``s + prefix_tokens`` keys.
     """
     kernel = "flash" if ctx.flash_attention else "eager"
     t = ctx.tensor_parallel_degree
     tokens = ctx.seq_length * ctx.micro_batch_size
     key_length = ctx.seq_length + ctx.prefix_tokens
     total = 0.0
+    layout = "tensor_parallel" if t > 1 else "single"
     for tensor in tensors:
-        if tensor.kernel not in ("any", kernel):
+        if tensor.kernel not in ("any", kernel) or tensor.layout not in ("any", layout):
             continue
         width = _width(tensor, shape, ctx, key_length)
         if tensor.spans_keys and tensor.width != "scores":
@@ -176,6 +179,8 @@ def saved_bytes(tensors: tuple[SavedTensor, ...], shape: ModelShape, ctx: Activa
         if tensor.width == "vocab":
             # The LM head gathers the sequence back; the vocabulary (and the loss) is split only when t divides it.
             divisor = t if (tensor.tensor_parallel and shape.vocab_size % t == 0) else 1
+        elif tensor.whole_sequence:
+            divisor = t if tensor.tensor_parallel else 1
         else:
             divisor = t if (tensor.tensor_parallel or ctx.sequence_parallel) else 1
         total += tokens * width * tensor.count * tensor.element.bytes(ctx.mixed_precision) / divisor
