@@ -22,6 +22,9 @@ This module evaluates that accounting written as data, a ``SavedTensor`` per kep
 (``paddle_llm/models/<family>/estimate.py``). The ``generic`` table, here, *is* Korthikanti's (see ``korthikanti_layer_bytes`` and the tests, which
 reproduce the table above). The Llama, ChatGLM and ChatGLM2 tables list what PaddleNLP 3.0.0b4's eager
 implementations keep instead: they have no dropout, RMSNorm kept as three tensors, rotary embeddings and SwiGLU.
+Under tensor parallelism Paddle's column-parallel linears each keep a copy of their whole-sequence input (one
+``c_identity`` copy, or one all-gather under sequence parallelism, per linear), which sequence parallelism does not
+split: Llama's five (q, k, v, gate, up) were checked on 2 CPU processes (``test_estimator_measured.py``).
 Their fp32 coefficients were measured on Paddle 3.3.1 with the host allocator (``host_memory_stat_current_value``)
 over a grid of shapes (hidden, heads, kv heads, MLP width, vocabulary, layers, sequence, batch), where the tables
 match to within 0.5%; the mixed-precision bytes follow the same code paths (fp32 softmax and norm statistics,
