@@ -22,6 +22,9 @@ This module evaluates that accounting written as data, a ``SavedTensor`` per kep
 (``paddle_llm/models/<family>/estimate.py``). The ``generic`` table, here, *is* Korthikanti's (see ``korthikanti_layer_bytes`` and the tests, which
 reproduce the table above). The Llama, ChatGLM and ChatGLM2 tables list what PaddleNLP 3.0.0b4's eager
 implementations keep instead: they have no dropout, RMSNorm kept as three tensors, rotary embeddings and SwiGLU.
+Under tensor parallelism Paddle's column-parallel linears each keep a copy of their whole-sequence input (one
+``c_identity`` copy, or one all-gather under sequence parallelism, per linear), which sequence parallelism does not
+split: Llama's five (q, k, v, gate, up) were checked on 2 CPU processes (``test_estimator_measured.py``).
 Their fp32 coefficients were measured on Paddle 3.3.1 with the host allocator (``host_memory_stat_current_value``)
 over a grid of shapes (hidden, heads, kv heads, MLP width, vocabulary, layers, sequence, batch), where the tables
 match to within 0.5%; the mixed-precision bytes follow the same code paths (fp32 softmax and norm statistics,
@@ -158,17 +161,20 @@ def saved_bytes(tensors: tuple[SavedTensor, ...], shape: ModelShape, ctx: Activa
     """Bytes the given kept tensors take for one micro-batch on one tensor-parallel rank.
 
     Each tensor takes ``tokens * width * count * bytes_per_element / divisor`` bytes, where ``tokens = s*b``; the
-    divisor is ``t`` inside tensor-parallel regions, ``t`` everywhere with sequence parallelism, else 1; logits and the
-    loss run over the whole sequence, split over the vocabulary only when ``t`` divides it. Tensors of
-    the other attention kernel are skipped; ``spans_keys`` tensors run over ``s + prefix_tokens`` keys.
+    divisor is ``t`` inside tensor-parallel regions, ``t`` everywhere with sequence parallelism (except for
+    ``whole_sequence`` tensors, which an all-gather made whole), else 1; logits and the loss run over the whole
+    sequence, split over the vocabulary only when ``t`` divides it. Tensors of the other attention kernel or the
+    other layout (with or without tensor parallelism) are skipped; ``spans_keys`` tensors run over
+    ``s + prefix_tokens`` keys.
     """
     kernel = "flash" if ctx.flash_attention else "eager"
     t = ctx.tensor_parallel_degree
     tokens = ctx.seq_length * ctx.micro_batch_size
     key_length = ctx.seq_length + ctx.prefix_tokens
     total = 0.0
+    layout = "tensor_parallel" if t > 1 else "single"
     for tensor in tensors:
-        if tensor.kernel not in ("any", kernel):
+        if tensor.kernel not in ("any", kernel) or tensor.layout not in ("any", layout):
             continue
         width = _width(tensor, shape, ctx, key_length)
         if tensor.spans_keys and tensor.width != "scores":
@@ -176,6 +182,8 @@ def saved_bytes(tensors: tuple[SavedTensor, ...], shape: ModelShape, ctx: Activa
         if tensor.width == "vocab":
             # The LM head gathers the sequence back; the vocabulary (and the loss) is split only when t divides it.
             divisor = t if (tensor.tensor_parallel and shape.vocab_size % t == 0) else 1
+        elif tensor.whole_sequence:
+            divisor = t if tensor.tensor_parallel else 1
         else:
             divisor = t if (tensor.tensor_parallel or ctx.sequence_parallel) else 1
         total += tokens * width * tensor.count * tensor.element.bytes(ctx.mixed_precision) / divisor

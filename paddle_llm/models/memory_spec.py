@@ -50,6 +50,9 @@ class SavedTensor:
             and split only by sequence parallelism.
         kernel: ``any``, or only with the ``eager`` attention or only with ``flash`` attention.
         spans_keys: runs over the key length (sequence plus prefix tokens) rather than the query length.
+        layout: ``any``, or only without tensor parallelism (``single``) or only with it (``tensor_parallel``).
+        whole_sequence: holds every token on every tensor-parallel rank even under sequence parallelism (an
+            all-gathered input), so nothing splits it.
     """
 
     what: str
@@ -60,6 +63,8 @@ class SavedTensor:
     tensor_parallel: bool = False
     kernel: str = "any"
     spans_keys: bool = False
+    layout: str = "any"
+    whole_sequence: bool = False
 
 
 @dataclass(frozen=True)

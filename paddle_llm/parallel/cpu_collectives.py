@@ -140,31 +140,35 @@ class _VocabParallelCrossEntropy(PyLayer):
     Each rank holds the logits of vocabulary rows ``[rank * V, (rank + 1) * V)``. The softmax needs the global max
     and the global sum of exponentials (two all-reduces), and the label's logit lives on one rank (a third
     all-reduce of a masked pick). Labels equal to ``ignore_index`` get loss 0 and no gradient, as in the kernel.
+    Like the GPU kernel, it holds one vocabulary-wide tensor besides the logits in each pass (the softmax, then its
+    gradient), worked on in place, so that measured CPU memory is what the estimator counts for the kernel.
     """
 
     @staticmethod
     def forward(ctx, logits, label, group, ignore_index):
         local_vocab = logits.shape[-1]
-        shifted = logits - _all_reduced(logits.max(axis=-1, keepdim=True), group, ReduceOp.MAX)
-        exponentials = paddle.exp(shifted)
-        sum_exponentials = _all_reduced(exponentials.sum(axis=-1, keepdim=True), group)
+        softmax = logits - _all_reduced(logits.max(axis=-1, keepdim=True), group, ReduceOp.MAX)
         local_label = label - group.rank * local_vocab
         on_this_rank = paddle.logical_and(local_label >= 0, local_label < local_vocab)
         safe_label = paddle.where(on_this_rank, local_label, paddle.zeros_like(local_label))
-        picked = paddle.take_along_axis(shifted, safe_label, axis=-1) * on_this_rank.astype(shifted.dtype)
+        # broadcast=False: the default broadcast_to copies the whole vocabulary-wide input first.
+        picked = paddle.take_along_axis(softmax, safe_label, axis=-1, broadcast=False) * on_this_rank.astype(softmax.dtype)
         label_logit = _all_reduced(picked, group)
+        softmax.exp_()
+        sum_exponentials = _all_reduced(softmax.sum(axis=-1, keepdim=True), group)
+        softmax.divide_(sum_exponentials)
         kept = (label != ignore_index).astype(logits.dtype)
         loss = (paddle.log(sum_exponentials) - label_logit) * kept
-        softmax = exponentials / sum_exponentials
         ctx.save_for_backward(softmax, safe_label, on_this_rank, kept)
         return loss, softmax
 
     @staticmethod
     def backward(ctx, loss_grad, softmax_grad=None):
         softmax, safe_label, on_this_rank, kept = ctx.saved_tensor()
-        one_hot = F.one_hot(safe_label.squeeze(-1), softmax.shape[-1]).astype(softmax.dtype)
-        one_hot = one_hot * on_this_rank.astype(softmax.dtype)
-        return (softmax - one_hot) * (loss_grad * kept), None
+        scale = loss_grad * kept
+        grad = softmax * scale  # (softmax - one_hot(label)) * scale, the one-hot part added in place below
+        grad.put_along_axis_(safe_label, -scale * on_this_rank.astype(scale.dtype), axis=-1, reduce="add")
+        return grad, None
 
 
 # The replacements keep the originals' signatures exactly (the unit test compares them), including parameters

@@ -36,14 +36,6 @@ def test_estimate_matches_measured_peak(case):
 
 # Tensor parallel 2 on 2 CPU processes, without and with sequence parallel: ~40 s each, so opt-in (`pytest -m
 # extended`, docs/dev/testing.md). Measured on rank 0 (the estimate is per device).
-SEQUENCE_PARALLEL_GAP = (
-    "the estimator divides every replicated activation by t under sequence parallel (Megatron: the column-parallel "
-    "input is gathered again in backward); Paddle's ColumnSequenceParallelLinear keeps its all-gathered input for the "
-    "weight gradient unless sp_async_reduce_scatter/recompute_allgather are set, so the measured saving is ~60% of the "
-    "estimated one (48M Llama: 17.3 MB against 27.8 MB) and the peak is under-estimated by 16.5%"
-)
-
-
 @functools.cache
 def _tensor_parallel_comparison(sequence_parallel: bool):
     knobs = {"seq_length": 256, "micro_batch_size": 2, "tensor_parallel_degree": 2, "sequence_parallel": sequence_parallel}
@@ -58,11 +50,7 @@ def test_tensor_parallel_model_states_match_measured(sequence_parallel):
 
 
 @pytest.mark.extended
-@pytest.mark.parametrize(
-    "sequence_parallel",
-    [False, pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=SEQUENCE_PARALLEL_GAP))],
-    ids=["tp2", "tp2-sequence-parallel"],
-)
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sequence-parallel"])
 def test_tensor_parallel_peak_matches_measured(sequence_parallel):
     result = _tensor_parallel_comparison(sequence_parallel)
     assert abs(result.total_error) <= TOTAL_TOLERANCE, (result.estimated_total, result.measured_total)

@@ -176,6 +176,19 @@ OPS_SCRIPT = textwrap.dedent(
     (y * y).sum().backward()  # the gradient comes back all-gathered: 2 * 3x for each copy of xt
     errors["sequence_parallel"] = max(float(np.abs(y.numpy() - 3 * x).max()), float(np.abs(xt.grad.numpy() - 2 * 2 * 3 * x).max()))
     print("ERRORS", json.dumps(errors), flush=True)
+    # the cross-entropy's memory: new logits-sized tensors at its forward and backward peaks
+    from paddle.base import core
+    allocated = lambda: core.host_memory_stat_current_value("Allocated", 0)
+    lt = paddle.randn([2, 64, 5000])
+    lt.stop_gradient = False
+    label = paddle.randint(0, 10000, [2, 64, 1])
+    peaks = []
+    for run in (lambda: mp_ops._c_softmax_with_cross_entropy(lt, label, group=group), lambda: loss.sum().backward()):
+        before = allocated()
+        core.host_memory_stat_reset_peak_value("Allocated", 0)
+        loss = run() if not peaks else (run(), loss)[1]
+        peaks.append((core.host_memory_stat_peak_value("Allocated", 0) - before) / (lt.numel().item() * 4))
+    print("CROSS_ENTROPY_PEAKS", json.dumps(peaks), flush=True)
     """
 )
 
@@ -191,3 +204,9 @@ def test_model_parallel_ops_on_two_processes_match_one_process(tmp_path):
         assert set(errors) == {"column", "row", "cross_entropy", "embedding", "reduce_scatter", "sequence_parallel"}
         for op, error in errors.items():
             assert error < 1e-5, (rank, op, error)
+        # Like the GPU kernel, one logits-sized tensor in each pass: the softmax, then the gradient (the backward
+        # peak also holds the leaf's .grad the test fills). The estimator counts the kernel's tensors, so the
+        # measured tensor-parallel peaks (tests/integration/test_estimator_measured.py) depend on it.
+        line = next(l for l in (log_dir / f"workerlog.{rank}").read_text().splitlines() if l.startswith("CROSS_ENTROPY_PEAKS"))
+        forward, backward = json.loads(line.split(" ", 1)[1])
+        assert forward < 1.05 and backward < 2.05, (rank, forward, backward)

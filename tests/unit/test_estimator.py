@@ -381,3 +381,22 @@ def test_startup_report_warns_and_names_the_planners_layout():
     assert "python -u -m paddle.distributed.launch" in report and "--sharding" in report
     fitting = setup_from_flags({"bf16": True, "fp16_opt_level": "O2", "num_gpus": 8, "sharding": "stage2"})
     assert "WARNING" not in startup_report(shape_of(LLAMA_2_7B), fitting, "./llama-2-7b")
+
+
+# Rank 0's peak under TP2 on 2 CPU processes, 48M Llama, sequence 256 x batch 2 (tests/integration/
+# test_estimator_measured.py, Paddle 3.3.1): 629,143,648 bytes without sequence parallel, 611,824,736 with it.
+MEASURED_SEQUENCE_PARALLEL_SAVING = 629_143_648 - 611_824_736
+
+
+def test_sequence_parallel_saving_leaves_the_column_parallel_inputs_whole():
+    """Paddle's column-parallel linears each keep a whole-sequence copy of their input (c_identity; the all-gather
+    under sequence parallel), so sequence parallel saves ~17 MB here, not the 28 MB of splitting every replicated
+    tensor (Megatron's accounting, which the estimator used before)."""
+    from paddle_llm.estimator.measure import LLAMA_48M
+
+    def total(sequence_parallel: bool) -> int:
+        knobs = {"seq_length": 256, "micro_batch_size": 2, "tensor_parallel_degree": 2, "sequence_parallel": sequence_parallel}
+        return estimate_training_memory(LLAMA_48M, device="cpu", gpu_memory_gb=None, gpus_per_node=2, **knobs).per_device.total
+
+    saving = total(False) - total(True)
+    assert saving == pytest.approx(MEASURED_SEQUENCE_PARALLEL_SAVING, rel=0.15), saving

@@ -17,7 +17,6 @@ from paddle_llm.models.memory_spec import (
     linear,
     read_field,
     rms_norm_input_side,
-    rms_norm_kept,
 )
 
 ROTARY_KEPT = (
@@ -26,9 +25,20 @@ ROTARY_KEPT = (
     SavedTensor("cos and sin gathered by position_ids", "head_dim", 2, FP32, "attention"),
 )
 
+# Under tensor parallelism every column-parallel linear takes its own copy of its input: ``mp_ops._c_identity`` copies
+# (its kernel returns a new tensor), and under sequence parallelism ``ColumnSequenceParallelLinear`` all-gathers the
+# sequence once per linear (``AllGatherOp``) and keeps the gathered input for its weight gradient. So q, k, v, gate
+# and up keep five whole-sequence copies of the two norm outputs, which themselves are then freed.
+NORM_OUTPUTS_KEPT = (
+    SavedTensor("RMSNorm outputs (kept by the next matmuls)", "hidden", 2, COMPUTE, layout="single"),
+    SavedTensor("q/k/v inputs: one copy of the norm output each", "hidden", 3, COMPUTE, "attention", layout="tensor_parallel", whole_sequence=True),
+    SavedTensor("gate/up inputs: one copy of the norm output each", "hidden", 2, COMPUTE, "mlp", layout="tensor_parallel", whole_sequence=True),
+)
+
 ACTIVATIONS = ActivationTable(
     layer=(
-        *rms_norm_kept(2, COMPUTE),
+        *rms_norm_input_side(2, COMPUTE),
+        *NORM_OUTPUTS_KEPT,
         *ROTARY_KEPT,
         SavedTensor("q / sqrt(d) (kept by Q @ K^T)", "hidden", 1, COMPUTE, "attention", True, "eager"),
         SavedTensor("k and v repeated to every head (kept by the two matmuls)", "hidden", 2, COMPUTE, "attention", True, "eager", True),
@@ -43,7 +53,9 @@ ACTIVATIONS = ActivationTable(
     ),
     first_stage=(),
     last_stage=(
-        *rms_norm_kept(1, COMPUTE),
+        *rms_norm_input_side(1, COMPUTE),
+        # The LM head's input (under tensor parallelism its c_identity copy, gathered first under sequence parallel).
+        SavedTensor("final RMSNorm output (kept by the LM head)", "hidden", 1, COMPUTE, whole_sequence=True),
         SavedTensor("cross-entropy softmax over the vocabulary", "vocab", 1, FP32, tensor_parallel=True),
         SavedTensor("labels copy", "one", 1, INT64),
     ),
