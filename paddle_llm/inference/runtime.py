@@ -131,7 +131,12 @@ def position_input(positions: np.ndarray, glm_positions: bool) -> np.ndarray:
 
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
-_FIRST_CAPACITY = 64  # columns a fresh cache holds; it doubles when a row needs more
+# Capacity (cache columns) moves in blocks of this many: attention reads every column the step is given, and Paddle
+# Inference reads an input's dims, not its strides, so a column-sliced view cannot be passed; capacity itself stays
+# within a block or two of the longest row. Each growth copies the whole cache (~25 ms at 64 rows x 96 columns, hidden
+# 512), once a block's worth of steps; a masked column costs ~0.12 ms per step at 64 rows: 32 balances the two
+# (docs/benchmarks.md, issue 25).
+_CAPACITY_BLOCK = 32
 
 
 class StepDecoder:
@@ -141,9 +146,9 @@ class StepDecoder:
     the step graph reads it in place: the arrays are handed to Paddle through DLPack, without a copy, and a step
     returns only the new positions' keys and values, which are written into each row's next columns. A row's columns
     ``[0, lengths[slot])`` are its tokens (after a prefix-tuning past, when the model has one); the rest are masked.
-    Capacity (columns) starts small, doubles when a row needs more and halves again when the rows in use are much
-    shorter (``shrink``), so memory and attention follow the longest row, not the context; the arrays are
-    reallocated then and only then.
+    Capacity (columns) is the longest row rounded up to a block (``_CAPACITY_BLOCK``): it grows a block when a row
+    needs more and shrinks when the rows in use got a block shorter (``shrink``), so memory and the columns attention
+    reads follow the longest row, not the context; the arrays are reallocated then and only then.
 
     Decoding runs rows ``0 .. count-1``: the caller keeps its decoding rows in the lowest slots (``move`` packs a row
     into a freed slot; one row's copy). The decoder does not sample and does not schedule: ``serving.engine.Engine``
@@ -198,7 +203,7 @@ class StepDecoder:
         """Reallocate the cache empty with ``slots`` rows (only between runs: every row's cache is dropped)."""
         self.slots = slots
         self.lengths = np.full(slots, self.prefix_columns, dtype="int64")
-        self._arrays = self._allocate(max(self.prefix_columns + 1, min(_FIRST_CAPACITY, self.max_columns or _FIRST_CAPACITY)))
+        self._arrays = self._allocate(self._columns_for(self.prefix_columns + 1))
         for slot in range(slots):
             self.clear(slot)
 
@@ -214,31 +219,30 @@ class StepDecoder:
         """``array`` as ``[slots, columns, ...]`` (a view, for indexing by slot and column)."""
         return np.moveaxis(array, (self.layout.batch_axis, self.layout.seq_axis), (0, 1))
 
+    def _columns_for(self, columns: int) -> int:
+        """``columns`` rounded up to a whole block, within the context."""
+        rounded = -(-columns // _CAPACITY_BLOCK) * _CAPACITY_BLOCK
+        return rounded if self.max_columns is None else min(rounded, self.max_columns)
+
     def _ensure_capacity(self, columns: int) -> None:
         if columns <= self.capacity:
             return
         if self.max_columns is not None and columns > self.max_columns:
             raise ValueError(f"a row needs {columns} cache columns; the context holds {self.max_columns}")
-        grown = max(columns, 2 * self.capacity)
-        if self.max_columns is not None:
-            grown = min(grown, self.max_columns)
-        arrays = self._allocate(grown)
+        arrays = self._allocate(self._columns_for(columns))
         for old, new in zip(self._arrays, arrays):
             self._rows_view(new)[:, : self.capacity] = self._rows_view(old)
         self._arrays = arrays
 
     def shrink(self, slots_in_use: Sequence[int]) -> None:
-        """Give back columns the rows in use do not need: halve capacity while their longest fits in a quarter.
+        """Give back the columns the rows in use do not need, keeping a block of room for them to grow.
 
         Without it, one long request would leave every later step attending over (and the memory holding) its
-        length. The quarter, against doubling on growth, keeps a row near a boundary from reallocating every step.
+        length. The block of room keeps a row near a boundary from reallocating every step.
         """
         longest = int(self.lengths[list(slots_in_use)].max()) if len(slots_in_use) else self.prefix_columns
-        smallest = max(_FIRST_CAPACITY, self.prefix_columns + 1)
-        target = self.capacity
-        while target // 2 >= smallest and 4 * longest <= target:
-            target //= 2
-        if target == self.capacity:
+        target = self._columns_for(longest + _CAPACITY_BLOCK)
+        if target >= self.capacity:
             return
         arrays = self._allocate(target)
         for old, new in zip(self._arrays, arrays):

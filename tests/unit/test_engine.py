@@ -329,8 +329,8 @@ def test_no_slot_or_cache_leaks_over_many_requests_with_cancels():
         while engine.stats().running:
             time.sleep(0.001)
         assert engine.stats().waiting == 0 and not engine._decoding and not engine._prefilling
-        # Rows never held more than 9 + 7 positions: the cache never grew past its first capacity.
-        assert engine.decoder.capacity == 64 and engine.decoder.slots == 3
+        # Rows never held more than 9 + 7 positions: the cache never grew past its first block of columns.
+        assert engine.decoder.capacity == 32 and engine.decoder.slots == 3
         assert engine.generate([9], SamplingParams(max_tokens=8, temperature=0)).token_ids == tuple(expected_tokens([9], 8))
     finally:
         engine.shutdown()
@@ -366,6 +366,19 @@ def test_cache_shrinks_back_after_a_long_request_leaves():
         result = short.result()  # decodes on after the long one left
         assert max(runner.past_columns) >= 150 and runner.past_columns[-1] < max(runner.past_columns)
         assert list(result.token_ids[: len(expected_tokens([3], 60))]) == expected_tokens([3], 60)
+    finally:
+        engine.shutdown()
+
+
+def test_decoding_steps_read_at_most_a_block_of_columns_past_the_longest_row():
+    # Attention reads every column a step is given, masked or not: capacity must follow the row, not double past it.
+    engine, runner = toy_engine(max_batch_size=1)
+    try:
+        prompt = [3, 4, 5]
+        assert engine.generate(prompt, SamplingParams(max_tokens=120, temperature=0)).completion_tokens == 120
+        decoding_columns = [c for c, q in zip(runner.past_columns, runner.query_lengths) if q == 1]
+        row_lengths = range(len(prompt), len(prompt) + len(decoding_columns))
+        assert all(length < columns <= length + 32 for columns, length in zip(decoding_columns, row_lengths))
     finally:
         engine.shutdown()
 
