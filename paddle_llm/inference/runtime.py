@@ -229,26 +229,35 @@ class StepDecoder:
             return
         if self.max_columns is not None and columns > self.max_columns:
             raise ValueError(f"a row needs {columns} cache columns; the context holds {self.max_columns}")
-        arrays = self._allocate(self._columns_for(columns))
+        self._reallocate(self._columns_for(columns))
+
+    def _reallocate(self, columns: int) -> None:
+        """Move the cache into arrays of ``columns`` columns, copying each row's own columns only: a slot holding
+        nothing costs neither the copy nor memory (numpy maps zeros lazily), so one request on a 64-slot cache does
+        not copy 64 rows each time its row grows a block."""
+        arrays = self._allocate(columns)
+        holding = np.flatnonzero(self.lengths)
         for old, new in zip(self._arrays, arrays):
-            self._rows_view(new)[:, : self.capacity] = self._rows_view(old)
+            old_rows, new_rows = self._rows_view(old), self._rows_view(new)
+            for slot in holding:
+                end = min(int(self.lengths[slot]), columns)
+                new_rows[slot, :end] = old_rows[slot, :end]
         self._arrays = arrays
 
     def shrink(self, slots_in_use: Sequence[int]) -> None:
-        """Give back the columns the rows in use do not need, keeping a block of room for them to grow.
+        """Forget the slots not in ``slots_in_use`` (``clear`` one before reuse) and give back the columns the rows in
+        use do not need, keeping a block of room for them to grow.
 
         Without it, one long request would leave every later step attending over (and the memory holding) its
         length. The block of room keeps a row near a boundary from reallocating every step.
         """
-        longest = int(self.lengths[list(slots_in_use)].max()) if len(slots_in_use) else self.prefix_columns
-        target = self._columns_for(longest + _CAPACITY_BLOCK)
-        if target >= self.capacity:
-            return
-        arrays = self._allocate(target)
-        for old, new in zip(self._arrays, arrays):
-            self._rows_view(new)[:] = self._rows_view(old)[:, :target]
-        self._arrays = arrays
-        self.lengths = np.minimum(self.lengths, target)  # free slots' stale lengths; clear() resets them anyway
+        free = np.ones(self.slots, dtype=bool)
+        free[list(slots_in_use)] = False
+        self.lengths[free] = 0
+        longest = int(self.lengths.max())
+        target = self._columns_for(max(longest, self.prefix_columns) + _CAPACITY_BLOCK)
+        if target < self.capacity:
+            self._reallocate(target)
 
     def clear(self, slot: int) -> None:
         """Empty ``slot`` for a new request (its prefix-tuning past, if any, stays)."""

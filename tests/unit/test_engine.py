@@ -383,6 +383,19 @@ def test_decoding_steps_read_at_most_a_block_of_columns_past_the_longest_row():
         engine.shutdown()
 
 
+def test_growing_the_cache_copies_only_the_rows_holding_tokens():
+    # A request alone on a 64-slot cache must not copy 63 idle rows each time its row grows a block.
+    from paddle_llm.inference.runtime import StepDecoder
+
+    decoder = StepDecoder(ToyRunner(), LAYOUT, "float32", glm_positions=False, slots=4, max_columns=200)
+    decoder.prefill([0, 2], [[5, 6, 7], [8]])
+    decoder.shrink([0])  # slot 2's request left
+    decoder.prefill([0], [[9] * 40])  # row 0 grows past the first block
+    assert decoder.capacity > 32
+    assert decoder.row_cache(0, 0, 43)[0].ravel().tolist() == [5, 6, 7] + [9] * 40  # the toy's keys are the ids
+    assert decoder.row_cache(2, 0, 1)[0].ravel().tolist() == [0]  # the freed row was not carried over
+
+
 def test_default_batch_is_the_smaller_of_cores_and_memory():
     from paddle_llm.inference.sizing import kv_bytes_per_token, size_batch
 
