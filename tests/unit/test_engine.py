@@ -396,6 +396,22 @@ def test_growing_the_cache_copies_only_the_rows_holding_tokens():
     assert decoder.row_cache(2, 0, 1)[0].ravel().tolist() == [0]  # the freed row was not carried over
 
 
+def test_plain_greedy_rows_take_the_steps_argmax_and_biased_greedy_rows_are_still_sampled(monkeypatch):
+    import paddle_llm.serving.engine as engine_module
+
+    calls = []
+    monkeypatch.setattr(engine_module, "sample_token", lambda *args: calls.append(args) or sample_token(*args))
+    engine, _ = toy_engine(max_batch_size=2)
+    try:
+        plain = engine.submit([3, 4, 5], SamplingParams(max_tokens=6, temperature=0))
+        forced = engine.submit([9], SamplingParams(max_tokens=6, temperature=0, logit_bias=((17, 100.0),)))
+        assert list(plain.result().token_ids) == expected_tokens([3, 4, 5], 6)
+        assert list(forced.result().token_ids) == [17] * 6
+        assert len(calls) == 1 + 6  # the plain row's first token (after its prefill), every token of the biased row
+    finally:
+        engine.shutdown()
+
+
 def test_default_batch_is_the_smaller_of_cores_and_memory():
     from paddle_llm.inference.sizing import kv_bytes_per_token, size_batch
 
