@@ -35,9 +35,9 @@ _NEVER_COLLECT = -1.0  # Paddle's default, 0, frees each intermediate when it di
 
 class StepRunner(Protocol):
     """Runs the flat inputs ``[input_ids, position_ids, mask, *past_keys, *past_values]`` and returns
-    ``[last_logits, *new_keys, *new_values]`` (the new positions only)."""
+    ``[last_logits, *new_keys, *new_values]`` (the new positions only), as numpy arrays or Paddle tensors."""
 
-    def run(self, inputs: list[paddle.Tensor]) -> list[paddle.Tensor]: ...
+    def run(self, inputs: list[paddle.Tensor]) -> list[np.ndarray | paddle.Tensor]: ...
 
 
 class InferenceStepRunner:
@@ -74,7 +74,7 @@ class InferenceStepRunner:
         self._decode_predictor = self.predictor.clone()
         self._decoder_built = False
 
-    def run(self, inputs: list[paddle.Tensor]) -> list[paddle.Tensor]:
+    def run(self, inputs: list[paddle.Tensor]) -> list[np.ndarray]:
         one_token_step = inputs[0].shape[1] == 1
         predictor = self._decode_predictor if one_token_step else self.predictor
         # Paddle's executor hands each dead intermediate to a garbage-collector thread. For a one-token step (a few
@@ -92,9 +92,9 @@ class InferenceStepRunner:
             self._decoder_built = True
         else:
             outputs = predictor.run(inputs)
-        # The predictor hands back tensors over its own output buffers, which the next run overwrites; the cache
-        # outlives the call (and is fed back in), so it must own its memory.
-        return [output.clone() for output in outputs]
+        # The predictor hands back tensors over its own output buffers, which the next run overwrites: numpy() copies
+        # them out once (a clone and then numpy() copied twice, ~0.7 ms of a 64-row step).
+        return [output.numpy() for output in outputs]
 
 
 class DygraphStepRunner:
@@ -131,7 +131,12 @@ def position_input(positions: np.ndarray, glm_positions: bool) -> np.ndarray:
 
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
-_FIRST_CAPACITY = 64  # columns a fresh cache holds; it doubles when a row needs more
+# Capacity (cache columns) moves in blocks of this many: attention reads every column the step is given, and Paddle
+# Inference reads an input's dims, not its strides, so a column-sliced view cannot be passed; capacity itself stays
+# within a block or two of the longest row. Each growth copies the whole cache (~25 ms at 64 rows x 96 columns, hidden
+# 512), once a block's worth of steps; a masked column costs ~0.12 ms per step at 64 rows: 32 balances the two
+# (docs/benchmarks.md, issue 25).
+_CAPACITY_BLOCK = 32
 
 
 class StepDecoder:
@@ -141,9 +146,9 @@ class StepDecoder:
     the step graph reads it in place: the arrays are handed to Paddle through DLPack, without a copy, and a step
     returns only the new positions' keys and values, which are written into each row's next columns. A row's columns
     ``[0, lengths[slot])`` are its tokens (after a prefix-tuning past, when the model has one); the rest are masked.
-    Capacity (columns) starts small, doubles when a row needs more and halves again when the rows in use are much
-    shorter (``shrink``), so memory and attention follow the longest row, not the context; the arrays are
-    reallocated then and only then.
+    Capacity (columns) is the longest row rounded up to a block (``_CAPACITY_BLOCK``): it grows a block when a row
+    needs more and shrinks when the rows in use got a block shorter (``shrink``), so memory and the columns attention
+    reads follow the longest row, not the context; the arrays are reallocated then and only then.
 
     Decoding runs rows ``0 .. count-1``: the caller keeps its decoding rows in the lowest slots (``move`` packs a row
     into a freed slot; one row's copy). The decoder does not sample and does not schedule: ``serving.engine.Engine``
@@ -198,7 +203,7 @@ class StepDecoder:
         """Reallocate the cache empty with ``slots`` rows (only between runs: every row's cache is dropped)."""
         self.slots = slots
         self.lengths = np.full(slots, self.prefix_columns, dtype="int64")
-        self._arrays = self._allocate(max(self.prefix_columns + 1, min(_FIRST_CAPACITY, self.max_columns or _FIRST_CAPACITY)))
+        self._use(self._allocate(self._columns_for(self.prefix_columns + 1)))
         for slot in range(slots):
             self.clear(slot)
 
@@ -210,41 +215,57 @@ class StepDecoder:
         shape = self.layout.shape(self.slots, columns)
         return [np.zeros(shape, dtype=_NUMPY_DTYPES[self.dtype]) for _ in range(2 * self.layout.num_layers)]
 
+    def _use(self, arrays: list[np.ndarray]) -> None:
+        """Make ``arrays`` the cache, with what each decoding step reuses until they change: their ``[slots,
+        columns, ...]`` views and the Paddle tensors over the decoding rows (building these per step cost ~0.5 ms,
+        5-8% of a one-row step at hidden 512)."""
+        self._arrays = arrays
+        self._rows = [self._rows_view(array) for array in arrays]
+        self._decoding_past: tuple[int, list[paddle.Tensor]] = (0, [])
+
     def _rows_view(self, array: np.ndarray) -> np.ndarray:
         """``array`` as ``[slots, columns, ...]`` (a view, for indexing by slot and column)."""
         return np.moveaxis(array, (self.layout.batch_axis, self.layout.seq_axis), (0, 1))
+
+    def _columns_for(self, columns: int) -> int:
+        """``columns`` rounded up to a whole block, within the context."""
+        rounded = -(-columns // _CAPACITY_BLOCK) * _CAPACITY_BLOCK
+        return rounded if self.max_columns is None else min(rounded, self.max_columns)
 
     def _ensure_capacity(self, columns: int) -> None:
         if columns <= self.capacity:
             return
         if self.max_columns is not None and columns > self.max_columns:
             raise ValueError(f"a row needs {columns} cache columns; the context holds {self.max_columns}")
-        grown = max(columns, 2 * self.capacity)
-        if self.max_columns is not None:
-            grown = min(grown, self.max_columns)
-        arrays = self._allocate(grown)
+        self._reallocate(self._columns_for(columns))
+
+    def _reallocate(self, columns: int) -> None:
+        """Move the cache into arrays of ``columns`` columns, copying each row's own columns only: a slot holding
+        nothing costs neither the copy nor memory (numpy maps zeros lazily), so one request on a 64-slot cache does
+        not copy 64 rows each time its row grows a block."""
+        arrays = self._allocate(columns)
+        holding = np.flatnonzero(self.lengths)
         for old, new in zip(self._arrays, arrays):
-            self._rows_view(new)[:, : self.capacity] = self._rows_view(old)
-        self._arrays = arrays
+            old_rows, new_rows = self._rows_view(old), self._rows_view(new)
+            for slot in holding:
+                end = min(int(self.lengths[slot]), columns)
+                new_rows[slot, :end] = old_rows[slot, :end]
+        self._use(arrays)
 
     def shrink(self, slots_in_use: Sequence[int]) -> None:
-        """Give back columns the rows in use do not need: halve capacity while their longest fits in a quarter.
+        """Forget the slots not in ``slots_in_use`` (``clear`` one before reuse) and give back the columns the rows in
+        use do not need, keeping a block of room for them to grow.
 
         Without it, one long request would leave every later step attending over (and the memory holding) its
-        length. The quarter, against doubling on growth, keeps a row near a boundary from reallocating every step.
+        length. The block of room keeps a row near a boundary from reallocating every step.
         """
-        longest = int(self.lengths[list(slots_in_use)].max()) if len(slots_in_use) else self.prefix_columns
-        smallest = max(_FIRST_CAPACITY, self.prefix_columns + 1)
-        target = self.capacity
-        while target // 2 >= smallest and 4 * longest <= target:
-            target //= 2
-        if target == self.capacity:
-            return
-        arrays = self._allocate(target)
-        for old, new in zip(self._arrays, arrays):
-            self._rows_view(new)[:] = self._rows_view(old)[:, :target]
-        self._arrays = arrays
-        self.lengths = np.minimum(self.lengths, target)  # free slots' stale lengths; clear() resets them anyway
+        free = np.ones(self.slots, dtype=bool)
+        free[list(slots_in_use)] = False
+        self.lengths[free] = 0
+        longest = int(self.lengths.max())
+        target = self._columns_for(max(longest, self.prefix_columns) + _CAPACITY_BLOCK)
+        if target < self.capacity:
+            self._reallocate(target)
 
     def clear(self, slot: int) -> None:
         """Empty ``slot`` for a new request (its prefix-tuning past, if any, stays)."""
@@ -287,6 +308,15 @@ class StepDecoder:
         index = np.arange(self.slots)[slots]
         return [paddle.to_tensor(np.take(array, index, axis=axis)) for array in self._arrays]
 
+    def _decoding_rows_past(self, rows: int) -> list[paddle.Tensor]:
+        """``_past`` of rows ``0 .. rows-1``; views (a batch-first cache) are kept until the arrays or ``rows``
+        change, copies are taken afresh."""
+        if self.layout.batch_axis != 0:
+            return self._past(slice(0, rows))
+        if self._decoding_past[0] != rows:
+            self._decoding_past = (rows, self._past(slice(0, rows)))
+        return self._decoding_past[1]
+
     def adapter_key(self, adapter: int) -> tuple[int, int]:
         """What a row's cache columns depend on besides its tokens: its adapter slot and how many times that slot was
         loaded, so a slot reused by another adapter never matches cache computed with the one before."""
@@ -312,7 +342,7 @@ class StepDecoder:
             *past,
         ]
         logits, *new = self.runner.run(inputs)
-        return logits.numpy(), [self._rows_view(np.asarray(cache.numpy())) for cache in new]
+        return np.asarray(logits), [self._rows_view(np.asarray(cache)) for cache in new]
 
     def prefill(self, slots: Sequence[int], chunks: Sequence[Sequence[int]], adapters: Sequence[int] | None = None) -> np.ndarray:
         """Feed each slot the next tokens of its prompt (``chunks[i]`` continues ``slots[i]`` where it ends);
@@ -355,10 +385,10 @@ class StepDecoder:
         mask[:, 0, 0, : self.capacity] = np.arange(self.capacity)[None, :] < lengths[:, None]
         input_ids = np.asarray(last_tokens, dtype="int64").reshape(rows, 1)
         positions = (lengths - self.prefix_columns).reshape(rows, 1)
-        logits, new = self._run(input_ids, positions, mask, self._past(slice(0, rows)), adapters)
+        logits, new = self._run(input_ids, positions, mask, self._decoding_rows_past(rows), adapters)
         every_row = np.arange(rows)
-        for array, values in zip(self._arrays, new):
-            self._rows_view(array)[every_row, lengths] = values[:, 0]
+        for cache_rows, values in zip(self._rows, new):
+            cache_rows[every_row, lengths] = values[:, 0]
         self.lengths[:rows] += 1
         return logits
 

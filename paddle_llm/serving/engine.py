@@ -189,6 +189,13 @@ class _Sequence:
     prefilled: int = 0  # prompt tokens already in the cache
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
+    @property
+    def takes_argmax(self) -> bool:
+        """Its next token is the raw logits' argmax: greedy, and nothing (bias, penalty, processor) reshapes them."""
+        params = self.params
+        return (params.greedy and not params.logit_bias and not self.processors and params.repetition_penalty == 1.0
+                and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0)
+
 
 @dataclass
 class EngineStats:
@@ -473,10 +480,13 @@ class Engine:
 
     def _decode_step(self) -> None:
         logits = self.decoder.decode([s.last_token for s in self._decoding], [s.adapter for s in self._decoding])
+        logits = logits[:, : self.sampled_vocab_size]
+        # One argmax over every row costs what one row's sampling call does; rows that take it skip sample_token.
+        argmaxes = np.argmax(logits, axis=1).tolist()
         with self._condition:
             self._stats.decode_steps += 1
         for row, sequence in enumerate(self._decoding):
-            self._accept(sequence, logits[row])
+            self._accept(sequence, logits[row], argmaxes[row] if sequence.takes_argmax else None)
         self._release_finished()
 
     def _release_finished(self) -> None:
@@ -498,23 +508,27 @@ class Engine:
             self._finish(sequence, FINISH_CANCELLED)
         return sequence.finished
 
-    def _accept(self, sequence: _Sequence, logits: np.ndarray) -> bool:
-        """Sample the next token of ``sequence``, emit its text; return True if the request is done."""
+    def _accept(self, sequence: _Sequence, logits: np.ndarray, argmax: int | None = None) -> bool:
+        """Sample the next token of ``sequence`` (``argmax``: already picked, for a row that ``takes_argmax``), emit
+        its text; return True if the request is done."""
         if sequence.handle.cancelled:
             self._finish(sequence, FINISH_CANCELLED)
             return True
         params = sequence.params
-        # The history arrays are only needed (and only worth building) when a penalty applies.
-        seen = np.asarray(sequence.seen_ids, dtype="int64") if params.repetition_penalty != 1.0 else NO_TOKENS
-        penalised = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-        generated = np.asarray(sequence.generated, dtype="int64") if penalised else NO_TOKENS
         logits = logits[: self.sampled_vocab_size]
-        allowed = logits
-        for processor in sequence.processors:
-            allowed = processor.process(allowed)
-        token = sample_token(allowed, params, sequence.rng, seen, generated)
-        for processor in sequence.processors:
-            processor.accept_token(token)
+        if argmax is not None:
+            token = argmax
+        else:
+            # The history arrays are only needed (and only worth building) when a penalty applies.
+            seen = np.asarray(sequence.seen_ids, dtype="int64") if params.repetition_penalty != 1.0 else NO_TOKENS
+            penalised = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+            generated = np.asarray(sequence.generated, dtype="int64") if penalised else NO_TOKENS
+            allowed = logits
+            for processor in sequence.processors:
+                allowed = processor.process(allowed)
+            token = sample_token(allowed, params, sequence.rng, seen, generated)
+            for processor in sequence.processors:
+                processor.accept_token(token)
         if params.logprobs is not None:
             # EOS too, although it adds no text (as vLLM): lm-eval's loglikelihood reads the prompt's logprobs as
             # all but the last entry of an echo with max_tokens=1, so that entry must exist whatever was sampled.

@@ -329,8 +329,8 @@ def test_no_slot_or_cache_leaks_over_many_requests_with_cancels():
         while engine.stats().running:
             time.sleep(0.001)
         assert engine.stats().waiting == 0 and not engine._decoding and not engine._prefilling
-        # Rows never held more than 9 + 7 positions: the cache never grew past its first capacity.
-        assert engine.decoder.capacity == 64 and engine.decoder.slots == 3
+        # Rows never held more than 9 + 7 positions: the cache never grew past its first block of columns.
+        assert engine.decoder.capacity == 32 and engine.decoder.slots == 3
         assert engine.generate([9], SamplingParams(max_tokens=8, temperature=0)).token_ids == tuple(expected_tokens([9], 8))
     finally:
         engine.shutdown()
@@ -366,6 +366,48 @@ def test_cache_shrinks_back_after_a_long_request_leaves():
         result = short.result()  # decodes on after the long one left
         assert max(runner.past_columns) >= 150 and runner.past_columns[-1] < max(runner.past_columns)
         assert list(result.token_ids[: len(expected_tokens([3], 60))]) == expected_tokens([3], 60)
+    finally:
+        engine.shutdown()
+
+
+def test_decoding_steps_read_at_most_a_block_of_columns_past_the_longest_row():
+    # Attention reads every column a step is given, masked or not: capacity must follow the row, not double past it.
+    engine, runner = toy_engine(max_batch_size=1)
+    try:
+        prompt = [3, 4, 5]
+        assert engine.generate(prompt, SamplingParams(max_tokens=120, temperature=0)).completion_tokens == 120
+        decoding_columns = [c for c, q in zip(runner.past_columns, runner.query_lengths) if q == 1]
+        row_lengths = range(len(prompt), len(prompt) + len(decoding_columns))
+        assert all(length < columns <= length + 32 for columns, length in zip(decoding_columns, row_lengths))
+    finally:
+        engine.shutdown()
+
+
+def test_growing_the_cache_copies_only_the_rows_holding_tokens():
+    # A request alone on a 64-slot cache must not copy 63 idle rows each time its row grows a block.
+    from paddle_llm.inference.runtime import StepDecoder
+
+    decoder = StepDecoder(ToyRunner(), LAYOUT, "float32", glm_positions=False, slots=4, max_columns=200)
+    decoder.prefill([0, 2], [[5, 6, 7], [8]])
+    decoder.shrink([0])  # slot 2's request left
+    decoder.prefill([0], [[9] * 40])  # row 0 grows past the first block
+    assert decoder.capacity > 32
+    assert decoder.row_cache(0, 0, 43)[0].ravel().tolist() == [5, 6, 7] + [9] * 40  # the toy's keys are the ids
+    assert decoder.row_cache(2, 0, 1)[0].ravel().tolist() == [0]  # the freed row was not carried over
+
+
+def test_plain_greedy_rows_take_the_steps_argmax_and_biased_greedy_rows_are_still_sampled(monkeypatch):
+    import paddle_llm.serving.engine as engine_module
+
+    calls = []
+    monkeypatch.setattr(engine_module, "sample_token", lambda *args: calls.append(args) or sample_token(*args))
+    engine, _ = toy_engine(max_batch_size=2)
+    try:
+        plain = engine.submit([3, 4, 5], SamplingParams(max_tokens=6, temperature=0))
+        forced = engine.submit([9], SamplingParams(max_tokens=6, temperature=0, logit_bias=((17, 100.0),)))
+        assert list(plain.result().token_ids) == expected_tokens([3, 4, 5], 6)
+        assert list(forced.result().token_ids) == [17] * 6
+        assert len(calls) == 1 + 6  # the plain row's first token (after its prefill), every token of the biased row
     finally:
         engine.shutdown()
 
