@@ -160,6 +160,9 @@ def check_export(
         best_program(export_dir, manifest)  # raises, naming what each program needs
     tokenizer = load_checkpoint_tokenizer(source)
     prompt_ids = encode_prompts(tokenizer, prompts, getattr(tokenizer, "bos_token_id", None))
+    # A prompt and its greedy tokens must fit the export's context (a sliding-window model's is its window).
+    room = max(1, manifest.max_context_length - new_tokens)
+    prompt_ids = [ids[:room] for ids in prompt_ids]
     reports = {program: compare(open_export_decoder(export_dir, manifest, program), reference, source.family,
                                 prompt_ids, new_tokens, atol) for program in programs}
     mismatches = [f"{program}: {line}" if len(programs) > 1 else line
