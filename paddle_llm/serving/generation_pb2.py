@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#paddle_llm/serving/generation.proto\x12\x15paddle_llm.serving.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc7\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x34\n\x08messages\x18\x02 \x03(\x0b\x32\".paddle_llm.serving.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x11\n\x04seed\x18\t \x01(\x03H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"d\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12+\n\x05usage\x18\x03 \x01(\x0b\x32\x1c.paddle_llm.serving.v1.Usage2\xd2\x01\n\x0eTextGeneration\x12[\n\x08Generate\x12&.paddle_llm.serving.v1.GenerateRequest\x1a\'.paddle_llm.serving.v1.GenerateResponse\x12\x63\n\x0eGenerateStream\x12&.paddle_llm.serving.v1.GenerateRequest\x1a\'.paddle_llm.serving.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#paddle_llm/serving/generation.proto\x12\x15paddle_llm.serving.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe5\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x34\n\x08messages\x18\x02 \x03(\x0b\x32\".paddle_llm.serving.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x11\n\x04seed\x18\t \x01(\x03H\x05\x88\x01\x01\x12\x12\n\x05model\x18\n \x01(\tH\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x08\n\x06_model\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"d\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12+\n\x05usage\x18\x03 \x01(\x0b\x32\x1c.paddle_llm.serving.v1.Usage2\xd2\x01\n\x0eTextGeneration\x12[\n\x08Generate\x12&.paddle_llm.serving.v1.GenerateRequest\x1a\'.paddle_llm.serving.v1.GenerateResponse\x12\x63\n\x0eGenerateStream\x12&.paddle_llm.serving.v1.GenerateRequest\x1a\'.paddle_llm.serving.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -24,11 +24,11 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_CHATMESSAGE']._serialized_start=62
   _globals['_CHATMESSAGE']._serialized_end=106
   _globals['_GENERATEREQUEST']._serialized_start=109
-  _globals['_GENERATEREQUEST']._serialized_end=436
-  _globals['_USAGE']._serialized_start=438
-  _globals['_USAGE']._serialized_end=495
-  _globals['_GENERATERESPONSE']._serialized_start=497
-  _globals['_GENERATERESPONSE']._serialized_end=597
-  _globals['_TEXTGENERATION']._serialized_start=600
-  _globals['_TEXTGENERATION']._serialized_end=810
+  _globals['_GENERATEREQUEST']._serialized_end=466
+  _globals['_USAGE']._serialized_start=468
+  _globals['_USAGE']._serialized_end=525
+  _globals['_GENERATERESPONSE']._serialized_start=527
+  _globals['_GENERATERESPONSE']._serialized_end=627
+  _globals['_TEXTGENERATION']._serialized_start=630
+  _globals['_TEXTGENERATION']._serialized_end=840
 # @@protoc_insertion_point(module_scope)

@@ -40,7 +40,7 @@ def request_body(request: generation_pb2.GenerateRequest) -> tuple[str, dict]:
     if not request.prompt and not request.messages:
         raise RequestError("set prompt (a completion) or messages (a chat)", param="prompt")
     body: dict = {}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "model"):
         if request.HasField(name):
             body[name] = getattr(request, name)
     if request.stop:

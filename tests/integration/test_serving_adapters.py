@@ -1,5 +1,6 @@
 """Many LoRA adapters on one base (``serve --lora_modules``): rows of different adapters in one step, the merged
-model's tokens, ``/v1/models``, load/unload at run time, the slot limit, and adapters refused for another base.
+model's tokens, ``/v1/models``, gRPC's ``model``, load/unload at run time, the slot limit, and adapters refused for
+another base.
 
 Two real adapters are trained once per module by ``finetune --lora`` on the session's tiny Llama (3 steps, on
 different targets, so their greedy tokens differ from each other and from the base); one server on 127.0.0.1 serves
@@ -12,11 +13,13 @@ import os
 import subprocess
 import sys
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 
 from paddle_llm.peft.merge import main as merge_main
+from paddle_llm.serving import generation_pb2, generation_pb2_grpc
 from tests.conftest import ROOT, subprocess_env
 from tests.integration.server_process import ServerProcess
 from tests.integration.test_finetune import FINETUNE, WORDS
@@ -190,6 +193,35 @@ def test_requests_for_different_adapters_in_one_batch_get_their_own_tokens(serve
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda request: complete(server, *request), requests))
     assert together == alone
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        yield generation_pb2_grpc.TextGenerationStub(channel)
+
+
+def generate(stub, prompt, **fields):
+    """gRPC ``Generate``'s greedy text, with the same limits as ``complete``."""
+    return stub.Generate(generation_pb2.GenerateRequest(prompt=prompt, **GREEDY, **fields), timeout=120).text
+
+
+def test_grpc_model_picks_the_adapter_or_the_base_as_rest_does(server, stub):
+    texts = {model: complete(server, model, PROMPTS[0]) for model in ("base", "a", "b")}
+    assert len(set(texts.values())) == 3  # a's greedy answer is empty (EOS first), b's is not
+    assert {model: generate(stub, PROMPTS[0], model=model) for model in texts} == texts
+    assert generate(stub, PROMPTS[0]) == texts["base"]  # unset, as the base's name
+
+
+def test_grpc_unknown_model_is_not_found_with_rests_error_body(server, stub):
+    rest = post(server, "/v1/completions", {"model": "nope", "prompt": PROMPTS[0], **GREEDY})
+    assert rest.status_code == 404
+    with pytest.raises(grpc.RpcError) as refused:
+        generate(stub, PROMPTS[0], model="nope")
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    error = json.loads(refused.value.details())
+    assert error == rest.json()
+    assert error["error"]["code"] == "model_not_found" and "'nope'" in error["error"]["message"]
 
 
 def test_load_unload_limit_and_in_flight_requests(server, trained):
