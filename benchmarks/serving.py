@@ -12,15 +12,25 @@ EOS is ignored so every request generates exactly ``--new_tokens``. Prints a tab
 ``benchmarks/results/serving.json``.
 
 ``--vs_generate`` instead runs the side-by-side against Hugging Face transformers ``generate`` on the same weights
-(exported with ``export --format hf``, run by ``hf_generate_worker.py`` in a separate torch venv, ``--torch_python``):
-at each concurrency of ``--levels``, tokens/s (wall clock and per CPU-second) and p50/p95 request latency of both and
-the ratios, where our engine's time goes (model step, cache bookkeeping, sampling), and the prefix cache's hit rate
-and first-token time on prompts sharing a system prompt, without and with it. Writes
+(exported with ``export --format hf``, run by ``hf_generate_worker.py`` in a separate torch venv, ``--torch_python``)
+and PaddleNLP's ``model.generate`` on the same checkpoint (what PaddleNLP's ``llm/predict/predictor.py`` runs in
+dygraph mode): at each concurrency of ``--levels``, N requests at once (the peers: one padded batch of N), tokens/s
+(wall clock and per CPU-second), p50/p95 request latency and the ratios, for each of ``--workloads``:
+
+- ``uniform``: every prompt ``--prompt_tokens`` long, every request ``--new_tokens`` long, the peers' best case
+  (a padded batch wastes nothing);
+- ``mixed``: prompt lengths and output lengths drawn (seed 0) from ``--mixed_prompt_tokens`` and
+  ``--mixed_new_tokens``, as requests to a server come; a padded batch pads every prompt to the longest and
+  decodes every row to the longest output, and only the tokens each request asked for count.
+
+Also where our engine's time goes (model step, cache bookkeeping, sampling), and the prefix cache's hit rate and
+first-token time on prompts sharing a system prompt, without and with it. Writes
 ``benchmarks/results/serving_vs_generate.json``.
 
     python benchmarks/serving.py                      # defaults: hidden 512, 4 layers, 1 thread
     python benchmarks/serving.py --hidden 256 --threads 2
     python benchmarks/serving.py --vs_generate --torch_python /work/torchvenv/bin/python
+    python benchmarks/serving.py --vs_generate --hidden 128 --layers 2 --heads 4   # the demo's tiny-llama shape
 """
 
 from __future__ import annotations
@@ -28,17 +38,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
 import threading
 import time
 
+from hf_generate_worker import client_batches, left_padded, padded_batches_row, percentile
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "serving.json")
 VS_GENERATE_RESULTS_PATH = os.path.join(os.path.dirname(RESULTS_PATH), "serving_vs_generate.json")
 HF_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_generate_worker.py")
+WORKLOADS = ("uniform", "mixed")
 
 
 def parse_args(argv=None):
@@ -55,6 +69,14 @@ def parse_args(argv=None):
     parser.add_argument("--vs_generate", action="store_true",
                         help="side by side with transformers generate at each of --levels concurrent clients")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS),
+                        help="--vs_generate: equal requests (uniform), or lengths as a server sees them (mixed)")
+    parser.add_argument("--single_client_requests", type=int, default=8,
+                        help="--vs_generate: at 1 client, how many requests it sends one after another")
+    parser.add_argument("--mixed_prompt_tokens", type=int, nargs=2, default=[8, 128], metavar=("MIN", "MAX"),
+                        help="--vs_generate mixed workload: each prompt's length, uniform in [MIN, MAX]")
+    parser.add_argument("--mixed_new_tokens", type=int, nargs=2, default=[8, 128], metavar=("MIN", "MAX"),
+                        help="--vs_generate mixed workload: each request's max_tokens, uniform in [MIN, MAX]")
     parser.add_argument("--max_batch_size", type=int, default=None, help="our engine's batch (default: its own sizing)")
     parser.add_argument("--system_prompt_tokens", type=int, default=384,
                         help="--vs_generate: the shared prefix of the prefix-cache measurement")
@@ -186,11 +208,6 @@ def concurrency(engine, args) -> dict:
 
 # ---- side by side with transformers generate ------------------------------------------------------------------------
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
-
-
 class PhaseTimer:
     """Where the engine thread's time goes: wraps the model step and the sampling hook of one engine in place."""
 
@@ -219,22 +236,53 @@ class PhaseTimer:
         return shares
 
 
-def engine_at(engine, prompts: list[list[int]], new_tokens: int) -> dict:
-    """All ``prompts`` submitted at once: tokens/s over the wall time, p50/p95 request latency, p50 first token."""
+def requests_of(workload: str, args) -> list[tuple[list[int], int]]:
+    """``(prompt ids, new tokens)`` of the ``max(--levels)`` requests of ``workload``; a level takes the first N."""
+    count = max(*args.levels, args.single_client_requests)
+    if workload == "uniform":
+        return [(prompt_of(args.prompt_tokens, 100 + i), args.new_tokens) for i in range(count)]
+    draw = random.Random(0)
+    return [(prompt_of(draw.randint(*args.mixed_prompt_tokens), 100 + i), draw.randint(*args.mixed_new_tokens))
+            for i in range(count)]
+
+
+def engine_at(engine, batches: list[list[tuple[list[int], int]]]) -> dict:
+    """Each of ``batches`` submitted at once, one batch after another: tokens/s over the wall time, p50/p95 request
+    latency, p50 first token."""
     from paddle_llm.serving.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    handles = [engine.submit(prompt, params) for prompt in prompts]
-    results = [handle.result() for handle in handles]
+    started, cpu_started, results = time.perf_counter(), time.process_time(), []
+    for batch in batches:
+        handles = [engine.submit(prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0))
+                   for prompt, new_tokens in batch]
+        results += [handle.result() for handle in handles]
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    assert all(r.completion_tokens == new_tokens for r in results), [r.finish_reason for r in results]
+    asked = [new_tokens for batch in batches for _, new_tokens in batch]
+    assert [r.completion_tokens for r in results] == asked, [r.finish_reason for r in results]
     latencies = [r.total_seconds for r in results]
-    tokens = sum(r.completion_tokens for r in results)
+    tokens = sum(asked)
     return {"tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "wall_s": wall,
             "latency_p50_s": percentile(latencies, 0.5), "latency_p95_s": percentile(latencies, 0.95),
             "first_token_p50_s": percentile([r.first_token_seconds for r in results], 0.5),
             "token_ids": [list(r.token_ids) for r in results]}
+
+
+def paddlenlp_generate_at(model, batches: list[list[tuple[list[int], int]]]) -> dict:
+    """PaddleNLP's ``model.generate`` on each of ``batches`` as one padded batch, as its dygraph predictor batches."""
+    import paddle
+
+    def run_batch(batch):
+        ids, mask, new_tokens = left_padded(batch)
+        input_ids = paddle.to_tensor(ids, dtype="int64")
+        started, cpu_started = time.perf_counter(), time.process_time()
+        with paddle.no_grad():
+            output_ids, _ = model.generate(input_ids, attention_mask=paddle.to_tensor(mask, dtype="int64"),
+                                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                           decode_strategy="greedy_search", use_cache=True)
+        assert output_ids.shape[1] == new_tokens
+        return time.perf_counter() - started, time.process_time() - cpu_started
+
+    return padded_batches_row(run_batch, batches)
 
 
 def prefix_reuse(engine, args) -> dict:
@@ -256,19 +304,12 @@ def prefix_reuse(engine, args) -> dict:
     return results
 
 
-def hf_generate(args, workdir: str, checkpoint: str, prompts: list[list[int]]) -> dict:
-    """transformers ``generate`` at each level, on the checkpoint exported to Hugging Face format."""
+def hf_generate(args, hf_dir: str, requests_file: str) -> dict:
+    """transformers ``generate`` at each level on the Hugging Face export, in the torch venv."""
     import subprocess
 
-    from paddle_llm.export.exporter import FORMAT_HF, ExportRequest, export_checkpoint
-
-    hf_dir = os.path.join(workdir, "hf")
-    export_checkpoint(ExportRequest(checkpoint, hf_dir, format=FORMAT_HF), log=lambda *_: None)
-    prompts_file = os.path.join(workdir, "prompts.json")
-    with open(prompts_file, "w", encoding="utf-8") as f:
-        json.dump(prompts, f)
-    command = [args.torch_python, HF_WORKER, hf_dir, "--prompts", prompts_file, "--new_tokens", str(args.new_tokens),
-               "--threads", str(args.threads), "--levels", *map(str, args.levels)]
+    command = [args.torch_python, HF_WORKER, hf_dir, "--requests", requests_file, "--threads", str(args.threads),
+               "--single_client_requests", str(args.single_client_requests), "--levels", *map(str, args.levels)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -276,62 +317,104 @@ def hf_generate(args, workdir: str, checkpoint: str, prompts: list[list[int]]) -
     return {int(level): row for level, row in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
+def ours_at_levels(engine, timer: PhaseTimer, requests: list, args) -> dict:
+    """Our engine at each level. Continuous batching must not change greedy output: every level's first request
+    decodes as at the first level."""
+    rows, levels = {}, args.levels
+    for level in levels:
+        timer.reset()
+        rows[level] = engine_at(engine, client_batches(requests, level, args.single_client_requests))
+        rows[level]["time_split"] = timer.split(rows[level]["wall_s"])
+    alone = rows[levels[0]]["token_ids"][0]
+    for level in levels:
+        assert rows[level].pop("token_ids")[0] == alone, f"batching at {level} changed greedy output"
+    return rows
+
+
 def vs_generate(args) -> dict:
+    from paddle_llm.export.exporter import FORMAT_HF, ExportRequest, export_checkpoint
+    from paddle_llm.inference.load import load_model
+    from paddle_llm.models.registry import resolve_model
+    from paddle_llm.serving.model import open_export
+
+    workloads = {workload: requests_of(workload, args) for workload in args.workloads}
     with tempfile.TemporaryDirectory(prefix="paddle_llm_serving_vs_generate_") as workdir:
         checkpoint, export_dir, parity = setup(args, workdir)
-        from paddle_llm.serving.model import open_export
-
-        prompts = [prompt_of(args.prompt_tokens, 100 + i) for i in range(max(args.levels))]
         served = open_export(export_dir, num_threads=args.threads, max_batch_size=args.max_batch_size)
         engine = served.engine
-        engine.eos_token_ids = frozenset()  # every request runs to --new_tokens, as generate's min_new_tokens does
+        engine.eos_token_ids = frozenset()  # every request runs to its max_tokens, as the peers' min_new_tokens do
         timer = PhaseTimer(engine)
-        ours = {}
         try:
-            engine_at(engine, prompts[:2], 4)  # warm-up
-            for level in args.levels:
-                timer.reset()
-                ours[level] = engine_at(engine, prompts[:level], args.new_tokens)
-                ours[level]["time_split"] = timer.split(ours[level]["wall_s"])
+            engine_at(engine, [workloads[args.workloads[0]][:2]])  # warm-up
+            ours = {workload: ours_at_levels(engine, timer, requests, args)
+                    for workload, requests in workloads.items()}
             prefix = prefix_reuse(engine, args)
         finally:
             engine.shutdown()
-        generate = hf_generate(args, workdir, checkpoint, prompts)
-    # Continuous batching must not change greedy output: every level's first request decodes as at the first level.
-    alone = ours[args.levels[0]]["token_ids"][0]
-    for level in args.levels:
-        assert ours[level]["token_ids"][0] == alone, f"batching at {level} changed greedy output"
-        ours[level].pop("token_ids")
+        paddlenlp_model = load_model(resolve_model(checkpoint))
+        paddlenlp_generate_at(paddlenlp_model, [[(prompt_of(8), 4)]])  # warm-up
+        paddlenlp = {workload: {level: paddlenlp_generate_at(paddlenlp_model, client_batches(
+            requests, level, args.single_client_requests)) for level in args.levels}
+            for workload, requests in workloads.items()}
+        hf_dir = os.path.join(workdir, "hf")
+        export_checkpoint(ExportRequest(checkpoint, hf_dir, format=FORMAT_HF), log=lambda *_: None)
+        generate = {}
+        for workload, requests in workloads.items():
+            requests_file = os.path.join(workdir, f"{workload}.json")
+            with open(requests_file, "w", encoding="utf-8") as f:
+                json.dump(requests, f)
+            generate[workload] = hf_generate(args, hf_dir, requests_file)
+
+    def ratios(ours_row: dict, peer_row: dict) -> dict:
+        return {"wall": ours_row["tokens_per_s"] / peer_row["tokens_per_s"],
+                "cpu": ours_row["tokens_per_cpu_s"] / peer_row["tokens_per_cpu_s"]}
+
     return {"parity": parity.to_dict(), "max_batch_size": engine.max_batch_size, "prefix_cache": prefix,
-            "levels": {level: {"ours": ours[level], "generate": generate[level],
-                               "ratio": ours[level]["tokens_per_s"] / generate[level]["tokens_per_s"],
-                               "cpu_ratio": ours[level]["tokens_per_cpu_s"] / generate[level]["tokens_per_cpu_s"]}
-                       for level in args.levels}}
+            "workloads": {workload: {level: {"ours": ours[workload][level], "generate": generate[workload][level],
+                                             "paddlenlp": paddlenlp[workload][level],
+                                             "vs_generate": ratios(ours[workload][level], generate[workload][level]),
+                                             "vs_paddlenlp": ratios(ours[workload][level], paddlenlp[workload][level])}
+                                     for level in args.levels}
+                          for workload in args.workloads}}
 
 
 def report_vs_generate(args, results: dict) -> None:
     lines = [
-        f"model: Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab 1024, float32; prompt "
-        f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.threads} CPU thread(s) each; our batch "
-        f"{results['max_batch_size']}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        f"model: Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab 1024, float32; "
+        f"{args.threads} CPU thread(s) each; our batch {results['max_batch_size']}; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
         "",
         "Wall-clock rates measure the neighbours too on a shared machine; tokens per CPU-second (each side's process "
-        "CPU time, 1 math thread) measure the work.",
-        "",
-        "| clients | ours tokens/s | generate tokens/s | ratio | ours / generate tokens per CPU-s | ratio (CPU) | "
-        "ours p50 / p95 latency (s) | generate p50 / p95 (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "CPU time, 1 math thread) measure the work. Peers: transformers `generate` (torch) and PaddleNLP "
+        "`model.generate`, each on one padded batch of the N requests; 1 client sends "
+        f"{args.single_client_requests} requests one after another.",
     ]
-    for level, row in results["levels"].items():
-        ours, theirs = row["ours"], row["generate"]
-        lines.append(f"| {level} | {ours['tokens_per_s']:.0f} | {theirs['tokens_per_s']:.0f} | {row['ratio']:.2f}x | "
-                     f"{ours['tokens_per_cpu_s']:.0f} / {theirs['tokens_per_cpu_s']:.0f} | {row['cpu_ratio']:.2f}x | "
-                     f"{ours['latency_p50_s']:.2f} / {ours['latency_p95_s']:.2f} | "
-                     f"{theirs['latency_p50_s']:.2f} / {theirs['latency_p95_s']:.2f} |")
-    lines += ["", "| clients | " + " | ".join(next(iter(results["levels"].values()))["ours"]["time_split"]) + " |",
-              "|---:|" + "---:|" * len(next(iter(results["levels"].values()))["ours"]["time_split"])]
-    for level, row in results["levels"].items():
-        lines.append(f"| {level} | " + " | ".join(f"{share:.0%}" for share in row["ours"]["time_split"].values()) + " |")
+    workload_titles = {
+        "uniform": f"uniform: every prompt {args.prompt_tokens} tokens, every request {args.new_tokens} new tokens",
+        "mixed": f"mixed: prompts of {args.mixed_prompt_tokens[0]}-{args.mixed_prompt_tokens[1]} tokens, requests "
+                 f"of {args.mixed_new_tokens[0]}-{args.mixed_new_tokens[1]} new tokens (only those count)",
+    }
+    for workload, levels in results["workloads"].items():
+        lines += [
+            "", workload_titles[workload], "",
+            "| clients | tokens/s: ours / generate / PaddleNLP | tokens per CPU-s: ours / generate / PaddleNLP | "
+            "ours ÷ generate (wall, CPU) | ours ÷ PaddleNLP (wall, CPU) | p50 / p95 latency (s): ours; generate; "
+            "PaddleNLP |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for level, row in levels.items():
+            contenders = [row[name] for name in ("ours", "generate", "paddlenlp")]
+            lines.append(
+                f"| {level} | " + " / ".join(f"{c['tokens_per_s']:.0f}" for c in contenders)
+                + " | " + " / ".join(f"{c['tokens_per_cpu_s']:.0f}" for c in contenders)
+                + f" | {row['vs_generate']['wall']:.2f}x, **{row['vs_generate']['cpu']:.2f}x** | "
+                f"{row['vs_paddlenlp']['wall']:.2f}x, {row['vs_paddlenlp']['cpu']:.2f}x | "
+                + "; ".join(f"{c['latency_p50_s']:.2f} / {c['latency_p95_s']:.2f}" for c in contenders) + " |")
+        splits = {level: row["ours"]["time_split"] for level, row in levels.items()}
+        phases = list(next(iter(splits.values())))
+        lines += ["", "| clients | " + " | ".join(phases) + " |", "|---:|" + "---:|" * len(phases)]
+        lines += [f"| {level} | " + " | ".join(f"{share:.0%}" for share in split.values()) + " |"
+                  for level, split in splits.items()]
     prefix = results["prefix_cache"]
     lines += ["", f"| 8 requests sharing a {args.system_prompt_tokens}-token system prompt, one at a time | "
                   "first token p50 (ms) | prefix cache hit rate |", "|---|---:|---:|"]
