@@ -7,6 +7,7 @@ slots and run one decoding step over the decoding slots. It does not sample and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -140,11 +141,13 @@ def lazy_zeros(shape: Sequence[int], dtype: str) -> np.ndarray:
     cache-sized ``np.zeros`` comes from the heap and is memset whole: 3 ms per 25 MB array, 8 arrays per growth, paid
     even for the slots holding nothing (one request on a 64-slot cache: 21% of its decoding time, issue 25). Here the
     slots holding nothing cost neither time nor memory, and the mapping goes back to the system when the array dies.
-    Huge pages are asked for, as numpy does for its own large arrays, so a full cache takes few page faults.
+    Huge pages are asked for where the kernel has them, as numpy does for its own large arrays, so a full cache takes
+    few page faults.
     """
     count = int(np.prod(shape))
     mapping = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1))
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    # AttributeError: no such advice on this platform; OSError: a kernel without transparent huge pages.
+    with contextlib.suppress(AttributeError, OSError):
         mapping.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(mapping, dtype=dtype, count=count).reshape(shape)
 
