@@ -320,8 +320,14 @@ def hf_generate(args, hf_dir: str, requests_file: str) -> dict:
 def ours_at_levels(engine, timer: PhaseTimer, requests: list, args) -> dict:
     """Our engine at each level. Continuous batching must not change greedy output: every level's first request
     decodes as at the first level."""
+    from paddle_llm.serving.engine import DEFAULT_PREFIX_CACHE_TOKENS
+    from paddle_llm.serving.prefix_cache import PrefixCache
+
     rows, levels = {}, args.levels
     for level in levels:
+        # A level's requests include the earlier levels' and the peers recompute every prompt, so each level starts
+        # with an empty prefix cache (the engine is idle between runs); prefix_reuse measures the cache itself.
+        engine.prefix_cache = PrefixCache(DEFAULT_PREFIX_CACHE_TOKENS)
         timer.reset()
         rows[level] = engine_at(engine, client_batches(requests, level, args.single_client_requests))
         rows[level]["time_split"] = timer.split(rows[level]["wall_s"])
