@@ -1,7 +1,8 @@
 """Runs Hugging Face transformers ``generate`` for ``serving.py --vs_generate``, inside a torch venv.
 
 Never imported by the project: ``serving.py`` starts it with the venv's Python (``--torch_python``), so torch and
-transformers stay benchmark-only. For each concurrency N > 1 it generates the first N requests as one padded batch
+transformers stay benchmark-only (``serving.py`` imports only its padding and rate helpers; torch is imported in
+``main``). For each concurrency N > 1 it generates the first N requests as one padded batch
 (what a user calling ``generate`` on a batch gets): prompts left-padded to the longest, greedy, every row decoded to
 the largest ``new_tokens`` of the batch; one client sends its requests one after another. Only each request's own
 ``new_tokens`` count as its output. Prints one JSON line.

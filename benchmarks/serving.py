@@ -152,22 +152,28 @@ def engine_single(engine, args) -> dict:
     return decode_rates(run, args)
 
 
-def paddlenlp_generate(checkpoint: str, args) -> dict:
+def paddlenlp_greedy(model, input_ids: list[list[int]], attention_mask: list[list[int]], new_tokens: int) -> None:
+    """PaddleNLP's ``model.generate``, greedy, exactly ``new_tokens`` per row."""
     import paddle
 
+    with paddle.no_grad():
+        # A 2-D mask: without one, generate builds a [b, 1, 1, s] mask that Llama cannot reshape for a prompt.
+        output_ids, _ = model.generate(paddle.to_tensor(input_ids, dtype="int64"),
+                                       attention_mask=paddle.to_tensor(attention_mask, dtype="int64"),
+                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       decode_strategy="greedy_search", use_cache=True)
+    assert output_ids.shape[1] == new_tokens
+
+
+def paddlenlp_generate(checkpoint: str, args) -> dict:
     from paddle_llm.inference.load import load_model
     from paddle_llm.models.registry import resolve_model
 
     model = load_model(resolve_model(checkpoint))
 
     def run(new_tokens: int, offset: int) -> None:
-        input_ids = paddle.to_tensor([prompt_of(args.prompt_tokens, offset)], dtype="int64")
-        with paddle.no_grad():
-            # A 2-D mask: without one, generate builds a [b, 1, 1, s] mask that Llama cannot reshape for a prompt.
-            output_ids, _ = model.generate(input_ids, attention_mask=paddle.ones_like(input_ids),
-                                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                           decode_strategy="greedy_search", use_cache=True)
-        assert output_ids.shape[1] == new_tokens
+        prompt = prompt_of(args.prompt_tokens, offset)
+        paddlenlp_greedy(model, [prompt], [[1] * len(prompt)], new_tokens)
 
     return decode_rates(run, args)
 
@@ -237,7 +243,8 @@ class PhaseTimer:
 
 
 def requests_of(workload: str, args) -> list[tuple[list[int], int]]:
-    """``(prompt ids, new tokens)`` of the ``max(--levels)`` requests of ``workload``; a level takes the first N."""
+    """``(prompt ids, new tokens)`` of ``workload``'s requests, as many as the largest level or the single client
+    takes (``client_batches``)."""
     count = max(*args.levels, args.single_client_requests)
     if workload == "uniform":
         return [(prompt_of(args.prompt_tokens, 100 + i), args.new_tokens) for i in range(count)]
@@ -269,17 +276,11 @@ def engine_at(engine, batches: list[list[tuple[list[int], int]]]) -> dict:
 
 def paddlenlp_generate_at(model, batches: list[list[tuple[list[int], int]]]) -> dict:
     """PaddleNLP's ``model.generate`` on each of ``batches`` as one padded batch, as its dygraph predictor batches."""
-    import paddle
 
     def run_batch(batch):
         ids, mask, new_tokens = left_padded(batch)
-        input_ids = paddle.to_tensor(ids, dtype="int64")
         started, cpu_started = time.perf_counter(), time.process_time()
-        with paddle.no_grad():
-            output_ids, _ = model.generate(input_ids, attention_mask=paddle.to_tensor(mask, dtype="int64"),
-                                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                           decode_strategy="greedy_search", use_cache=True)
-        assert output_ids.shape[1] == new_tokens
+        paddlenlp_greedy(model, ids, mask, new_tokens)
         return time.perf_counter() - started, time.process_time() - cpu_started
 
     return padded_batches_row(run_batch, batches)

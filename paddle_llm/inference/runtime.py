@@ -361,14 +361,14 @@ class StepDecoder:
     def _decoding_inputs(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[paddle.Tensor]]:
         """Token-id, position and mask buffers of a decoding step over ``rows`` rows, and Paddle tensors sharing their
         memory (DLPack), kept until ``rows`` or the cache arrays (so the capacity) change: a step writes into them
-        instead of building three tensors (0.15 ms of a 0.6 ms step at the demo's size). The positions buffer is in
-        the family's input form."""
+        instead of building three tensors (0.15 ms of a 0.6 ms step at the demo's size). The positions returned are
+        a ``[rows, 1]`` view into the buffer in the family's input form (ChatGLM's adds block positions, all 0)."""
         if self._step_inputs[0] != rows:
             ids = np.zeros((rows, 1), dtype="int64")
             positions = np.ascontiguousarray(position_input(np.zeros((rows, 1), dtype="int64"), self.glm_positions))
             # The last column is the new token itself, always attended.
             mask = np.ones((rows, 1, 1, self.capacity + 1), dtype=bool)
-            self._step_inputs = (rows, ids, positions, mask,
+            self._step_inputs = (rows, ids, positions[:, 0] if self.glm_positions else positions, mask,
                                  [paddle.from_dlpack(array) for array in (ids, positions, mask)])
         return self._step_inputs[1:]
 
@@ -412,7 +412,7 @@ class StepDecoder:
         self._ensure_capacity(int(lengths.max()) + 1)
         input_ids, positions, mask, inputs = self._decoding_inputs(rows)
         input_ids[:, 0] = last_tokens
-        (positions[:, 0] if self.glm_positions else positions)[:, 0] = lengths - self.prefix_columns
+        positions[:, 0] = lengths - self.prefix_columns
         # One query per row sees its valid columns and itself: step_attention_mask's result, without its cost.
         np.less(np.arange(self.capacity)[None, :], lengths[:, None], out=mask[:, 0, 0, : self.capacity])
         logits, new = self._run(inputs + self._decoding_rows_past(rows), adapters)
