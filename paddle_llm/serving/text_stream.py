@@ -14,13 +14,34 @@ CONTEXT_TOKENS = 6
 INCOMPLETE_CHARACTER = "\ufffd"
 
 
-def text_decoder(tokenizer) -> Callable[[list[int]], str]:
-    """``tokenizer.decode(ids, skip_special_tokens=True)``, through SentencePiece directly where that is the same.
+class TextDecoder:
+    """``tokenizer.decode(ids, skip_special_tokens=True)`` (called as a function), and where the tokenizer allows it,
+    the text each ordinary token adds to text already decoded, so streaming can skip decoding (``appended``)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], appended: dict[int, str] | None = None):
+        """
+        Args:
+            decode: ids to text.
+            appended: ``{id: text}``: what ``id`` adds after text whose last token is one of these with a visible
+                character (``follows_text``); ids not in it are decoded.
+        """
+        self._decode = decode
+        self.appended = appended or {}
+        self.follows_text = frozenset(i for i, text in self.appended.items() if not text.isspace())
+
+    def __call__(self, ids: list[int]) -> str:
+        return self._decode(ids)
+
+
+def text_decoder(tokenizer) -> TextDecoder:
+    """``tokenizer``'s decode, through SentencePiece directly where that is the same.
 
     PaddleNLP's decode walks ids and tokens in Python: 140 us for 8 ids against 3 us for SentencePiece's own, and
     streaming decodes twice per generated token and row, so at batch 8 it took a third of each decoding step. For a
     ``LlamaTokenizer`` with no added tokens, dropping its special ids and calling SentencePiece is its decode
-    exactly (``tests/unit/test_engine.py`` compares them); other tokenizers keep their own decode.
+    exactly (``tests/unit/test_engine.py`` compares them); other tokenizers keep their own decode. Even
+    SentencePiece's two decodes per token were two thirds of the sampling and text time at 32 rows of the demo's
+    model, so its ordinary pieces also get their appended text (``sentencepiece_appended_texts``).
     """
     from paddlenlp.transformers import LlamaTokenizer
 
@@ -30,7 +51,7 @@ def text_decoder(tokenizer) -> Callable[[list[int]], str]:
     pieces = getattr(tokenizer, "sp_model", None)
     if type(tokenizer) is not LlamaTokenizer or pieces is None or tokenizer.added_tokens_encoder \
             or getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return plain
+        return TextDecoder(plain)
     special, piece_count = frozenset(tokenizer.all_special_ids), pieces.get_piece_size()
 
     def direct(ids: list[int]) -> str:
@@ -39,7 +60,38 @@ def text_decoder(tokenizer) -> Callable[[list[int]], str]:
             return plain(ids)
         return pieces.decode(kept)
 
-    return direct
+    return TextDecoder(direct, sentencepiece_appended_texts(pieces, special))
+
+
+def sentencepiece_appended_texts(pieces, special: frozenset[int]) -> dict[int, str]:
+    """``{id: text}`` for each ordinary piece (not special, control, unknown or unused) and each ASCII byte piece,
+    whose decode after another ordinary piece is that piece's decode plus its own text (the piece with U+2581 as a
+    space, or the byte's character), checked by SentencePiece on every such pair with one anchor piece.
+
+    Why that is enough: SentencePiece decodes by concatenating pieces; only a leading space of the whole text is
+    dropped, bytes are merged into characters, and a suffix-space or denormalising model rewrites text. After text
+    that ends in a visible character, none of that touches the next ordinary piece or ASCII byte, and a model where
+    it would (suffix spaces, denormalisation) fails the check and keeps decoding. Bytes above 0x7F are parts of
+    characters and are always decoded.
+    """
+    candidates, texts = [], []
+    for i in range(pieces.get_piece_size()):
+        if i in special or pieces.IsControl(i) or pieces.IsUnknown(i) or pieces.IsUnused(i):
+            continue
+        piece = pieces.IdToPiece(i)
+        if not pieces.IsByte(i):
+            candidates.append(i)
+            texts.append(piece.replace("\u2581", " "))
+        elif int(piece[3:-1], 16) < 0x80:  # "<0x41>"
+            candidates.append(i)
+            texts.append(chr(int(piece[3:-1], 16)))
+    anchor = next((i for i, text in zip(candidates, texts) if text.isalnum() and not pieces.IsByte(i)), None)
+    if anchor is None:
+        return {}
+    anchor_text = pieces.decode([anchor])
+    decoded = pieces.decode([[anchor, i] for i in candidates])
+    return {i: text for i, text, both in zip(candidates, texts, decoded)
+            if both == anchor_text + text and INCOMPLETE_CHARACTER not in text}
 
 
 def token_piece(decode: Callable[[list[int]], str], context: Sequence[int], token_id: int) -> str:
@@ -57,7 +109,7 @@ class IncrementalDetokenizer:
     U+FFFD until its last byte arrives, so text ending in U+FFFD is held back.
     """
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int], decode: Callable[[list[int]], str] | None = None):
+    def __init__(self, tokenizer, prompt_ids: Sequence[int], decode: TextDecoder | None = None):
         """
         Args:
             tokenizer: decodes ids to text.
@@ -71,7 +123,15 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add a token; return the text it completes ("" while a character is still incomplete)."""
-        self.ids.append(int(token_id))
+        token_id = int(token_id)
+        # Nothing held back, and an ordinary piece after visible text: its text is known without decoding.
+        if self.read_offset == len(self.ids) and self.ids and self.ids[-1] in self._decode.follows_text:
+            text = self._decode.appended.get(token_id)
+            if text is not None:
+                self.ids.append(token_id)
+                self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+                return text
+        self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix_offset:self.read_offset])
         after = self._decode(self.ids[self.prefix_offset:])
         if len(after) > len(before) and not after.endswith(INCOMPLETE_CHARACTER):

@@ -112,6 +112,35 @@ def test_incremental_detokenizer_matches_full_decode_with_shipped_tokenizer():
     assert "" in pieces  # a multi-byte character arrived over several byte tokens and was held back until complete
 
 
+def test_incremental_detokenizer_known_piece_texts_give_what_decoding_gives():
+    """Streaming skips decoding for ordinary pieces after visible text; over random streams of ordinary, byte,
+    special and unknown ids its pieces are exactly those of decoding every token."""
+    from paddle_llm.models.registry import FAMILIES, load_tokenizer
+    from paddle_llm.serving.text_stream import TextDecoder, text_decoder
+
+    tokenizer = load_tokenizer("tiny-llama", FAMILIES["llama"])
+    fast = text_decoder(tokenizer)
+    slow = TextDecoder(fast)  # the same decode, no known piece texts
+    bytes_known = [i for i in fast.appended if tokenizer.sp_model.IsByte(i)]
+    assert len(fast.appended) > 0.9 * (len(tokenizer) - 3 - 128)  # all but the specials and non-ASCII bytes, roughly
+    assert len(bytes_known) == 128 and fast.appended[tokenizer.sp_model.PieceToId("<0x41>")] == "A"
+    rng = np.random.default_rng(0)
+    words = tokenizer(" The fox, 你好 wörld! 42 naïve", add_special_tokens=False)["input_ids"]
+    fast_hits = 0
+    for _ in range(400):
+        kinds = rng.integers(0, 4, rng.integers(1, 16))
+        ids = [int(rng.integers(0, 3)) if kind == 0 else int(rng.integers(3, 259)) if kind == 1
+               else int(rng.choice(words)) if kind == 2 else int(rng.integers(259, len(tokenizer))) for kind in kinds]
+        prompt = rng.integers(0, len(tokenizer), rng.integers(0, 4)).tolist()
+        streams = [IncrementalDetokenizer(tokenizer, prompt, decode) for decode in (fast, slow)]
+        for token in ids:
+            fast_hits += streams[0].read_offset == len(streams[0].ids) and streams[0].ids[-1:] != [] \
+                and streams[0].ids[-1] in fast.follows_text and token in fast.appended
+            assert streams[0].push(token) == streams[1].push(token), (prompt, ids)
+        assert streams[0].flush() == streams[1].flush(), (prompt, ids)
+    assert fast_hits > 300  # the known-text path ran (432 here)
+
+
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-chatglm", "tiny-chatglm2", "tiny-qwen2"])
 def test_text_decoder_equals_tokenizer_decode(preset):
     from paddle_llm.models.registry import load_tokenizer, resolve_model
