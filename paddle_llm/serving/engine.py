@@ -13,7 +13,7 @@ decoding step runs; prefilling requests hold slots above them. A request's per-r
 adapter or grammar state) rides on its ``_Sequence``; the row it occupies in a step is its slot in a decoding step
 and its index in ``_prefill_chunk``'s list in a prefill.
 
-Every request gets its events through a listener called on the engine thread (default: a ``queue.Queue`` the
+Every request gets its events through a listener called on the engine thread (default: a ``queue.SimpleQueue`` the
 caller iterates). An event carries the new text since the previous one; the last one has a ``finish_reason``.
 """
 
@@ -117,7 +117,7 @@ class RequestHandle:
         self.finished_time: float | None = None
         # With ``SamplingParams.prompt_logprobs``: one per prompt token after the first, set before the first event.
         self.prompt_logprobs: tuple[TokenLogprob, ...] = ()
-        self._events: queue.Queue | None = None if listener else queue.Queue()
+        self._events: queue.SimpleQueue | None = None if listener else queue.SimpleQueue()
         self._listener = listener or self._events.put
         self._cancelled = threading.Event()
 
