@@ -20,6 +20,7 @@ caller iterates). An event carries the new text since the previous one; the last
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import queue
 import threading
@@ -189,7 +190,7 @@ class _Sequence:
     prefilled: int = 0  # prompt tokens already in the cache
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
-    @property
+    @functools.cached_property  # asked for each row at each step; what it reads never changes
     def takes_argmax(self) -> bool:
         """Its next token is the raw logits' argmax: greedy, and nothing (bias, penalty, processor) reshapes them."""
         params = self.params
@@ -539,8 +540,7 @@ class Engine:
         sequence.generated.append(token)
         sequence.seen_ids.append(token)
         sequence.last_token = token
-        with self._condition:
-            self._stats.generated_tokens += 1
+        self._stats.generated_tokens += 1  # only this thread writes it, so no lock (``stats`` reads a snapshot)
         text, stopped = sequence.stop_filter.push(sequence.detokenizer.push(token))
         if stopped:  # the stop string and anything after it are dropped
             self._finish(sequence, FINISH_STOP, text=text, token_ids=(token,), flush=False)
