@@ -133,22 +133,25 @@ def position_input(positions: np.ndarray, glm_positions: bool) -> np.ndarray:
 
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
-def lazy_zeros(shape: Sequence[int], dtype: str) -> np.ndarray:
-    """A zero array in a fresh anonymous mapping, which the kernel zeroes page by page when first touched.
+def anonymous_mapping(size: int) -> mmap.mmap:
+    """``size`` bytes of fresh anonymous memory, which the kernel zeroes page by page when first touched.
 
     Why not ``np.zeros``: once a cache array is freed, glibc raises its mmap threshold to that size, so the next
     cache-sized ``np.zeros`` comes from the heap and is memset whole: 3 ms per 25 MB array, 8 arrays per growth, paid
     even for the slots holding nothing (one request on a 64-slot cache: 21% of its decoding time, issue 25). Here the
-    slots holding nothing cost neither time nor memory, and the mapping goes back to the system when the array dies.
-    Huge pages are asked for where the kernel has them, as numpy does for its own large arrays, so a full cache takes
-    few page faults.
+    slots holding nothing cost neither time nor memory. Huge pages are asked for where the kernel has them, as numpy
+    does for its own large arrays, so a full cache takes few page faults.
     """
-    count = int(np.prod(shape))
-    mapping = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1))
+    mapping = mmap.mmap(-1, max(size, 1))
     # AttributeError: no such advice on this platform; OSError: a kernel without transparent huge pages.
     with contextlib.suppress(AttributeError, OSError):
         mapping.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(mapping, dtype=dtype, count=count).reshape(shape)
+    return mapping
+
+
+def array_in(mapping: mmap.mmap, shape: Sequence[int], dtype) -> np.ndarray:
+    """An array of ``shape`` over the first bytes of ``mapping`` (no copy)."""
+    return np.frombuffer(mapping, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 # Inference reads an input's dims, not its strides, so a column-sliced view cannot be passed; capacity itself stays
@@ -156,6 +159,9 @@ def lazy_zeros(shape: Sequence[int], dtype: str) -> np.ndarray:
 # 512), once a block's worth of steps; a masked column costs ~0.12 ms per step at 64 rows: 32 balances the two
 # (docs/benchmarks.md, issue 25).
 _CAPACITY_BLOCK = 32
+# A fresh cache mapping has room for this many times its columns, so the next growths fit in it (``_allocate``);
+# the room is address space only until a row is written there.
+_MAPPING_HEADROOM = 1.5
 
 
 class StepDecoder:
@@ -214,6 +220,8 @@ class StepDecoder:
         self._prefix = [cache.numpy() for cache in prefix_cache] if prefix_cache is not None else None
         self.prefix_columns = 0 if self._prefix is None else int(self._prefix[0].shape[layout.seq_axis])
         self.max_columns = None if max_columns is None else max_columns + self.prefix_columns
+        self._mappings: list[mmap.mmap] = []  # under the cache arrays
+        self._spare_mappings: list[mmap.mmap] = []  # under the previous ones: the next reallocation's (_allocate)
         other_axes = [axis for axis in range(len(layout.shape(1, 1))) if axis not in (layout.batch_axis, layout.seq_axis)]
         self._rows_axes = (layout.batch_axis, layout.seq_axis, *other_axes)
         self.resize(slots)
@@ -233,8 +241,26 @@ class StepDecoder:
         return int(self._arrays[0].shape[self.layout.seq_axis])
 
     def _allocate(self, columns: int) -> list[np.ndarray]:
+        """Arrays for a cache of ``columns`` columns, in the mappings the cache before the current one used when they
+        are large enough, else in fresh ones with room for ``_MAPPING_HEADROOM`` times the columns.
+
+        Why reuse: writing into fresh memory costs a page fault per 4 KiB, and where the kernel gives no huge pages
+        (a 2-core EPYC VM: 110 ms per 100 MB, against 10 ms into memory touched before) the faults were 11% of the
+        engine's CPU with 32 mixed requests at hidden 512, one growth every ~20 steps. Reallocations alternate
+        between two sets of mappings; the rows in use fill each array from its start, so a growth faults in only
+        the columns the other set never held. The price: both sets stay resident, at most the two largest caches
+        (a reallocation held both while copying anyway); ``shrink`` gives the spare back when no request is left.
+        A reused mapping holds stale keys and values past each row's length, which the mask hides, as it hides a
+        freed slot's.
+        """
         shape = self.layout.shape(self.slots, columns)
-        return [lazy_zeros(shape, _NUMPY_DTYPES[self.dtype]) for _ in range(2 * self.layout.num_layers)]
+        dtype = _NUMPY_DTYPES[self.dtype]
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        mappings = self._spare_mappings
+        if not mappings or len(mappings[0]) < size:
+            mappings = [anonymous_mapping(int(size * _MAPPING_HEADROOM)) for _ in range(2 * self.layout.num_layers)]
+        self._spare_mappings, self._mappings = self._mappings, mappings
+        return [array_in(mapping, shape, dtype) for mapping in mappings]
 
     def _use(self, arrays: list[np.ndarray]) -> None:
         """Make ``arrays`` the cache, with what each decoding step reuses until they change: their ``[slots,
@@ -263,8 +289,8 @@ class StepDecoder:
 
     def _reallocate(self, columns: int) -> None:
         """Move the cache into arrays of ``columns`` columns, copying each row's own columns only: a slot holding
-        nothing costs neither the copy nor memory (numpy maps zeros lazily), so one request on a 64-slot cache does
-        not copy 64 rows each time its row grows a block."""
+        nothing costs neither the copy nor memory (a page is mapped when first written), so one request on a 64-slot
+        cache does not copy 64 rows each time its row grows a block."""
         arrays = self._allocate(columns)
         holding = np.flatnonzero(self.lengths)
         for old_rows, new in zip(self._rows, arrays):
@@ -288,6 +314,8 @@ class StepDecoder:
         target = self._columns_for(max(longest, self.prefix_columns) + _CAPACITY_BLOCK)
         if target < self.capacity:
             self._reallocate(target)
+        if not len(slots_in_use):  # idle: the spare mappings go back to the system
+            self._spare_mappings = []
 
     def clear(self, slot: int) -> None:
         """Empty ``slot`` for a new request (its prefix-tuning past, if any, stays)."""
