@@ -348,13 +348,15 @@ class StepDecoder:
             rows[slot, start:end] = values
         self.lengths[slot] = end
 
-    def _past(self, slots: slice | np.ndarray) -> list[paddle.Tensor]:
-        """The rows' caches as Paddle tensors: views without a copy for a contiguous range of a batch-first cache."""
-        axis = self.layout.batch_axis
-        if isinstance(slots, slice) and axis == 0:
+    def _past(self, slots: slice | np.ndarray, columns: int | None = None) -> list[paddle.Tensor]:
+        """The rows' caches as Paddle tensors, their first ``columns`` columns (None: all): views without a copy for a
+        contiguous range of a batch-first cache taken whole, copies otherwise."""
+        if isinstance(slots, slice) and self.layout.batch_axis == 0 and columns in (None, self.capacity):
             return [paddle.from_dlpack(array[slots]) for array in self._arrays]
-        index = np.arange(self.slots)[slots]
-        return [paddle.to_tensor(np.take(array, index, axis=axis)) for array in self._arrays]
+        index = [slice(None)] * len(self._arrays[0].shape)
+        index[self.layout.batch_axis] = slots
+        index[self.layout.seq_axis] = slice(0, columns)
+        return [paddle.from_dlpack(np.ascontiguousarray(array[tuple(index)])) for array in self._arrays]
 
     def _decoding_rows_past(self, rows: int) -> list[paddle.Tensor]:
         """``_past`` of rows ``0 .. rows-1``; views (a batch-first cache) are kept until the arrays or ``rows``
@@ -418,16 +420,19 @@ class StepDecoder:
             new_valid[row, longest - len(chunk):] = True
             first = self.lengths[slots[row]] - self.prefix_columns
             positions[row, longest - len(chunk):] = np.arange(first, first + len(chunk))
-        past_valid = np.arange(self.capacity)[None, :] < self.lengths[slots][:, None]
+        # Only the columns some row already holds are attended (at least one, masked, so the past is never empty):
+        # a chunk of fresh prompts reads one column instead of every column the longest decoding row made room for.
+        columns = max(int(self.lengths[slots].max()), 1)
+        past_valid = np.arange(columns)[None, :] < self.lengths[slots][:, None]
         contiguous = rows > 0 and np.array_equal(slots, np.arange(slots[0], slots[0] + rows))
-        past = self._past(slice(int(slots[0]), int(slots[0]) + rows) if contiguous else slots)
+        past = self._past(slice(int(slots[0]), int(slots[0]) + rows) if contiguous else slots, columns)
         inputs = [paddle.to_tensor(input_ids), paddle.to_tensor(position_input(positions, self.glm_positions)),
                   paddle.to_tensor(step_attention_mask(past_valid, new_valid))]
         logits, new = self._run(inputs + past, adapters)
         for row, chunk in enumerate(chunks):
             slot, start = int(slots[row]), int(self.lengths[slots[row]])
-            for rows, values in zip(self._rows, new):
-                rows[slot, start:start + len(chunk)] = values[row, longest - len(chunk):]
+            for cache_rows, values in zip(self._rows, new):
+                cache_rows[slot, start:start + len(chunk)] = values[row, longest - len(chunk):]
             self.lengths[slot] = start + len(chunk)
         return logits
 
