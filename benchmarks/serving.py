@@ -23,9 +23,11 @@ dygraph mode): at each concurrency of ``--levels``, N requests at once (the peer
   ``--mixed_new_tokens``, as requests to a server come; a padded batch pads every prompt to the longest and
   decodes every row to the longest output, and only the tokens each request asked for count.
 
+Every contender runs ``--rounds`` times in turn (ours, PaddleNLP, ``generate``); the tables give the median of the
+per-round ratios and their range, so a drift in a shared machine's speed between contenders lands on all of them.
 Also where our engine's time goes (model step, cache bookkeeping, sampling), and the prefix cache's hit rate and
 first-token time on prompts sharing a system prompt, without and with it. Writes
-``benchmarks/results/serving_vs_generate.json``.
+``benchmarks/results/serving_vs_generate.json`` (every round, and the medians).
 
     python benchmarks/serving.py                      # defaults: hidden 512, 4 layers, 1 thread
     python benchmarks/serving.py --hidden 256 --threads 2
@@ -71,6 +73,9 @@ def parse_args(argv=None):
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS),
                         help="--vs_generate: equal requests (uniform), or lengths as a server sees them (mixed)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="--vs_generate: run every contender this many times, in turn, and report medians (a "
+                             "shared machine's speed drifts between contenders run minutes apart)")
     parser.add_argument("--single_client_requests", type=int, default=8,
                         help="--vs_generate: at 1 client, how many requests it sends one after another")
     parser.add_argument("--mixed_prompt_tokens", type=int, nargs=2, default=[8, 128], metavar=("MIN", "MAX"),
@@ -339,6 +344,8 @@ def ours_at_levels(engine, timer: PhaseTimer, requests: list, args) -> dict:
 
 
 def vs_generate(args) -> dict:
+    """Every contender at every level of every workload, ``--rounds`` times in turn (ours, PaddleNLP, ``generate``),
+    so a drift in the machine's speed lands on all of them; the ratios are taken within each round."""
     from paddle_llm.export.exporter import FORMAT_HF, ExportRequest, export_checkpoint
     from paddle_llm.inference.load import load_model
     from paddle_llm.models.registry import resolve_model
@@ -347,42 +354,60 @@ def vs_generate(args) -> dict:
     workloads = {workload: requests_of(workload, args) for workload in args.workloads}
     with tempfile.TemporaryDirectory(prefix="paddle_llm_serving_vs_generate_") as workdir:
         checkpoint, export_dir, parity = setup(args, workdir)
+        hf_dir = os.path.join(workdir, "hf")
+        export_checkpoint(ExportRequest(checkpoint, hf_dir, format=FORMAT_HF), log=lambda *_: None)
+        requests_files = {}
+        for workload, requests in workloads.items():
+            requests_files[workload] = os.path.join(workdir, f"{workload}.json")
+            with open(requests_files[workload], "w", encoding="utf-8") as f:
+                json.dump(requests, f)
+        paddlenlp_model = load_model(resolve_model(checkpoint))
+        paddlenlp_generate_at(paddlenlp_model, [[(prompt_of(8), 4)]])  # warm-up
         served = open_export(export_dir, num_threads=args.threads, max_batch_size=args.max_batch_size)
         engine = served.engine
         engine.eos_token_ids = frozenset()  # every request runs to its max_tokens, as the peers' min_new_tokens do
         timer = PhaseTimer(engine)
+        rounds = []
         try:
             engine_at(engine, [workloads[args.workloads[0]][:2]])  # warm-up
-            ours = {workload: ours_at_levels(engine, timer, requests, args)
+            for _ in range(args.rounds):
+                ours = {workload: ours_at_levels(engine, timer, requests, args)
+                        for workload, requests in workloads.items()}
+                paddlenlp = {workload: {level: paddlenlp_generate_at(paddlenlp_model, client_batches(
+                    requests, level, args.single_client_requests)) for level in args.levels}
                     for workload, requests in workloads.items()}
+                generate = {workload: hf_generate(args, hf_dir, requests_files[workload]) for workload in workloads}
+                rounds.append({workload: {level: {"ours": ours[workload][level], "generate": generate[workload][level],
+                                                  "paddlenlp": paddlenlp[workload][level]}
+                                          for level in args.levels} for workload in args.workloads})
             prefix = prefix_reuse(engine, args)
         finally:
             engine.shutdown()
-        paddlenlp_model = load_model(resolve_model(checkpoint))
-        paddlenlp_generate_at(paddlenlp_model, [[(prompt_of(8), 4)]])  # warm-up
-        paddlenlp = {workload: {level: paddlenlp_generate_at(paddlenlp_model, client_batches(
-            requests, level, args.single_client_requests)) for level in args.levels}
-            for workload, requests in workloads.items()}
-        hf_dir = os.path.join(workdir, "hf")
-        export_checkpoint(ExportRequest(checkpoint, hf_dir, format=FORMAT_HF), log=lambda *_: None)
-        generate = {}
-        for workload, requests in workloads.items():
-            requests_file = os.path.join(workdir, f"{workload}.json")
-            with open(requests_file, "w", encoding="utf-8") as f:
-                json.dump(requests, f)
-            generate[workload] = hf_generate(args, hf_dir, requests_file)
-
-    def ratios(ours_row: dict, peer_row: dict) -> dict:
-        return {"wall": ours_row["tokens_per_s"] / peer_row["tokens_per_s"],
-                "cpu": ours_row["tokens_per_cpu_s"] / peer_row["tokens_per_cpu_s"]}
-
     return {"parity": parity.to_dict(), "max_batch_size": engine.max_batch_size, "prefix_cache": prefix,
-            "workloads": {workload: {level: {"ours": ours[workload][level], "generate": generate[workload][level],
-                                             "paddlenlp": paddlenlp[workload][level],
-                                             "vs_generate": ratios(ours[workload][level], generate[workload][level]),
-                                             "vs_paddlenlp": ratios(ours[workload][level], paddlenlp[workload][level])}
-                                     for level in args.levels}
-                          for workload in args.workloads}}
+            "rounds": rounds, "workloads": {workload: {level: median_row([r[workload][level] for r in rounds])
+                                                       for level in args.levels} for workload in args.workloads}}
+
+
+def median_row(rows: list[dict]) -> dict:
+    """One level over the rounds: each contender's median rates and latencies, and ours ÷ each peer as the median and
+    the range of the per-round ratios."""
+    merged = {}
+    for name in ("ours", "generate", "paddlenlp"):
+        numbers = [key for key, value in rows[0][name].items() if isinstance(value, (int, float))]
+        merged[name] = {key: statistics.median(row[name][key] for row in rows) for key in numbers}
+    merged["ours"]["time_split"] = {phase: statistics.median(row["ours"]["time_split"][phase] for row in rows)
+                                    for phase in rows[0]["ours"]["time_split"]}
+    for peer in ("generate", "paddlenlp"):
+        ratios = {clock: [row["ours"][key] / row[peer][key] for row in rows]
+                  for clock, key in (("wall", "tokens_per_s"), ("cpu", "tokens_per_cpu_s"))}
+        merged[f"vs_{peer}"] = {**{clock: statistics.median(values) for clock, values in ratios.items()},
+                                "cpu_range": [min(ratios["cpu"]), max(ratios["cpu"])]}
+    return merged
+
+
+def ratio_range(ratios: dict) -> str:
+    low, high = ratios["cpu_range"]
+    return f"{low:.2f}–{high:.2f}"
 
 
 def report_vs_generate(args, results: dict) -> None:
@@ -394,7 +419,8 @@ def report_vs_generate(args, results: dict) -> None:
         "Wall-clock rates measure the neighbours too on a shared machine; tokens per CPU-second (each side's process "
         "CPU time, 1 math thread) measure the work. Peers: transformers `generate` (torch) and PaddleNLP "
         "`model.generate`, each on one padded batch of the N requests; 1 client sends "
-        f"{args.single_client_requests} requests one after another.",
+        f"{args.single_client_requests} requests one after another. Medians of {args.rounds} round(s), each running "
+        "every contender in turn; a ratio's range (CPU) over the rounds is in brackets.",
     ]
     workload_titles = {
         "uniform": f"uniform: every prompt {args.prompt_tokens} tokens, every request {args.new_tokens} new tokens",
@@ -414,8 +440,9 @@ def report_vs_generate(args, results: dict) -> None:
             lines.append(
                 f"| {level} | " + " / ".join(f"{c['tokens_per_s']:.0f}" for c in contenders)
                 + " | " + " / ".join(f"{c['tokens_per_cpu_s']:.0f}" for c in contenders)
-                + f" | {row['vs_generate']['wall']:.2f}x, **{row['vs_generate']['cpu']:.2f}x** | "
-                f"{row['vs_paddlenlp']['wall']:.2f}x, {row['vs_paddlenlp']['cpu']:.2f}x | "
+                + f" | {row['vs_generate']['wall']:.2f}x, **{row['vs_generate']['cpu']:.2f}x** "
+                f"({ratio_range(row['vs_generate'])}) | "
+                f"{row['vs_paddlenlp']['wall']:.2f}x, {row['vs_paddlenlp']['cpu']:.2f}x ({ratio_range(row['vs_paddlenlp'])}) | "
                 + "; ".join(f"{c['latency_p50_s']:.2f} / {c['latency_p95_s']:.2f}" for c in contenders) + " |")
         splits = {level: row["ours"]["time_split"] for level, row in levels.items()}
         phases = list(next(iter(splits.values())))
