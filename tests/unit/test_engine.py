@@ -425,6 +425,21 @@ def test_growing_the_cache_copies_only_the_rows_holding_tokens():
     assert decoder.row_cache(2, 0, 1)[0].ravel().tolist() == [0]  # the freed row was not carried over
 
 
+def test_prefill_attends_only_over_the_columns_its_rows_hold():
+    # A fresh prompt's chunk read every column the longest decoding row had made room for, all masked.
+    from paddle_llm.inference.runtime import StepDecoder
+
+    runner = ToyRunner()
+    decoder = StepDecoder(runner, LAYOUT, "float32", glm_positions=False, slots=4, max_columns=200)
+    decoder.prefill([0], [[5] * 100])  # a long row: capacity 128
+    decoder.prefill([3], [[6, 7, 8]])  # a fresh prompt in a slot not next to it
+    decoder.prefill([3], [[9, 10]])  # its next chunk
+    assert decoder.capacity == 128
+    assert runner.past_columns[1:] == [1, 3]
+    assert decoder.row_cache(3, 0, 5)[0].ravel().tolist() == [6, 7, 8, 9, 10]
+    assert decoder.decode([11])[0].argmax() == expected_tokens([5] * 100 + [11], 1)[0]
+
+
 def test_plain_greedy_rows_take_the_steps_argmax_and_biased_greedy_rows_are_still_sampled(monkeypatch):
     import paddle_llm.serving.engine as engine_module
 
