@@ -257,6 +257,7 @@ class Engine:
         # decoded to text, so they are never sampled.
         self.sampled_vocab_size = len(tokenizer)
         self._decode_text = text_decoder(tokenizer)
+        self._decode_text.follows_text  # its known piece texts are built now, not during the first request
         self._ids = itertools.count(1)
         self._condition = threading.Condition()
         self._waiting: list[_Sequence] = []

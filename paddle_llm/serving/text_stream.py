@@ -6,6 +6,7 @@ classes; the REST and gRPC layers only forward the pieces.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 # Leading prompt tokens kept as decoding context: SentencePiece drops a word's leading space at the start of a
@@ -18,19 +19,29 @@ class TextDecoder:
     """``tokenizer.decode(ids, skip_special_tokens=True)`` (called as a function), and where the tokenizer allows it,
     the text each ordinary token adds to text already decoded, so streaming can skip decoding (``appended``)."""
 
-    def __init__(self, decode: Callable[[list[int]], str], appended: dict[int, str] | None = None):
+    def __init__(self, decode: Callable[[list[int]], str], known_texts: Callable[[], dict[int, str]] | None = None):
         """
         Args:
             decode: ids to text.
-            appended: ``{id: text}``: what ``id`` adds after text whose last token is one of these with a visible
-                character (``follows_text``); ids not in it are decoded.
+            known_texts: builds ``appended`` when streaming first asks for it (a pass over the whole vocabulary,
+                which a decoder only decoding, such as an endpoint's for logprobs, never pays).
         """
         self._decode = decode
-        self.appended = appended or {}
-        self.follows_text = frozenset(i for i, text in self.appended.items() if not text.isspace())
+        self._known_texts = known_texts
 
     def __call__(self, ids: list[int]) -> str:
         return self._decode(ids)
+
+    @functools.cached_property
+    def appended(self) -> dict[int, str]:
+        """``{id: text}``: what ``id`` adds after text whose last token is one of ``follows_text``; ids not in it are
+        decoded."""
+        return self._known_texts() if self._known_texts else {}
+
+    @functools.cached_property
+    def follows_text(self) -> frozenset[int]:
+        """The ids of ``appended`` whose text has a visible character."""
+        return frozenset(i for i, text in self.appended.items() if not text.isspace())
 
 
 def text_decoder(tokenizer) -> TextDecoder:
@@ -60,7 +71,7 @@ def text_decoder(tokenizer) -> TextDecoder:
             return plain(ids)
         return pieces.decode(kept)
 
-    return TextDecoder(direct, sentencepiece_appended_texts(pieces, special))
+    return TextDecoder(direct, functools.partial(sentencepiece_appended_texts, pieces, special))
 
 
 def sentencepiece_appended_texts(pieces, special: frozenset[int]) -> dict[int, str]:
