@@ -87,7 +87,10 @@ def parse_args(argv=None):
                         help="--vs_generate: the shared prefix of the prefix-cache measurement")
     parser.add_argument("--torch_python", default=os.environ.get("TORCH_PYTHON", "/work/torchvenv/bin/python"),
                         help="a Python with torch and transformers (benchmark only, never a project dependency)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    return args
 
 
 # ---- setup ---------------------------------------------------------------------------------------------------------
