@@ -89,6 +89,9 @@ def _render_segments(template: ChatTemplate, messages: list[dict]) -> list[tuple
             segments.append((text, False))
         else:
             segments.append((template.assistant_format.format(content=message["content"]), True))
+    if template.conversation_prefix:  # part of the first prompt piece, never trained on
+        first_text, _ = segments[0]
+        segments[0] = (template.conversation_prefix + first_text, False)
     return segments
 
 

@@ -60,6 +60,8 @@ class ChatTemplate:
         first_round: the number of the first ``[Round N]``.
         append_eos_token: True when the text has no terminator and a trainer must add the EOS token after a reply.
         stop_strings: text that means the model started a new round; a server stops there by default.
+        conversation_prefix: text written once, before the first message (Mistral's ``<s>``); Llama-2 writes its
+            ``<s>`` in every round's ``user_format`` instead.
     """
 
     name: str
@@ -71,6 +73,7 @@ class ChatTemplate:
     first_round: int
     append_eos_token: bool
     stop_strings: tuple[str, ...]
+    conversation_prefix: str = ""
 
 
 @dataclass(frozen=True)

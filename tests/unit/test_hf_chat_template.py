@@ -81,6 +81,28 @@ def test_jinja_template_written_on_export_renders_the_built_in_format(family, me
     assert render_jinja_chat(FAMILIES[family].hf.CHAT_TEMPLATE, messages, asks, {}) == render_chat(FAMILIES[family].chat_template, messages, add_generation_prompt=asks)
 
 
+@pytest.mark.parametrize("messages", [
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+])
+def test_built_in_mistral_format_writes_bos_once_as_mistrals_own_template(messages):
+    """The mistral fixture's tokenizer_config template is Mistral-Instruct's (``{{ bos_token }}`` once, then
+    ``[INST] ... [/INST]{reply}</s>`` per round): a directory without a template gets the same text and pieces."""
+    from paddle_llm.models.chat_template import chat_segments, jinja_chat_segments, render_chat, render_jinja_chat
+
+    with open(os.path.join(ROOT, "tests", "assets", "hf", "mistral", "tokenizer_config.json"), encoding="utf-8") as f:
+        mistral_own = json.load(f)["chat_template"]
+    special_tokens = {"bos_token": "<s>", "eos_token": "</s>"}
+    built_in = FAMILIES["mistral"].chat_template
+    asks = messages[-1]["role"] == "user"
+    rendered = render_chat(built_in, messages, add_generation_prompt=asks)
+    assert rendered.count("<s>") == 1
+    assert rendered == render_jinja_chat(mistral_own, messages, asks, special_tokens)
+    if not asks:
+        assert chat_segments(built_in, messages) == jinja_chat_segments(mistral_own, messages, special_tokens)
+
+
 def test_mistral_inst_template_from_tokenizer_config_gives_apply_chat_template_ids():
     """The mistral fixture's [INST] template (SentencePiece tokenizer, BOS once from the template): serving's prompt
     and fine-tuning's sample are transformers' ids."""

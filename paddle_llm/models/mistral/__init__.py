@@ -17,18 +17,20 @@ from paddle_llm.models import llama
 from paddle_llm.models.mistral import estimate, hf
 from paddle_llm.models.registry import ChatTemplate
 
-# Mistral-Instruct's ``[INST]`` format as its tokenizer_config.json renders it: ``<s>[INST] {user} [/INST]{reply}</s>``,
-# a system message folded into the first user turn. A directory's own Jinja template, when it has one, is used instead.
+# Mistral-Instruct's ``[INST]`` format as its tokenizer_config.json renders it: ``<s>`` once, then
+# ``[INST] {user} [/INST]{reply}</s>`` per round (Llama-2 repeats ``<s>`` each round; Mistral does not), a system
+# message folded into the first user turn. A directory's own Jinja template, when it has one, is used instead.
 CHAT_TEMPLATE = ChatTemplate(
     name="mistral",
     system_format="{content}\n\n",
     system_inside_first_user=True,
-    user_format="<s>[INST] {system}{content} [/INST]",
+    user_format="[INST] {system}{content} [/INST]",
     assistant_format="{content}</s>",
     round_separator="",
     first_round=0,
     append_eos_token=False,
     stop_strings=(),
+    conversation_prefix="<s>",
 )
 
 # Llama's family in every field but these: the classes, fast paths, decoding step, LoRA targets and prefix layout are

@@ -24,8 +24,8 @@ CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}"
     "{% set system = messages[0]['content'] + '\n\n' %}{% set turns = messages[1:] %}"
     "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
-    "{% for message in turns %}{% if message['role'] == 'user' %}"
-    "{{ '<s>[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+    "{{ '<s>' }}{% for message in turns %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
     "{% else %}{{ message['content'] + '</s>' }}{% endif %}{% endfor %}"
 )
 
