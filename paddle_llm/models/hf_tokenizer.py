@@ -129,8 +129,22 @@ def load_hf_tokenizer(directory: str, tokenizer_class, sentencepiece_file_name: 
     else:
         options = {name: config[name] for name in _SENTENCEPIECE_OPTIONS if name in config}
         tokenizer = _saving_class(tokenizer_class)(vocab_file=os.path.join(directory, SENTENCEPIECE_MODEL), **tokens, **options)
+    _split_out_special_tokens(tokenizer)
     tokenizer.jinja_chat_template = chat_template_of(directory)
     return tokenizer
+
+
+def _split_out_special_tokens(tokenizer) -> None:
+    """Make ``<s>``, ``</s>`` and the other special tokens written as text tokenize to their ids, as transformers does.
+
+    A directory holding only ``tokenizer.model`` declares no added tokens, and PaddleNLP then cut ``<s>`` written in
+    a chat template into the pieces ``<``, ``s``, ``>``; transformers' slow and fast classes give the BOS id.
+    Registering tokens the vocabulary already holds adds none; it only stops the text from being split.
+    """
+    unsplit = {name: token for name, token in tokenizer.special_tokens_map.items()
+               if isinstance(token, str) and tokenizer.tokenize(token) != [token]}
+    if unsplit:
+        tokenizer.add_special_tokens(unsplit)  # the same names and tokens: the saved special tokens do not change
 
 
 def write_hf_tokenizer_files(directory: str, chat_template: str | None) -> None:

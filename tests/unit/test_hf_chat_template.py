@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -101,6 +103,27 @@ def test_built_in_mistral_format_writes_bos_once_as_mistrals_own_template(messag
     assert rendered == render_jinja_chat(mistral_own, messages, asks, special_tokens)
     if not asks:
         assert chat_segments(built_in, messages) == jinja_chat_segments(mistral_own, messages, special_tokens)
+
+
+def test_special_tokens_written_as_text_get_their_ids_from_a_directory_with_only_tokenizer_model(tmp_path):
+    """With no tokenizer_config.json nor tokenizer.json, ``<s>`` in a chat template's text used to become the pieces
+    ``<``, ``s``, ``>``. transformers' LlamaTokenizer and LlamaTokenizerFast give the BOS id (checked against
+    /work/torchvenv's transformers when it is there)."""
+    source = os.path.join(ROOT, "tests", "assets", "hf", "mistral")
+    for name in ("config.json", "tokenizer.model"):
+        shutil.copy(os.path.join(source, name), tmp_path / name)
+    text = "<s>[INST] Hi [/INST]ok</s>"
+    tokenizer = load_tokenizer(str(tmp_path), resolve_model(str(tmp_path)).family)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer(text.replace("<s>", "").replace("</s>", ""), add_special_tokens=False)["input_ids"] == ids[1:-1]
+    torch_python = "/work/torchvenv/bin/python"
+    if os.path.isfile(torch_python):
+        script = ("import json, sys; from transformers import LlamaTokenizer, LlamaTokenizerFast; "
+                  "print(json.dumps([c.from_pretrained(sys.argv[1])(sys.argv[2], add_special_tokens=False)['input_ids'] "
+                  "for c in (LlamaTokenizer, LlamaTokenizerFast)]))")
+        result = subprocess.run([torch_python, "-c", script, str(tmp_path), text], capture_output=True, text=True, check=True)
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == [ids, ids]
 
 
 def test_mistral_inst_template_from_tokenizer_config_gives_apply_chat_template_ids():
