@@ -11,8 +11,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "paddle/extension.h"
@@ -619,6 +622,131 @@ PD_BUILD_GRAD_OP(paddle_llm_attention)
     .SetKernelFn(PD_KERNEL(AttentionBackward));
 
 #endif  // PADDLE_LLM_WITH_MKL
+
+// ----- Weight matmul over panel-packed weights: out = x w, for the exported decoding step -----
+//
+// Why: a decoding step multiplies a few rows by each weight matrix. MKL's sgemm handles that shape poorly (on a
+// Zen 4 core [8, 512] @ [512, 2688] took 481-932 us; here 246 us built for AVX-512): its no-copy path walks the
+// row-major weight with a stride. Here the weight is stored at export in panels of kPanelColumns columns,
+// [panels, k, kPanelColumns] with the last panel zero-padded (paddle_llm/cpu/kernels.py: pack_panels), so each
+// panel is one contiguous stream, read once per block of kRowBlock rows while the block's sums stay in registers.
+// The layout does not depend on the CPU; the register blocking does, and is fixed by the instruction set this file
+// is compiled for.
+
+namespace {
+
+constexpr int64_t kPanelColumns = 16;
+
+#if defined(__AVX512F__)
+typedef float PanelVector __attribute__((vector_size(64)));
+constexpr int kRowBlock = 12;  // 12 rows x 2 panels = 24 of the 32 vector registers
+constexpr int kPanelsPerBlock = 2;
+#elif defined(__AVX2__)
+typedef float PanelVector __attribute__((vector_size(32)));
+constexpr int kRowBlock = 6;  // 6 rows x 2 vectors = 12 of the 16 vector registers
+constexpr int kPanelsPerBlock = 1;
+#else
+typedef float PanelVector __attribute__((vector_size(16)));
+constexpr int kRowBlock = 3;  // 3 rows x 4 vectors = 12 of the 16 vector registers
+constexpr int kPanelsPerBlock = 1;
+#endif
+constexpr int kVectorWidth = sizeof(PanelVector) / sizeof(float);
+constexpr int kVectorsPerPanelRow = kPanelColumns / kVectorWidth;
+
+struct PanelMatmul {
+  const float* x;
+  int64_t k;
+  const float* packed;
+  float* out;
+  int64_t columns;
+};
+
+// Rows [row, row + Rows) times panels [panel, panel + Panels): the sums stay in registers over all of k.
+template <int Rows, int Panels>
+void PanelBlock(const PanelMatmul& m, int64_t row, int64_t panel) {
+  constexpr int kVectors = Panels * kVectorsPerPanelRow;
+  PanelVector sums[Rows][kVectors] = {};
+  const float* x = m.x + row * m.k;
+  const float* weights = m.packed + panel * m.k * kPanelColumns;
+  for (int64_t position = 0; position < m.k; ++position) {
+    PanelVector w[kVectors];
+    for (int p = 0; p < Panels; ++p) {
+      for (int v = 0; v < kVectorsPerPanelRow; ++v) {
+        std::memcpy(&w[p * kVectorsPerPanelRow + v],
+                    weights + (p * m.k + position) * kPanelColumns + v * kVectorWidth, sizeof(PanelVector));
+      }
+    }
+    for (int r = 0; r < Rows; ++r) {
+      const float value = x[r * m.k + position];
+      for (int v = 0; v < kVectors; ++v) sums[r][v] += value * w[v];
+    }
+  }
+  const int64_t first_column = panel * kPanelColumns;
+  const int64_t width = std::min<int64_t>(Panels * kPanelColumns, m.columns - first_column);
+  for (int r = 0; r < Rows; ++r) {
+    std::memcpy(m.out + (row + r) * m.columns + first_column, sums[r], width * sizeof(float));
+  }
+}
+
+using PanelBlockFunction = void (*)(const PanelMatmul&, int64_t, int64_t);
+
+template <int Panels, std::size_t... Rows>
+constexpr std::array<PanelBlockFunction, sizeof...(Rows)> PanelBlocks(std::index_sequence<Rows...>) {
+  return {&PanelBlock<static_cast<int>(Rows) + 1, Panels>...};
+}
+
+// [panels in the block - 1][rows in the block - 1]
+const std::array<PanelBlockFunction, kRowBlock> kPanelBlocks[2] = {
+    PanelBlocks<1>(std::make_index_sequence<kRowBlock>()),
+    PanelBlocks<kPanelsPerBlock>(std::make_index_sequence<kRowBlock>())};
+
+}  // namespace
+
+std::vector<paddle::Tensor> PackedMatmulForward(const paddle::Tensor& x_input, const paddle::Tensor& packed,
+                                                int64_t columns) {
+  const paddle::Tensor x = Dense(x_input);
+  CheckFloat32OnCpu(x, "packed matmul input");
+  CheckFloat32OnCpu(packed, "packed matmul weight");
+  const std::vector<int64_t> panels_shape = packed.shape();
+  const int64_t k = x.shape().back();
+  const int64_t panels = (columns + kPanelColumns - 1) / kPanelColumns;
+  PD_CHECK(panels_shape.size() == 3 && panels_shape[0] == panels && panels_shape[1] == k &&
+               panels_shape[2] == kPanelColumns,
+           "packed matmul weight must be [ceil(columns / 16), k, 16] for the input's k");
+  std::vector<int64_t> shape = x.shape();
+  shape.back() = columns;
+  auto out = paddle::empty(shape, x.dtype(), x.place());
+  const int64_t rows = x.numel() / k;
+  const PanelMatmul m{x.data<float>(), k, packed.data<float>(), out.data<float>(), columns};
+  const int64_t panel_blocks = (panels + kPanelsPerBlock - 1) / kPanelsPerBlock;
+#pragma omp parallel for schedule(static) num_threads(ThreadsFor(rows * k * columns / 64))
+  for (int64_t block = 0; block < panel_blocks; ++block) {
+    const int64_t panel = block * kPanelsPerBlock;
+    const int64_t panels_here = std::min<int64_t>(kPanelsPerBlock, panels - panel);
+    for (int64_t row = 0; row < rows; row += kRowBlock) {
+      const int64_t rows_here = std::min<int64_t>(kRowBlock, rows - row);
+      kPanelBlocks[panels_here - 1][rows_here - 1](m, row, panel);
+    }
+  }
+  return {out};
+}
+
+std::vector<std::vector<int64_t>> PackedMatmulShape(const std::vector<int64_t>& x, const std::vector<int64_t>&,
+                                                    int64_t columns) {
+  std::vector<int64_t> shape = x;
+  shape.back() = columns;
+  return {shape};
+}
+
+std::vector<paddle::DataType> PackedMatmulDtype(const paddle::DataType& x, const paddle::DataType&) { return {x}; }
+
+PD_BUILD_OP(paddle_llm_packed_matmul)
+    .Inputs({"X", "Packed"})
+    .Outputs({"Out"})
+    .Attrs({"columns: int64_t"})
+    .SetKernelFn(PD_KERNEL(PackedMatmulForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(PackedMatmulShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(PackedMatmulDtype));
 
 // ----- Token cross entropy: loss = logsumexp(logits) - logits[label], 0 where label == ignore_index -----
 //

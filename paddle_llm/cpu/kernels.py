@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+
 from paddle_llm.cpu import features as cpu_features
 from paddle_llm.console import captured_output
 
@@ -128,3 +130,17 @@ def describe() -> str:
     if load() is not None:
         return "compiled CPU kernels"
     return f"pure-Paddle composites ({_unavailable_because[-1]})"
+
+
+# The panel width of paddle_llm_packed_matmul's weight layout (kPanelColumns in kernels.cc).
+PANEL_COLUMNS = 16
+
+
+def pack_panels(weight: np.ndarray) -> np.ndarray:
+    """A ``[k, n]`` weight as ``paddle_llm_packed_matmul`` reads it: ``[ceil(n / 16), k, 16]``, each panel of 16
+    columns contiguous, the last one zero-padded. The layout is the same on every CPU, so export writes it once."""
+    k, n = weight.shape
+    panels = -(-n // PANEL_COLUMNS)
+    padded = np.zeros((k, panels * PANEL_COLUMNS), dtype=weight.dtype)
+    padded[:, :n] = weight
+    return np.ascontiguousarray(padded.reshape(k, panels, PANEL_COLUMNS).transpose(1, 0, 2))

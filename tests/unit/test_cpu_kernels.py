@@ -21,7 +21,7 @@ LLAMA_STEP_KERNELS = {
     "paddle_llm_rms_norm", "paddle_llm_swiglu", "paddle_llm_rotary", "paddle_llm_attention",
     "paddle_llm_token_cross_entropy",
 }
-KERNEL_NAMES = LLAMA_STEP_KERNELS | {"paddle_llm_masked_softmax"}
+KERNEL_NAMES = LLAMA_STEP_KERNELS | {"paddle_llm_masked_softmax", "paddle_llm_packed_matmul"}
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +191,60 @@ def test_attention_kernel_on_two_threads_equals_the_composite_every_time(kernels
     """The suite runs on one thread, where the kernel's parallel loop never splits. On two, each (batch, head) task
     must still run exactly once: with a dynamic schedule, Paddle's OpenMP ran tasks twice and results varied."""
     (error,) = _lines(run_script(["-c", _ATTENTION_WITH_THREADS], OMP_NUM_THREADS="2").stdout, "ERROR")
+    assert float(error) < 1e-5
+
+
+def test_pack_panels_puts_each_16_columns_in_one_contiguous_panel():
+    weight = np.arange(3 * 20, dtype="float32").reshape(3, 20)
+    panels = cpu_kernels.pack_panels(weight)
+    assert panels.shape == (2, 3, 16) and panels.flags["C_CONTIGUOUS"]
+    assert np.array_equal(panels[0], weight[:, :16])
+    assert np.array_equal(panels[1, :, :4], weight[:, 16:]) and not panels[1, :, 4:].any()
+
+
+# Rows below, at and past the register block (3, 6 or 12 rows per ISA), columns inside one panel and across a
+# padded last one, a 3-D input: what the decoding step and a prefill chunk pass.
+_PACKED_SHAPES = [(1, 5, 3), (7, 33, 17), (13, 64, 48), (25, 17, 16), (12, 16, 32), (2, 3, 40, 100), (300, 100, 1000)]
+
+
+@pytest.mark.parametrize("shape", _PACKED_SHAPES, ids=str)
+def test_packed_matmul_equals_the_matmul_of_the_unpacked_weight(kernels, shape):
+    import paddle
+
+    *leading, k, n = shape
+    rng = np.random.default_rng(len(shape) + k + n)
+    x = rng.standard_normal((*leading, k)).astype("float32")
+    weight = rng.standard_normal((k, n)).astype("float32")
+    out = kernels.paddle_llm_packed_matmul(paddle.to_tensor(x), paddle.to_tensor(cpu_kernels.pack_panels(weight)), n)
+    expected = x.astype("float64") @ weight.astype("float64")
+    assert out.shape == [*leading, n]
+    assert np.abs(out.numpy() - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_packed_matmul_refuses_a_weight_packed_for_other_columns(kernels):
+    import paddle
+
+    packed = paddle.to_tensor(cpu_kernels.pack_panels(np.ones((4, 20), "float32")))
+    with pytest.raises(Exception, match=r"\[ceil\(columns / 16\), k, 16\]"):
+        kernels.paddle_llm_packed_matmul(paddle.ones([2, 4]), packed, 40)
+
+
+_PACKED_WITH_THREADS = """
+import numpy as np, paddle
+from paddle_llm.cpu import kernels as cpu_kernels
+module = cpu_kernels.load()
+rng = np.random.default_rng(0)
+x, weight = rng.standard_normal((70, 300)).astype("float32"), rng.standard_normal((300, 1000)).astype("float32")
+expected = x.astype("float64") @ weight.astype("float64")
+packed = paddle.to_tensor(cpu_kernels.pack_panels(weight))
+print("ERROR", max(float(np.abs(module.paddle_llm_packed_matmul(paddle.to_tensor(x), packed, 1000).numpy() - expected).max())
+                   for _ in range(5)) / float(np.abs(expected).max()))
+"""
+
+
+def test_packed_matmul_on_two_threads_computes_every_panel_once(kernels):
+    """The suite runs on one thread; a prefill-sized product splits its panels over two."""
+    (error,) = _lines(run_script(["-c", _PACKED_WITH_THREADS], OMP_NUM_THREADS="2").stdout, "ERROR")
     assert float(error) < 1e-5
 
 
