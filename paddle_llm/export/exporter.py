@@ -5,6 +5,9 @@
     model.json, model.pdiparams     one decoding step with a KV cache (see step_graph), for Paddle Inference,
                                     runnable on any x86-64 CPU
     model.avx512f.json              exported on an AVX-512 CPU: the same step with Paddle's fused RMSNorm
+    model.kernels.json, model.kernels.pdiparams
+                                    where paddle_llm's CPU kernels compile (float32 Llama-family steps): the same
+                                    step multiplying by panel-packed weights with the compiled matmul
     prefix_cache.pdparams           only for prefix-tuned checkpoints: the prefix as a ready-made past
     config.json                     PaddleNLP model config
     tokenizer files                 as the tokenizer's save_pretrained writes them
@@ -29,6 +32,7 @@ import os
 from dataclasses import dataclass, replace
 
 from paddle_llm.cpu import features as cpu_features
+from paddle_llm.cpu import kernels as cpu_kernels
 from paddle_llm.inference.manifest import (
     AVX512_PROGRAM,
     DTYPES,
@@ -36,6 +40,8 @@ from paddle_llm.inference.manifest import (
     FORMAT_HF,
     FORMAT_STATIC,
     GRAPH_PREFIX,
+    KERNELS_PARAMS_FILE,
+    KERNELS_PROGRAM,
     PARAMS_FILE,
     PORTABLE_PROGRAM,
     PREFIX_CACHE_FILE,
@@ -128,12 +134,15 @@ def _check_dtype_supported(request: ExportRequest) -> None:
         )
 
 
-def _write_step_graph(staging: str, step, family: ModelFamily, dtype: str, prefix, manifest: ExportManifest) -> None:
+def _write_step_graph(staging: str, step, kernels_step, family: ModelFamily, dtype: str, prefix,
+                      manifest: ExportManifest) -> None:
     """Trace the one-step graph (a ``step_graph.StepBuild``) into ``staging`` (and the prefix past, if any), and
     record both in the manifest.
 
     ``model.json`` runs on any x86-64 CPU. Where this CPU has AVX-512 and the step is ours, ``model.avx512f.json``
     is the same step with Paddle's fused RMSNorm over the same weights; serving picks it on CPUs that can run it.
+    ``kernels_step`` (``_kernels_step``), when there is one, becomes ``model.kernels.json`` over its own packed
+    weights, first in the manifest: serving picks it wherever the compiled kernels load.
     """
     import paddle
 
@@ -143,6 +152,8 @@ def _write_step_graph(staging: str, step, family: ModelFamily, dtype: str, prefi
     manifest.programs = [{"file": PORTABLE_PROGRAM, "needs": program_needs(os.path.join(staging, PORTABLE_PROGRAM))}]
     if step.implementation == STEP_LLAMA_INFERENCE and cpu_features.fused_rms_norm_allowed(cpu_features.detect()):
         manifest.programs.insert(0, _write_avx512_program(staging, step, family, dtype))
+    if kernels_step is not None:
+        manifest.programs.insert(0, _write_kernels_program(staging, kernels_step, family, dtype))
     manifest.step_implementation = step.implementation
     manifest.cache = step.layout.to_dict()
     manifest.glm_positions = step_spec(family).glm_positions
@@ -152,6 +163,32 @@ def _write_step_graph(staging: str, step, family: ModelFamily, dtype: str, prefi
         paddle.save({"key": paddle.stack(keys).astype(dtype), "value": paddle.stack(values).astype(dtype)},
                     os.path.join(staging, PREFIX_CACHE_FILE))
         manifest.prefix_cache = PREFIX_CACHE_FILE
+
+
+def _kernels_step(model, family: ModelFamily, dtype: str, step, log):
+    """The step over panel-packed weights with the compiled matmul (a ``StepBuild``), or None where it does not
+    apply (PaddleNLP's forward kept, not float32) or the kernels cannot be compiled here (logged)."""
+    from paddle_llm.inference.step_graph import build_step_layer
+
+    if step.implementation != STEP_LLAMA_INFERENCE or dtype != "float32":
+        return None
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        log(f"{KERNELS_PROGRAM} not written: paddle_llm's CPU kernels cannot be compiled here ({cpu_kernels.describe()})")
+        return None
+    return build_step_layer(model, family, dtype, packed_matmul=kernels)
+
+
+def _write_kernels_program(staging: str, kernels_step, family: ModelFamily, dtype: str) -> dict:
+    """Trace the packed-weight step into ``model.kernels.json`` and its own ``model.kernels.pdiparams``."""
+    from paddle_llm.inference.step_graph import save_step_graph
+
+    variant_prefix = os.path.join(staging, "kernels-variant")
+    save_step_graph(kernels_step.layer, family, dtype, kernels_step.layout.num_layers, variant_prefix)
+    os.replace(variant_prefix + ".pdiparams", os.path.join(staging, KERNELS_PARAMS_FILE))
+    program = os.path.join(staging, KERNELS_PROGRAM)
+    os.replace(variant_prefix + ".json", program)
+    return {"file": KERNELS_PROGRAM, "params": KERNELS_PARAMS_FILE, "needs": program_needs(program)}
 
 
 def _write_avx512_program(staging: str, step, family: ModelFamily, dtype: str) -> dict:
@@ -232,10 +269,11 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest | Non
     prefix_model = load_prefix_model(model, source, request.prefix_path) if request.prefix_path else None
     model = reload_in_dtype(model, source, request.dtype)
     config = model.config
-    step = prefix = None  # the FastDeploy layout holds weights only
+    step = kernels_step = prefix = None  # the FastDeploy layout holds weights only
     if request.format != FORMAT_FASTDEPLOY:
         prepare_for_tracing(model, family, config)
         step = build_step_layer(model, family, request.dtype)
+        kernels_step = _kernels_step(model, family, request.dtype, step, log)
         log(f"step implementation: {step.implementation}"
             + (f" (PaddleNLP's forward kept: {step.kept_because})" if step.kept_because else ""))
         if prefix_model is not None:
@@ -264,7 +302,7 @@ def export_checkpoint(request: ExportRequest, log=print) -> ExportManifest | Non
             model.save_pretrained(staging, safe_serialization=True)
         else:
             log(f"tracing one decoding step ({request.dtype}, dynamic batch and lengths)")
-            _write_step_graph(staging, step, family, request.dtype, prefix, manifest)
+            _write_step_graph(staging, step, kernels_step, family, request.dtype, prefix, manifest)
         _write_side_files(staging, config, tokenizer, generation)
         manifest.save(staging)
 

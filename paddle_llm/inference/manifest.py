@@ -19,6 +19,13 @@ PARAMS_FILE = GRAPH_PREFIX + ".pdiparams"
 PORTABLE_PROGRAM = GRAPH_PREFIX + ".json"
 # The same step over the same model.pdiparams with Paddle's fused RMSNorm, whose only CPU kernel needs AVX-512.
 AVX512_PROGRAM = GRAPH_PREFIX + ".avx512f.json"
+# The same step multiplying by panel-packed weights with paddle_llm's compiled kernel; the packed weights are its own.
+KERNELS_PROGRAM = GRAPH_PREFIX + ".kernels.json"
+KERNELS_PARAMS_FILE = GRAPH_PREFIX + ".kernels.pdiparams"
+# What a program needs besides CPU features: paddle_llm's CPU kernels compiled and loaded in the serving process.
+COMPILED_KERNELS = "paddle_llm_cpu_kernels"
+# paddle_llm's own ops (cpu/kernels.cc) that a step program may hold.
+OWN_OP_NEEDS = {"paddle_llm_packed_matmul": COMPILED_KERNELS}
 PREFIX_CACHE_FILE = "prefix_cache.pdparams"
 FORMAT_STATIC = "paddle"
 FORMAT_FASTDEPLOY = "fastdeploy"
@@ -78,9 +85,9 @@ class ExportManifest:
         prefix_cache: file holding a prefix-tuning past, or None.
         source: where the weights came from (checkpoint, LoRA, prefix paths).
         parity: the last parity check's summary, or None if not run.
-        programs: the step graph's programs over ``model.pdiparams``, best first, each ``{"file", "needs"}`` with the
-            CPU features its Paddle kernels need (``program_needs``); None in exports older than this field, which
-            hold ``model.json`` only.
+        programs: the step graph's programs, best first, each ``{"file", "needs"}`` with what it needs to run
+            (``program_needs``: CPU features, or ``COMPILED_KERNELS``) and, when its weights are not
+            ``model.pdiparams``, ``"params"``; None in exports older than this field, which hold ``model.json`` only.
         step_interface: what the graph returns (``STEP_INTERFACE``); 1 in exports older than this field.
     """
 
@@ -156,5 +163,12 @@ def program_op_types(program_path: str) -> set[str]:
 
 
 def program_needs(program_path: str) -> list[str]:
-    """The CPU features the Paddle kernels of a saved program need (``config.cpu_features``'s table)."""
-    return sorted({PADDLE_CPU_KERNEL_NEEDS[op] for op in program_op_types(program_path) if op in PADDLE_CPU_KERNEL_NEEDS})
+    """What a saved program needs to run: the CPU features its Paddle kernels need (``config.cpu_features``'s
+    table), and ``COMPILED_KERNELS`` when it holds one of our own ops."""
+    needs_by_op = {**PADDLE_CPU_KERNEL_NEEDS, **OWN_OP_NEEDS}
+    return sorted({needs_by_op[op] for op in program_op_types(program_path) if op in needs_by_op})
+
+
+def program_params(program: dict) -> str:
+    """The weights file a ``programs`` entry runs over."""
+    return program.get("params", PARAMS_FILE)

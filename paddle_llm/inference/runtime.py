@@ -19,13 +19,15 @@ import paddle
 from paddle import inference
 
 from paddle_llm.cpu import features as cpu_features
+from paddle_llm.cpu import kernels as cpu_kernels
 from paddle_llm.inference.manifest import (
-    PARAMS_FILE,
+    COMPILED_KERNELS,
     PORTABLE_PROGRAM,
     STEP_INTERFACE,
     CacheLayout,
     load_manifest,
     program_needs,
+    program_params,
 )
 
 logger = logging.getLogger(__name__)
@@ -455,17 +457,28 @@ class StepDecoder:
         return logits
 
 
-def runnable_programs(export_dir: str, manifest, features: cpu_features.CpuFeatures) -> tuple[list[str], dict[str, list[str]]]:
-    """The export's programs this CPU can run, best first, and ``{program: missing features}`` for the others.
-
-    An export older than the manifest's ``programs`` holds ``model.json`` alone; its needs are read from the program.
-    """
-    programs = manifest.programs or [
+def _programs(export_dir: str, manifest) -> list[dict]:
+    """The manifest's ``programs``; an export older than that field holds ``model.json`` alone, whose needs are read
+    from the program."""
+    return manifest.programs or [
         {"file": PORTABLE_PROGRAM, "needs": program_needs(os.path.join(export_dir, PORTABLE_PROGRAM))}
     ]
+
+
+def _has(need: str, features: cpu_features.CpuFeatures, on_gpu: bool) -> bool:
+    # The compiled kernels are CPU code, built on first use on each machine (cpu.kernels), absent without a compiler.
+    if need == COMPILED_KERNELS:
+        return not on_gpu and cpu_kernels.load() is not None
+    return features.has(need)
+
+
+def runnable_programs(export_dir: str, manifest, features: cpu_features.CpuFeatures,
+                      on_gpu: bool = False) -> tuple[list[str], dict[str, list[str]]]:
+    """The export's programs this CPU and process can run, best first, and ``{program: what is missing}`` for the
+    others (CPU features, or ``COMPILED_KERNELS``)."""
     runnable, lacking = [], {}
-    for program in programs:
-        missing = [feature for feature in program["needs"] if not features.has(feature)]
+    for program in _programs(export_dir, manifest):
+        missing = [need for need in program["needs"] if not _has(need, features, on_gpu)]
         if missing:
             lacking[program["file"]] = missing
         else:
@@ -495,11 +508,16 @@ def open_export_decoder(export_dir: str, manifest=None, program: str | None = No
             "preallocated cache). Re-export it into a new directory: `paddle-llm export --model_name_or_path "
             f"{manifest.source.get('model_name_or_path') or 'CHECKPOINT'} --output_path DIR`")
     if program is None:
-        program = best_program(export_dir, manifest)
+        program = best_program(export_dir, manifest, on_gpu=runner_options.get("use_gpu", False))
+    entry = next((p for p in _programs(export_dir, manifest) if p["file"] == program), {"file": program, "needs": []})
+    if COMPILED_KERNELS in entry["needs"] and cpu_kernels.load() is None:  # its ops register when the kernels load
+        raise ValueError(f"{export_dir}: {program} needs paddle_llm's compiled CPU kernels, unavailable here (the "
+                         "warning above says why); serve another of its programs")
+    params = program_params(entry)
     try:
-        runner = InferenceStepRunner(os.path.join(export_dir, program), os.path.join(export_dir, PARAMS_FILE), **runner_options)
+        runner = InferenceStepRunner(os.path.join(export_dir, program), os.path.join(export_dir, params), **runner_options)
     except (FileNotFoundError, RuntimeError) as err:
-        raise ValueError(f"{_damaged_graph_file(export_dir, program, err)}; export it again "
+        raise ValueError(f"{_damaged_graph_file(export_dir, program, params, err)}; export it again "
                          f"(`paddle-llm export --model_name_or_path {manifest.source.get('model_name_or_path') or 'CHECKPOINT'} "
                          f"--output_path DIR`) into a new directory") from None
     prefix = None
@@ -510,10 +528,10 @@ def open_export_decoder(export_dir: str, manifest=None, program: str | None = No
                        max_columns=manifest.max_context_length)
 
 
-def _damaged_graph_file(export_dir: str, program: str, err: Exception) -> str:
+def _damaged_graph_file(export_dir: str, program: str, params: str, err: Exception) -> str:
     """Which of the two graph files Paddle Inference could not load, and how: its C++ error (a JSON parser's or a
     tensor stream's) names neither."""
-    program_path, params_path = os.path.join(export_dir, program), os.path.join(export_dir, PARAMS_FILE)
+    program_path, params_path = os.path.join(export_dir, program), os.path.join(export_dir, params)
     for path in (program_path, params_path):
         if not os.path.isfile(path):
             return f"{path} is missing"
@@ -526,14 +544,14 @@ def _damaged_graph_file(export_dir: str, program: str, err: Exception) -> str:
     return f"{params_path} is truncated or damaged (Paddle Inference: {first_line})"
 
 
-def best_program(export_dir: str, manifest) -> str:
-    """The best program this CPU can run; a fallback is logged.
+def best_program(export_dir: str, manifest, on_gpu: bool = False) -> str:
+    """The best program this CPU (or, ``on_gpu``, GPU 0) can run; a fallback is logged.
 
     Raises:
         ValueError: none runs here; the message names what each needs and how to re-export.
     """
     features = cpu_features.detect()
-    runnable, lacking = runnable_programs(export_dir, manifest, features)
+    runnable, lacking = runnable_programs(export_dir, manifest, features, on_gpu)
     if not runnable:
         needs = "; ".join(f"{name} needs {', '.join(missing)}" for name, missing in lacking.items())
         raise ValueError(
@@ -543,6 +561,10 @@ def best_program(export_dir: str, manifest) -> str:
             "model.json for any x86-64 CPU"
         )
     for name, missing in lacking.items():
-        logger.warning("%s: serving %s: this CPU (%s) lacks %s, which %s needs", export_dir, runnable[0],
-                       features.isa.name, ", ".join(missing), name)
+        if missing == [COMPILED_KERNELS]:
+            logger.warning("%s: serving %s: %s needs paddle_llm's compiled CPU kernels, unavailable here", export_dir,
+                           runnable[0], name)
+        else:
+            logger.warning("%s: serving %s: this CPU (%s) lacks %s, which %s needs", export_dir, runnable[0],
+                           features.isa.name, ", ".join(missing), name)
     return runnable[0]

@@ -19,6 +19,7 @@ the cache concat fail, and one graph means one copy of the weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import paddle
 from paddle import nn
@@ -98,18 +99,20 @@ class StepBuild:
     kept_because: str
 
 
-def build_step_layer(model: nn.Layer, family: ModelFamily, dtype: str, fused_rms_norm: bool = False) -> StepBuild:
+def build_step_layer(model: nn.Layer, family: ModelFamily, dtype: str, fused_rms_norm: bool = False,
+                     packed_matmul: ModuleType | None = None) -> StepBuild:
     """The step for ``model``: the family's own inference step where it reproduces the model (Llama's
     ``LlamaInferenceStep``: the same function in a third of the ops), PaddleNLP's forward inside ``KVCacheStep`` for
     every other model.
 
     ``fused_rms_norm``: Paddle's fused RMSNorm in the inference step, for a CPU that
-    ``cpu.features.fused_rms_norm_allowed``; the default step runs on any CPU."""
+    ``cpu.features.fused_rms_norm_allowed``; the default step runs on any CPU. ``packed_matmul``: the compiled CPU
+    kernels, whose panel-packed weight matmul the inference step then uses (its weights are stored packed)."""
     config = model.config
     spec = step_spec(family)
     kept_because = f"no inference step for {family.name}"
     if spec.inference_step is not None:
-        layer, kept_because = spec.inference_step(model, dtype, fused_rms_norm)
+        layer, kept_because = spec.inference_step(model, dtype, fused_rms_norm, packed_matmul)
         if layer is not None:
             return StepBuild(layer, cache_layout(family, config, STEP_LLAMA_INFERENCE), STEP_LLAMA_INFERENCE, "")
     layer = KVCacheStep(model, family, config.num_hidden_layers)

@@ -33,7 +33,8 @@ class StepSpec:
         glm_positions: the model takes ``position_ids`` as ``[b, 2, q]`` (position, block position), as ChatGLM v1.
         kv_geometry: ``config -> (key/value heads, head_dim)`` of the cache.
         prepare_for_tracing: swaps trace-friendly sublayers into a model in place (numerics unchanged), or None.
-        inference_step: ``(model, dtype, fused_rms_norm) -> (layer, "")``, a step of our own that reproduces the
+        inference_step: ``(model, dtype, fused_rms_norm, packed_matmul) -> (layer, "")``, a step of our own that
+            reproduces the
             model in fewer ops, or ``(None, reason)`` for a model it cannot reproduce; None when the family has
             none and PaddleNLP's forward always runs. Its layer takes a head-major cache ``[b, heads, seq, dim]``.
     """

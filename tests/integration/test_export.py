@@ -151,6 +151,7 @@ def test_a_checkpoint_trained_with_gpu_kernel_switches_exports_on_cpu(checkpoint
 
 def test_exported_programs_record_what_they_need_and_model_json_runs_anywhere(exports):
     from paddle_llm.cpu import features as cpu_features
+    from paddle_llm.cpu import kernels as cpu_kernels
     from paddle_llm.inference.manifest import program_needs
 
     for family, (_, output) in exports.items():
@@ -159,10 +160,15 @@ def test_exported_programs_record_what_they_need_and_model_json_runs_anywhere(ex
         assert program_needs(os.path.join(output, "model.json")) == [], family
         for program in programs:
             assert program["needs"] == program_needs(os.path.join(output, program["file"]))
-    llama_programs = [program["file"] for program in load_manifest(exports["llama"][1]).programs]
+    llama_programs = load_manifest(exports["llama"][1]).programs
     with_avx512 = cpu_features.fused_rms_norm_allowed(cpu_features.detect())
-    assert llama_programs == (["model.avx512f.json", "model.json"] if with_avx512 else ["model.json"])
-    assert load_manifest(exports["llama"][1]).parity["programs"] == llama_programs
+    with_kernels = cpu_kernels.load() is not None
+    assert [program["file"] for program in llama_programs] == (
+        ["model.kernels.json"] * with_kernels + ["model.avx512f.json"] * with_avx512 + ["model.json"])
+    if with_kernels:  # the packed weights are its own file; every other program shares model.pdiparams
+        assert llama_programs[0] == {"file": "model.kernels.json", "params": "model.kernels.pdiparams",
+                                     "needs": ["paddle_llm_cpu_kernels"]}
+    assert load_manifest(exports["llama"][1]).parity["programs"] == [program["file"] for program in llama_programs]
 
 
 def test_llama_step_program_reads_where_the_past_ends_once_per_step(exports):

@@ -3,6 +3,8 @@ a feature set without AVX-512 never selects an AVX-512 kernel, compile flag or f
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -102,6 +104,32 @@ def test_serving_picks_the_best_program_the_cpu_runs(tmp_path, monkeypatch):
     assert runnable_programs(str(tmp_path), manifest, cpu(AVX2_MACHINE)) == (["model.json"], {"model.avx512f.json": ["avx512f"]})
     monkeypatch.setattr(cpu_features, "detect", lambda: cpu(AVX2_MACHINE))
     assert best_program(str(tmp_path), manifest) == "model.json"
+
+
+def test_the_compiled_kernel_program_runs_where_the_kernels_load_and_never_on_gpu(tmp_path, monkeypatch, caplog):
+    """Mocked: a machine whose kernels cannot be compiled (no C++ compiler) is simulated by ``load`` returning None."""
+    from paddle_llm.inference import runtime
+    from paddle_llm.inference.manifest import program_needs
+
+    write_program(tmp_path / "model.kernels.json", ["embedding", "paddle_llm_packed_matmul"])
+    assert program_needs(str(tmp_path / "model.kernels.json")) == ["paddle_llm_cpu_kernels"]
+    programs = [{"file": "model.kernels.json", "params": "model.kernels.pdiparams", "needs": ["paddle_llm_cpu_kernels"]},
+                {"file": "model.json", "needs": []}]
+    manifest = manifest_with(programs)
+    monkeypatch.setattr(cpu_features, "detect", lambda: cpu(AVX2_MACHINE))
+    monkeypatch.setattr(runtime.cpu_kernels, "load", lambda: object())
+    assert runtime.best_program(str(tmp_path), manifest) == "model.kernels.json"
+    assert runtime.best_program(str(tmp_path), manifest, on_gpu=True) == "model.json"
+    monkeypatch.setattr(runtime.cpu_kernels, "load", lambda: None)
+    assert runtime.runnable_programs(str(tmp_path), manifest, cpu(AVX2_MACHINE)) == (
+        ["model.json"], {"model.kernels.json": ["paddle_llm_cpu_kernels"]})
+    with caplog.at_level("WARNING"):
+        assert runtime.best_program(str(tmp_path), manifest) == "model.json"
+    assert "serving model.json: model.kernels.json needs paddle_llm's compiled CPU kernels" in caplog.text
+    servable = dataclasses.replace(manifest, step_interface=runtime.STEP_INTERFACE, cache=dict(
+        num_layers=1, num_kv_heads=1, head_dim=8, batch_axis=0, head_axis=1, seq_axis=2))
+    with pytest.raises(ValueError, match="model.kernels.json needs paddle_llm's compiled CPU kernels"):
+        runtime.open_export_decoder(str(tmp_path), servable, program="model.kernels.json")
 
 
 def test_an_older_export_is_read_for_its_needs_and_refused_clearly(tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """``LlamaInferenceStep`` computes what PaddleNLP's Llama computes (through ``KVCacheStep``), for the configurations it
 accepts, and ``build_step_layer`` keeps PaddleNLP's forward for the ones it does not."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -63,19 +65,23 @@ def head_major(cache):
     {"num_key_value_heads": 2, "head_dim": 48, "attention_bias": True, "mlp_bias": True},  # ERNIE 4.5's layer options
 ], ids=["mha", "gqa", "mqa", "tied", "rope_theta", "head_dim_and_biases"])
 @pytest.mark.parametrize("batch, query, past", [(2, 5, 7), (3, 1, 11)], ids=["prefill", "decode"])
-@pytest.mark.parametrize("fused_rms_norm", [
-    False,
-    pytest.param(True, marks=pytest.mark.skipif(not fused_rms_norm_allowed(cpu_features.detect()),
-                                                reason="Paddle's fused RMSNorm has only an AVX-512 CPU kernel")),
-], ids=["composed_rms_norm", "fused_rms_norm"])
-def test_inference_step_equals_paddlenlp(overrides, batch, query, past, fused_rms_norm):
+@pytest.mark.parametrize("variant", [
+    "composed_rms_norm",
+    pytest.param("fused_rms_norm", marks=pytest.mark.skipif(not fused_rms_norm_allowed(cpu_features.detect()),
+                                                            reason="Paddle's fused RMSNorm has only an AVX-512 CPU kernel")),
+    pytest.param("packed_matmul", marks=pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                                           reason="no C++ compiler for the packed matmul kernel")),
+])
+def test_inference_step_equals_paddlenlp(overrides, batch, query, past, variant):
     import paddle
+    from paddle_llm.cpu import kernels as cpu_kernels
     from paddle_llm.models.llama.inference_step import LlamaInferenceStep
     from paddle_llm.inference.step_graph import KVCacheStep
 
     model = tiny_llama(**overrides)
     reference = KVCacheStep(model, FAMILIES["llama"], model.config.num_hidden_layers)
-    ours = LlamaInferenceStep(model, fused_rms_norm)
+    ours = LlamaInferenceStep(model, variant == "fused_rms_norm",
+                              cpu_kernels.load() if variant == "packed_matmul" else None)
     inputs = step_inputs(model.config, batch, query, past)
     with paddle.no_grad():
         expected = reference(*inputs[:3], inputs[3:])
