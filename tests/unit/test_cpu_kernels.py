@@ -248,6 +248,31 @@ def test_packed_matmul_on_two_threads_computes_every_panel_once(kernels):
     assert float(error) < 1e-5
 
 
+_PACKED_ON_BASELINE_X86_64 = """
+from paddle_llm.cpu import features
+baseline = features.CpuFeatures(frozenset(), "a CPU with no vector extension beyond x86-64's SSE2")
+features.detect = lambda: baseline
+import numpy as np, paddle
+from paddle_llm.cpu import kernels as cpu_kernels
+module = cpu_kernels.load()
+rng = np.random.default_rng(0)
+x, weight = rng.standard_normal((13, 70)).astype("float32"), rng.standard_normal((70, 40)).astype("float32")
+expected = x.astype("float64") @ weight.astype("float64")
+out = module.paddle_llm_packed_matmul(paddle.to_tensor(x), paddle.to_tensor(cpu_kernels.pack_panels(weight)), 40)
+print("FLAGS", " ".join(cpu_kernels.compile_flags()))
+print("ERROR", float(np.abs(out.numpy() - expected).max() / np.abs(expected).max()))
+"""
+
+
+@pytest.mark.slow  # compiles the kernels once more, for the baseline instruction set: ~20 s
+def test_packed_matmul_built_for_baseline_x86_64_is_right(kernels, tmp_path):
+    """The suite's CPU runs the AVX-512 or AVX2 register blocks; a CPU without AVX2 gets the SSE one."""
+    output = run_script(["-c", _PACKED_ON_BASELINE_X86_64], PADDLE_LLM_KERNEL_CACHE=str(tmp_path)).stdout
+    (flags,), (error,) = _lines(output, "FLAGS"), _lines(output, "ERROR")
+    assert "-mavx" not in flags
+    assert float(error) < 1e-5
+
+
 def test_cross_entropy_kernel_names_a_label_outside_the_vocabulary(kernels):
     import paddle
 
