@@ -5,7 +5,8 @@ what to do, a non-zero exit, nothing written and every input file byte-for-byte 
   by ``merge-lora``, ``export`` and ``finetune`` (the first mismatching tensor, both shapes and both directories);
 * a merge that changes no logit of the base while the adapter is non-zero is an error;
 * a REST or gRPC port already taken is refused before the model loads, naming the flag;
-* a missing or truncated ``model.json`` / ``model.pdiparams`` at serve names the file and the export to rerun.
+* a missing or truncated program or weights file (``model.json``, ``model.pdiparams``, ...) at serve names the file
+  and the export to rerun.
 """
 
 from __future__ import annotations
@@ -181,10 +182,15 @@ def programs(export_dir: str) -> list[str]:
     return [os.path.join(export_dir, name) for name in os.listdir(export_dir) if name.startswith("model") and name.endswith(".json")]
 
 
+def weights_files(export_dir: str) -> list[str]:
+    # model.pdiparams, and model.kernels.pdiparams where the compiled kernels' program was written
+    return [os.path.join(export_dir, name) for name in os.listdir(export_dir) if name.endswith(".pdiparams")]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [
-    (lambda d: truncate(os.path.join(d, "model.pdiparams")),
-     "model.pdiparams is truncated or damaged (Paddle Inference: (Unavailable) Cannot read tensor desc size)"),
+    (lambda d: [truncate(p) for p in weights_files(d)],
+     ".pdiparams is truncated or damaged (Paddle Inference: (Unavailable) Cannot read tensor desc size)"),
     (lambda d: [truncate(p) for p in programs(d)], ".json is truncated or damaged (not valid JSON: "),
     (lambda d: [os.remove(p) for p in programs(d)], ".json is missing"),
 ], ids=["truncated-params", "truncated-program", "missing-program"])
